@@ -1,0 +1,709 @@
+"""Leopart: dense self-supervised clustering of ViT patch tokens into object parts.
+
+Paper: Ziegler & Asano, "Self-Supervised Learning of Object Parts for Semantic Segmentation",
+CVPR 2022, https://arxiv.org/abs/2204.13101 (official code: github.com/MkuuWaUjinga/leopart).
+
+The idea. Start from a DINO ViT and fine-tune it so that its *patch tokens* cluster into
+object parts. Every token goes through a projection head and is scored against 300
+L2-normalised prototypes. For each image we take 2 global and 4 local crops that overlap and
+keep their boxes. An EMA teacher scores the tokens of each global crop; an online Sinkhorn-Knopp
+(eps 0.05, 3 iterations, a queue of past tokens for small batches) turns the scores into
+balanced soft cluster assignments. Those assignments are RoI-aligned (7x7) onto the region
+each other crop shares with the global crop, and the student must predict them from that
+other crop: a swapped-prediction cross-entropy between *aligned* token maps. The loss only
+counts foreground tokens, taken from the teacher's [CLS] attention (blurred, 60 % of its mass).
+After training, the paper segments without labels: k-means on tokens, cluster-based
+foreground extraction, then community detection merges clusters into K classes.
+
+Commands:
+  python leopart.py --demo                          # vit_demo on the synthetic world, ~5 min CPU
+  python leopart.py --demo --pretrained runs/dora/checkpoint.pth   # chain from another demo
+  python leopart.py --data /data/coco/train2017 --pretrained dino_deitsmall16_pretrain.pth
+  torchrun --nproc_per_node=2 leopart.py --data /data/coco/train2017 --pretrained dino.pth
+
+Contents: args, the ViT (a copy of DINO's, as in every method file), head and wrapper,
+multi-crop with boxes, Sinkhorn-Knopp, foreground mask, loss, train(), the fully
+unsupervised segmentation pipeline, pictures.
+"""
+import argparse
+import copy
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torchvision.ops import roi_align
+from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
+
+METHOD = "leopart"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser("Leopart", description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=None, help="image folder (recursive) or videos / frame folders")
+    p.add_argument("--output-dir", default="runs/leopart")
+    p.add_argument("--arch", default="vit_small", choices=["vit_demo", "vit_tiny", "vit_small", "vit_base"])
+    p.add_argument("--patch-size", type=int, default=16)
+    p.add_argument("--pretrained", default=None,
+                   help="DINO weights (plain or full checkpoint) or a checkpoint of another method file")
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--batch-size-per-gpu", type=int, default=32)
+    p.add_argument("--num-workers", type=int, default=8)
+    p.add_argument("--lr-backbone", type=float, default=1e-5, help="small: the DINO features are already good")
+    p.add_argument("--lr-heads", type=float, default=1e-4)
+    p.add_argument("--final-lr", type=float, default=0.0, help="both learning rates decay by cosine to this")
+    p.add_argument("--weight-decay", type=float, default=0.04)
+    p.add_argument("--weight-decay-end", type=float, default=0.5)
+    p.add_argument("--momentum-teacher", type=float, default=0.9995, help="EMA, cosine to 1")
+    p.add_argument("--drop-path", type=float, default=0.1, help="student only")
+    p.add_argument("--global-crops-size", type=int, default=224)
+    p.add_argument("--local-crops-size", type=int, default=96)
+    p.add_argument("--global-crops-number", type=int, default=2, help="all global crops give assignments")
+    p.add_argument("--local-crops-number", type=int, default=4)
+    p.add_argument("--global-crops-scale", type=float, nargs=2, default=(0.25, 1.0))
+    p.add_argument("--local-crops-scale", type=float, nargs=2, default=(0.05, 0.25))
+    p.add_argument("--min-intersection", type=float, default=0.01, help="of the image area (x2 between globals)")
+    p.add_argument("--proj-hidden-dim", type=int, default=2048)
+    p.add_argument("--proj-dim", type=int, default=256)
+    p.add_argument("--proj-layers", type=int, default=3)
+    p.add_argument("--num-prototypes", type=int, default=300)
+    p.add_argument("--temperature", type=float, default=0.1, help="student softmax")
+    p.add_argument("--epsilon", type=float, default=0.05, help="Sinkhorn entropy weight")
+    p.add_argument("--sinkhorn-iters", type=int, default=3)
+    p.add_argument("--queue-length", type=int, default=8192, help="0 disables the queue")
+    p.add_argument("--roi-align-size", type=int, default=7)
+    p.add_argument("--loss-mask", default="fg", choices=["fg", "all", "bg"])
+    p.add_argument("--fg-mass", type=float, default=0.6, help="share of [CLS]-attention mass kept as foreground")
+    p.add_argument("--blur-sigma", type=float, default=0.6)
+    p.add_argument("--eval-size", type=int, default=448, help="validation image size (pictures, unsup. seg.)")
+    p.add_argument("--video-frame-step", type=int, default=30, help="one training frame every N frames of a video")
+    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"])
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--demo", action="store_true", help="vit_demo, small crops, short schedule, synthetic world")
+    args = p.parse_args(argv)
+    if args.demo:  # one place for everything the CPU demo changes
+        d = dict(arch="vit_demo", patch_size=8, epochs=6, batch_size_per_gpu=32, num_workers=1,
+                 global_crops_size=64, local_crops_size=32, proj_hidden_dim=512, queue_length=2048,
+                 eval_size=64, log_every=5)
+        if args.pretrained is None:  # from scratch nothing is known yet: faster learning, no fg prior
+            d.update(lr_backbone=5e-4, lr_heads=5e-4, momentum_teacher=0.99, loss_mask="all")
+        for k, v in d.items():
+            if getattr(args, k) == p.get_default(k):
+                setattr(args, k, v)
+    return args
+
+
+# ---------------------------------------------------------------------------------------
+# A DINO-compatible Vision Transformer. Each method file carries its own copy so that it
+# reads alone (house style); parameter names follow the official DINO checkpoints, so
+#   model.load_state_dict(torch.load("dino_deitsmall16_pretrain.pth"), strict=True)
+# works and gives the same outputs as DINO's vision_transformer.py.
+# ---------------------------------------------------------------------------------------
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch of a sample with probability p."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = torch.empty(x.shape[0], *([1] * (x.ndim - 1)), device=x.device).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, return_attention: bool = False):
+        """x: (B, N, D) -> (B, N, D), and the attention (B, heads, N, N) if asked."""
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        if return_attention:  # the explicit path: the weights are needed (fg mask, viz)
+            attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
+            out = attn @ v
+        else:  # fused kernel (flash / memory-efficient) when no weights are needed
+            attn = None
+            out = F.scaled_dot_product_attention(q, k, v)
+        out = self.proj(out.transpose(1, 2).reshape(B, N, D))
+        return (out, attn) if return_attention else out
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, return_attention: bool = False):
+        if return_attention:
+            y, attn = self.attn(self.norm1(x), return_attention=True)
+        else:
+            y, attn = self.attn(self.norm1(x)), None
+        x = x + self.drop_path(y)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return (x, attn) if return_attention else x
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, H/p * W/p, D)
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VisionTransformer(nn.Module):
+    """ViT with a [CLS] token; DINO's interface: forward -> [CLS] (B, D) after the final norm,
+    get_last_selfattention -> (B, heads, 1+N, 1+N), get_intermediate_layers(x, n) -> n x (B, 1+N, D)."""
+
+    def __init__(self, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0,
+                 drop_path_rate=0.0, img_size=224):
+        super().__init__()
+        self.embed_dim = self.num_features = embed_dim
+        self.num_heads = num_heads
+        self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
+        num_patches = (img_size // patch_size) ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, r) for r in rates])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Identity()  # DINO keeps a (unused) head slot; no parameters
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def interpolate_pos_encoding(self, num_patches: int, h: int, w: int) -> torch.Tensor:
+        """Bicubic resize of the patch part of the positional embedding to an (h/p, w/p) grid,
+        as DINO does it (scale factor with DINO's +0.1 so that floors land on the grid)."""
+        n = self.pos_embed.shape[1] - 1
+        if num_patches == n and h == w:
+            return self.pos_embed
+        p = self.patch_embed.patch_size
+        side = int(math.sqrt(n))
+        h0, w0 = h // p + 0.1, w // p + 0.1
+        grid = self.pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, scale_factor=(h0 / side, w0 / side), mode="bicubic")
+        grid = grid.permute(0, 2, 3, 1).reshape(1, -1, self.embed_dim)
+        return torch.cat([self.pos_embed[:, :1], grid], dim=1)
+
+    def prepare_tokens(self, x):  # (B, 3, H, W) -> (B, 1+N, D)
+        B, _, H, W = x.shape
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
+        return x + self.interpolate_pos_encoding(x.shape[1] - 1, H, W)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, D)
+        x = self.prepare_tokens(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)[:, 0]
+
+    def forward_tokens(self, x, return_attention: bool = False):
+        """Leopart's need: all normed tokens (B, 1+N, D) and, if asked, the last block's
+        attention (B, heads, 1+N, 1+N), in one pass."""
+        x = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        x, attn = self.blocks[-1](x, return_attention=True) if return_attention else (self.blocks[-1](x), None)
+        return self.norm(x), attn
+
+    def get_last_selfattention(self, x):  # -> (B, heads, 1+N, 1+N)
+        x = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        return self.blocks[-1](x, return_attention=True)[1]
+
+    def get_intermediate_layers(self, x, n: int = 1):  # -> list of n tensors (B, 1+N, D), normed
+        x = self.prepare_tokens(x)
+        out = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i >= len(self.blocks) - n:
+                out.append(self.norm(x))
+        return out
+
+
+def vit_demo(patch_size=8, **kw):  # for the CPU demos: ViT-Tiny width, 4 blocks
+    return VisionTransformer(patch_size, embed_dim=192, depth=4, num_heads=3, **kw)
+
+
+def vit_tiny(patch_size=16, **kw):
+    return VisionTransformer(patch_size, embed_dim=192, depth=12, num_heads=3, **kw)
+
+
+def vit_small(patch_size=16, **kw):
+    return VisionTransformer(patch_size, embed_dim=384, depth=12, num_heads=6, **kw)
+
+
+def vit_base(patch_size=16, **kw):
+    return VisionTransformer(patch_size, embed_dim=768, depth=12, num_heads=12, **kw)
+
+
+ARCHS = dict(vit_demo=vit_demo, vit_tiny=vit_tiny, vit_small=vit_small, vit_base=vit_base)
+
+
+def build_backbone(args) -> VisionTransformer:
+    """Fresh ViT with the architecture stored in a checkpoint's args (evaluate.py's entry point)."""
+    args = args if isinstance(args, dict) else vars(args)
+    return ARCHS[args["arch"]](patch_size=args["patch_size"])
+
+
+# ---------------------------------------------------------------------------------------
+# Projection head with prototypes, and the student/teacher wrapper
+# ---------------------------------------------------------------------------------------
+class LeopartHead(nn.Module):
+    """3-layer MLP (GELU) to an L2-normalised 256-d embedding, scored against the prototypes
+    (a bias-free linear layer whose rows are re-normalised every step, so scores are cosines)."""
+
+    def __init__(self, in_dim, hidden_dim=2048, out_dim=256, num_layers=3, num_prototypes=300):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        layers = []
+        for i in range(num_layers):
+            layers += [nn.Linear(dims[i], dims[i + 1])] + ([nn.GELU()] if i < num_layers - 1 else [])
+        self.mlp = nn.Sequential(*layers)
+        self.prototypes = nn.Linear(out_dim, num_prototypes, bias=False)
+        self.apply(VisionTransformer._init_weights)
+
+    def forward(self, tokens):  # (..., D) -> embeddings (..., E) unit norm, scores (..., K)
+        emb = F.normalize(self.mlp(tokens), dim=-1)
+        return emb, self.prototypes(emb)
+
+    @torch.no_grad()
+    def normalize_prototypes(self):
+        self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
+
+
+class LeopartNet(nn.Module):
+    """ViT at `backbone`, head at `head` (DINO's MultiCropWrapper layout, so DINO's eval scripts
+    load it). forward(crops) runs every resolution group once and returns per-crop maps."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, crops, with_attention: bool = False):
+        """crops: list of (B, 3, H_i, W_i) -> per crop: embeddings (B, h*w, E), scores (B, K, h, w)
+        and the [CLS]->patch attention of the last block averaged over heads (B, h, w) or None."""
+        embs, scores, attns = [], [], []
+        start = 0
+        while start < len(crops):  # consecutive crops of one size share a forward pass
+            end = start
+            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+                end += 1
+            x = torch.cat(crops[start:end])
+            h, w = x.shape[-2] // self.backbone.patch_embed.patch_size, x.shape[-1] // self.backbone.patch_embed.patch_size
+            tokens, attn = self.backbone.forward_tokens(x, return_attention=with_attention)
+            emb, score = self.head(tokens[:, 1:])
+            embs += emb.chunk(end - start)
+            scores += rearrange(score, "b (h w) k -> b k h w", h=h, w=w).chunk(end - start)
+            if with_attention:
+                attns += rearrange(attn[:, :, 0, 1:].mean(1), "b (h w) -> b h w", h=h, w=w).chunk(end - start)
+            start = end
+        return embs, scores, (attns if with_attention else None)
+
+
+def load_pretrained(backbone: nn.Module, path: str):
+    """Strict load of DINO weights (plain ViT state dict, or a full checkpoint: its teacher) or of
+    a checkpoint written by a method file of this repo (`backbone.` keys of teacher, else model)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "method" in state or "teacher" in state or "model" in state:
+        state = state.get("teacher") or state["model"]
+    if any(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    if any(k.startswith("backbone.") for k in state):
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise RuntimeError(f"--pretrained {path}: does not fit --arch/--patch-size ({str(e)[:300]})") from None
+
+
+# ---------------------------------------------------------------------------------------
+# Multi-crop with kept boxes (paper Sec. 3.2): every crop overlaps the global crops, and for each
+# (global crop g, crop v) pair we keep their shared region in g's pixels and in v's pixels.
+# ---------------------------------------------------------------------------------------
+def pair_boxes(abs_boxes: torch.Tensor, sizes: list, num_global: int):
+    """abs_boxes: (C, 4) crop boxes x1 y1 x2 y2 in the image; sizes: output side of each crop.
+    -> in_global (G, C, 4): box of g ∩ v in crop g's pixels; in_crop (G, C, 4): in crop v's pixels."""
+    C = len(abs_boxes)
+    g = abs_boxes[:num_global, None].expand(-1, C, -1)  # (G, C, 4)
+    v = abs_boxes[None].expand(num_global, -1, -1)  # (G, C, 4)
+    inter = torch.cat([torch.maximum(g[..., :2], v[..., :2]), torch.minimum(g[..., 2:], v[..., 2:])], dim=-1)
+    sizes = torch.tensor(sizes, dtype=torch.float32)
+
+    def inside(ref, size):  # image coordinates -> pixels of the resized crop `ref`
+        origin, extent = ref[..., :2].repeat(1, 1, 2), (ref[..., 2:] - ref[..., :2]).repeat(1, 1, 2)
+        return (inter - origin) / extent * size
+
+    return inside(g, sizes[:num_global, None, None]), inside(v, sizes[None, :, None])
+
+
+class LeopartCrops:
+    """Image uint8 (3, H, W) -> (list of normalised crops, dict(in_global, in_crop) boxes).
+    Random resized crops that must intersect the earlier global crops; colour jitter (0.8, 0.8,
+    0.8, 0.2; p 0.8), grayscale p 0.2, blur p 0.5. No flips: they would break the boxes."""
+
+    def __init__(self, global_size=224, local_size=96, num_global=2, num_local=4,
+                 global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), min_intersection=0.01):
+        self.num_global, self.min_intersection = num_global, min_intersection
+        self.sizes = [global_size] * num_global + [local_size] * num_local
+        self.scales = [tuple(global_scale)] * num_global + [tuple(local_scale)] * num_local
+        self.colour = T.Compose([
+            T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([T.GaussianBlur(kernel_size=2 * (global_size // 20) + 1, sigma=(0.1, 2.0))], p=0.5),
+        ])
+
+    def sample_box(self, img, i, boxes):
+        H, W = img.shape[-2:]
+        min_area = H * W * self.min_intersection * (2 if i < self.num_global else 1)
+        for _ in range(100):
+            y, x, h, w = T.RandomResizedCrop.get_params(img, self.scales[i], (3 / 4, 4 / 3))
+            box = torch.tensor([x, y, x + w, y + h], dtype=torch.float32)
+            prev = boxes[:min(i, self.num_global)]
+            wh = (torch.minimum(prev[:, 2:], box[2:]) - torch.maximum(prev[:, :2], box[:2])).clamp(min=0)
+            if bool((wh.prod(1) > min_area).all()):
+                return box
+        cx, cy = (boxes[0, :2] + boxes[0, 2:]) / 2  # rare: centre it on the first global crop
+        w, h = min(w, W), min(h, H)
+        x, y = float(cx.clamp(w / 2, W - w / 2)) - w / 2, float(cy.clamp(h / 2, H - h / 2)) - h / 2
+        return torch.tensor([x, y, x + w, y + h], dtype=torch.float32)
+
+    def __call__(self, img):
+        img = img[0] if img.dim() == 4 else img  # a one-frame clip from a video
+        boxes = torch.zeros(len(self.sizes), 4)
+        crops = []
+        for i, size in enumerate(self.sizes):
+            boxes[i] = self.sample_box(img, i, boxes)
+            x1, y1, x2, y2 = boxes[i].tolist()
+            crop = TF.resized_crop(img, int(y1), int(x1), int(y2 - y1), int(x2 - x1), [size, size], antialias=True)
+            crop = self.colour(crop).float() / 255
+            crops.append(TF.normalize(crop, IMAGENET_MEAN, IMAGENET_STD))
+        in_global, in_crop = pair_boxes(boxes, self.sizes, self.num_global)
+        return crops, {"in_global": in_global, "in_crop": in_crop}
+
+
+def align(maps: torch.Tensor, boxes: torch.Tensor, patch_size: int, out_size: int = 7):
+    """RoI-align (aligned=True) a box of every map: maps (B, C, h, w) token grids, boxes (B, 4) in
+    the crop's pixels -> (B, C, out, out). Token i covers pixels [i p, (i+1) p)."""
+    rois = torch.cat([torch.arange(len(boxes), device=maps.device, dtype=maps.dtype)[:, None],
+                      boxes.to(maps) / patch_size], dim=1)
+    return roi_align(maps, rois, out_size, spatial_scale=1.0, aligned=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Online Sinkhorn-Knopp (SwAV's, as Leopart runs it): balanced soft assignments of the batch
+# tokens (+ queue) to the prototypes; under DDP only sums cross devices.
+# ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
+    """scores (N, K) cosines of this rank's tokens -> Q (N, K), rows sum to 1, every prototype
+    getting an equal share of the tokens of all ranks. Q = exp(scores / eps) rescaled (eq. 3)."""
+    distributed = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if distributed else 1
+
+    def all_sum(t, op=dist.ReduceOp.SUM if distributed else None):
+        if distributed:
+            dist.all_reduce(t, op=op)
+        return t
+
+    scores = scores.float()
+    top = all_sum(scores.max().clone(), dist.ReduceOp.MAX if distributed else None)
+    Q = torch.exp((scores - top) / eps).t()  # (K, N); subtracting the global max changes nothing
+    Q /= all_sum(Q.sum())
+    K, N = Q.shape
+    for _ in range(iters):
+        Q /= all_sum(Q.sum(dim=1, keepdim=True)) * K  # rows: each prototype 1/K of the mass
+        Q /= Q.sum(dim=0, keepdim=True) * (N * world)  # columns: each token 1/N
+    return (Q / Q.sum(dim=0, keepdim=True)).t()
+
+
+# ---------------------------------------------------------------------------------------
+# Foreground from the teacher's [CLS] attention (paper Sec. 3.3)
+# ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def foreground_mask(attn: torch.Tensor, mass: float = 0.6, sigma: float = 0.6, min_size: int = 3):
+    """attn (B, h, w) head-averaged [CLS] attention -> bool (B, h, w): blur (7x7 Gaussian), keep the
+    most-attended tokens that together hold `mass` of the blurred attention, then drop connected
+    components (8-neighbourhood) smaller than `min_size` tokens."""
+    from scipy import ndimage
+
+    B, h, w = attn.shape
+    a = TF.gaussian_blur(attn.float()[:, None], kernel_size=[7, 7], sigma=[sigma, sigma]).flatten(1)
+    a = a / a.sum(dim=1, keepdim=True)
+    values, order = a.sort(dim=1, descending=True)
+    before = values.cumsum(dim=1) - values  # mass of the tokens ranked above this one
+    keep_sorted = before < mass  # smallest top set whose mass reaches `mass`
+    keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted).reshape(B, h, w)
+    if min_size > 1:
+        out = keep.cpu().numpy()
+        for m in out:
+            labels, n = ndimage.label(m, structure=np.ones((3, 3)))
+            sizes = np.bincount(labels.ravel(), minlength=n + 1)
+            m[(sizes < min_size)[labels] & (labels > 0)] = False
+        keep = torch.from_numpy(out).to(attn.device)
+    return keep
+
+
+# ---------------------------------------------------------------------------------------
+# The loss (paper eq. 4): cross-entropy between the teacher's aligned Sinkhorn assignments of
+# each global crop and the student's aligned predictions from every other crop, on foreground.
+# ---------------------------------------------------------------------------------------
+class LeopartLoss(nn.Module):
+    """Holds the queue of past teacher embeddings (one per global crop, this rank's share)."""
+
+    def __init__(self, args, world_size=1):
+        super().__init__()
+        self.args = args
+        n = args.queue_length // world_size if args.queue_length > 0 else 0
+        self.register_buffer("queue", torch.zeros(args.global_crops_number, n, args.proj_dim))
+
+    def forward(self, student_scores, teacher_embs, teacher_scores, teacher_attns, boxes, prototypes):
+        """student_scores: per crop (B, K, h, w); teacher_*: per global crop (B, h*w, E), (B, K, h, w),
+        (B, h, w) or None; boxes: dict of (B, G, C, 4); prototypes: (K, E) for the queue."""
+        a, G, C = self.args, self.args.global_crops_number, len(student_scores)
+        p = a.patch_size
+        distributed = dist.is_available() and dist.is_initialized()
+        world = dist.get_world_size() if distributed else 1
+        loss = 0.0
+        for g in range(G):
+            B, K, h, w = teacher_scores[g].shape
+            fg = None
+            if a.loss_mask != "all":
+                fg = foreground_mask(teacher_attns[g], a.fg_mass, a.blur_sigma)
+                fg = ~fg if a.loss_mask == "bg" else fg
+            with torch.no_grad():
+                scores = rearrange(teacher_scores[g].float(), "b k h w -> (b h w) k")
+                if self.queue.shape[1] > 0:
+                    if bool((self.queue[g, -1] != 0).any()):  # use the queue once it is full
+                        scores = torch.cat([self.queue[g] @ prototypes.float().t(), scores])
+                    self.push(g, teacher_embs[g], fg)
+                q = sinkhorn(scores, a.epsilon, a.sinkhorn_iters)[-B * h * w:]
+                q = rearrange(q, "(b h w) k -> b k h w", b=B, h=h, w=w)
+            fg_aligned = None
+            sub = 0.0
+            for v in range(C):
+                if v == g:
+                    continue
+                target = align(q, boxes["in_global"][:, g, v], p, a.roi_align_size)
+                logits = align(student_scores[v].float(), boxes["in_crop"][:, g, v], p, a.roi_align_size)
+                ce = -(target * F.log_softmax(logits / a.temperature, dim=1)).sum(1)  # (B, 7, 7)
+                if fg is not None:  # a bin counts if it lies entirely on foreground
+                    fg_aligned = align(fg[:, None].float(), boxes["in_global"][:, g, v], p, a.roi_align_size)[:, 0]
+                    weight = (fg_aligned >= 1 - 1e-4).float()
+                else:
+                    weight = torch.ones_like(ce)
+                count = weight.sum().detach()
+                if distributed:  # normalise by the global count: DDP then equals one big batch
+                    dist.all_reduce(count)
+                if count > 0:
+                    sub = sub + (ce * weight).sum() / count * world
+            loss = loss + sub / (C - 1)
+        return loss / G
+
+    @torch.no_grad()
+    def push(self, g, emb, fg):
+        """Add up to 10 random (foreground) teacher embeddings per image to the front of queue g."""
+        emb = emb.reshape(-1, emb.shape[-1]).float()
+        if fg is not None:
+            emb = emb[fg.flatten()]
+        n = min(self.args.batch_size_per_gpu * 10, self.queue.shape[1], len(emb))
+        if n == 0:
+            return
+        pick = emb[torch.randperm(len(emb), device=emb.device)[:n]]
+        self.queue[g] = torch.cat([pick, self.queue[g, :-n]])
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------
+def param_groups(model: LeopartNet, args):
+    """Backbone and head groups, each split into decayed weights and (no-decay) norms and biases."""
+    groups = []
+    for part, lr in ((model.backbone, args.lr_backbone), (model.head, args.lr_heads)):
+        decay = [p for n, p in part.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
+        no_decay = [p for n, p in part.named_parameters() if p.ndim <= 1 or n.endswith(".bias")]
+        groups += [dict(params=decay, lr=lr, base="backbone" if part is model.backbone else "head", decay=True),
+                   dict(params=no_decay, lr=lr, weight_decay=0.0,
+                        base="backbone" if part is model.backbone else "head", decay=False)]
+    return groups
+
+
+class TrainImages(torch.utils.data.Dataset):
+    """Any image folder (recursive) or, when it holds none, frames of its videos (one every
+    --video-frame-step frames) -> (crops, boxes) from LeopartCrops."""
+
+    def __init__(self, root, transform, frame_step=30):
+        import data
+        self.images = data.UnlabelledImages(root, transform=transform)
+        self.clips = None
+        if len(self.images) == 0:
+            self.clips = data.VideoClips(root, num_frames=1, step_between_clips=frame_step, transform=transform)
+        if len(self) == 0:
+            raise SystemExit(f"--data {root}: no images or videos found")
+
+    def __len__(self):
+        return len(self.clips) if self.clips is not None else len(self.images)
+
+    def __getitem__(self, i):
+        return self.clips[i] if self.clips is not None else self.images[i][0]
+
+
+def train(args):
+    import data
+    from tqdm import tqdm
+
+    d = data.init_distributed()
+    args.amp = data.resolve_amp(args.amp, d.device)
+    autocast = data.autocast(d.device, args.amp)
+    data.seed_everything(args.seed, d.rank)
+    os.makedirs(args.output_dir, exist_ok=True)
+    log = data.JsonlLogger(os.path.join(args.output_dir, "log.jsonl"), d.is_main)
+
+    crops = LeopartCrops(args.global_crops_size, args.local_crops_size, args.global_crops_number,
+                         args.local_crops_number, args.global_crops_scale, args.local_crops_scale, args.min_intersection)
+    dataset = TrainImages(args.data, crops, args.video_frame_step)
+    sampler = torch.utils.data.DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=args.seed,
+                                                  drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_per_gpu, sampler=sampler,
+                                         num_workers=args.num_workers, drop_last=True, pin_memory=d.device.type == "cuda")
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise SystemExit(f"--data {args.data}: {len(dataset)} images is fewer than one batch of {args.batch_size_per_gpu}")
+
+    # Student and EMA teacher. The teacher starts as a copy (DINO's convention; the official code
+    # draws the teacher's head independently) and sees only the global crops.
+    backbone = ARCHS[args.arch](args.patch_size, drop_path_rate=args.drop_path)
+    if args.pretrained:
+        load_pretrained(backbone, args.pretrained)
+    head = LeopartHead(backbone.embed_dim, args.proj_hidden_dim, args.proj_dim, args.proj_layers, args.num_prototypes)
+    model = LeopartNet(backbone, head).to(d.device)
+    teacher = copy.deepcopy(model)
+    for blk in teacher.backbone.blocks:
+        blk.drop_path.p = 0.0
+    teacher.requires_grad_(False).eval()
+    criterion = LeopartLoss(args, d.world_size).to(d.device)
+
+    optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr_backbone, weight_decay=args.weight_decay)
+    scaler = data.make_scaler(args.amp, d.device)
+    total = args.epochs * steps_per_epoch
+    lr_sched = {"backbone": data.cosine_schedule(args.lr_backbone, args.final_lr, args.epochs, steps_per_epoch),
+                "head": data.cosine_schedule(args.lr_heads, args.final_lr, args.epochs, steps_per_epoch)}
+    wd_sched = data.cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, steps_per_epoch)
+    momentum_sched = data.cosine_schedule(args.momentum_teacher, 1.0, args.epochs, steps_per_epoch)
+
+    start_epoch, step = 0, 0
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
+    if args.resume:
+        ckpt = data.load_checkpoint(ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        teacher.load_state_dict(ckpt["teacher"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        criterion.queue.copy_(ckpt["queue"][d.rank])
+        start_epoch, step = ckpt["epoch"], ckpt["step"]
+        if d.is_main:
+            print(f"resumed from {ckpt_path} at epoch {start_epoch}")
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[d.device] if d.device.type == "cuda" else None) \
+        if d.world_size > 1 else model
+
+    for epoch in range(start_epoch, args.epochs):
+        data.seed_everything(args.seed + epoch, d.rank)  # a resumed run replays the same randomness
+        sampler.set_epoch(epoch)
+        ddp.train()
+        bar = tqdm(loader, disable=not d.is_main, desc=f"epoch {epoch}", leave=False)
+        t0 = time.time()
+        for batch_crops, boxes in bar:
+            for group in optimizer.param_groups:  # per-step schedules, precomputed (DINO's way)
+                group["lr"] = lr_sched[group["base"]][step]
+                if group["decay"]:
+                    group["weight_decay"] = wd_sched[step]
+            loss = train_step(ddp, teacher, criterion, optimizer, scaler, autocast, batch_crops, boxes,
+                              momentum_sched[step], d.device)
+            step += 1
+            ips = len(batch_crops[0]) * d.world_size * (bar.n + 1) / (time.time() - t0)
+            bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{ips:.0f}")
+            if step % args.log_every == 0 or step == total:
+                log.log({"epoch": epoch, "step": step, "loss": loss, "lr_backbone": lr_sched["backbone"][step - 1],
+                         "lr_heads": lr_sched["head"][step - 1], "wd": wd_sched[step - 1],
+                         "momentum": momentum_sched[step - 1], "img_s": ips})
+        queues = [criterion.queue.clone() for _ in range(d.world_size)]
+        if d.world_size > 1:  # every rank's queue goes into the checkpoint (exact resume)
+            dist.all_gather(queues, criterion.queue)
+        if d.is_main:
+            data.save_checkpoint({"method": METHOD, "args": vars(args), "epoch": epoch + 1, "step": step,
+                                  "model": model.state_dict(), "teacher": teacher.state_dict(),
+                                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                                  "queue": torch.stack(queues).cpu()}, ckpt_path)
+            print(f"epoch {epoch}: loss {loss:.3f}, {ips:.0f} img/s, saved {ckpt_path}")
+    if d.world_size > 1:
+        dist.barrier()
+    return model, teacher
+
+
+def train_step(student, teacher, criterion, optimizer, scaler, autocast, crops, boxes, momentum, device):
+    """One Leopart step on a batch: crops list of (B, 3, H, W), boxes dict of (B, G, C, 4).
+    Returns the loss (float). `student` may be DDP-wrapped; the teacher follows by EMA."""
+    raw = student.module if hasattr(student, "module") else student
+    crops = [c.to(device, non_blocking=True) for c in crops]
+    boxes = {k: v.to(device) for k, v in boxes.items()}
+    G = criterion.args.global_crops_number
+    raw.head.normalize_prototypes()
+    teacher.head.normalize_prototypes()
+    with autocast:
+        with torch.no_grad():
+            t_embs, t_scores, t_attns = teacher(crops[:G], with_attention=criterion.args.loss_mask != "all")
+        _, s_scores, _ = student(crops)
+        loss = criterion(s_scores, t_embs, t_scores, t_attns, boxes, raw.head.prototypes.weight.detach())
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    with torch.no_grad():  # EMA teacher (momentum cosine 0.9995 -> 1)
+        for ps, pt in zip(raw.parameters(), teacher.parameters()):
+            pt.mul_(momentum).add_(ps.detach(), alpha=1 - momentum)
+    return loss.item()
