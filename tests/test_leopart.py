@@ -1,0 +1,242 @@
+"""Tests for leopart.py (CPU, seconds each): weights, boxes and RoI-align, the fg mask, DDP,
+bf16 and exact resume."""
+import contextlib
+import copy
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import leopart as L  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def tiny_args(*extra):
+    return L.get_args(["--arch", "vit_demo", "--patch-size", "8", "--global-crops-size", "32",
+                       "--local-crops-size", "16", "--proj-hidden-dim", "64", "--proj-dim", "32",
+                       "--num-prototypes", "20", "--queue-length", "64", "--drop-path", "0",
+                       "--num-workers", "0", "--batch-size-per-gpu", "4", *extra])
+
+
+def tiny_model(args, seed=0):
+    torch.manual_seed(seed)
+    backbone = L.ARCHS[args.arch](args.patch_size, drop_path_rate=args.drop_path)
+    head = L.LeopartHead(backbone.embed_dim, args.proj_hidden_dim, args.proj_dim, args.proj_layers, args.num_prototypes)
+    student = L.LeopartNet(backbone, head)
+    return student, copy.deepcopy(student).requires_grad_(False)
+
+
+def smooth_image(h=96, w=128, seed=0):
+    """uint8 (3, H, W) made of a few smooth blobs, so crops have something to agree on."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(1, 3, 4, 5, generator=g)
+    return (torch.nn.functional.interpolate(low, size=(h, w), mode="bicubic", align_corners=True)[0]
+            .clamp(0, 1) * 255).to(torch.uint8)
+
+
+def make_batch(args, n, seed=0):
+    torch.manual_seed(seed)
+    tf = L.LeopartCrops(args.global_crops_size, args.local_crops_size, args.global_crops_number,
+                        args.local_crops_number, args.global_crops_scale, args.local_crops_scale)
+    items = [tf(smooth_image(seed=seed + i)) for i in range(n)]
+    crops = [torch.stack([it[0][c] for it in items]) for c in range(len(items[0][0]))]
+    boxes = {k: torch.stack([it[1][k] for it in items]) for k in ("in_global", "in_crop")}
+    return crops, boxes
+
+
+# --------------------------------------------------------------------------- weights
+def dino_key_names(depth):
+    names = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"]
+    for i in range(depth):
+        for part in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"):
+            names += [f"blocks.{i}.{part}.weight", f"blocks.{i}.{part}.bias"]
+    return set(names)
+
+
+def test_dino_weights_load_strict(tmp_path):
+    torch.manual_seed(0)
+    dino = L.vit_small(16)  # a DINO-architecture ViT-S/16: its state dict has DINO's key names
+    assert set(dino.state_dict()) == dino_key_names(12)
+    x = torch.randn(2, 3, 64, 48)
+    plain, full, ours = tmp_path / "plain.pth", tmp_path / "full.pth", tmp_path / "ours.pth"
+    torch.save(dino.state_dict(), plain)  # like dino_deitsmall16_pretrain.pth
+    torch.save({"teacher": {**{f"backbone.{k}": v for k, v in dino.state_dict().items()},
+                            "head.last_layer.weight_g": torch.ones(3)},  # DINO's full checkpoint
+                "student": {f"module.backbone.{k}": v for k, v in dino.state_dict().items()}}, full)
+    torch.save({"method": "dora", "args": {}, "model": {}, "teacher": {f"backbone.{k}": v for k, v in
+                                                                       dino.state_dict().items()}}, ours)
+    for path in (plain, full, ours):
+        fresh = L.vit_small(16)
+        L.load_pretrained(fresh, str(path))
+        with torch.no_grad():
+            assert torch.equal(fresh(x), dino(x))
+            assert torch.equal(fresh.get_last_selfattention(x), dino.get_last_selfattention(x))
+    with pytest.raises(RuntimeError, match="--pretrained"):
+        L.load_pretrained(L.vit_base(16), str(plain))
+
+
+# --------------------------------------------------------------------------- boxes, RoI-align
+def test_shifted_crop_sees_same_clusters():
+    """Two crops of one label image, shifted by whole tokens; their token cluster maps, RoI-aligned
+    onto the shared box, agree."""
+    p = 8
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 5, (4, 4), generator=g).repeat_interleave(16, 0).repeat_interleave(16, 1)  # 64x64
+    abs_boxes = torch.tensor([[0.0, 0, 48, 48], [16, 8, 64, 56]])
+    in_global, in_crop = L.pair_boxes(abs_boxes, [48, 48], num_global=1)
+    assert torch.equal(in_global[0, 1], torch.tensor([16.0, 8, 48, 48]))  # shared box in crop 0's pixels
+    assert torch.equal(in_crop[0, 1], torch.tensor([0.0, 0, 32, 40]))  # ... and in crop 1's pixels
+
+    def cluster_map(box):  # one-hot clusters of the crop's tokens (B=1, K=5, 6, 6)
+        x1, y1, x2, y2 = [int(v) for v in box]
+        tokens = labels[y1:y2, x1:x2][p // 2::p, p // 2::p]
+        return torch.nn.functional.one_hot(tokens, 5).permute(2, 0, 1)[None].float()
+
+    a = L.align(cluster_map(abs_boxes[0]), in_global[None, 0, 1], p)
+    b = L.align(cluster_map(abs_boxes[1]), in_crop[None, 0, 1], p)
+    assert a.shape == (1, 5, 7, 7)
+    # Inside the box both crops see the same tokens; on the outer ring of bins one crop samples past
+    # its own border (clamped), as in training, so only most of those agree.
+    assert torch.allclose(a[..., 1:-1, 1:-1], b[..., 1:-1, 1:-1], atol=1e-6)
+    assert (a.argmax(1) == b.argmax(1)).float().mean() > 0.9
+
+
+def test_crop_boxes_match_image_content():
+    """With colour augmentation off, every crop pair shows the same image content in its shared box."""
+    torch.manual_seed(0)
+    tf = L.LeopartCrops(64, 32, 2, 4, (0.25, 1.0), (0.05, 0.25))
+    tf.colour = torch.nn.Identity()
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 120), torch.linspace(0, 1, 160), indexing="ij")
+    img = (torch.stack([xx, yy, (xx + yy) / 2]) * 255).to(torch.uint8)  # ramps: bilinear is exact on them
+    for _ in range(5):
+        crops, boxes = tf(img)
+        for gi in range(2):
+            for v in range(6):
+                a = L.align(crops[gi][None], boxes["in_global"][None, gi, v], 1, 5)
+                b = L.align(crops[v][None], boxes["in_crop"][None, gi, v], 1, 5)
+                assert (a - b).abs().max() < 0.15, (gi, v)  # ~3 grey levels after normalisation
+
+
+# --------------------------------------------------------------------------- Sinkhorn, fg mask
+def test_sinkhorn_balances_prototypes():
+    scores = torch.nn.functional.normalize(torch.randn(512, 16), dim=1) @ \
+        torch.nn.functional.normalize(torch.randn(16, 8), dim=0)
+    q = L.sinkhorn(scores, 0.05, 50)
+    assert torch.allclose(q.sum(1), torch.ones(512), atol=1e-5)
+    assert torch.allclose(q.sum(0), torch.full((8,), 64.0), rtol=1e-3)
+    q3 = L.sinkhorn(scores, 0.05, 3)  # the training setting: close to balanced already
+    assert (q3.sum(0) / 64 - 1).abs().max() < 0.5
+
+
+@pytest.mark.parametrize("mass", [0.3, 0.6, 0.9])
+def test_fg_mask_keeps_requested_mass(mass):
+    g = torch.Generator().manual_seed(1)
+    attn = torch.rand(4, 14, 14, generator=g) ** 4
+    keep = L.foreground_mask(attn, mass=mass, sigma=0.6, min_size=1)
+    blurred = L.TF.gaussian_blur(attn[:, None], [7, 7], [0.6, 0.6])[:, 0]
+    blurred = blurred / blurred.sum(dim=(1, 2), keepdim=True)
+    for b in range(4):
+        kept = blurred[b][keep[b]]
+        assert kept.sum() >= mass - 1e-6  # at least the requested mass ...
+        assert kept.sum() - kept.min() < mass  # ... with the fewest tokens
+        assert kept.min() >= blurred[b][~keep[b]].max()  # the most-attended ones
+    # Dropping components below 3 tokens: an isolated peak goes, a blob stays.
+    attn = torch.zeros(1, 14, 14)
+    attn[0, 3:8, 3:8], attn[0, 12, 12] = 1.0, 5.0
+    assert not L.foreground_mask(attn, mass=0.99, sigma=0.01)[0, 12, 12]
+    assert L.foreground_mask(attn, mass=0.99, sigma=0.01)[0, 5, 5]
+
+
+# --------------------------------------------------------------------------- steps: DDP, bf16
+def one_step(args, crops, boxes, student, teacher, autocast=contextlib.nullcontext()):
+    criterion = L.LeopartLoss(args, torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.5)  # plain SGD: the update is the gradient
+    loss = L.train_step(student, teacher, criterion, optimizer, torch.amp.GradScaler("cpu", enabled=False), autocast,
+                        crops, boxes, momentum=0.9, device=torch.device("cpu"))
+    return loss
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    args = tiny_args("--loss-mask", "fg")
+    crops, boxes = make_batch(args, 8)
+    half = slice(rank * 4, rank * 4 + 4)
+    student, teacher = tiny_model(args)
+    ddp = torch.nn.parallel.DistributedDataParallel(student)
+    loss = one_step(args, [c[half] for c in crops], {k: v[half] for k, v in boxes.items()}, ddp, teacher)
+    torch.save({"loss": loss, "student": student.state_dict(), "teacher": teacher.state_dict()},
+               os.path.join(out_dir, f"rank{rank}.pth"))
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_equal_one(tmp_path):
+    args = tiny_args("--loss-mask", "fg")
+    crops, boxes = make_batch(args, 8)
+    student, teacher = tiny_model(args)
+    before = copy.deepcopy(student.state_dict())
+    loss = one_step(args, crops, boxes, student, teacher)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pth", weights_only=True) for r in (0, 1))
+    assert abs((r0["loss"] + r1["loss"]) / 2 - loss) < 1e-4  # ranks' losses average to the global one
+    moved = 0
+    for k, v in student.state_dict().items():
+        assert torch.allclose(r0["student"][k], v, atol=1e-5), k
+        assert torch.equal(r0["student"][k], r1["student"][k]), k
+        assert torch.allclose(r0["teacher"][k], teacher.state_dict()[k], atol=1e-5), k
+        moved += not torch.equal(v, before[k])
+    assert moved > len(before) // 2  # the step did something
+
+
+def test_bf16_autocast_step():
+    args = tiny_args("--loss-mask", "fg")
+    crops, boxes = make_batch(args, 4)
+    s32, t32 = tiny_model(args)
+    s16, t16 = tiny_model(args)
+    loss32 = one_step(args, crops, boxes, s32, t32)
+    loss16 = one_step(args, crops, boxes, s16, t16, torch.autocast("cpu", dtype=torch.bfloat16))
+    assert np.isfinite(loss16) and abs(loss16 - loss32) < 0.05 * loss32
+    assert all(torch.isfinite(p).all() for p in s16.parameters())
+    assert not torch.equal(s16.backbone.blocks[0].attn.qkv.weight, tiny_model(args)[0].backbone.blocks[0].attn.qkv.weight)
+
+
+# --------------------------------------------------------------------------- resume
+def write_images(folder, n=12):
+    from PIL import Image
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(smooth_image(48, 64, seed=i).permute(1, 2, 0).numpy()).save(os.path.join(folder, f"{i}.png"))
+
+
+def test_interrupt_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    pytest.importorskip("data")
+    import data
+    write_images(tmp_path / "images")
+    common = ["--data", str(tmp_path / "images"), "--epochs", "2", "--loss-mask", "fg", "--queue-length", "16",
+              "--drop-path", "0.1"]
+    L.train(tiny_args(*common, "--output-dir", str(tmp_path / "straight")))
+
+    real_save = data.save_checkpoint
+
+    def save_then_crash(state, path):
+        real_save(state, path)
+        raise KeyboardInterrupt  # the run dies right after its first checkpoint
+
+    monkeypatch.setattr(data, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        L.train(tiny_args(*common, "--output-dir", str(tmp_path / "resumed")))
+    monkeypatch.setattr(data, "save_checkpoint", real_save)
+    L.train(tiny_args(*common, "--output-dir", str(tmp_path / "resumed"), "--resume"))
+
+    a = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
+    for part in ("model", "teacher"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert torch.equal(a["queue"], b["queue"])
