@@ -1,0 +1,846 @@
+"""Data for every method and benchmark in this repo, plus the run plumbing they share.
+
+Everything a method file reads (videos, image folders, labelled segmentation sets) comes
+through here, and so does the built-in synthetic world that lets the demos and tests run
+on a laptop with no downloads.
+
+Sections:
+  run plumbing    distributed set-up, AMP, seeding, cosine schedules, atomic checkpoints, JSONL logs
+  images          load_image / load_mask, ImageFolder, UnlabelledImages, VOCSegmentation, DAVIS
+  videos          probe_video, read_frames (PyAV, seeks near the clip, decode-time resize),
+                  find_videos, VideoClips (one item per clip start; DDP/worker safe)
+  synthetic world SyntheticWorld (in memory), synth_world / ensure_synth (writes the layouts)
+  command line    python data.py synth --out runs/synth [--seed 0]
+                  python data.py inspect PATH [--bench] [--sheet sheet.png]
+
+Bad input raises DataError with one line "<path>: <what is wrong>". Inside a dataset an
+unreadable file is skipped with a warning and counted in `.num_skipped`.
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import contextlib
+import functools
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+
+import av
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".mov", ".avi")
+
+
+class DataError(ValueError):
+    """A bad input; the message is one line naming the path and what is wrong."""
+
+
+class Unreadable(DataError):
+    """A single file that cannot be decoded; datasets skip these (with a warning)."""
+
+
+class CheckpointError(RuntimeError):
+    """A missing, truncated or foreign checkpoint file; the file itself is left alone."""
+
+
+# =============================================================================== run plumbing
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    is_main: bool
+
+
+def init_distributed() -> Dist:
+    """Read torchrun's environment; one process (no process group) when WORLD_SIZE is unset or 1."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world_size, local_rank, device, rank == 0)
+
+
+def resolve_amp(amp: str | None, device) -> str:
+    """None picks the best: bf16 on CUDA that supports it, fp16 on older CUDA, none on CPU."""
+    device = torch.device(device)
+    if amp is None:
+        if device.type != "cuda":
+            return "none"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if amp not in ("bf16", "fp16", "none"):
+        raise ValueError(f"--amp {amp!r}: expected bf16, fp16 or none")
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs a CUDA device; use bf16 or none on CPU")
+    return amp
+
+
+def autocast(device, amp: str):
+    """The one-line AMP context (nanoGPT style): a no-op for 'none'."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def make_scaler(amp: str, device):
+    """A GradScaler that only scales for fp16 (bf16 has fp32's range and needs none)."""
+    return torch.amp.GradScaler(torch.device(device).type, enabled=(amp == "fp16"))
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed python, numpy and torch with seed + rank (per-rank streams, reproducible)."""
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+def cosine_schedule(base, final, epochs, steps_per_epoch, warmup_epochs=0, start_warmup=0.0) -> np.ndarray:
+    """One value per step: linear warm-up from start_warmup to base, then cosine to final (DINO)."""
+    warmup_steps = int(warmup_epochs * steps_per_epoch)
+    warmup = np.linspace(start_warmup, base, warmup_steps)
+    steps = np.arange(epochs * steps_per_epoch - warmup_steps)
+    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * steps / max(len(steps), 1)))
+    return np.concatenate([warmup, cosine])
+
+
+def save_checkpoint(state: dict, path) -> None:
+    """Write to path.tmp, flush to disk, then rename: a crash never leaves a half-written path."""
+    path = str(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path) -> dict:
+    """torch.load on CPU with weights_only=True; anything wrong becomes a one-line CheckpointError."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle garbage, foreign objects: all the same to the user
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {reason}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, expected a checkpoint dict")
+    return state
+
+
+class JsonlLogger:
+    """`.log(dict)` appends one JSON line to path (only where enabled, i.e. on rank 0)."""
+
+    def __init__(self, path, enabled: bool = True):
+        self.path, self.enabled = str(path), enabled
+        if enabled:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        plain = {k: (v.item() if hasattr(v, "item") and getattr(v, "ndim", 0) == 0 else v) for k, v in record.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(plain) + "\n")
+
+
+# ===================================================================================== images
+def _need(path, what="path") -> str:
+    path = str(path)
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such {what}")
+    return path
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. 16/32-bit grey is rescaled (PIL's own convert would clip it at 255)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img).astype(np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        return Image.fromarray(np.round(arr / top * 255).clip(0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode == "F":
+        return Image.fromarray(np.asarray(img).clip(0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # avoids PIL's warning about palette transparency
+    return img.convert("RGB")
+
+
+def _open_image(path, short_side=None) -> Image.Image:
+    """Open and decode an image as RGB, optionally shrinking so that its short side = short_side."""
+    path = _need(path, "image")
+    try:
+        img = Image.open(path)
+        if short_side:
+            w, h = _resized_size(img.height, img.width, short_side)[::-1]
+            img.draft("RGB", (w, h))  # JPEG decodes at 1/2, 1/4, 1/8 scale: big frames never decoded full size
+            img = _to_rgb(img).resize((w, h), Image.BILINEAR)
+        else:
+            img = _to_rgb(img)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise Unreadable(f"{path}: unreadable image ({e})") from None
+    return img
+
+
+def load_image(path) -> torch.Tensor:
+    """-> uint8 (3, H, W) RGB, whatever the file's mode (grey, RGBA, palette, 16-bit)."""
+    return torch.from_numpy(np.asarray(_open_image(path)).copy()).permute(2, 0, 1).contiguous()
+
+
+def load_mask(path) -> torch.Tensor:
+    """-> int64 (H, W) class or instance ids from a palette or greyscale PNG; 255 (ignore) kept."""
+    path = _need(path, "mask")
+    try:
+        img = Image.open(path)
+        img.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise Unreadable(f"{path}: unreadable mask ({e})") from None
+    if img.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L"):
+        raise DataError(f"{path}: mask has mode {img.mode}; save masks as palette (P) or greyscale (L) PNGs")
+    return torch.from_numpy(np.asarray(img).astype(np.int64))
+
+
+def voc_palette() -> list[int]:
+    """The 256-colour palette of Pascal VOC and DAVIS masks: the bits of the index, spread over R, G, B."""
+    palette = []
+    for index in range(256):
+        rgb, bits = [0, 0, 0], index
+        for level in range(8):
+            for channel in range(3):
+                rgb[channel] |= ((bits >> channel) & 1) << (7 - level)
+            bits >>= 3
+        palette += rgb
+    return palette
+
+
+def save_mask(path, mask) -> None:
+    """Write int ids (H, W) < 256 as a palette PNG, as VOC and DAVIS ship them."""
+    img = Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="P")
+    img.putpalette(voc_palette())
+    img.save(path)
+
+
+def _list_images(folder, recursive=True) -> list[str]:
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        dirs.sort()
+        found += [os.path.join(parent, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTS)]
+        if not recursive:
+            break
+    return found
+
+
+class _SkipUnreadable:
+    """Mixin: on an unreadable file, warn once, count it, and serve the next readable sample."""
+
+    def _robust(self, index, load):
+        n = len(self)
+        for k in range(n):
+            j = (index + k) % n
+            try:
+                return load(j)
+            except Unreadable as e:
+                if j not in self._bad:
+                    self._bad.add(j)
+                    warnings.warn(f"skipping {e}", stacklevel=3)
+        raise DataError(f"{self.root}: none of its {n} files is readable")
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self._bad)
+
+
+class UnlabelledImages(_SkipUnreadable, Dataset):
+    """Every image under root (recursive); item = (transform(uint8 (3,H,W)), -1)."""
+
+    def __init__(self, root, transform=None):
+        self.root, self.transform, self._bad = _need(root, "folder"), transform, set()
+        self.samples = [(p, -1) for p in (_list_images(root) if os.path.isdir(root) else [root])]
+        if not self.samples:
+            raise DataError(f"{root}: no images ({', '.join(IMAGE_EXTS)}) found")
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        img = self._robust(i, lambda j: load_image(self.samples[j][0]))
+        return (self.transform(img) if self.transform else img), -1
+
+
+class ImageFolder(_SkipUnreadable, Dataset):
+    """root/<class_name>/**/*.jpg; `.classes` are folder names with `_` read as a space."""
+
+    def __init__(self, root, transform=None):
+        self.root, self.transform, self._bad = _need(root, "folder"), transform, set()
+        folders = sorted(d.name for d in os.scandir(root) if d.is_dir())
+        per_class = [(f, _list_images(os.path.join(root, f))) for f in folders]
+        per_class = [(f, files) for f, files in per_class if files]
+        if not per_class:
+            raise DataError(f"{root}: no class folders with images (expected root/<class>/<image>)")
+        self.classes = [f.replace("_", " ") for f, _ in per_class]
+        self.samples = [(p, label) for label, (_, files) in enumerate(per_class) for p in files]
+        self.targets = [label for _, label in self.samples]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        img, label = self._robust(i, lambda j: (load_image(self.samples[j][0]), self.samples[j][1]))
+        return (self.transform(img) if self.transform else img), label
+
+
+VOC_CLASSES = ("background aeroplane bicycle bird boat bottle bus car cat chair cow diningtable dog horse "
+               "motorbike person pottedplant sheep sofa train tvmonitor").split()
+
+
+class VOCSegmentation(_SkipUnreadable, Dataset):
+    """Pascal VOC layout: JPEGImages/<id>.jpg, SegmentationClass/<id>.png, ImageSets/Segmentation/<split>.txt.
+
+    item = transform(img uint8 (3,H,W), mask int64 (H,W)); 255 in the mask = ignore.
+    Classes come from root/classes.txt (one per line, line index = id) when present, else VOC's 21.
+    """
+
+    def __init__(self, root, split="train", transform=None):
+        self.root, self.transform, self._bad = _need(root, "folder"), transform, set()
+        list_file = os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt")
+        ids = [line.strip() for line in open(_need(list_file, "split file")) if line.strip()]
+        if not ids:
+            raise DataError(f"{list_file}: empty split file")
+        self.images = [os.path.join(root, "JPEGImages", i + ".jpg") for i in ids]
+        self.masks = [os.path.join(root, "SegmentationClass", i + ".png") for i in ids]
+        names_file = os.path.join(root, "classes.txt")
+        self.class_names = ([n.strip() for n in open(names_file) if n.strip()] if os.path.exists(names_file)
+                            else list(VOC_CLASSES))
+        self.num_classes = len(self.class_names)
+
+    def __len__(self):
+        return len(self.images)
+
+    def _load(self, j):
+        img, mask = load_image(self.images[j]), load_mask(self.masks[j])
+        if img.shape[1:] != mask.shape:
+            raise DataError(f"{self.masks[j]}: mask is {tuple(mask.shape)} but its image is {tuple(img.shape[1:])}")
+        return img, mask
+
+    def __getitem__(self, i):
+        img, mask = self._robust(i, self._load)
+        return self.transform(img, mask) if self.transform else (img, mask)
+
+
+class DAVIS(Dataset):
+    """DAVIS-2017 layout: JPEGImages/<res>/<seq>/*.jpg, Annotations/<res>/<seq>/*.png, ImageSets/2017/<split>.txt.
+
+    item = dict(name, frames uint8 (T,3,H,W), masks int64 (T,H,W) instance ids (0 = background,
+    frames without an annotation file are all 255), palette list or None).
+    """
+
+    def __init__(self, root, split="val", resolution="480p"):
+        self.root = _need(root, "folder")
+        list_file = os.path.join(root, "ImageSets", "2017", f"{split}.txt")
+        self.names = [line.strip() for line in open(_need(list_file, "split file")) if line.strip()]
+        if not self.names:
+            raise DataError(f"{list_file}: empty split file")
+        self.frame_dirs = [os.path.join(root, "JPEGImages", resolution, n) for n in self.names]
+        self.mask_dirs = [os.path.join(root, "Annotations", resolution, n) for n in self.names]
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, i):
+        frame_paths = _list_images(_need(self.frame_dirs[i], "sequence folder"), recursive=False)
+        if not frame_paths:
+            raise DataError(f"{self.frame_dirs[i]}: no frames")
+        frames = torch.stack([load_image(p) for p in frame_paths])
+        masks = torch.full((len(frame_paths), *frames.shape[2:]), 255, dtype=torch.int64)
+        palette = None
+        for t, p in enumerate(frame_paths):
+            mask_path = os.path.join(self.mask_dirs[i], os.path.splitext(os.path.basename(p))[0] + ".png")
+            if os.path.exists(mask_path):
+                mask = load_mask(mask_path)
+                if mask.shape != frames.shape[2:]:
+                    raise DataError(f"{mask_path}: mask is {tuple(mask.shape)} but its frame is {tuple(frames.shape[2:])}")
+                masks[t] = mask
+                palette = palette or Image.open(mask_path).getpalette()
+        return dict(name=self.names[i], frames=frames, masks=masks, palette=palette)
+
+
+# ===================================================================================== videos
+@dataclass
+class VideoInfo:
+    path: str
+    num_frames: int
+    fps: float  # 0.0 for a frame folder (no timing stored)
+    height: int
+    width: int
+
+
+def _resized_size(height, width, short_side) -> tuple[int, int]:
+    """(H', W') with min(H', W') = short_side and the aspect ratio kept (even sizes suit video codecs)."""
+    if not short_side:
+        return height, width
+    scale = short_side / min(height, width)
+    return max(2, round(height * scale / 2) * 2), max(2, round(width * scale / 2) * 2)
+
+
+@functools.lru_cache(maxsize=4096)
+def _frame_files(folder) -> tuple[str, ...]:
+    return tuple(_list_images(folder, recursive=False))
+
+
+def probe_video(path) -> VideoInfo:
+    """Frame count, fps and size of a video file or a frame folder, without decoding the video."""
+    path = _need(path, "video")
+    if os.path.isdir(path):
+        files = _frame_files(path)
+        if not files:
+            raise DataError(f"{path}: folder has no frames ({', '.join(IMAGE_EXTS)})")
+        try:
+            with Image.open(files[0]) as img:
+                width, height = img.size
+        except OSError as e:
+            raise Unreadable(f"{files[0]}: unreadable frame ({e})") from None
+        return VideoInfo(path, len(files), 0.0, height, width)
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise Unreadable(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 0)
+            num_frames = stream.frames
+            if not num_frames and stream.duration and fps:  # mkv/webm store no count: estimate from duration
+                num_frames = int(round(stream.duration * stream.time_base * fps))
+            elif not num_frames and container.duration and fps:
+                num_frames = int(round(container.duration / av.time_base * fps))
+            height, width = stream.codec_context.height, stream.codec_context.width
+    except av.FFmpegError as e:
+        raise Unreadable(f"{path}: corrupt or unreadable video ({e})") from None
+    if not num_frames or not width:
+        raise Unreadable(f"{path}: video has zero frames")
+    return VideoInfo(path, int(num_frames), fps, height, width)
+
+
+def _decode_file(path, indices, short_side):
+    """Seek to the keyframe at or before indices[0], decode forward, convert only the wanted frames."""
+    wanted, got = set(indices), {}
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"  # frame + slice threads: decode is the cost, so use the cores
+        fps = float(stream.average_rate or stream.guessed_rate)
+        tb, start = float(stream.time_base), stream.start_time or 0
+        height, width = _resized_size(stream.codec_context.height, stream.codec_context.width, short_side)
+        first, last = min(wanted), max(wanted)
+        for target in (start + int(first / fps / tb), start):  # second pass only if the seek overshot
+            container.seek(target, stream=stream, backward=True)
+            overshot = False
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    continue
+                index = int(round((frame.pts - start) * tb * fps))
+                if not got and index > first and target != start:
+                    overshot = True
+                    break
+                if index in wanted:  # decode-time resize: the full-size RGB frame never exists
+                    got[index] = frame.to_ndarray(format="rgb24", width=width, height=height)
+                if index >= last:
+                    break
+            if not overshot:
+                break
+    if not got:
+        raise Unreadable(f"{path}: no frames decoded at {first}..{last} (corrupt, or shorter than probed)")
+    frames, previous = [], got[min(got)]
+    for i in indices:  # frames past a mis-counted end repeat the last one decoded
+        previous = got.get(i, previous)
+        frames.append(previous)
+    return np.stack(frames)
+
+
+def read_frames(path, indices, short_side=None) -> torch.Tensor:
+    """-> uint8 (T, 3, H', W') for the given frame indices (video file or frame folder).
+
+    short_side resizes at decode time (PyAV's swscale, PIL's JPEG draft mode), so a 4K frame is
+    never held at full size; a video file is entered by seeking near indices[0].
+    """
+    path, indices = _need(path, "video"), [int(i) for i in indices]
+    if os.path.isdir(path):
+        files = _frame_files(path)
+        if not files or max(indices) >= len(files) or min(indices) < 0:
+            raise DataError(f"{path}: asked for frames {min(indices)}..{max(indices)} of {len(files)}")
+        array = np.stack([np.asarray(_open_image(files[i], short_side)) for i in indices])
+    else:
+        try:
+            array = _decode_file(path, indices, short_side)
+        except av.FFmpegError as e:
+            raise Unreadable(f"{path}: corrupt video ({e})") from None
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+def find_videos(root) -> list[str]:
+    """A video file, a frame folder, or a folder holding either (searched recursively), sorted."""
+    root = _need(root, "video path")
+    if os.path.isfile(root):
+        return [root]
+    found = []
+    for parent, dirs, files in os.walk(root):
+        dirs.sort()
+        if any(f.lower().endswith(IMAGE_EXTS) for f in files):
+            found.append(parent)  # a frame folder: its images are one video, do not descend
+            dirs.clear()
+        found += [os.path.join(parent, f) for f in sorted(files) if f.lower().endswith(VIDEO_EXTS)]
+    if not found:
+        raise DataError(f"{root}: no videos ({', '.join(VIDEO_EXTS)}) or frame folders found")
+    return found
+
+
+class VideoClips(_SkipUnreadable, Dataset):
+    """Map-style dataset with one item per clip start: frames 0, step, 2*step, ... of every video.
+
+    A clip is num_frames frames `stride` apart; item i = transform(uint8 (T,3,H,W)).
+    Random start times come from shuffling (RandomSampler / DistributedSampler), so DataLoader
+    workers and DDP ranks split the clips without duplicates. Unreadable or too-short videos
+    among several are skipped with a warning; a single bad video is an error.
+    """
+
+    def __init__(self, root_or_paths, num_frames=8, stride=1, step_between_clips=1, short_side=None,
+                 transform=None):
+        self.root = str(root_or_paths) if isinstance(root_or_paths, (str, os.PathLike)) else "<video list>"
+        paths = find_videos(root_or_paths) if isinstance(root_or_paths, (str, os.PathLike)) else list(root_or_paths)
+        self.num_frames, self.stride, self.step = num_frames, stride, step_between_clips
+        self.short_side, self.transform, self._bad = short_side, transform, set()
+        span = (num_frames - 1) * stride + 1
+        self.videos, self.infos, counts, problems = [], [], [], []
+        for p in paths:
+            try:
+                info = probe_video(p)
+                if info.num_frames < span:
+                    raise DataError(f"{p}: video has {info.num_frames} frames, shorter than one clip "
+                                    f"({num_frames} frames x stride {stride} = {span})")
+            except DataError as e:
+                if len(paths) == 1:
+                    raise
+                problems.append(str(e))
+                warnings.warn(f"skipping {e}")
+                continue
+            self.videos.append(p)
+            self.infos.append(info)
+            counts.append((info.num_frames - span) // step_between_clips + 1)
+        self.skipped_videos = problems
+        if not self.videos:
+            raise DataError(f"{self.root}: no usable video among {len(paths)} ({problems[:1]})")
+        self.cumulative = np.cumsum(counts).tolist()
+
+    def __len__(self):
+        return self.cumulative[-1]
+
+    def clip_index(self, i) -> tuple[int, int]:
+        """Item i -> (video index, start frame)."""
+        video = bisect.bisect_right(self.cumulative, i)
+        before = self.cumulative[video - 1] if video else 0
+        return video, (i - before) * self.step
+
+    def _load(self, i):
+        video, start = self.clip_index(i)
+        indices = range(start, start + self.num_frames * self.stride, self.stride)
+        return read_frames(self.videos[video], indices, self.short_side)
+
+    def __getitem__(self, i):
+        frames = self._robust(i, self._load)
+        return self.transform(frames) if self.transform else frames
+
+
+def write_video(path, frames, fps=24, crf=18, gop=12) -> None:
+    """Encode uint8 (T, H, W, 3) RGB frames (even H, W) as H.264 yuv420p with a keyframe every `gop`."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    frames = np.asarray(frames)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"crf": str(crf), "g": str(gop)})
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        container.mux(stream.encode())
+
+
+# ============================================================================ synthetic world
+# A procedural "walking tour": a camera pans and zooms over an endless world of textured
+# stuff (sky with clouds, brick wall, tiled ground) while objects move, scale, spin and
+# occlude each other. Object classes differ in shape and texture only: both colours of
+# every instance are drawn from one palette shared by all classes (and by the stuff), so
+# a colour histogram cannot tell the classes apart. Pixels are rendered analytically
+# from world coordinates, so instance masks are exact and everything is vectorised numpy.
+# sorted, so that ImageFolder's label k (folders sorted by name) is VOC/DAVIS class k + 1
+CLASS_NAMES = ("checkered_box", "dotted_ring", "gridded_cross", "hatched_crescent", "striped_star", "wavy_triangle")
+PALETTE_RGB = np.array([[200, 60, 50], [60, 150, 70], [50, 90, 200], [220, 190, 60], [150, 70, 170],
+                        [60, 180, 190], [230, 130, 50], [120, 120, 120], [235, 235, 230], [90, 60, 40]], float)
+
+
+def _hash(a, b):
+    """Deterministic pseudo-random value in [0, 1) per integer cell (a, b)."""
+    return np.modf(np.abs(np.sin(a * 12.9898 + b * 78.233) * 43758.5453))[0]
+
+
+def _shape(name, u, v):
+    """Inside-mask of a unit-sized shape in object coordinates (u, v), radius about 1."""
+    r = np.hypot(u, v)
+    if name == "star":
+        return r < 0.55 + 0.4 * np.cos(5 * np.arctan2(v, u))
+    if name == "ring":
+        return (r > 0.55) & (r < 0.95)
+    if name == "box":
+        return np.maximum(np.abs(u), np.abs(v)) < 0.75
+    if name == "triangle":  # three half-planes: inradius 0.5, circumradius 1
+        angles = -np.pi / 2 + 2 * np.pi * np.arange(3) / 3
+        return np.all([u * np.cos(a) + v * np.sin(a) < 0.5 for a in angles], axis=0)
+    if name == "crescent":
+        return (r < 0.95) & (np.hypot(u - 0.45, v + 0.15) > 0.7)
+    if name == "cross":
+        return (np.minimum(np.abs(u), np.abs(v)) < 0.28) & (np.maximum(np.abs(u), np.abs(v)) < 0.95)
+    raise ValueError(f"unknown shape {name}")
+
+
+def _texture(name, u, v):
+    """Where the instance's second colour shows, in object coordinates (texture moves with the object)."""
+    if name == "striped":
+        return np.sin(u * 10) > 0
+    if name == "dotted":
+        return np.hypot(u * 3.5 - np.round(u * 3.5), v * 3.5 - np.round(v * 3.5)) < 0.28
+    if name == "checkered":
+        return (np.floor(u * 2.5) + np.floor(v * 2.5)) % 2 == 1
+    if name == "wavy":
+        return np.sin(v * 9 + 2.5 * np.sin(u * 6)) > 0
+    if name == "hatched":
+        return np.sin((u + v) * 12) > 0.4
+    if name == "gridded":
+        return (np.abs(u * 3 - np.round(u * 3)) < 0.12) | (np.abs(v * 3 - np.round(v * 3)) < 0.12)
+    raise ValueError(f"unknown texture {name}")
+
+
+class SyntheticWorld:
+    """In-memory generator; every item depends only on (seed, item key), not on call order.
+
+    video(i) -> dict(frames uint8 (T,H,W,3), instances int64 (T,H,W) 0 = none, labels int64 (N,) class per instance)
+    image(i, split) -> (uint8 (H,W,3), semantic int64 (H,W): 0 stuff, 1..C classes, 255 object borders)
+    crop(label, i, split) -> uint8 (H,W,3) centred on one object of class `label`
+    """
+
+    def __init__(self, seed=0, classes=CLASS_NAMES):
+        self.seed, self.classes = int(seed), tuple(classes)
+
+    def _rng(self, *key):
+        return np.random.default_rng([self.seed, *key])
+
+    def _colours(self, rng, n):
+        picks = rng.choice(len(PALETTE_RGB), size=n, replace=False)
+        return (PALETTE_RGB[picks] + rng.uniform(-25, 25, (n, 3))).clip(0, 255)
+
+    def _stuff(self, rng):
+        return dict(sky=self._colours(rng, 2), wall=self._colours(rng, 1)[0], mortar=rng.uniform(150, 220),
+                    ground=self._colours(rng, 2), phase=rng.uniform(0, 2 * np.pi),
+                    horizon=rng.uniform(-45, -20), ground_line=rng.uniform(15, 40))
+
+    def render(self, height, width, camera, stuff, objects):
+        """camera (x, y, zoom): world units per pixel; objects: (label, x, y, radius, angle, colours (2,3)), back to front.
+
+        -> (uint8 (H,W,3), instances int64 (H,W): k+1 where objects[k] is visible).
+        """
+        cx, cy, zoom = camera
+        X = cx + (np.arange(width)[None, :] - width / 2 + 0.5) * zoom + np.zeros((height, 1))
+        Y = cy + (np.arange(height)[:, None] - height / 2 + 0.5) * zoom + np.zeros((1, width))
+        sky_line = stuff["horizon"] + 12 * np.sin(X / 45 + stuff["phase"])
+        ground_line = stuff["ground_line"] + 8 * np.sin(X / 31 + 2 * stuff["phase"])
+        t = np.clip((Y + 90) / 90, 0, 1)[..., None]
+        sky = stuff["sky"][0] * (1 - t) + stuff["sky"][1] * t
+        clouds = (np.sin(X / 17 + np.sin(Y / 9)) * np.sin(Y / 7 + X / 41) > 0.35)[..., None]
+        sky = np.where(clouds, 0.5 * sky + 120, sky)
+        row = np.floor(Y / 7)
+        brick_x = X + 7 * (row % 2)  # alternate rows shift by half a brick
+        mortar = ((Y % 7) < 1.2) | ((brick_x % 14) < 1.2)
+        wall = stuff["wall"] * (0.8 + 0.35 * _hash(row, np.floor(brick_x / 14)))[..., None]
+        wall = np.where(mortar[..., None], stuff["mortar"], wall)
+        tile = _hash(np.floor(X / 11), np.floor(Y / 11))[..., None]
+        ground = stuff["ground"][0] * tile + stuff["ground"][1] * (1 - tile)
+        ground = ground * np.where(np.sin((X - Y) * 0.9) > 0.6, 0.8, 1.0)[..., None]
+        img = np.where((Y < sky_line)[..., None], sky, np.where((Y < ground_line)[..., None], wall, ground))
+        instances = np.zeros((height, width), np.int64)
+        for k, (label, ox, oy, radius, angle, colours) in enumerate(objects):
+            # only the object's bounding box of pixels is touched
+            i0, i1 = [int(np.clip((oy - cy + s * radius) / zoom + height / 2, 0, height)) for s in (-1.05, 1.05)]
+            j0, j1 = [int(np.clip((ox - cx + s * radius) / zoom + width / 2, 0, width)) for s in (-1.05, 1.05)]
+            if i1 <= i0 or j1 <= j0:
+                continue
+            dx, dy = (X[i0:i1, j0:j1] - ox) / radius, (Y[i0:i1, j0:j1] - oy) / radius
+            u, v = np.cos(angle) * dx + np.sin(angle) * dy, -np.sin(angle) * dx + np.cos(angle) * dy
+            texture, shape = self.classes[label].split("_")
+            inside = _shape(shape, u, v)
+            paint = np.where(_texture(texture, u, v)[..., None], colours[1], colours[0])
+            paint = paint * (0.9 + 0.1 * u)[..., None]  # soft light from the right: a hint of 3-D
+            img[i0:i1, j0:j1][inside] = paint[inside]
+            instances[i0:i1, j0:j1][inside] = k + 1
+        return img.clip(0, 255).astype(np.uint8), instances
+
+    def video(self, index, num_frames=96, size=128, num_objects=4):
+        rng = self._rng(1, index)
+        stuff, t = self._stuff(rng), np.arange(num_frames)
+        # camera: walks sideways at a steady pace, bobs up and down, zooms in and out
+        cam_x = rng.uniform(0, 5000) + rng.choice([-1, 1]) * rng.uniform(0.8, 2.0) * t
+        cam_y = rng.uniform(-8, 8) + 4 * np.sin(t / rng.uniform(8, 16))
+        zoom = rng.uniform(0.8, 1.05) * (1 + 0.2 * np.sin(2 * np.pi * t / rng.uniform(60, 140) + rng.uniform(0, 6)))
+        labels = rng.integers(0, len(self.classes), num_objects)
+        tracks = []  # objects move relative to the camera, so they also move against the background
+        for label in labels:
+            p = rng.uniform([-35, -20, 5, 3, 0.02, 0, 11, 0, 0, -0.05], [35, 30, 22, 12, 0.08, 6, 22, 6, 6, 0.05])
+            x = cam_x + p[0] + p[2] * np.sin(p[4] * t + p[5])
+            y = cam_y + p[1] + p[3] * np.cos(p[4] * 0.7 * t + p[5])
+            radius = p[6] * (1 + 0.3 * np.sin(p[4] * 1.3 * t + p[7]))
+            tracks.append((int(label), x, y, radius, p[8] + p[9] * t, self._colours(rng, 2), p[6]))
+        tracks.sort(key=lambda track: track[-1])  # larger objects are nearer: drawn last, they occlude
+        labels = np.array([track[0] for track in tracks])
+        frames, instances = np.zeros((num_frames, size, size, 3), np.uint8), np.zeros((num_frames, size, size), np.int64)
+        for f in range(num_frames):
+            objects = [(lab, x[f], y[f], r[f], a[f], col) for lab, x, y, r, a, col, _ in tracks]
+            frames[f], instances[f] = self.render(size, size, (cam_x[f], cam_y[f], zoom[f]), stuff, objects)
+        return dict(frames=frames, instances=instances, labels=labels)
+
+    def image(self, index, split="train", size=128):
+        rng = self._rng(2, ["train", "val"].index(split), index)
+        camera = (rng.uniform(0, 5000), rng.uniform(-10, 10), rng.uniform(0.7, 1.3))
+        n = int(rng.integers(1, 5))
+        objects = [(int(rng.integers(len(self.classes))), camera[0] + rng.uniform(-45, 45),
+                    camera[1] + rng.uniform(-40, 40), rng.uniform(10, 28), rng.uniform(0, 6.3),
+                    self._colours(rng, 2)) for _ in range(n)]
+        objects.sort(key=lambda o: o[3])
+        img, instances = self.render(size, size, camera, self._stuff(rng), objects)
+        semantic = np.concatenate([[0], [o[0] + 1 for o in objects]])[instances]
+        # VOC marks object outlines as "ignore": a 1-pixel band where the label changes
+        edge = np.zeros_like(semantic, bool)
+        edge[:, 1:] |= semantic[:, 1:] != semantic[:, :-1]
+        edge[1:, :] |= semantic[1:, :] != semantic[:-1, :]
+        semantic[edge & (instances > 0)] = 255
+        return img, semantic
+
+    def crop(self, label, index, split="train", size=64):
+        rng = self._rng(3, ["train", "val"].index(split), label, index)
+        zoom = rng.uniform(0.7, 1.3)
+        camera = (rng.uniform(0, 5000), rng.uniform(-30, 30), zoom)
+        objects = []
+        if rng.random() < 0.5:  # a partly hidden distractor of another class behind the subject
+            other = (label + rng.integers(1, len(self.classes))) % len(self.classes)
+            corner = rng.choice([-1, 1], 2) * size * zoom * 0.45
+            objects.append((int(other), camera[0] + corner[0], camera[1] + corner[1], size * zoom * 0.25,
+                            rng.uniform(0, 6.3), self._colours(rng, 2)))
+        objects.append((int(label), camera[0] + rng.uniform(-3, 3), camera[1] + rng.uniform(-3, 3),
+                        size * zoom * rng.uniform(0.3, 0.45), rng.uniform(0, 6.3), self._colours(rng, 2)))
+        return self.render(size, size, camera, self._stuff(rng), objects)[0]
+
+
+def synth_world(out_dir, seed=0, num_videos=4, num_frames=96, size=128, num_images=(160, 60),
+                crops_per_class=(60, 20), crop_size=64) -> str:
+    """Write the synthetic world under out_dir and return it.
+
+    videos/tour_XX.mp4; davis/ (same frames, instance masks, ImageSets/2017/{train,val}.txt);
+    voc/ (semantic masks, classes.txt); objects/{train,val}/<class>/; world.json (written last).
+    """
+    started, world = time.time(), SyntheticWorld(seed)
+    davis = os.path.join(out_dir, "davis")
+    names = [f"tour_{i:02d}" for i in range(num_videos)]
+    for i, name in enumerate(names):
+        tour = world.video(i, num_frames, size)
+        write_video(os.path.join(out_dir, "videos", name + ".mp4"), tour["frames"])
+        frame_dir, mask_dir = [os.path.join(davis, kind, "480p", name) for kind in ("JPEGImages", "Annotations")]
+        os.makedirs(frame_dir, exist_ok=True)
+        os.makedirs(mask_dir, exist_ok=True)
+        for t in range(num_frames):
+            Image.fromarray(tour["frames"][t]).save(os.path.join(frame_dir, f"{t:05d}.jpg"), quality=92)
+            save_mask(os.path.join(mask_dir, f"{t:05d}.png"), tour["instances"][t])
+    os.makedirs(os.path.join(davis, "ImageSets", "2017"), exist_ok=True)
+    for split in ("train", "val"):  # the tours are unlabelled training data and the propagation benchmark
+        with open(os.path.join(davis, "ImageSets", "2017", f"{split}.txt"), "w") as f:
+            f.write("\n".join(names) + "\n")
+    voc = os.path.join(out_dir, "voc")
+    for sub in ("JPEGImages", "SegmentationClass", os.path.join("ImageSets", "Segmentation")):
+        os.makedirs(os.path.join(voc, sub), exist_ok=True)
+    for split, count in zip(("train", "val"), num_images):
+        ids = [f"{split}_{i:04d}" for i in range(count)]
+        for i, image_id in enumerate(ids):
+            img, semantic = world.image(i, split, size)
+            Image.fromarray(img).save(os.path.join(voc, "JPEGImages", image_id + ".jpg"), quality=92)
+            save_mask(os.path.join(voc, "SegmentationClass", image_id + ".png"), semantic)
+        with open(os.path.join(voc, "ImageSets", "Segmentation", f"{split}.txt"), "w") as f:
+            f.write("\n".join(ids) + "\n")
+    with open(os.path.join(voc, "classes.txt"), "w") as f:
+        f.write("\n".join(("background",) + world.classes) + "\n")
+    for split, count in zip(("train", "val"), crops_per_class):
+        for label, name in enumerate(world.classes):
+            folder = os.path.join(out_dir, "objects", split, name)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(count):
+                Image.fromarray(world.crop(label, i, split, crop_size)).save(os.path.join(folder, f"{i:04d}.jpg"), quality=92)
+    meta = dict(seed=seed, classes=list(world.classes), videos=names, frames_per_video=num_frames, size=size,
+                voc_images=dict(zip(("train", "val"), num_images)), crop_size=crop_size,
+                crops_per_class=dict(zip(("train", "val"), crops_per_class)), seconds=round(time.time() - started, 2))
+    with open(os.path.join(out_dir, "world.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    return str(out_dir)
+
+
+def ensure_synth(root="runs/synth", seed=0) -> str:
+    """Write the synthetic world to root unless root/world.json exists; under DDP rank 0 writes, the rest wait."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not os.path.exists(os.path.join(root, "world.json")):
+        if not distributed or torch.distributed.get_rank() == 0:
+            print(f"writing the synthetic world to {root} (seed {seed}) ...", flush=True)
+            synth_world(root, seed)
+    if distributed:
+        torch.distributed.barrier()
+    return str(root)
+
+
+# =============================================================================== command line
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    synth = commands.add_parser("synth", help="write the synthetic world")
+    synth.add_argument("--out", default="runs/synth")
+    synth.add_argument("--seed", type=int, default=0)
+    look = commands.add_parser("inspect", help="what the loaders see at PATH, plus a contact sheet")
+    look.add_argument("path")
+    look.add_argument("--sheet", default=None, help="contact-sheet PNG (default runs/inspect/<name>.png)")
+    look.add_argument("--bench", action="store_true", help="time the clip sampler against plain PyAV decoding")
+    look.add_argument("--num-frames", type=int, default=8)
+    look.add_argument("--stride", type=int, default=1)
+    look.add_argument("--short-side", type=int, default=None)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "synth":
+            started = time.time()
+            synth_world(args.out, args.seed)
+            print(f"wrote the synthetic world (seed {args.seed}) to {args.out} in {time.time() - started:.1f} s")
+        else:
+            inspect(args.path, args.sheet, args.bench, args.num_frames, args.stride, args.short_side)  # noqa: F821
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
