@@ -1,0 +1,745 @@
+"""DoRA: discover and track objects to learn image features from one long video.
+
+Venkataramanan, Rizve, Carreira, Asano, Avrithis. "Is ImageNet worth 1 video? Learning
+strong image encoders from 1 long unlabelled video". ICLR 2024.
+https://arxiv.org/abs/2310.08584 (project page https://shashankvkt.github.io/dora)
+
+The idea. DINO learns by making a student match an EMA teacher on two crops of one image.
+In a video the natural "second view" of an object is the same object some seconds later,
+but it moves and the camera moves, so a crop-to-crop correspondence no longer holds. DoRA
+finds the correspondences itself, with the teacher's own attention and no tracker:
+  1. discover: on the first frame of a clip, the [CLS]-to-patch attention of k = 3 random
+     heads of the teacher's last block weighs the patch queries into k object prototypes;
+     Sinkhorn-Knopp then shares the patches out equally between the prototypes, so that
+     the k objects are distinct rather than three copies of the most salient one;
+  2. track: in every frame, each prototype cross-attends to that frame's patch keys;
+     the patches above the mean attention form the object's mask in that frame;
+  3. learn: the student sees each frame masked to one object (k masked clips) and small
+     local crops, and matches the teacher's output for the unmasked frame (DINO loss).
+Trained on one Walking Tours video (Venice, ~1.5 h of 4K) it matches DINO trained on
+ImageNet (ViT-S/16, 100 epochs: ImageNet linear ~72 %, DAVIS J&F ~57).
+
+Commands:
+    python dora.py --demo                                    # tiny ViT, synthetic tour, ~5 min CPU
+    python dora.py --data venice.mp4                         # one GPU
+    torchrun --nproc_per_node=8 dora.py --data venice.mp4    # the paper's run (README command)
+    python dora.py --data venice.mp4 --resume                # continue <output-dir>/checkpoint.pth
+
+Contents: config; a DINO-compatible ViT whose last block also returns its attention,
+queries and keys; the DINO head and multi-crop wrapper; the clip augmentation; the
+tracker (Sinkhorn-Knopp, discovery, tracking, masking); the loss; training; pictures.
+"""
+import argparse
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as TF
+from einops import rearrange
+from tqdm import tqdm
+
+import data
+
+METHOD = "dora"
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------------------
+# Config: the official code's defaults, and the README command's values where it sets
+# them (the run behind the paper's numbers). --demo overrides a few of them in one place.
+# ----------------------------------------------------------------------------------------
+def get_args(argv=None):
+    p = argparse.ArgumentParser("DoRA: discover and track objects in one long video")
+    p.add_argument("--data", nargs="+", default=None, help="video files (mp4 ...), frame folders, or folders of them")
+    p.add_argument("--output-dir", default="runs/dora")
+    p.add_argument("--demo", action="store_true", help="tiny ViT and short schedule on the synthetic world (CPU, minutes)")
+    p.add_argument("--pretrained", default=None, help="start from DINO weights (backbone or full checkpoint)")
+    # model
+    p.add_argument("--arch", default="vit_small", choices=["vit_demo", "vit_tiny", "vit_small", "vit_base"])
+    p.add_argument("--patch-size", type=int, default=16)
+    p.add_argument("--out-dim", type=int, default=65536, help="DINO head output dimension")
+    p.add_argument("--norm-last-layer", type=int, default=0, choices=[0, 1],
+                   help="fix the norm of the head's last layer (README: 0 for ViT-S; DINO's default 1 is steadier)")
+    p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the student")
+    # data: clips of a long video
+    p.add_argument("--frames-per-clip", type=int, default=8)
+    p.add_argument("--step-between-clips", type=int, default=60,
+                   help="frames between consecutive frames of a clip (official name and meaning; README: 60)")
+    p.add_argument("--clip-start-every", type=int, default=1, help="start frames of clips this far apart (official: every frame)")
+    p.add_argument("--short-side", type=int, default=None, help="decode frames resized to this short side (official: full size)")
+    p.add_argument("--precrop-size", type=int, default=300, help="clip-consistent first crop, scale --precrop-scale")
+    p.add_argument("--precrop-scale", type=float, nargs=2, default=(0.2, 1.0))
+    p.add_argument("--image-size", type=int, default=224, help="global crop; local crops are half of it (112)")
+    p.add_argument("--global-crops-scale", type=float, nargs=2, default=(0.4, 1.0))
+    p.add_argument("--local-crops-number", type=int, default=6, help="README: 6 (code default 8)")
+    p.add_argument("--local-crops-scale", type=float, nargs=2, default=(0.05, 0.4))
+    # the tracker
+    p.add_argument("--num-objects", type=int, default=3, help="k: heads (= objects) drawn at random each step")
+    p.add_argument("--sk-eps", type=float, default=0.05, help="Sinkhorn-Knopp entropic regularisation ε")
+    p.add_argument("--sk-iters", type=int, default=30)
+    # DINO loss and teacher
+    p.add_argument("--warmup-teacher-temp", type=float, default=0.04)
+    p.add_argument("--teacher-temp", type=float, default=0.04)
+    p.add_argument("--warmup-teacher-temp-epochs", type=int, default=30, help="README: 30")
+    p.add_argument("--student-temp", type=float, default=0.1)
+    p.add_argument("--center-momentum", type=float, default=0.9)
+    p.add_argument("--momentum-teacher", type=float, default=0.996, help="EMA, cosine to 1")
+    # optimisation
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size-per-gpu", type=int, default=16, help="clips per GPU (README: 16 on A100, 6 on V100)")
+    p.add_argument("--lr", type=float, default=5e-4, help="AdamW peak lr for 256 clips, scaled by total batch/256")
+    p.add_argument("--min-lr", type=float, default=1e-5, help="end of the cosine (README: 1e-5; DINO's default 1e-6)")
+    p.add_argument("--warmup-epochs", type=int, default=10)
+    p.add_argument("--weight-decay", type=float, default=0.04)
+    p.add_argument("--weight-decay-end", type=float, default=0.4)
+    p.add_argument("--clip-grad", type=float, default=3.0, help="per-parameter gradient norm clip (0: off)")
+    p.add_argument("--freeze-last-layer", type=int, default=1, help="epochs with the head's last layer fixed")
+    # run
+    p.add_argument("--num-workers", type=int, default=10)
+    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"], help="default: bf16 on capable GPUs, none on CPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pth")
+    p.add_argument("--stop-after", type=int, default=0, help="leave after this many epochs of this run (job limits); 0: never")
+    p.add_argument("--log-every", type=int, default=10, help="steps between JSON log lines")
+    args = p.parse_args(argv)
+    if args.demo:  # tiny ViT, 64-px crops of the synthetic world's videos: ~5 min on 2 CPU cores
+        given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
+        demo = dict(arch="vit_demo", patch_size=8, out_dim=4096, norm_last_layer=1, image_size=64, precrop_size=86,
+                    frames_per_clip=4, step_between_clips=4, clip_start_every=2, local_crops_number=4,
+                    epochs=6, batch_size_per_gpu=16, lr=5e-3, min_lr=1e-5, warmup_epochs=1,
+                    warmup_teacher_temp_epochs=0, momentum_teacher=0.99, num_workers=2, log_every=5)
+        for k, v in demo.items():  # explicit flags win over the demo's settings
+            if "--" + k.replace("_", "-") not in given:
+                setattr(args, k, v)
+        if args.data is None:
+            args.data = [os.path.join(data.ensure_synth("runs/synth", seed=0), "videos")]
+    if args.data is None:
+        p.error("--data is required (a video, a frame folder, or a folder of them), or --demo")
+    return args
+
+
+# ----------------------------------------------------------------------------------------
+# A DINO-compatible Vision Transformer. Each method file carries its own copy so that it
+# reads alone (house style); parameter names follow the official DINO checkpoints, so
+#   model.load_state_dict(torch.load("dino_deitsmall16_pretrain.pth"), strict=True)
+# works and gives the same outputs as DINO's vision_transformer.py. DoRA's addition: the
+# last block can also hand out its attention, queries and keys (`forward_track`).
+# ----------------------------------------------------------------------------------------
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch of a sample with probability p."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = torch.empty(x.shape[0], *([1] * (x.ndim - 1)), device=x.device).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, return_attention: bool = False, return_qk: bool = False):
+        """x: (B, N, D) -> (B, N, D); return_attention adds the attention (B, heads, N, N);
+        return_qk adds it and the queries and keys (B, heads, N, D/heads) as well."""
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        if return_attention or return_qk:  # the explicit path: the weights are needed (viz, tracking)
+            attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
+            out = attn @ v
+        else:  # fused kernel (flash / memory-efficient) when no weights are needed
+            attn = None
+            out = F.scaled_dot_product_attention(q, k, v)
+        out = self.proj(out.transpose(1, 2).reshape(B, N, D))
+        if return_qk:
+            return out, attn, q, k
+        return (out, attn) if return_attention else out
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, return_attention: bool = False, return_qk: bool = False):
+        extra = ()
+        if return_attention or return_qk:
+            y, *extra = self.attn(self.norm1(x), return_attention=True, return_qk=return_qk)
+        else:
+            y = self.attn(self.norm1(x))
+        x = x + self.drop_path(y)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return (x, *extra) if extra else x
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, H/p * W/p, D)
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VisionTransformer(nn.Module):
+    """ViT with a [CLS] token; DINO's interface: forward -> [CLS] (B, D) after the final norm,
+    get_last_selfattention -> (B, heads, 1+N, 1+N), get_intermediate_layers(x, n) -> n x (B, 1+N, D);
+    and DoRA's forward_track (the tracker's inputs)."""
+
+    def __init__(self, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0,
+                 drop_path_rate=0.0, img_size=224):
+        super().__init__()
+        self.embed_dim = self.num_features = embed_dim
+        self.num_heads = num_heads
+        self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
+        num_patches = (img_size // patch_size) ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, r) for r in rates])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Identity()  # DINO keeps a (unused) head slot; no parameters
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def interpolate_pos_encoding(self, num_patches: int, h: int, w: int) -> torch.Tensor:
+        """Bicubic resize of the patch part of the positional embedding to an (h/p, w/p) grid,
+        as DINO does it (scale factor with DINO's +0.1 so that floors land on the grid)."""
+        n = self.pos_embed.shape[1] - 1
+        if num_patches == n and h == w:
+            return self.pos_embed
+        p = self.patch_embed.patch_size
+        side = int(math.sqrt(n))
+        h0, w0 = h // p + 0.1, w // p + 0.1
+        grid = self.pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, scale_factor=(h0 / side, w0 / side), mode="bicubic")
+        grid = grid.permute(0, 2, 3, 1).reshape(1, -1, self.embed_dim)
+        return torch.cat([self.pos_embed[:, :1], grid], dim=1)
+
+    def prepare_tokens(self, x):  # (B, 3, H, W) -> (B, 1+N, D)
+        B, _, H, W = x.shape
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
+        return x + self.interpolate_pos_encoding(x.shape[1] - 1, H, W)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, D)
+        x = self.prepare_tokens(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)[:, 0]
+
+    def forward_track(self, x):
+        """(B, 3, H, W) -> [CLS] (B, D), patch tokens (B, N, D) after the final norm, and the last
+        block's attention (B, heads, 1+N, 1+N), queries and keys (B, heads, 1+N, D/heads)."""
+        x = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        x, attn, q, k = self.blocks[-1](x, return_qk=True)
+        x = self.norm(x)
+        return x[:, 0], x[:, 1:], attn, q, k
+
+    def get_last_selfattention(self, x):  # -> (B, heads, 1+N, 1+N)
+        x = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        return self.blocks[-1](x, return_attention=True)[1]
+
+    def get_intermediate_layers(self, x, n: int = 1):  # -> list of n tensors (B, 1+N, D), normed
+        x = self.prepare_tokens(x)
+        out = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i >= len(self.blocks) - n:
+                out.append(self.norm(x))
+        return out
+
+
+def vit_demo(patch_size=8, **kw):  # for the CPU demos: ViT-Tiny width, 4 blocks
+    return VisionTransformer(patch_size, embed_dim=192, depth=4, num_heads=3, **kw)
+
+
+def vit_tiny(patch_size=16, **kw):
+    return VisionTransformer(patch_size, embed_dim=192, depth=12, num_heads=3, **kw)
+
+
+def vit_small(patch_size=16, **kw):
+    return VisionTransformer(patch_size, embed_dim=384, depth=12, num_heads=6, **kw)
+
+
+def vit_base(patch_size=16, **kw):
+    return VisionTransformer(patch_size, embed_dim=768, depth=12, num_heads=12, **kw)
+
+
+ARCHS = {"vit_demo": vit_demo, "vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}
+
+
+def build_backbone(args: dict, drop_path: float = 0.0) -> nn.Module:
+    """Fresh backbone from a checkpoint's stored args (evaluate.py calls this)."""
+    return ARCHS[args["arch"]](patch_size=args["patch_size"], drop_path_rate=drop_path)
+
+
+# ----------------------------------------------------------------------------------------
+# DINO's projection head and multi-crop wrapper (same parameter names as DINO, so that its
+# eval scripts read our checkpoints with --checkpoint_key teacher).
+# ----------------------------------------------------------------------------------------
+class WeightNormLinear(nn.Module):
+    """Bias-free linear layer with weight = g * v / ||v|| per output row, i.e. what
+    nn.utils.weight_norm builds, with its parameter names weight_g and weight_v."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))  # nn.Linear's default, as in DINO
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1))
+
+    def forward(self, x):
+        return F.linear(x, self.weight_g * F.normalize(self.weight_v, dim=1))
+
+
+class DINOHead(nn.Module):
+    """3-layer MLP (hidden 2048, GELU) -> 256-d bottleneck, L2-normalised -> weight-normalised
+    linear layer to out_dim. (B, D) -> (B, out_dim)."""
+
+    def __init__(self, in_dim, out_dim, norm_last_layer=True, hidden_dim=2048, bottleneck_dim=256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
+                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+        self.last_layer.weight_g.requires_grad = not norm_last_layer  # a fixed norm steadies training
+
+    def forward(self, x):
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+
+
+class MultiCropWrapper(nn.Module):
+    """backbone + head over a list of crop batches, one backbone pass per resolution:
+    [(B_i, 3, H_i, W_i)] -> (sum B_i, out_dim)."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, crops):
+        crops = crops if isinstance(crops, (list, tuple)) else [crops]
+        return self.head(torch.cat([self.backbone(c) for c in crops]))
+
+
+# ----------------------------------------------------------------------------------------
+# Data: a clip of T frames, `step_between_clips` frames apart. One aggressive crop shared
+# by the whole clip (300 px, scale 0.2-1), then one shared 224 global crop (scale 0.4-1)
+# with a shared flip; colour, grayscale and blur drawn per frame. Local crops (112 px,
+# scale 0.05-0.4) are drawn per frame from the 300-px crop, as in the official code.
+# ----------------------------------------------------------------------------------------
+class ClipAugmentation:
+    """uint8 (T, 3, H, W) -> [global clip (T, 3, S, S), local clip 1 (T, 3, S/2, S/2), ...]."""
+
+    def __init__(self, args):
+        self.a = args
+        self.jitter = T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8)
+        self.gray = T.RandomGrayscale(p=0.2)
+
+    @staticmethod
+    def crop(x, size, scale, interpolation=T.InterpolationMode.BILINEAR):  # same box for every frame of x
+        i, j, h, w = T.RandomResizedCrop.get_params(x, scale, (3 / 4, 4 / 3))
+        return TF.resized_crop(x, i, j, h, w, [size, size], interpolation=interpolation, antialias=True).clamp(0, 1)
+
+    def photometric(self, frame, blur_p):  # (3, H, W) in [0, 1] -> normalised
+        frame = self.gray(self.jitter(frame))
+        if torch.rand(()) < blur_p:  # PIL's radius 0.1-2 at 224 px, scaled with the crop size
+            sigma = float(torch.empty(()).uniform_(0.1, 2.0)) * frame.shape[-1] / 224
+            frame = TF.gaussian_blur(frame, 2 * math.ceil(3 * sigma) + 1, sigma)
+        return TF.normalize(frame, MEAN, STD)
+
+    def __call__(self, frames):
+        a = self.a
+        clip = self.crop(frames.float() / 255, a.precrop_size, a.precrop_scale)
+        glob = self.crop(clip, a.image_size, a.global_crops_scale)
+        if torch.rand(()) < 0.5:
+            glob = glob.flip(-1)
+        crops = [torch.stack([self.photometric(f, 0.1) for f in glob])]
+        for _ in range(a.local_crops_number):
+            crops.append(torch.stack([self.photometric(self.crop(f, a.image_size // 2, a.local_crops_scale,
+                                                                 T.InterpolationMode.BICUBIC), 0.5) for f in clip]))
+        return crops
+
+
+# ----------------------------------------------------------------------------------------
+# The tracker (paper Sec. 3, official utils.MOT): discover k objects on the first frame,
+# make them distinct with Sinkhorn-Knopp, follow them through the clip by cross-attention.
+# Everything here runs without gradients and in float32.
+# ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def sinkhorn_knopp(scores: torch.Tensor, eps: float = 0.05, iters: int = 30) -> torch.Tensor:
+    """(B, N, K) patch-to-prototype similarities -> (B, N, K) soft assignment: each patch's row
+    sums to 1 and each prototype receives N/K patches in total (equipartition). Same
+    alternating row/column scaling of exp(scores / ε) as SwAV, done in log space."""
+    B, N, K = scores.shape
+    log_q = scores.float() / eps
+    for _ in range(iters):
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - math.log(K)  # each prototype: mass 1/K
+        log_q = log_q - torch.logsumexp(log_q, dim=2, keepdim=True) - math.log(N)  # each patch: mass 1/N
+    return log_q.exp() * N
+
+
+@torch.no_grad()
+def discover_objects(cls_attn, queries, features, use_sinkhorn=True, eps=0.05, iters=30):
+    """First frame -> k object prototypes (B, k, D).
+    cls_attn (B, k, N): [CLS]-to-patch attention of the k chosen heads; queries (B, N, D): patch
+    queries of the last block, heads concatenated; features (B, N, D): teacher patch tokens."""
+    prototypes = torch.einsum("bkn,bnd->bkd", cls_attn.float(), queries.float())
+    if not use_sinkhorn:
+        return prototypes
+    features = F.normalize(features.float(), dim=-1)
+    assignment = sinkhorn_knopp(features @ prototypes.transpose(1, 2), eps, iters)  # (B, N, k)
+    return assignment.transpose(1, 2) @ features  # refined: each object = its share of the patches
+
+
+@torch.no_grad()
+def track_objects(prototypes, keys):
+    """prototypes (B, k, D), keys (B, T, N, D) of every frame's patches (heads concatenated) ->
+    attention maps (B, k, T, N) (softmax over patches) and masks (B, k, T, N) (above the mean)."""
+    logits = torch.einsum("bkd,btnd->bktn", prototypes.float(), keys.float()) * prototypes.shape[-1] ** -0.5
+    maps = logits.softmax(dim=-1)
+    return maps, maps > maps.mean(dim=-1, keepdim=True)  # official: mean over the batch; here per map
+
+
+@torch.no_grad()
+def track(teacher_backbone, clip, heads, use_sinkhorn=True, eps=0.05, iters=30):
+    """clip (B, T, 3, H, W) normalised frames -> the teacher's [CLS] (B, T, D) and, per chosen head
+    (object), masks (B, k, T, H/p, W/p) and maps (B, k, T, H/p, W/p), plus the heads' own [CLS]
+    attention (B, k, T, H/p, W/p) for pictures."""
+    B, Tn, _, H, W = clip.shape
+    p = teacher_backbone.patch_embed.patch_size
+    cls, patches, attn, q, k = teacher_backbone.forward_track(clip.flatten(0, 1))
+    with torch.autocast(clip.device.type, enabled=False):
+        q, k = (rearrange(t[:, :, 1:], "(b t) h n d -> b t n (h d)", b=B) for t in (q, k))
+        head_attn = rearrange(attn[:, heads, 0, 1:], "(b t) k n -> b k t n", b=B).float()
+        first_patches = rearrange(patches, "(b t) n d -> b t n d", b=B)[:, 0]
+        prototypes = discover_objects(head_attn[:, :, 0], q[:, 0], first_patches, use_sinkhorn, eps, iters)
+        maps, masks = track_objects(prototypes, k)
+    grid = lambda t: rearrange(t, "b k t (h w) -> b k t h w", h=H // p)
+    return rearrange(cls, "(b t) d -> b t d", b=B), grid(masks), grid(maps), grid(head_attn)
+
+
+def mask_clip(clip, masks):
+    """clip (B, T, 3, H, W), masks (B, k, T, h, w) -> k masked clips (k, B, T, 3, H, W); masked-out
+    pixels become 0, the dataset's mean colour after normalisation."""
+    up = F.interpolate(masks.flatten(0, 2)[:, None].float(), size=clip.shape[-2:], mode="nearest")
+    up = rearrange(up, "(b k t) 1 h w -> k b t 1 h w", b=masks.shape[0], k=masks.shape[1])
+    return clip[None] * up
+
+
+# ----------------------------------------------------------------------------------------
+# The loss: DINO's cross-entropy between the sharpened, centred teacher on the unmasked
+# frame and the student on (a) each object's masked frame and (b) the local crops of that
+# frame; ½ (a) + ½ (b), averaged over objects and frames (paper Eq. 5, official DINOLoss).
+# ----------------------------------------------------------------------------------------
+class DoRALoss(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.student_temp, self.center_momentum = args.student_temp, args.center_momentum
+        self.register_buffer("center", torch.zeros(1, args.out_dim))
+        warm = min(args.warmup_teacher_temp_epochs, args.epochs)  # a too hot teacher early makes training unstable
+        self.teacher_temps = np.concatenate([np.linspace(args.warmup_teacher_temp, args.teacher_temp, warm),
+                                             np.full(args.epochs - warm, args.teacher_temp)])
+
+    def forward(self, student_masked, student_local, teacher_out, epoch):
+        """student_masked (k, B, T, O), student_local (L, B, T, O), teacher_out (B, T, O) -> scalar
+        loss and its two halves. The teacher targets are the same for masked and local views."""
+        target = F.softmax((teacher_out.float() - self.center) / self.teacher_temps[epoch], dim=-1)
+        ce = lambda s: -(target * F.log_softmax(s.float() / self.student_temp, dim=-1)).sum(-1).mean()
+        masked = ce(student_masked)  # mean over objects, clips and frames
+        local = ce(student_local) if student_local.numel() else masked.new_zeros(())  # official skips local 0: a slip
+        self.update_center(teacher_out)
+        return 0.5 * masked + 0.5 * local, masked.detach(), local.detach()
+
+    @torch.no_grad()
+    def update_center(self, teacher_out):  # EMA of the teacher's mean output, over all frames of all ranks
+        batch_sum = teacher_out.float().flatten(0, 1).sum(0, keepdim=True)
+        count = torch.tensor(teacher_out.shape[0] * teacher_out.shape[1], dtype=torch.float32, device=batch_sum.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(batch_sum)
+            dist.all_reduce(count)
+        self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)
+
+
+# ----------------------------------------------------------------------------------------
+# Training: student and EMA teacher, AdamW with per-iteration schedules, one step below.
+# ----------------------------------------------------------------------------------------
+def load_pretrained(backbone, path):
+    """Load DINO weights into `backbone`, strictly: a backbone state dict (DINO's releases) or a
+    full checkpoint (ours or DINO's: the teacher's `backbone.` keys)."""
+    import argparse as _argparse
+    torch.serialization.add_safe_globals([_argparse.Namespace])  # DINO's full checkpoints store their args
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "teacher" in state:
+        state = state["teacher"]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if any(k.startswith("backbone.") for k in state):
+        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    backbone.load_state_dict(state, strict=True)
+
+
+def build_models(args, device, distributed=False):
+    """Student (stochastic depth; DDP when distributed), EMA teacher with the same weights and no
+    gradients, the loss with its centre, AdamW over DINO's two parameter groups, the scaler."""
+    backbone = build_backbone(vars(args), args.drop_path)
+    if args.pretrained:
+        load_pretrained(backbone, args.pretrained)
+    student = MultiCropWrapper(backbone, DINOHead(backbone.embed_dim, args.out_dim, bool(args.norm_last_layer)))
+    teacher = MultiCropWrapper(build_backbone(vars(args)), DINOHead(backbone.embed_dim, args.out_dim))
+    student, teacher = student.to(device), teacher.to(device)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    ddp = nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None) \
+        if distributed else student
+    decay = [p for n, p in student.named_parameters() if p.requires_grad and not (n.endswith(".bias") or p.ndim == 1)]
+    no_decay = [p for n, p in student.named_parameters() if p.requires_grad and (n.endswith(".bias") or p.ndim == 1)]
+    optimizer = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])  # lr, wd: schedules
+    return dict(student=student, ddp=ddp, teacher=teacher, loss=DoRALoss(args).to(device), optimizer=optimizer,
+                scaler=data.make_scaler(args.amp, device))
+
+
+def make_schedules(args, steps_per_epoch, world_size):
+    """Per-iteration values (DINO): lr warm-up then cosine, weight decay and EMA momentum cosine."""
+    base_lr = args.lr * args.batch_size_per_gpu * world_size / 256  # linear scaling rule
+    return dict(lr=data.cosine_schedule(base_lr, args.min_lr, args.epochs, steps_per_epoch,
+                                         min(args.warmup_epochs, args.epochs)),
+                wd=data.cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, steps_per_epoch),
+                momentum=data.cosine_schedule(args.momentum_teacher, 1.0, args.epochs, steps_per_epoch))
+
+
+def choose_heads(args, num_heads, it):
+    """k heads drawn at random each step; the draw depends on (seed, step) only, so that every
+    rank tracks the same heads and a resumed run draws what the uninterrupted one drew."""
+    return sorted(random.Random(args.seed * 1_000_003 + it).sample(range(num_heads), args.num_objects))
+
+
+def train_step(m, crops, it, epoch, args, autocast):
+    """One DoRA step on crops = [global clips (B, T, 3, S, S), local clips (B, T, 3, S/2, S/2) x L]."""
+    student, teacher, optimizer, scaler = m["student"], m["teacher"], m["optimizer"], m["scaler"]
+    sched = m["schedules"]
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = sched["lr"][it]
+        if i == 0:  # only the first group is regularised
+            group["weight_decay"] = sched["wd"][it]
+    clip, local = crops[0], crops[1:]
+    B, Tn = clip.shape[:2]
+    heads = choose_heads(args, teacher.backbone.num_heads, it)
+    with autocast:
+        with torch.no_grad():  # the teacher sees the unmasked clip, and finds and tracks the objects in it
+            cls, masks, _, _ = track(teacher.backbone, clip, heads, True, args.sk_eps, args.sk_iters)
+            teacher_out = rearrange(teacher.head(cls.flatten(0, 1)), "(b t) o -> b t o", b=B)
+        masked = mask_clip(clip, masks)  # (k, B, T, 3, S, S)
+        views = [masked.flatten(0, 2)] + ([torch.stack(local).flatten(0, 2)] if local else [])
+        out = m["ddp"](views)  # one DDP forward: masked clips at S, local crops at S/2
+        student_masked = rearrange(out[:masked.shape[0] * B * Tn], "(k b t) o -> k b t o", b=B, t=Tn)
+        student_local = rearrange(out[masked.shape[0] * B * Tn:], "(l b t) o -> l b t o", b=B, t=Tn)
+        loss, loss_masked, loss_local = m["loss"](student_masked, student_local, teacher_out, epoch)
+    if not math.isfinite(loss.item()):
+        raise FloatingPointError(f"loss is {loss.item()} at step {it}; try --amp none or a lower --lr")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if args.clip_grad:
+        scaler.unscale_(optimizer)
+        for p in student.parameters():  # DINO clips each parameter's gradient on its own
+            if p.grad is not None:
+                p.grad.mul_((args.clip_grad / (p.grad.norm() + 1e-6)).clamp(max=1.0))
+    if epoch < args.freeze_last_layer:  # a fixed output layer in the first epoch helps training start
+        for n, p in student.named_parameters():
+            if "last_layer" in n:
+                p.grad = None
+    scaler.step(optimizer)
+    scaler.update()
+    with torch.no_grad():  # EMA teacher
+        mom = sched["momentum"][it]
+        for ps, pt in zip(student.parameters(), teacher.parameters()):
+            pt.mul_(mom).add_(ps.detach(), alpha=1 - mom)
+    return {"loss": loss.item(), "loss_masked": loss_masked.item(), "loss_local": loss_local.item(),
+            "lr": float(sched["lr"][it]), "wd": float(sched["wd"][it]), "momentum": float(mom)}
+
+
+def train(args):
+    d = data.init_distributed()
+    args.amp = data.resolve_amp(args.amp, d.device)
+    autocast = data.autocast(d.device, args.amp)
+    data.seed_everything(args.seed, d.rank)
+    os.makedirs(args.output_dir, exist_ok=True)
+    log = data.JsonlLogger(os.path.join(args.output_dir, "log.jsonl"), d.is_main)
+
+    videos = [v for path in args.data for v in data.find_videos(path)]
+    dataset = data.VideoClips(videos, num_frames=args.frames_per_clip, stride=args.step_between_clips,
+                              step_between_clips=args.clip_start_every, short_side=args.short_side,
+                              transform=ClipAugmentation(args))
+    sampler = torch.utils.data.DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_per_gpu, sampler=sampler, drop_last=True,
+                                         num_workers=args.num_workers, pin_memory=d.device.type == "cuda")
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{args.data}: {len(dataset)} clips is fewer than one batch of {args.batch_size_per_gpu} per GPU; "
+                         "lower --batch-size-per-gpu, --step-between-clips or --frames-per-clip")
+    m = build_models(args, d.device, d.world_size > 1)
+    m["schedules"] = make_schedules(args, steps_per_epoch, d.world_size)
+    start_epoch, ckpt_path = 0, os.path.join(args.output_dir, "checkpoint.pth")
+    if args.resume:
+        ckpt = data.load_checkpoint(ckpt_path)
+        m["student"].load_state_dict(ckpt["model"])
+        m["teacher"].load_state_dict(ckpt["teacher"])
+        m["optimizer"].load_state_dict(ckpt["optimizer"])
+        m["scaler"].load_state_dict(ckpt["scaler"])
+        m["loss"].center.copy_(ckpt["center"])
+        start_epoch = ckpt["epoch"]
+        if d.is_main:
+            print(f"resumed from {ckpt_path} at epoch {start_epoch}")
+    if d.is_main:
+        print(f"{len(videos)} video(s), {len(dataset)} clips of {args.frames_per_clip} frames, "
+              f"{steps_per_epoch} steps/epoch x {args.epochs} epochs, {args.arch}/{args.patch_size}, amp {args.amp}")
+
+    for epoch in range(start_epoch, args.epochs):
+        data.seed_everything(args.seed + epoch, d.rank)  # per epoch: a resumed run replays the same randomness
+        sampler.set_epoch(epoch)
+        m["ddp"].train()
+        bar = tqdm(loader, disable=not d.is_main, desc=f"epoch {epoch}", leave=False)
+        t0 = time.time()
+        for i, crops in enumerate(bar):
+            it = epoch * steps_per_epoch + i
+            stats = train_step(m, [c.to(d.device, non_blocking=True) for c in crops], it, epoch, args, autocast)
+            frames_s = (i + 1) * args.batch_size_per_gpu * args.frames_per_clip * d.world_size / (time.time() - t0)
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", img_s=f"{frames_s:.0f}")
+            if it % args.log_every == 0:
+                log.log({"epoch": epoch, "step": it, **stats, "img_s": frames_s})
+        if d.is_main:
+            data.save_checkpoint({"method": METHOD, "args": vars(args), "epoch": epoch + 1, "step": it + 1,
+                                  "model": m["student"].state_dict(), "teacher": m["teacher"].state_dict(),
+                                  "optimizer": m["optimizer"].state_dict(), "scaler": m["scaler"].state_dict(),
+                                  "center": m["loss"].center.cpu()}, ckpt_path)
+            print(f"epoch {epoch}: loss {stats['loss']:.3f}, {frames_s:.0f} frames/s, saved {ckpt_path}")
+        if args.stop_after and epoch + 1 - start_epoch >= args.stop_after:
+            break
+    if d.world_size > 1:
+        dist.barrier()
+    return m, dataset
+
+
+# ----------------------------------------------------------------------------------------
+# Pictures (the talk's slide) and evaluation through evaluate.py.
+# ----------------------------------------------------------------------------------------
+def mask_overlap(masks) -> float:
+    """Mean pairwise IoU between the k objects' masks (B, k, T, h, w): 1 = all the same object."""
+    m = masks.flatten(3).float()
+    k = m.shape[1]
+    ious = [((m[:, i] * m[:, j]).sum(-1) / ((m[:, i] + m[:, j]).clamp(max=1).sum(-1)).clamp(min=1)).mean()
+            for i in range(k) for j in range(i + 1, k)]
+    return float(torch.stack(ious).mean()) if ious else 0.0
+
+
+def unnormalise(x):
+    return (x * torch.tensor(STD, device=x.device)[:, None, None] + torch.tensor(MEAN, device=x.device)[:, None, None]).clamp(0, 1)
+
+
+@torch.no_grad()
+def save_tracking_picture(backbone, clip, path, heads=(0, 1, 2)):
+    """clip (T, 3, H, W) normalised -> a png, one column per frame, rows: the frames; three heads'
+    [CLS] attention as R, G, B; the tracked objects' attention without Sinkhorn-Knopp; with it;
+    the tracked masks (with SK) over the frames. Returns the masks' overlap without and with SK."""
+    from torchvision.utils import save_image
+    heads = list(heads)[:3]
+    _, masks_plain, maps_plain, head_attn = track(backbone, clip[None], heads, use_sinkhorn=False)
+    _, masks, maps, _ = track(backbone, clip[None], heads, use_sinkhorn=True)
+
+    def rgb(x):  # (1, k, T, h, w) -> (T, 3, H, W): object i in colour channel i, each map scaled to [0, 1]
+        x = x[0].float()
+        x = x / x.flatten(2).amax(-1)[..., None, None].clamp(min=1e-8)
+        x = torch.cat([x, x.new_zeros(3 - x.shape[0], *x.shape[1:])]).transpose(0, 1)
+        return F.interpolate(x, size=clip.shape[-2:], mode="nearest").cpu()
+
+    frames = unnormalise(clip).cpu()
+    rows = [frames, rgb(head_attn), rgb(maps_plain), rgb(maps), 0.4 * frames + 0.6 * rgb(masks)]
+    save_image(torch.cat(rows), path, nrow=clip.shape[0], padding=2, pad_value=1.0)
+    return mask_overlap(masks_plain), mask_overlap(masks)
+
+
+def eval_clip_transform(size):
+    """uint8 (T, 3, H, W) -> normalised (T, 3, size, size): resize the short side, centre crop."""
+    return T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size),
+                      T.ToDtype(torch.float32, scale=True), T.Normalize(MEAN, STD)])
+
+
+def main(args):
+    m, dataset = train(args)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    device = next(m["teacher"].parameters()).device
+    teacher = m["teacher"].backbone.eval()
+    clips = data.VideoClips(dataset.videos, args.frames_per_clip, args.step_between_clips,
+                            max(1, len(dataset) // 4), args.short_side, eval_clip_transform(args.image_size))
+    overlaps = []
+    for i in range(len(clips)):  # pictures of a few clips: where the tracker looks, and its masks
+        heads = choose_heads(args, teacher.num_heads, i)
+        overlaps.append(save_tracking_picture(teacher, clips[i].to(device), os.path.join(args.output_dir, f"tracking_{i}.png"), heads))
+    print(f"tracking pictures: {args.output_dir}/tracking_*.png; mean pairwise IoU of the object masks "
+          f"without Sinkhorn-Knopp {np.mean([o[0] for o in overlaps]):.3f}, with {np.mean([o[1] for o in overlaps]):.3f}")
+    if not args.demo:
+        return
+    import evaluate  # k-NN, seg-cluster and label propagation on the synthetic world, before and after
+    root = os.path.dirname(os.path.normpath(args.data[0]))
+    torch.manual_seed(args.seed)  # the student's own initialisation, rebuilt
+    init = build_backbone(vars(args)).to(device).eval()
+    results = {}
+    for name, net in (("init", init), ("dora", teacher)):
+        print(f"--- {name} ---")
+        res = evaluate.run_suite(net, root, ["knn", "seg_cluster", "propagate"], device, image_size=args.image_size)
+        results.update({f"{name}/{k}": v for k, v in res.items()})
+    print("\n".join(f"{k:>32s}  {v:.4f}" for k, v in results.items()))
+    print(__import__("json").dumps(results))
+
+
+if __name__ == "__main__":
+    main(get_args())
