@@ -425,7 +425,7 @@ def probe_video(path) -> VideoInfo:
     try:
         with av.open(path) as container:
             if not container.streams.video:
-                raise Unreadable(f"{path}: no video stream")
+                raise Unreadable(f"{path}: no video stream (zero frames?)")
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 0)
             num_frames = stream.frames
@@ -706,20 +706,25 @@ class SyntheticWorld:
         cam_x = rng.uniform(0, 5000) + rng.choice([-1, 1]) * rng.uniform(0.8, 2.0) * t
         cam_y = rng.uniform(-8, 8) + 4 * np.sin(t / rng.uniform(8, 16))
         zoom = rng.uniform(0.8, 1.05) * (1 + 0.2 * np.sin(2 * np.pi * t / rng.uniform(60, 140) + rng.uniform(0, 6)))
-        labels = rng.integers(0, len(self.classes), num_objects)
-        tracks = []  # objects move relative to the camera, so they also move against the background
-        for label in labels:
-            p = rng.uniform([-35, -20, 5, 3, 0.02, 0, 11, 0, 0, -0.05], [35, 30, 22, 12, 0.08, 6, 22, 6, 6, 0.05])
-            x = cam_x + p[0] + p[2] * np.sin(p[4] * t + p[5])
-            y = cam_y + p[1] + p[3] * np.cos(p[4] * 0.7 * t + p[5])
-            radius = p[6] * (1 + 0.3 * np.sin(p[4] * 1.3 * t + p[7]))
-            tracks.append((int(label), x, y, radius, p[8] + p[9] * t, self._colours(rng, 2), p[6]))
-        tracks.sort(key=lambda track: track[-1])  # larger objects are nearer: drawn last, they occlude
+        def objects_at(f):
+            return [(lab, x[f], y[f], r[f], a[f], col) for lab, x, y, r, a, col, _ in tracks]
+
+        for _ in range(50):  # DAVIS defines the objects in frame 0: redraw until each shows there
+            tracks = []  # objects move relative to the camera, so they also move against the background
+            for label in rng.integers(0, len(self.classes), num_objects):
+                p = rng.uniform([-35, -20, 5, 3, 0.02, 0, 11, 0, 0, -0.05], [35, 30, 22, 12, 0.08, 6, 22, 6, 6, 0.05])
+                x = cam_x + p[0] + p[2] * np.sin(p[4] * t + p[5])
+                y = cam_y + p[1] + p[3] * np.cos(p[4] * 0.7 * t + p[5])
+                radius = p[6] * (1 + 0.3 * np.sin(p[4] * 1.3 * t + p[7]))
+                tracks.append((int(label), x, y, radius, p[8] + p[9] * t, self._colours(rng, 2), p[6]))
+            tracks.sort(key=lambda track: track[-1])  # larger objects are nearer: drawn last, they occlude
+            first = self.render(size, size, (cam_x[0], cam_y[0], zoom[0]), stuff, objects_at(0))[1]
+            if np.bincount(first.ravel(), minlength=num_objects + 1)[1:].min() >= 30:
+                break
         labels = np.array([track[0] for track in tracks])
         frames, instances = np.zeros((num_frames, size, size, 3), np.uint8), np.zeros((num_frames, size, size), np.int64)
         for f in range(num_frames):
-            objects = [(lab, x[f], y[f], r[f], a[f], col) for lab, x, y, r, a, col, _ in tracks]
-            frames[f], instances[f] = self.render(size, size, (cam_x[f], cam_y[f], zoom[f]), stuff, objects)
+            frames[f], instances[f] = self.render(size, size, (cam_x[f], cam_y[f], zoom[f]), stuff, objects_at(f))
         return dict(frames=frames, instances=instances, labels=labels)
 
     def image(self, index, split="train", size=128):
@@ -771,7 +776,7 @@ def synth_world(out_dir, seed=0, num_videos=4, num_frames=96, size=128, num_imag
         os.makedirs(frame_dir, exist_ok=True)
         os.makedirs(mask_dir, exist_ok=True)
         for t in range(num_frames):
-            Image.fromarray(tour["frames"][t]).save(os.path.join(frame_dir, f"{t:05d}.jpg"), quality=92)
+            Image.fromarray(tour["frames"][t]).save(os.path.join(frame_dir, f"{t:05d}.jpg"), quality=95, subsampling=0)
             save_mask(os.path.join(mask_dir, f"{t:05d}.png"), tour["instances"][t])
     os.makedirs(os.path.join(davis, "ImageSets", "2017"), exist_ok=True)
     for split in ("train", "val"):  # the tours are unlabelled training data and the propagation benchmark
@@ -784,7 +789,7 @@ def synth_world(out_dir, seed=0, num_videos=4, num_frames=96, size=128, num_imag
         ids = [f"{split}_{i:04d}" for i in range(count)]
         for i, image_id in enumerate(ids):
             img, semantic = world.image(i, split, size)
-            Image.fromarray(img).save(os.path.join(voc, "JPEGImages", image_id + ".jpg"), quality=92)
+            Image.fromarray(img).save(os.path.join(voc, "JPEGImages", image_id + ".jpg"), quality=95, subsampling=0)
             save_mask(os.path.join(voc, "SegmentationClass", image_id + ".png"), semantic)
         with open(os.path.join(voc, "ImageSets", "Segmentation", f"{split}.txt"), "w") as f:
             f.write("\n".join(ids) + "\n")
@@ -795,7 +800,7 @@ def synth_world(out_dir, seed=0, num_videos=4, num_frames=96, size=128, num_imag
             folder = os.path.join(out_dir, "objects", split, name)
             os.makedirs(folder, exist_ok=True)
             for i in range(count):
-                Image.fromarray(world.crop(label, i, split, crop_size)).save(os.path.join(folder, f"{i:04d}.jpg"), quality=92)
+                Image.fromarray(world.crop(label, i, split, crop_size)).save(os.path.join(folder, f"{name}_{i:04d}.jpg"), quality=95, subsampling=0)
     meta = dict(seed=seed, classes=list(world.classes), videos=names, frames_per_video=num_frames, size=size,
                 voc_images=dict(zip(("train", "val"), num_images)), crop_size=crop_size,
                 crops_per_class=dict(zip(("train", "val"), crops_per_class)), seconds=round(time.time() - started, 2))
@@ -814,6 +819,185 @@ def ensure_synth(root="runs/synth", seed=0) -> str:
     if distributed:
         torch.distributed.barrier()
     return str(root)
+
+
+# ==================================================================================== inspect
+def _numbered(files) -> bool:
+    """Frame folders name their images by number (00000.jpg); class folders usually do not."""
+    return all(os.path.splitext(os.path.basename(f))[0].isdigit() for f in files[:5])
+
+
+def dataset_kind(path) -> str:
+    """Which loader fits path: video, image, frame folder, videos, images, image folder, voc, davis, synthetic world."""
+    path = _need(path)
+    if os.path.isfile(path):
+        for kind, exts in (("video", VIDEO_EXTS), ("image", IMAGE_EXTS)):
+            if path.lower().endswith(exts):
+                return kind
+        raise DataError(f"{path}: neither a video ({', '.join(VIDEO_EXTS)}) nor an image")
+    if os.path.exists(os.path.join(path, "world.json")):
+        return "synthetic world"
+    if os.path.isdir(os.path.join(path, "ImageSets", "Segmentation")):
+        return "voc"
+    if os.path.isdir(os.path.join(path, "ImageSets", "2017")):
+        return "davis"
+    if _frame_files(path):
+        return "frame folder" if _numbered(_frame_files(path)) else "images"
+    with_images = [d.path for d in sorted(os.scandir(path), key=lambda d: d.name) if d.is_dir() and _frame_files(d.path)]
+    if with_images and _numbered(_frame_files(with_images[0])):
+        return "videos"
+    if any(f.lower().endswith(VIDEO_EXTS) for _, _, files in os.walk(path) for f in files):
+        return "videos"
+    if with_images:
+        return "image folder"
+    if _list_images(path):
+        return "images"
+    raise DataError(f"{path}: empty folder (no videos, frame folders or images found)")
+
+
+def _overlay(img, mask):
+    """uint8 (3,H,W) image with its (H,W) mask's palette colours blended over labelled pixels."""
+    colours = torch.tensor(voc_palette(), dtype=torch.float32).view(256, 3)[mask.clamp(0, 255)].permute(2, 0, 1)
+    labelled = ((mask > 0) & (mask != 255)).unsqueeze(0)
+    return torch.where(labelled, 0.45 * img + 0.55 * colours, img.float()).to(torch.uint8)
+
+
+def contact_sheet(images, path, height=96, columns=6) -> None:
+    """Save uint8 (3,H,W) images as a grid PNG, each scaled to the given height."""
+    thumbs = []
+    for img in images:
+        pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+        thumbs.append(pil.resize((max(1, round(pil.width * height / pil.height)), height), Image.BILINEAR))
+    width = max(t.width for t in thumbs)
+    rows = math.ceil(len(thumbs) / columns)
+    sheet = Image.new("RGB", (columns * width, rows * height), (255, 255, 255))
+    for k, thumb in enumerate(thumbs):
+        sheet.paste(thumb, ((k % columns) * width, (k // columns) * height))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sheet.save(path)
+
+
+def _describe(path, kind, num_frames, stride):
+    """Print what the loaders see at path; return a few images for the contact sheet."""
+    if kind in ("video", "frame folder", "videos"):
+        clips = VideoClips(path, num_frames, stride, step_between_clips=num_frames * stride)
+        total = sum(i.num_frames for i in clips.infos)
+        print(f"{path}: {kind}, {len(clips.videos)} video(s), {total} frames, {len(clips)} clips of "
+              f"{num_frames} frames (stride {stride}) back to back, {len(clips.skipped_videos)} skipped")
+        for info in clips.infos[:8]:
+            seconds = f"{info.num_frames / info.fps:.1f} s at {info.fps:.2f} fps" if info.fps else "no fps (frames)"
+            print(f"  {os.path.basename(info.path)}: {info.num_frames} frames, {info.width}x{info.height}, {seconds}")
+        picks = [(v, round(t)) for v, info in enumerate(clips.infos[:4]) for t in np.linspace(0, info.num_frames - 1, 6)]
+        return [read_frames(clips.videos[v], [t], short_side=128)[0] for v, t in picks]
+    if kind == "image":
+        img = load_image(path)
+        print(f"{path}: image, {img.shape[2]}x{img.shape[1]}, mode {Image.open(path).mode}")
+        return [img]
+    if kind == "images":
+        data = UnlabelledImages(path)
+        print(f"{path}: unlabelled images, {len(data)} files; first is {tuple(data[0][0].shape)}")
+        return [data[i][0] for i in range(min(12, len(data)))]
+    if kind == "image folder":
+        data = ImageFolder(path)
+        counts = np.bincount(data.targets)
+        print(f"{path}: image folder, {len(data.classes)} classes, {len(data)} images "
+              f"({counts.min()}-{counts.max()} per class), first {tuple(data[0][0].shape)}: {', '.join(data.classes[:8])}")
+        firsts = [data.targets.index(c) for c in range(len(data.classes))][:12]
+        return [data[i][0] for i in firsts]
+    if kind == "voc":
+        shown = []
+        for split in ("train", "val"):
+            if not os.path.exists(os.path.join(path, "ImageSets", "Segmentation", f"{split}.txt")):
+                continue
+            data = VOCSegmentation(path, split)
+            img, mask = data[0]
+            ids = torch.cat([data[i][1].unique() for i in range(min(20, len(data)))]).unique().tolist()
+            print(f"{path} [{split}]: voc segmentation, {len(data)} images, {data.num_classes} classes, "
+                  f"first {img.shape[2]}x{img.shape[1]}, ids in the first 20 masks: {ids}")
+            shown += [_overlay(*data[i]) for i in range(min(6, len(data)))]
+        return shown
+    if kind == "davis":
+        data = DAVIS(path)
+        shown = []
+        for i in range(min(4, len(data))):
+            seq = data[i]
+            ids = seq["masks"][0].unique().tolist()
+            print(f"{path} [{seq['name']}]: davis, {len(seq['frames'])} frames {seq['frames'].shape[3]}x"
+                  f"{seq['frames'].shape[2]}, ids in frame 0: {ids}")
+            shown += [_overlay(seq["frames"][t], seq["masks"][t]) for t in (0, len(seq["frames"]) // 2, -1)]
+        print(f"{path}: davis, {len(data)} sequences in val")
+        return shown
+    raise DataError(f"{path}: cannot describe kind {kind}")
+
+
+def _plain_decode(path, indices, height, width):
+    """The baseline for --bench: PyAV as one would write it by hand (open, seek, decode, convert)."""
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        fps, tb, start = float(stream.average_rate), float(stream.time_base), stream.start_time or 0
+        container.seek(start + int(indices[0] / fps / tb), stream=stream)
+        frames = []
+        for frame in container.decode(stream):
+            index = round((frame.pts - start) * tb * fps)
+            if index in indices:
+                frames.append(frame.to_ndarray(format="rgb24", width=width, height=height))
+            if index >= indices[-1]:
+                return frames
+
+
+def bench(path, num_frames=8, stride=1, short_side=None, max_clips=64, rounds=3) -> dict:
+    """Clips/s and frames/s of VideoClips against plain PyAV decoding the same clips (random order)."""
+    clips = VideoClips(path, num_frames, stride, step_between_clips=num_frames * stride, short_side=short_side)
+    if any(os.path.isdir(v) for v in clips.videos):
+        raise DataError(f"{path}: --bench compares against PyAV, so it needs video files, not frame folders")
+    order = np.random.default_rng(0).permutation(len(clips))[:max_clips]
+    jobs = []
+    for i in order:
+        video, start = clips.clip_index(i)
+        info = clips.infos[video]
+        jobs.append((clips.videos[video], list(range(start, start + num_frames * stride, stride)),
+                     *_resized_size(info.height, info.width, short_side)))
+    best = dict(loader=float("inf"), plain=float("inf"))
+    for _ in range(rounds):  # interleaved rounds, best of each: the machine is shared
+        started = time.perf_counter()
+        for i in order:
+            clips[i]
+        best["loader"] = min(best["loader"], time.perf_counter() - started)
+        started = time.perf_counter()
+        for job in jobs:
+            _plain_decode(*job)
+        best["plain"] = min(best["plain"], time.perf_counter() - started)
+    result = dict(clips=len(order), loader_clips_per_s=len(order) / best["loader"],
+                  plain_clips_per_s=len(order) / best["plain"], ratio=best["plain"] / best["loader"])
+    result["loader_frames_per_s"] = result["loader_clips_per_s"] * num_frames
+    result["plain_frames_per_s"] = result["plain_clips_per_s"] * num_frames
+    return result
+
+
+def inspect(path, sheet=None, do_bench=False, num_frames=8, stride=1, short_side=None) -> None:
+    kind = dataset_kind(path)
+    if kind == "synthetic world":
+        meta = json.load(open(os.path.join(path, "world.json")))
+        print(f"{path}: synthetic world, seed {meta['seed']}, classes {', '.join(meta['classes'])}")
+        parts = [(os.path.join(path, sub), k) for sub, k in
+                 (("videos", "videos"), ("davis", "davis"), ("voc", "voc"), ("objects/train", "image folder"))]
+    else:
+        parts = [(path, kind)]
+    shown = []
+    for part, part_kind in parts:
+        shown += _describe(part, part_kind, num_frames, stride)
+    sheet = sheet or os.path.join("runs", "inspect", os.path.basename(os.path.normpath(path)) + ".png")
+    contact_sheet(shown, sheet)
+    print(f"contact sheet: {sheet}")
+    if do_bench:
+        target = parts[0][0]
+        result = bench(target, num_frames, stride, short_side)
+        print(f"bench {target} ({result['clips']} random clips of {num_frames} frames, stride {stride}, "
+              f"short side {short_side or 'native'}, threads {torch.get_num_threads()}):")
+        print(f"  VideoClips  {result['loader_clips_per_s']:8.1f} clips/s {result['loader_frames_per_s']:8.1f} frames/s")
+        print(f"  plain PyAV  {result['plain_clips_per_s']:8.1f} clips/s {result['plain_frames_per_s']:8.1f} frames/s")
+        print(f"  ratio loader / plain = {result['ratio']:.2f} (target >= 0.8)")
 
 
 # =============================================================================== command line
@@ -837,7 +1021,7 @@ def main(argv=None):
             synth_world(args.out, args.seed)
             print(f"wrote the synthetic world (seed {args.seed}) to {args.out} in {time.time() - started:.1f} s")
         else:
-            inspect(args.path, args.sheet, args.bench, args.num_frames, args.stride, args.short_side)  # noqa: F821
+            inspect(args.path, args.sheet, args.bench, args.num_frames, args.stride, args.short_side)
     except DataError as e:
         sys.exit(f"error: {e}")
 

@@ -1,0 +1,339 @@
+"""Tests for data.py: video decoding and clip sampling, every layout, bad inputs, run plumbing."""
+import json
+import os
+import sys
+import warnings
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, DistributedSampler
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+
+
+def moving_square_frames(num_frames, height=48, width=64):
+    """uint8 (T,H,W,3): a bright square that moves 2 px a frame on a background that brightens."""
+    frames = np.zeros((num_frames, height, width, 3), np.uint8)
+    for t in range(num_frames):
+        frames[t] = (4 * t) % 200
+        frames[t, 8:24, 2 * t % (width - 16):2 * t % (width - 16) + 16] = (250, 40, 40)
+    return frames
+
+
+def write_mp4(path, frames, fps=10, gop=5):
+    """The test's own H.264 writer (independent of data.write_video)."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"crf": "12", "g": str(gop)})
+        stream.height, stream.width, stream.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def write_frame_folder(folder, values, size=8):
+    """A frame folder whose frame t is a flat image of value values[t] (lossless PNG)."""
+    os.makedirs(folder, exist_ok=True)
+    for t, value in enumerate(values):
+        Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(os.path.join(folder, f"{t:05d}.png"))
+
+
+# ------------------------------------------------------------------------------------- videos
+def test_mp4_decodes_to_the_frames_written(tmp_path):
+    frames = moving_square_frames(40)
+    path = tmp_path / "square.mp4"
+    write_mp4(path, frames)
+    info = data.probe_video(path)
+    assert (info.num_frames, info.fps, info.height, info.width) == (40, 10.0, 48, 64)
+    indices = [0, 7, 23, 24, 31, 39]
+    decoded = data.read_frames(path, indices)
+    assert decoded.dtype == torch.uint8 and decoded.shape == (6, 3, 48, 64)
+    original = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    for k, t in enumerate(indices):
+        errors = (decoded[k].float() - original).abs().mean(dim=(1, 2, 3))
+        assert errors[t] < 3 and errors.argmin() == t  # the right frame, not a neighbour
+    small = data.read_frames(path, [30, 31], short_side=24)
+    assert small.shape == (2, 3, 24, 32)
+
+
+def test_read_frames_seeks_instead_of_decoding_from_the_start(tmp_path, monkeypatch):
+    path = tmp_path / "long.mp4"
+    write_mp4(path, moving_square_frames(60), gop=5)
+    decoded_pts = []
+    real_open = av.open
+
+    class Spy:  # counts the frames the decoder hands out
+        def __init__(self, *a, **k):
+            self.container = real_open(*a, **k)
+
+        def __getattr__(self, name):
+            return getattr(self.container, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.container.close()
+
+        def decode(self, *a, **k):
+            for frame in self.container.decode(*a, **k):
+                decoded_pts.append(frame.pts)
+                yield frame
+
+    monkeypatch.setattr(data.av, "open", Spy)
+    clip = data.read_frames(path, [50, 51, 52])
+    assert clip.shape[0] == 3
+    assert len(decoded_pts) <= 10  # keyframe every 5: at most ~5 frames before 50, not 50
+
+
+def test_clips_cover_videos_and_split_over_workers_and_ranks_without_overlap(tmp_path):
+    write_frame_folder(tmp_path / "a", range(22))  # frame value = (video, frame) identity
+    write_frame_folder(tmp_path / "b", range(100, 116))
+    clips = data.VideoClips(tmp_path, num_frames=4, stride=2, step_between_clips=1)
+    assert len(clips) == 16 + 10  # (22 - 7 + 1) + (16 - 7 + 1) clip starts
+    assert clips.clip_index(0) == (0, 0) and clips.clip_index(15) == (0, 15) and clips.clip_index(16) == (1, 0)
+    assert clips[17][:, 0, 0, 0].tolist() == [101, 103, 105, 107]
+    covered = {int(v) for i in range(len(clips)) for v in clips[i][:, 0, 0, 0]}
+    assert covered == set(range(22)) | set(range(100, 116))
+
+    seen = []
+    for rank in range(2):
+        sampler = DistributedSampler(clips, num_replicas=2, rank=rank, shuffle=True, seed=0)
+        loader = DataLoader(clips, batch_size=3, sampler=sampler, num_workers=2)
+        seen += [int(v) for batch in loader for v in batch[:, 0, 0, 0, 0]]
+    firsts = [int(clips[i][0, 0, 0, 0]) for i in range(len(clips))]
+    assert sorted(seen) == sorted(firsts)  # every clip exactly once over 2 ranks x 2 workers
+
+
+def test_clips_from_mp4_and_decode_time_resize(tmp_path):
+    write_mp4(tmp_path / "v.mp4", moving_square_frames(20))
+    clips = data.VideoClips(tmp_path / "v.mp4", num_frames=4, stride=2, step_between_clips=3, short_side=24)
+    assert len(clips) == 5 and clips.clip_index(4) == (0, 12)
+    assert clips[4].shape == (4, 3, 24, 32)
+    assert data.find_videos(tmp_path) == [str(tmp_path / "v.mp4")]
+
+
+# ------------------------------------------------------------------------------------- images
+def test_every_image_mode_comes_out_rgb_uint8(tmp_path):
+    grey = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    Image.fromarray(grey, "L").save(tmp_path / "grey.png")
+    Image.fromarray(np.full((3, 4, 4), 200, np.uint8), "RGBA").save(tmp_path / "rgba.png")
+    pal = Image.fromarray(np.full((3, 4), 1, np.uint8), "P")
+    pal.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    pal.save(tmp_path / "pal.png")
+    Image.fromarray(np.full((3, 4), 65535, np.uint16)).save(tmp_path / "deep.png")
+    for name in ("grey", "rgba", "pal", "deep"):
+        img = data.load_image(tmp_path / f"{name}.png")
+        assert img.dtype == torch.uint8 and img.shape == (3, 3, 4), name
+    assert data.load_image(tmp_path / "grey.png")[:, 2, 3].tolist() == [220] * 3
+    assert data.load_image(tmp_path / "pal.png")[:, 0, 0].tolist() == [10, 20, 30]
+    assert data.load_image(tmp_path / "deep.png").min() == 255  # 16-bit white stays white, not clipped noise
+    data.save_mask(tmp_path / "m.png", np.array([[0, 3], [255, 1]]))
+    assert data.load_mask(tmp_path / "m.png").tolist() == [[0, 3], [255, 1]]
+
+
+# ----------------------------------------------------------------------------- synthetic world
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("world"))
+    data.synth_world(root, seed=0, num_videos=2, num_frames=24, num_images=(10, 6), crops_per_class=(4, 2))
+    return root
+
+
+def test_synth_writes_every_layout_and_world_json(world):
+    meta = json.load(open(os.path.join(world, "world.json")))
+    assert meta["classes"] == list(data.CLASS_NAMES) and meta["videos"] == ["tour_00", "tour_01"]
+    objects = data.ImageFolder(os.path.join(world, "objects", "train"))
+    assert objects.classes == [c.replace("_", " ") for c in data.CLASS_NAMES]  # sorted: label k = VOC class k+1
+    assert len(objects) == 4 * 6 and objects[0][0].shape == (3, 64, 64)
+    assert data.dataset_kind(world) == "synthetic world"
+    assert data.dataset_kind(os.path.join(world, "objects", "val")) == "image folder"
+
+
+def test_voc_round_trip_is_exact(world):
+    voc = data.VOCSegmentation(os.path.join(world, "voc"), "val")
+    assert len(voc) == 6 and voc.num_classes == 7 and voc.class_names[1:] == list(data.CLASS_NAMES)
+    generator = data.SyntheticWorld(0)
+    for i in range(len(voc)):
+        img, mask = voc[i]
+        rendered, semantic = generator.image(i, "val")
+        assert torch.equal(mask, torch.from_numpy(semantic))  # palette PNG: lossless
+        assert (img.float() - torch.from_numpy(rendered).permute(2, 0, 1).float()).abs().mean() < 4  # JPEG 4:4:4
+        assert set(mask.unique().tolist()) <= set(range(7)) | {255}
+
+
+def test_davis_and_videos_round_trip(world):
+    davis = data.DAVIS(os.path.join(world, "davis"))
+    tour = data.SyntheticWorld(0).video(1, num_frames=24)
+    seq = davis[1]
+    assert seq["name"] == "tour_01" and seq["frames"].shape == (24, 3, 128, 128)
+    assert torch.equal(seq["masks"], torch.from_numpy(tour["instances"]))
+    assert set(seq["masks"][0].unique().tolist()) == set(range(len(tour["labels"]) + 1))  # all objects in frame 0
+    assert seq["palette"][3:6] == [128, 0, 0]
+    clips = data.VideoClips(os.path.join(world, "videos"), num_frames=8, stride=1, step_between_clips=8)
+    assert len(clips) == 2 * 3
+    decoded = clips[4].float()  # tour_01 frames 8..15
+    original = torch.from_numpy(tour["frames"]).permute(0, 3, 1, 2).float()
+    errors = [(decoded - original[start:start + 8]).abs().mean() for start in (7, 8, 9)]
+    assert errors[1] < 12 and errors[1] < min(errors[0], errors[2]) - 5  # yuv420p costs colour detail
+
+
+def test_generator_is_deterministic_and_moves(world):
+    a, b, c = data.SyntheticWorld(0), data.SyntheticWorld(0), data.SyntheticWorld(1)
+    assert np.array_equal(a.image(3)[0], b.image(3)[0]) and not np.array_equal(a.image(3)[0], c.image(3)[0])
+    assert np.array_equal(a.crop(2, 5), b.crop(2, 5))
+    tour = a.video(0, num_frames=12)
+    assert not np.array_equal(tour["frames"][0], tour["frames"][11])  # the camera and the objects move
+    mtime = os.path.getmtime(os.path.join(world, "world.json"))
+    assert data.ensure_synth(world) == world and os.path.getmtime(os.path.join(world, "world.json")) == mtime
+
+
+def test_classes_are_not_separable_by_colour():
+    # mean colour of each object region -> nearest class centroid: should be near chance (1/6)
+    generator = data.SyntheticWorld(0)
+    features, labels = [], []
+    for i in range(60):
+        img, semantic = generator.image(i)
+        for c in set(np.unique(semantic).tolist()) - {0, 255}:
+            features.append(img[semantic == c].mean(0))
+            labels.append(c)
+    features, labels = np.array(features), np.array(labels)
+    half = len(labels) // 2
+    centroids = np.stack([features[:half][labels[:half] == c].mean(0) for c in range(1, 7)])
+    predicted = 1 + np.linalg.norm(features[half:, None] - centroids[None], axis=2).argmin(1)
+    assert (predicted == labels[half:]).mean() < 0.4
+
+
+def test_inspect_prints_the_world_and_writes_a_contact_sheet(world, tmp_path, capsys):
+    sheet = tmp_path / "sheet.png"
+    data.main(["inspect", world, "--sheet", str(sheet)])
+    out = capsys.readouterr().out
+    assert "synthetic world" in out and "2 video(s)" in out and "6 classes" in out
+    assert Image.open(sheet).size[0] > 0
+    result = data.bench(os.path.join(world, "videos"), max_clips=4, rounds=1)
+    assert result["clips"] == 4 and result["ratio"] > 0
+
+
+# --------------------------------------------------------------------------------- bad inputs
+def one_line_error(exc_info, path):
+    message = str(exc_info.value)
+    assert str(path) in message and "\n" not in message
+    return message
+
+
+def test_missing_path_and_empty_folder(tmp_path):
+    missing = tmp_path / "nope"
+    for make in (data.VideoClips, data.ImageFolder, data.UnlabelledImages, data.load_image, data.probe_video):
+        with pytest.raises(data.DataError) as e:
+            make(missing)
+        assert "no such" in one_line_error(e, missing)
+    (tmp_path / "empty").mkdir()
+    for make in (data.VideoClips, data.ImageFolder, data.UnlabelledImages, data.dataset_kind):
+        with pytest.raises(data.DataError) as e:
+            make(tmp_path / "empty")
+        one_line_error(e, tmp_path / "empty")
+
+
+def test_corrupt_zero_frame_and_too_short_videos(tmp_path):
+    (tmp_path / "corrupt.mp4").write_bytes(os.urandom(4000))
+    with pytest.raises(data.DataError) as e:
+        data.VideoClips(tmp_path / "corrupt.mp4")
+    assert "corrupt" in one_line_error(e, tmp_path / "corrupt.mp4")
+    container = av.open(str(tmp_path / "zero.mp4"), "w")
+    stream = container.add_stream("libx264", rate=10)
+    stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+    container.start_encoding()
+    container.close()
+    with pytest.raises(data.DataError) as e:
+        data.probe_video(tmp_path / "zero.mp4")
+    assert "zero frames" in one_line_error(e, tmp_path / "zero.mp4")
+    write_mp4(tmp_path / "short.mp4", moving_square_frames(5))
+    with pytest.raises(data.DataError) as e:
+        data.VideoClips(tmp_path / "short.mp4", num_frames=8)
+    assert "shorter than one clip" in one_line_error(e, tmp_path / "short.mp4")
+    write_mp4(tmp_path / "good.mp4", moving_square_frames(10))
+    with pytest.warns(UserWarning, match="corrupt"):  # among several, bad videos are skipped and counted
+        clips = data.VideoClips(tmp_path, num_frames=8)
+    assert clips.videos == [str(tmp_path / "good.mp4")] and len(clips.skipped_videos) == 3
+
+
+def test_unreadable_images_are_skipped_and_counted_until_none_is_left(tmp_path):
+    folder = tmp_path / "cls_a"
+    folder.mkdir()
+    (folder / "0_bad.jpg").write_bytes(b"not a jpeg at all")
+    with pytest.raises(data.DataError) as e:
+        data.load_image(folder / "0_bad.jpg")
+    assert "unreadable image" in one_line_error(e, folder / "0_bad.jpg")
+    with pytest.raises(data.DataError, match="none of its 1 files is readable"), pytest.warns(UserWarning):
+        data.ImageFolder(tmp_path)[0]
+    Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(folder / "1_good.jpg")
+    images = data.UnlabelledImages(tmp_path)
+    with pytest.warns(UserWarning, match="0_bad.jpg"):
+        img, label = images[0]
+    assert img.shape == (3, 5, 5) and label == -1 and images.num_skipped == 1
+
+
+def test_mask_whose_size_differs_from_its_image(tmp_path):
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (tmp_path / sub).mkdir(parents=True)
+    Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(tmp_path / "JPEGImages" / "x.jpg")
+    data.save_mask(tmp_path / "SegmentationClass" / "x.png", np.zeros((10, 12)))
+    (tmp_path / "ImageSets/Segmentation/train.txt").write_text("x\n")
+    with pytest.raises(data.DataError) as e:
+        data.VOCSegmentation(tmp_path)[0]
+    assert "(10, 12)" in one_line_error(e, tmp_path / "SegmentationClass" / "x.png")
+
+
+# ------------------------------------------------------------------------------- run plumbing
+def test_checkpoint_save_is_atomic_and_bad_files_raise_checkpoint_error(tmp_path):
+    path = tmp_path / "ckpt" / "checkpoint.pth"
+    state = {"model": {"w": torch.arange(1000.0)}, "epoch": 3}
+    data.save_checkpoint(state, path)
+    assert os.listdir(path.parent) == ["checkpoint.pth"]  # no .tmp left behind
+    assert torch.equal(data.load_checkpoint(path)["model"]["w"], state["model"]["w"])
+    with pytest.raises(Exception):  # a failing save must not touch the previous checkpoint
+        data.save_checkpoint({"model": lambda: 0}, path)
+    assert data.load_checkpoint(path)["epoch"] == 3 and os.listdir(path.parent) == ["checkpoint.pth"]
+
+    full = path.read_bytes()
+    path.write_bytes(full[: len(full) // 2])
+    with pytest.raises(data.CheckpointError) as e:
+        data.load_checkpoint(path)
+    one_line_error(e, path)
+    assert path.read_bytes() == full[: len(full) // 2]  # left in place for the user to look at
+    path.write_bytes(b"hello")
+    with pytest.raises(data.CheckpointError):
+        data.load_checkpoint(path)
+    torch.save(torch.zeros(2), path)
+    with pytest.raises(data.CheckpointError, match="expected a checkpoint dict"):
+        data.load_checkpoint(path)
+    with pytest.raises(data.CheckpointError, match="no such"):
+        data.load_checkpoint(tmp_path / "missing.pth")
+
+
+def test_schedule_logger_amp_and_seeding(tmp_path):
+    values = data.cosine_schedule(1.0, 0.1, epochs=4, steps_per_epoch=5, warmup_epochs=1, start_warmup=0.0)
+    assert len(values) == 20 and values[0] == 0.0 and values[4] == 1.0 and values[5] == 1.0
+    assert np.all(np.diff(values[5:]) < 0) and 0.1 < values[-1] < 0.12
+    logger = data.JsonlLogger(tmp_path / "log.jsonl")
+    logger.log({"loss": torch.tensor(0.5), "step": 1})
+    logger.log({"loss": 0.25, "step": 2})
+    data.JsonlLogger(tmp_path / "other.jsonl", enabled=False).log({"x": 1})
+    lines = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert lines == [{"loss": 0.5, "step": 1}, {"loss": 0.25, "step": 2}]
+    assert not (tmp_path / "other.jsonl").exists()
+    assert data.resolve_amp(None, "cpu") == "none" and data.resolve_amp("bf16", "cpu") == "bf16"
+    with pytest.raises(ValueError):
+        data.resolve_amp("fp16", "cpu")
+    with data.autocast("cpu", "bf16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    assert not data.make_scaler("bf16", "cpu").is_enabled()
+    data.seed_everything(5, rank=1)
+    first = torch.rand(3)
+    data.seed_everything(6, rank=0)
+    assert torch.equal(first, torch.rand(3))  # seed + rank
+    dist = data.init_distributed()
+    assert dist.world_size == 1 and dist.is_main
