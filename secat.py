@@ -778,7 +778,7 @@ def train(args):
         t0 = time.time()
         for i in bar:
             for group in optimizer.param_groups:
-                group["lr"] = lr_schedule[step]
+                group["lr"] = float(lr_schedule[step])
             episodes = make_batch(step, members, args, global_batch)
             num_targets = sum(len(tok.encode(" " + e["answer"] + ".")) + 1 for e in episodes)
             batch = collate(episodes[d.rank::d.world_size], feats, tok, args.prefix_tokens, d.device)
@@ -787,7 +787,7 @@ def train(args):
             eps = global_batch * (i + 1) / (time.time() - t0)  # episodes/s; each has N*K+1 images
             bar.set_postfix(loss=f"{loss.item():.3f}", episodes_s=f"{eps:.0f}")
             if step % args.log_every == 0:
-                log.log({"epoch": epoch, "step": step, "loss": loss.item(), "lr": lr_schedule[step - 1], "episodes_s": eps})
+                log.log({"epoch": epoch, "step": step, "loss": loss.item(), "lr": float(lr_schedule[step - 1]), "episodes_s": eps})
         if d.is_main:
             data.save_checkpoint({"method": METHOD, "args": vars(args), "epoch": epoch + 1, "step": step,
                                   "model": model.state_dict(), "optimizer": optimizer.state_dict(),

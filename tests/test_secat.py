@@ -1,0 +1,313 @@
+"""Tests for secat.py: tokenizer, episodes, masked loss, GPT-2 loading, greedy copying, DDP, bf16, resume."""
+import contextlib
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import secat  # noqa: E402
+
+
+# ---------------------------------------------------------------- tokenizer
+@pytest.mark.parametrize("kind", ["bytes", "gpt2"])
+def test_tokenizer_round_trips_any_unicode_name(kind):
+    tok = secat.ByteTokenizer(kind)
+    names = ["striped ring", "Ærøskøbing", "狐狸", "crème brûlée", "🦊 fox", "e\u0301", "naïve-Ω", "", " \n\t"]
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # random code points from the whole range, surrogates excluded
+        cps = rng.integers(1, 0x10FFFF, rng.integers(1, 12))
+        names.append("".join(chr(c) for c in cps if not 0xD800 <= c <= 0xDFFF))
+    for name in names:
+        ids = tok.encode(name)
+        assert len(ids) == len(name.encode("utf-8")) and all(0 <= i < tok.vocab_size for i in ids)
+        assert tok.eos not in ids and tok.decode(ids) == name
+
+
+def test_gpt2_byte_ids_are_gpt2s_single_byte_tokens():
+    tok = secat.ByteTokenizer("gpt2")
+    # known entries of GPT-2's encoder.json: "!" 0, "a" 64, "\n" (Ċ) 198, " " (Ġ) 220
+    assert tok.encode("!a\n ") == [0, 64, 198, 220]
+    assert sorted(secat.gpt2_byte_ids()) == list(range(256))
+
+
+# ---------------------------------------------------------------- episodes and loss
+def _members(clusters=6, per_cluster=5):
+    return [list(range(c * per_cluster, (c + 1) * per_cluster)) for c in range(clusters)]
+
+
+@pytest.mark.parametrize("ways,shots", [(2, 1), (3, 2), (5, 4)])
+def test_episode_has_nk_supports_and_a_query_of_one_of_the_n_classes(ways, shots):
+    members = _members()
+    cluster_of = {i: c for c, m in enumerate(members) for i in m}
+    rng = np.random.default_rng(0)
+    seen_names = set()
+    for _ in range(30):
+        e = secat.sample_episode(members, ways, shots, rng)
+        assert len(e["images"]) == len(e["texts"]) == ways * shots + 1 == len(e["clusters"])
+        support, query = e["images"][:-1], e["images"][-1]
+        assert [cluster_of[i] for i in e["images"]] == e["clusters"]  # clusters recorded truthfully
+        assert len(set(e["clusters"][:-1])) == ways and all(e["clusters"][:-1].count(c) == shots for c in e["names"])
+        assert e["clusters"][-1] in e["clusters"][:-1] and query not in support
+        # names: one per cluster, distinct, each caption names its image's cluster, answer = the query's name
+        assert len(set(e["names"].values())) == ways
+        assert e["texts"][:-1] == [secat.CAPTION.format(e["names"][c]) for c in e["clusters"][:-1]]
+        assert e["texts"][-1] == secat.PROMPT and e["answer"] == e["names"][e["clusters"][-1]]
+        seen_names |= set(e["names"].values())
+    assert len(seen_names) > 30 * ways * 0.8  # re-drawn per episode
+
+
+def test_loss_counts_only_the_answer_tokens():
+    tok = secat.ByteTokenizer("bytes")
+    episodes = [secat.sample_episode(_members(), 2, 2, np.random.default_rng(s)) for s in range(3)]
+    ids, slots, targets, feats = secat.collate(episodes, torch.randn(30, 8), tok, 2, "cpu")
+    assert feats.shape[0] == slots.sum() // 2 == 3 * 5
+    for b, e in enumerate(episodes):  # the targets spell exactly " <answer>." then <eos>
+        assert ids[b][targets[b]].tolist() == tok.encode(" " + e["answer"] + ".") + [tok.eos]
+    logits = torch.randn(*ids.shape, tok.vocab_size, requires_grad=True)
+    n = int(targets.sum())
+    loss = secat.answer_loss(logits, ids, targets, n)
+    loss.backward()
+    has_grad = logits.grad.abs().sum(-1) > 0
+    predicts_answer = torch.zeros_like(targets)
+    predicts_answer[:, :-1] = targets[:, 1:]  # position t predicts token t+1
+    assert torch.equal(has_grad, predicts_answer)
+    # and it is the mean cross-entropy of those predictions
+    rows, cols = predicts_answer.nonzero(as_tuple=True)
+    assert torch.allclose(loss, F.cross_entropy(logits[rows, cols], ids[rows, cols + 1]))
+
+
+# ---------------------------------------------------------------- GPT-2 weights
+def _hf_gpt2_state(vocab=300, context=32, dim=64, layers=2, seed=0):
+    """A randomly initialised state dict in HF GPT2LMHeadModel's layout (Conv1D weights (in, out))."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.1  # noqa: E731
+    sd = {"transformer.wte.weight": r(vocab, dim), "transformer.wpe.weight": r(context, dim),
+          "transformer.ln_f.weight": 1 + r(dim), "transformer.ln_f.bias": r(dim)}
+    for i in range(layers):
+        p = f"transformer.h.{i}."
+        sd.update({p + "ln_1.weight": 1 + r(dim), p + "ln_1.bias": r(dim), p + "ln_2.weight": 1 + r(dim), p + "ln_2.bias": r(dim),
+                   p + "attn.c_attn.weight": r(dim, 3 * dim), p + "attn.c_attn.bias": r(3 * dim),
+                   p + "attn.c_proj.weight": r(dim, dim), p + "attn.c_proj.bias": r(dim),
+                   p + "mlp.c_fc.weight": r(dim, 4 * dim), p + "mlp.c_fc.bias": r(4 * dim),
+                   p + "mlp.c_proj.weight": r(4 * dim, dim), p + "mlp.c_proj.bias": r(dim),
+                   p + "attn.bias": torch.tril(torch.ones(1, 1, context, context)), p + "attn.masked_bias": torch.tensor(-1e4)})
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    return sd
+
+
+def _reference_gpt2(sd, ids, heads):
+    """GPT-2's forward written out with HF's conventions (x @ W + b), independent of secat.GPT."""
+    w = {k.removeprefix("transformer."): v for k, v in sd.items()}
+    x = w["wte.weight"][ids] + w["wpe.weight"][: len(ids)]
+    L, D = x.shape
+    ln = lambda x, p: F.layer_norm(x, (D,), w[p + ".weight"], w[p + ".bias"])  # noqa: E731
+    mask = torch.tril(torch.ones(L, L, dtype=torch.bool))
+    for i in range(1 + max(int(k.split(".")[1]) for k in w if k.startswith("h."))):
+        p = f"h.{i}."
+        q, k, v = (ln(x, p + "ln_1") @ w[p + "attn.c_attn.weight"] + w[p + "attn.c_attn.bias"]).split(D, dim=1)
+        q, k, v = (t.reshape(L, heads, D // heads).transpose(0, 1) for t in (q, k, v))
+        att = (q @ k.transpose(1, 2) / (D // heads) ** 0.5).masked_fill(~mask, float("-inf")).softmax(-1)
+        x = x + (att @ v).transpose(0, 1).reshape(L, D) @ w[p + "attn.c_proj.weight"] + w[p + "attn.c_proj.bias"]
+        h = F.gelu(ln(x, p + "ln_2") @ w[p + "mlp.c_fc.weight"] + w[p + "mlp.c_fc.bias"], approximate="tanh")
+        x = x + h @ w[p + "mlp.c_proj.weight"] + w[p + "mlp.c_proj.bias"]
+    return ln(x, "ln_f") @ w["lm_head.weight"].t()
+
+
+def _write_safetensors(sd, path):
+    header, blobs, offset = {}, [], 0
+    for k, v in sd.items():
+        b = v.contiguous().numpy().tobytes()
+        header[k] = {"dtype": "F32", "shape": list(v.shape), "data_offsets": [offset, offset + len(b)]}
+        blobs.append(b)
+        offset += len(b)
+    h = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(len(h).to_bytes(8, "little") + h + b"".join(blobs))
+
+
+@pytest.mark.parametrize("fmt", ["bin", "safetensors", "folder"])
+def test_gpt2_hf_state_dict_loads_and_matches_a_reference_forward(tmp_path, fmt):
+    sd = _hf_gpt2_state()
+    if fmt == "bin":
+        path = tmp_path / "pytorch_model.bin"
+        torch.save({k.removeprefix("transformer."): v for k, v in sd.items()}, path)  # the un-prefixed layout too
+    else:
+        path = tmp_path / "model.safetensors"
+        _write_safetensors({k: v for k, v in sd.items() if k != "lm_head.weight"}, path)
+        if fmt == "folder":
+            (tmp_path / "config.json").write_text(json.dumps({"n_head": 4}))
+            path = tmp_path
+    lm = secat.load_lm(str(path))
+    assert (lm.dim, len(lm.h), lm.context, lm.wte.weight.shape[0]) == (64, 2, 32, 300)
+    ids = torch.tensor([5, 17, 250, 3, 99, 42, 7])
+    heads = 4 if fmt == "folder" else 1  # without config.json: GPT-2's 64-wide heads -> 64 // 64 = 1
+    assert lm.h[0].attn.heads == heads
+    with torch.no_grad():
+        ours = lm(lm.wte(ids)[None])[0]
+    assert torch.allclose(ours, _reference_gpt2(sd, ids, heads), atol=1e-4)
+
+
+# ---------------------------------------------------------------- greedy decoding
+def _copy_model(vocab=258, context=16, copy_from=1):
+    """A 1-layer GPT whose only head attends to position `copy_from` and writes that token into
+    the residual stream; the tied output layer then predicts it. Embedding = [one-hot token | one-hot position]."""
+    dim = vocab + context
+    lm = secat.GPT(vocab, context, dim, layers=1, heads=1)
+    enc = secat.VisionTransformer(8, 64, 1, 1, img_size=16)
+    model = secat.SeCAt(enc, secat.VisualMapper(64, dim, 1), lm).eval()
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.zero_()
+        for ln in (lm.h[0].ln_1, lm.h[0].ln_2, lm.ln_f):
+            ln.weight.fill_(1.0)
+        lm.wte.weight[:, :vocab] = torch.eye(vocab)
+        lm.wpe.weight[:, vocab:] = torch.eye(context)
+        W, b = lm.h[0].attn.c_attn.weight, lm.h[0].attn.c_attn.bias
+        b[0] = 10.0  # query: a constant
+        W[dim, vocab + copy_from] = 10.0  # key: large only at position `copy_from`
+        W[2 * dim:2 * dim + vocab, :vocab] = torch.eye(vocab)  # value: the token
+        lm.h[0].attn.c_proj.weight[:vocab, :vocab] = 10 * torch.eye(vocab)
+    return model
+
+
+def test_greedy_decoding_copies_the_context_token():
+    tok = secat.ByteTokenizer("bytes")
+    model = _copy_model()
+    no_images = torch.zeros(0, 64)
+    ids = torch.tensor([tok.eos] + tok.encode("Qabc"))
+    slots = torch.zeros(len(ids), dtype=torch.bool)
+    assert tok.decode(secat.greedy_decode(model, ids, slots, no_images, tok.eos, max_new_tokens=3)) == "QQQ"
+    ids = torch.tensor([tok.eos] + tok.encode("Zxy"))
+    assert tok.decode(secat.greedy_decode(model, ids, slots[:4], no_images, tok.eos, max_new_tokens=2)) == "ZZ"
+    ids = torch.tensor([tok.eos, tok.eos] + tok.encode("xy"))  # copying <eos> ends the answer at once
+    assert secat.greedy_decode(model, ids, slots[:4], no_images, tok.eos) == []
+
+
+# ---------------------------------------------------------------- training steps
+def _setup(seed=0, global_batch=4):
+    args = secat.get_args(["--data", "unused", "--lm-dim", "32", "--lm-layers", "2", "--lm-heads", "2",
+                           "--context", "256", "--prefix-tokens", "2", "--max-ways", "3", "--max-shots", "2"])
+    torch.manual_seed(seed)
+    enc = secat.VisionTransformer(8, 64, 1, 1, img_size=16)
+    model, tok = secat.build_model(args, enc)
+    feats = torch.randn(30, 64)
+    batches = [secat.make_batch(step, _members(), args, global_batch) for step in range(2)]
+    return model, tok, feats, batches, args
+
+
+def _steps(model, tok, feats, batches, args, rank=0, world=1, amp=contextlib.nullcontext()):
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    losses = []
+    for episodes in batches:
+        n = sum(len(tok.encode(" " + e["answer"] + ".")) + 1 for e in episodes)
+        batch = secat.collate(episodes[rank::world], feats, tok, args.prefix_tokens, "cpu")
+        losses.append(secat.train_step(ddp, optimizer, scaler, batch, n, world, amp, clip_grad=0))
+    return losses
+
+
+def _ddp_worker(rank, world, init_file, out):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world)
+    model, tok, feats, batches, args = _setup()
+    losses = _steps(model, tok, feats, batches, args, rank, world)
+    summed = torch.stack(losses)
+    torch.distributed.all_reduce(summed)
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "losses": summed}, out)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_gloo_ddp_step_equals_one_process_step(tmp_path):
+    model, tok, feats, batches, args = _setup()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = _steps(model, tok, feats, batches, args)
+    out = str(tmp_path / "two.pt")
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "rdv"), out), nprocs=2)
+    two = torch.load(out, weights_only=True)
+    assert torch.allclose(torch.stack(losses), two["losses"], atol=1e-5)
+    changed = 0
+    for k, v in model.state_dict().items():
+        assert torch.allclose(v, two["model"][k], atol=1e-5), k
+        changed += not torch.equal(v, before[k])
+    assert changed > 10  # mapper and LM moved; the frozen encoder did not
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if k.startswith("backbone."))
+
+
+def test_bf16_autocast_step_on_cpu():
+    model, tok, feats, batches, args = _setup()
+    fp32 = _steps(model, tok, feats, batches[:1], args)[0]
+    model, tok, feats, batches, args = _setup()
+    bf16 = _steps(model, tok, feats, batches[:1], args, amp=torch.autocast("cpu", dtype=torch.bfloat16))[0]
+    assert torch.isfinite(bf16) and abs(bf16.item() - fp32.item()) < 0.05 * fp32.item()
+
+
+# ---------------------------------------------------------------- the whole loop: resume
+def _tiny_folder(root, classes=3, per_class=6, size=16):
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        os.makedirs(os.path.join(root, f"class_{c}"), exist_ok=True)
+        for i in range(per_class):
+            img = np.clip(rng.normal(80 * c, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(os.path.join(root, f"class_{c}", f"{i}.png"))
+    return root
+
+
+def _train_args(out, root, *extra):
+    return secat.get_args(["--data", root, "--output-dir", str(out), "--encoder-arch", "vit_demo", "--patch-size", "8",
+                           "--image-size", "16", "--lm-dim", "32", "--lm-layers", "1", "--lm-heads", "2",
+                           "--context", "256", "--clusters", "3", "--max-ways", "2", "--max-shots", "1", "--epochs", "3",
+                           "--steps-per-epoch", "2", "--batch-size-per-gpu", "3", "--num-workers", "0",
+                           "--warmup-epochs", "1", "--lr", "1e-3", "--amp", "none", "--log-every", "1", *extra])
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
+    root = _tiny_folder(str(tmp_path / "imgs"))
+    full, _ = secat.train(_train_args(tmp_path / "full", root))
+    assert len((tmp_path / "full" / "log.jsonl").read_text().splitlines()) == 6
+    save = secat.data.save_checkpoint
+
+    def save_then_die(state, path):  # the job is killed right after its first checkpoint
+        save(state, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(secat.data, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        secat.train(_train_args(tmp_path / "cut", root))
+    monkeypatch.setattr(secat.data, "save_checkpoint", save)
+    resumed, _ = secat.train(_train_args(tmp_path / "cut", root, "--resume"))
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    # the checkpoint loads with weights_only and rebuilds the frozen encoder through build_backbone
+    ckpt = secat.data.load_checkpoint(tmp_path / "cut" / "checkpoint.pth")
+    enc = secat.build_backbone(ckpt["args"])
+    enc.load_state_dict({k[9:]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}, strict=True)
+
+
+def test_encoder_loads_from_a_repo_checkpoint_and_from_dino_weights(tmp_path):
+    vit = secat.VisionTransformer(8, 192, 2, 3, img_size=64)
+    torch.save({"method": "sinkhorn", "args": {}, "model": {"backbone." + k: v for k, v in vit.state_dict().items()}},
+               tmp_path / "repo.pth")
+    torch.save(vit.state_dict(), tmp_path / "dino.pth")
+    x = torch.randn(2, 3, 32, 32)
+    for name in ("repo.pth", "dino.pth"):
+        args = secat.get_args(["--data", "unused", "--encoder", str(tmp_path / name)])
+        enc = secat.load_encoder(args)
+        assert (args.encoder_dim, args.encoder_depth, args.patch_size, args.encoder_img_size) == (192, 2, 8, 64)
+        assert torch.allclose(enc(x), vit(x))
+
+
+def test_sinkhorn_clustering_is_balanced_and_finds_separated_groups():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=g) * 5
+    feats = centres.repeat_interleave(25, 0) + torch.randn(100, 16, generator=g)
+    labels = secat.cluster_features(feats, 4, "sinkhorn", seed=0)
+    assert sorted(torch.bincount(labels, minlength=4).tolist()) == [25, 25, 25, 25]
+    assert all(len(set(labels[i * 25:(i + 1) * 25].tolist())) == 1 for i in range(4))
