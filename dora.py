@@ -567,9 +567,9 @@ def train_step(m, crops, it, epoch, args, autocast):
     student, teacher, optimizer, scaler = m["student"], m["teacher"], m["optimizer"], m["scaler"]
     sched = m["schedules"]
     for i, group in enumerate(optimizer.param_groups):
-        group["lr"] = sched["lr"][it]
+        group["lr"] = float(sched["lr"][it])  # python floats: the optimizer state must load with weights_only
         if i == 0:  # only the first group is regularised
-            group["weight_decay"] = sched["wd"][it]
+            group["weight_decay"] = float(sched["wd"][it])
     clip, local = crops[0], crops[1:]
     B, Tn = clip.shape[:2]
     heads = choose_heads(args, teacher.backbone.num_heads, it)

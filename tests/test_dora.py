@@ -1,0 +1,261 @@
+"""Tests for dora.py (CPU, small tensors): the tracker, DINO weights, DDP, bf16, resume."""
+import argparse
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import dora  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def tiny_args(*extra):
+    """A vit_demo student on 32-px clips of 3 frames, 2 local crops, a 256-d head."""
+    return dora.get_args(["--data", "unused", "--arch", "vit_demo", "--patch-size", "8", "--out-dim", "256",
+                          "--image-size", "32", "--precrop-size", "40", "--frames-per-clip", "3",
+                          "--step-between-clips", "1", "--local-crops-number", "2", "--batch-size-per-gpu", "2",
+                          "--epochs", "2", "--warmup-epochs", "1", "--warmup-teacher-temp-epochs", "1",
+                          "--drop-path", "0", "--amp", "none", "--num-workers", "0", *extra])
+
+
+def random_crops(batch, args, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T, S = args.frames_per_clip, args.image_size
+    return [torch.randn(batch, T, 3, S, S, generator=g)] + \
+        [torch.randn(batch, T, 3, S // 2, S // 2, generator=g) for _ in range(args.local_crops_number)]
+
+
+# ---------------------------------------------------------------------------- the tracker
+def scene(T=5, S=12, D=24, seed=0):
+    """Feature maps of a synthetic clip on an S x S patch grid with three equal regions: a 6 x 8
+    object moving one patch right per frame, a ground strip (bottom 4 rows), and the rest.
+    Returns labels (T, S, S) and patch features (T, S*S, D) = region vector + noise."""
+    g = torch.Generator().manual_seed(seed)
+    vectors = F.normalize(torch.randn(3, D, generator=g), dim=-1) * 3
+    labels = torch.zeros(T, S, S, dtype=torch.long)
+    labels[:, 8:] = 2
+    for t in range(T):
+        labels[t, 0:6, t:t + 8] = 1
+    feats = vectors[labels.flatten(1)] + 0.5 * torch.randn(T, S * S, D, generator=g)
+    return labels, feats
+
+
+def head_attention(labels0, regions, seed=0):
+    """[CLS] attention (1, k, N) of k heads, head i mostly on region regions[i] of the first frame."""
+    g = torch.Generator().manual_seed(seed)
+    attn = torch.stack([(labels0.flatten() == r).float() * 20 + torch.rand(labels0.numel(), generator=g) for r in regions])
+    return (attn / attn.sum(-1, keepdim=True))[None]
+
+
+def test_sinkhorn_knopp_equipartition():
+    q = dora.sinkhorn_knopp(torch.randn(2, 50, 5), eps=0.5, iters=50)
+    assert torch.allclose(q.sum(-1), torch.ones(2, 50), atol=1e-4)  # each patch fully assigned
+    assert torch.allclose(q.sum(1), torch.full((2, 5), 10.0), atol=1e-2)  # each object gets N/K patches
+
+
+def test_track_gives_k_masks_per_frame():
+    torch.manual_seed(0)
+    vit = dora.VisionTransformer(patch_size=8, embed_dim=48, depth=2, num_heads=4).eval()
+    clip = torch.randn(2, 5, 3, 32, 48)
+    cls, masks, maps, head_attn = dora.track(vit, clip, heads=[0, 2, 3])
+    assert cls.shape == (2, 5, 48)
+    assert masks.shape == maps.shape == head_attn.shape == (2, 3, 5, 4, 6) and masks.dtype == torch.bool
+    assert torch.allclose(maps.flatten(3).sum(-1), torch.ones(2, 3, 5))  # softmax over the patches
+    assert masks.flatten(3).any(-1).all() and not masks.flatten(3).all(-1).any()  # above the mean: some, not all
+    masked = dora.mask_clip(clip, masks)
+    assert masked.shape == (3, 2, 5, 3, 32, 48)
+    up = masks[1, 2, 4].repeat_interleave(8, 0).repeat_interleave(8, 1)  # object 2 of clip 1 in frame 4
+    assert torch.equal(masked[2, 1, 4, :, up], clip[1, 4, :, up]) and (masked[2, 1, 4, :, ~up] == 0).all()
+
+
+def test_sinkhorn_makes_objects_distinct():
+    labels, feats = scene()
+    attn = head_attention(labels[0], [1, 1, 1])  # all three heads look at the same (salient) object
+    overlap = {}
+    for sk in (False, True):
+        prototypes = dora.discover_objects(attn, feats[:1], feats[:1], use_sinkhorn=sk)
+        _, masks = dora.track_objects(prototypes, feats[None])
+        overlap[sk] = dora.mask_overlap(masks.reshape(1, 3, 5, 12, 12))
+    assert overlap[False] > 0.9  # without SK: three copies of one object
+    assert overlap[True] < overlap[False] - 0.3
+
+
+@pytest.mark.parametrize("use_sinkhorn", [False, True])
+def test_tracker_follows_translating_object(use_sinkhorn):
+    labels, feats = scene()
+    attn = head_attention(labels[0], [1, 2, 0])  # head 0 on the object, the others elsewhere
+    prototypes = dora.discover_objects(attn, feats[:1], feats[:1], use_sinkhorn=use_sinkhorn)
+    _, masks = dora.track_objects(prototypes, feats[None])
+    masks = masks.reshape(3, 5, 12, 12)
+    cols = torch.arange(12).float()
+    centres = []
+    for t in range(5):
+        obj, truth = masks[0, t], labels[t] == 1
+        assert obj.sum() >= 3 and (obj & truth).sum() >= 0.9 * obj.sum()  # the mask lies on the object
+        assert not (masks[1:, t] & truth).any()  # and no other object takes it
+        centres.append((obj.float() * cols).sum() / obj.sum())
+    moves = np.diff(centres)
+    assert (moves > 0).all() and abs(moves.mean() - 1.0) < 0.5  # one patch right per frame, like the object
+
+
+# ---------------------------------------------------------------------------- DINO weights
+def dino_reference_forward(sd, x, patch, heads, depth):
+    """DINO's ViT written out from its parameter names: [CLS] output and last attention."""
+    def ln(t, name):
+        return F.layer_norm(t, t.shape[-1:], sd[name + ".weight"], sd[name + ".bias"], eps=1e-6)
+
+    t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=patch).flatten(2).transpose(1, 2)
+    t = torch.cat([sd["cls_token"].expand(len(x), -1, -1), t], 1) + sd["pos_embed"]
+    B, N, D = t.shape
+    for i in range(depth):
+        p = f"blocks.{i}."
+        qkv = F.linear(ln(t, p + "norm1"), sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"])
+        q, k, v = qkv.reshape(B, N, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1) * (D // heads) ** -0.5).softmax(-1)
+        y = F.linear((attn @ v).transpose(1, 2).reshape(B, N, D), sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
+        t = t + y
+        h = F.gelu(F.linear(ln(t, p + "norm2"), sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"]))
+        t = t + F.linear(h, sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"])
+    return ln(t, "norm")[:, 0], attn
+
+
+def test_dino_weights_load_strict_and_match(tmp_path):
+    torch.manual_seed(0)
+    # a DINO checkpoint's backbone: DINO's names and shapes, random values (ViT-S/16 layout, 2 blocks)
+    D, heads, depth, patch = 384, 6, 2, 16
+    shapes = {"cls_token": (1, 1, D), "pos_embed": (1, 197, D), "patch_embed.proj.weight": (D, 3, 16, 16),
+              "patch_embed.proj.bias": (D,), "norm.weight": (D,), "norm.bias": (D,)}
+    for i in range(depth):
+        for n, s in {"norm1.weight": (D,), "norm1.bias": (D,), "attn.qkv.weight": (3 * D, D), "attn.qkv.bias": (3 * D,),
+                     "attn.proj.weight": (D, D), "attn.proj.bias": (D,), "norm2.weight": (D,), "norm2.bias": (D,),
+                     "mlp.fc1.weight": (4 * D, D), "mlp.fc1.bias": (4 * D,), "mlp.fc2.weight": (D, 4 * D),
+                     "mlp.fc2.bias": (D,)}.items():
+            shapes[f"blocks.{i}.{n}"] = s
+    sd = {k: torch.randn(s) * 0.05 for k, s in shapes.items()}
+    # ... saved as DINO's full checkpoints are: teacher with backbone./head. prefixes, args a Namespace
+    head = {"head.mlp.0.weight": (2048, D), "head.mlp.0.bias": (2048,), "head.mlp.2.weight": (2048, 2048),
+            "head.mlp.2.bias": (2048,), "head.mlp.4.weight": (256, 2048), "head.mlp.4.bias": (256,),
+            "head.last_layer.weight_g": (512, 1), "head.last_layer.weight_v": (512, 256)}
+    full = {**{"backbone." + k: v for k, v in sd.items()}, **{k: torch.randn(s) * 0.05 for k, s in head.items()}}
+    torch.save({"teacher": full, "args": argparse.Namespace(arch="vit_small")}, tmp_path / "dino_full.pth")
+
+    vit = dora.VisionTransformer(patch, D, depth, heads).eval()
+    vit.load_state_dict(sd, strict=True)
+    x = torch.randn(2, 3, 224, 224)
+    ref_cls, ref_attn = dino_reference_forward(sd, x, patch, heads, depth)
+    with torch.no_grad():
+        assert torch.allclose(vit(x), ref_cls, atol=1e-4)
+        assert torch.allclose(vit.get_last_selfattention(x), ref_attn, atol=1e-5)
+        assert torch.allclose(vit.get_intermediate_layers(x, 1)[0][:, 0], ref_cls, atol=1e-4)
+        cls, patches, attn, q, k = vit.forward_track(x)
+        assert torch.allclose(cls, ref_cls, atol=1e-4) and torch.allclose(attn, ref_attn, atol=1e-5)
+        assert patches.shape == (2, 196, D) and q.shape == k.shape == (2, heads, 197, D // heads)
+        assert vit(torch.randn(1, 3, 160, 96)).shape == (1, D)  # pos-embed interpolation
+
+    other = dora.VisionTransformer(patch, D, depth, heads)
+    dora.load_pretrained(other, str(tmp_path / "dino_full.pth"))  # weights_only, strict
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in sd.items())
+    wrapper = dora.MultiCropWrapper(dora.VisionTransformer(patch, D, depth, heads), dora.DINOHead(D, 512)).eval()
+    wrapper.load_state_dict(full, strict=True)  # the DINO head's names too (weight_g, weight_v)
+    with torch.no_grad():
+        z = F.normalize(torch.randn(3, 256), dim=-1)
+        w = full["head.last_layer.weight_g"] * F.normalize(full["head.last_layer.weight_v"], dim=1)
+        assert torch.allclose(wrapper.head.last_layer(z), z @ w.T, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- training steps
+def one_step(args, crops, distributed=False, rank=0, world=1, amp="none"):
+    torch.manual_seed(0)
+    m = dora.build_models(args, torch.device("cpu"), distributed)
+    m["schedules"] = dora.make_schedules(args, steps_per_epoch=4, world_size=world)
+    it = 5  # epoch 1: past the frozen last layer and the lr warm-up
+    stats = dora.train_step(m, crops, it, 1, args, data.autocast("cpu", amp))
+    return m, stats
+
+
+def _ddp_worker(rank, init_file, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    args = tiny_args("--batch-size-per-gpu", "2")
+    crops = [c[2 * rank:2 * rank + 2] for c in random_crops(4, args)]  # this rank's half of the global batch
+    m, _ = one_step(args, crops, distributed=True, rank=rank, world=2)
+    if rank == 0:
+        torch.save({"student": m["student"].state_dict(), "teacher": m["teacher"].state_dict(),
+                    "center": m["loss"].center}, out_file)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_equal_one(tmp_path):
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path / "ddp.pth")), nprocs=2, join=True)
+    two = torch.load(tmp_path / "ddp.pth", weights_only=True)
+    args = tiny_args("--batch-size-per-gpu", "4")  # the same global batch, and so the same lr, in one process
+    m, _ = one_step(args, random_crops(4, args))
+    for k, v in m["student"].state_dict().items():
+        assert torch.allclose(v, two["student"][k], atol=2e-6), k
+    for k, v in m["teacher"].state_dict().items():
+        assert torch.allclose(v, two["teacher"][k], atol=2e-6), k
+    assert torch.allclose(m["loss"].center, two["center"], atol=1e-7)
+
+
+def test_bf16_step_on_cpu():
+    args = tiny_args("--amp", "bf16")
+    crops = random_crops(2, args)
+    m, stats = one_step(args, crops, amp="bf16")
+    ref, ref_stats = one_step(tiny_args(), crops)
+    assert np.isfinite(stats["loss"]) and abs(stats["loss"] - ref_stats["loss"]) < 0.05 * ref_stats["loss"]
+    moved = [not torch.equal(a, b) for a, b in zip(m["student"].parameters(), dora.build_models(
+        tiny_args(), torch.device("cpu"))["student"].parameters())]
+    assert all(moved[:-1])  # every trained parameter changed (weight_g of the last layer may stay)
+
+
+def test_loss_halves_and_center():
+    args = tiny_args()
+    loss_fn = dora.DoRALoss(args)
+    teacher = torch.randn(2, 3, 256)
+    same = teacher * 2.5  # student logits / 0.1 = teacher logits / 0.04: the target itself
+    loss, masked, local = loss_fn(same.expand(3, -1, -1, -1), torch.randn(2, 2, 3, 256), teacher, epoch=1)
+    target = F.softmax(teacher / 0.04, -1)
+    entropy = -(target * target.clamp(min=1e-30).log()).sum(-1).mean()
+    assert torch.allclose(masked, entropy, atol=1e-4) and local > masked
+    assert torch.allclose(loss, 0.5 * masked + 0.5 * local)
+    assert torch.allclose(loss_fn.center, 0.1 * teacher.flatten(0, 1).mean(0, keepdim=True), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- resume
+def write_frames(folder, n=14, size=48):
+    os.makedirs(folder)
+    g = np.random.default_rng(0)
+    base = (g.random((size, size * 2, 3)) * 255).astype(np.uint8)
+    for i in range(n):  # a panning camera over a random texture
+        Image.fromarray(base[:, i * 2:i * 2 + size]).save(os.path.join(folder, f"{i:05d}.png"))
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    write_frames(tmp_path / "video")
+    common = ["--data", str(tmp_path / "video"), "--clip-start-every", "3", "--log-every", "1"]
+    full = tiny_args(*common, "--output-dir", str(tmp_path / "full"))
+    dora.train(full)
+    part = tiny_args(*common, "--output-dir", str(tmp_path / "part"), "--stop-after", "1")
+    dora.train(part)
+    assert data.load_checkpoint(tmp_path / "part" / "checkpoint.pth")["epoch"] == 1
+    dora.train(tiny_args(*common, "--output-dir", str(tmp_path / "part"), "--resume"))
+    a = data.load_checkpoint(tmp_path / "full" / "checkpoint.pth")
+    b = data.load_checkpoint(tmp_path / "part" / "checkpoint.pth")
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"] and a["method"] == "dora"
+    for key in ("model", "teacher"):
+        for k, v in a[key].items():
+            assert torch.equal(v, b[key][k]), (key, k)
+    assert torch.equal(a["center"], b["center"])
+    backbone = dora.build_backbone(a["args"])  # what evaluate.py does with a checkpoint
+    backbone.load_state_dict({k[9:]: v for k, v in a["teacher"].items() if k.startswith("backbone.")}, strict=True)
