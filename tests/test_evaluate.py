@@ -1,0 +1,490 @@
+"""Tests for evaluate.py with known answers: matching and mIoU, J and F, k-NN / linear probe,
+k-means, segmentation probes, label propagation, icl, viz, load_backbone round-trips."""
+import math
+import os
+import sys
+import time
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import evaluate as E  # noqa: E402
+
+torch.set_num_threads(1)
+
+# ------------------------------------------------------------------ reference ViT (copied from
+# /work/spec/vit_reference.py; used until a method file with vit_small/vit_base is importable)
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch of a sample with probability p."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = torch.empty(x.shape[0], *([1] * (x.ndim - 1)), device=x.device).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, return_attention: bool = False):
+        """x: (B, N, D) -> (B, N, D), and the attention (B, heads, N, N) if asked."""
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        if return_attention:  # the explicit path: the weights are needed (viz, tracking)
+            attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
+            out = attn @ v
+        else:  # fused kernel (flash / memory-efficient) when no weights are needed
+            attn = None
+            out = F.scaled_dot_product_attention(q, k, v)
+        out = self.proj(out.transpose(1, 2).reshape(B, N, D))
+        return (out, attn) if return_attention else out
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, return_attention: bool = False):
+        if return_attention:
+            y, attn = self.attn(self.norm1(x), return_attention=True)
+        else:
+            y, attn = self.attn(self.norm1(x)), None
+        x = x + self.drop_path(y)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return (x, attn) if return_attention else x
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, H/p * W/p, D)
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VisionTransformer(nn.Module):
+    """ViT with a [CLS] token; DINO's interface: forward -> [CLS] (B, D) after the final norm,
+    get_last_selfattention -> (B, heads, 1+N, 1+N), get_intermediate_layers(x, n) -> n x (B, 1+N, D)."""
+
+    def __init__(self, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0,
+                 drop_path_rate=0.0, img_size=224):
+        super().__init__()
+        self.embed_dim = self.num_features = embed_dim
+        self.num_heads = num_heads
+        self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
+        num_patches = (img_size // patch_size) ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, r) for r in rates])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Identity()  # DINO keeps a (unused) head slot; no parameters
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def interpolate_pos_encoding(self, num_patches: int, h: int, w: int) -> torch.Tensor:
+        """Bicubic resize of the patch part of the positional embedding to an (h/p, w/p) grid,
+        as DINO does it (scale factor with DINO's +0.1 so that floors land on the grid)."""
+        n = self.pos_embed.shape[1] - 1
+        if num_patches == n and h == w:
+            return self.pos_embed
+        p = self.patch_embed.patch_size
+        side = int(math.sqrt(n))
+        h0, w0 = h // p + 0.1, w // p + 0.1
+        grid = self.pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, scale_factor=(h0 / side, w0 / side), mode="bicubic")
+        grid = grid.permute(0, 2, 3, 1).reshape(1, -1, self.embed_dim)
+        return torch.cat([self.pos_embed[:, :1], grid], dim=1)
+
+    def prepare_tokens(self, x):  # (B, 3, H, W) -> (B, 1+N, D)
+        B, _, H, W = x.shape
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
+        return x + self.interpolate_pos_encoding(x.shape[1] - 1, H, W)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, D)
+        x = self.prepare_tokens(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)[:, 0]
+
+    def get_last_selfattention(self, x):  # -> (B, heads, 1+N, 1+N)
+        x = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        return self.blocks[-1](x, return_attention=True)[1]
+
+    def get_intermediate_layers(self, x, n: int = 1):  # -> list of n tensors (B, 1+N, D), normed
+        x = self.prepare_tokens(x)
+        out = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i >= len(self.blocks) - n:
+                out.append(self.norm(x))
+        return out
+
+
+def vit_demo(patch_size=8, **kw):  # for the CPU demos: ViT-Tiny width, 4 blocks
+    return VisionTransformer(patch_size, embed_dim=192, depth=4, num_heads=3, **kw)
+
+
+def vit_tiny(patch_size=16, **kw):
+    return VisionTransformer(patch_size, embed_dim=192, depth=12, num_heads=3, **kw)
+
+
+def vit_small(patch_size=16, **kw):
+    return VisionTransformer(patch_size, embed_dim=384, depth=12, num_heads=6, **kw)
+
+
+def vit_base(patch_size=16, **kw):
+    return VisionTransformer(patch_size, embed_dim=768, depth=12, num_heads=12, **kw)
+
+
+# ------------------------------------------------------------------ helpers
+def blobs(n, num_classes=10, dim=32, seed=0, spread=6.0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(123)) * spread
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    return centres[y] + torch.randn(n, dim, generator=g), y
+
+
+@pytest.fixture
+def reference_vits(monkeypatch):
+    monkeypatch.setattr(E, "VIT_ARCHS", dict(vit_demo=vit_demo, vit_tiny=vit_tiny, vit_small=vit_small,
+                                             vit_base=vit_base))
+
+
+# ------------------------------------------------------------------ matching, mIoU, NMI, accuracy
+def test_miou_by_hand_and_ignore():
+    pred, true = torch.tensor([0, 0, 1, 1, 1]), torch.tensor([0, 1, 1, 1, 255])
+    conf = E.confusion(pred, true, 2, 2)
+    assert conf.tolist() == [[1, 1], [0, 2]]  # the 255 pixel is not counted
+    assert E.miou(conf) == pytest.approx(100 * (1 / 2 + 2 / 3) / 2)
+
+
+def test_perfect_and_permuted_predictions_score_100_after_matching():
+    g = torch.Generator().manual_seed(0)
+    true = torch.randint(0, 6, (4, 32, 32), generator=g)
+    true[:, :2] = 255
+    perm = torch.randperm(6, generator=g)
+    pred = perm[true.clamp(max=5)]
+    pred[:, :2] = torch.randint(0, 6, (4, 2, 32), generator=g)  # garbage where the truth is ignored
+    assert E.miou(E.confusion(true.clamp(max=5), true, 6, 6)) == pytest.approx(100)
+    conf = E.confusion(pred, true, 6, 6)
+    assert E.miou(conf) < 50  # unmatched: the permutation is wrong almost everywhere
+    mapping = E.match_clusters(conf)
+    assert torch.equal(mapping[perm], torch.arange(6))
+    assert E.miou(conf, mapping) == pytest.approx(100)
+
+
+def test_many_to_one_overclustering():
+    g = torch.Generator().manual_seed(1)
+    true = torch.randint(0, 4, (5000,), generator=g)
+    pred = true * 3 + torch.randint(0, 3, (5000,), generator=g)  # every class split over 3 clusters
+    conf = E.confusion(pred, true, 12, 4)
+    assert E.miou(conf, E.match_clusters(conf, many_to_one=True)) == pytest.approx(100)
+    one_to_one = E.miou(conf, E.match_clusters(conf))  # only one of 3 clusters per class counts
+    assert 25 < one_to_one < 40
+
+
+def test_nmi_and_cluster_accuracy():
+    g = torch.Generator().manual_seed(2)
+    true = torch.randint(0, 5, (2000,), generator=g)
+    assert E.nmi((true + 2) % 5, true) == pytest.approx(100)
+    assert E.cluster_accuracy((true + 2) % 5, true) == pytest.approx(100)
+    assert E.nmi(torch.randint(0, 5, (2000,), generator=g), true) < 2
+    assert E.cluster_accuracy(torch.randint(0, 5, (2000,), generator=g), true) < 30
+
+
+def test_kmeans_recovers_separated_blobs():
+    x, y = blobs(600, num_classes=5, dim=16, spread=10)
+    labels, centroids = E.kmeans(x, 5, restarts=3)
+    assert centroids.shape == (5, 16)
+    assert E.cluster_accuracy(labels, y) == pytest.approx(100)
+    assert E.kmeans(x, 1000)[1].shape[0] == 600  # k is capped at the number of points
+
+
+# ------------------------------------------------------------------ J and F
+def test_j_on_hand_built_masks():
+    gt = torch.zeros(40, 40, dtype=torch.bool)
+    gt[10:20, 10:20] = True
+    pred = torch.zeros_like(gt)
+    pred[10:20, 15:25] = True
+    assert E.j_measure(gt, gt) == 1.0
+    assert E.j_measure(pred, gt) == pytest.approx(50 / 150)
+    assert E.j_measure(torch.zeros_like(gt), torch.zeros_like(gt)) == 1.0
+    void = torch.zeros_like(gt)
+    void[:, 20:] = True  # the part of pred outside gt is void: perfect
+    assert E.j_measure(pred, gt, void) == pytest.approx(50 / 100)
+
+
+def test_boundary_map_follows_the_davis_toolkit():
+    m = torch.zeros(5, 5, dtype=torch.bool)
+    m[2, 2] = True  # a pixel is boundary if it differs from its right, lower or lower-right neighbour
+    assert sorted(map(tuple, E.boundary_map(m).nonzero().tolist())) == [(1, 1), (1, 2), (2, 1), (2, 2)]
+
+
+def test_f_on_hand_built_masks():
+    gt = torch.zeros(60, 60, dtype=torch.bool)
+    gt[20:40, 20:40] = True
+    shifted = torch.roll(gt, 1, dims=1)
+    far = torch.roll(gt, 30, dims=0)
+    assert E.f_measure(gt, gt) == 1.0
+    assert E.f_measure(shifted, gt) == 1.0  # tolerance ceil(0.008 * 84.9) = 1 pixel
+    assert E.f_measure(torch.roll(gt, 3, dims=1), gt) < 0.8
+    assert E.f_measure(torch.roll(gt, 3, dims=1), gt, bound_th=3) == 1.0  # bound_th >= 1: pixels
+    assert E.f_measure(far, gt) == 0.0
+    empty = torch.zeros_like(gt)
+    assert E.f_measure(empty, gt) == 0.0 and E.f_measure(empty, empty) == 1.0
+
+
+# ------------------------------------------------------------------ k-NN and linear probe
+def test_knn_and_linear_on_separable_blobs():
+    x, y = blobs(800)
+    xt, yt = blobs(300, seed=1)
+    res = E.knn(x, y, xt, yt)
+    assert set(res) == {f"knn/k{k}/top{t}" for k in (10, 20, 100, 200) for t in (1, 5)}
+    assert res["knn/k20/top1"] > 99 and res["knn/k20/top5"] == 100
+    assert E.linear(x, y, xt, yt, epochs=30)["linear/top1"] > 99
+
+
+def test_knn_and_linear_on_shuffled_labels_are_at_chance():
+    x, y = blobs(800)
+    xt, yt = blobs(300, seed=1)
+    shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    assert E.knn(x, shuffled, xt, yt)["knn/k20/top1"] < 25  # chance: 10%
+    assert E.linear(x, shuffled, xt, yt, epochs=30)["linear/top1"] < 25
+
+
+def test_knn_weights_votes_by_similarity():
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.2, 0.8]])
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    test = torch.tensor([[1.0, 0.05]])  # 3 of 5 neighbours are class 1, but far: weighted vote says 0
+    assert E.knn(train, labels, test, torch.tensor([0]), ks=(5,))["knn/k5/top1"] == 100
+
+
+# ------------------------------------------------------------------ segmentation probes
+def segmentation_set(n, seed, num_classes=4, noise=0.3):
+    """Patch tokens that encode their class (one-hot + noise) and the masks they came from."""
+    g = torch.Generator().manual_seed(seed)  # two regions per image (top, bottom): few boundary pixels
+    small = torch.randint(0, num_classes, (n, 2, 1), generator=g).repeat_interleave(3, 1).expand(n, 6, 6)
+    feats = F.one_hot(small, 8).permute(0, 3, 1, 2).float() + noise * torch.randn(n, 8, 6, 6, generator=g)
+    masks = F.interpolate(small[:, None].float(), scale_factor=4, mode="nearest")[:, 0].to(torch.uint8)
+    masks[:, :, 0] = 255
+    return feats.half(), masks
+
+
+def test_seg_linear_learns_a_linearly_decodable_map():
+    tx, ty = segmentation_set(40, 0)
+    vx, vy = segmentation_set(20, 1)
+    res = E.seg_linear(tx, ty, vx, vy, num_classes=4, epochs=60)
+    assert res["seg_linear/miou"] > 90 and res["seg_linear/pixel_acc"] > 95
+
+
+def test_seg_cluster_hungarian_overclustering_and_foreground():
+    vx, vy = segmentation_set(30, 2, noise=0.1)
+    res = E.seg_cluster(vx, vy, num_classes=4, ks=(12,), restarts=2)
+    assert res["seg_cluster/k4_hungarian"] == pytest.approx(100)
+    assert res["seg_cluster/k12_many_to_one"] == pytest.approx(100)
+    assert res["seg_cluster/fg_k3_hungarian"] == pytest.approx(100)
+
+
+# ------------------------------------------------------------------ label propagation
+def translating_video(num_frames=8, height=64, width=96, step=8):
+    """Textured grey background, a red and a blue 16-px square moving right by `step` px per frame
+    (patch-aligned for patches of 4 or 8 px when step is 8)."""
+    yy = torch.arange(height)[:, None].expand(height, width)
+    frames = torch.zeros(num_frames, 3, height, width, dtype=torch.uint8)
+    masks = torch.zeros(num_frames, height, width, dtype=torch.int64)
+    for t in range(num_frames):
+        img = (110 + 10 * torch.sin(yy / 3.0)).expand(3, height, width).clone()
+        for obj, (top, left, colour) in enumerate([(8, 0, (220, 40, 40)), (40, 16, (40, 60, 220))], start=1):
+            sl = (slice(top, top + 16), slice(left + step * t, left + step * t + 16))
+            img[(slice(None), *sl)] = torch.tensor(colour, dtype=torch.float)[:, None, None]
+            masks[t][sl] = obj
+        frames[t] = img.to(torch.uint8)
+    return dict(name="translate", frames=frames, masks=masks, palette=None)
+
+
+def test_label_propagation_follows_a_translating_object(tmp_path):
+    video = translating_video()
+    res = E.propagate(E.RawPixels(4), [video], out_dir=str(tmp_path), short_side=64, multiple=4)
+    assert res["davis/J"] > 95 and res["davis/F"] > 95  # only the squares' corners round off
+    assert res["davis/J&F"] == pytest.approx((res["davis/J"] + res["davis/F"]) / 2)
+    assert len(os.listdir(tmp_path / "translate")) == 8
+    # the first mask copied to every frame loses the moving objects
+    j_still = sum(E.j_measure(video["masks"][0] == 1, video["masks"][t] == 1) for t in range(1, 7)) / 6
+    assert j_still < 0.4
+    # sub-patch motion: labels live on the patch grid, so they are close but not exact
+    res = E.propagate(E.RawPixels(4), [translating_video(step=3)], short_side=64, multiple=4)
+    assert res["davis/J"] > 75
+
+
+def test_davis_size_matches_dino():
+    assert E.davis_size(480, 854) == (480, 832)  # long side floored to a multiple of 64
+    assert E.davis_size(1080, 720, 480) == (704, 480)
+
+
+# ------------------------------------------------------------------ icl
+class TinyFolder:
+    classes = ["striped ring", "dotted box", "wavy star", "hatched cross", "checkered moon"]
+
+    def __init__(self, per_class=8):
+        self.samples = [(None, c) for c in range(len(self.classes)) for _ in range(per_class)]
+
+    def __getitem__(self, i):
+        label = self.samples[i][1]
+        return torch.full((3, 4, 4), label, dtype=torch.uint8), label
+
+
+def test_icl_with_right_and_wrong_stub_generators():
+    ds, seen = TinyFolder(), []
+
+    def right(images, texts):
+        seen.append((len(images), texts))
+        return ds.classes[int(images[-1][0, 0, 0])].title() + ". And more."
+
+    def wrong(images, texts):  # names another class of the episode, read from the support captions
+        answer = ds.classes[int(images[-1][0, 0, 0])]
+        return next(t[len("This is a "):-1] for t in texts[:-1] if t[len("This is a "):-1] != answer)
+
+    res = E.icl(right, ds, ways=(2, 5), shots=(1, 3), episodes=20, seed=0)
+    assert res["icl/2way_1shot"] == 100 and res["icl/5way_3shot"] == 100
+    assert res["icl/2way_1shot_chance"] == 50 and res["icl/5way_1shot_chance"] == 20
+    assert res["icl/2way_1shot_ci95"] == 0
+    assert seen[0][0] == 3 and seen[0][1][-1] == "What is this? This is a"
+    assert all(t.startswith("This is a ") and t.endswith(".") for t in seen[0][1][:-1])
+    assert {n for n, _ in seen} == {3, 7, 6, 16}  # ways * shots + 1 images
+    res = E.icl(wrong, ds, ways=2, shots=1, episodes=20)
+    assert res["icl/2way_1shot"] == 0
+    # fixed episode seeds: the same episodes every time
+    first, again = [], []
+    E.icl(lambda im, t: first.append(t) or "", ds, ways=2, shots=1, episodes=5, seed=3)
+    E.icl(lambda im, t: again.append(t) or "", ds, ways=2, shots=1, episodes=5, seed=3)
+    assert first == again
+
+
+def test_icl_answer_normalisation():
+    assert E.normalise_answer("  Striped-Ring!\nmore") == "stripedring"
+    assert E.normalise_answer("striped  ring. This is") == "striped ring"
+
+
+# ------------------------------------------------------------------ backbones
+def test_raw_pixels_backbone_has_dinos_interface():
+    net = E.RawPixels(8)
+    x = torch.randn(2, 3, 32, 48)
+    tokens = net.get_intermediate_layers(x, 4)[-1]
+    assert tokens.shape == (2, 1 + 4 * 6, 192)
+    assert torch.equal(tokens[0, 1], x[0, :, :8, :8].flatten())
+    assert torch.allclose(net(x), tokens[:, 1:].mean(1))
+
+
+def test_load_backbone_repo_checkpoint_round_trip(tmp_path, monkeypatch):
+    module = types.ModuleType("fake_method")
+    module.METHOD = "fake_method"
+    module.build_backbone = lambda args: vit_demo(patch_size=args["patch_size"])
+    monkeypatch.setitem(sys.modules, "fake_method", module)
+    torch.manual_seed(0)
+    teacher, student = vit_demo(patch_size=8), vit_demo(patch_size=8)
+    ckpt = {"method": "fake_method", "args": {"arch": "vit_demo", "patch_size": 8}, "epoch": 1, "step": 3,
+            "teacher": {**{"backbone." + k: v for k, v in teacher.state_dict().items()}, "head.w": torch.ones(2)},
+            "model": {"backbone." + k: v for k, v in student.state_dict().items()}}
+    torch.save(ckpt, tmp_path / "checkpoint.pth")
+    x = torch.randn(2, 3, 32, 32)
+    net = E.load_backbone(str(tmp_path / "checkpoint.pth"))
+    assert not net.training
+    assert torch.allclose(net(x), teacher.eval()(x), atol=1e-6)  # the teacher when there is one
+    del ckpt["teacher"]
+    torch.save(ckpt, tmp_path / "student.pth")
+    assert torch.allclose(E.load_backbone(str(tmp_path / "student.pth"))(x), student.eval()(x), atol=1e-6)
+    fresh = E.load_backbone(str(tmp_path / "checkpoint.pth"), random_init=True)
+    assert not torch.allclose(fresh(x), teacher(x), atol=1e-3)
+
+
+def test_load_backbone_official_dino_files(tmp_path, reference_vits):
+    torch.manual_seed(0)
+    vit = vit_demo(patch_size=8).eval()
+    x = torch.randn(1, 3, 32, 32)
+    plain = vit.state_dict()
+    wrapped = {"teacher": {**{"module.backbone." + k: v for k, v in plain.items()},
+                           "module.head.mlp.0.weight": torch.ones(3)}, "epoch": 100}
+    for i, state in enumerate([plain, wrapped, {"model": plain}]):
+        torch.save(state, tmp_path / f"dino{i}.pth")
+        net = E.load_backbone(str(tmp_path / f"dino{i}.pth"), arch="vit_demo", patch_size=8)
+        assert torch.allclose(net(x), vit(x), atol=1e-6)
+    with pytest.raises(ValueError, match="--arch"):
+        E.load_backbone(str(tmp_path / "dino0.pth"), arch="vit_huge", patch_size=8)
+    (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="broken.pth"):
+        E.load_backbone(str(tmp_path / "broken.pth"), arch="vit_demo", patch_size=8)
+    assert isinstance(E.load_backbone(arch="pixels", patch_size=8), E.RawPixels)
+
+
+# ------------------------------------------------------------------ pictures and the suite
+def test_viz_writes_grid_and_gif(tmp_path):
+    torch.manual_seed(0)
+    frames = torch.randint(0, 255, (3, 3, 35, 40), dtype=torch.uint8)
+    paths = E.viz(vit_demo(patch_size=8).eval(), frames, str(tmp_path), name="clip", ks=(2, 3))
+    from PIL import Image
+    grid = Image.open(paths[0])
+    assert grid.size == (3 * 40, 4 * 32)  # frames, attention, 2 cluster maps; cropped to 32 x 40
+    assert Image.open(paths[1]).n_frames == 3
+    paths = E.viz(E.RawPixels(8), frames, str(tmp_path), name="pix", ks=(2,))  # no attention row
+    assert Image.open(paths[0]).size == (3 * 40, 2 * 32)
+
+
+def test_run_suite_on_a_small_synthetic_world(tmp_path, capsys):
+    data = pytest.importorskip("data")
+    root = data.synth_world(str(tmp_path / "synth"), num_videos=1, num_frames=6, size=64, num_images=(12, 6),
+                            crops_per_class=(6, 3), crop_size=32)
+    torch.manual_seed(0)
+    start = time.time()
+    res = E.run_suite(vit_demo(patch_size=8), root, device="cpu", image_size=32)
+    assert time.time() - start < 20
+    for key in ("knn/k20/top1", "linear/top1", "seg_linear/miou", "seg_cluster/k7_hungarian",
+                "seg_cluster/k100_many_to_one", "davis/J&F"):
+        assert 0 <= res[key] <= 100
+    assert "davis/J&F" in capsys.readouterr().out
