@@ -192,16 +192,14 @@ def _open_image(path, short_side=None) -> Image.Image:
     """Open and decode an image as RGB, optionally shrinking so that its short side = short_side."""
     path = _need(path, "image")
     try:
-        img = Image.open(path)
-        if short_side:
+        with Image.open(path) as img:
+            if not short_side:
+                return _to_rgb(img)
             w, h = _resized_size(img.height, img.width, short_side)[::-1]
             img.draft("RGB", (w, h))  # JPEG decodes at 1/2, 1/4, 1/8 scale: big frames never decoded full size
-            img = _to_rgb(img).resize((w, h), Image.BILINEAR)
-        else:
-            img = _to_rgb(img)
+            return _to_rgb(img).resize((w, h), Image.BILINEAR)
     except (OSError, SyntaxError, ValueError) as e:
         raise Unreadable(f"{path}: unreadable image ({e})") from None
-    return img
 
 
 def load_image(path) -> torch.Tensor:
@@ -213,13 +211,13 @@ def load_mask(path) -> torch.Tensor:
     """-> int64 (H, W) class or instance ids from a palette or greyscale PNG; 255 (ignore) kept."""
     path = _need(path, "mask")
     try:
-        img = Image.open(path)
-        img.load()
+        with Image.open(path) as img:
+            mode, ids = img.mode, np.asarray(img).astype(np.int64)
     except (OSError, SyntaxError, ValueError) as e:
         raise Unreadable(f"{path}: unreadable mask ({e})") from None
-    if img.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L"):
-        raise DataError(f"{path}: mask has mode {img.mode}; save masks as palette (P) or greyscale (L) PNGs")
-    return torch.from_numpy(np.asarray(img).astype(np.int64))
+    if mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L"):
+        raise DataError(f"{path}: mask has mode {mode}; save masks as palette (P) or greyscale (L) PNGs")
+    return torch.from_numpy(ids)
 
 
 def voc_palette() -> list[int]:
@@ -382,7 +380,9 @@ class DAVIS(Dataset):
                 if mask.shape != frames.shape[2:]:
                     raise DataError(f"{mask_path}: mask is {tuple(mask.shape)} but its frame is {tuple(frames.shape[2:])}")
                 masks[t] = mask
-                palette = palette or Image.open(mask_path).getpalette()
+                if palette is None:
+                    with Image.open(mask_path) as img:
+                        palette = img.getpalette()
         return dict(name=self.names[i], frames=frames, masks=masks, palette=palette)
 
 
@@ -397,11 +397,12 @@ class VideoInfo:
 
 
 def _resized_size(height, width, short_side) -> tuple[int, int]:
-    """(H', W') with min(H', W') = short_side and the aspect ratio kept (even sizes suit video codecs)."""
+    """(H', W') with min(H', W') = short_side and the aspect ratio kept."""
     if not short_side:
         return height, width
-    scale = short_side / min(height, width)
-    return max(2, round(height * scale / 2) * 2), max(2, round(width * scale / 2) * 2)
+    if height <= width:
+        return short_side, max(1, round(width * short_side / height))
+    return max(1, round(height * short_side / width)), short_side
 
 
 @functools.lru_cache(maxsize=4096)
@@ -447,11 +448,14 @@ def _decode_file(path, indices, short_side):
     with av.open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # frame + slice threads: decode is the cost, so use the cores
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None:  # DataLoader workers already run in parallel: share the cores out
+            stream.codec_context.thread_count = max(1, (os.cpu_count() or 1) // worker.num_workers)
         fps = float(stream.average_rate or stream.guessed_rate)
         tb, start = float(stream.time_base), stream.start_time or 0
         height, width = _resized_size(stream.codec_context.height, stream.codec_context.width, short_side)
         first, last = min(wanted), max(wanted)
-        for target in (start + int(first / fps / tb), start):  # second pass only if the seek overshot
+        for target in (start + int(round(first / fps / tb)), start):  # second pass only if the seek overshot
             container.seek(target, stream=stream, backward=True)
             overshot = False
             for frame in container.decode(stream):
@@ -994,7 +998,7 @@ def inspect(path, sheet=None, do_bench=False, num_frames=8, stride=1, short_side
         target = parts[0][0]
         result = bench(target, num_frames, stride, short_side)
         print(f"bench {target} ({result['clips']} random clips of {num_frames} frames, stride {stride}, "
-              f"short side {short_side or 'native'}, threads {torch.get_num_threads()}):")
+              f"short side {short_side or 'native'}, PyAV threads auto on {os.cpu_count()} cores):")
         print(f"  VideoClips  {result['loader_clips_per_s']:8.1f} clips/s {result['loader_frames_per_s']:8.1f} frames/s")
         print(f"  plain PyAV  {result['plain_clips_per_s']:8.1f} clips/s {result['plain_frames_per_s']:8.1f} frames/s")
         print(f"  ratio loader / plain = {result['ratio']:.2f} (target >= 0.8)")
