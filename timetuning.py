@@ -1,0 +1,782 @@
+"""TimeT: self-supervised time-tuning of dense image representations.
+
+Paper: Salehi, Gavves, Snoek, Asano, "Time Does Tell: Self-Supervised Time-Tuning of Dense
+Image Representations", ICCV 2023, https://arxiv.org/abs/2308.11796
+(official code: github.com/SMSD75/Timetuning, time_tuning.py).
+
+The idea. An image model (DINO) gives patch features that segment single images well but
+flicker over the frames of a video. TimeT fine-tunes it on unlabelled videos so that patches
+cluster consistently in space *and time*. For a short clip (4 frames, 3 apart, one shared
+crop): an EMA teacher scores the first frame's patch tokens against 200 prototypes and
+Sinkhorn-Knopp turns the scores into balanced cluster assignments. The Feature-Forwarder then
+carries those assignments through the clip to the last frame by label propagation on the
+backbone's own patch features (each patch copies the labels of its 5 most similar patches in
+a 6-patch neighbourhood of the first and previous frames), so the last frame gets a cluster
+map that has *followed the motion*. The student must predict that map from the last frame
+alone: cross-entropy of its prototype scores (temperature 0.1) against the map's argmax.
+Only the last two ViT blocks, a projection head and the prototypes are trained.
+
+Commands:
+  python timetuning.py --demo                                   # vit_demo, synthetic videos, ~5 min CPU
+  python timetuning.py --demo --pretrained runs/dora/checkpoint.pth   # chain from another demo
+  python timetuning.py --data /data/ytvos/train/JPEGImages --pretrained dino_deitsmall16_pretrain.pth
+  torchrun --nproc_per_node=4 timetuning.py --data /data/ytvos/train/JPEGImages \
+      --pretrained dino_deitsmall16_pretrain.pth --batch-size-per-gpu 32
+  python timetuning.py --data DIR --resume                      # continue <output-dir>/checkpoint.pth
+
+Contents: args; the ViT (a copy of DINO's, as in every method file); projection head and
+prototypes; pretrained loading; the clip augmentation; Sinkhorn-Knopp; the Feature-Forwarder;
+the loss; one training step; train(); video k-means evaluation; pictures; main().
+"""
+import argparse
+import copy
+import functools
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+import data
+
+METHOD = "timetuning"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------------------
+# Config: the official time_tuning.py defaults; --demo overrides a few in one place.
+# ----------------------------------------------------------------------------------------
+def get_args(argv=None):
+    p = argparse.ArgumentParser("TimeT", description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=None, help="videos: mp4 files, a frame folder, or a folder of either (YouTube-VOS JPEGImages/)")
+    p.add_argument("--output-dir", default="runs/timetuning")
+    p.add_argument("--demo", action="store_true", help="vit_demo, small frames, short schedule on the synthetic world")
+    p.add_argument("--arch", default="vit_small", choices=["vit_demo", "vit_tiny", "vit_small", "vit_base"])
+    p.add_argument("--patch-size", type=int, default=16)
+    p.add_argument("--pretrained", default=None, help="DINO weights (plain or full checkpoint) or a checkpoint of another method file")
+    p.add_argument("--train-blocks", type=int, default=2, help="last ViT blocks that are trained (official: 2); -1: all of the backbone")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size-per-gpu", type=int, default=128, help="clips per GPU (official: 128 on one GPU)")
+    p.add_argument("--clips-per-video", type=int, default=1, help="random clips drawn from each video per epoch (official: 1)")
+    p.add_argument("--num-workers", type=int, default=8)
+    p.add_argument("--num-frames", type=int, default=4, help="frames per clip")
+    p.add_argument("--frame-step", type=int, default=3, help="frames between consecutive clip frames")
+    p.add_argument("--image-size", type=int, default=224, help="side of the clip crop")
+    p.add_argument("--crop-scale", type=float, nargs=2, default=(0.4, 1.0), help="area range of the clip's RandomResizedCrop")
+    p.add_argument("--lr-heads", type=float, default=1e-4, help="head and prototypes; cosine to 0")
+    p.add_argument("--lr-backbone", type=float, default=1e-5, help="the trained ViT blocks; cosine to 0")
+    p.add_argument("--weight-decay", type=float, default=0.04)
+    p.add_argument("--weight-decay-end", type=float, default=0.4)
+    p.add_argument("--momentum-teacher", type=float, default=0.995, help="EMA decay, cosine to 1")
+    p.add_argument("--proj-dims", type=int, nargs="+", default=[1024, 1024, 512, 256], help="projection head widths")
+    p.add_argument("--num-prototypes", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.1, help="student softmax temperature")
+    p.add_argument("--epsilon", type=float, default=0.05, help="Sinkhorn-Knopp entropy weight ε")
+    p.add_argument("--sinkhorn-iters", type=int, default=3)
+    p.add_argument("--topk", type=int, default=5, help="Feature-Forwarder: source patches per target patch")
+    p.add_argument("--neighborhood", type=int, default=6, help="Feature-Forwarder: radius in patches of the local window")
+    p.add_argument("--context-frames", type=int, default=7, help="Feature-Forwarder: previous frames kept besides the first")
+    p.add_argument("--prop-temperature", type=float, default=0.1, help="Feature-Forwarder: affinity temperature")
+    p.add_argument("--eval-size", type=int, default=None, help="short side of frames for evaluation (default: --image-size)")
+    p.add_argument("--eval-data", default=None, help="synthetic-world-style root (davis/, voc/) to evaluate on after training")
+    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"], help="default: bf16 on capable GPUs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pth")
+    p.add_argument("--log-every", type=int, default=10, help="steps between JSON log lines")
+    p.add_argument("--no-eval", action="store_true", help="skip evaluation after training")
+    args = p.parse_args(argv)
+    if args.demo:  # vit_demo on 64-px clips of the synthetic walking tours: minutes on 2 CPU cores
+        given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
+        demo = dict(arch="vit_demo", patch_size=8, image_size=64, train_blocks=-1, epochs=6, batch_size_per_gpu=16,
+                    clips_per_video=100, num_workers=2, proj_dims=[384, 384, 128], num_prototypes=50, log_every=5)
+        for k, v in demo.items():  # explicit flags win over the demo's settings
+            if "--" + k.replace("_", "-") not in given:
+                setattr(args, k, v)
+        if args.data is None:
+            root = data.ensure_synth("runs/synth", seed=0)
+            args.data = os.path.join(root, "videos")
+            args.eval_data = args.eval_data or root
+    if args.data is None:
+        p.error("--data is required (or --demo to use the synthetic world)")
+    args.eval_size = args.eval_size or args.image_size
+    return args
+
+
+# ----------------------------------------------------------------------------------------
+# A DINO-compatible Vision Transformer. Each method file carries its own copy so that it
+# reads alone (house style); parameter names follow the official DINO checkpoints, so
+#   model.load_state_dict(torch.load("dino_deitsmall16_pretrain.pth"), strict=True)
+# works and gives the same outputs as DINO's vision_transformer.py.
+# ----------------------------------------------------------------------------------------
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch of a sample with probability p."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = torch.empty(x.shape[0], *([1] * (x.ndim - 1)), device=x.device).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, return_attention: bool = False):
+        """x: (B, N, D) -> (B, N, D), and the attention (B, heads, N, N) if asked."""
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        if return_attention:  # the explicit path: the weights are needed (viz)
+            attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
+            out = attn @ v
+        else:  # fused kernel (flash / memory-efficient) when no weights are needed
+            attn = None
+            out = F.scaled_dot_product_attention(q, k, v)
+        out = self.proj(out.transpose(1, 2).reshape(B, N, D))
+        return (out, attn) if return_attention else out
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, return_attention: bool = False):
+        if return_attention:
+            y, attn = self.attn(self.norm1(x), return_attention=True)
+        else:
+            y, attn = self.attn(self.norm1(x)), None
+        x = x + self.drop_path(y)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return (x, attn) if return_attention else x
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, H/p * W/p, D)
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VisionTransformer(nn.Module):
+    """ViT with a [CLS] token; DINO's interface: forward -> [CLS] (B, D) after the final norm,
+    get_last_selfattention -> (B, heads, 1+N, 1+N), get_intermediate_layers(x, n) -> n x (B, 1+N, D)."""
+
+    def __init__(self, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0,
+                 drop_path_rate=0.0, img_size=224):
+        super().__init__()
+        self.embed_dim = self.num_features = embed_dim
+        self.num_heads = num_heads
+        self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
+        num_patches = (img_size // patch_size) ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, r) for r in rates])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Identity()  # DINO keeps a (unused) head slot; no parameters
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def interpolate_pos_encoding(self, num_patches: int, h: int, w: int) -> torch.Tensor:
+        """Bicubic resize of the patch part of the positional embedding to an (h/p, w/p) grid,
+        as DINO does it (scale factor with DINO's +0.1 so that floors land on the grid)."""
+        n = self.pos_embed.shape[1] - 1
+        if num_patches == n and h == w:
+            return self.pos_embed
+        p = self.patch_embed.patch_size
+        side = int(math.sqrt(n))
+        h0, w0 = h // p + 0.1, w // p + 0.1
+        grid = self.pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, scale_factor=(h0 / side, w0 / side), mode="bicubic")
+        grid = grid.permute(0, 2, 3, 1).reshape(1, -1, self.embed_dim)
+        return torch.cat([self.pos_embed[:, :1], grid], dim=1)
+
+    def prepare_tokens(self, x):  # (B, 3, H, W) -> (B, 1+N, D)
+        B, _, H, W = x.shape
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
+        return x + self.interpolate_pos_encoding(x.shape[1] - 1, H, W)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, D)
+        x = self.prepare_tokens(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)[:, 0]
+
+    def get_last_selfattention(self, x):  # -> (B, heads, 1+N, 1+N)
+        x = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        return self.blocks[-1](x, return_attention=True)[1]
+
+    def get_intermediate_layers(self, x, n: int = 1):  # -> list of n tensors (B, 1+N, D), normed
+        x = self.prepare_tokens(x)
+        out = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i >= len(self.blocks) - n:
+                out.append(self.norm(x))
+        return out
+
+    def patch_tokens(self, x):  # (B, 3, H, W) -> (B, N, D): last layer, normed, [CLS] dropped
+        return self.get_intermediate_layers(x, 1)[0][:, 1:]
+
+
+def vit_demo(patch_size=8, **kw):  # for the CPU demos: ViT-Tiny width, 4 blocks
+    return VisionTransformer(patch_size, embed_dim=192, depth=4, num_heads=3, **kw)
+
+
+def vit_tiny(patch_size=16, **kw):
+    return VisionTransformer(patch_size, embed_dim=192, depth=12, num_heads=3, **kw)
+
+
+def vit_small(patch_size=16, **kw):
+    return VisionTransformer(patch_size, embed_dim=384, depth=12, num_heads=6, **kw)
+
+
+def vit_base(patch_size=16, **kw):
+    return VisionTransformer(patch_size, embed_dim=768, depth=12, num_heads=12, **kw)
+
+
+ARCHS = {"vit_demo": vit_demo, "vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}
+
+
+def build_backbone(args) -> VisionTransformer:
+    """Fresh ViT from (stored) args; evaluate.py calls this with a checkpoint's args dict."""
+    args = args if isinstance(args, dict) else vars(args)
+    return ARCHS[args["arch"]](patch_size=args.get("patch_size", 16))
+
+
+# ----------------------------------------------------------------------------------------
+# The trained network: backbone, projection head on every patch token, prototypes.
+# ----------------------------------------------------------------------------------------
+class TimeTHead(nn.Module):
+    """MLP on patch tokens (Linear-GELU..., no norm layers, as the official head) and K
+    prototypes on the unit sphere. forward: tokens (..., D) -> scores (..., K) = cosines."""
+
+    def __init__(self, in_dim: int, dims=(1024, 1024, 512, 256), num_prototypes: int = 200):
+        super().__init__()
+        layers, d = [], in_dim
+        for i, out in enumerate(dims):
+            layers.append(nn.Linear(d, out))
+            if i < len(dims) - 1:
+                layers.append(nn.GELU())
+            d = out
+        self.mlp = nn.Sequential(*layers)
+        self.prototypes = nn.Parameter(F.normalize(torch.randn(num_prototypes, d), dim=1))
+
+    def forward(self, tokens):
+        return F.normalize(self.mlp(tokens), dim=-1) @ self.prototypes.t()
+
+    @torch.no_grad()
+    def normalize_prototypes(self):  # after every optimiser step (official)
+        self.prototypes.copy_(F.normalize(self.prototypes, dim=1))
+
+
+class TimeTNet(nn.Module):
+    """backbone + head, DINO's MultiCropWrapper layout (`backbone.*`, `head.*` keys)."""
+
+    def __init__(self, backbone: VisionTransformer, head: TimeTHead):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, frames):  # (B, 3, H, W) -> patch tokens (B, N, D), scores (B, N, K)
+        tokens = self.backbone.patch_tokens(frames)
+        return tokens, self.head(tokens)
+
+
+def build_model(args) -> TimeTNet:
+    backbone = build_backbone(args)
+    return TimeTNet(backbone, TimeTHead(backbone.embed_dim, args.proj_dims, args.num_prototypes))
+
+
+def freeze_backbone(backbone: VisionTransformer, train_blocks: int):
+    """Official: only the last two blocks are tuned; patch embedding, positions, [CLS] and the
+    final norm stay as DINO learned them. train_blocks = -1 trains everything (from scratch)."""
+    if train_blocks < 0:
+        return
+    first = len(backbone.blocks) - train_blocks
+    for name, param in backbone.named_parameters():
+        param.requires_grad = name.startswith("blocks.") and int(name.split(".")[1]) >= first
+
+
+def read_pretrained(path: str):
+    """-> (ViT state_dict, stored args or None). Takes DINO's released weights (plain), a full
+    DINO checkpoint (teacher/student with `module.backbone.` keys) or a repo checkpoint."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    stored_args = None
+    if isinstance(ckpt, dict) and "method" in ckpt:  # one of this repo's method files
+        stored_args = ckpt.get("args")
+        ckpt = ckpt.get("teacher") or ckpt["model"]
+    elif isinstance(ckpt, dict) and "teacher" in ckpt and isinstance(ckpt["teacher"], dict):
+        ckpt = ckpt["teacher"]
+    ckpt = {k.removeprefix("module."): v for k, v in ckpt.items()}
+    if any(k.startswith("backbone.") for k in ckpt):  # a wrapper: keep the ViT, drop heads/prototypes
+        state = {k.removeprefix("backbone."): v for k, v in ckpt.items() if k.startswith("backbone.")}
+    else:  # DINO's released weights: the ViT alone
+        state = {k: v for k, v in ckpt.items() if not k.startswith("head.")}
+    if not state:
+        raise SystemExit(f"--pretrained {path}: no ViT weights found (expected DINO keys or `backbone.` keys)")
+    return state, stored_args
+
+
+def load_pretrained(backbone: VisionTransformer, path: str):
+    state, _ = read_pretrained(path)
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise SystemExit(f"--pretrained {path}: does not fit --arch/--patch-size ({str(e).splitlines()[0]})")
+
+
+# ----------------------------------------------------------------------------------------
+# Clips: one crop and flip for all frames (so patches correspond across time up to the
+# motion), photometric jitter drawn per frame. Official strengths: jitter (0.8, 0.8, 0.8,
+# 0.2) with p 0.8, grayscale p 0.2, blur p 0.5 with σ in [0.1, 2].
+# (The official video_transformations draw the jitter once per clip; we follow the paper's
+# per-frame wording, which asks the features to ignore colour changes between frames.)
+# ----------------------------------------------------------------------------------------
+class ClipAugmentation:
+    """uint8 clip (T, 3, H, W) -> normalised float clip (T, 3, size, size)."""
+
+    def __init__(self, size=224, scale=(0.4, 1.0), jitter_p=0.8, gray_p=0.2, blur_p=0.5):
+        self.size, self.scale = size, tuple(scale)
+        self.jitter = T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=jitter_p) if jitter_p > 0 else None
+        self.gray_p, self.blur_p = gray_p, blur_p
+
+    def __call__(self, clip):
+        i, j, h, w = T.RandomResizedCrop.get_params(clip[0], self.scale, (3 / 4, 4 / 3))  # one box for all frames
+        clip = TF.resized_crop(clip, i, j, h, w, [self.size, self.size], antialias=True)
+        if random.random() < 0.5:
+            clip = TF.horizontal_flip(clip)
+        frames = []
+        for frame in clip:  # per-frame photometric noise
+            if self.jitter is not None:
+                frame = self.jitter(frame)
+            if random.random() < self.gray_p:
+                frame = TF.rgb_to_grayscale(frame, num_output_channels=3)
+            if random.random() < self.blur_p:
+                sigma = random.uniform(0.1, 2.0)
+                frame = TF.gaussian_blur(frame, 2 * math.ceil(3 * sigma) + 1, sigma)
+            frames.append(frame)
+        clip = TF.to_dtype(torch.stack(frames), torch.float32, scale=True)
+        return TF.normalize(clip, IMAGENET_MEAN, IMAGENET_STD)
+
+
+class RandomClipPerVideo(torch.utils.data.Dataset):
+    """Official sampling: an epoch visits every video `clips_per_video` times, each time at a
+    random start. Wraps data.VideoClips (one item per clip start)."""
+
+    def __init__(self, clips: "data.VideoClips", clips_per_video: int = 1):
+        self.clips, self.clips_per_video = clips, clips_per_video
+        by_video = {}
+        for i in range(len(clips)):
+            by_video.setdefault(clips.clip_index(i)[0], []).append(i)
+        self.videos = [by_video[v] for v in sorted(by_video)]
+
+    def __len__(self):
+        return len(self.videos) * self.clips_per_video
+
+    def __getitem__(self, i):
+        starts = self.videos[i % len(self.videos)]
+        return self.clips[starts[torch.randint(len(starts), ()).item()]]
+
+
+# ----------------------------------------------------------------------------------------
+# Sinkhorn-Knopp (SwAV's online form): balanced soft assignments of a batch of patches.
+# Under DDP the batch is every rank's patches; only sums and the max cross ranks.
+# ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
+    """scores: (M, K) patch-prototype cosines -> Q: (M, K), rows sum to 1, and over all ranks
+    each prototype receives ~M_total/K patches. Q = diag(u) exp(scores/ε) diag(v)."""
+    distributed = dist.is_available() and dist.is_initialized()
+
+    def all_reduce(t, op=dist.ReduceOp.SUM):
+        if distributed:
+            dist.all_reduce(t, op=op)
+        return t
+
+    scores = scores.double()
+    top = all_reduce(scores.max().reshape(1), dist.ReduceOp.MAX)  # the same shift on every rank
+    Q = torch.exp((scores - top) / eps).t()  # (K, M)
+    K = Q.shape[0]
+    M = all_reduce(torch.tensor([float(Q.shape[1])], dtype=Q.dtype, device=Q.device))
+    Q /= all_reduce(Q.sum().reshape(1))
+    for _ in range(iters):
+        Q /= all_reduce(Q.sum(dim=1, keepdim=True)) * K  # every prototype: mass 1/K
+        Q /= Q.sum(dim=0, keepdim=True) * M  # every patch: mass 1/M
+    return (Q * M).t().float()
+
+
+# ----------------------------------------------------------------------------------------
+# The Feature-Forwarder (Sec. 3.2): label propagation of the first frame's cluster
+# assignments through the clip, with the backbone's own (head-less) patch features.
+# ----------------------------------------------------------------------------------------
+def neighborhood_mask(h: int, w: int, radius: int, device=None) -> torch.Tensor:
+    """(h*w, h*w) bool: target patch i may copy from source patch j when both row and column
+    differ by at most `radius` patches (a local window; motion between frames is small)."""
+    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    return ((ys[:, None] - ys[None]).abs() <= radius) & ((xs[:, None] - xs[None]).abs() <= radius)
+
+
+@torch.no_grad()
+def feature_forwarder(features: torch.Tensor, first_labels: torch.Tensor, grid: tuple, topk: int = 5,
+                      radius: int = 6, context: int = 7, temperature: float = 0.1) -> torch.Tensor:
+    """features: (B, T, N, D) patch tokens of each clip's frames; first_labels: (B, N, K) soft
+    labels of frame 0; grid: (h, w) with h*w = N. Returns (B, T, N, K): the labels of every
+    frame, frame t built from frame 0 and the `context` frames before t (DINO's video
+    label propagation): affinity = exp(cos / temperature) within the window, keep the top-k
+    sources, normalise, and average their labels."""
+    B, T_, N, _ = features.shape
+    feats = F.normalize(features.float(), dim=-1)
+    allowed = neighborhood_mask(*grid, radius, device=features.device)  # (N, N) target x source
+    labels = [first_labels.float()]
+    batch = torch.arange(B, device=features.device)[:, None, None]
+    for t in range(1, T_):
+        sources = [0] + list(range(max(1, t - context), t))
+        source_feats = torch.cat([feats[:, s] for s in sources], dim=1)  # (B, C*N, D)
+        source_labels = torch.cat([labels[s] for s in sources], dim=1)  # (B, C*N, K)
+        logits = feats[:, t] @ source_feats.transpose(1, 2) / temperature  # (B, N, C*N)
+        logits = logits.masked_fill(~allowed.repeat(1, len(sources)), float("-inf"))
+        top, idx = logits.topk(topk, dim=-1)  # (B, N, k)
+        weights = top.softmax(dim=-1)  # = exp(a) / sum over the kept top-k
+        labels.append((weights.unsqueeze(-1) * source_labels[batch, idx]).sum(dim=2))
+    return torch.stack(labels, dim=1)
+
+
+# ----------------------------------------------------------------------------------------
+# The loss and one training step.
+# ----------------------------------------------------------------------------------------
+def timet_loss(student_scores: torch.Tensor, forwarded: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """student_scores: (B, N, K) cosines of the last frame's patches to the prototypes;
+    forwarded: (B, N, K) cluster map carried from frame 0. CE against its argmax (Eq. 3)."""
+    target = forwarded.argmax(dim=-1)
+    return F.cross_entropy(rearrange(student_scores.float() / temperature, "b n k -> (b n) k"), target.flatten())
+
+
+def timet_step(student, teacher: TimeTNet, clips: torch.Tensor, args, autocast):
+    """clips: (B, T, 3, H, W) -> loss. `student` may be DDP-wrapped; `teacher` is plain."""
+    raw = student.module if isinstance(student, nn.parallel.DistributedDataParallel) else student
+    B, T_, _, H, W = clips.shape
+    p = raw.backbone.patch_embed.patch_size
+    with autocast:
+        tokens_last, scores_last = student(clips[:, -1])  # the only frame with gradients
+        with torch.no_grad():
+            tokens_before = raw.backbone.patch_tokens(rearrange(clips[:, :-1], "b t c h w -> (b t) c h w"))
+            teacher_scores = teacher(clips[:, 0])[1]
+    tokens_before = rearrange(tokens_before, "(b t) n d -> b t n d", b=B)
+    features = torch.cat([tokens_before, tokens_last.detach()[:, None]], dim=1)  # (B, T, N, D)
+    K = teacher_scores.shape[-1]
+    first_labels = sinkhorn(teacher_scores.reshape(-1, K), args.epsilon, args.sinkhorn_iters).view(B, -1, K)
+    forwarded = feature_forwarder(features, first_labels, (H // p, W // p), args.topk, args.neighborhood,
+                                  args.context_frames, args.prop_temperature)[:, -1]
+    return timet_loss(scores_last, forwarded, args.temperature)
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float):
+    """teacher <- m·teacher + (1-m)·student, prototypes re-normalised after. (The official
+    update multiplies the other way round, leaving the teacher ~0.5 % behind the student; we
+    use the standard EMA that the paper describes.)"""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
+    teacher.head.normalize_prototypes()
+
+
+def param_groups(model: TimeTNet, args):
+    """AdamW groups: heads (lr_heads) and trained blocks (lr_backbone), each split into decayed
+    weights and undecayed biases/norms; 'base_lr' and 'decay' drive the schedules."""
+    groups = []
+    for module, lr in ((model.head, args.lr_heads), (model.backbone, args.lr_backbone)):
+        params = [(n, q) for n, q in module.named_parameters() if q.requires_grad]
+        decay = [q for n, q in params if q.ndim > 1]
+        no_decay = [q for n, q in params if q.ndim <= 1]
+        groups += [dict(params=decay, base_lr=lr, decay=True), dict(params=no_decay, base_lr=lr, decay=False)]
+    return [g for g in groups if g["params"]]
+
+
+def train(args):
+    d = data.init_distributed()
+    args.amp = data.resolve_amp(args.amp, d.device)
+    autocast = data.autocast(d.device, args.amp)
+    data.seed_everything(args.seed, d.rank)
+    os.makedirs(args.output_dir, exist_ok=True)
+    log = data.JsonlLogger(os.path.join(args.output_dir, "log.jsonl"), d.is_main)
+
+    if args.pretrained:  # a repo checkpoint brings its own architecture (demo chaining)
+        _, stored = read_pretrained(args.pretrained)
+        if stored and (stored.get("arch"), stored.get("patch_size")) != (args.arch, args.patch_size):
+            args.arch, args.patch_size = stored["arch"], stored.get("patch_size", args.patch_size)
+            if d.is_main:
+                print(f"--pretrained {args.pretrained}: using its architecture {args.arch}/{args.patch_size}")
+    student = build_model(args)
+    if args.pretrained:
+        load_pretrained(student.backbone, args.pretrained)
+    freeze_backbone(student.backbone, args.train_blocks)
+    student.to(d.device)
+    teacher = copy.deepcopy(student).requires_grad_(False)
+
+    clips = data.VideoClips(args.data, num_frames=args.num_frames, stride=args.frame_step, step_between_clips=1,
+                            short_side=args.image_size,  # official: Resize(224), then the crop
+                            transform=ClipAugmentation(args.image_size, args.crop_scale))
+    dataset = RandomClipPerVideo(clips, args.clips_per_video)
+    sampler = torch.utils.data.DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_per_gpu, sampler=sampler,
+                                         num_workers=args.num_workers, drop_last=True, pin_memory=d.device.type == "cuda")
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise SystemExit(f"--data {args.data}: {len(dataset)} clips per epoch is fewer than one batch of "
+                         f"{args.batch_size_per_gpu} per GPU; lower --batch-size-per-gpu or raise --clips-per-video")
+
+    optimizer = torch.optim.AdamW(param_groups(student, args))
+    scaler = data.make_scaler(args.amp, d.device)
+    total = args.epochs * steps_per_epoch
+    lr_factor = data.cosine_schedule(1.0, 0.0, args.epochs, steps_per_epoch)  # official: cosine annealing to 0
+    wd_schedule = data.cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, steps_per_epoch)
+    momentum_schedule = data.cosine_schedule(args.momentum_teacher, 1.0, args.epochs, steps_per_epoch)
+
+    start_epoch, step = 0, 0
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
+    if args.resume:
+        ckpt = data.load_checkpoint(ckpt_path)
+        student.load_state_dict(ckpt["model"])
+        teacher.load_state_dict(ckpt["teacher"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, step = ckpt["epoch"], ckpt["step"]
+        if d.is_main:
+            print(f"resumed from {ckpt_path} at epoch {start_epoch}")
+    ddp = nn.parallel.DistributedDataParallel(student, device_ids=[d.device] if d.device.type == "cuda" else None) \
+        if d.world_size > 1 else student
+
+    for epoch in range(start_epoch, args.epochs):
+        data.seed_everything(args.seed + epoch, d.rank)  # a resumed run replays the same randomness
+        sampler.set_epoch(epoch)
+        ddp.train()
+        bar = tqdm(loader, disable=not d.is_main, desc=f"epoch {epoch}", leave=False)
+        t0 = time.time()
+        for batch in bar:
+            for g in optimizer.param_groups:
+                g["lr"] = g["base_lr"] * lr_factor[step]
+                g["weight_decay"] = wd_schedule[step] if g["decay"] else 0.0
+            loss = timet_step(ddp, teacher, batch.to(d.device, non_blocking=True), args, autocast)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            student.head.normalize_prototypes()
+            ema_update(teacher, student, momentum_schedule[step])
+            step += 1
+            clips_s = len(batch) * d.world_size * (bar.n + 1) / (time.time() - t0)
+            bar.set_postfix(loss=f"{loss.item():.3f}", clips_s=f"{clips_s:.1f}")
+            if step % args.log_every == 0 or step == total:
+                log.log({"epoch": epoch, "step": step, "loss": loss.item(), "lr_heads": args.lr_heads * lr_factor[step - 1],
+                         "wd": float(wd_schedule[step - 1]), "momentum": float(momentum_schedule[step - 1]),
+                         "clips_s": clips_s, "img_s": clips_s * args.num_frames})
+        if d.is_main:
+            data.save_checkpoint({"method": METHOD, "args": vars(args), "epoch": epoch + 1, "step": step,
+                                  "model": student.state_dict(), "teacher": teacher.state_dict(),
+                                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}, ckpt_path)
+            print(f"epoch {epoch}: loss {loss.item():.3f}, {clips_s:.1f} clips/s, saved {ckpt_path}")
+    if d.world_size > 1:
+        dist.barrier()
+    return student, teacher, d
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation: unsupervised video segmentation by k-means on the patch features of whole
+# clips, clusters matched to the ground truth by Hungarian matching (the paper's clip-wise
+# and dataset-wise protocols). Official: features upsampled to pixels, k-means, matching.
+# ----------------------------------------------------------------------------------------
+def cluster_miou(pred: torch.Tensor, truth: torch.Tensor, k: int, num_classes: int) -> float:
+    """mIoU (%) of cluster ids `pred` against `truth` (255 ignored) after Hungarian matching."""
+    import evaluate
+    conf = evaluate.confusion(pred, truth, k, num_classes)
+    return evaluate.miou(conf, evaluate.match_clusters(conf))
+
+
+@torch.no_grad()
+def clip_features(backbone, frames: torch.Tensor, size: int, device, batch: int = 32):
+    """uint8 (T, 3, H, W) -> patch features (T, h, w, D), frames resized to `size` x `size`."""
+    x = TF.resize(frames, [size, size], antialias=True)
+    x = TF.normalize(TF.to_dtype(x, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
+    p = backbone.patch_embed.patch_size
+    feats = torch.cat([backbone.patch_tokens(x[i:i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)])
+    return rearrange(feats, "t (h w) d -> t h w d", h=size // p)
+
+
+def pixel_clusters(feats: torch.Tensor, centroids: torch.Tensor, size: int) -> torch.Tensor:
+    """(T, h, w, D) features, (k, D) centroids -> (T, size, size): each pixel's bilinearly
+    upsampled feature u goes to its nearest centroid c. argmin |u - c|^2 = argmax u.c - |c|^2/2,
+    and u.c is the upsampled patch-level score, so the scores are upsampled, not the features."""
+    scores = feats @ centroids.t() - 0.5 * (centroids * centroids).sum(1)  # (T, h, w, k)
+    up = F.interpolate(rearrange(scores, "t h w k -> t k h w"), size=(size, size), mode="bilinear", align_corners=False)
+    return up.argmax(1)
+
+
+@functools.lru_cache(maxsize=None)
+def synthetic_classes(root: str, name: str) -> torch.Tensor:
+    """Instance id -> class id (0 background, 255 kept) of a synthetic-world tour, from its generator."""
+    import json
+    meta = json.load(open(os.path.join(root, "world.json")))
+    tour = data.SyntheticWorld(meta["seed"]).video(meta["videos"].index(name), meta["frames_per_video"], meta["size"])
+    lut = torch.tensor([0] + [int(c) + 1 for c in tour["labels"]] + [0] * 255)
+    lut[255] = 255
+    return lut
+
+
+@torch.no_grad()
+def video_kmeans_miou(backbone, davis_root: str, size: int, device, clip_frames: int = 16, world_root=None):
+    """Clip-wise: each clip clustered alone with K = its number of labels, matched alone;
+    dataset-wise: all clips' patches clustered together with K = the dataset's number of
+    classes, matched once. Labels: DAVIS instance ids (clip-wise) and semantic classes where
+    known (synthetic world: from the generator; else the DAVIS ids as given)."""
+    import evaluate
+    backbone.eval()
+    videos = data.DAVIS(davis_root, split="val")
+    clip_scores, all_feats, all_truth = [], [], []
+    for item in videos:
+        frames, masks = item["frames"], item["masks"]
+        semantic = synthetic_classes(world_root, item["name"])[masks] if world_root else masks
+        feats = clip_features(backbone, frames, size, device)
+        masks = F.interpolate(masks[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
+        semantic = F.interpolate(semantic[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
+        for s in range(0, len(frames) - clip_frames + 1, clip_frames):
+            f, m = feats[s:s + clip_frames], masks[s:s + clip_frames]
+            ids = m[m != 255].unique()
+            lut = torch.full((256,), 255, dtype=torch.long)
+            lut[ids] = torch.arange(len(ids))
+            k = len(ids)
+            if k < 2:
+                continue
+            centroids = evaluate.kmeans(F.normalize(f.reshape(-1, f.shape[-1]), dim=1), k)[1]
+            pred = pixel_clusters(F.normalize(f, dim=-1), centroids, size)
+            clip_scores.append(cluster_miou(pred, lut[m], k, k))
+            all_feats.append(f)
+            all_truth.append(semantic[s:s + clip_frames])
+    feats, truth = torch.cat(all_feats), torch.cat(all_truth)
+    num_classes = int(truth[truth != 255].max()) + 1
+    flat = F.normalize(feats.reshape(-1, feats.shape[-1]), dim=1)
+    sample = flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(0))[:20000]]
+    centroids = evaluate.kmeans(sample, num_classes)[1]
+    pred = pixel_clusters(F.normalize(feats, dim=-1), centroids, size)
+    return {"video_kmeans/clip_wise_miou": float(np.mean(clip_scores)),
+            "video_kmeans/dataset_wise_miou": cluster_miou(pred, truth, num_classes, num_classes)}
+
+
+# ----------------------------------------------------------------------------------------
+# Pictures: k-means on a whole video's patch features, one colour per cluster over time.
+# ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def save_cluster_pictures(backbone, davis_root: str, out_dir: str, size: int, device, k: int = 6,
+                          num_videos: int = 2, columns: int = 8, tag: str = ""):
+    """PNG grid (per video: a row of frames, a row of cluster maps) and one GIF per video."""
+    from PIL import Image
+    import evaluate
+    backbone.eval()
+    colours = torch.tensor([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                            [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [128, 128, 128]],
+                           dtype=torch.uint8)
+    videos = data.DAVIS(davis_root, split="val")
+    rows = []
+    for v in range(min(num_videos, len(videos))):
+        item = videos[v]
+        frames = TF.resize(item["frames"], [size, size], antialias=True)
+        feats = F.normalize(clip_features(backbone, item["frames"], size, device), dim=-1)
+        sample = feats.reshape(-1, feats.shape[-1])
+        centroids = evaluate.kmeans(sample[torch.randperm(len(sample), generator=torch.Generator().manual_seed(0))[:20000]], k)[1]
+        clusters = pixel_clusters(feats, centroids, size)
+        overlay = (0.4 * frames.float() + 0.6 * rearrange(colours[clusters % len(colours)], "t h w c -> t c h w").float()).byte()
+        pick = torch.linspace(0, len(frames) - 1, columns).long()
+        rows += [torch.cat(list(frames[pick]), dim=2), torch.cat(list(overlay[pick]), dim=2)]
+        gif = [Image.fromarray(torch.cat([f, o], dim=2).permute(1, 2, 0).numpy()) for f, o in zip(frames, overlay)]
+        gif[0].save(os.path.join(out_dir, f"clusters{tag}_{item['name']}.gif"), save_all=True, append_images=gif[1:],
+                    duration=80, loop=0)
+    Image.fromarray(torch.cat(rows, dim=1).permute(1, 2, 0).numpy()).save(os.path.join(out_dir, f"clusters{tag}.png"))
+
+
+def evaluate_backbone(backbone, args, device, tag: str):
+    """The demo's table: video k-means (this file) + DAVIS propagation and VOC through evaluate.py."""
+    import evaluate
+    root = args.eval_data
+    world = root if os.path.exists(os.path.join(root, "world.json")) else None
+    results = video_kmeans_miou(backbone, os.path.join(root, "davis"), args.eval_size, device, world_root=world)
+    if hasattr(evaluate, "run_suite"):
+        results.update(evaluate.run_suite(backbone.eval(), root, ["propagate", "seg-cluster", "seg-linear"], device,
+                                          image_size=args.eval_size))
+    save_cluster_pictures(backbone, os.path.join(root, "davis"), args.output_dir, args.eval_size, device, tag=tag)
+    return results
+
+
+def main(args):
+    init = None
+    if args.eval_data and not args.no_eval and int(os.environ.get("RANK", 0)) == 0:
+        data.seed_everything(args.seed, 0)  # the same initialisation train() starts from
+        model = build_model(args)
+        if args.pretrained:
+            load_pretrained(model.backbone, args.pretrained)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+        init = evaluate_backbone(model.backbone.to(device), args, device, "_init")
+    student, teacher, d = train(args)
+    if init is None or not d.is_main:
+        return
+    after = evaluate_backbone(teacher.backbone, args, d.device, "")
+    start = f"--pretrained {args.pretrained}" if args.pretrained else "random init (scratch)"
+    print(f"\n{'benchmark':<34s}{'init':>10s}{'timet':>10s}   (init = {start})")
+    for key in after:
+        print(f"{key:<34s}{init.get(key, float('nan')):>10.4f}{after[key]:>10.4f}")
+    data.JsonlLogger(os.path.join(args.output_dir, "log.jsonl"), True).log(
+        {"eval": "final", "init": init, "timet": after, "start": start})
+
+
+if __name__ == "__main__":
+    main(get_args())
