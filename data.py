@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -605,40 +606,30 @@ def _hash(a, b):
     return np.modf(np.abs(np.sin(a * 12.9898 + b * 78.233) * 43758.5453))[0]
 
 
-def _shape(name, u, v):
-    """Inside-mask of a unit-sized shape in object coordinates (u, v), radius about 1."""
-    r = np.hypot(u, v)
-    if name == "star":
-        return r < 0.55 + 0.4 * np.cos(5 * np.arctan2(v, u))
-    if name == "ring":
-        return (r > 0.55) & (r < 0.95)
-    if name == "box":
-        return np.maximum(np.abs(u), np.abs(v)) < 0.75
-    if name == "triangle":  # three half-planes: inradius 0.5, circumradius 1
-        angles = -np.pi / 2 + 2 * np.pi * np.arange(3) / 3
-        return np.all([u * np.cos(a) + v * np.sin(a) < 0.5 for a in angles], axis=0)
-    if name == "crescent":
-        return (r < 0.95) & (np.hypot(u - 0.45, v + 0.15) > 0.7)
-    if name == "cross":
-        return (np.minimum(np.abs(u), np.abs(v)) < 0.28) & (np.maximum(np.abs(u), np.abs(v)) < 0.95)
-    raise ValueError(f"unknown shape {name}")
+def _triangle(u, v):
+    """Three half-planes: an equilateral triangle with inradius 0.5 and circumradius 1."""
+    angles = -np.pi / 2 + 2 * np.pi * np.arange(3) / 3
+    return np.all([u * np.cos(a) + v * np.sin(a) < 0.5 for a in angles], axis=0)
 
 
-def _texture(name, u, v):
-    """Where the instance's second colour shows, in object coordinates (texture moves with the object)."""
-    if name == "striped":
-        return np.sin(u * 10) > 0
-    if name == "dotted":
-        return np.hypot(u * 3.5 - np.round(u * 3.5), v * 3.5 - np.round(v * 3.5)) < 0.28
-    if name == "checkered":
-        return (np.floor(u * 2.5) + np.floor(v * 2.5)) % 2 == 1
-    if name == "wavy":
-        return np.sin(v * 9 + 2.5 * np.sin(u * 6)) > 0
-    if name == "hatched":
-        return np.sin((u + v) * 12) > 0.4
-    if name == "gridded":
-        return (np.abs(u * 3 - np.round(u * 3)) < 0.12) | (np.abs(v * 3 - np.round(v * 3)) < 0.12)
-    raise ValueError(f"unknown texture {name}")
+# inside-masks of unit shapes in object coordinates (u, v): radius about 1
+SHAPES = {
+    "star": lambda u, v: np.hypot(u, v) < 0.55 + 0.4 * np.cos(5 * np.arctan2(v, u)),
+    "ring": lambda u, v: (np.hypot(u, v) > 0.55) & (np.hypot(u, v) < 0.95),
+    "box": lambda u, v: np.maximum(np.abs(u), np.abs(v)) < 0.75,
+    "triangle": _triangle,
+    "crescent": lambda u, v: (np.hypot(u, v) < 0.95) & (np.hypot(u - 0.45, v + 0.15) > 0.7),
+    "cross": lambda u, v: (np.minimum(np.abs(u), np.abs(v)) < 0.28) & (np.maximum(np.abs(u), np.abs(v)) < 0.95),
+}
+# where an instance's second colour shows, in object coordinates (the texture moves with the object)
+TEXTURES = {
+    "striped": lambda u, v: np.sin(u * 10) > 0,
+    "dotted": lambda u, v: np.hypot(u * 3.5 - np.round(u * 3.5), v * 3.5 - np.round(v * 3.5)) < 0.28,
+    "checkered": lambda u, v: (np.floor(u * 2.5) + np.floor(v * 2.5)) % 2 == 1,
+    "wavy": lambda u, v: np.sin(v * 9 + 2.5 * np.sin(u * 6)) > 0,
+    "hatched": lambda u, v: np.sin((u + v) * 12) > 0.4,
+    "gridded": lambda u, v: (np.abs(u * 3 - np.round(u * 3)) < 0.12) | (np.abs(v * 3 - np.round(v * 3)) < 0.12),
+}
 
 
 class SyntheticWorld:
@@ -697,8 +688,8 @@ class SyntheticWorld:
             dx, dy = (X[i0:i1, j0:j1] - ox) / radius, (Y[i0:i1, j0:j1] - oy) / radius
             u, v = np.cos(angle) * dx + np.sin(angle) * dy, -np.sin(angle) * dx + np.cos(angle) * dy
             texture, shape = self.classes[label].split("_")
-            inside = _shape(shape, u, v)
-            paint = np.where(_texture(texture, u, v)[..., None], colours[1], colours[0])
+            inside = SHAPES[shape](u, v)
+            paint = np.where(TEXTURES[texture](u, v)[..., None], colours[1], colours[0])
             paint = paint * (0.9 + 0.1 * u)[..., None]  # soft light from the right: a hint of 3-D
             img[i0:i1, j0:j1][inside] = paint[inside]
             instances[i0:i1, j0:j1][inside] = k + 1
@@ -817,10 +808,17 @@ def synth_world(out_dir, seed=0, num_videos=4, num_frames=96, size=128, num_imag
 def ensure_synth(root="runs/synth", seed=0) -> str:
     """Write the synthetic world to root unless root/world.json exists; under DDP rank 0 writes, the rest wait."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if not os.path.exists(os.path.join(root, "world.json")):
-        if not distributed or torch.distributed.get_rank() == 0:
-            print(f"writing the synthetic world to {root} (seed {seed}) ...", flush=True)
+    if not os.path.exists(os.path.join(root, "world.json")) and (not distributed or torch.distributed.get_rank() == 0):
+        print(f"writing the synthetic world to {root} (seed {seed}) ...", flush=True)
+        if os.path.exists(root):  # a world cut short earlier: finish it in place
             synth_world(root, seed)
+        else:  # write aside, then rename: demos started side by side never read a half-written world
+            partial = f"{os.path.normpath(root)}.partial{os.getpid()}"
+            synth_world(partial, seed)
+            try:
+                os.rename(partial, root)
+            except OSError:  # another process got there first with the same bytes
+                shutil.rmtree(partial)
     if distributed:
         torch.distributed.barrier()
     return str(root)
