@@ -222,7 +222,13 @@ def load_mask(path) -> torch.Tensor:
 
 
 def voc_palette() -> list[int]:
-    """The 256-colour palette of Pascal VOC and DAVIS masks: the bits of the index, spread over R, G, B."""
+    """The 256-colour palette of Pascal VOC and DAVIS masks, flat [r0, g0, b0, r1, ...]."""
+    return list(_voc_palette())
+
+
+@functools.lru_cache(maxsize=1)
+def _voc_palette() -> tuple[int, ...]:
+    # the bits of each index are spread over R, G, B, most significant first
     palette = []
     for index in range(256):
         rgb, bits = [0, 0, 0], index
@@ -231,7 +237,7 @@ def voc_palette() -> list[int]:
                 rgb[channel] |= ((bits >> channel) & 1) << (7 - level)
             bits >>= 3
         palette += rgb
-    return palette
+    return tuple(palette)
 
 
 def save_mask(path, mask) -> None:
