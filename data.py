@@ -385,7 +385,8 @@ class DAVIS(Dataset):
             if os.path.exists(mask_path):
                 mask = load_mask(mask_path)
                 if mask.shape != frames.shape[2:]:
-                    raise DataError(f"{mask_path}: mask is {tuple(mask.shape)} but its frame is {tuple(frames.shape[2:])}")
+                    raise DataError(f"{mask_path}: mask is {tuple(mask.shape)} but its frame is "
+                                    f"{tuple(frames.shape[2:])}")
                 masks[t] = mask
                 if palette is None:
                     with Image.open(mask_path) as img:
@@ -662,7 +663,8 @@ class SyntheticWorld:
                     horizon=rng.uniform(-45, -20), ground_line=rng.uniform(15, 40))
 
     def render(self, height, width, camera, stuff, objects):
-        """camera (x, y, zoom): world units per pixel; objects: (label, x, y, radius, angle, colours (2,3)), back to front.
+        """Draw one frame. camera = (x, y, zoom in world units per pixel); objects, back to front,
+        are (label, x, y, radius, angle, colours (2,3)).
 
         -> (uint8 (H,W,3), instances int64 (H,W): k+1 where objects[k] is visible).
         """
@@ -686,9 +688,10 @@ class SyntheticWorld:
         img = np.where((Y < sky_line)[..., None], sky, np.where((Y < ground_line)[..., None], wall, ground))
         instances = np.zeros((height, width), np.int64)
         for k, (label, ox, oy, radius, angle, colours) in enumerate(objects):
-            # only the object's bounding box of pixels is touched
-            i0, i1 = [int(np.clip((oy - cy + s * radius) / zoom + height / 2, 0, height)) for s in (-1.05, 1.05)]
-            j0, j1 = [int(np.clip((ox - cx + s * radius) / zoom + width / 2, 0, width)) for s in (-1.05, 1.05)]
+            # only the pixels of the object's bounding box (shapes reach at most 1.06 radii) are touched
+            reach, row, col = 1.1 * radius / zoom, (oy - cy) / zoom + height / 2, (ox - cx) / zoom + width / 2
+            i0, i1 = int(max(0, row - reach)), int(min(height, row + reach + 1))
+            j0, j1 = int(max(0, col - reach)), int(min(width, col + reach + 1))
             if i1 <= i0 or j1 <= j0:
                 continue
             dx, dy = (X[i0:i1, j0:j1] - ox) / radius, (Y[i0:i1, j0:j1] - oy) / radius
@@ -724,7 +727,8 @@ class SyntheticWorld:
             if np.bincount(first.ravel(), minlength=num_objects + 1)[1:].min() >= 30:
                 break
         labels = np.array([track[0] for track in tracks])
-        frames, instances = np.zeros((num_frames, size, size, 3), np.uint8), np.zeros((num_frames, size, size), np.int64)
+        frames = np.zeros((num_frames, size, size, 3), np.uint8)
+        instances = np.zeros((num_frames, size, size), np.int64)
         for f in range(num_frames):
             frames[f], instances[f] = self.render(size, size, (cam_x[f], cam_y[f], zoom[f]), stuff, objects_at(f))
         return dict(frames=frames, instances=instances, labels=labels)
@@ -802,7 +806,8 @@ def synth_world(out_dir, seed=0, num_videos=4, num_frames=96, size=128, num_imag
             folder = os.path.join(out_dir, "objects", split, name)
             os.makedirs(folder, exist_ok=True)
             for i in range(count):
-                Image.fromarray(world.crop(label, i, split, crop_size)).save(os.path.join(folder, f"{name}_{i:04d}.jpg"), quality=95, subsampling=0)
+                crop = world.crop(label, i, split, crop_size)
+                Image.fromarray(crop).save(os.path.join(folder, f"{name}_{i:04d}.jpg"), quality=95, subsampling=0)
     meta = dict(seed=seed, classes=list(world.classes), videos=names, frames_per_video=num_frames, size=size,
                 voc_images=dict(zip(("train", "val"), num_images)), crop_size=crop_size,
                 crops_per_class=dict(zip(("train", "val"), crops_per_class)), seconds=round(time.time() - started, 2))
@@ -852,7 +857,8 @@ def dataset_kind(path) -> str:
         return "davis"
     if _frame_files(path):
         return "frame folder" if _numbered(_frame_files(path)) else "images"
-    with_images = [d.path for d in sorted(os.scandir(path), key=lambda d: d.name) if d.is_dir() and _frame_files(d.path)]
+    subfolders = sorted(d.path for d in os.scandir(path) if d.is_dir())
+    with_images = [d for d in subfolders if _frame_files(d)]
     if with_images and _numbered(_frame_files(with_images[0])):
         return "videos"
     if any(f.lower().endswith(VIDEO_EXTS) for _, _, files in os.walk(path) for f in files):
@@ -896,7 +902,8 @@ def _describe(path, kind, num_frames, stride):
         for info in clips.infos[:8]:
             seconds = f"{info.num_frames / info.fps:.1f} s at {info.fps:.2f} fps" if info.fps else "no fps (frames)"
             print(f"  {os.path.basename(info.path)}: {info.num_frames} frames, {info.width}x{info.height}, {seconds}")
-        picks = [(v, round(t)) for v, info in enumerate(clips.infos[:4]) for t in np.linspace(0, info.num_frames - 1, 6)]
+        picks = [(v, round(t)) for v, info in enumerate(clips.infos[:4])
+                 for t in np.linspace(0, info.num_frames - 1, 6)]
         return [read_frames(clips.videos[v], [t], short_side=128)[0] for v, t in picks]
     if kind == "image":
         img = load_image(path)
@@ -910,7 +917,8 @@ def _describe(path, kind, num_frames, stride):
         data = ImageFolder(path)
         counts = np.bincount(data.targets)
         print(f"{path}: image folder, {len(data.classes)} classes, {len(data)} images "
-              f"({counts.min()}-{counts.max()} per class), first {tuple(data[0][0].shape)}: {', '.join(data.classes[:8])}")
+              f"({counts.min()}-{counts.max()} per class), first {tuple(data[0][0].shape)}: "
+              f"{', '.join(data.classes[:8])}")
         firsts = [data.targets.index(c) for c in range(len(data.classes))][:12]
         return [data[i][0] for i in firsts]
     if kind == "voc":
@@ -1004,8 +1012,8 @@ def inspect(path, sheet=None, do_bench=False, num_frames=8, stride=1, short_side
         result = bench(target, num_frames, stride, short_side)
         print(f"bench {target} ({result['clips']} random clips of {num_frames} frames, stride {stride}, "
               f"short side {short_side or 'native'}, PyAV threads auto on {os.cpu_count()} cores):")
-        print(f"  VideoClips  {result['loader_clips_per_s']:8.1f} clips/s {result['loader_frames_per_s']:8.1f} frames/s")
-        print(f"  plain PyAV  {result['plain_clips_per_s']:8.1f} clips/s {result['plain_frames_per_s']:8.1f} frames/s")
+        for name, key in (("VideoClips", "loader"), ("plain PyAV", "plain")):
+            print(f"  {name}  {result[key + '_clips_per_s']:8.1f} clips/s {result[key + '_frames_per_s']:8.1f} frames/s")
         print(f"  ratio loader / plain = {result['ratio']:.2f} (target >= 0.8)")
 
 
