@@ -606,20 +606,20 @@ def train(args):
         t0 = time.time()
         for batch in bar:
             for g in optimizer.param_groups:
-                g["lr"] = g["base_lr"] * lr_factor[step]
-                g["weight_decay"] = wd_schedule[step] if g["decay"] else 0.0
+                g["lr"] = g["base_lr"] * float(lr_factor[step])  # python floats: weights_only checkpoints
+                g["weight_decay"] = float(wd_schedule[step]) if g["decay"] else 0.0
             loss = timet_step(ddp, teacher, batch.to(d.device, non_blocking=True), args, autocast)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             student.head.normalize_prototypes()
-            ema_update(teacher, student, momentum_schedule[step])
+            ema_update(teacher, student, float(momentum_schedule[step]))
             step += 1
             clips_s = len(batch) * d.world_size * (bar.n + 1) / (time.time() - t0)
             bar.set_postfix(loss=f"{loss.item():.3f}", clips_s=f"{clips_s:.1f}")
             if step % args.log_every == 0 or step == total:
-                log.log({"epoch": epoch, "step": step, "loss": loss.item(), "lr_heads": args.lr_heads * lr_factor[step - 1],
+                log.log({"epoch": epoch, "step": step, "loss": loss.item(), "lr_heads": args.lr_heads * float(lr_factor[step - 1]),
                          "wd": float(wd_schedule[step - 1]), "momentum": float(momentum_schedule[step - 1]),
                          "clips_s": clips_s, "img_s": clips_s * args.num_frames})
         if d.is_main:

@@ -1,0 +1,233 @@
+"""Tests for timetuning.py (CPU, small tensors): Feature-Forwarder, clip crops, DINO weights,
+DDP equality, bf16, resume."""
+import copy
+import os
+import sys
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import timetuning as tt  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- Feature-Forwarder
+def _sliding_clip(shift, frames=4, h=10, w=10, dim=64, seed=0):
+    """A textured scene (random feature per position) seen through a window that moves `shift`
+    patches right per frame; a 3x3 blob of label 1 lies inside the first window."""
+    g = torch.Generator().manual_seed(seed)
+    scene = torch.randn(h, w + shift * frames, dim, generator=g)
+    labels = torch.zeros(h, w + shift * frames, dtype=torch.long)
+    labels[3:6, 5:8] = 1
+    feats = torch.stack([scene[:, t * shift:t * shift + w] for t in range(frames)]).reshape(frames, h * w, dim)
+    truth = torch.stack([labels[:, t * shift:t * shift + w] for t in range(frames)]).reshape(frames, h * w)
+    seen_first = torch.stack([torch.arange(w) + t * shift < w for t in range(frames)])  # scene columns in frame 0
+    return feats, truth, seen_first[:, None, :].expand(frames, h, w).reshape(frames, h * w)
+
+
+def test_forwarder_moves_blob_with_translating_clip():
+    feats, truth, seen = _sliding_clip(shift=1)
+    first = F.one_hot(truth[0], 2).float()
+    out = tt.feature_forwarder(feats[None], first[None], (10, 10), topk=5, radius=6, context=7)[0]
+    pred = out[-1].argmax(-1)
+    assert not torch.equal(truth[-1], truth[0])  # the blob did move (3 patches left)
+    assert torch.equal(pred[seen[-1]], truth[-1][seen[-1]])  # ... and the labels went with it
+    blob = (pred * seen[-1]).view(10, 10).nonzero()  # (content entering at the right edge is new)
+    assert blob[:, 0].unique().tolist() == [3, 4, 5] and blob[:, 1].unique().tolist() == [2, 3, 4]  # cols 5..7 -> 2..4
+
+
+def test_forwarder_is_noop_on_static_clip():
+    feats, truth, _ = _sliding_clip(shift=0)
+    soft = torch.softmax(torch.randn(100, 7, generator=torch.Generator().manual_seed(1)) * 3, dim=-1)
+    out = tt.feature_forwarder(feats[None], soft[None], (10, 10))[0]
+    for t in range(1, 4):
+        assert torch.equal(out[t].argmax(-1), soft.argmax(-1))
+        assert torch.allclose(out[t], soft, atol=0.02)  # only other patches in the top-5 leak in, ~e^-6 each
+
+
+def test_neighborhood_limits_sources():
+    mask = tt.neighborhood_mask(10, 10, 2)
+    assert mask.shape == (100, 100) and mask[0].sum() == 9 and mask[55].sum() == 25
+
+
+# ----------------------------------------------------------------------------- clips, Sinkhorn, loss
+def test_clip_crop_identical_across_frames():
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 48, 80), dtype=torch.uint8)
+    clip = image[None].repeat(4, 1, 1, 1)
+    geometry_only = tt.ClipAugmentation(32, jitter_p=0, gray_p=0, blur_p=0)
+    for _ in range(5):
+        out = geometry_only(clip)
+        assert out.shape == (4, 3, 32, 32)
+        assert all(torch.equal(out[0], out[t]) for t in range(1, 4))  # one crop and flip for the clip
+    jittered = tt.ClipAugmentation(32, jitter_p=1.0, gray_p=0, blur_p=0)(clip)
+    assert not torch.allclose(jittered[0], jittered[1])  # photometric noise drawn per frame
+
+
+def test_sinkhorn_balances_patches_over_prototypes():
+    scores = F.normalize(torch.randn(600, 384), dim=1) @ F.normalize(torch.randn(30, 384), dim=1).t()
+    q = tt.sinkhorn(scores + 0.5 * torch.arange(30) / 30, eps=0.05, iters=3)  # skewed towards high ids
+    assert torch.allclose(q.sum(1), torch.ones(600), atol=1e-5)
+    assert (q.sum(0) - 20).abs().max() < 4  # ~600/30 per prototype despite the skew
+
+
+# ----------------------------------------------------------------------------- weights
+def _dino_vit_small_state(depth=12, dim=384, patch=16):
+    """A state dict with the parameter names and shapes of DINO's ViT-S/16 release, built here
+    independently of timetuning's ViT."""
+    s = {"cls_token": torch.randn(1, 1, dim), "pos_embed": torch.randn(1, 197, dim),
+         "patch_embed.proj.weight": torch.randn(dim, 3, patch, patch), "patch_embed.proj.bias": torch.randn(dim),
+         "norm.weight": torch.randn(dim), "norm.bias": torch.randn(dim)}
+    for i in range(depth):
+        for name, shape in [("norm1", (dim,)), ("norm2", (dim,))]:
+            s[f"blocks.{i}.{name}.weight"], s[f"blocks.{i}.{name}.bias"] = torch.randn(shape), torch.randn(shape)
+        for name, (o, n) in [("attn.qkv", (3 * dim, dim)), ("attn.proj", (dim, dim)),
+                             ("mlp.fc1", (4 * dim, dim)), ("mlp.fc2", (dim, 4 * dim))]:
+            s[f"blocks.{i}.{name}.weight"], s[f"blocks.{i}.{name}.bias"] = torch.randn(o, n), torch.randn(o)
+    return s
+
+
+def test_dino_weights_load_strict(tmp_path):
+    state = _dino_vit_small_state()
+    plain, full, repo = tmp_path / "dino.pth", tmp_path / "dino_full.pth", tmp_path / "repo.pth"
+    torch.save(state, plain)  # the released backbone file
+    torch.save({"teacher": {**{"backbone." + k: v for k, v in state.items()}, "head.mlp.0.weight": torch.randn(4, 4)},
+                "student": {"module.backbone." + k: v for k, v in state.items()}, "epoch": 100}, full)
+    torch.save({"method": "dora", "args": {"arch": "vit_small", "patch_size": 16},
+                "model": {"backbone." + k: v for k, v in state.items()}, "head.last_layer.weight": torch.randn(2)}, repo)
+    for path in (plain, full, repo):
+        vit = tt.vit_small()
+        tt.load_pretrained(vit, str(path))  # strict
+        assert all(torch.equal(vit.state_dict()[k], v) for k, v in state.items())
+    with pytest.raises(SystemExit, match="does not fit"):
+        tt.load_pretrained(tt.vit_demo(), str(plain))
+
+
+# ----------------------------------------------------------------------------- training steps
+def _args(tmp_path=None, data_root=None, **kw):
+    argv = ["--data", str(data_root or "unused"), "--arch", "vit_demo", "--patch-size", "8", "--image-size", "32",
+            "--proj-dims", "32", "16", "--num-prototypes", "10", "--batch-size-per-gpu", "2", "--num-workers", "0",
+            "--clips-per-video", "2", "--epochs", "2", "--no-eval", "--log-every", "1"]
+    if tmp_path is not None:
+        argv += ["--output-dir", str(tmp_path / "out")]
+    for k, v in kw.items():
+        argv += ["--" + k.replace("_", "-"), str(v)]
+    return tt.get_args(argv)
+
+
+def _models(args, seed=0):
+    torch.manual_seed(seed)
+    student = tt.build_model(args)
+    tt.freeze_backbone(student.backbone, args.train_blocks)
+    return student, copy.deepcopy(student).requires_grad_(False)
+
+
+def _one_step(student, teacher, clips, args, autocast=nullcontext(), sgd=False):
+    """The loop body of train(): loss, backward, step, prototype re-normalisation, EMA.
+    -> (loss, gradients). (SGD for exact comparisons: Adam's first step is lr*sign(g), which
+    turns float noise in zero gradients, e.g. of the key biases, into lr-sized differences.)"""
+    raw = student.module if isinstance(student, torch.nn.parallel.DistributedDataParallel) else student
+    groups = tt.param_groups(raw, args)
+    optimizer = torch.optim.SGD(groups, lr=0.5) if sgd else torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.04)
+    loss = tt.timet_step(student, teacher, clips, args, autocast)
+    optimizer.zero_grad()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in raw.named_parameters() if p.grad is not None}
+    optimizer.step()
+    raw.head.normalize_prototypes()
+    tt.ema_update(teacher, raw, 0.9)
+    return loss, grads
+
+
+def _batch(n=4):
+    return torch.randn(n, 4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    args = _args()
+    student, teacher = _models(args)
+    ddp = torch.nn.parallel.DistributedDataParallel(student)
+    clips = _batch()[rank::world]  # the same global batch, split between the ranks
+    loss, grads = _one_step(ddp, teacher, clips, args, sgd=True)
+    torch.distributed.all_reduce(loss)
+    if rank == 0:
+        torch.save({"model": student.state_dict(), "teacher": teacher.state_dict(), "grads": grads,
+                    "loss": loss / world}, os.path.join(out_dir, "ddp.pth"))
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_equal_one(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    args = _args()
+    student, teacher = _models(args)
+    clips = _batch()
+    loss, grads = _one_step(student, teacher, torch.cat([clips[0::2], clips[1::2]]), args, sgd=True)
+    ddp = torch.load(tmp_path / "ddp.pth", weights_only=True)
+    assert torch.allclose(ddp["loss"], loss.detach(), atol=1e-6)
+    assert grads.keys() == ddp["grads"].keys()
+    for k, g in grads.items():
+        assert torch.allclose(ddp["grads"][k], g, rtol=1e-4, atol=1e-7), f"grad {k}"
+    for name, state in (("model", student.state_dict()), ("teacher", teacher.state_dict())):
+        for k, v in state.items():
+            assert torch.allclose(ddp[name][k], v, rtol=1e-4, atol=1e-6), f"{name}.{k}"
+    assert not torch.equal(ddp["model"]["head.prototypes"], _models(args)[0].state_dict()["head.prototypes"])
+
+
+def test_bf16_autocast_step():
+    args = _args()
+    student, teacher = _models(args)
+    before = copy.deepcopy(student.state_dict())
+    loss, _ = _one_step(student, teacher, _batch(), args, data.autocast(torch.device("cpu"), "bf16"))
+    assert torch.isfinite(loss)
+    changed = [k for k, v in student.state_dict().items() if not torch.equal(v, before[k])]
+    assert "head.prototypes" in changed and any(k.startswith("backbone.blocks.3") for k in changed)
+    assert not any(k.startswith("backbone.blocks.0") for k in changed)  # official: only the last 2 blocks train
+
+
+# ----------------------------------------------------------------------------- resume
+def _frame_folders(root, videos=2, frames=12, size=40):
+    """YouTube-VOS layout: root/<video>/<00000.jpg ...>; a texture drifting right."""
+    rng = np.random.default_rng(0)
+    for v in range(videos):
+        scene = rng.integers(0, 256, (size, size + frames * 2, 3), dtype=np.uint8)
+        os.makedirs(root / f"vid{v}")
+        for t in range(frames):
+            Image.fromarray(scene[:, 2 * t:2 * t + size]).save(root / f"vid{v}" / f"{t:05d}.jpg")
+    return root
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupt_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    root = _frame_folders(tmp_path / "frames")
+    tt.train(_args(tmp_path / "a", root))
+    save = data.save_checkpoint
+
+    def save_then_die(state, path):  # the job is killed right after the checkpoint of epoch 1
+        save(state, path)
+        raise Interrupted
+
+    monkeypatch.setattr(data, "save_checkpoint", save_then_die)
+    with pytest.raises(Interrupted):
+        tt.train(_args(tmp_path / "b", root))
+    monkeypatch.setattr(data, "save_checkpoint", save)
+    args = _args(tmp_path / "b", root)
+    args.resume = True
+    tt.train(args)
+    a = data.load_checkpoint(tmp_path / "a" / "out" / "checkpoint.pth")
+    b = data.load_checkpoint(tmp_path / "b" / "out" / "checkpoint.pth")
+    assert a["step"] == b["step"] == 4
+    for name in ("model", "teacher"):
+        for k in a[name]:
+            assert torch.equal(a[name][k], b[name][k]), f"{name}.{k}"
+    assert len(open(tmp_path / "a" / "out" / "log.jsonl").read().splitlines()) == 4
