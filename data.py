@@ -602,6 +602,7 @@ def write_video(path, frames, fps=24, crf=18, gop=12) -> None:
 # every instance are drawn from one palette shared by all classes (and by the stuff), so
 # a colour histogram cannot tell the classes apart. Pixels are rendered analytically
 # from world coordinates, so instance masks are exact and everything is vectorised numpy.
+SYNTH_VERSION = 2  # bump whenever the generator's output changes: ensure_synth then rewrites old worlds
 # sorted, so that ImageFolder's label k (folders sorted by name) is VOC/DAVIS class k + 1
 CLASS_NAMES = ("checkered_box", "dotted_ring", "gridded_cross", "hatched_crescent", "striped_star", "wavy_triangle")
 PALETTE_RGB = np.array([[200, 60, 50], [60, 150, 70], [50, 90, 200], [220, 190, 60], [150, 70, 170],
@@ -808,7 +809,8 @@ def synth_world(out_dir, seed=0, num_videos=4, num_frames=96, size=128, num_imag
             for i in range(count):
                 crop = world.crop(label, i, split, crop_size)
                 Image.fromarray(crop).save(os.path.join(folder, f"{name}_{i:04d}.jpg"), quality=95, subsampling=0)
-    meta = dict(seed=seed, classes=list(world.classes), videos=names, frames_per_video=num_frames, size=size,
+    meta = dict(version=SYNTH_VERSION, seed=seed, classes=list(world.classes), videos=names,
+                frames_per_video=num_frames, size=size,
                 voc_images=dict(zip(("train", "val"), num_images)), crop_size=crop_size,
                 crops_per_class=dict(zip(("train", "val"), crops_per_class)), seconds=round(time.time() - started, 2))
     with open(os.path.join(out_dir, "world.json"), "w") as f:
@@ -816,23 +818,39 @@ def synth_world(out_dir, seed=0, num_videos=4, num_frames=96, size=128, num_imag
     return str(out_dir)
 
 
+def _current_world(root, seed) -> bool:
+    """root holds a complete world written by this generator version with this seed."""
+    try:
+        meta = json.load(open(os.path.join(root, "world.json")))
+    except (OSError, ValueError):
+        return False
+    return meta.get("version") == SYNTH_VERSION and meta.get("seed") == seed
+
+
 def ensure_synth(root="runs/synth", seed=0) -> str:
-    """Write the synthetic world to root unless root/world.json exists; under DDP rank 0 writes, the rest wait."""
+    """Write the synthetic world to root unless a current one is there; under DDP rank 0 writes, the rest wait.
+
+    The new world is written aside and renamed into place, so demos started side by side never
+    read a half-written world; an older or unfinished world at root is replaced.
+    """
+    root = os.path.normpath(str(root))
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if not os.path.exists(os.path.join(root, "world.json")) and (not distributed or torch.distributed.get_rank() == 0):
+    if not _current_world(root, seed) and (not distributed or torch.distributed.get_rank() == 0):
+        if os.path.exists(root) and not set(os.listdir(root)) <= {"videos", "davis", "voc", "objects", "world.json"}:
+            raise DataError(f"{root}: exists and is not a synthetic world; pick another --data or output path")
         print(f"writing the synthetic world to {root} (seed {seed}) ...", flush=True)
-        if os.path.exists(root):  # a world cut short earlier: finish it in place
-            synth_world(root, seed)
-        else:  # write aside, then rename: demos started side by side never read a half-written world
-            partial = f"{os.path.normpath(root)}.partial{os.getpid()}"
-            synth_world(partial, seed)
-            try:
-                os.rename(partial, root)
-            except OSError:  # another process got there first with the same bytes
-                shutil.rmtree(partial)
+        partial, old = f"{root}.partial{os.getpid()}", f"{root}.old{os.getpid()}"
+        synth_world(partial, seed)
+        with contextlib.suppress(OSError):
+            os.rename(root, old)
+        try:
+            os.rename(partial, root)
+        except OSError:  # another process got there first with the same bytes
+            shutil.rmtree(partial)
+        shutil.rmtree(old, ignore_errors=True)
     if distributed:
         torch.distributed.barrier()
-    return str(root)
+    return root
 
 
 # ==================================================================================== inspect

@@ -191,6 +191,24 @@ def test_generator_is_deterministic_and_moves(world):
     assert data.ensure_synth(world) == world and os.path.getmtime(os.path.join(world, "world.json")) == mtime
 
 
+def test_ensure_synth_replaces_an_old_world_and_spares_other_folders(tmp_path, monkeypatch):
+    real = data.synth_world
+    monkeypatch.setattr(data, "synth_world", lambda out, seed: real(out, seed, num_videos=1, num_frames=8,
+                                                                     num_images=(2, 1), crops_per_class=(1, 1)))
+    root = tmp_path / "synth"
+    (root / "videos").mkdir(parents=True)
+    (root / "world.json").write_text(json.dumps({"seed": 0, "version": data.SYNTH_VERSION - 1}))
+    assert data.ensure_synth(root) == str(root)
+    assert json.load(open(root / "world.json"))["version"] == data.SYNTH_VERSION
+    assert sorted(os.listdir(tmp_path)) == ["synth"]  # nothing left aside
+    assert len(data.VideoClips(root / "videos", num_frames=8)) == 1
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(data.DataError, match="not a synthetic world"):
+        data.ensure_synth(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").exists()
+
+
 def test_classes_are_not_separable_by_colour():
     # mean colour of each object region -> nearest class centroid: should be near chance (1/6)
     generator = data.SyntheticWorld(0)
