@@ -30,7 +30,6 @@ import os
 import random
 import re
 import string
-import sys
 import time
 from collections import defaultdict
 
@@ -93,15 +92,6 @@ def build_arch(arch: str, patch_size: int) -> nn.Module:
     return archs[arch](patch_size=patch_size)
 
 
-def _strip(state: dict, prefixes=("module.", "backbone.")) -> dict:
-    out = {}
-    for key, value in state.items():
-        for prefix in prefixes:
-            key = key[len(prefix):] if key.startswith(prefix) else key
-        out[key] = value
-    return out
-
-
 def load_backbone(ckpt=None, arch="vit_small", patch_size=16, random_init=False) -> nn.Module:
     """A frozen backbone in eval mode.
     ckpt of this repo (has "method"): built by `<method>.build_backbone(ckpt["args"])`, loaded strictly
@@ -111,8 +101,7 @@ def load_backbone(ckpt=None, arch="vit_small", patch_size=16, random_init=False)
     if ckpt is None:
         if not random_init and arch != "pixels":
             raise ValueError("no --ckpt given: pass one, or --random-init (or --arch pixels) for a floor")
-        net = build_arch(arch, patch_size)
-        return net.eval()
+        return build_arch(arch, patch_size).eval()
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -129,7 +118,8 @@ def load_backbone(ckpt=None, arch="vit_small", patch_size=16, random_init=False)
             if key in state and isinstance(state[key], dict):
                 state = state[key]
                 break
-        state = {k: v for k, v in _strip(state).items() if not k.startswith("head.")}
+        state = {re.sub(r"^(module\.)?(backbone\.)?", "", k): v for k, v in state.items()}
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}  # DINO's projection head
         net.load_state_dict(state, strict=True)
     return net.eval()
 
@@ -179,8 +169,8 @@ def token_grid(n: int, height: int, width: int) -> tuple:
 @torch.no_grad()
 def extract(backbone, loader, device, n_last_blocks=1, patch_tokens=False):
     """Frozen features of a loader of (images, targets): (features, targets).
-    [CLS] of the last n blocks concatenated -> (N, n*D) float32, or with patch_tokens the last
-    block's patch tokens as maps (N, D, h, w) in float16 (the cache for the segmentation probes)."""
+    [CLS] of the last n blocks -> (N, n, D) float32 (a conv backbone gives n = 1), or with patch_tokens
+    the last block's patch tokens as maps (N, D, h, w) in float16 (the segmentation probes' cache)."""
     feats, targets = [], []
     for images, y in loader:
         layers = backbone.get_intermediate_layers(images.to(device), n_last_blocks)
@@ -188,7 +178,7 @@ def extract(backbone, loader, device, n_last_blocks=1, patch_tokens=False):
             h, w = token_grid(layers[-1].shape[1] - 1, *images.shape[-2:])
             feats.append(rearrange(layers[-1][:, 1:], "b (h w) d -> b d h w", h=h, w=w).half().cpu())
         else:
-            feats.append(torch.cat([t[:, 0] for t in layers], dim=-1).float().cpu())
+            feats.append(torch.stack([t[:, 0] for t in layers], dim=1).float().cpu())
         targets.append(y)
     return torch.cat(feats), torch.cat(targets)
 
@@ -270,7 +260,7 @@ def _nearest(x, centroids, chunk=16384):
     c_sq = (centroids * centroids).sum(1)
     dists, labels = [], []
     for xb in x.split(chunk):
-        d = (xb * xb).sum(1, keepdim=True) - 2 * xb @ centroids.T + c_sq
+        d = (xb * xb).sum(1, keepdim=True) - 2 * (xb @ centroids.T) + c_sq
         m, a = d.min(1)
         dists.append(m.clamp_min(0))
         labels.append(a)
@@ -281,12 +271,12 @@ def _kmeans_pp(x, k, g):
     """k-means++ seeding: each new centre drawn with probability proportional to D(x)^2."""
     x_sq = (x * x).sum(1)
     centres = [x[torch.randint(len(x), (1,), generator=g, device=g.device).to(x.device)][0]]
-    d2 = (x_sq - 2 * x @ centres[0] + centres[0] @ centres[0]).clamp_min(0)
+    d2 = (x_sq - 2 * (x @ centres[0]) + centres[0] @ centres[0]).clamp_min(0)
     for _ in range(1, k):
         weights = d2 if d2.sum() > 0 else torch.ones_like(d2)
         c = x[torch.multinomial(weights, 1, generator=g).to(x.device)][0]
         centres.append(c)
-        d2 = torch.minimum(d2, (x_sq - 2 * x @ c + c @ c).clamp_min(0))
+        d2 = torch.minimum(d2, (x_sq - 2 * (x @ c) + c @ c).clamp_min(0))
     return torch.stack(centres)
 
 
@@ -546,14 +536,15 @@ def save_palette_png(path, mask, palette=None):
     img.save(path)
 
 
-def propagate(backbone, videos, device="cpu", out_dir=None, **kwargs) -> dict:
+def propagate(backbone, videos, device="cpu", out_dir=None, max_frames=None, **kwargs) -> dict:
     """DAVIS-2017 semi-supervised evaluation over DAVIS items (dicts with name, frames, masks, palette).
     J and F per object averaged over the annotated frames 1..T-2 (the toolkit skips the first and last), then over
-    objects; J&F their mean; all in %. Writes the palette PNGs to out_dir/<name>/ when given."""
+    objects; J&F their mean; all in %. Writes the palette PNGs to out_dir/<name>/ when given.
+    max_frames: only the first frames of each video (quick demos; the benchmark uses all)."""
     js, fs = [], []
     for video in videos:
-        masks = video["masks"]
-        pred = propagate_video(backbone, video["frames"], masks[0], device=device, **kwargs)
+        masks, frames = video["masks"][:max_frames], video["frames"][:max_frames]
+        pred = propagate_video(backbone, frames, masks[0], device=device, **kwargs)
         if out_dir:
             os.makedirs(os.path.join(out_dir, video["name"]), exist_ok=True)
             for t, m in enumerate(pred):
@@ -677,11 +668,11 @@ def classification(backbone, root, device, benches=("knn", "linear"), image_size
     (train_x, train_y), (val_x, val_y) = [extract(backbone, _loader(s, batch_size, num_workers), device, 4)
                                           for s in sets]
     out = {}
-    if "knn" in benches:  # [CLS] of the last block: the last slice of the concatenation
-        dim = backbone.embed_dim
-        out.update(knn(train_x[:, -dim:].to(device), train_y.to(device), val_x[:, -dim:].to(device), val_y.to(device)))
-    if "linear" in benches:
-        out.update(linear(train_x.to(device), train_y.to(device), val_x.to(device), val_y.to(device), epochs=epochs))
+    train_y, val_y = train_y.to(device), val_y.to(device)
+    if "knn" in benches:  # the last block's [CLS]: a DINO ViT's forward output
+        out.update(knn(train_x[:, -1].to(device), train_y, val_x[:, -1].to(device), val_y))
+    if "linear" in benches:  # DINO: the [CLS] of the last 4 blocks, concatenated
+        out.update(linear(train_x.flatten(1).to(device), train_y, val_x.flatten(1).to(device), val_y, epochs=epochs))
     return out
 
 
@@ -726,7 +717,7 @@ def run_suite(backbone, root, benches=("knn", "linear", "seg-linear", "seg-clust
                                     restarts=1))
         else:
             out.update(propagate(backbone, data.DAVIS(os.path.join(root, "davis")), device, out_dir,
-                                 short_side=image_size, multiple=patch_size_of(backbone)))
+                                 max_frames=24, short_side=image_size, multiple=patch_size_of(backbone)))
         out[f"time/{'+'.join(chosen)}"] = time.time() - start
     print_table(out)
     return out
