@@ -925,42 +925,43 @@ def _describe(path, kind, num_frames, stride):
         return [read_frames(clips.videos[v], [t], short_side=128)[0] for v, t in picks]
     if kind == "image":
         img = load_image(path)
-        print(f"{path}: image, {img.shape[2]}x{img.shape[1]}, mode {Image.open(path).mode}")
+        with Image.open(path) as pil:
+            print(f"{path}: image, {img.shape[2]}x{img.shape[1]}, mode {pil.mode}")
         return [img]
     if kind == "images":
-        data = UnlabelledImages(path)
-        print(f"{path}: unlabelled images, {len(data)} files; first is {tuple(data[0][0].shape)}")
-        return [data[i][0] for i in range(min(12, len(data)))]
+        ds = UnlabelledImages(path)
+        print(f"{path}: unlabelled images, {len(ds)} files; first is {tuple(ds[0][0].shape)}")
+        return [ds[i][0] for i in range(min(12, len(ds)))]
     if kind == "image folder":
-        data = ImageFolder(path)
-        counts = np.bincount(data.targets)
-        print(f"{path}: image folder, {len(data.classes)} classes, {len(data)} images "
-              f"({counts.min()}-{counts.max()} per class), first {tuple(data[0][0].shape)}: "
-              f"{', '.join(data.classes[:8])}")
-        firsts = [data.targets.index(c) for c in range(len(data.classes))][:12]
-        return [data[i][0] for i in firsts]
+        ds = ImageFolder(path)
+        counts = np.bincount(ds.targets)
+        print(f"{path}: image folder, {len(ds.classes)} classes, {len(ds)} images "
+              f"({counts.min()}-{counts.max()} per class), first {tuple(ds[0][0].shape)}: "
+              f"{', '.join(ds.classes[:8])}")
+        firsts = [ds.targets.index(c) for c in range(len(ds.classes))][:12]
+        return [ds[i][0] for i in firsts]
     if kind == "voc":
         shown = []
         for split in ("train", "val"):
             if not os.path.exists(os.path.join(path, "ImageSets", "Segmentation", f"{split}.txt")):
                 continue
-            data = VOCSegmentation(path, split)
-            img, mask = data[0]
-            ids = torch.cat([data[i][1].unique() for i in range(min(20, len(data)))]).unique().tolist()
-            print(f"{path} [{split}]: voc segmentation, {len(data)} images, {data.num_classes} classes, "
+            ds = VOCSegmentation(path, split)
+            img, mask = ds[0]
+            ids = torch.cat([ds[i][1].unique() for i in range(min(20, len(ds)))]).unique().tolist()
+            print(f"{path} [{split}]: voc segmentation, {len(ds)} images, {ds.num_classes} classes, "
                   f"first {img.shape[2]}x{img.shape[1]}, ids in the first 20 masks: {ids}")
-            shown += [_overlay(*data[i]) for i in range(min(6, len(data)))]
+            shown += [_overlay(*ds[i]) for i in range(min(6, len(ds)))]
         return shown
     if kind == "davis":
-        data = DAVIS(path)
+        ds = DAVIS(path)
         shown = []
-        for i in range(min(4, len(data))):
-            seq = data[i]
+        for i in range(min(4, len(ds))):
+            seq = ds[i]
             ids = seq["masks"][0].unique().tolist()
             print(f"{path} [{seq['name']}]: davis, {len(seq['frames'])} frames {seq['frames'].shape[3]}x"
                   f"{seq['frames'].shape[2]}, ids in frame 0: {ids}")
             shown += [_overlay(seq["frames"][t], seq["masks"][t]) for t in (0, len(seq["frames"]) // 2, -1)]
-        print(f"{path}: davis, {len(data)} sequences in val")
+        print(f"{path}: davis, {len(ds)} sequences in val")
         return shown
     raise DataError(f"{path}: cannot describe kind {kind}")
 
