@@ -712,17 +712,20 @@ class SyntheticWorld:
         cam_x = rng.uniform(0, 5000) + rng.choice([-1, 1]) * rng.uniform(0.8, 2.0) * t
         cam_y = rng.uniform(-8, 8) + 4 * np.sin(t / rng.uniform(8, 16))
         zoom = rng.uniform(0.8, 1.05) * (1 + 0.2 * np.sin(2 * np.pi * t / rng.uniform(60, 140) + rng.uniform(0, 6)))
+
         def objects_at(f):
             return [(lab, x[f], y[f], r[f], a[f], col) for lab, x, y, r, a, col, _ in tracks]
 
         for _ in range(50):  # DAVIS defines the objects in frame 0: redraw until each shows there
             tracks = []  # objects move relative to the camera, so they also move against the background
             for label in rng.integers(0, len(self.classes), num_objects):
-                p = rng.uniform([-35, -20, 5, 3, 0.02, 0, 11, 0, 0, -0.05], [35, 30, 22, 12, 0.08, 6, 22, 6, 6, 0.05])
-                x = cam_x + p[0] + p[2] * np.sin(p[4] * t + p[5])
-                y = cam_y + p[1] + p[3] * np.cos(p[4] * 0.7 * t + p[5])
-                radius = p[6] * (1 + 0.3 * np.sin(p[4] * 1.3 * t + p[7]))
-                tracks.append((int(label), x, y, radius, p[8] + p[9] * t, self._colours(rng, 2), p[6]))
+                # place relative to the camera, wander (radians per frame), size and its pulse, spin
+                offset_x, offset_y, swing_x, swing_y, speed, phase, base_radius, pulse, angle, spin = rng.uniform(
+                    [-35, -20, 5, 3, 0.02, 0, 11, 0, 0, -0.05], [35, 30, 22, 12, 0.08, 6, 22, 6, 6, 0.05])
+                x = cam_x + offset_x + swing_x * np.sin(speed * t + phase)
+                y = cam_y + offset_y + swing_y * np.cos(0.7 * speed * t + phase)
+                radius = base_radius * (1 + 0.3 * np.sin(1.3 * speed * t + pulse))
+                tracks.append((int(label), x, y, radius, angle + spin * t, self._colours(rng, 2), base_radius))
             tracks.sort(key=lambda track: track[-1])  # larger objects are nearer: drawn last, they occlude
             first = self.render(size, size, (cam_x[0], cam_y[0], zoom[0]), stuff, objects_at(0))[1]
             if np.bincount(first.ravel(), minlength=num_objects + 1)[1:].min() >= 30:
