@@ -537,8 +537,9 @@ class VideoClips(_SkipUnreadable, Dataset):
 
     def __init__(self, root_or_paths, num_frames=8, stride=1, step_between_clips=1, short_side=None,
                  transform=None):
-        self.root = str(root_or_paths) if isinstance(root_or_paths, (str, os.PathLike)) else "<video list>"
-        paths = find_videos(root_or_paths) if isinstance(root_or_paths, (str, os.PathLike)) else list(root_or_paths)
+        given = [root_or_paths] if isinstance(root_or_paths, (str, os.PathLike)) else list(root_or_paths)
+        paths = [video for path in given for video in find_videos(path)]  # entries may be folders of videos
+        self.root = str(given[0]) if len(given) == 1 else f"<{len(given)} video paths>"
         self.num_frames, self.stride, self.step = num_frames, stride, step_between_clips
         self.short_side, self.transform, self._bad = short_side, transform, set()
         span = (num_frames - 1) * stride + 1
@@ -560,7 +561,8 @@ class VideoClips(_SkipUnreadable, Dataset):
             counts.append((info.num_frames - span) // step_between_clips + 1)
         self.skipped_videos = problems
         if not self.videos:
-            raise DataError(f"{self.root}: no usable video among {len(paths)} ({problems[:1]})")
+            first = f"; first problem: {problems[0]}" if problems else ""
+            raise DataError(f"{self.root}: no usable video among {len(paths)}{first}")
         self.cumulative = np.cumsum(counts).tolist()
 
     def __len__(self):
