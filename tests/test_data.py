@@ -272,6 +272,8 @@ def test_corrupt_zero_frame_and_too_short_videos(tmp_path):
     with pytest.raises(data.DataError) as e:
         data.VideoClips(tmp_path / "short.mp4", num_frames=8)
     assert "shorter than one clip" in one_line_error(e, tmp_path / "short.mp4")
+    with pytest.raises(data.DataError, match="no usable video among 3"), pytest.warns(UserWarning):
+        data.VideoClips(tmp_path, num_frames=8)  # nothing readable in the folder
     write_mp4(tmp_path / "good.mp4", moving_square_frames(10))
     with pytest.warns(UserWarning, match="corrupt"):  # among several, bad videos are skipped and counted
         clips = data.VideoClips(tmp_path, num_frames=8)
