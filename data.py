@@ -714,6 +714,7 @@ class SyntheticWorld:
         cam_x = rng.uniform(0, 5000) + rng.choice([-1, 1]) * rng.uniform(0.8, 2.0) * t
         cam_y = rng.uniform(-8, 8) + 4 * np.sin(t / rng.uniform(8, 16))
         zoom = rng.uniform(0.8, 1.05) * (1 + 0.2 * np.sin(2 * np.pi * t / rng.uniform(60, 140) + rng.uniform(0, 6)))
+        zoom = zoom * (128 / size)  # any size shows the same scene as 128 px, just sharper or coarser
 
         def objects_at(f):
             return [(lab, x[f], y[f], r[f], a[f], col) for lab, x, y, r, a, col, _ in tracks]
@@ -741,7 +742,7 @@ class SyntheticWorld:
 
     def image(self, index, split="train", size=128):
         rng = self._rng(2, ["train", "val"].index(split), index)
-        camera = (rng.uniform(0, 5000), rng.uniform(-10, 10), rng.uniform(0.7, 1.3))
+        camera = (rng.uniform(0, 5000), rng.uniform(-10, 10), rng.uniform(0.7, 1.3) * (128 / size))
         n = int(rng.integers(1, 5))
         objects = [(int(rng.integers(len(self.classes))), camera[0] + rng.uniform(-45, 45),
                     camera[1] + rng.uniform(-40, 40), rng.uniform(10, 28), rng.uniform(0, 6.3),
