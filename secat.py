@@ -73,6 +73,8 @@ def get_args(argv=None):
     p.add_argument("--lm-layers", type=int, default=12)
     p.add_argument("--lm-heads", type=int, default=12)
     p.add_argument("--context", type=int, default=1024, help="from-scratch LM context length")
+    p.add_argument("--lm-positions", default="rope", choices=["rope", "learned"],
+                   help="from-scratch LM: rotary (relative) or GPT-2's learned absolute positions")
     p.add_argument("--prefix-tokens", type=int, default=2, help="visual tokens per image (Frozen: 2)")
     p.add_argument("--clusters", type=int, default=1000, help="K clusters of the unlabelled pool")
     p.add_argument("--cluster-method", default="sinkhorn", choices=["sinkhorn", "kmeans"],
@@ -87,7 +89,9 @@ def get_args(argv=None):
     p.add_argument("--warmup-epochs", type=float, default=1)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--clip-grad", type=float, default=1.0)
-    p.add_argument("--eval-episodes", type=int, default=200)
+    p.add_argument("--eval-episodes", type=int, default=200, help="episodes per (ways, shots) setting")
+    p.add_argument("--eval-ways", type=int, nargs="+", default=[2, 5])
+    p.add_argument("--eval-shots", type=int, nargs="+", default=[1, 3, 5])
     p.add_argument("--num-workers", type=int, default=8)
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"], help="default: bf16 on capable GPUs")
     p.add_argument("--seed", type=int, default=0)
@@ -116,21 +120,9 @@ def get_args(argv=None):
 # A DINO-compatible Vision Transformer. Each method file carries its own copy so that it
 # reads alone (house style); parameter names follow the official DINO checkpoints, so
 #   model.load_state_dict(torch.load("dino_deitsmall16_pretrain.pth"), strict=True)
-# works and gives the same outputs as DINO's vision_transformer.py.
+# works and gives the same outputs as DINO's vision_transformer.py. (Frozen here: stochastic
+# depth, a training-only regulariser without parameters, is left out of this copy.)
 # ---------------------------------------------------------------------------------------
-
-class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch of a sample with probability p."""
-
-    def __init__(self, p: float = 0.0):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = torch.empty(x.shape[0], *([1] * (x.ndim - 1)), device=x.device).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
 
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
@@ -164,11 +156,10 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
-        self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
@@ -177,8 +168,8 @@ class Block(nn.Module):
             y, attn = self.attn(self.norm1(x), return_attention=True)
         else:
             y, attn = self.attn(self.norm1(x)), None
-        x = x + self.drop_path(y)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + y
+        x = x + self.mlp(self.norm2(x))
         return (x, attn) if return_attention else x
 
 class PatchEmbed(nn.Module):
@@ -194,8 +185,7 @@ class VisionTransformer(nn.Module):
     """ViT with a [CLS] token; DINO's interface: forward -> [CLS] (B, D) after the final norm,
     get_last_selfattention -> (B, heads, 1+N, 1+N), get_intermediate_layers(x, n) -> n x (B, 1+N, D)."""
 
-    def __init__(self, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0,
-                 drop_path_rate=0.0, img_size=224):
+    def __init__(self, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, img_size=224):
         super().__init__()
         self.embed_dim = self.num_features = embed_dim
         self.num_heads = num_heads
@@ -203,8 +193,7 @@ class VisionTransformer(nn.Module):
         num_patches = (img_size // patch_size) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, r) for r in rates])
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Identity()  # DINO keeps a (unused) head slot; no parameters
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -261,19 +250,6 @@ class VisionTransformer(nn.Module):
             if i >= len(self.blocks) - n:
                 out.append(self.norm(x))
         return out
-
-def vit_demo(patch_size=8, **kw):  # for the CPU demos: ViT-Tiny width, 4 blocks
-    return VisionTransformer(patch_size, embed_dim=192, depth=4, num_heads=3, **kw)
-
-def vit_tiny(patch_size=16, **kw):
-    return VisionTransformer(patch_size, embed_dim=192, depth=12, num_heads=3, **kw)
-
-def vit_small(patch_size=16, **kw):
-    return VisionTransformer(patch_size, embed_dim=384, depth=12, num_heads=6, **kw)
-
-def vit_base(patch_size=16, **kw):
-    return VisionTransformer(patch_size, embed_dim=768, depth=12, num_heads=12, **kw)
-
 
 VIT_ARCHS = {"vit_demo": (8, 192, 4), "vit_tiny": (16, 192, 12), "vit_small": (16, 384, 12), "vit_base": (16, 768, 12)}
 
@@ -360,22 +336,36 @@ class ByteTokenizer:
 # Language side 2: a GPT-style decoder (GPT-2's layout and parameter names: pre-norm blocks,
 # learned positions, tanh-GELU, causal SDPA attention, output layer tied to the embedding).
 # ----------------------------------------------------------------------------------------
+def rotate(x, base=10000.0):  # (B, h, L, d) -> same: rotary position embedding (RoPE)
+    """Rotate pairs of channels by position-dependent angles, so that q.k depends on the offset
+    between positions: "the image just before me" or "the letter after the one I copied" is
+    then one pattern at every position (in-context copying is learned much sooner)."""
+    L, d = x.shape[-2], x.shape[-1]
+    freqs = base ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
+    angles = torch.arange(L, device=x.device, dtype=torch.float32)[:, None] * freqs  # (L, d/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, rope=False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.rope = heads, rope
         self.c_attn, self.c_proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x):  # (B, L, D) -> (B, L, D); each position sees itself and the past
         q, k, v = rearrange(self.c_attn(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
+        if self.rope:
+            q, k = rotate(q), rotate(k)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.c_proj(rearrange(y, "b h l d -> b l (h d)"))
 
 
 class GPTBlock(nn.Module):
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, rope=False):
         super().__init__()
-        self.ln_1, self.attn = nn.LayerNorm(dim), CausalSelfAttention(dim, heads)
+        self.ln_1, self.attn = nn.LayerNorm(dim), CausalSelfAttention(dim, heads, rope)
         self.ln_2, self.mlp = nn.LayerNorm(dim), nn.Sequential()
         self.mlp.c_fc, self.mlp.act, self.mlp.c_proj = nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim)
 
@@ -388,11 +378,12 @@ class GPT(nn.Module):
     """forward(embeddings (B, L, D)) -> logits (B, L, vocab). Inputs are embeddings, not ids,
     because visual prefix tokens are spliced in between the word embeddings (`wte`)."""
 
-    def __init__(self, vocab_size, context, dim, layers, heads):
+    def __init__(self, vocab_size, context, dim, layers, heads, rope=False):
         super().__init__()
         self.dim, self.context = dim, context
-        self.wte, self.wpe = nn.Embedding(vocab_size, dim), nn.Embedding(context, dim)
-        self.h = nn.ModuleList([GPTBlock(dim, heads) for _ in range(layers)])
+        self.wte = nn.Embedding(vocab_size, dim)
+        self.wpe = None if rope else nn.Embedding(context, dim)  # GPT-2: learned positions
+        self.h = nn.ModuleList([GPTBlock(dim, heads, rope) for _ in range(layers)])
         self.ln_f = nn.LayerNorm(dim)
         for name, p in self.named_parameters():  # GPT-2's init: N(0, 0.02), residual outputs / sqrt(2 L)
             if p.dim() == 2:
@@ -401,9 +392,10 @@ class GPT(nn.Module):
                 nn.init.zeros_(p)
 
     def forward(self, x):
-        if x.shape[1] > self.context:
+        if self.wpe is not None and x.shape[1] > self.context:  # RoPE has no fixed length
             raise ValueError(f"sequence of {x.shape[1]} tokens exceeds the LM's context {self.context} (--context)")
-        x = x + self.wpe(torch.arange(x.shape[1], device=x.device))
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(x.shape[1], device=x.device))
         for block in self.h:
             x = block(x)
         return F.linear(self.ln_f(x), self.wte.weight)  # weight tying: the output layer is wte
@@ -702,7 +694,8 @@ def build_model(args, encoder):
     """(model, tokenizer): a pretrained GPT-2-family LM from --lm (GPT-2's byte tokens), else a
     GPT of --lm-dim/--lm-layers/--lm-heads from scratch (a 258-id byte vocabulary)."""
     tok = ByteTokenizer("gpt2" if args.lm else "bytes")
-    lm = load_lm(args.lm) if args.lm else GPT(tok.vocab_size, args.context, args.lm_dim, args.lm_layers, args.lm_heads)
+    lm = load_lm(args.lm) if args.lm else GPT(tok.vocab_size, args.context, args.lm_dim, args.lm_layers, args.lm_heads,
+                                              rope=args.lm_positions == "rope")
     return SeCAt(encoder, VisualMapper(encoder.embed_dim, lm.dim, args.prefix_tokens), lm), tok
 
 
@@ -795,7 +788,7 @@ def train(args):
             print(f"epoch {epoch}: loss {loss.item():.3f}, {eps:.0f} episodes/s, saved {ckpt_path}")
     if d.world_size > 1:
         dist.barrier()
-    return model, tok
+    return model, tok, feats, members
 
 
 # ----------------------------------------------------------------------------------------
@@ -815,19 +808,50 @@ class RenamedClasses(torch.utils.data.Dataset):
         return self.base[i]
 
 
-def run_icl(generate, folder, settings, episodes, seed):
-    """evaluate.icl on real names and on pseudo-names for each (ways, shots); a flat dict."""
+def run_icl(generate, folder, ways, shots, episodes, seed):
+    """evaluate.icl (Frozen's protocol) with the folder's real class names, then with nonsense
+    names swapped in (the paper's control); keys "real/icl/2way_1shot", "..._ci95", "..._chance"."""
     import evaluate
     real = data.ImageFolder(folder)
     fake = RenamedClasses(real, pseudo_names(len(real.classes), np.random.default_rng([seed, 99])))
     results = {}
-    for names, dataset in (("real", real), ("pseudo", fake)):
-        for ways, shots in settings:
-            if ways > len(real.classes):
-                continue
-            res = evaluate.icl(generate, dataset, ways=ways, shots=shots, episodes=episodes, seed=seed)
-            results.update({f"{names}/{ways}way{shots}shot/{k}": v for k, v in res.items() if np.isscalar(v)})
+    for kind, dataset in (("real", real), ("pseudo", fake)):
+        ok_ways = tuple(n for n in ways if n <= len(real.classes))
+        res = evaluate.icl(generate, dataset, ways=ok_ways, shots=shots, episodes=episodes, seed=seed)
+        results.update({f"{kind}/{k}": v for k, v in res.items()})
     return results
+
+
+@torch.no_grad()
+def selfcontext_accuracy(model, tok, feats, members, args, episodes=100):
+    """Exact-match accuracy on fresh self-context episodes of the pool (the training task, with
+    names never drawn in training): did the LM learn to read names from its context?"""
+    model.eval()
+    rng, hits = np.random.default_rng([args.seed, 10**9]), 0
+    for _ in range(episodes):
+        e = sample_episode(members, 2, 1, rng)
+        ids, slots, _ = encode_episode(tok, e["texts"], None, args.prefix_tokens)
+        device = next(model.parameters()).device
+        new = greedy_decode(model, torch.tensor(ids, device=device), torch.tensor(slots, device=device),
+                            feats[e["images"]].to(device), tok.eos)
+        hits += tok.decode(new).strip().removesuffix(".") == e["answer"]
+    return 100 * hits / episodes
+
+
+@torch.no_grad()
+def feature_ceiling(model, folder, args, trials=2000):
+    """2-way 1-shot accuracy of the frozen features alone (is the query's cosine-nearest support of
+    its class?): what a perfect reader of the context could reach with this encoder."""
+    ds = data.ImageFolder(folder, transform=eval_transform(args.image_size))
+    x = torch.stack([ds[i][0] for i in range(len(ds))]).to(next(model.parameters()).device)
+    f = F.normalize(torch.cat([model.encode_images(b) for b in x.split(64)]).cpu(), dim=1)
+    by_class = [[i for i, (_, y) in enumerate(ds.samples) if y == c] for c in range(len(ds.classes))]
+    rng, hits = np.random.default_rng(0), 0
+    for _ in range(trials):
+        a, b = rng.choice(len(by_class), 2, replace=False)
+        q, same = rng.choice(by_class[a], 2, replace=False)
+        hits += float(f[q] @ f[same] > f[q] @ f[rng.choice(by_class[b])])
+    return 100 * hits / trials
 
 
 def render_episode(images, texts, answer, path, size=96):
@@ -864,18 +888,21 @@ def picture(generate, folder, path, ways=3, shots=1, seed=0):
 
 
 def main(args):
-    model, tok = train(args)
+    model, tok, feats, members = train(args)
     if int(os.environ.get("RANK", 0)) != 0 or not args.eval_data:
         return
     device = next(model.parameters()).device
     generate = make_generate(model, tok, args, device)
-    settings = [(2, 1), (2, 3), (2, 5), (5, 1), (5, 3), (5, 5)] if not args.demo else [(2, 1), (2, 3), (5, 1)]
     t0 = time.time()
-    results = run_icl(generate, args.eval_data, settings, args.eval_episodes, args.seed)
+    results = {"selfcontext/2way_1shot": selfcontext_accuracy(model, tok, feats, members, args),
+               "features/2way_1shot_nn": feature_ceiling(model, args.eval_data, args)}
+    results.update(run_icl(generate, args.eval_data, args.eval_ways, args.eval_shots, args.eval_episodes, args.seed))
     answer, truth = picture(generate, args.eval_data, os.path.join(args.output_dir, "episode.png"), seed=args.seed)
     print(f"icl on {args.eval_data} ({args.eval_episodes} episodes each, {time.time() - t0:.0f}s); "
           f"picture: {args.output_dir}/episode.png (answer {answer!r}, truth {truth!r})")
-    print("\n".join(f"{k:>36s}  {v:.4f}" for k, v in results.items()))
+    import evaluate
+    evaluate.print_table(results, "accuracy in %: selfcontext = held-out pool episodes; features = nearest-neighbour "
+                         "ceiling of the frozen encoder; real/pseudo = evaluate.icl with real / nonsense class names")
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
 

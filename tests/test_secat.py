@@ -270,7 +270,7 @@ def _train_args(out, root, *extra):
 
 def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     root = _tiny_folder(str(tmp_path / "imgs"))
-    full, _ = secat.train(_train_args(tmp_path / "full", root))
+    full = secat.train(_train_args(tmp_path / "full", root))[0]
     assert len((tmp_path / "full" / "log.jsonl").read_text().splitlines()) == 6
     save = secat.data.save_checkpoint
 
@@ -282,7 +282,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         secat.train(_train_args(tmp_path / "cut", root))
     monkeypatch.setattr(secat.data, "save_checkpoint", save)
-    resumed, _ = secat.train(_train_args(tmp_path / "cut", root, "--resume"))
+    resumed = secat.train(_train_args(tmp_path / "cut", root, "--resume"))[0]
     for k, v in full.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
     # the checkpoint loads with weights_only and rebuilds the frozen encoder through build_backbone
