@@ -404,7 +404,7 @@ def seg_cluster(features, masks, num_classes, ks=(100, 300, 500), restarts=3, de
                 foreground=True, background=0) -> dict:
     """Unsupervised segmentation by k-means on L2-normalised patch tokens of the whole set.
     K = num_classes matched one-to-one (Hungarian); each K in ks matched many-to-one (overclustering);
-    foreground-only: k-means on the patches whose (nearest-downsampled) label is a foreground class,
+    foreground-only: k-means on the patches mostly covered by foreground classes (ground truth),
     K = num_classes - 1, Hungarian, mIoU over the foreground classes with background pixels ignored."""
     n, d, h, w = features.shape
     x = F.normalize(rearrange(features, "n d h w -> (n h w) d").float(), dim=1).to(device)
@@ -700,8 +700,9 @@ def segmentation(backbone, root, device, benches=("seg-linear", "seg-cluster"), 
 def run_suite(backbone, root, benches=("knn", "linear", "seg-linear", "seg-cluster", "propagate"), device="cpu",
               image_size=64, out_dir=None) -> dict:
     """The benchmarks on a synthetic-world root (objects/ for knn/linear, voc/ for seg-*, davis/ for
-    propagate) at a small image size, for the method demos' before/after tables. Prints the table and
-    returns a flat dict of numbers (and "time/<bench>" seconds)."""
+    propagate) at a small image size, for the method demos' before/after tables: images at image_size,
+    video frames at short side 2 * image_size (the synthetic frames are 128 px) and only the first 24
+    frames of each video. Prints the table and returns a flat dict of numbers (and "time/<bench>" s)."""
     import data
     backbone = backbone.to(device).eval()
     out = {}
@@ -717,7 +718,7 @@ def run_suite(backbone, root, benches=("knn", "linear", "seg-linear", "seg-clust
                                     restarts=1))
         else:
             out.update(propagate(backbone, data.DAVIS(os.path.join(root, "davis")), device, out_dir,
-                                 max_frames=24, short_side=image_size, multiple=patch_size_of(backbone)))
+                                 max_frames=24, short_side=2 * image_size, multiple=patch_size_of(backbone)))
         out[f"time/{'+'.join(chosen)}"] = time.time() - start
     print_table(out)
     return out
