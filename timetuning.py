@@ -24,6 +24,13 @@ Commands:
       --pretrained dino_deitsmall16_pretrain.pth --batch-size-per-gpu 32
   python timetuning.py --data DIR --resume                      # continue <output-dir>/checkpoint.pth
 
+Official-code facts that differ from a plain reading (time_tuning.py): the training call
+leaves get_loss at its default of 10 Sinkhorn iterations and 7 context frames (the CLI's 3
+and 6 are never passed; we default to 3 and 7); clips are 4 sorted random frames of a
+video (`regular_step` only acts in another sampling mode; we take frames 3 apart as the
+paper); the EMA multiplies the wrong way round (see `ema_update`); colour jitter is drawn
+once per clip (we draw it per frame).
+
 Contents: args; the ViT (a copy of DINO's, as in every method file); projection head and
 prototypes; pretrained loading; the clip augmentation; Sinkhorn-Knopp; the Feature-Forwarder;
 the loss; one training step; train(); video k-means evaluation; pictures; main().
@@ -89,6 +96,8 @@ def get_args(argv=None):
     p.add_argument("--prop-temperature", type=float, default=0.1, help="Feature-Forwarder: affinity temperature")
     p.add_argument("--eval-size", type=int, default=None, help="short side of frames for evaluation (default: --image-size)")
     p.add_argument("--eval-data", default=None, help="synthetic-world-style root (davis/, voc/) to evaluate on after training")
+    p.add_argument("--eval-benches", nargs="*", default=["propagate", "seg-cluster", "seg-linear"],
+                   help="evaluate.run_suite benchmarks after the video k-means")
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"], help="default: bf16 on capable GPUs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pth")
@@ -548,7 +557,7 @@ def train(args):
     d = data.init_distributed()
     args.amp = data.resolve_amp(args.amp, d.device)
     autocast = data.autocast(d.device, args.amp)
-    data.seed_everything(args.seed, d.rank)
+    data.seed_everything(args.seed, 0)  # the same initial weights on every rank (teacher included)
     os.makedirs(args.output_dir, exist_ok=True)
     log = data.JsonlLogger(os.path.join(args.output_dir, "log.jsonl"), d.is_main)
 
@@ -748,12 +757,14 @@ def evaluate_backbone(backbone, args, device, tag: str):
     """The demo's table: video k-means (this file) + DAVIS propagation and VOC through evaluate.py."""
     import evaluate
     root = args.eval_data
+    os.makedirs(args.output_dir, exist_ok=True)
+    start = time.time()
     world = root if os.path.exists(os.path.join(root, "world.json")) else None
     results = video_kmeans_miou(backbone, os.path.join(root, "davis"), args.eval_size, device, world_root=world)
-    if hasattr(evaluate, "run_suite"):
-        results.update(evaluate.run_suite(backbone.eval(), root, ["propagate", "seg-cluster", "seg-linear"], device,
-                                          image_size=args.eval_size))
     save_cluster_pictures(backbone, os.path.join(root, "davis"), args.output_dir, args.eval_size, device, tag=tag)
+    print(f"[{tag.strip('_') or 'timet'}] " + ", ".join(f"{k} {v:.2f}" for k, v in results.items()), flush=True)
+    results["time/video_kmeans+pictures"] = time.time() - start
+    results.update(evaluate.run_suite(backbone.eval(), root, args.eval_benches, device, image_size=args.eval_size))
     return results
 
 
