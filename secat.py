@@ -864,9 +864,10 @@ def render_episode(images, texts, answer, path, size=96):
     for j, (im, text) in enumerate(zip(images, texts)):
         tile = Image.fromarray(torch.as_tensor(im).permute(1, 2, 0).numpy()).resize((size, size))
         sheet.paste(tile, (j * cell_w + 20, 4))
-        lines = [text] if j < len(images) - 1 else ["query: " + text.split("? ")[-1], f"-> {answer}"]
+        lines = text.rsplit(" a ", 1) if j < len(images) - 1 else ["query", f"-> {answer}"]  # "This is" / "a <name>."
         for r, line in enumerate(lines):
-            draw.text((j * cell_w + 4, size + 8 + 14 * r), line[:22], fill="black" if r == 0 else "red")
+            line = line if r == 0 or j == len(images) - 1 else "a " + line
+            draw.text((j * cell_w + 4, size + 8 + 14 * r), line[:22], fill="red" if j == len(images) - 1 and r else "black")
     if len(images) > 1:
         x = (len(images) - 1) * cell_w
         draw.line([(x, 0), (x, sheet.height)], fill="gray", width=2)
