@@ -16,8 +16,8 @@ finds the correspondences itself, with the teacher's own attention and no tracke
      the patches above the mean attention form the object's mask in that frame;
   3. learn: the student sees each frame masked to one object (k masked clips) and small
      local crops, and matches the teacher's output for the unmasked frame (DINO loss).
-Trained on one Walking Tours video (Venice, ~1.5 h of 4K) it matches DINO trained on
-ImageNet (ViT-S/16, 100 epochs: ImageNet linear ~72 %, DAVIS J&F ~57).
+Trained from scratch on one Walking Tours video (Venice, 4K), a ViT-S/16 comes out on par with
+DINO trained on ImageNet (see the paper's tables for the numbers).
 
 Commands:
     python dora.py --demo                                    # tiny ViT, synthetic tour, ~5 min CPU
@@ -282,10 +282,7 @@ class VisionTransformer(nn.Module):
         return x[:, 0], x[:, 1:], attn, q, k
 
     def get_last_selfattention(self, x):  # -> (B, heads, 1+N, 1+N)
-        x = self.prepare_tokens(x)
-        for blk in self.blocks[:-1]:
-            x = blk(x)
-        return self.blocks[-1](x, return_attention=True)[1]
+        return self.forward_track(x)[2]
 
     def get_intermediate_layers(self, x, n: int = 1):  # -> list of n tensors (B, 1+N, D), normed
         x = self.prepare_tokens(x)
@@ -305,7 +302,7 @@ def vit_tiny(patch_size=16, **kw):
     return VisionTransformer(patch_size, embed_dim=192, depth=12, num_heads=3, **kw)
 
 
-def vit_small(patch_size=16, **kw):
+def vit_small(patch_size=16, **kw):  # the paper's model
     return VisionTransformer(patch_size, embed_dim=384, depth=12, num_heads=6, **kw)
 
 
@@ -694,13 +691,15 @@ def save_tracking_picture(backbone, clip, path, heads=(0, 1, 2)):
     _, masks_plain, maps_plain, head_attn = track(backbone, clip[None], heads, use_sinkhorn=False)
     _, masks, maps, _ = track(backbone, clip[None], heads, use_sinkhorn=True)
 
-    def rgb(x):  # (1, k, T, h, w) -> (T, 3, H, W): object i in colour channel i, each map scaled to [0, 1]
-        x = x[0].float()
-        x = x / x.flatten(2).amax(-1)[..., None, None].clamp(min=1e-8)
-        x = torch.cat([x, x.new_zeros(3 - x.shape[0], *x.shape[1:])]).transpose(0, 1)
-        return F.interpolate(x, size=clip.shape[-2:], mode="nearest").cpu()
+    size = [max(192, s) for s in clip.shape[-2:]]  # small demo frames are enlarged to be seen
 
-    frames = unnormalise(clip).cpu()
+    def rgb(x):  # (1, k, T, h, w) -> (T, 3, H, W): object i in colour channel i, each map min-max scaled
+        x = x[0].float()
+        low, high = x.flatten(2).amin(-1)[..., None, None], x.flatten(2).amax(-1)[..., None, None]
+        x = torch.cat([(x - low) / (high - low).clamp(min=1e-8), x.new_zeros(3 - x.shape[0], *x.shape[1:])])
+        return F.interpolate(x.transpose(0, 1), size=size, mode="nearest").cpu()
+
+    frames = F.interpolate(unnormalise(clip), size=size, mode="bilinear").cpu()
     rows = [frames, rgb(head_attn), rgb(maps_plain), rgb(maps), 0.4 * frames + 0.6 * rgb(masks)]
     save_image(torch.cat(rows), path, nrow=clip.shape[0], padding=2, pad_value=1.0)
     return mask_overlap(masks_plain), mask_overlap(masks)
@@ -718,12 +717,13 @@ def main(args):
         return
     device = next(m["teacher"].parameters()).device
     teacher = m["teacher"].backbone.eval()
-    clips = data.VideoClips(dataset.videos, args.frames_per_clip, args.step_between_clips,
-                            max(1, len(dataset) // 4), args.short_side, eval_clip_transform(args.image_size))
+    clips = data.VideoClips(dataset.videos, args.frames_per_clip, args.step_between_clips, args.clip_start_every,
+                            args.short_side, eval_clip_transform(args.image_size))
     overlaps = []
-    for i in range(len(clips)):  # pictures of a few clips: where the tracker looks, and its masks
+    for n, i in enumerate(np.linspace(0, len(clips) - 1, 4).astype(int).tolist()):  # where the tracker looks
         heads = choose_heads(args, teacher.num_heads, i)
-        overlaps.append(save_tracking_picture(teacher, clips[i].to(device), os.path.join(args.output_dir, f"tracking_{i}.png"), heads))
+        path = os.path.join(args.output_dir, f"tracking_{n}.png")
+        overlaps.append(save_tracking_picture(teacher, clips[i].to(device), path, heads))
     print(f"tracking pictures: {args.output_dir}/tracking_*.png; mean pairwise IoU of the object masks "
           f"without Sinkhorn-Knopp {np.mean([o[0] for o in overlaps]):.3f}, with {np.mean([o[1] for o in overlaps]):.3f}")
     if not args.demo:
@@ -731,11 +731,14 @@ def main(args):
     import evaluate  # k-NN, seg-cluster and label propagation on the synthetic world, before and after
     root = os.path.dirname(os.path.normpath(args.data[0]))
     torch.manual_seed(args.seed)  # the student's own initialisation, rebuilt
-    init = build_backbone(vars(args)).to(device).eval()
+    init = build_backbone(vars(args))
+    if args.pretrained:
+        load_pretrained(init, args.pretrained)
+    init = init.to(device).eval()
     results = {}
     for name, net in (("init", init), ("dora", teacher)):
         print(f"--- {name} ---")
-        res = evaluate.run_suite(net, root, ["knn", "seg_cluster", "propagate"], device, image_size=args.image_size)
+        res = evaluate.run_suite(net, root, ["knn", "seg-cluster", "propagate"], device, image_size=args.image_size)
         results.update({f"{name}/{k}": v for k, v in res.items()})
     print("\n".join(f"{k:>32s}  {v:.4f}" for k, v in results.items()))
     print(__import__("json").dumps(results))
