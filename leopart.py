@@ -82,7 +82,10 @@ def get_args(argv=None):
     p.add_argument("--loss-mask", default="fg", choices=["fg", "all", "bg"])
     p.add_argument("--fg-mass", type=float, default=0.6, help="share of [CLS]-attention mass kept as foreground")
     p.add_argument("--blur-sigma", type=float, default=0.6)
-    p.add_argument("--eval-size", type=int, default=448, help="validation image size (pictures, unsup. seg.)")
+    p.add_argument("--eval-data", default=None, help="VOC-layout root: fully unsupervised segmentation + pictures after training")
+    p.add_argument("--eval-size", type=int, default=448, help="validation image size (paper: 448)")
+    p.add_argument("--k-fg", type=int, default=200, help="clusters for cluster-based foreground extraction")
+    p.add_argument("--k-community", type=int, default=149, help="foreground clusters merged by community detection")
     p.add_argument("--video-frame-step", type=int, default=30, help="one training frame every N frames of a video")
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"])
     p.add_argument("--resume", action="store_true")
@@ -90,15 +93,27 @@ def get_args(argv=None):
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--demo", action="store_true", help="vit_demo, small crops, short schedule, synthetic world")
     args = p.parse_args(argv)
-    if args.demo:  # one place for everything the CPU demo changes
-        d = dict(arch="vit_demo", patch_size=8, epochs=6, batch_size_per_gpu=32, num_workers=1,
+    args.synth_root = None
+    if args.demo:  # one place for everything the CPU demo changes; explicit flags win
+        given = {a.split("=")[0] for a in (argv if argv is not None else __import__("sys").argv[1:])}
+        # ~300 steps instead of ~90k: small batches for more steps (the queue keeps Sinkhorn fed),
+        # learning rates x10 (same backbone/head ratio), a faster teacher. Eval at 96 px: the middle
+        # of the zoom at which the 64-px crops of the 128-px images are seen in training.
+        d = dict(arch="vit_demo", patch_size=8, epochs=15, batch_size_per_gpu=8, num_workers=1,
                  global_crops_size=64, local_crops_size=32, proj_hidden_dim=512, queue_length=2048,
-                 eval_size=64, log_every=5)
-        if args.pretrained is None:  # from scratch nothing is known yet: faster learning, no fg prior
-            d.update(lr_backbone=5e-4, lr_heads=5e-4, momentum_teacher=0.99, loss_mask="all")
+                 lr_backbone=1e-4, lr_heads=1e-3, momentum_teacher=0.99, eval_size=96, log_every=5,
+                 k_fg=100, k_community=50)
+        if args.pretrained is None:  # from scratch: the backbone must move further; attention means nothing yet
+            d.update(lr_backbone=5e-4, lr_heads=5e-4, loss_mask="all")
         for k, v in d.items():
-            if getattr(args, k) == p.get_default(k):
+            if "--" + k.replace("_", "-") not in given:
                 setattr(args, k, v)
+        if args.data is None:
+            import data
+            args.synth_root = data.ensure_synth("runs/synth", seed=0)
+            args.data = args.eval_data = os.path.join(args.synth_root, "voc")  # trains on its train split
+    if args.data is None:
+        p.error("--data is required (or --demo for the synthetic world)")
     return args
 
 
@@ -574,23 +589,26 @@ def param_groups(model: LeopartNet, args):
 
 
 class TrainImages(torch.utils.data.Dataset):
-    """Any image folder (recursive) or, when it holds none, frames of its videos (one every
-    --video-frame-step frames) -> (crops, boxes) from LeopartCrops."""
+    """Training images -> (crops, boxes) from LeopartCrops: a VOC-layout root (its train split; masks
+    unused), any image folder (recursive), or else frames of its videos (one every `frame_step`)."""
 
     def __init__(self, root, transform, frame_step=30):
         import data
-        self.images = data.UnlabelledImages(root, transform=transform)
-        self.clips = None
-        if len(self.images) == 0:
-            self.clips = data.VideoClips(root, num_frames=1, step_between_clips=frame_step, transform=transform)
-        if len(self) == 0:
-            raise SystemExit(f"--data {root}: no images or videos found")
+        self.transform, self.kind = transform, "images"
+        if os.path.exists(os.path.join(root, "ImageSets", "Segmentation", "train.txt")):
+            self.items, self.kind = data.VOCSegmentation(root, "train"), "voc"
+        else:
+            try:
+                self.items = data.UnlabelledImages(root)
+            except data.DataError:
+                self.items, self.kind = data.VideoClips(root, num_frames=1, step_between_clips=frame_step), "video"
 
     def __len__(self):
-        return len(self.clips) if self.clips is not None else len(self.images)
+        return len(self.items)
 
     def __getitem__(self, i):
-        return self.clips[i] if self.clips is not None else self.images[i][0]
+        item = self.items[i]
+        return self.transform(item if self.kind == "video" else item[0])
 
 
 def train(args):
@@ -604,6 +622,7 @@ def train(args):
     os.makedirs(args.output_dir, exist_ok=True)
     log = data.JsonlLogger(os.path.join(args.output_dir, "log.jsonl"), d.is_main)
 
+    backbone = init_backbone(args)  # first, right after seeding: main() rebuilds the same for "before"
     crops = LeopartCrops(args.global_crops_size, args.local_crops_size, args.global_crops_number,
                          args.local_crops_number, args.global_crops_scale, args.local_crops_scale, args.min_intersection)
     dataset = TrainImages(args.data, crops, args.video_frame_step)
@@ -617,9 +636,6 @@ def train(args):
 
     # Student and EMA teacher. The teacher starts as a copy (DINO's convention; the official code
     # draws the teacher's head independently) and sees only the global crops.
-    backbone = ARCHS[args.arch](args.patch_size, drop_path_rate=args.drop_path)
-    if args.pretrained:
-        load_pretrained(backbone, args.pretrained)
     head = LeopartHead(backbone.embed_dim, args.proj_hidden_dim, args.proj_dim, args.proj_layers, args.num_prototypes)
     model = LeopartNet(backbone, head).to(d.device)
     teacher = copy.deepcopy(model)
@@ -659,18 +675,18 @@ def train(args):
         t0 = time.time()
         for batch_crops, boxes in bar:
             for group in optimizer.param_groups:  # per-step schedules, precomputed (DINO's way)
-                group["lr"] = lr_sched[group["base"]][step]
+                group["lr"] = float(lr_sched[group["base"]][step])
                 if group["decay"]:
-                    group["weight_decay"] = wd_sched[step]
+                    group["weight_decay"] = float(wd_sched[step])
             loss = train_step(ddp, teacher, criterion, optimizer, scaler, autocast, batch_crops, boxes,
-                              momentum_sched[step], d.device)
+                              float(momentum_sched[step]), d.device)
             step += 1
             ips = len(batch_crops[0]) * d.world_size * (bar.n + 1) / (time.time() - t0)
             bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{ips:.0f}")
             if step % args.log_every == 0 or step == total:
-                log.log({"epoch": epoch, "step": step, "loss": loss, "lr_backbone": lr_sched["backbone"][step - 1],
-                         "lr_heads": lr_sched["head"][step - 1], "wd": wd_sched[step - 1],
-                         "momentum": momentum_sched[step - 1], "img_s": ips})
+                log.log({"epoch": epoch, "step": step, "loss": loss, "lr_backbone": float(lr_sched["backbone"][step - 1]),
+                         "lr_heads": float(lr_sched["head"][step - 1]), "wd": float(wd_sched[step - 1]),
+                         "momentum": float(momentum_sched[step - 1]), "img_s": ips})
         queues = [criterion.queue.clone() for _ in range(d.world_size)]
         if d.world_size > 1:  # every rank's queue goes into the checkpoint (exact resume)
             dist.all_gather(queues, criterion.queue)
@@ -707,3 +723,244 @@ def train_step(student, teacher, criterion, optimizer, scaler, autocast, crops, 
         for ps, pt in zip(raw.parameters(), teacher.parameters()):
             pt.mul_(momentum).add_(ps.detach(), alpha=1 - momentum)
     return loss.item()
+
+
+# ---------------------------------------------------------------------------------------
+# Fully unsupervised segmentation (paper Sec. 4.4): cluster-based foreground extraction (CBFE),
+# then k-means on the foreground and community detection merging clusters into K classes.
+# ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def dense_features(backbone, images, batch_size=32):
+    """images (N, 3, S, S) normalised -> patch tokens (N, h, w, D), head-averaged [CLS] attention (N, h, w)."""
+    p = backbone.patch_embed.patch_size
+    device = next(backbone.parameters()).device
+    tokens, attns = [], []
+    for x in images.split(batch_size):
+        h, w = x.shape[-2] // p, x.shape[-1] // p
+        t, a = backbone.forward_tokens(x.to(device), return_attention=True)
+        tokens.append(rearrange(t[:, 1:], "b (h w) d -> b h w d", h=h, w=w).float().cpu())
+        attns.append(rearrange(a[:, :, 0, 1:].mean(1), "b (h w) -> b h w", h=h, w=w).float().cpu())
+    return torch.cat(tokens), torch.cat(attns)
+
+
+def standardise_and_pca(x, dim=50):
+    """(N, D) -> (N, min(dim, D)): per-dimension standardisation then PCA, as the paper's pipeline."""
+    x = (x - x.mean(0)) / (x.std(0) + 1e-5)
+    _, _, v = torch.pca_lowrank(x, q=min(dim, x.shape[1]), center=False, niter=4)
+    return x @ v
+
+
+def cooccurrence(clusters, n):
+    """clusters (N, h, w) ids < n -> (n, n) row-stochastic: how often cluster j is a neighbour (8
+    directions, distances 1 and 2) of cluster i, normalised per image and averaged over the
+    images where i occurs (the paper's graph for community detection)."""
+    total, appear = np.zeros((n, n)), np.zeros(n)
+    offsets = [(dy * s, dx * s) for s in (1, 2) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+    for c in clusters.numpy():
+        counts = np.zeros((n, n))
+        h, w = c.shape
+        for dy, dx in offsets:
+            a = c[max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]
+            b = c[max(0, dy):h - max(0, -dy), max(0, dx):w - max(0, -dx)]
+            np.add.at(counts, (a.ravel(), b.ravel()), 1)
+        np.fill_diagonal(counts, 0)
+        rows = counts.sum(1, keepdims=True)
+        total += np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+        appear += rows[:, 0] > 0
+    return total / np.maximum(appear, 1)[:, None]
+
+
+def merge_communities(weights: np.ndarray, num: int) -> np.ndarray:
+    """Greedy modularity agglomeration (Clauset-Newman-Moore) of an undirected weighted graph until
+    `num` communities remain -> community id per node. Stands in for the paper's Infomap, which
+    is not a dependency here; both merge nodes that are densely linked."""
+    n = len(weights)
+    e = weights / max(weights.sum(), 1e-12)  # fraction of edge weight between communities
+    alive, members = list(range(n)), {i: [i] for i in range(n)}
+    while len(alive) > num:
+        sub = e[np.ix_(alive, alive)]
+        a = sub.sum(1)
+        gain = 2 * (sub - np.outer(a, a))  # ΔQ of merging two communities
+        np.fill_diagonal(gain, -np.inf)
+        i, j = np.unravel_index(np.argmax(gain), gain.shape)
+        i, j = alive[i], alive[j]
+        e[i] += e[j]
+        e[:, i] += e[:, j]
+        e[j], e[:, j] = 0, 0
+        members[i] += members.pop(j)
+        alive.remove(j)
+    out = np.zeros(n, dtype=np.int64)
+    for c, i in enumerate(alive):
+        out[members[i]] = c
+    return out
+
+
+def hungarian_miou(pred, gt, num_classes, ignore=255):
+    """Best one-to-one matching of predicted ids to classes (both < num_classes) -> mIoU."""
+    from scipy.optimize import linear_sum_assignment
+    keep = gt != ignore
+    pred, gt = pred[keep].long(), gt[keep].long()
+    conf = torch.bincount(gt * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, num_classes).double()
+    iou = conf / (conf.sum(0, keepdim=True) + conf.sum(1, keepdim=True) - conf).clamp(min=1)
+    rows, cols = linear_sum_assignment(-iou.numpy())
+    return float(iou[rows, cols].mean()), dict(zip(cols.tolist(), rows.tolist()))
+
+
+def fully_unsupervised_segmentation(backbone, train_images, val_images, num_classes, kmeans, train_masks=None,
+                                    val_masks=None, k_fg=200, k_community=150, pca_dim=50, attn_mass=0.65,
+                                    edge_threshold=0.09, seed=0):
+    """The paper's label-free pipeline. images (N, 3, S, S) normalised; masks (N, S, S) int64 with 255 =
+    ignore (train masks only pick the CBFE precision cut, as the official code does; val masks only
+    score). kmeans(x (N, d), k, seed) -> ids (N,). Returns (val maps (N, S, S) of class ids in
+    [0, num_classes), scores dict)."""
+    n_train = len(train_images)
+    tokens, attn = dense_features(backbone, torch.cat([train_images, val_images]))
+    N, h, w, D = tokens.shape
+    feats = standardise_and_pca(tokens.reshape(-1, D), pca_dim)
+    noisy_fg = foreground_mask(attn, attn_mass, 0.6).reshape(-1)  # the ViT's attention as noisy foreground
+
+    # 1. CBFE: over-cluster all tokens; a cluster is foreground if, on average over the images it
+    #    appears in, most of its tokens fall inside the attention foreground.
+    k_fg = min(k_fg, len(feats) // 4)
+    clusters = kmeans(F.normalize(feats, dim=1), k_fg, seed).reshape(N, h * w)
+    precision = torch.zeros(k_fg)
+    seen = torch.zeros(k_fg)
+    fg_img = noisy_fg.reshape(N, h * w).float()
+    for i in range(N):
+        hits = torch.bincount(clusters[i], weights=fg_img[i], minlength=k_fg)
+        size = torch.bincount(clusters[i], minlength=k_fg).float()
+        precision += torch.where(size > 0, hits / size.clamp(min=1), torch.zeros(()))
+        seen += size > 0
+    precision = precision / seen.clamp(min=1)
+    order = precision.argsort()
+    cut = int(0.65 * k_fg)  # the official search range is 55-75 % of clusters to background
+    if train_masks is not None:  # pick the cut that best matches train foreground, rounded to 0.05
+        gt_fg = F.interpolate((train_masks[:, None] > 0).float() * (train_masks[:, None] != 255).float(), (h, w))
+        best = -1.0
+        for start in range(int(0.55 * k_fg), max(int(0.75 * k_fg), int(0.55 * k_fg) + 1)):
+            fg = torch.isin(clusters[:n_train], order[start:]).reshape(n_train, 1, h, w).float()
+            iou = ((fg * gt_fg).sum() / ((fg + gt_fg) > 0).sum().clamp(min=1)).item()
+            if iou > best:
+                best, threshold = iou, round(float(precision[order[start]]) * 20) / 20
+        cut = int((precision[order] < threshold).sum())
+    fg = torch.isin(clusters, order[cut:]).reshape(-1)
+
+    # 2. Cluster the foreground only; background becomes one more node.
+    k_community = min(k_community, max(int(fg.sum()) // 4, num_classes))
+    fine = torch.full((N * h * w,), k_community, dtype=torch.long)
+    fine[fg] = kmeans(feats[fg], k_community, seed)
+    fine = fine.reshape(N, h, w)
+
+    # 3. Community detection on the co-occurrence graph merges the k+1 clusters into num_classes.
+    co = cooccurrence(fine, k_community + 1)
+    weights = np.minimum(co, co.T) * ((co >= edge_threshold) & (co.T >= edge_threshold))
+    community = torch.from_numpy(merge_communities(weights, num_classes))
+    merged = community[fine]  # (N, h, w)
+
+    scores = {"cbfe_fg_fraction": float(fg.float().mean())}
+    S = val_images.shape[-1]
+    val_maps = F.interpolate(merged[n_train:, None].float(), size=(S, S), mode="nearest")[:, 0].long()
+    if val_masks is not None:
+        scores["cd_miou"], match = hungarian_miou(val_maps, val_masks, num_classes)
+        val_maps = torch.tensor([match.get(i, 0) for i in range(num_classes)])[val_maps]  # ids -> matched classes
+        fg_val = F.interpolate(fg.reshape(N, 1, h, w)[n_train:].float(), size=(S, S))[:, 0] > 0
+        gt_val = (val_masks > 0) & (val_masks != 255)
+        scores["cbfe_fg_iou"] = float((fg_val & gt_val).sum() / (fg_val | gt_val).sum().clamp(min=1))
+    return val_maps, scores
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation and pictures
+# ---------------------------------------------------------------------------------------
+def load_segmentation(root, split, size):
+    """VOC-layout split -> images (N, 3, size, size) normalised, masks (N, size, size) int64 (255 = ignore)."""
+    import data
+    ds = data.VOCSegmentation(root, split)
+    images, masks = [], []
+    for i in range(len(ds)):
+        img, mask = ds[i]
+        images.append(TF.normalize(TF.resize(img, [size, size], antialias=True).float() / 255, IMAGENET_MEAN, IMAGENET_STD))
+        masks.append(TF.resize(mask[None], [size, size], interpolation=T.InterpolationMode.NEAREST)[0])
+    return torch.stack(images), torch.stack(masks), ds.num_classes
+
+
+def palette_image(ids, palette):  # (H, W) int -> uint8 (H, W, 3)
+    return palette[ids.clamp(0, len(palette) - 1).numpy()]
+
+
+@torch.no_grad()
+def save_cluster_maps(backbone, images, masks, unsup_maps, num_classes, kmeans, path, rows=8):
+    """Picture: per validation image, the image, k-means clusters of its patch tokens (K = number of
+    classes, fitted on all shown images), the fully unsupervised segmentation, the ground truth."""
+    from PIL import Image
+    import data
+    palette = np.array(data.voc_palette(), dtype=np.uint8).reshape(-1, 3)
+    images, masks, unsup_maps = images[:rows], masks[:rows], unsup_maps[:rows]
+    tokens, _ = dense_features(backbone, images)
+    N, h, w, D = tokens.shape
+    clusters = kmeans(F.normalize(tokens.reshape(-1, D), dim=1), num_classes, 0).reshape(N, 1, h, w)
+    S = images.shape[-1]
+    clusters = F.interpolate(clusters.float(), size=(S, S), mode="nearest")[:, 0].long()
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    tiles = []
+    for i in range(N):
+        rgb = ((images[i] * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+        tiles.append(np.concatenate([rgb, palette_image(clusters[i] + 1, palette), palette_image(unsup_maps[i], palette),
+                                     palette_image(masks[i], palette)], axis=1))
+    Image.fromarray(np.concatenate(tiles, axis=0)).save(path)
+
+
+def evaluate_backbone(backbone, args, tag, pictures=False):
+    """Demo/after-training evaluation: evaluate.run_suite's dense benchmarks (seg-cluster, seg-linear) on
+    the synthetic world, and this file's fully unsupervised segmentation on its VOC-layout split."""
+    import evaluate
+    backbone.eval()
+    device = next(backbone.parameters()).device
+    results = {}
+    if args.synth_root:
+        results.update(evaluate.run_suite(backbone, args.synth_root, ["seg-cluster", "seg-linear"], device,
+                                          image_size=args.eval_size))
+    if args.eval_data:
+        train_x, train_y, num_classes = load_segmentation(args.eval_data, "train", args.eval_size)
+        val_x, val_y, _ = load_segmentation(args.eval_data, "val", args.eval_size)
+        kmeans = lambda x, k, seed: evaluate.kmeans(x, k, seed=seed)[0]  # noqa: E731
+        maps, scores = fully_unsupervised_segmentation(backbone, train_x, val_x, num_classes, kmeans, train_y, val_y,
+                                                       args.k_fg, args.k_community, seed=args.seed)
+        results.update({f"unsup/{k}": v for k, v in scores.items()})
+        if pictures:
+            path = os.path.join(args.output_dir, f"cluster_maps_{tag}.png")
+            save_cluster_maps(backbone, val_x, val_y, maps, num_classes, kmeans, path)
+            print(f"wrote {path}")
+    return results
+
+
+def init_backbone(args):
+    """The network training starts from: --pretrained if given, else random (seeded by the caller)."""
+    backbone = ARCHS[args.arch](args.patch_size, drop_path_rate=args.drop_path)
+    if args.pretrained:
+        load_pretrained(backbone, args.pretrained)
+    return backbone
+
+
+def main(args):
+    import data
+    if int(os.environ.get("RANK", 0)) != 0:  # other ranks only train
+        train(args)
+        return
+    before = {}
+    os.makedirs(args.output_dir, exist_ok=True)
+    if args.demo:
+        data.seed_everything(args.seed)
+        before = evaluate_backbone(init_backbone(args), args, "before", pictures=True)  # train() starts from this
+    _, teacher = train(args)
+    after = evaluate_backbone(teacher.backbone, args, "after", pictures=True)
+    start = "--pretrained " + args.pretrained if args.pretrained else "random initialisation (from scratch)"
+    print(f"\nLeopart {args.arch}/{args.patch_size}, {args.epochs} epochs, started from {start}")
+    print(f"{'metric':>28s} {'before':>8s} {'after':>8s}")
+    for k, v in after.items():
+        print(f"{k:>28s} {before.get(k, float('nan')):8.4f} {v:8.4f}")
+    print(__import__("json").dumps({"before": before, "after": after}))
+
+
+if __name__ == "__main__":
+    main(get_args())

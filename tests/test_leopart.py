@@ -206,7 +206,7 @@ def test_bf16_autocast_step():
 
 
 # --------------------------------------------------------------------------- resume
-def write_images(folder, n=12):
+def write_images(folder, n=8):
     from PIL import Image
     os.makedirs(folder, exist_ok=True)
     for i in range(n):
