@@ -33,6 +33,7 @@ tokenizer; the GPT decoder and GPT-2 weight loading; the visual mapper; clusteri
 masked loss; greedy generation; training; evaluation through evaluate.icl; a picture.
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -75,6 +76,8 @@ def get_args(argv=None):
     p.add_argument("--context", type=int, default=1024, help="from-scratch LM context length")
     p.add_argument("--lm-positions", default="rope", choices=["rope", "learned"],
                    help="from-scratch LM: rotary (relative) or GPT-2's learned absolute positions")
+    p.add_argument("--text-warmup-steps", type=int, default=0, help="first steps on text only (next-token loss on "
+                   "caption lists with repeated nonsense names): for an LM from scratch, which lacks pretraining")
     p.add_argument("--prefix-tokens", type=int, default=2, help="visual tokens per image (Frozen: 2)")
     p.add_argument("--clusters", type=int, default=1000, help="K clusters of the unlabelled pool")
     p.add_argument("--cluster-method", default="sinkhorn", choices=["sinkhorn", "kmeans"],
@@ -86,7 +89,7 @@ def get_args(argv=None):
     p.add_argument("--batch-size-per-gpu", type=int, default=16, help="episodes per GPU per step")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--min-lr", type=float, default=1e-6)
-    p.add_argument("--warmup-epochs", type=float, default=1)
+    p.add_argument("--warmup-epochs", type=int, default=1)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--clip-grad", type=float, default=1.0)
     p.add_argument("--eval-episodes", type=int, default=200, help="episodes per (ways, shots) setting")
@@ -103,7 +106,9 @@ def get_args(argv=None):
         given = {a.split("=")[0] for a in argv}
         demo = dict(encoder_arch="vit_demo", patch_size=8, image_size=64, lm_dim=128, lm_layers=4, lm_heads=4,
                     context=512, clusters=16, max_ways=2, max_shots=1, epochs=6, steps_per_epoch=150,
-                    batch_size_per_gpu=32, lr=2e-3, min_lr=1e-4, warmup_epochs=0.5, eval_episodes=200,
+                    text_warmup_steps=300,
+                    batch_size_per_gpu=32, lr=2e-3, min_lr=1e-4, warmup_epochs=1, eval_episodes=200,
+                    eval_ways=[2, 5], eval_shots=[1],
                     num_workers=0, log_every=10)
         for k, v in demo.items():  # explicit flags win over the demo's settings
             if "--" + k.replace("_", "-") not in given:
@@ -115,6 +120,7 @@ def get_args(argv=None):
     if args.data is None:
         p.error("--data is required (or --demo to use the synthetic world)")
     return args
+
 
 # ---------------------------------------------------------------------------------------
 # A DINO-compatible Vision Transformer. Each method file carries its own copy so that it
@@ -604,11 +610,14 @@ def sample_episode(members, ways, shots, rng) -> dict:
                 answer=names[query_cluster], clusters=[c for _, c in support] + [query_cluster], names=names)
 
 
-def encode_episode(tok, texts, answer, prefix_tokens):
+def encode_episode(tok, texts, answer, prefix_tokens, plain_text=None):
     """<eos> then, per image, P image slots and its text (support captions end with a newline, the
     last text is the prompt). With an answer: " <name>." + <eos> follows, and only those tokens
     are targets. Returns ids, image_slots, targets: three lists of equal length."""
     ids, slots, targets = [tok.eos], [False], [False]
+    if plain_text is not None:  # text warm-up: every token is a target
+        piece = tok.encode(plain_text)
+        return ids + piece, slots + [False] * len(piece), targets + [True] * len(piece)
     for i, text in enumerate(texts):
         piece = tok.encode(text + ("\n" if i < len(texts) - 1 else ""))
         ids += [tok.pad] * prefix_tokens + piece
@@ -623,13 +632,13 @@ def encode_episode(tok, texts, answer, prefix_tokens):
 def collate(episodes, feats, tok, prefix_tokens, device):
     """Right-padded batch: ids (B, L), image_slots (B, L), targets (B, L), feats (M, F) with the
     M images in slot order. Right padding is harmless: attention is causal."""
-    encoded = [encode_episode(tok, e["texts"], e.get("answer"), prefix_tokens) for e in episodes]
+    encoded = [encode_episode(tok, e["texts"], e.get("answer"), prefix_tokens, e.get("text")) for e in episodes]
     L = max(len(ids) for ids, _, _ in encoded)
     ids = torch.full((len(encoded), L), tok.pad, dtype=torch.long)
     slots, targets = torch.zeros(len(encoded), L, dtype=torch.bool), torch.zeros(len(encoded), L, dtype=torch.bool)
     for b, (i, s, t) in enumerate(encoded):
         ids[b, :len(i)], slots[b, :len(s)], targets[b, :len(t)] = torch.tensor(i), torch.tensor(s), torch.tensor(t)
-    image_feats = feats[torch.tensor([i for e in episodes for i in e["images"]], dtype=torch.long)]
+    image_feats = feats[torch.tensor([i for e in episodes for i in e["images"]], dtype=torch.long).reshape(-1)]
     return ids.to(device), slots.to(device), targets.to(device), image_feats.to(device)
 
 
@@ -640,6 +649,21 @@ def make_batch(step, members, args, global_batch):
     rng = np.random.default_rng([args.seed, step])
     ways, shots = int(rng.integers(2, args.max_ways + 1)), int(rng.integers(1, args.max_shots + 1))
     return [sample_episode(members, ways, shots, rng) for _ in range(global_batch)]
+
+
+def text_batch(step, args, tok, global_batch):
+    """Text-only warm-up for an LM trained from scratch (a stand-in for the pretrained LM of the
+    paper, which arrives able to repeat words seen in its context): lines "This is a <name>."
+    with names drawn, with repeats, from a few fresh nonsense words, loss on every token. The
+    dense loss grows the copying ("induction") heads that the sparse answer-only loss of
+    self-context episodes needs many more steps to find. Returns episode-like dicts."""
+    rng = np.random.default_rng([args.seed, step, 7])
+    batch = []
+    for _ in range(global_batch):
+        names = pseudo_names(int(rng.integers(2, 5)), rng)
+        lines = [CAPTION.format(names[rng.integers(len(names))]) for _ in range(int(rng.integers(4, 8)))]
+        batch.append(dict(images=[], texts=[], text="\n".join(lines)))
+    return batch
 
 
 def answer_loss(logits, ids, targets, num_targets):
@@ -772,8 +796,12 @@ def train(args):
         for i in bar:
             for group in optimizer.param_groups:
                 group["lr"] = float(lr_schedule[step])
-            episodes = make_batch(step, members, args, global_batch)
-            num_targets = sum(len(tok.encode(" " + e["answer"] + ".")) + 1 for e in episodes)
+            if step < args.text_warmup_steps:  # LM from scratch: text-only warm-up first
+                episodes = text_batch(step, args, tok, global_batch)
+                num_targets = sum(len(tok.encode(e["text"])) for e in episodes)
+            else:
+                episodes = make_batch(step, members, args, global_batch)
+                num_targets = sum(len(tok.encode(" " + e["answer"] + ".")) + 1 for e in episodes)
             batch = collate(episodes[d.rank::d.world_size], feats, tok, args.prefix_tokens, d.device)
             loss = train_step(ddp, optimizer, scaler, batch, num_targets, d.world_size, autocast, args.clip_grad)
             step += 1
@@ -795,25 +823,13 @@ def train(args):
 # Evaluation: Frozen's open-ended protocol through evaluate.icl, with real class names and
 # with nonsense names swapped in (the paper's control), and one episode as a picture.
 # ----------------------------------------------------------------------------------------
-class RenamedClasses(torch.utils.data.Dataset):
-    """The same images under other class names (e.g. nonsense words instead of real ones)."""
-
-    def __init__(self, base, names):
-        self.base, self.classes, self.samples = base, list(names), base.samples
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        return self.base[i]
-
-
 def run_icl(generate, folder, ways, shots, episodes, seed):
     """evaluate.icl (Frozen's protocol) with the folder's real class names, then with nonsense
     names swapped in (the paper's control); keys "real/icl/2way_1shot", "..._ci95", "..._chance"."""
     import evaluate
     real = data.ImageFolder(folder)
-    fake = RenamedClasses(real, pseudo_names(len(real.classes), np.random.default_rng([seed, 99])))
+    fake = copy.copy(real)  # the same images under nonsense names
+    fake.classes = pseudo_names(len(real.classes), np.random.default_rng([seed, 99]))
     results = {}
     for kind, dataset in (("real", real), ("pseudo", fake)):
         ok_ways = tuple(n for n in ways if n <= len(real.classes))

@@ -82,6 +82,20 @@ def test_loss_counts_only_the_answer_tokens():
     assert torch.allclose(loss, F.cross_entropy(logits[rows, cols], ids[rows, cols + 1]))
 
 
+def test_text_warmup_batches_are_caption_lists_with_every_token_a_target():
+    args = secat.get_args(["--data", "unused"])
+    tok = secat.ByteTokenizer("bytes")
+    batch = secat.text_batch(3, args, tok, 4)
+    assert batch == secat.text_batch(3, args, tok, 4)  # a function of (seed, step): resumable
+    ids, slots, targets, feats = secat.collate(batch, torch.randn(5, 8), tok, 2, "cpu")
+    assert feats.shape == (0, 8) and not slots.any()
+    for b, e in enumerate(batch):
+        lines = e["text"].split("\n")
+        assert all(line.startswith("This is a ") and line.endswith(".") for line in lines)
+        assert len(set(lines)) < len(lines) or len(lines) <= 4  # names repeat: copying pays off
+        assert ids[b][targets[b]].tolist() == tok.encode(e["text"])
+
+
 # ---------------------------------------------------------------- GPT-2 weights
 def _hf_gpt2_state(vocab=300, context=32, dim=64, layers=2, seed=0):
     """A randomly initialised state dict in HF GPT2LMHeadModel's layout (Conv1D weights (in, out))."""
