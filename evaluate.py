@@ -46,9 +46,7 @@ METHOD_MODULES = ("dora", "leopart", "timetuning", "sinkhorn")  # searched for a
 VIT_ARCHS = {}  # arch name -> constructor(patch_size=...); filled from a method module (or a test)
 
 
-# ----------------------------------------------------------------------------------------------
-# Backbones
-# ----------------------------------------------------------------------------------------------
+# ====== Backbones ===================================================================================
 class RawPixels(nn.Module):
     """The floor: patchified, normalised RGB as 'features' with DINO's interface.
     Patch tokens are the 3*p*p pixel values of a patch; the [CLS] slot holds their mean."""
@@ -128,9 +126,7 @@ def patch_size_of(backbone) -> int:
     return int(backbone.patch_embed.patch_size)
 
 
-# ----------------------------------------------------------------------------------------------
-# Transforms and feature extraction (uint8 images from data.py -> normalised floats)
-# ----------------------------------------------------------------------------------------------
+# ====== Transforms and feature extraction (uint8 images from data.py -> normalised floats) ==========
 def normalize(img: torch.Tensor) -> torch.Tensor:  # uint8 (..., 3, H, W) -> float
     return TF.normalize(img.float() / 255, MEAN, STD)
 
@@ -183,9 +179,7 @@ def extract(backbone, loader, device, n_last_blocks=1, patch_tokens=False):
     return torch.cat(feats), torch.cat(targets)
 
 
-# ----------------------------------------------------------------------------------------------
-# Classification: k-NN and linear probe on cached [CLS] features
-# ----------------------------------------------------------------------------------------------
+# ====== Classification: k-NN and linear probe on cached [CLS] features ==============================
 @torch.no_grad()
 def knn(train_features, train_labels, test_features, test_labels, ks=(10, 20, 100, 200), temperature=0.07,
         chunk=256) -> dict:
@@ -252,9 +246,7 @@ def linear(train_features, train_labels, test_features, test_labels, epochs=100,
     return {"linear/top1": _top1(head, test_features.float(), test_labels), "linear/lr": best}
 
 
-# ----------------------------------------------------------------------------------------------
-# Clustering: k-means, matching, mIoU, NMI, Hungarian accuracy
-# ----------------------------------------------------------------------------------------------
+# ====== Clustering: k-means, matching, mIoU, NMI, Hungarian accuracy ================================
 def _nearest(x, centroids, chunk=16384):
     """Squared distance to, and index of, the nearest centroid for every row of x."""
     c_sq = (centroids * centroids).sum(1)
@@ -362,9 +354,7 @@ def cluster_accuracy(pred, true) -> float:
     return 100 * conf[rows, cols].sum().item() / len(true)
 
 
-# ----------------------------------------------------------------------------------------------
-# Segmentation probes on cached patch tokens (N, D, h, w) and masks (N, H, W) (uint8, 255 ignored)
-# ----------------------------------------------------------------------------------------------
+# ====== Segmentation probes on cached patch tokens (N, D, h, w) and masks (N, H, W), 255 ignored =====
 def seg_linear(train_features, train_masks, val_features, val_masks, num_classes, epochs=20, lr=1e-2,
                batch_size=16, device="cpu", seed=0) -> dict:
     """A 1x1 conv on frozen patch tokens, logits bilinearly upsampled to the mask, cross-entropy with
@@ -386,9 +376,11 @@ def seg_linear(train_features, train_masks, val_features, val_masks, num_classes
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
     with torch.no_grad():
         for f, m in zip(val_features.split(batch_size), val_masks.split(batch_size)):
-            logits = F.interpolate(head(f.to(device).float()), size=m.shape[-2:], mode="bilinear", align_corners=False)
+            logits = F.interpolate(head(f.to(device).float()), size=m.shape[-2:], mode="bilinear",
+                                   align_corners=False)
             conf += confusion(logits.argmax(1).cpu(), m, num_classes, num_classes)
-    return {"seg_linear/miou": miou(conf), "seg_linear/pixel_acc": 100 * conf.diagonal().sum().item() / conf.sum().item()}
+    pixel_acc = 100 * conf.diagonal().sum().item() / conf.sum().item()
+    return {"seg_linear/miou": miou(conf), "seg_linear/pixel_acc": pixel_acc}
 
 
 def _cluster_confusion(labels, masks, k, num_classes, chunk=64):
@@ -431,9 +423,7 @@ def seg_cluster(features, masks, num_classes, ks=(100, 300, 500), restarts=3, de
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# DAVIS: J, F and label propagation
-# ----------------------------------------------------------------------------------------------
+# ====== DAVIS: J, F and label propagation ===========================================================
 def j_measure(pred, gt, void=None) -> float:
     """Region similarity: IoU of two binary masks (1 when both are empty), void pixels excluded."""
     keep = torch.ones_like(gt, dtype=torch.bool) if void is None else ~void
@@ -560,9 +550,7 @@ def propagate(backbone, videos, device="cpu", out_dir=None, max_frames=None, **k
     return {"davis/J": j, "davis/F": f, "davis/J&F": (j + f) / 2}
 
 
-# ----------------------------------------------------------------------------------------------
-# In-context classification (Frozen / SeCAt): generate(images, texts) -> str
-# ----------------------------------------------------------------------------------------------
+# ====== In-context classification (Frozen / SeCAt): generate(images, texts) -> str ==================
 def normalise_answer(text: str) -> str:
     """The generated name up to the first sentence end, lower-cased, punctuation dropped."""
     text = re.split(r"[.\n]", text.strip(), maxsplit=1)[0].lower()
@@ -577,7 +565,8 @@ def icl(generate, dataset, ways=(2, 5), shots=(1, 3, 5), episodes=100, seed=0, t
     supports and "What is this? This is a" (preceded by "Answer with a or b." with task_induction)
     after the query. Returns accuracy, its 95% interval (normal approximation) and chance, in %."""
     names = dataset.classes
-    labels = [y for _, y in dataset.samples] if hasattr(dataset, "samples") else [dataset[i][1] for i in range(len(dataset))]
+    samples = dataset.samples if hasattr(dataset, "samples") else [dataset[i] for i in range(len(dataset))]
+    labels = [y for _, y in samples]
     by_class = defaultdict(list)
     for i, y in enumerate(labels):
         by_class[y].append(i)
@@ -610,9 +599,7 @@ def icl(generate, dataset, ways=(2, 5), shots=(1, 3, 5), episodes=100, seed=0, t
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Pictures: attention of 3 heads as R, G, B and per-video k-means maps, as PNG grids and a GIF
-# ----------------------------------------------------------------------------------------------
+# ====== Pictures: attention of 3 heads as R, G, B, per-video k-means maps; PNG grids and a GIF ========
 COLOURS = torch.tensor([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                         [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212]],
                        dtype=torch.uint8)
@@ -653,9 +640,7 @@ def viz(backbone, frames, out_dir, name="video", device="cpu", heads=(0, 1, 2), 
     return [grid_path, gif_path]
 
 
-# ----------------------------------------------------------------------------------------------
-# Dataset-level runners (CLI and run_suite share them)
-# ----------------------------------------------------------------------------------------------
+# ====== Dataset-level runners (CLI and run_suite share them) ========================================
 def _loader(dataset, batch_size, num_workers):
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
 
@@ -732,9 +717,7 @@ def print_table(results: dict, title=None):
         print(f"  {key:<{width}}  {value:8.2f}" if isinstance(value, float) else f"  {key:<{width}}  {value}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------
+# ====== Command line ================================================================================
 BENCHES = ("knn", "linear", "seg-linear", "seg-cluster", "propagate", "icl", "viz", "suite")
 
 
@@ -755,6 +738,7 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--epochs", type=int, default=None, help="probe epochs (default: 100 linear, 20 seg-linear)")
+    p.add_argument("--restarts", type=int, default=3, help="seg-cluster: k-means restarts (best inertia kept)")
     p.add_argument("--episodes", type=int, default=100, help="icl episodes per (ways, shots)")
     p.add_argument("--task-induction", action="store_true", help="icl: 'Answer with a or b.' before the question")
     p.add_argument("--max-videos", type=int, default=3, help="viz: pictures for this many videos")
@@ -777,7 +761,7 @@ def main(args):
                                  epochs=args.epochs or 100)
     elif args.bench in ("seg-linear", "seg-cluster"):
         results = segmentation(backbone, args.data, device, (args.bench,), size or 448, args.batch_size, workers,
-                               epochs=args.epochs or 20)
+                               epochs=args.epochs or 20, restarts=args.restarts)
     elif args.bench == "propagate":
         results = propagate(backbone, data.DAVIS(args.data), device, args.output_dir, short_side=args.short_side)
     elif args.bench == "icl":  # the checkpoint's module turns it into a generate(images, texts) -> str
