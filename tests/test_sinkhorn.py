@@ -1,0 +1,164 @@
+"""Tests for sinkhorn.py: the label step's maths, DDP equivalence, AMP, exact resume, learning."""
+import itertools
+import os
+import socket
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sinkhorn  # noqa: E402
+
+
+# ---------------------------------------------------------------- Sinkhorn-Knopp maths
+def test_offline_sk_meets_both_marginals():
+    torch.manual_seed(0)
+    log_probs = F.log_softmax(torch.randn(500, 20) * 3, dim=1)
+    Q = sinkhorn.sinkhorn_knopp(log_probs, lam=25, tol=1e-6)
+    assert torch.allclose(Q.sum(1), torch.full((500,), 1 / 500, dtype=torch.float64), rtol=1e-3)
+    assert torch.allclose(Q.sum(0), torch.full((20,), 1 / 20, dtype=torch.float64), rtol=1e-3)
+    # hard labels are (nearly) balanced: the point of the equipartition
+    counts = torch.bincount(Q.argmax(1), minlength=20)
+    assert counts.min() >= 15 and counts.max() <= 35
+
+
+def test_offline_sk_survives_very_confident_predictions():
+    # log-probs of -200 would underflow P**λ in float64; the per-row shift keeps it finite
+    log_probs = torch.full((40, 4), -200.0)
+    log_probs[torch.arange(40), torch.arange(40) % 4] = 0.0
+    Q = sinkhorn.sinkhorn_knopp(log_probs, lam=25, tol=1e-6)
+    assert torch.isfinite(Q).all()
+    assert torch.equal(Q.argmax(1), torch.arange(40) % 4)
+
+
+def test_offline_sk_matches_brute_force_optimal_transport():
+    # 6 images, 3 clusters, 2 images each: enumerate every balanced labelling
+    g = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        log_probs = F.log_softmax(torch.randn(6, 3, generator=g) * 2, dim=1)
+        best = max(set(itertools.permutations([0, 0, 1, 1, 2, 2])),
+                   key=lambda y: sum(log_probs[i, y[i]].item() for i in range(6)))
+        Q = sinkhorn.sinkhorn_knopp(log_probs, lam=25, tol=1e-9)
+        assert tuple(Q.argmax(1).tolist()) == best
+
+
+def test_online_sk_matches_offline_in_the_limit():
+    torch.manual_seed(0)
+    log_probs = F.log_softmax(torch.randn(300, 10) * 2, dim=1)
+    offline = sinkhorn.sinkhorn_knopp(log_probs, lam=20, tol=1e-10) * 300  # rows sum to 1
+    online = sinkhorn.sinkhorn_online(log_probs, eps=1 / 20, iters=2000)
+    assert torch.allclose(online.double(), offline, atol=1e-4)
+    # and 3 iterations (the per-batch form) already spreads a collapsed batch over clusters
+    collapsed = torch.zeros(64, 8)
+    collapsed[:, 0] = 1.0
+    collapsed += 0.01 * torch.randn(64, 8)
+    q = sinkhorn.sinkhorn_online(collapsed, eps=0.05, iters=3)
+    assert torch.allclose(q.sum(1), torch.ones(64), atol=1e-5)
+    assert len(q.argmax(1).unique()) > 4
+
+
+def test_label_schedule_is_dense_early_sparse_late():
+    steps = sinkhorn.label_update_steps(100, epochs=400, steps_per_epoch=100)
+    assert steps[0] == 0 and len(steps) == 100 and steps[-1] < 400 * 100
+    gaps = np.diff(steps)
+    assert gaps[0] < gaps[-1] and (gaps > 0).all()
+
+
+# ---------------------------------------------------------------- training
+def _tiny_folder(root, classes=3, per_class=8, size=24):
+    """Classes that differ in pattern (stripes vs. checks vs. blobs), colours random."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    patterns = [(xx // 3) % 2, ((xx // 4) + (yy // 4)) % 2, ((xx - size / 2) ** 2 + (yy - size / 2) ** 2 < 40)]
+    for c in range(classes):
+        os.makedirs(os.path.join(root, f"class_{c}"), exist_ok=True)
+        for i in range(per_class):
+            fg, bg = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+            img = np.where(patterns[c][..., None].astype(bool), fg, bg).astype(np.uint8)
+            Image.fromarray(img).save(os.path.join(root, f"class_{c}", f"{i}.png"))
+    return root
+
+
+def _args(tmp_path, data_root, **kw):
+    argv = ["--data", str(data_root), "--output-dir", str(tmp_path / "out"), "--arch", "vit_demo",
+            "--patch-size", "8", "--image-size", "24", "--num-heads", "2", "--num-clusters", "3",
+            "--epochs", "2", "--batch-size-per-gpu", "8", "--num-label-updates", "3", "--num-workers", "0",
+            "--lr", "0.05", "--amp", "none", "--log-every", "1"]
+    for k, v in kw.items():
+        argv += [f"--{k.replace('_', '-')}"] + ([str(v)] if v != "" else [])  # "" = a bare flag
+    return sinkhorn.get_args(argv)
+
+
+def _deterministic(size, scale=None):  # DDP equality needs the same pixels on 1 and 2 processes
+    from torchvision.transforms import v2 as T
+    return T.Compose([T.Resize((size, size), antialias=True), T.ToDtype(torch.float32, scale=True)])
+
+
+def _ddp_worker(rank, world, port, args, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    sinkhorn.train_transform = _deterministic
+    model, labels, _ = sinkhorn.train(args)
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "labels": labels.cpu()}, out)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_equals_one_process(tmp_path):
+    root = _tiny_folder(str(tmp_path / "imgs"))
+    one = _args(tmp_path / "a", root, epochs=1, batch_size_per_gpu=8)
+    two = _args(tmp_path / "b", root, epochs=1, batch_size_per_gpu=4)  # 2 x 4 = the same global batch
+    torch.multiprocessing.spawn(_ddp_worker, args=(1, _free_port(), one, str(tmp_path / "one.pt")), nprocs=1)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), two, str(tmp_path / "two.pt")), nprocs=2)
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert torch.equal(a["labels"], b["labels"])
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5), k
+
+
+def test_bf16_autocast_step_on_cpu(tmp_path):
+    root = _tiny_folder(str(tmp_path / "imgs"))
+    model, labels, _ = sinkhorn.train(_args(tmp_path, root, epochs=1, amp="bf16"))
+    log = (tmp_path / "out" / "log.jsonl").read_text().splitlines()
+    assert log and all(np.isfinite(__import__("json").loads(line)["loss"]) for line in log)
+    assert labels.shape == (2, 24)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
+    root = _tiny_folder(str(tmp_path / "imgs"))
+    full, _, _ = sinkhorn.train(_args(tmp_path / "full", root, epochs=3))
+    save = sinkhorn.data.save_checkpoint
+
+    def save_then_die(state, path):  # the job is killed right after the first checkpoint
+        save(state, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sinkhorn.data, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        sinkhorn.train(_args(tmp_path / "cut", root, epochs=3))
+    monkeypatch.setattr(sinkhorn.data, "save_checkpoint", save)
+    resumed, _, _ = sinkhorn.train(_args(tmp_path / "cut", root, epochs=3, resume=""))
+    for k, v in full.state_dict().items():
+        assert torch.allclose(v, resumed.state_dict()[k]), k
+
+
+def test_resume_refuses_a_damaged_checkpoint(tmp_path):
+    root = _tiny_folder(str(tmp_path / "imgs"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoint.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(Exception, match="checkpoint.pth"):
+        sinkhorn.train(_args(tmp_path, root, resume=""))
+    assert (out / "checkpoint.pth").read_bytes() == b"not a checkpoint"
