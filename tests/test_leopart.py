@@ -60,7 +60,7 @@ def dino_key_names(depth):
 
 def test_dino_weights_load_strict(tmp_path):
     torch.manual_seed(0)
-    dino = L.vit_small(16)  # a DINO-architecture ViT-S/16: its state dict has DINO's key names
+    dino = L.vit_tiny(16)  # a DINO-architecture ViT (DeiT-Tiny width, DINO's vit_tiny): DINO's key names
     assert set(dino.state_dict()) == dino_key_names(12)
     x = torch.randn(2, 3, 64, 48)
     plain, full, ours = tmp_path / "plain.pth", tmp_path / "full.pth", tmp_path / "ours.pth"
@@ -71,13 +71,13 @@ def test_dino_weights_load_strict(tmp_path):
     torch.save({"method": "dora", "args": {}, "model": {}, "teacher": {f"backbone.{k}": v for k, v in
                                                                        dino.state_dict().items()}}, ours)
     for path in (plain, full, ours):
-        fresh = L.vit_small(16)
+        fresh = L.vit_tiny(16)
         L.load_pretrained(fresh, str(path))
         with torch.no_grad():
             assert torch.equal(fresh(x), dino(x))
             assert torch.equal(fresh.get_last_selfattention(x), dino.get_last_selfattention(x))
     with pytest.raises(RuntimeError, match="--pretrained"):
-        L.load_pretrained(L.vit_tiny(16), str(plain))
+        L.load_pretrained(L.vit_small(16), str(plain))
 
 
 # --------------------------------------------------------------------------- boxes, RoI-align
