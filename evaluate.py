@@ -150,7 +150,7 @@ class SegTransform:
 
     def __call__(self, img, mask):
         img = TF.resize(img, [self.size, self.size], antialias=True)
-        mask = F.interpolate(mask[None, None].float(), size=(self.size, self.size), mode="nearest")[0, 0]
+        mask = F.interpolate(mask[None, None].float(), size=(self.size, self.size), mode="nearest-exact")[0, 0]
         return normalize(img), mask.to(torch.uint8)
 
 
@@ -485,7 +485,8 @@ def propagate_video(backbone, frames, first_mask, device="cpu", short_side=480, 
     h, w = th // p, tw // p
     first_mask = torch.where(first_mask == 255, 0, first_mask)
     num_ids = int(first_mask.max()) + 1
-    small = F.interpolate(first_mask[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
+    # nearest-exact samples pixel centres like PIL's NEAREST, which DINO's read_seg uses
+    small = F.interpolate(first_mask[None, None].float(), size=(h, w), mode="nearest-exact")[0, 0].long()
     first_seg = F.one_hot(small.flatten(), num_ids).T.float().to(device)  # (C, h*w)
     yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     yy, xx = yy.flatten(), xx.flatten()
@@ -512,7 +513,7 @@ def propagate_video(backbone, frames, first_mask, device="cpu", short_side=480, 
         lo, hi = up.amin(dim=(1, 2), keepdim=True), up.amax(dim=(1, 2), keepdim=True)
         up = torch.where(hi > 0, (up - lo) / (hi - lo).clamp_min(1e-12), up)  # DINO's norm_mask per id
         label = up.argmax(0).float()[None, None]
-        preds.append(F.interpolate(label, size=(H, W), mode="nearest")[0, 0].long().cpu())
+        preds.append(F.interpolate(label, size=(H, W), mode="nearest-exact")[0, 0].long().cpu())
     return torch.stack(preds)
 
 
