@@ -87,7 +87,7 @@ def _args(tmp_path, data_root, **kw):
     argv = ["--data", str(data_root), "--output-dir", str(tmp_path / "out"), "--arch", "vit_demo",
             "--patch-size", "8", "--image-size", "24", "--num-heads", "2", "--num-clusters", "3",
             "--epochs", "2", "--batch-size-per-gpu", "8", "--num-label-updates", "3", "--num-workers", "0",
-            "--lr", "0.05", "--amp", "none", "--log-every", "1"]
+            "--optimizer", "sgd", "--lr", "0.05", "--amp", "none", "--log-every", "1"]
     for k, v in kw.items():
         argv += [f"--{k.replace('_', '-')}"] + ([str(v)] if v != "" else [])  # "" = a bare flag
     return sinkhorn.get_args(argv)
