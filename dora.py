@@ -112,9 +112,9 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.demo:  # tiny ViT, 64-px crops of the synthetic world's videos: ~5 min on 2 CPU cores
         given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
-        demo = dict(arch="vit_demo", patch_size=8, out_dim=4096, norm_last_layer=1, image_size=64, precrop_size=86,
-                    frames_per_clip=4, step_between_clips=4, clip_start_every=2, local_crops_number=4,
-                    epochs=6, batch_size_per_gpu=16, lr=5e-3, min_lr=1e-5, warmup_epochs=1,
+        demo = dict(arch="vit_demo", patch_size=8, out_dim=1024, norm_last_layer=1, image_size=64, precrop_size=86,
+                    frames_per_clip=4, step_between_clips=4, clip_start_every=2, local_crops_number=2,
+                    epochs=8, batch_size_per_gpu=8, lr=0.015, min_lr=1e-5, warmup_epochs=1,
                     warmup_teacher_temp_epochs=0, momentum_teacher=0.99, num_workers=2, log_every=5)
         for k, v in demo.items():  # explicit flags win over the demo's settings
             if "--" + k.replace("_", "-") not in given:
