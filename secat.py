@@ -26,6 +26,7 @@ Commands:
         --encoder dino_deitsmall16_pretrain.pth --lm gpt2-xl/model.safetensors   # full scale
     torchrun --nproc_per_node=8 secat.py --data ... --encoder ... --lm ...
     python secat.py ... --resume                             # continue <output-dir>/checkpoint.pth
+                                                             # (all epochs done: evaluates it again)
 
 Contents: config; the frozen DINO-compatible ViT (this file's own copy); the byte-level
 tokenizer; the GPT decoder and GPT-2 weight loading; the visual mapper; clustering
