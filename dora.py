@@ -20,7 +20,7 @@ Trained from scratch on one Walking Tours video (Venice, 4K), a ViT-S/16 comes o
 DINO trained on ImageNet (see the paper's tables for the numbers).
 
 Commands:
-    python dora.py --demo                                    # tiny ViT, synthetic tour, ~5 min CPU
+    python dora.py --demo                                    # tiny ViT, synthetic tours, CPU (see README)
     python dora.py --data venice.mp4                         # one GPU
     torchrun --nproc_per_node=8 dora.py --data venice.mp4    # the paper's run (README command)
     python dora.py --data venice.mp4 --resume                # continue <output-dir>/checkpoint.pth
