@@ -53,7 +53,7 @@ def get_args(argv=None):
     p.add_argument("--eval-data", default=None, help="ImageFolder with train/ and val/ for k-NN/linear after training")
     p.add_argument("--output-dir", default="runs/sinkhorn")
     p.add_argument("--demo", action="store_true", help="small ViT and short schedule on the synthetic world (CPU, minutes)")
-    p.add_argument("--arch", default="alexnet", choices=["alexnet", "resnet18", "resnet50", "vit_demo", "vit_small", "vit_base"])
+    p.add_argument("--arch", default="alexnet", choices=["alexnet", "resnet18", "resnet50", "convnet_demo", "vit_demo", "vit_small", "vit_base"])
     p.add_argument("--patch-size", type=int, default=16, help="ViT patch size")
     p.add_argument("--image-size", type=int, default=224, help="RandomResizedCrop output size")
     p.add_argument("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), help="RandomResizedCrop area range")
@@ -142,6 +142,16 @@ def alexnet_bn():
     mlp = nn.Sequential(nn.Dropout(0.5), nn.Linear(256 * 6 * 6, 4096), nn.ReLU(inplace=True),
                         nn.Dropout(0.5), nn.Linear(4096, 4096), nn.ReLU(inplace=True))
     return ConvBackbone(nn.Sequential(*layers), stride=32, map_dim=256, mlp=mlp, out_dim=4096)
+
+
+def convnet_demo(width=64):
+    """A 4-stage conv net with BN for the CPU demo (a small AlexNet-style trunk, stride 8)."""
+    layers, c_in = [], 3
+    for i, c in enumerate((width, 2 * width, 4 * width, 4 * width)):
+        layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+        layers += [nn.MaxPool2d(2)] if i < 3 else []
+        c_in = c
+    return ConvBackbone(nn.Sequential(*layers), stride=8, map_dim=c_in)
 
 
 def resnet(depth):
@@ -240,6 +250,8 @@ def build_backbone(args: dict) -> nn.Module:
         return alexnet_bn()
     if arch.startswith("resnet"):
         return resnet(int(arch[6:]))
+    if arch == "convnet_demo":
+        return convnet_demo()
     dim, depth, heads = VIT_SIZES[arch]
     return VisionTransformer(args.get("patch_size", 16), dim, depth, heads)
 
@@ -337,8 +349,8 @@ def update_labels(model, dataset, args, dist_info, autocast):
     (N ints per head, small) are then summed across ranks so that every rank has all.
     Returns (num_heads, N) int64."""
     raw = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    was_training = raw.training
-    raw.eval()  # BN with running stats, no dropout: a deterministic embedding of each image
+    # the network stays in training mode, as in the official code: BN normalises with batch
+    # statistics, which keeps a freshly initialised network's features in range at step 0
     own = list(range(dist_info.rank, len(dataset), dist_info.world_size))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, own), batch_size=args.batch_size_per_gpu,
                                          num_workers=args.num_workers, shuffle=False)
@@ -351,7 +363,6 @@ def update_labels(model, dataset, args, dist_info, autocast):
     for h, head in enumerate(raw.heads):
         Q = sinkhorn_knopp(F.log_softmax(head(feats), dim=1), args.lam, args.sk_tol, world_size=dist_info.world_size)
         labels[h, own] = Q.argmax(1)
-    raw.train(was_training)
     return _all_reduce(labels, dist_info.world_size)
 
 
