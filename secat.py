@@ -711,6 +711,15 @@ def make_generate(model, tok, args, device):
     return generate
 
 
+def build_generator(ckpt: dict, device="cpu"):
+    """generate(images, texts) -> str from a checkpoint of this file: what `python evaluate.py
+    icl --ckpt ...` calls. A checkpoint made with --lm needs that LM file at the same path."""
+    args = argparse.Namespace(**ckpt["args"])
+    model, tok = build_model(args, build_backbone(ckpt["args"]))
+    model.load_state_dict(ckpt["model"])
+    return make_generate(model.to(device), tok, args, device)
+
+
 # ----------------------------------------------------------------------------------------
 # Training. The encoder is frozen, so its features are computed once and cached; a step
 # builds the global batch of episodes, takes this rank's share and updates mapper + LM.

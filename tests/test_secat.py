@@ -1,4 +1,5 @@
 """Tests for secat.py: tokenizer, episodes, masked loss, GPT-2 loading, greedy copying, DDP, bf16, resume."""
+import argparse
 import contextlib
 import json
 import os
@@ -303,6 +304,13 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     ckpt = secat.data.load_checkpoint(tmp_path / "cut" / "checkpoint.pth")
     enc = secat.build_backbone(ckpt["args"])
     enc.load_state_dict({k[9:]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}, strict=True)
+    # and evaluate.py's `icl` bench rebuilds the same model from it: same answer as the trained one
+    generate = secat.build_generator(ckpt)
+    reference = secat.make_generate(resumed, secat.ByteTokenizer("bytes"), argparse.Namespace(**ckpt["args"]), "cpu")
+    images = [secat.data.load_image(p) for p, _ in secat.data.ImageFolder(root).samples[:3]]
+    texts = ["This is a blicket.", "This is a dax.", "What is this? This is a"]
+    assert isinstance(generate(images, texts), str)
+    assert generate(images, texts) == reference(images, texts)
 
 
 def test_encoder_loads_from_a_repo_checkpoint_and_from_dino_weights(tmp_path):
