@@ -662,11 +662,6 @@ def classification(backbone, root, device, benches=("knn", "linear"), image_size
     return out
 
 
-def knn_on_folder(backbone, root, device, image_size=224, batch_size=64) -> dict:
-    """k-NN only, on an ImageFolder root with train/ and val/ (used by sinkhorn.py)."""
-    return classification(backbone, root, device, ("knn",), image_size, batch_size)
-
-
 def segmentation(backbone, root, device, benches=("seg-linear", "seg-cluster"), image_size=448, batch_size=16,
                  num_workers=0, epochs=20, ks=(100, 300, 500), restarts=3) -> dict:
     """seg-linear (train -> val) and/or seg-cluster (val) on a VOC-layout root."""
