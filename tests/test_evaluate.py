@@ -1,7 +1,6 @@
 """Tests for evaluate.py with known answers: matching and mIoU, J and F, k-NN / linear probe,
 k-means, segmentation probes, label propagation, icl, viz, load_backbone round-trips."""
 import json
-import math
 import os
 import sys
 import time
@@ -9,7 +8,6 @@ import types
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -17,171 +15,8 @@ import evaluate as E  # noqa: E402
 
 torch.set_num_threads(1)
 
-# ------------------------------------------------------------------ reference ViT (copied from
-# /work/spec/vit_reference.py; used until a method file with vit_small/vit_base is importable)
-class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch of a sample with probability p."""
-
-    def __init__(self, p: float = 0.0):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = torch.empty(x.shape[0], *([1] * (x.ndim - 1)), device=x.device).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
-
-
-class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
-        super().__init__()
-        self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x, return_attention: bool = False):
-        """x: (B, N, D) -> (B, N, D), and the attention (B, heads, N, N) if asked."""
-        B, N, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        if return_attention:  # the explicit path: the weights are needed (viz, tracking)
-            attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
-            out = attn @ v
-        else:  # fused kernel (flash / memory-efficient) when no weights are needed
-            attn = None
-            out = F.scaled_dot_product_attention(q, k, v)
-        out = self.proj(out.transpose(1, 2).reshape(B, N, D))
-        return (out, attn) if return_attention else out
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
-        self.drop_path = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-
-    def forward(self, x, return_attention: bool = False):
-        if return_attention:
-            y, attn = self.attn(self.norm1(x), return_attention=True)
-        else:
-            y, attn = self.attn(self.norm1(x)), None
-        x = x + self.drop_path(y)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return (x, attn) if return_attention else x
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768):
-        super().__init__()
-        self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x):  # (B, 3, H, W) -> (B, H/p * W/p, D)
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class VisionTransformer(nn.Module):
-    """ViT with a [CLS] token; DINO's interface: forward -> [CLS] (B, D) after the final norm,
-    get_last_selfattention -> (B, heads, 1+N, 1+N), get_intermediate_layers(x, n) -> n x (B, 1+N, D)."""
-
-    def __init__(self, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0,
-                 drop_path_rate=0.0, img_size=224):
-        super().__init__()
-        self.embed_dim = self.num_features = embed_dim
-        self.num_heads = num_heads
-        self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
-        num_patches = (img_size // patch_size) ** 2
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, r) for r in rates])
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.head = nn.Identity()  # DINO keeps a (unused) head slot; no parameters
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-    def interpolate_pos_encoding(self, num_patches: int, h: int, w: int) -> torch.Tensor:
-        """Bicubic resize of the patch part of the positional embedding to an (h/p, w/p) grid,
-        as DINO does it (scale factor with DINO's +0.1 so that floors land on the grid)."""
-        n = self.pos_embed.shape[1] - 1
-        if num_patches == n and h == w:
-            return self.pos_embed
-        p = self.patch_embed.patch_size
-        side = int(math.sqrt(n))
-        h0, w0 = h // p + 0.1, w // p + 0.1
-        grid = self.pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, scale_factor=(h0 / side, w0 / side), mode="bicubic")
-        grid = grid.permute(0, 2, 3, 1).reshape(1, -1, self.embed_dim)
-        return torch.cat([self.pos_embed[:, :1], grid], dim=1)
-
-    def prepare_tokens(self, x):  # (B, 3, H, W) -> (B, 1+N, D)
-        B, _, H, W = x.shape
-        x = self.patch_embed(x)
-        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
-        return x + self.interpolate_pos_encoding(x.shape[1] - 1, H, W)
-
-    def forward(self, x):  # (B, 3, H, W) -> (B, D)
-        x = self.prepare_tokens(x)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)[:, 0]
-
-    def get_last_selfattention(self, x):  # -> (B, heads, 1+N, 1+N)
-        x = self.prepare_tokens(x)
-        for blk in self.blocks[:-1]:
-            x = blk(x)
-        return self.blocks[-1](x, return_attention=True)[1]
-
-    def get_intermediate_layers(self, x, n: int = 1):  # -> list of n tensors (B, 1+N, D), normed
-        x = self.prepare_tokens(x)
-        out = []
-        for i, blk in enumerate(self.blocks):
-            x = blk(x)
-            if i >= len(self.blocks) - n:
-                out.append(self.norm(x))
-        return out
-
-
-def vit_demo(patch_size=8, **kw):  # for the CPU demos: ViT-Tiny width, 4 blocks
-    return VisionTransformer(patch_size, embed_dim=192, depth=4, num_heads=3, **kw)
-
-
-def vit_tiny(patch_size=16, **kw):
-    return VisionTransformer(patch_size, embed_dim=192, depth=12, num_heads=3, **kw)
-
-
-def vit_small(patch_size=16, **kw):
-    return VisionTransformer(patch_size, embed_dim=384, depth=12, num_heads=6, **kw)
-
-
-def vit_base(patch_size=16, **kw):
-    return VisionTransformer(patch_size, embed_dim=768, depth=12, num_heads=12, **kw)
+# a DINO-compatible ViT from a method file (dora.py: the first that evaluate.py itself searches)
+from dora import vit_base, vit_demo, vit_small, vit_tiny  # noqa: E402
 
 
 # ------------------------------------------------------------------ helpers
