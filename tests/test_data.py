@@ -2,6 +2,7 @@
 import json
 import os
 import sys
+import threading
 import warnings
 
 import av
@@ -178,7 +179,7 @@ def test_davis_and_videos_round_trip(world):
     decoded = clips[4].float()  # tour_01 frames 8..15
     original = torch.from_numpy(tour["frames"]).permute(0, 3, 1, 2).float()
     errors = [(decoded - original[start:start + 8]).abs().mean() for start in (7, 8, 9)]
-    assert errors[1] < 12 and errors[1] < min(errors[0], errors[2]) - 5  # yuv420p costs colour detail
+    assert errors[1] < 12 and errors[1] < 0.7 * min(errors[0], errors[2])  # yuv420p costs colour detail
 
 
 def test_generator_is_deterministic_and_moves(world):
@@ -207,6 +208,20 @@ def test_ensure_synth_replaces_an_old_world_and_spares_other_folders(tmp_path, m
     with pytest.raises(data.DataError, match="not a synthetic world"):
         data.ensure_synth(tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").exists()
+
+
+def test_ensure_synth_other_ranks_wait_for_the_writer(tmp_path, monkeypatch):
+    # torchrun starts N processes that call ensure_synth before the process group exists:
+    # only local rank 0 writes; the others wait until its world is complete
+    real, root = data.synth_world, tmp_path / "synth"
+    small = lambda out, seed: real(out, seed, num_videos=1, num_frames=8, num_images=(2, 1), crops_per_class=(1, 1))
+    monkeypatch.setattr(data, "synth_world", lambda out, seed: pytest.fail("a rank other than 0 wrote the world"))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    writer = threading.Timer(1.0, lambda: small(str(root), 0))
+    writer.start()
+    assert data.ensure_synth(root) == str(root)
+    writer.join()
+    assert data._current_world(str(root), 0) and sorted(os.listdir(tmp_path)) == ["synth"]
 
 
 def test_classes_are_not_separable_by_colour():
