@@ -21,7 +21,7 @@ features to visual prefix tokens and the language model are TRAINED.
 
 Commands:
     python secat.py --demo                                   # tiny LM from scratch, ~5 min CPU
-    python secat.py --demo --encoder runs/sinkhorn/checkpoint.pth   # frozen encoder from a demo run
+    python secat.py --demo --encoder runs/dora/checkpoint.pth       # frozen encoder from a ViT demo run
     python secat.py --data /imagenet/train --eval-data /mini-imagenet/val \\
         --encoder dino_deitsmall16_pretrain.pth --lm gpt2-xl/model.safetensors   # full scale
     torchrun --nproc_per_node=8 secat.py --data ... --encoder ... --lm ...
@@ -285,7 +285,8 @@ def load_encoder(args) -> nn.Module:
         state = {k.removeprefix("module."): v for k, v in state.items()}
         state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     if "cls_token" not in state:
-        raise SystemExit(f"--encoder {args.encoder}: no DINO-style ViT weights found (need cls_token, blocks.*)")
+        raise SystemExit(f"--encoder {args.encoder}: no DINO-style ViT weights found (need cls_token, blocks.*); "
+                         "sinkhorn.py's demo trains a conv net: use a dora.py checkpoint or sinkhorn.py --arch vit_demo")
     args.encoder_dim = int(state["cls_token"].shape[-1])
     args.encoder_depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     args.patch_size = int(state["patch_embed.proj.weight"].shape[-1])
