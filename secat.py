@@ -20,7 +20,7 @@ What is trained (as in the paper): the image encoder is FROZEN; the mapper from 
 features to visual prefix tokens and the language model are TRAINED.
 
 Commands:
-    python secat.py --demo                                   # tiny LM from scratch, ~5 min CPU
+    python secat.py --demo                                   # tiny LM from scratch, ~10 min CPU (README)
     python secat.py --demo --encoder runs/dora/checkpoint.pth       # frozen encoder from a ViT demo run
     python secat.py --data /imagenet/train --eval-data /mini-imagenet/val \\
         --encoder dino_deitsmall16_pretrain.pth --lm gpt2-xl/model.safetensors   # full scale
@@ -563,10 +563,10 @@ CODAS = ["", "", "", "", "n", "k", "x", "s", "t", "m", "ck", "nd", "rp", "sh"]
 
 
 def pseudo_name(rng) -> str:
-    """A pronounceable nonsense name, 1-3 syllables, sometimes two words ("blicket", "dax fep"):
+    """A pronounceable nonsense name, 1-3 syllables, half of them two words ("blicket", "dax fep"):
     every letter a-z occurs, so that copying a name is learned for any spelling."""
     words = []
-    for _ in range(1 if rng.random() < 0.7 else 2):
+    for _ in range(1 if rng.random() < 0.5 else 2):
         syllables = rng.integers(1, 4)
         words.append("".join(ONSETS[rng.integers(len(ONSETS))] + VOWELS[rng.integers(len(VOWELS))] +
                              CODAS[rng.integers(len(CODAS))] for _ in range(syllables)))

@@ -17,7 +17,7 @@ alone: cross-entropy of its prototype scores (temperature 0.1) against the map's
 Only the last two ViT blocks, a projection head and the prototypes are trained.
 
 Commands:
-  python timetuning.py --demo                                   # vit_demo, synthetic videos, ~6 min on 2 free cores
+  python timetuning.py --demo                                   # vit_demo, synthetic videos, ~3 min CPU
   python timetuning.py --demo --pretrained runs/dora/checkpoint.pth   # chain from another demo
   python timetuning.py --data /data/ytvos/train/JPEGImages --pretrained dino_deitsmall16_pretrain.pth
   torchrun --nproc_per_node=4 timetuning.py --data /data/ytvos/train/JPEGImages \
