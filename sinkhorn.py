@@ -79,10 +79,11 @@ def get_args(argv=None):
     if args.demo:  # a small conv net on 64-px crops of the synthetic objects, the official CIFAR
         # config's λ = 10 and crop scale 0.2-1; a conv net because a random-init ViT's [CLS] barely
         # depends on the image, so its first labels are noise and a few-minute run never leaves them
+        # num_workers 0: workers restarted every 5-step epoch and label pass cost more than they gave
         given = {a.split("=")[0] for a in (argv if argv is not None else __import__("sys").argv[1:])}
         demo = dict(arch="convnet_demo", image_size=64, crop_scale=(0.2, 1.0), lam=10.0, num_heads=3,
                     num_clusters=None, epochs=32, batch_size_per_gpu=64, lr_milestones=[24],
-                    num_label_updates=16, num_workers=2, log_every=5)
+                    num_label_updates=16, num_workers=0, log_every=5)
         for k, v in demo.items():  # explicit flags win over the demo's settings
             if "--" + k.replace("_", "-") not in given:
                 setattr(args, k, v)
