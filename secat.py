@@ -21,7 +21,7 @@ features to visual prefix tokens and the language model are TRAINED.
 
 Commands:
     python secat.py --demo                                   # tiny LM from scratch, ~10 min CPU (README)
-    python secat.py --demo --encoder runs/dora/checkpoint.pth       # frozen encoder from a ViT demo run
+    python secat.py --demo --encoder runs/sinkhorn/checkpoint.pth   # frozen encoder from a demo run
     python secat.py --data /imagenet/train --eval-data /mini-imagenet/val \\
         --encoder dino_deitsmall16_pretrain.pth --lm gpt2-xl/model.safetensors   # full scale
     torchrun --nproc_per_node=8 secat.py --data ... --encoder ... --lm ...
@@ -263,7 +263,11 @@ VIT_ARCHS = {"vit_demo": (8, 192, 4), "vit_tiny": (16, 192, 12), "vit_small": (1
 
 def build_backbone(args: dict) -> nn.Module:
     """The frozen image encoder with fresh weights, from a checkpoint's stored args (evaluate.py
-    calls this). DINO's ViTs all have 64-dim heads, so width and depth fix the architecture."""
+    calls this). DINO's ViTs all have 64-dim heads, so width and depth fix the architecture; an
+    encoder from another method file that is not a ViT (sinkhorn.py's conv nets) is rebuilt by it."""
+    if args.get("encoder_method"):
+        import importlib
+        return importlib.import_module(args["encoder_method"]).build_backbone(args["encoder_args"])
     if args.get("encoder_dim") is None:
         _, dim, depth = VIT_ARCHS[args.get("encoder_arch", "vit_small")]
     else:
@@ -271,22 +275,32 @@ def build_backbone(args: dict) -> nn.Module:
     return VisionTransformer(args.get("patch_size", 16), dim, depth, dim // 64, img_size=args.get("encoder_img_size", 224))
 
 
+def feature_dim(encoder) -> int:  # the width of encoder(images): a ViT's [CLS], a conv net's pooled output
+    return getattr(encoder, "out_dim", encoder.embed_dim)
+
+
 def load_encoder(args) -> nn.Module:
     """--encoder: official DINO weights (a plain ViT state dict) or a checkpoint of this repo
     (the `backbone.` keys of `teacher`, else of `model`); the architecture is read off the
-    weights and stored in args so that build_backbone(args) rebuilds it. None: random init."""
+    weights (or, for a non-ViT, taken from the checkpoint's method and args) and stored in args
+    so that build_backbone(args) rebuilds it. None: random init."""
+    args.encoder_method = args.encoder_args = None
     if args.encoder is None:
         args.encoder_dim = args.encoder_depth = None
         args.encoder_img_size = 224
         return build_backbone(vars(args))
     state = data.load_checkpoint(args.encoder)  # weights_only=True; a damaged file names itself
+    weights = state.get("teacher") or state.get("model") or {}
+    if "method" in state and "backbone.cls_token" not in weights:  # another method's non-ViT backbone
+        import evaluate
+        args.encoder_method, args.encoder_args = state["method"], state["args"]
+        return evaluate.load_backbone(args.encoder)
     if "teacher" in state or "model" in state:  # a training checkpoint: take its ViT
         state = state["teacher"] if state.get("teacher") else state["model"]
         state = {k.removeprefix("module."): v for k, v in state.items()}
         state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     if "cls_token" not in state:
-        raise SystemExit(f"--encoder {args.encoder}: no DINO-style ViT weights found (need cls_token, blocks.*); "
-                         "sinkhorn.py's demo trains a conv net: use a dora.py checkpoint or sinkhorn.py --arch vit_demo")
+        raise SystemExit(f"--encoder {args.encoder}: no DINO-style ViT weights found (need cls_token, blocks.*)")
     args.encoder_dim = int(state["cls_token"].shape[-1])
     args.encoder_depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     args.patch_size = int(state["patch_embed.proj.weight"].shape[-1])
@@ -520,7 +534,7 @@ def extract_features(encoder, dataset, d, autocast, batch_size=64, num_workers=0
     for images, _ in tqdm(loader, disable=not d.is_main, desc="frozen features", leave=False):
         with autocast:
             chunks.append(encoder(images.to(d.device)).float())
-    feats = torch.zeros(len(dataset), encoder.embed_dim, device=d.device)
+    feats = torch.zeros(len(dataset), feature_dim(encoder), device=d.device)
     feats[own] = torch.cat(chunks)
     if d.world_size > 1:
         dist.all_reduce(feats)
@@ -731,7 +745,7 @@ def build_model(args, encoder):
     tok = ByteTokenizer("gpt2" if args.lm else "bytes")
     lm = load_lm(args.lm) if args.lm else GPT(tok.vocab_size, args.context, args.lm_dim, args.lm_layers, args.lm_heads,
                                               rope=args.lm_positions == "rope")
-    return SeCAt(encoder, VisualMapper(encoder.embed_dim, lm.dim, args.prefix_tokens), lm), tok
+    return SeCAt(encoder, VisualMapper(feature_dim(encoder), lm.dim, args.prefix_tokens), lm), tok
 
 
 def train_step(model, optimizer, scaler, batch, num_targets, world_size, autocast, clip_grad=1.0):

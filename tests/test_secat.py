@@ -326,6 +326,22 @@ def test_encoder_loads_from_a_repo_checkpoint_and_from_dino_weights(tmp_path):
         assert torch.allclose(enc(x), vit(x))
 
 
+def test_a_sinkhorn_conv_net_checkpoint_serves_as_the_frozen_encoder(tmp_path):
+    # sinkhorn.py's demo trains a conv net, not a ViT: it is rebuilt by sinkhorn.build_backbone
+    import sinkhorn
+    torch.manual_seed(0)
+    sela = sinkhorn.SeLaNet(sinkhorn.build_backbone({"arch": "convnet_demo"}), 2, 6).eval()
+    torch.save({"method": "sinkhorn", "args": {"arch": "convnet_demo", "image_size": 32},
+                "model": sela.state_dict()}, tmp_path / "sela.pth")
+    args = secat.get_args(["--data", "unused", "--encoder", str(tmp_path / "sela.pth")])
+    enc = secat.load_encoder(args)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(enc(x), sela.backbone(x)) and secat.feature_dim(enc) == enc(x).shape[1]
+    rebuilt = secat.build_backbone(vars(args))  # what evaluate.py does with a secat checkpoint's args
+    rebuilt.load_state_dict(enc.state_dict(), strict=True)
+    assert torch.allclose(rebuilt.eval()(x), enc(x))
+
+
 def test_sinkhorn_clustering_is_balanced_and_finds_separated_groups():
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(4, 16, generator=g) * 5
