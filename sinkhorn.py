@@ -429,8 +429,8 @@ def train(args):
     log = data.JsonlLogger(os.path.join(args.output_dir, "log.jsonl"), d.is_main)
 
     dataset = Indexed(make_dataset(args.data, train_transform(args.image_size, args.crop_scale)))
-    if args.num_clusters is None:  # demo: K = number of classes, when the folder has classes
-        args.num_clusters = len(getattr(dataset.base, "classes", [])) or 10
+    if args.num_clusters is None:  # demo: K = 3 x the classes when the folder has them (paper: 3000 for 1000)
+        args.num_clusters = 3 * len(getattr(dataset.base, "classes", [])) or 30
     sampler = torch.utils.data.DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=args.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_per_gpu, sampler=sampler,
                                          num_workers=args.num_workers, drop_last=True, persistent_workers=False)
