@@ -162,3 +162,26 @@ def test_resume_refuses_a_damaged_checkpoint(tmp_path):
     with pytest.raises(Exception, match="checkpoint.pth"):
         sinkhorn.train(_args(tmp_path, root, resume=""))
     assert (out / "checkpoint.pth").read_bytes() == b"not a checkpoint"
+
+
+# ---------------------------------------------------------------- learning (about 2 CPU-minutes)
+def test_demo_clusters_beat_random_init_on_nmi(tmp_path):
+    # the demo's settings (conv net, 3 heads x K = 18, λ 10), shortened: 32 px, 40 epochs of the
+    # 360 synthetic object crops. The floor is a fresh network's outputs equipartitioned by the
+    # label step (nmi_sk): a fresh argmax collapses to 1-2 clusters and would be an unfair floor.
+    # Measured margins (seeds 0, 1, 2): +1.1, +2.9, +0.8 NMI points; with K = 6 there was none.
+    from sinkhorn import data
+    world, root = data.SyntheticWorld(0), tmp_path / "objects"
+    for label, name in enumerate(world.classes):
+        (root / name).mkdir(parents=True)
+        for i in range(60):
+            Image.fromarray(world.crop(label, i, "train", 64)).save(root / name / f"{i:03d}.png")
+    args = sinkhorn.get_args(["--demo", "--data", str(root), "--output-dir", str(tmp_path / "out"), "--image-size", "32",
+                              "--epochs", "40", "--lr-milestones", "32", "--seed", "0", "--amp", "none"])
+    model, _, _ = sinkhorn.train(args)
+    assert args.num_clusters == 18
+    torch.manual_seed(0)
+    fresh = sinkhorn.SeLaNet(sinkhorn.build_backbone(vars(args)), args.num_heads, args.num_clusters)
+    floor = sinkhorn.cluster_quality(fresh, str(root), 32, "cpu", args.lam)["nmi_sk/mean"]
+    learned = sinkhorn.cluster_quality(model, str(root), 32, "cpu", args.lam)["nmi_sk/mean"]
+    assert learned > floor + 0.5, (floor, learned)
