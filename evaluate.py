@@ -23,6 +23,7 @@ Commands:
 The last line printed is one JSON object with every number.
 """
 import argparse
+import functools
 import importlib
 import json
 import math
@@ -639,6 +640,84 @@ def viz(backbone, frames, out_dir, name="video", device="cpu", heads=(0, 1, 2), 
     gif = [Image.fromarray(torch.cat([r[t] for r in rows], dim=2).permute(1, 2, 0).numpy()) for t in range(T)]
     gif[0].save(gif_path, save_all=True, append_images=gif[1:], duration=200, loop=0)
     return [grid_path, gif_path]
+
+
+# ====== Video k-means (TimeT's unsupervised video segmentation): clip-wise and dataset-wise ========
+# k-means on the patch features of whole clips, clusters matched to the ground truth by Hungarian
+# matching; the official protocol upsamples to pixels before matching.
+def cluster_miou(pred: torch.Tensor, truth: torch.Tensor, k: int, num_classes: int) -> float:
+    """mIoU (%) of cluster ids `pred` against `truth` (255 ignored) after Hungarian matching."""
+    conf = confusion(pred, truth, k, num_classes)
+    return miou(conf, match_clusters(conf))
+
+
+@torch.no_grad()
+def clip_features(backbone, frames: torch.Tensor, size: int, device, batch: int = 32):
+    """uint8 (T, 3, H, W) -> patch features (T, h, w, D), frames resized to `size` x `size`."""
+    x = TF.resize(frames, [size, size], antialias=True)
+    x = TF.normalize(TF.to_dtype(x, torch.float32, scale=True), MEAN, STD)
+    p = backbone.patch_embed.patch_size
+    feats = torch.cat([backbone.get_intermediate_layers(x[i:i + batch].to(device), 1)[0][:, 1:].float().cpu() for i in range(0, len(x), batch)])
+    return rearrange(feats, "t (h w) d -> t h w d", h=size // p)
+
+
+def pixel_clusters(feats: torch.Tensor, centroids: torch.Tensor, size: int) -> torch.Tensor:
+    """(T, h, w, D) features, (k, D) centroids -> (T, size, size): each pixel's bilinearly
+    upsampled feature u goes to its nearest centroid c. argmin |u - c|^2 = argmax u.c - |c|^2/2,
+    and u.c is the upsampled patch-level score, so the scores are upsampled, not the features."""
+    scores = feats @ centroids.t() - 0.5 * (centroids * centroids).sum(1)  # (T, h, w, k)
+    up = F.interpolate(rearrange(scores, "t h w k -> t k h w"), size=(size, size), mode="bilinear", align_corners=False)
+    return up.argmax(1)
+
+
+@functools.lru_cache(maxsize=None)
+def synthetic_classes(root: str, name: str) -> torch.Tensor:
+    """Instance id -> class id (0 background, 255 kept) of a synthetic-world tour, from its generator."""
+    import data
+    meta = json.load(open(os.path.join(root, "world.json")))
+    tour = data.SyntheticWorld(meta["seed"]).video(meta["videos"].index(name), meta["frames_per_video"], meta["size"])
+    lut = torch.tensor([0] + [int(c) + 1 for c in tour["labels"]] + [0] * 255)
+    lut[255] = 255
+    return lut
+
+
+@torch.no_grad()
+def video_kmeans_miou(backbone, davis_root: str, size: int, device, clip_frames: int = 16, world_root=None):
+    """Clip-wise: each clip clustered alone with K = its number of labels, matched alone;
+    dataset-wise: all clips' patches clustered together with K = the dataset's number of
+    classes, matched once. Labels: DAVIS instance ids (clip-wise) and semantic classes where
+    known (synthetic world: from the generator; else the DAVIS ids as given)."""
+    import data
+    backbone.eval()
+    videos = data.DAVIS(davis_root, split="val")
+    clip_scores, all_feats, all_truth = [], [], []
+    for item in videos:
+        frames, masks = item["frames"], item["masks"]
+        semantic = synthetic_classes(world_root, item["name"])[masks] if world_root else masks
+        feats = clip_features(backbone, frames, size, device)
+        masks = F.interpolate(masks[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
+        semantic = F.interpolate(semantic[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
+        for s in range(0, len(frames) - clip_frames + 1, clip_frames):
+            f, m = feats[s:s + clip_frames], masks[s:s + clip_frames]
+            ids = m[m != 255].unique()
+            lut = torch.full((256,), 255, dtype=torch.long)
+            lut[ids] = torch.arange(len(ids))
+            k = len(ids)
+            if k < 2:
+                continue
+            centroids = kmeans(F.normalize(f.reshape(-1, f.shape[-1]), dim=1), k)[1]
+            pred = pixel_clusters(F.normalize(f, dim=-1), centroids, size)
+            clip_scores.append(cluster_miou(pred, lut[m], k, k))
+            all_feats.append(f)
+            all_truth.append(semantic[s:s + clip_frames])
+    feats, truth = torch.cat(all_feats), torch.cat(all_truth)
+    num_classes = int(truth[truth != 255].max()) + 1
+    flat = F.normalize(feats.reshape(-1, feats.shape[-1]), dim=1)
+    sample = flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(0))[:20000]]
+    centroids = kmeans(sample, num_classes)[1]
+    pred = pixel_clusters(F.normalize(feats, dim=-1), centroids, size)
+    return {"video_kmeans/clip_wise_miou": float(np.mean(clip_scores)),
+            "video_kmeans/dataset_wise_miou": cluster_miou(pred, truth, num_classes, num_classes)}
 
 
 # ====== Dataset-level runners (CLI and run_suite share them) ========================================

@@ -37,14 +37,12 @@ the loss; one training step; train(); video k-means evaluation; pictures; main()
 """
 import argparse
 import copy
-import functools
 import math
 import os
 import random
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -627,87 +625,6 @@ def train(args):
 
 
 # ----------------------------------------------------------------------------------------
-# Evaluation: unsupervised video segmentation by k-means on the patch features of whole
-# clips, clusters matched to the ground truth by Hungarian matching (the paper's clip-wise
-# and dataset-wise protocols). Official: features upsampled to pixels, k-means, matching.
-# ----------------------------------------------------------------------------------------
-def cluster_miou(pred: torch.Tensor, truth: torch.Tensor, k: int, num_classes: int) -> float:
-    """mIoU (%) of cluster ids `pred` against `truth` (255 ignored) after Hungarian matching."""
-    import evaluate
-    conf = evaluate.confusion(pred, truth, k, num_classes)
-    return evaluate.miou(conf, evaluate.match_clusters(conf))
-
-
-@torch.no_grad()
-def clip_features(backbone, frames: torch.Tensor, size: int, device, batch: int = 32):
-    """uint8 (T, 3, H, W) -> patch features (T, h, w, D), frames resized to `size` x `size`."""
-    x = TF.resize(frames, [size, size], antialias=True)
-    x = TF.normalize(TF.to_dtype(x, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
-    p = backbone.patch_embed.patch_size
-    feats = torch.cat([backbone.patch_tokens(x[i:i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)])
-    return rearrange(feats, "t (h w) d -> t h w d", h=size // p)
-
-
-def pixel_clusters(feats: torch.Tensor, centroids: torch.Tensor, size: int) -> torch.Tensor:
-    """(T, h, w, D) features, (k, D) centroids -> (T, size, size): each pixel's bilinearly
-    upsampled feature u goes to its nearest centroid c. argmin |u - c|^2 = argmax u.c - |c|^2/2,
-    and u.c is the upsampled patch-level score, so the scores are upsampled, not the features."""
-    scores = feats @ centroids.t() - 0.5 * (centroids * centroids).sum(1)  # (T, h, w, k)
-    up = F.interpolate(rearrange(scores, "t h w k -> t k h w"), size=(size, size), mode="bilinear", align_corners=False)
-    return up.argmax(1)
-
-
-@functools.lru_cache(maxsize=None)
-def synthetic_classes(root: str, name: str) -> torch.Tensor:
-    """Instance id -> class id (0 background, 255 kept) of a synthetic-world tour, from its generator."""
-    import json
-    meta = json.load(open(os.path.join(root, "world.json")))
-    tour = data.SyntheticWorld(meta["seed"]).video(meta["videos"].index(name), meta["frames_per_video"], meta["size"])
-    lut = torch.tensor([0] + [int(c) + 1 for c in tour["labels"]] + [0] * 255)
-    lut[255] = 255
-    return lut
-
-
-@torch.no_grad()
-def video_kmeans_miou(backbone, davis_root: str, size: int, device, clip_frames: int = 16, world_root=None):
-    """Clip-wise: each clip clustered alone with K = its number of labels, matched alone;
-    dataset-wise: all clips' patches clustered together with K = the dataset's number of
-    classes, matched once. Labels: DAVIS instance ids (clip-wise) and semantic classes where
-    known (synthetic world: from the generator; else the DAVIS ids as given)."""
-    import evaluate
-    backbone.eval()
-    videos = data.DAVIS(davis_root, split="val")
-    clip_scores, all_feats, all_truth = [], [], []
-    for item in videos:
-        frames, masks = item["frames"], item["masks"]
-        semantic = synthetic_classes(world_root, item["name"])[masks] if world_root else masks
-        feats = clip_features(backbone, frames, size, device)
-        masks = F.interpolate(masks[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
-        semantic = F.interpolate(semantic[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
-        for s in range(0, len(frames) - clip_frames + 1, clip_frames):
-            f, m = feats[s:s + clip_frames], masks[s:s + clip_frames]
-            ids = m[m != 255].unique()
-            lut = torch.full((256,), 255, dtype=torch.long)
-            lut[ids] = torch.arange(len(ids))
-            k = len(ids)
-            if k < 2:
-                continue
-            centroids = evaluate.kmeans(F.normalize(f.reshape(-1, f.shape[-1]), dim=1), k)[1]
-            pred = pixel_clusters(F.normalize(f, dim=-1), centroids, size)
-            clip_scores.append(cluster_miou(pred, lut[m], k, k))
-            all_feats.append(f)
-            all_truth.append(semantic[s:s + clip_frames])
-    feats, truth = torch.cat(all_feats), torch.cat(all_truth)
-    num_classes = int(truth[truth != 255].max()) + 1
-    flat = F.normalize(feats.reshape(-1, feats.shape[-1]), dim=1)
-    sample = flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(0))[:20000]]
-    centroids = evaluate.kmeans(sample, num_classes)[1]
-    pred = pixel_clusters(F.normalize(feats, dim=-1), centroids, size)
-    return {"video_kmeans/clip_wise_miou": float(np.mean(clip_scores)),
-            "video_kmeans/dataset_wise_miou": cluster_miou(pred, truth, num_classes, num_classes)}
-
-
-# ----------------------------------------------------------------------------------------
 # Pictures: k-means on a whole video's patch features, one colour per cluster over time.
 # ----------------------------------------------------------------------------------------
 @torch.no_grad()
@@ -725,10 +642,10 @@ def save_cluster_pictures(backbone, davis_root: str, out_dir: str, size: int, de
     for v in range(min(num_videos, len(videos))):
         item = videos[v]
         frames = TF.resize(item["frames"], [size, size], antialias=True)
-        feats = F.normalize(clip_features(backbone, item["frames"], size, device), dim=-1)
+        feats = F.normalize(evaluate.clip_features(backbone, item["frames"], size, device), dim=-1)
         sample = feats.reshape(-1, feats.shape[-1])
         centroids = evaluate.kmeans(sample[torch.randperm(len(sample), generator=torch.Generator().manual_seed(0))[:20000]], k)[1]
-        clusters = pixel_clusters(feats, centroids, size)
+        clusters = evaluate.pixel_clusters(feats, centroids, size)
         overlay = (0.4 * frames.float() + 0.6 * rearrange(colours[clusters % len(colours)], "t h w c -> t c h w").float()).byte()
         pick = torch.linspace(0, len(frames) - 1, columns).long()
         rows += [torch.cat(list(frames[pick]), dim=2), torch.cat(list(overlay[pick]), dim=2)]
@@ -745,7 +662,7 @@ def evaluate_backbone(backbone, args, device, tag: str):
     os.makedirs(args.output_dir, exist_ok=True)
     start = time.time()
     world = root if os.path.exists(os.path.join(root, "world.json")) else None
-    results = video_kmeans_miou(backbone, os.path.join(root, "davis"), args.eval_size, device, world_root=world)
+    results = evaluate.video_kmeans_miou(backbone, os.path.join(root, "davis"), args.eval_size, device, world_root=world)
     save_cluster_pictures(backbone, os.path.join(root, "davis"), args.output_dir, args.eval_size, device, tag=tag)
     print(f"[{tag.strip('_') or 'timet'}] " + ", ".join(f"{k} {v:.2f}" for k, v in results.items()), flush=True)
     results["time/video_kmeans+pictures"] = time.time() - start
