@@ -489,13 +489,16 @@ class DoRALoss(nn.Module):
 
     def forward(self, student_masked, student_local, teacher_out, epoch):
         """student_masked (k, B, T, O), student_local (L, B, T, O), teacher_out (B, T, O) -> scalar
-        loss and its two halves. The teacher targets are the same for masked and local views."""
+        loss, its two halves and the mean entropy of the teacher's targets. The teacher targets
+        are the same for masked and local views."""
         target = F.softmax((teacher_out.float() - self.center) / self.teacher_temps[epoch], dim=-1)
         ce = lambda s: -(target * F.log_softmax(s.float() / self.student_temp, dim=-1)).sum(-1).mean()
         masked = ce(student_masked)  # mean over objects, clips and frames
         local = ce(student_local) if student_local.numel() else masked.new_zeros(())  # official skips local 0: a slip
+        # DINO's collapse diagnostic (its Fig. 7): ln(out_dim) = a uniform teacher, 0 = one-hot
+        entropy = -(target * target.clamp_min(1e-30).log()).sum(-1).mean()
         self.update_center(teacher_out)
-        return 0.5 * masked + 0.5 * local, masked.detach(), local.detach()
+        return 0.5 * masked + 0.5 * local, masked.detach(), local.detach(), entropy.detach()
 
     @torch.no_grad()
     def update_center(self, teacher_out):  # EMA of the teacher's mean output, over all frames of all ranks
@@ -579,7 +582,7 @@ def train_step(m, crops, it, epoch, args, autocast):
         out = m["ddp"](views)  # one DDP forward: masked clips at S, local crops at S/2
         student_masked = rearrange(out[:masked.shape[0] * B * Tn], "(k b t) o -> k b t o", b=B, t=Tn)
         student_local = rearrange(out[masked.shape[0] * B * Tn:], "(l b t) o -> l b t o", b=B, t=Tn)
-        loss, loss_masked, loss_local = m["loss"](student_masked, student_local, teacher_out, epoch)
+        loss, loss_masked, loss_local, entropy = m["loss"](student_masked, student_local, teacher_out, epoch)
     if not math.isfinite(loss.item()):
         raise FloatingPointError(f"loss is {loss.item()} at step {it}; try --amp none or a lower --lr")
     optimizer.zero_grad(set_to_none=True)
@@ -600,6 +603,7 @@ def train_step(m, crops, it, epoch, args, autocast):
         for ps, pt in zip(student.parameters(), teacher.parameters()):
             pt.mul_(mom).add_(ps.detach(), alpha=1 - mom)
     return {"loss": loss.item(), "loss_masked": loss_masked.item(), "loss_local": loss_local.item(),
+            "teacher_entropy": entropy.item(),
             "lr": float(sched["lr"][it]), "wd": float(sched["wd"][it]), "momentum": float(mom)}
 
 

@@ -1,5 +1,6 @@
 """Tests for dora.py (CPU, small tensors): the tracker, DINO weights, DDP, bf16, resume."""
 import argparse
+import math
 import os
 import sys
 
@@ -224,12 +225,22 @@ def test_loss_halves_and_center():
     loss_fn = dora.DoRALoss(args)
     teacher = torch.randn(2, 3, 256)
     same = teacher * 2.5  # student logits / 0.1 = teacher logits / 0.04: the target itself
-    loss, masked, local = loss_fn(same.expand(3, -1, -1, -1), torch.randn(2, 2, 3, 256), teacher, epoch=1)
+    loss, masked, local, teacher_entropy = loss_fn(same.expand(3, -1, -1, -1), torch.randn(2, 2, 3, 256), teacher, epoch=1)
     target = F.softmax(teacher / 0.04, -1)
     entropy = -(target * target.clamp(min=1e-30).log()).sum(-1).mean()
     assert torch.allclose(masked, entropy, atol=1e-4) and local > masked
+    assert torch.allclose(teacher_entropy, entropy, atol=1e-5)
     assert torch.allclose(loss, 0.5 * masked + 0.5 * local)
     assert torch.allclose(loss_fn.center, 0.1 * teacher.flatten(0, 1).mean(0, keepdim=True), atol=1e-6)
+    flat_teacher = torch.zeros(2, 3, 256)  # the same logit for every output: a uniform target
+    flat = dora.DoRALoss(args)(same.expand(3, -1, -1, -1), same[None], flat_teacher, epoch=1)[3]
+    assert abs(flat.item() - math.log(256)) < 1e-4
+
+
+def test_log_has_teacher_entropy():
+    args = tiny_args()
+    _, stats = one_step(args, random_crops(2, args))
+    assert 0.0 <= stats["teacher_entropy"] <= math.log(args.out_dim) + 1e-4
 
 
 # ---------------------------------------------------------------------------- resume
