@@ -509,13 +509,16 @@ def foreground_mask(attn: torch.Tensor, mass: float = 0.6, sigma: float = 0.6, m
 # each global crop and the student's aligned predictions from every other crop, on foreground.
 # ---------------------------------------------------------------------------------------
 class LeopartLoss(nn.Module):
-    """Holds the queue of past teacher embeddings (one per global crop, this rank's share)."""
+    """Holds the queue of past teacher embeddings (one per global crop, this rank's share). After
+    each call, `target_entropy` is the entropy of the aligned targets averaged as the loss is:
+    the loss can fall no lower, and loss - target_entropy is the KL the student has yet to close."""
 
     def __init__(self, args, world_size=1):
         super().__init__()
         self.args = args
         n = args.queue_length // world_size if args.queue_length > 0 else 0
         self.register_buffer("queue", torch.zeros(args.global_crops_number, n, args.proj_dim))
+        self.target_entropy = float("nan")
 
     def forward(self, student_scores, teacher_embs, teacher_scores, teacher_attns, boxes, prototypes):
         """student_scores: per crop (B, K, h, w); teacher_*: per global crop (B, h*w, E), (B, K, h, w),
@@ -524,7 +527,7 @@ class LeopartLoss(nn.Module):
         p = a.patch_size
         distributed = dist.is_available() and dist.is_initialized()
         world = dist.get_world_size() if distributed else 1
-        loss = 0.0
+        loss, entropy = 0.0, 0.0
         for g in range(G):
             B, K, h, w = teacher_scores[g].shape
             fg = None
@@ -540,7 +543,7 @@ class LeopartLoss(nn.Module):
                 q = sinkhorn(scores, a.epsilon, a.sinkhorn_iters)[-B * h * w:]
                 q = rearrange(q, "(b h w) k -> b k h w", b=B, h=h, w=w)
             fg_aligned = None
-            sub = 0.0
+            sub, sub_entropy = 0.0, 0.0
             for v in range(C):
                 if v == g:
                     continue
@@ -557,7 +560,11 @@ class LeopartLoss(nn.Module):
                     dist.all_reduce(count)
                 if count > 0:
                     sub = sub + (ce * weight).sum() / count * world
+                    bin_entropy = -(target * target.clamp_min(1e-12).log()).sum(1)  # CE = this + KL, per bin
+                    sub_entropy = sub_entropy + float((bin_entropy * weight).sum() / count * world)
             loss = loss + sub / (C - 1)
+            entropy = entropy + sub_entropy / (C - 1)
+        self.target_entropy = entropy / G
         return loss / G
 
     @torch.no_grad()
@@ -684,7 +691,8 @@ def train(args):
             ips = len(batch_crops[0]) * d.world_size * (bar.n + 1) / (time.time() - t0)
             bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{ips:.0f}")
             if step % args.log_every == 0 or step == total:
-                log.log({"epoch": epoch, "step": step, "loss": loss, "lr_backbone": float(lr_sched["backbone"][step - 1]),
+                log.log({"epoch": epoch, "step": step, "loss": loss, "target_entropy": criterion.target_entropy,
+                         "lr_backbone": float(lr_sched["backbone"][step - 1]),
                          "lr_heads": float(lr_sched["head"][step - 1]), "wd": float(wd_sched[step - 1]),
                          "momentum": float(momentum_sched[step - 1]), "img_s": ips})
         queues = [criterion.queue.clone() for _ in range(d.world_size)]

@@ -2,6 +2,7 @@
 bf16 and exact resume."""
 import contextlib
 import copy
+import math
 import os
 import sys
 
@@ -150,6 +151,24 @@ def test_fg_mask_keeps_requested_mass(mass):
     attn[0, 3:8, 3:8], attn[0, 12, 12] = 1.0, 5.0
     assert not L.foreground_mask(attn, mass=0.99, sigma=0.01)[0, 12, 12]
     assert L.foreground_mask(attn, mass=0.99, sigma=0.01)[0, 5, 5]
+
+
+@pytest.mark.parametrize("mask", ["all", "fg"])
+def test_target_entropy_is_the_loss_floor(mask):
+    """CE(target, student) = H(target) + KL >= H(target), with H averaged over the same bins as the loss."""
+    args = tiny_args("--loss-mask", mask)
+    crops, boxes = make_batch(args, 4)
+    student, teacher = tiny_model(args)
+    criterion = L.LeopartLoss(args)
+    with torch.no_grad():
+        t_embs, t_scores, t_attns = teacher(crops[:args.global_crops_number], with_attention=mask != "all")
+        _, s_scores, _ = student(crops)
+    loss = criterion(s_scores, t_embs, t_scores, t_attns, boxes, student.head.prototypes.weight)
+    assert 0 < criterion.target_entropy <= loss.item() + 1e-5
+    uniform = [torch.zeros_like(s) for s in s_scores]  # a student that predicts nothing: loss = ln K exactly
+    loss = criterion(uniform, t_embs, t_scores, t_attns, boxes, student.head.prototypes.weight)
+    assert abs(loss.item() - math.log(args.num_prototypes)) < 1e-4
+    assert criterion.target_entropy < loss.item() - 0.01  # Sinkhorn's targets are not uniform
 
 
 # --------------------------------------------------------------------------- steps: DDP, bf16
