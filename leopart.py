@@ -510,8 +510,9 @@ def foreground_mask(attn: torch.Tensor, mass: float = 0.6, sigma: float = 0.6, m
 # ---------------------------------------------------------------------------------------
 class LeopartLoss(nn.Module):
     """Holds the queue of past teacher embeddings (one per global crop, this rank's share). After
-    each call, `target_entropy` is the entropy of the aligned targets averaged as the loss is:
-    the loss can fall no lower, and loss - target_entropy is the KL the student has yet to close."""
+    each call, `target_entropy` (a detached scalar, read when logging: no GPU sync per step) is the
+    entropy of the aligned targets averaged as the loss is: the loss can fall no lower, and
+    loss - target_entropy is the KL the student has yet to close."""
 
     def __init__(self, args, world_size=1):
         super().__init__()
@@ -561,7 +562,7 @@ class LeopartLoss(nn.Module):
                 if count > 0:
                     sub = sub + (ce * weight).sum() / count * world
                     bin_entropy = -(target * target.clamp_min(1e-12).log()).sum(1)  # CE = this + KL, per bin
-                    sub_entropy = sub_entropy + float((bin_entropy * weight).sum() / count * world)
+                    sub_entropy = sub_entropy + ((bin_entropy * weight).sum() / count * world).detach()
             loss = loss + sub / (C - 1)
             entropy = entropy + sub_entropy / (C - 1)
         self.target_entropy = entropy / G
@@ -691,7 +692,7 @@ def train(args):
             ips = len(batch_crops[0]) * d.world_size * (bar.n + 1) / (time.time() - t0)
             bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{ips:.0f}")
             if step % args.log_every == 0 or step == total:
-                log.log({"epoch": epoch, "step": step, "loss": loss, "target_entropy": criterion.target_entropy,
+                log.log({"epoch": epoch, "step": step, "loss": loss, "target_entropy": float(criterion.target_entropy),
                          "lr_backbone": float(lr_sched["backbone"][step - 1]),
                          "lr_heads": float(lr_sched["head"][step - 1]), "wd": float(wd_sched[step - 1]),
                          "momentum": float(momentum_sched[step - 1]), "img_s": ips})
