@@ -565,7 +565,9 @@ def icl(generate, dataset, ways=(2, 5), shots=(1, 3, 5), episodes=100, seed=0, t
     episode, so every model sees the same episodes). generate(images, texts) gets the support images
     in shuffled order and the query, with texts[i] the text after images[i]: "This is a <name>." for
     supports and "What is this? This is a" (preceded by "Answer with a or b." with task_induction)
-    after the query. Returns accuracy, its 95% interval (normal approximation) and chance, in %."""
+    after the query. Returns accuracy, its 95% interval (normal approximation) and chance, in %, and
+    `_in_context`: how often the answer is one of the episode's names, right or wrong. With
+    features that cannot tell the classes apart, accuracy is at most about in_context / N."""
     names = dataset.classes
     samples = dataset.samples if hasattr(dataset, "samples") else [dataset[i] for i in range(len(dataset))]
     labels = [y for _, y in samples]
@@ -578,7 +580,7 @@ def icl(generate, dataset, ways=(2, 5), shots=(1, 3, 5), episodes=100, seed=0, t
             eligible = sorted(c for c, idx in by_class.items() if len(idx) > k)
             if len(eligible) < n:
                 raise ValueError(f"icl: {n}-way {k}-shot needs {n} classes with > {k} images, have {len(eligible)}")
-            correct = 0
+            correct = in_context = 0
             for e in range(episodes):
                 rng = random.Random(f"icl-{seed}-{n}-{k}-{e}")
                 classes = rng.sample(eligible, n)
@@ -592,12 +594,15 @@ def icl(generate, dataset, ways=(2, 5), shots=(1, 3, 5), episodes=100, seed=0, t
                     prompt = f"Answer with {' or '.join(names[c] for c in rng.sample(classes, n))}. " + prompt
                 images = [dataset[i][0] for i, _ in support] + [dataset[query][0]]
                 texts = [f"This is a {names[c]}." for _, c in support] + [prompt]
-                correct += normalise_answer(generate(images, texts)) == normalise_answer(names[target])
+                answer = normalise_answer(generate(images, texts))
+                correct += answer == normalise_answer(names[target])
+                in_context += answer in {normalise_answer(names[c]) for c in classes}
             acc = correct / episodes
             key = f"icl/{n}way_{k}shot"
             out[key] = 100 * acc
             out[key + "_ci95"] = 100 * 1.96 * math.sqrt(acc * (1 - acc) / episodes)
             out[key + "_chance"] = 100 / n
+            out[key + "_in_context"] = 100 * in_context / episodes
     return out
 
 

@@ -850,7 +850,8 @@ def train(args):
 # ----------------------------------------------------------------------------------------
 def run_icl(generate, folder, ways, shots, episodes, seed):
     """evaluate.icl (Frozen's protocol) with the folder's real class names, then with nonsense
-    names swapped in (the paper's control); keys "real/icl/2way_1shot", "..._ci95", "..._chance"."""
+    names swapped in (the paper's control); keys "real/icl/2way_1shot", "..._ci95", "..._chance",
+    "..._in_context" (the answer is one of the episode's names: the LM's copying, whatever the features)."""
     import evaluate
     real = data.ImageFolder(folder)
     fake = copy.copy(real)  # the same images under nonsense names
@@ -944,7 +945,8 @@ def main(args):
           f"picture: {args.output_dir}/episode.png (answer {answer!r}, truth {truth!r})")
     import evaluate
     evaluate.print_table(results, "accuracy in %: selfcontext = held-out pool episodes; features = nearest-neighbour "
-                         "ceiling of the frozen encoder; real/pseudo = evaluate.icl with real / nonsense class names")
+                         "ceiling of the frozen encoder; real/pseudo = evaluate.icl with real / nonsense class names "
+                         "(_in_context: the answer is one of the episode's names)")
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
 

@@ -230,12 +230,14 @@ def test_icl_with_right_and_wrong_stub_generators():
     res = E.icl(right, ds, ways=(2, 5), shots=(1, 3), episodes=20, seed=0)
     assert res["icl/2way_1shot"] == 100 and res["icl/5way_3shot"] == 100
     assert res["icl/2way_1shot_chance"] == 50 and res["icl/5way_1shot_chance"] == 20
-    assert res["icl/2way_1shot_ci95"] == 0
+    assert res["icl/2way_1shot_ci95"] == 0 and res["icl/5way_3shot_in_context"] == 100
     assert seen[0][0] == 3 and seen[0][1][-1] == "What is this? This is a"
     assert all(t.startswith("This is a ") and t.endswith(".") for t in seen[0][1][:-1])
     assert {n for n, _ in seen} == {3, 7, 6, 16}  # ways * shots + 1 images
     res = E.icl(wrong, ds, ways=2, shots=1, episodes=20)
-    assert res["icl/2way_1shot"] == 0
+    assert res["icl/2way_1shot"] == 0 and res["icl/2way_1shot_in_context"] == 100  # wrong, but a context name
+    res = E.icl(lambda im, t: "zebra", ds, ways=2, shots=1, episodes=20)
+    assert res["icl/2way_1shot"] == 0 and res["icl/2way_1shot_in_context"] == 0
     # fixed episode seeds: the same episodes every time
     first, again = [], []
     E.icl(lambda im, t: first.append(t) or "", ds, ways=2, shots=1, episodes=5, seed=3)
