@@ -20,7 +20,7 @@ What is trained (as in the paper): the image encoder is FROZEN; the mapper from 
 features to visual prefix tokens and the language model are TRAINED.
 
 Commands:
-    python secat.py --demo                                   # tiny LM from scratch, ~10 min CPU (README)
+    python secat.py --demo                                   # tiny LM from scratch, ~6 min on 2 CPU cores
     python secat.py --demo --encoder runs/sinkhorn/checkpoint.pth   # frozen encoder from a demo run
     python secat.py --data /imagenet/train --eval-data /mini-imagenet/val \\
         --encoder dino_deitsmall16_pretrain.pth --lm gpt2-xl/model.safetensors   # full scale
