@@ -10,6 +10,8 @@ the baseline) is measured the same way. Protocols (facts from the papers / offic
   propagate   DAVIS-2017 label propagation (affinity T = 0.1, top-5, first + 7 previous frames,
               neighbourhood 12, 480 px); J (region IoU), F (boundary F, DAVIS toolkit), J&F.
   icl         open-ended N-way K-shot in-context classification (Frozen's protocol, exact match).
+  unsupervised_segmentation (a function; leopart.py calls it): Leopart's label-free pipeline,
+              cluster-based foreground extraction + community detection merging clusters into K.
   viz         last-layer attention of 3 heads as R, G, B and k-means maps (k = 5, 10); PNG + GIF.
 All scores are percentages (accuracy, mIoU, J, F, NMI).
 
@@ -422,6 +424,157 @@ def seg_cluster(features, masks, num_classes, ks=(100, 300, 500), restarts=3, de
             mapping[mapping == 0] = -1
             out[f"seg_cluster/fg_k{num_classes - 1}_hungarian"] = miou(conf, mapping)
     return out
+
+
+# ====== Fully unsupervised segmentation (Leopart, Ziegler & Asano, CVPR 2022, Sec. 4.4) ============
+# Cluster-based foreground extraction (CBFE), then k-means on the foreground and community
+# detection merging the clusters into K classes: no label is used but to pick one threshold.
+@torch.no_grad()
+def dense_features(backbone, images, batch_size=32):
+    """images (N, 3, S, S) normalised -> last-block patch tokens (N, h, w, D) and head-averaged [CLS]
+    attention (N, h, w). One pass where the ViT offers `forward_tokens` (leopart.py's), else DINO's
+    get_intermediate_layers + get_last_selfattention."""
+    p = patch_size_of(backbone)
+    device = next(backbone.parameters()).device
+    tokens, attns = [], []
+    for x in images.split(batch_size):
+        h, w, x = x.shape[-2] // p, x.shape[-1] // p, x.to(device)
+        if hasattr(backbone, "forward_tokens"):
+            t, a = backbone.forward_tokens(x, return_attention=True)
+        else:
+            t, a = backbone.get_intermediate_layers(x, 1)[0], backbone.get_last_selfattention(x)
+        tokens.append(rearrange(t[:, 1:], "b (h w) d -> b h w d", h=h, w=w).float().cpu())
+        attns.append(rearrange(a[:, :, 0, 1:].mean(1), "b (h w) -> b h w", h=h, w=w).float().cpu())
+    return torch.cat(tokens), torch.cat(attns)
+
+
+def standardise_and_pca(x, dim=50):
+    """(N, D) -> (N, min(dim, D)): per-dimension standardisation then PCA, as the paper's pipeline.
+    Exact PCA (eigenvectors of the D x D covariance), so that the result depends on x alone
+    (torch.pca_lowrank draws random projections from the global generator)."""
+    x = (x - x.mean(0)) / (x.std(0) + 1e-5)
+    _, vectors = torch.linalg.eigh((x.T.double() @ x.double()) / len(x))  # eigenvalues ascending
+    return x @ vectors[:, -min(dim, x.shape[1]):].flip(1).to(x.dtype)
+
+
+def cooccurrence(clusters, n):
+    """clusters (N, h, w) ids < n -> (n, n) row-stochastic: how often cluster j is a neighbour (8
+    directions, distances 1 and 2) of cluster i, normalised per image and averaged over the
+    images where i occurs (the paper's graph for community detection)."""
+    total, appear = np.zeros((n, n)), np.zeros(n)
+    offsets = [(dy * s, dx * s) for s in (1, 2) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+    for c in clusters.numpy():
+        counts = np.zeros((n, n))
+        h, w = c.shape
+        for dy, dx in offsets:
+            a = c[max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]
+            b = c[max(0, dy):h - max(0, -dy), max(0, dx):w - max(0, -dx)]
+            np.add.at(counts, (a.ravel(), b.ravel()), 1)
+        np.fill_diagonal(counts, 0)
+        rows = counts.sum(1, keepdims=True)
+        total += np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+        appear += rows[:, 0] > 0
+    return total / np.maximum(appear, 1)[:, None]
+
+
+def merge_communities(weights: np.ndarray, num: int) -> np.ndarray:
+    """Greedy modularity agglomeration (Clauset-Newman-Moore) of an undirected weighted graph until
+    `num` communities remain -> community id per node. Stands in for the paper's Infomap, which
+    is not a dependency here; both merge nodes that are densely linked."""
+    n = len(weights)
+    e = weights / max(weights.sum(), 1e-12)  # fraction of edge weight between communities
+    alive, members = list(range(n)), {i: [i] for i in range(n)}
+    while len(alive) > num:
+        sub = e[np.ix_(alive, alive)]
+        a = sub.sum(1)
+        gain = 2 * (sub - np.outer(a, a))  # ΔQ of merging two communities
+        np.fill_diagonal(gain, -np.inf)
+        i, j = np.unravel_index(np.argmax(gain), gain.shape)
+        i, j = alive[i], alive[j]
+        e[i] += e[j]
+        e[:, i] += e[:, j]
+        e[j], e[:, j] = 0, 0
+        members[i] += members.pop(j)
+        alive.remove(j)
+    out = np.zeros(n, dtype=np.int64)
+    for c, i in enumerate(alive):
+        out[members[i]] = c
+    return out
+
+
+def hungarian_miou(pred, gt, num_classes, ignore=255):
+    """Best one-to-one matching of predicted ids to classes (both < num_classes) -> mIoU."""
+    keep = gt != ignore
+    pred, gt = pred[keep].long(), gt[keep].long()
+    conf = torch.bincount(gt * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, num_classes).double()
+    iou = conf / (conf.sum(0, keepdim=True) + conf.sum(1, keepdim=True) - conf).clamp(min=1)
+    rows, cols = linear_sum_assignment(-iou.numpy())
+    return float(iou[rows, cols].mean()), dict(zip(cols.tolist(), rows.tolist()))
+
+
+def unsupervised_segmentation(backbone, train_images, val_images, num_classes, foreground, train_masks=None,
+                              val_masks=None, k_fg=200, k_community=150, pca_dim=50, edge_threshold=0.09, seed=0):
+    """Leopart's label-free pipeline. images (N, 3, S, S) normalised; masks (N, S, S) int64 with 255 =
+    ignore (train masks only pick the CBFE precision cut, as the official code does; val masks only
+    score). foreground(attn (N, h, w)) -> bool (N, h, w): the noisy foreground from the ViT's [CLS]
+    attention (Leopart: leopart.foreground_mask with 65 % of the mass). Returns (val maps (N, S, S)
+    of class ids in [0, num_classes), scores: cbfe_fg_fraction, and with val masks cd_miou, cbfe_fg_iou)."""
+    kmeans_ids = lambda x, k, seed: kmeans(x, k, seed=seed)[0]  # noqa: E731
+    n_train = len(train_images)
+    tokens, attn = dense_features(backbone, torch.cat([train_images, val_images]))
+    N, h, w, D = tokens.shape
+    feats = standardise_and_pca(tokens.reshape(-1, D), pca_dim)
+    noisy_fg = foreground(attn).reshape(-1)  # the ViT's attention as noisy foreground
+
+    # 1. CBFE: over-cluster all tokens; a cluster is foreground if, on average over the images it
+    #    appears in, most of its tokens fall inside the attention foreground.
+    k_fg = min(k_fg, len(feats) // 4)
+    clusters = kmeans_ids(F.normalize(feats, dim=1), k_fg, seed).reshape(N, h * w)
+    precision = torch.zeros(k_fg)
+    seen = torch.zeros(k_fg)
+    fg_img = noisy_fg.reshape(N, h * w).float()
+    for i in range(N):
+        hits = torch.bincount(clusters[i], weights=fg_img[i], minlength=k_fg)
+        size = torch.bincount(clusters[i], minlength=k_fg).float()
+        precision += torch.where(size > 0, hits / size.clamp(min=1), torch.zeros(()))
+        seen += size > 0
+    precision = precision / seen.clamp(min=1)
+    order = precision.argsort()
+    cut = int(0.65 * k_fg)  # the official search range is 55-75 % of clusters to background
+    if train_masks is not None:  # pick the cut that best matches train foreground, rounded to 0.05
+        gt_fg = F.interpolate((train_masks[:, None] > 0).float() * (train_masks[:, None] != 255).float(), (h, w))
+        best = -1.0
+        for start in range(int(0.55 * k_fg), max(int(0.75 * k_fg), int(0.55 * k_fg) + 1)):
+            fg = torch.isin(clusters[:n_train], order[start:]).reshape(n_train, 1, h, w).float()
+            iou = ((fg * gt_fg).sum() / ((fg + gt_fg) > 0).sum().clamp(min=1)).item()
+            if iou > best:
+                best, threshold = iou, round(float(precision[order[start]]) * 20) / 20
+        cut = int((precision[order] < threshold).sum())
+    fg = torch.isin(clusters, order[cut:]).reshape(-1)
+
+    # 2. Cluster the foreground only; background becomes one more node.
+    k_community = min(k_community, max(int(fg.sum()) // 4, num_classes))
+    fine = torch.full((N * h * w,), k_community, dtype=torch.long)
+    fine[fg] = kmeans_ids(feats[fg], k_community, seed)
+    fine = fine.reshape(N, h, w)
+
+    # 3. Community detection on the co-occurrence graph merges the k+1 clusters into num_classes.
+    co = cooccurrence(fine, k_community + 1)
+    weights = np.minimum(co, co.T) * ((co >= edge_threshold) & (co.T >= edge_threshold))
+    community = torch.from_numpy(merge_communities(weights, num_classes))
+    merged = community[fine]  # (N, h, w)
+
+    scores = {"cbfe_fg_fraction": float(fg.float().mean())}
+    S = val_images.shape[-1]
+    val_maps = F.interpolate(merged[n_train:, None].float(), size=(S, S), mode="nearest")[:, 0].long()
+    if val_masks is not None:
+        scores["cd_miou"], match = hungarian_miou(val_maps, val_masks, num_classes)
+        scores["cd_miou"] *= 100  # a percentage, as every score of this file
+        val_maps = torch.tensor([match.get(i, 0) for i in range(num_classes)])[val_maps]  # ids -> matched classes
+        fg_val = F.interpolate(fg.reshape(N, 1, h, w)[n_train:].float(), size=(S, S))[:, 0] > 0
+        gt_val = (val_masks > 0) & (val_masks != 255)
+        scores["cbfe_fg_iou"] = 100 * float((fg_val & gt_val).sum() / (fg_val | gt_val).sum().clamp(min=1))
+    return val_maps, scores
 
 
 # ====== DAVIS: J, F and label propagation ===========================================================

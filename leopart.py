@@ -22,8 +22,8 @@ Commands:
   torchrun --nproc_per_node=2 leopart.py --data /data/coco/train2017 --pretrained dino.pth
 
 Contents: args, the ViT (a copy of DINO's, as in every method file), head and wrapper,
-multi-crop with boxes, Sinkhorn-Knopp, foreground mask, loss, train(), the fully
-unsupervised segmentation pipeline, pictures.
+multi-crop with boxes, Sinkhorn-Knopp, foreground mask, loss, train(), evaluation (the
+paper's fully unsupervised segmentation is evaluate.unsupervised_segmentation), pictures.
 """
 import argparse
 import copy
@@ -735,150 +735,6 @@ def train_step(student, teacher, criterion, optimizer, scaler, autocast, crops, 
 
 
 # ---------------------------------------------------------------------------------------
-# Fully unsupervised segmentation (paper Sec. 4.4): cluster-based foreground extraction (CBFE),
-# then k-means on the foreground and community detection merging clusters into K classes.
-# ---------------------------------------------------------------------------------------
-@torch.no_grad()
-def dense_features(backbone, images, batch_size=32):
-    """images (N, 3, S, S) normalised -> patch tokens (N, h, w, D), head-averaged [CLS] attention (N, h, w)."""
-    p = backbone.patch_embed.patch_size
-    device = next(backbone.parameters()).device
-    tokens, attns = [], []
-    for x in images.split(batch_size):
-        h, w = x.shape[-2] // p, x.shape[-1] // p
-        t, a = backbone.forward_tokens(x.to(device), return_attention=True)
-        tokens.append(rearrange(t[:, 1:], "b (h w) d -> b h w d", h=h, w=w).float().cpu())
-        attns.append(rearrange(a[:, :, 0, 1:].mean(1), "b (h w) -> b h w", h=h, w=w).float().cpu())
-    return torch.cat(tokens), torch.cat(attns)
-
-
-def standardise_and_pca(x, dim=50):
-    """(N, D) -> (N, min(dim, D)): per-dimension standardisation then PCA, as the paper's pipeline."""
-    x = (x - x.mean(0)) / (x.std(0) + 1e-5)
-    _, _, v = torch.pca_lowrank(x, q=min(dim, x.shape[1]), center=False, niter=4)
-    return x @ v
-
-
-def cooccurrence(clusters, n):
-    """clusters (N, h, w) ids < n -> (n, n) row-stochastic: how often cluster j is a neighbour (8
-    directions, distances 1 and 2) of cluster i, normalised per image and averaged over the
-    images where i occurs (the paper's graph for community detection)."""
-    total, appear = np.zeros((n, n)), np.zeros(n)
-    offsets = [(dy * s, dx * s) for s in (1, 2) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
-    for c in clusters.numpy():
-        counts = np.zeros((n, n))
-        h, w = c.shape
-        for dy, dx in offsets:
-            a = c[max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]
-            b = c[max(0, dy):h - max(0, -dy), max(0, dx):w - max(0, -dx)]
-            np.add.at(counts, (a.ravel(), b.ravel()), 1)
-        np.fill_diagonal(counts, 0)
-        rows = counts.sum(1, keepdims=True)
-        total += np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
-        appear += rows[:, 0] > 0
-    return total / np.maximum(appear, 1)[:, None]
-
-
-def merge_communities(weights: np.ndarray, num: int) -> np.ndarray:
-    """Greedy modularity agglomeration (Clauset-Newman-Moore) of an undirected weighted graph until
-    `num` communities remain -> community id per node. Stands in for the paper's Infomap, which
-    is not a dependency here; both merge nodes that are densely linked."""
-    n = len(weights)
-    e = weights / max(weights.sum(), 1e-12)  # fraction of edge weight between communities
-    alive, members = list(range(n)), {i: [i] for i in range(n)}
-    while len(alive) > num:
-        sub = e[np.ix_(alive, alive)]
-        a = sub.sum(1)
-        gain = 2 * (sub - np.outer(a, a))  # ΔQ of merging two communities
-        np.fill_diagonal(gain, -np.inf)
-        i, j = np.unravel_index(np.argmax(gain), gain.shape)
-        i, j = alive[i], alive[j]
-        e[i] += e[j]
-        e[:, i] += e[:, j]
-        e[j], e[:, j] = 0, 0
-        members[i] += members.pop(j)
-        alive.remove(j)
-    out = np.zeros(n, dtype=np.int64)
-    for c, i in enumerate(alive):
-        out[members[i]] = c
-    return out
-
-
-def hungarian_miou(pred, gt, num_classes, ignore=255):
-    """Best one-to-one matching of predicted ids to classes (both < num_classes) -> mIoU."""
-    from scipy.optimize import linear_sum_assignment
-    keep = gt != ignore
-    pred, gt = pred[keep].long(), gt[keep].long()
-    conf = torch.bincount(gt * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, num_classes).double()
-    iou = conf / (conf.sum(0, keepdim=True) + conf.sum(1, keepdim=True) - conf).clamp(min=1)
-    rows, cols = linear_sum_assignment(-iou.numpy())
-    return float(iou[rows, cols].mean()), dict(zip(cols.tolist(), rows.tolist()))
-
-
-def fully_unsupervised_segmentation(backbone, train_images, val_images, num_classes, kmeans, train_masks=None,
-                                    val_masks=None, k_fg=200, k_community=150, pca_dim=50, attn_mass=0.65,
-                                    edge_threshold=0.09, seed=0):
-    """The paper's label-free pipeline. images (N, 3, S, S) normalised; masks (N, S, S) int64 with 255 =
-    ignore (train masks only pick the CBFE precision cut, as the official code does; val masks only
-    score). kmeans(x (N, d), k, seed) -> ids (N,). Returns (val maps (N, S, S) of class ids in
-    [0, num_classes), scores dict)."""
-    n_train = len(train_images)
-    tokens, attn = dense_features(backbone, torch.cat([train_images, val_images]))
-    N, h, w, D = tokens.shape
-    feats = standardise_and_pca(tokens.reshape(-1, D), pca_dim)
-    noisy_fg = foreground_mask(attn, attn_mass, 0.6).reshape(-1)  # the ViT's attention as noisy foreground
-
-    # 1. CBFE: over-cluster all tokens; a cluster is foreground if, on average over the images it
-    #    appears in, most of its tokens fall inside the attention foreground.
-    k_fg = min(k_fg, len(feats) // 4)
-    clusters = kmeans(F.normalize(feats, dim=1), k_fg, seed).reshape(N, h * w)
-    precision = torch.zeros(k_fg)
-    seen = torch.zeros(k_fg)
-    fg_img = noisy_fg.reshape(N, h * w).float()
-    for i in range(N):
-        hits = torch.bincount(clusters[i], weights=fg_img[i], minlength=k_fg)
-        size = torch.bincount(clusters[i], minlength=k_fg).float()
-        precision += torch.where(size > 0, hits / size.clamp(min=1), torch.zeros(()))
-        seen += size > 0
-    precision = precision / seen.clamp(min=1)
-    order = precision.argsort()
-    cut = int(0.65 * k_fg)  # the official search range is 55-75 % of clusters to background
-    if train_masks is not None:  # pick the cut that best matches train foreground, rounded to 0.05
-        gt_fg = F.interpolate((train_masks[:, None] > 0).float() * (train_masks[:, None] != 255).float(), (h, w))
-        best = -1.0
-        for start in range(int(0.55 * k_fg), max(int(0.75 * k_fg), int(0.55 * k_fg) + 1)):
-            fg = torch.isin(clusters[:n_train], order[start:]).reshape(n_train, 1, h, w).float()
-            iou = ((fg * gt_fg).sum() / ((fg + gt_fg) > 0).sum().clamp(min=1)).item()
-            if iou > best:
-                best, threshold = iou, round(float(precision[order[start]]) * 20) / 20
-        cut = int((precision[order] < threshold).sum())
-    fg = torch.isin(clusters, order[cut:]).reshape(-1)
-
-    # 2. Cluster the foreground only; background becomes one more node.
-    k_community = min(k_community, max(int(fg.sum()) // 4, num_classes))
-    fine = torch.full((N * h * w,), k_community, dtype=torch.long)
-    fine[fg] = kmeans(feats[fg], k_community, seed)
-    fine = fine.reshape(N, h, w)
-
-    # 3. Community detection on the co-occurrence graph merges the k+1 clusters into num_classes.
-    co = cooccurrence(fine, k_community + 1)
-    weights = np.minimum(co, co.T) * ((co >= edge_threshold) & (co.T >= edge_threshold))
-    community = torch.from_numpy(merge_communities(weights, num_classes))
-    merged = community[fine]  # (N, h, w)
-
-    scores = {"cbfe_fg_fraction": float(fg.float().mean())}
-    S = val_images.shape[-1]
-    val_maps = F.interpolate(merged[n_train:, None].float(), size=(S, S), mode="nearest")[:, 0].long()
-    if val_masks is not None:
-        scores["cd_miou"], match = hungarian_miou(val_maps, val_masks, num_classes)
-        val_maps = torch.tensor([match.get(i, 0) for i in range(num_classes)])[val_maps]  # ids -> matched classes
-        fg_val = F.interpolate(fg.reshape(N, 1, h, w)[n_train:].float(), size=(S, S))[:, 0] > 0
-        gt_val = (val_masks > 0) & (val_masks != 255)
-        scores["cbfe_fg_iou"] = float((fg_val & gt_val).sum() / (fg_val | gt_val).sum().clamp(min=1))
-    return val_maps, scores
-
-
-# ---------------------------------------------------------------------------------------
 # Evaluation and pictures
 # ---------------------------------------------------------------------------------------
 def load_segmentation(root, split, size):
@@ -903,9 +759,10 @@ def save_cluster_maps(backbone, images, masks, unsup_maps, num_classes, kmeans, 
     classes, fitted on all shown images), the fully unsupervised segmentation, the ground truth."""
     from PIL import Image
     import data
+    import evaluate
     palette = np.array(data.voc_palette(), dtype=np.uint8).reshape(-1, 3)
     images, masks, unsup_maps = images[:rows], masks[:rows], unsup_maps[:rows]
-    tokens, _ = dense_features(backbone, images)
+    tokens, _ = evaluate.dense_features(backbone, images)
     N, h, w, D = tokens.shape
     clusters = kmeans(F.normalize(tokens.reshape(-1, D), dim=1), num_classes, 0).reshape(N, 1, h, w)
     S = images.shape[-1]
@@ -921,7 +778,8 @@ def save_cluster_maps(backbone, images, masks, unsup_maps, num_classes, kmeans, 
 
 def evaluate_backbone(backbone, args, tag, pictures=False):
     """Demo/after-training evaluation: evaluate.run_suite's dense benchmarks (seg-cluster, seg-linear) on
-    the synthetic world, and this file's fully unsupervised segmentation on its VOC-layout split."""
+    the synthetic world, and the paper's fully unsupervised segmentation (evaluate.py's, with this
+    file's foreground mask) on its VOC-layout split."""
     import evaluate
     backbone.eval()
     device = next(backbone.parameters()).device
@@ -933,8 +791,9 @@ def evaluate_backbone(backbone, args, tag, pictures=False):
         train_x, train_y, num_classes = load_segmentation(args.eval_data, "train", args.eval_size)
         val_x, val_y, _ = load_segmentation(args.eval_data, "val", args.eval_size)
         kmeans = lambda x, k, seed: evaluate.kmeans(x, k, seed=seed)[0]  # noqa: E731
-        maps, scores = fully_unsupervised_segmentation(backbone, train_x, val_x, num_classes, kmeans, train_y, val_y,
-                                                       args.k_fg, args.k_community, seed=args.seed)
+        noisy_fg = lambda attn: foreground_mask(attn, 0.65, 0.6)  # noqa: E731  (the official CBFE's mass)
+        maps, scores = evaluate.unsupervised_segmentation(backbone, train_x, val_x, num_classes, noisy_fg, train_y,
+                                                          val_y, args.k_fg, args.k_community, seed=args.seed)
         results.update({f"unsup/{k}": v for k, v in scores.items()})
         if pictures:
             path = os.path.join(args.output_dir, f"cluster_maps_{tag}.png")
