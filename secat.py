@@ -83,6 +83,10 @@ def get_args(argv=None):
     p.add_argument("--clusters", type=int, default=1000, help="K clusters of the unlabelled pool")
     p.add_argument("--cluster-method", default="sinkhorn", choices=["sinkhorn", "kmeans"],
                    help="sinkhorn: k-means with Sinkhorn-Knopp equal-size assignments; kmeans: plain")
+    p.add_argument("--pseudo-names", default="nonsense", choices=["nonsense", "nouns"],
+                   help="cluster names, re-drawn per episode: pronounceable nonsense words, or nouns from this "
+                   "file's list of 157 minus the evaluation's class words (the paper's kind, for a pretrained LM: "
+                   "an LM from scratch learns to write the list's words instead of copying, README)")
     p.add_argument("--max-ways", type=int, default=5, help="training episodes: N drawn from 2..max-ways")
     p.add_argument("--max-shots", type=int, default=5, help="training episodes: K drawn from 1..max-shots")
     p.add_argument("--epochs", type=int, default=10)
@@ -120,6 +124,7 @@ def get_args(argv=None):
             args.eval_data = args.eval_data or os.path.join(root, "objects", "val")
     if args.data is None:
         p.error("--data is required (or --demo to use the synthetic world)")
+    args.vocabulary = name_vocabulary(args.pseudo_names, args.eval_data)
     return args
 
 
@@ -576,21 +581,48 @@ VOWELS = "a e i o u a e i o u ai ee oo y".split()
 CODAS = ["", "", "", "", "n", "k", "x", "s", "t", "m", "ck", "nd", "rp", "sh"]
 
 
-def pseudo_name(rng) -> str:
-    """A pronounceable nonsense name, 1-3 syllables, half of them two words ("blicket", "dax fep"):
+NOUNS = """apple anchor apron badger bagel banjo barrel basket beetle bell bicycle blanket bottle bucket
+butter cabin cactus camel candle canoe carpet carrot castle cello chair cherry chimney clock coffee comet
+copper cotton crab crayon cricket daisy desk dolphin donkey door dragon drum eagle engine falcon feather
+fern fiddle finch flute fork fox garlic giraffe glove goat goose grape guitar hammer harbor harp helmet
+honey horse igloo island jacket jaguar kayak kettle kite koala ladder lamp lantern lemon lizard llama
+magnet mango maple marble meadow melon mitten monkey moose mushroom needle nest noodle oak oar olive onion
+otter owl paddle panda parrot peach peanut pencil pepper piano pickle pillow pine pirate plum pocket pony
+potato pumpkin quilt rabbit radio raft raven river robin rocket saddle salmon sandal scarf sheep shovel
+sled snail sock spoon squid stool sugar swan table teapot tiger toast tomato tractor trumpet tulip turnip
+turtle violin wagon walnut walrus whale willow window wolf yak zebra""".split()  # concrete, none a shape or texture
+
+
+def name_vocabulary(kind: str, eval_folder=None):
+    """--pseudo-names nouns: the paper's kind, vocabulary nouns (NOUNS above) minus every word of the
+    evaluation folder's class names, so that no real name is seen in training; nonsense: None."""
+    if kind == "nonsense":
+        return None
+    taken = set()
+    if eval_folder and os.path.isdir(eval_folder):
+        taken = {w for d in os.listdir(eval_folder) for w in d.lower().replace("_", " ").split()}
+    return [w for w in NOUNS if w not in taken]
+
+
+def pseudo_name(rng, vocabulary=None) -> str:
+    """Half of the names one word, half two. With a vocabulary: nouns from it ("kettle", "owl
+    harbor"); without: pronounceable nonsense of 1-3 syllables ("blicket", "dax fep"), in which
     every letter a-z occurs, so that copying a name is learned for any spelling."""
     words = []
     for _ in range(1 if rng.random() < 0.5 else 2):
+        if vocabulary:
+            words.append(vocabulary[rng.integers(len(vocabulary))])
+            continue
         syllables = rng.integers(1, 4)
         words.append("".join(ONSETS[rng.integers(len(ONSETS))] + VOWELS[rng.integers(len(VOWELS))] +
                              CODAS[rng.integers(len(CODAS))] for _ in range(syllables)))
     return " ".join(words)
 
 
-def pseudo_names(n, rng) -> list:
+def pseudo_names(n, rng, vocabulary=None) -> list:
     names = []
     while len(names) < n:
-        name = pseudo_name(rng)
+        name = pseudo_name(rng, vocabulary)
         if name not in names:
             names.append(name)
     return names
@@ -603,7 +635,7 @@ CAPTION = "This is a {}."
 PROMPT = "What is this? This is a"
 
 
-def sample_episode(members, ways, shots, rng) -> dict:
+def sample_episode(members, ways, shots, rng, vocabulary=None) -> dict:
     """members: list over clusters of image indices. N=ways clusters, fresh pseudo-names for them
     (drawn per episode: names must be read from the context), K=shots supports per cluster in
     random order, then a query image from one of the N clusters (not among the supports).
@@ -613,7 +645,7 @@ def sample_episode(members, ways, shots, rng) -> dict:
     if len(eligible) < ways:
         raise ValueError(f"only {len(eligible)} clusters have {shots + 1}+ images; need {ways} (fewer --clusters?)")
     chosen = [int(c) for c in rng.choice(eligible, ways, replace=False)]
-    names = dict(zip(chosen, pseudo_names(ways, rng)))
+    names = dict(zip(chosen, pseudo_names(ways, rng, vocabulary)))
     query_cluster = chosen[rng.integers(ways)]
     support, query = [], None
     for c in chosen:
@@ -664,7 +696,7 @@ def make_batch(step, members, args, global_batch):
     replays them. N and K vary during training (one draw per step, so lengths match)."""
     rng = np.random.default_rng([args.seed, step])
     ways, shots = int(rng.integers(2, args.max_ways + 1)), int(rng.integers(1, args.max_shots + 1))
-    return [sample_episode(members, ways, shots, rng) for _ in range(global_batch)]
+    return [sample_episode(members, ways, shots, rng, args.vocabulary) for _ in range(global_batch)]
 
 
 def text_batch(step, args, tok, global_batch):
@@ -676,7 +708,7 @@ def text_batch(step, args, tok, global_batch):
     rng = np.random.default_rng([args.seed, step, 7])
     batch = []
     for _ in range(global_batch):
-        names = pseudo_names(int(rng.integers(2, 5)), rng)
+        names = pseudo_names(int(rng.integers(2, 5)), rng, args.vocabulary)
         lines = [CAPTION.format(names[rng.integers(len(names))]) for _ in range(int(rng.integers(4, 8)))]
         batch.append(dict(images=[], texts=[], text="\n".join(lines)))
     return batch
@@ -848,14 +880,14 @@ def train(args):
 # Evaluation: Frozen's open-ended protocol through evaluate.icl, with real class names and
 # with nonsense names swapped in (the paper's control), and one episode as a picture.
 # ----------------------------------------------------------------------------------------
-def run_icl(generate, folder, ways, shots, episodes, seed):
+def run_icl(generate, folder, ways, shots, episodes, seed, vocabulary=None):
     """evaluate.icl (Frozen's protocol) with the folder's real class names, then with nonsense
     names swapped in (the paper's control); keys "real/icl/2way_1shot", "..._ci95", "..._chance",
     "..._in_context" (the answer is one of the episode's names: the LM's copying, whatever the features)."""
     import evaluate
     real = data.ImageFolder(folder)
     fake = copy.copy(real)  # the same images under nonsense names
-    fake.classes = pseudo_names(len(real.classes), np.random.default_rng([seed, 99]))
+    fake.classes = pseudo_names(len(real.classes), np.random.default_rng([seed, 99]), vocabulary)
     results = {}
     for kind, dataset in (("real", real), ("pseudo", fake)):
         ok_ways = tuple(n for n in ways if n <= len(real.classes))
@@ -871,7 +903,7 @@ def selfcontext_accuracy(model, tok, feats, members, args, episodes=100):
     model.eval()
     rng, hits = np.random.default_rng([args.seed, 10**9]), 0
     for _ in range(episodes):
-        e = sample_episode(members, 2, 1, rng)
+        e = sample_episode(members, 2, 1, rng, args.vocabulary)
         ids, slots, _ = encode_episode(tok, e["texts"], None, args.prefix_tokens)
         device = next(model.parameters()).device
         new = greedy_decode(model, torch.tensor(ids, device=device), torch.tensor(slots, device=device),
@@ -939,7 +971,8 @@ def main(args):
     t0 = time.time()
     results = {"selfcontext/2way_1shot": selfcontext_accuracy(model, tok, feats, members, args),
                "features/2way_1shot_nn": feature_ceiling(model, args.eval_data, args)}
-    results.update(run_icl(generate, args.eval_data, args.eval_ways, args.eval_shots, args.eval_episodes, args.seed))
+    results.update(run_icl(generate, args.eval_data, args.eval_ways, args.eval_shots, args.eval_episodes, args.seed,
+                           args.vocabulary))
     answer, truth = picture(generate, args.eval_data, os.path.join(args.output_dir, "episode.png"), seed=args.seed)
     print(f"icl on {args.eval_data} ({args.eval_episodes} episodes each, {time.time() - t0:.0f}s); "
           f"picture: {args.output_dir}/episode.png (answer {answer!r}, truth {truth!r})")

@@ -63,6 +63,21 @@ def test_episode_has_nk_supports_and_a_query_of_one_of_the_n_classes(ways, shots
     assert len(seen_names) > 30 * ways * 0.8  # re-drawn per episode
 
 
+def test_noun_names_skip_the_evaluation_words(tmp_path):
+    for name in ("striped_star", "copper kettle"):  # class folders: real names, "_" read as a space
+        (tmp_path / name).mkdir()
+    vocabulary = secat.name_vocabulary("nouns", str(tmp_path))
+    assert "copper" not in vocabulary and "kettle" not in vocabulary and "owl" in vocabulary
+    assert secat.name_vocabulary("nonsense", str(tmp_path)) is None
+    assert len(secat.name_vocabulary("nouns")) == len(secat.NOUNS)
+    names = secat.pseudo_names(200, np.random.default_rng(0), vocabulary)
+    assert names == secat.pseudo_names(200, np.random.default_rng(0), vocabulary)  # deterministic from the seed
+    words = [n.split() for n in names]
+    assert all(w in vocabulary for ws in words for w in ws) and {len(ws) for ws in words} == {1, 2}
+    e = secat.sample_episode(_members(), 3, 1, np.random.default_rng(1), vocabulary)
+    assert all(w in vocabulary for n in e["names"].values() for w in n.split())
+
+
 def test_loss_counts_only_the_answer_tokens():
     tok = secat.ByteTokenizer("bytes")
     episodes = [secat.sample_episode(_members(), 2, 2, np.random.default_rng(s)) for s in range(3)]
