@@ -712,6 +712,34 @@ def normalise_answer(text: str) -> str:
     return " ".join(text.translate(str.maketrans("", "", string.punctuation)).split())
 
 
+def _by_class(dataset) -> dict:  # class -> indices of its images
+    samples = dataset.samples if hasattr(dataset, "samples") else [dataset[i] for i in range(len(dataset))]
+    by_class = defaultdict(list)
+    for i, (_, y) in enumerate(samples):
+        by_class[y].append(i)
+    return by_class
+
+
+def icl_episode(dataset, by_class, n, k, seed, task_induction=False) -> tuple:
+    """One episode of `icl` from its seed (any hashable): n classes, k support images each in shuffled
+    order, then a query of one of them. Returns (images, texts, the n classes, the query's class)."""
+    eligible = sorted(c for c, idx in by_class.items() if len(idx) > k)
+    if len(eligible) < n:
+        raise ValueError(f"icl: {n}-way {k}-shot needs {n} classes with > {k} images, have {len(eligible)}")
+    rng, names = random.Random(seed), dataset.classes
+    classes = rng.sample(eligible, n)
+    target = rng.choice(classes)
+    picks = {c: rng.sample(by_class[c], k + (c == target)) for c in classes}
+    query = picks[target].pop()
+    support = [(i, c) for c in classes for i in picks[c]]
+    rng.shuffle(support)
+    prompt = "What is this? This is a"
+    if task_induction:
+        prompt = f"Answer with {' or '.join(names[c] for c in rng.sample(classes, n))}. " + prompt
+    images = [dataset[i][0] for i, _ in support] + [dataset[query][0]]
+    return images, [f"This is a {names[c]}." for _, c in support] + [prompt], classes, target
+
+
 def icl(generate, dataset, ways=(2, 5), shots=(1, 3, 5), episodes=100, seed=0, task_induction=False) -> dict:
     """Open-ended N-way K-shot classification with real class names, exact match.
     An episode draws N classes, K support images each and one query from one of them (fixed seed per
@@ -721,32 +749,14 @@ def icl(generate, dataset, ways=(2, 5), shots=(1, 3, 5), episodes=100, seed=0, t
     after the query. Returns accuracy, its 95% interval (normal approximation) and chance, in %, and
     `_in_context`: how often the answer is one of the episode's names, right or wrong. With
     features that cannot tell the classes apart, accuracy is at most about in_context / N."""
-    names = dataset.classes
-    samples = dataset.samples if hasattr(dataset, "samples") else [dataset[i] for i in range(len(dataset))]
-    labels = [y for _, y in samples]
-    by_class = defaultdict(list)
-    for i, y in enumerate(labels):
-        by_class[y].append(i)
+    names, by_class = dataset.classes, _by_class(dataset)
     out = {}
     for n in ([ways] if isinstance(ways, int) else ways):
         for k in ([shots] if isinstance(shots, int) else shots):
-            eligible = sorted(c for c, idx in by_class.items() if len(idx) > k)
-            if len(eligible) < n:
-                raise ValueError(f"icl: {n}-way {k}-shot needs {n} classes with > {k} images, have {len(eligible)}")
             correct = in_context = 0
             for e in range(episodes):
-                rng = random.Random(f"icl-{seed}-{n}-{k}-{e}")
-                classes = rng.sample(eligible, n)
-                target = rng.choice(classes)
-                picks = {c: rng.sample(by_class[c], k + (c == target)) for c in classes}
-                query = picks[target].pop()
-                support = [(i, c) for c in classes for i in picks[c]]
-                rng.shuffle(support)
-                prompt = "What is this? This is a"
-                if task_induction:
-                    prompt = f"Answer with {' or '.join(names[c] for c in rng.sample(classes, n))}. " + prompt
-                images = [dataset[i][0] for i, _ in support] + [dataset[query][0]]
-                texts = [f"This is a {names[c]}." for _, c in support] + [prompt]
+                images, texts, classes, target = icl_episode(dataset, by_class, n, k, f"icl-{seed}-{n}-{k}-{e}",
+                                                             task_induction)
                 answer = normalise_answer(generate(images, texts))
                 correct += answer == normalise_answer(names[target])
                 in_context += answer in {normalise_answer(names[c]) for c in classes}
@@ -757,6 +767,27 @@ def icl(generate, dataset, ways=(2, 5), shots=(1, 3, 5), episodes=100, seed=0, t
             out[key + "_chance"] = 100 / n
             out[key + "_in_context"] = 100 * in_context / episodes
     return out
+
+
+def icl_picture(generate, dataset, path, ways=3, shots=1, seed=0, size=96) -> tuple:
+    """One `icl` episode answered by generate, drawn as a strip: each support image with its caption
+    under it, then the query with the answer in red. Returns (answer, the query's true name)."""
+    from PIL import Image, ImageDraw
+    images, texts, _, target = icl_episode(dataset, _by_class(dataset), min(ways, len(dataset.classes)), shots,
+                                           f"icl-picture-{seed}")
+    answer = generate(images, texts)
+    cell_w = size + 40
+    sheet = Image.new("RGB", (cell_w * len(images), size + 44), "white")
+    draw = ImageDraw.Draw(sheet)
+    for j, (im, text) in enumerate(zip(images, texts)):
+        sheet.paste(Image.fromarray(torch.as_tensor(im).permute(1, 2, 0).numpy()).resize((size, size)), (j * cell_w + 20, 4))
+        is_query = j == len(images) - 1
+        lines = ["query", f"-> {answer}"] if is_query else ["This is", text[len("This is "):]]
+        for r, line in enumerate(lines):
+            draw.text((j * cell_w + 4, size + 8 + 14 * r), line[:22], fill="red" if is_query and r else "black")
+    draw.line([((len(images) - 1) * cell_w, 0), ((len(images) - 1) * cell_w, sheet.height)], fill="gray", width=2)
+    sheet.save(path)
+    return answer, dataset.classes[target]
 
 
 # ====== Pictures: attention of 3 heads as R, G, B, per-video k-means maps; PNG grids and a GIF ========

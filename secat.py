@@ -878,7 +878,7 @@ def train(args):
 
 # ----------------------------------------------------------------------------------------
 # Evaluation: Frozen's open-ended protocol through evaluate.icl, with real class names and
-# with nonsense names swapped in (the paper's control), and one episode as a picture.
+# with nonsense names swapped in (the paper's control); evaluate.icl_picture draws one episode.
 # ----------------------------------------------------------------------------------------
 def run_icl(generate, folder, ways, shots, episodes, seed, vocabulary=None):
     """evaluate.icl (Frozen's protocol) with the folder's real class names, then with nonsense
@@ -928,41 +928,8 @@ def feature_ceiling(model, folder, args, trials=2000):
     return 100 * hits / trials
 
 
-def render_episode(images, texts, answer, path, size=96):
-    """A strip: each support image with its caption under it, then the query with the prompt and
-    the model's answer. images: uint8 (3, H, W) tensors."""
-    from PIL import Image, ImageDraw
-    cell_w, cap_h = size + 40, 36
-    sheet = Image.new("RGB", (cell_w * len(images), size + cap_h + 8), "white")
-    draw = ImageDraw.Draw(sheet)
-    for j, (im, text) in enumerate(zip(images, texts)):
-        tile = Image.fromarray(torch.as_tensor(im).permute(1, 2, 0).numpy()).resize((size, size))
-        sheet.paste(tile, (j * cell_w + 20, 4))
-        lines = text.rsplit(" a ", 1) if j < len(images) - 1 else ["query", f"-> {answer}"]  # "This is" / "a <name>."
-        for r, line in enumerate(lines):
-            line = line if r == 0 or j == len(images) - 1 else "a " + line
-            draw.text((j * cell_w + 4, size + 8 + 14 * r), line[:22], fill="red" if j == len(images) - 1 and r else "black")
-    if len(images) > 1:
-        x = (len(images) - 1) * cell_w
-        draw.line([(x, 0), (x, sheet.height)], fill="gray", width=2)
-    sheet.save(path)
-
-
-def picture(generate, folder, path, ways=3, shots=1, seed=0):
-    """One real-name episode from `folder`, answered by the model and drawn to `path`."""
-    ds = data.ImageFolder(folder)
-    rng = np.random.default_rng(seed)
-    by_class = [[i for i, (_, y) in enumerate(ds.samples) if y == c] for c in range(len(ds.classes))]
-    episode = sample_episode(by_class, min(ways, len(ds.classes)), shots, rng)
-    names = {c: ds.classes[c] for c in episode["clusters"]}  # real names instead of pseudo-names
-    texts = [CAPTION.format(names[c]) for c in episode["clusters"][:-1]] + [PROMPT]
-    images = [ds[i][0] for i in episode["images"]]
-    answer = generate(images, texts)
-    render_episode(images, texts, answer, path)
-    return answer, names[episode["clusters"][-1]]
-
-
 def main(args):
+    import evaluate
     model, tok, feats, members = train(args)
     if int(os.environ.get("RANK", 0)) != 0 or not args.eval_data:
         return
@@ -973,10 +940,10 @@ def main(args):
                "features/2way_1shot_nn": feature_ceiling(model, args.eval_data, args)}
     results.update(run_icl(generate, args.eval_data, args.eval_ways, args.eval_shots, args.eval_episodes, args.seed,
                            args.vocabulary))
-    answer, truth = picture(generate, args.eval_data, os.path.join(args.output_dir, "episode.png"), seed=args.seed)
+    answer, truth = evaluate.icl_picture(generate, data.ImageFolder(args.eval_data),
+                                         os.path.join(args.output_dir, "episode.png"), seed=args.seed)
     print(f"icl on {args.eval_data} ({args.eval_episodes} episodes each, {time.time() - t0:.0f}s); "
           f"picture: {args.output_dir}/episode.png (answer {answer!r}, truth {truth!r})")
-    import evaluate
     evaluate.print_table(results, "accuracy in %: selfcontext = held-out pool episodes; features = nearest-neighbour "
                          "ceiling of the frozen encoder; real/pseudo = evaluate.icl with real / nonsense class names "
                          "(_in_context: the answer is one of the episode's names)")

@@ -325,6 +325,18 @@ def test_icl_with_right_and_wrong_stub_generators():
     assert first == again
 
 
+def test_icl_picture_draws_one_strip_and_answers_truthfully(tmp_path):
+    from PIL import Image
+    ds = TinyFolder()
+    seen = []
+    answer, truth = E.icl_picture(lambda im, t: seen.append((im, t)) or "dotted box", ds, tmp_path / "e.png",
+                                  ways=3, shots=1, size=16)
+    (images, texts), = seen
+    assert answer == "dotted box" and truth == ds.classes[int(images[-1][0, 0, 0])]
+    assert len(images) == 4 and texts[-1] == "What is this? This is a"
+    assert Image.open(tmp_path / "e.png").size == (4 * (16 + 40), 16 + 44)  # 3 supports + the query
+
+
 def test_icl_answer_normalisation():
     assert E.normalise_answer("  Striped-Ring!\nmore") == "stripedring"
     assert E.normalise_answer("striped  ring. This is") == "striped ring"
