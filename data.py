@@ -5,7 +5,8 @@ through here, and so does the built-in synthetic world that lets the demos and t
 on a laptop with no downloads.
 
 Sections:
-  run plumbing    distributed set-up, AMP, seeding, cosine schedules, atomic checkpoints, JSONL logs
+  run plumbing    distributed set-up, AMP, seeding, cosine schedules, atomic checkpoints (one loader
+                  for every checkpoint read), the output folder, JSONL logs, the CLI entry point
   images          load_image / load_mask, ImageFolder, UnlabelledImages, VOCSegmentation, DAVIS
   videos          probe_video, read_frames (PyAV, seeks near the clip, decode-time resize),
                   find_videos, VideoClips (one item per clip start; DDP/worker safe)
@@ -14,7 +15,8 @@ Sections:
                   python data.py inspect PATH [--bench] [--sheet sheet.png]
 
 Bad input raises DataError with one line "<path>: <what is wrong>". Inside a dataset an
-unreadable file is skipped with a warning and counted in `.num_skipped`.
+unreadable file is skipped with a warning and counted in `.num_skipped`. `cli(main, get_args)`,
+the entry point of every command line here, prints such errors as one line `error: ...`.
 """
 from __future__ import annotations
 
@@ -28,7 +30,9 @@ import os
 import random
 import shutil
 import sys
+import tempfile
 import time
+import unittest.mock
 import warnings
 from dataclasses import dataclass
 
@@ -86,9 +90,9 @@ def resolve_amp(amp: str | None, device) -> str:
             return "none"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if amp not in ("bf16", "fp16", "none"):
-        raise ValueError(f"--amp {amp!r}: expected bf16, fp16 or none")
+        raise DataError(f"--amp {amp!r}: expected bf16, fp16 or none")
     if amp == "fp16" and device.type != "cuda":
-        raise ValueError("--amp fp16 needs a CUDA device; use bf16 or none on CPU")
+        raise DataError("--amp fp16 needs a CUDA device; use bf16 or none on CPU")
     return amp
 
 
@@ -132,24 +136,193 @@ def save_checkpoint(state: dict, path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:
+        if isinstance(e.__context__, KeyboardInterrupt):  # Ctrl-C inside torch.save surfaces as a zip-writer error
+            raise KeyboardInterrupt from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def load_checkpoint(path) -> dict:
-    """torch.load on CPU with weights_only=True; anything wrong becomes a one-line CheckpointError."""
+def load_checkpoint(path, method: str | None = None, flag: str = "") -> dict:
+    """torch.load on CPU with weights_only=True; anything wrong becomes a one-line CheckpointError
+    naming the file (after `flag`, the option that gave it). method: refuse a checkpoint that is
+    not of that method file, saying what the file holds."""
     path = str(path)
+    where = f"{flag} {path}".strip()
+    if os.path.isdir(path):
+        raise CheckpointError(f"{where}: is a folder, not a checkpoint file")
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        raise CheckpointError(f"{where}: no such checkpoint file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{where}: empty file (0 bytes), not a checkpoint")
+    with open(path, "rb") as f:
+        if f.read(2)[:1] not in (b"P", b"\x80"):  # torch.save writes a zip (PK), or (legacy) a pickle
+            raise CheckpointError(f"{where}: not a checkpoint (not a file that torch.save writes)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle garbage, foreign objects: all the same to the user
+        with torch.serialization.safe_globals([argparse.Namespace]):  # DINO's full checkpoints store their args
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle garbage, text, foreign objects: all the same to the user
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {reason}") from None
+        raise CheckpointError(f"{where}: not a readable checkpoint (truncated or corrupt?): {reason}") from None
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: holds a {type(state).__name__}, expected a checkpoint dict")
+        raise CheckpointError(f"{where}: holds a {type(state).__name__}, expected a checkpoint dict")
+    if method and state.get("method") != method:
+        raise CheckpointError(f"{where}: holds {describe_checkpoint(state)}, not a {method}.py checkpoint")
     return state
+
+
+def describe_checkpoint(state: dict) -> str:
+    """What a loaded checkpoint holds, for one-line messages, e.g. 'a dora.py checkpoint (vit_demo/8, epoch 2)'."""
+    if "method" in state:
+        args = state.get("args") or {}
+        arch = args.get("arch") or "encoder " + str(args.get("encoder_arch", "?"))  # secat.py: a frozen encoder
+        return f"a {state['method']}.py checkpoint ({arch}/{args.get('patch_size', '?')}, epoch {state.get('epoch', '?')})"
+    weights = backbone_weights(state)
+    return f"ViT weights ({vit_shape(weights)})" if "cls_token" in weights else f"a dict of {len(state)} entries"
+
+
+def backbone_weights(state: dict) -> dict:
+    """The backbone's tensors in a checkpoint under DINO's key names: a repo checkpoint's `backbone.`
+    keys (of teacher, else model), a DINO full checkpoint's teacher (else student / model), or a
+    plain state dict (DINO's released weights); `module.` (DDP) stripped, DINO's `head.` dropped."""
+    for key in ("teacher", "student", "model", "state_dict"):
+        if isinstance(state.get(key), dict) and state[key]:
+            state = state[key]
+            break
+    state = {str(k).removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if any(k.startswith("backbone.") for k in state):
+        return {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    return {k: v for k, v in state.items() if not k.startswith("head.")}
+
+
+def vit_shape(weights: dict) -> str:
+    """'width 384, 12 blocks, patch 16' from a ViT state dict in DINO's key names."""
+    depth = 1 + max((int(k.split(".")[1]) for k in weights if k.startswith("blocks.")), default=-1)
+    patch = weights["patch_embed.proj.weight"].shape[-1] if "patch_embed.proj.weight" in weights else "?"
+    return f"width {weights['cls_token'].shape[-1]}, {depth} blocks, patch {patch}"
+
+
+def read_pretrained(path, flag: str = "--pretrained") -> tuple[dict, dict | None]:
+    """-> (ViT state dict in DINO's key names, the stored args of a repo checkpoint or None), from
+    DINO's released weights, DINO's full checkpoints or a checkpoint of this repo whose backbone is a
+    ViT; anything else (a conv net, secat.py's frozen encoder, not a checkpoint) is one CheckpointError."""
+    state = load_checkpoint(path, flag=flag)
+    if state.get("method") == "secat":  # its ViT is the frozen --encoder it was given: nothing learned there
+        raise CheckpointError(f"{flag} {path}: holds {describe_checkpoint(state)}, a frozen image encoder plus a "
+                              "language model; pass the file it took as --encoder instead")
+    weights = backbone_weights(state)
+    if "cls_token" not in weights:
+        raise CheckpointError(f"{flag} {path}: holds {describe_checkpoint(state)}, not ViT weights "
+                              "(DINO's key names: cls_token, blocks.*)")
+    return weights, (state.get("args") if "method" in state else None)
+
+
+def load_pretrained(backbone: torch.nn.Module, path, flag: str = "--pretrained") -> dict | None:
+    """Strict load of read_pretrained(path) into backbone; -> the stored args of a repo checkpoint or None."""
+    weights, stored = read_pretrained(path, flag)
+    try:
+        backbone.load_state_dict(weights, strict=True)
+    except RuntimeError:
+        ours = backbone.state_dict()
+        ours = vit_shape(ours) if "cls_token" in ours else type(backbone).__name__
+        raise CheckpointError(f"{flag} {path}: holds a ViT of {vit_shape(weights)}, which does not fit this run's "
+                              f"({ours}): set --arch/--patch-size to match") from None
+    return stored
+
+
+def check_output_dir(path, resume=False, overwrite=False, method=None) -> dict | None:
+    """prepare_output_dir's checks of the checkpoint there, writing nothing (for work before train());
+    -> the checkpoint to continue from (--resume, checked to be of `method`) or None."""
+    path = str(path)
+    ckpt_path = os.path.join(path, "checkpoint.pth")
+    if resume and overwrite:
+        raise DataError("--resume and --overwrite: pick one (continue the run there, or start it over)")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise DataError(f"--output-dir {path}: is a file, not a folder; pick another --output-dir")
+    ckpt = None
+    if resume:
+        if not os.path.exists(ckpt_path):
+            raise CheckpointError(f"--resume: no checkpoint at {ckpt_path}; drop --resume to start a run there")
+        ckpt = load_checkpoint(ckpt_path, method, "--resume")
+    elif os.path.exists(ckpt_path) and not overwrite:
+        raise DataError(f"{ckpt_path}: an earlier run's checkpoint is there; continue it with --resume, or pick "
+                        "another --output-dir (--overwrite starts over and replaces it)")
+    return ckpt
+
+
+def prepare_output_dir(path, resume=False, overwrite=False, is_main=True, method=None):
+    """Check --output-dir before any work; -> (JsonlLogger of log.jsonl, checkpoint path, the
+    checkpoint to continue from (--resume, checked to be of `method`) or None).
+
+    Refuses in one line (DataError / CheckpointError): a checkpoint already there without --resume
+    or --overwrite (a relaunch that forgot --resume would replace it), --resume with no checkpoint or
+    another method's, a path that is a file or cannot be written. --overwrite starts log.jsonl
+    afresh; --resume drops its records of the epochs that the resumed run replays. Only the main
+    process (is_main) writes; the others check."""
+    ckpt = check_output_dir(path, resume, overwrite, method)
+    ckpt_path, log_path = os.path.join(str(path), "checkpoint.pth"), os.path.join(str(path), "log.jsonl")
+    if is_main:
+        try:  # fail now, not at the first log line or checkpoint of a long run
+            os.makedirs(path, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path), open(log_path, "w" if overwrite else "a"):
+                pass
+        except OSError as e:
+            raise DataError(f"--output-dir {path}: cannot be written ({e.strerror}); pick another --output-dir") from None
+        if ckpt is not None:
+            _drop_replayed(log_path, ckpt["epoch"])
+            print(f"resumed from {ckpt_path} at epoch {ckpt['epoch']}")
+    return JsonlLogger(log_path, is_main), ckpt_path, ckpt
+
+
+def _drop_replayed(log_path, epoch: int) -> None:
+    """Keep the log records of epochs < epoch (and unparsable half lines out): the resumed run logs the rest again."""
+    kept = []
+    for line in open(log_path):
+        with contextlib.suppress(ValueError, AttributeError):
+            if json.loads(line).get("epoch", -1) < epoch:
+                kept.append(line)
+    with open(log_path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(log_path + ".tmp", log_path)
+
+
+def cli(main, get_args, argv=None) -> None:
+    """The one entry point of every command line here: `data.cli(main, get_args)`. The user's
+    mistakes (DataError, CheckpointError, OSError on a path, a bad flag, SystemExit with a message)
+    become one line `error: <file or flag>: <what is wrong>` on stderr and exit 1 (2 for a bad
+    flag), Ctrl-C one line and exit 130; any other exception is a bug and keeps its traceback."""
+    def usage_error(parser, message):  # argparse's own prints the usage block first
+        raise _UsageError(message)
+
+    def fail(message, code=1):
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(code)
+
+    program = os.path.basename(sys.argv[0])
+    try:
+        with unittest.mock.patch.object(argparse.ArgumentParser, "error", usage_error):
+            args = get_args(argv)
+        main(args)
+    except _UsageError as e:
+        fail(f"{program}: {e} (see {program} --help)", 2)
+    except (DataError, CheckpointError) as e:
+        fail(str(e))
+    except OSError as e:
+        if e.filename is None:
+            raise
+        fail(f"{e.filename}: {e.strerror or e}")
+    except KeyboardInterrupt:
+        fail(f"{program}: interrupted; a training run continues from its last checkpoint with --resume", 130)
+    except SystemExit as e:
+        if isinstance(e.code, str) and not e.code.startswith("error:"):
+            fail(e.code.splitlines()[0])
+        raise
+
+
+class _UsageError(Exception):
+    """A bad command-line flag (argparse's error(), made one line by cli)."""
 
 
 class JsonlLogger:
@@ -787,6 +960,7 @@ def synth_world(out_dir, seed=0, num_videos=4, num_frames=96, size=128, num_imag
     voc/ (semantic masks, classes.txt); objects/{train,val}/<class>/; world.json (written last).
     """
     started, world = time.time(), SyntheticWorld(seed)
+    _claim_for_synth(out_dir)
     davis = os.path.join(out_dir, "davis")
     names = [f"tour_{i:02d}" for i in range(num_videos)]
     for i, name in enumerate(names):
@@ -828,7 +1002,28 @@ def synth_world(out_dir, seed=0, num_videos=4, num_frames=96, size=128, num_imag
                 crops_per_class=dict(zip(("train", "val"), crops_per_class)), seconds=round(time.time() - started, 2))
     with open(os.path.join(out_dir, "world.json"), "w") as f:
         json.dump(meta, f, indent=1)
+    os.remove(os.path.join(out_dir, SYNTH_MARKER))  # world.json is the licence from now on
     return str(out_dir)
+
+
+SYNTH_MARKER = "UNFINISHED_SYNTHETIC_WORLD"  # written first by synth_world: its own unfinished world may be replaced
+
+
+def _written_by_synth(root) -> bool:
+    """root was made by synth_world: it holds the world.json or the marker that synth_world writes."""
+    return os.path.exists(os.path.join(root, "world.json")) or os.path.exists(os.path.join(root, SYNTH_MARKER))
+
+
+def _claim_for_synth(out_dir) -> None:
+    """Refuse a file, or a folder with files that synth_world did not write; else create it and mark it ours."""
+    out_dir = str(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(f"{out_dir}: is a file; the synthetic world needs a folder (another --out)")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not _written_by_synth(out_dir):
+        raise DataError(f"{out_dir}: exists and is not a synthetic world (no world.json); move it away or pick "
+                        "another path")
+    os.makedirs(out_dir, exist_ok=True)
+    open(os.path.join(out_dir, SYNTH_MARKER), "w").close()
 
 
 def _current_world(root, seed) -> bool:
@@ -844,15 +1039,17 @@ def ensure_synth(root="runs/synth", seed=0) -> str:
     """Write the synthetic world to root unless a current one is there; under torchrun local rank 0 writes, the rest wait.
 
     The new world is written aside and renamed into place, so demos started side by side never
-    read a half-written world; an older or unfinished world at root is replaced.
+    read a half-written world; an older or unfinished world at root is replaced, but only one
+    that synth_world wrote (world.json or its marker): anything else there is the user's.
     """
     root = os.path.normpath(str(root))
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     # one writer per machine: torchrun sets LOCAL_RANK, also before the process group exists
     writer = int(os.environ.get("LOCAL_RANK", 0)) == 0
     if not _current_world(root, seed) and writer:
-        if os.path.exists(root) and not set(os.listdir(root)) <= {"videos", "davis", "voc", "objects", "world.json"}:
-            raise DataError(f"{root}: exists and is not a synthetic world; pick another --data or output path")
+        if os.path.exists(root) and not (os.path.isdir(root) and (_written_by_synth(root) or not os.listdir(root))):
+            raise DataError(f"{root}: exists and is not a synthetic world (no world.json), so --demo leaves it alone; "
+                            "move it away, or run from another folder")
         print(f"writing the synthetic world to {root} (seed {seed}) ...", flush=True)
         partial, old = f"{root}.partial{os.getpid()}", f"{root}.old{os.getpid()}"
         synth_world(partial, seed)
@@ -1054,7 +1251,7 @@ def inspect(path, sheet=None, do_bench=False, num_frames=8, stride=1, short_side
 
 
 # =============================================================================== command line
-def main(argv=None):
+def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     synth = commands.add_parser("synth", help="write the synthetic world")
@@ -1067,17 +1264,17 @@ def main(argv=None):
     look.add_argument("--num-frames", type=int, default=8)
     look.add_argument("--stride", type=int, default=1)
     look.add_argument("--short-side", type=int, default=None)
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "synth":
-            started = time.time()
-            synth_world(args.out, args.seed)
-            print(f"wrote the synthetic world (seed {args.seed}) to {args.out} in {time.time() - started:.1f} s")
-        else:
-            inspect(args.path, args.sheet, args.bench, args.num_frames, args.stride, args.short_side)
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    return parser.parse_args(argv)
+
+
+def main(args):
+    if args.command == "synth":
+        started = time.time()
+        synth_world(args.out, args.seed)
+        print(f"wrote the synthetic world (seed {args.seed}) to {args.out} in {time.time() - started:.1f} s")
+    else:
+        inspect(args.path, args.sheet, args.bench, args.num_frames, args.stride, args.short_side)
 
 
 if __name__ == "__main__":
-    main()
+    cli(main, get_args)

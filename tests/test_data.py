@@ -1,4 +1,5 @@
 """Tests for data.py: video decoding and clip sampling, every layout, bad inputs, run plumbing."""
+import io
 import json
 import os
 import sys
@@ -242,7 +243,7 @@ def test_classes_are_not_separable_by_colour():
 
 def test_inspect_prints_the_world_and_writes_a_contact_sheet(world, tmp_path, capsys):
     sheet = tmp_path / "sheet.png"
-    data.main(["inspect", world, "--sheet", str(sheet)])
+    data.main(data.get_args(["inspect", world, "--sheet", str(sheet)]))
     out = capsys.readouterr().out
     assert "synthetic world" in out and "2 video(s)" in out and "6 classes" in out
     assert Image.open(sheet).size[0] > 0
@@ -347,6 +348,24 @@ def test_checkpoint_save_is_atomic_and_bad_files_raise_checkpoint_error(tmp_path
         data.load_checkpoint(path)
     with pytest.raises(data.CheckpointError, match="no such"):
         data.load_checkpoint(tmp_path / "missing.pth")
+
+
+def test_ctrl_c_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    # Ctrl-C while torch.save writes used to surface as the zip writer's RuntimeError
+    path = tmp_path / "checkpoint.pth"
+    data.save_checkpoint({"epoch": 1}, path)
+    before = path.read_bytes()
+
+    class InterruptedFile(io.FileIO):  # the signal lands after 10 kB of the new checkpoint
+        def write(self, chunk):
+            if self.tell() + len(chunk) > 10_000:
+                raise KeyboardInterrupt
+            return super().write(chunk)
+
+    monkeypatch.setattr(data, "open", lambda p, mode: InterruptedFile(p, "w"), raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        data.save_checkpoint({"epoch": 2, "model": {"w": torch.zeros(10_000)}}, path)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["checkpoint.pth"]
 
 
 def test_schedule_logger_amp_and_seeding(tmp_path):
