@@ -107,6 +107,7 @@ def get_args(argv=None):
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"], help="default: bf16 on capable GPUs, none on CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pth")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a checkpoint")
     p.add_argument("--stop-after", type=int, default=0, help="leave after this many epochs of this run (job limits); 0: never")
     p.add_argument("--log-every", type=int, default=10, help="steps between JSON log lines")
     args = p.parse_args(argv)
@@ -515,16 +516,8 @@ class DoRALoss(nn.Module):
 # ----------------------------------------------------------------------------------------
 def load_pretrained(backbone, path):
     """Load DINO weights into `backbone`, strictly: a backbone state dict (DINO's releases) or a
-    full checkpoint (ours or DINO's: the teacher's `backbone.` keys)."""
-    import argparse as _argparse
-    torch.serialization.add_safe_globals([_argparse.Namespace])  # DINO's full checkpoints store their args
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if "teacher" in state:
-        state = state["teacher"]
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    if any(k.startswith("backbone.") for k in state):
-        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-    backbone.load_state_dict(state, strict=True)
+    full checkpoint (ours or DINO's: the teacher's `backbone.` keys); data.py refuses anything else."""
+    data.load_pretrained(backbone, path)
 
 
 def build_models(args, device, distributed=False):
@@ -612,8 +605,9 @@ def train(args):
     args.amp = data.resolve_amp(args.amp, d.device)
     autocast = data.autocast(d.device, args.amp)
     data.seed_everything(args.seed, d.rank)
-    os.makedirs(args.output_dir, exist_ok=True)
-    log = data.JsonlLogger(os.path.join(args.output_dir, "log.jsonl"), d.is_main)
+    log, ckpt_path, ckpt = data.prepare_output_dir(args.output_dir, args.resume, args.overwrite, d.is_main, METHOD)
+    if args.pretrained:  # refuse a wrong file before the videos are probed
+        data.read_pretrained(args.pretrained)
 
     videos = [v for path in args.data for v in data.find_videos(path)]
     dataset = data.VideoClips(videos, num_frames=args.frames_per_clip, stride=args.step_between_clips,
@@ -628,17 +622,13 @@ def train(args):
                          "lower --batch-size-per-gpu, --step-between-clips or --frames-per-clip")
     m = build_models(args, d.device, d.world_size > 1)
     m["schedules"] = make_schedules(args, steps_per_epoch, d.world_size)
-    start_epoch, ckpt_path = 0, os.path.join(args.output_dir, "checkpoint.pth")
-    if args.resume:
-        ckpt = data.load_checkpoint(ckpt_path)
+    start_epoch = ckpt["epoch"] if ckpt is not None else 0  # --resume
+    if ckpt is not None:
         m["student"].load_state_dict(ckpt["model"])
         m["teacher"].load_state_dict(ckpt["teacher"])
         m["optimizer"].load_state_dict(ckpt["optimizer"])
         m["scaler"].load_state_dict(ckpt["scaler"])
         m["loss"].center.copy_(ckpt["center"])
-        start_epoch = ckpt["epoch"]
-        if d.is_main:
-            print(f"resumed from {ckpt_path} at epoch {start_epoch}")
     if d.is_main:
         print(f"{len(videos)} video(s), {len(dataset)} clips of {args.frames_per_clip} frames, "
               f"{steps_per_epoch} steps/epoch x {args.epochs} epochs, {args.arch}/{args.patch_size}, amp {args.amp}")
@@ -749,4 +739,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    data.cli(main, get_args)

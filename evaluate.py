@@ -86,9 +86,10 @@ def vit_archs() -> dict:
 def build_arch(arch: str, patch_size: int) -> nn.Module:
     if arch == "pixels":
         return RawPixels(patch_size)
+    import data
     archs = vit_archs()
     if arch not in archs:
-        raise ValueError(f"--arch {arch}: unknown; available: {sorted(archs) + ['pixels']} "
+        raise data.DataError(f"--arch {arch}: unknown; available: {sorted(archs) + ['pixels']} "
                          f"(ViTs come from the first importable of {METHOD_MODULES})")
     return archs[arch](patch_size=patch_size)
 
@@ -99,15 +100,13 @@ def load_backbone(ckpt=None, arch="vit_small", patch_size=16, random_init=False)
     from the `backbone.` keys of ckpt["teacher"] (else ckpt["model"]). Any other ckpt is an official
     DINO file: a plain ViT state dict or a dict with teacher/student/model, `module.`/`backbone.`
     stripped, head keys dropped, built as --arch/--patch-size. random_init skips the loading."""
+    import data
     if ckpt is None:
         if not random_init and arch != "pixels":
-            raise ValueError("no --ckpt given: pass one, or --random-init (or --arch pixels) for a floor")
+            raise data.DataError("no --ckpt given: pass one, or --random-init (or --arch pixels) for a floor")
         return build_arch(arch, patch_size).eval()
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"--ckpt {ckpt}: cannot be read as a checkpoint ({type(e).__name__}: {e})") from e
-    if isinstance(state, dict) and "method" in state:
+    state = data.load_checkpoint(ckpt, flag="--ckpt")  # one line for a missing, empty or damaged file
+    if "method" in state:
         net = importlib.import_module(state["method"]).build_backbone(state["args"])
         if not random_init:
             weights = state.get("teacher") or state["model"]
@@ -115,13 +114,7 @@ def load_backbone(ckpt=None, arch="vit_small", patch_size=16, random_init=False)
         return net.eval()
     net = build_arch(arch, patch_size)
     if not random_init:
-        for key in ("teacher", "student", "model", "state_dict"):
-            if key in state and isinstance(state[key], dict):
-                state = state[key]
-                break
-        state = {re.sub(r"^(module\.)?(backbone\.)?", "", k): v for k, v in state.items()}
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}  # DINO's projection head
-        net.load_state_dict(state, strict=True)
+        data.load_pretrained(net, ckpt, flag="--ckpt")
     return net.eval()
 
 
@@ -725,7 +718,8 @@ def icl_episode(dataset, by_class, n, k, seed, task_induction=False) -> tuple:
     order, then a query of one of them. Returns (images, texts, the n classes, the query's class)."""
     eligible = sorted(c for c, idx in by_class.items() if len(idx) > k)
     if len(eligible) < n:
-        raise ValueError(f"icl: {n}-way {k}-shot needs {n} classes with > {k} images, have {len(eligible)}")
+        import data
+        raise data.DataError(f"icl: {n}-way {k}-shot needs {n} classes with > {k} images, have {len(eligible)}")
     rng, names = random.Random(seed), dataset.classes
     classes = rng.sample(eligible, n)
     target = rng.choice(classes)
@@ -1029,10 +1023,11 @@ def main(args):
     elif args.bench == "propagate":
         results = propagate(backbone, data.DAVIS(args.data), device, args.output_dir, short_side=args.short_side)
     elif args.bench == "icl":  # the checkpoint's module turns it into a generate(images, texts) -> str
-        state = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-        module = importlib.import_module(state["method"])
+        state = data.load_checkpoint(args.ckpt, flag="--ckpt")
+        module = importlib.import_module(state["method"]) if "method" in state else None
         if not hasattr(module, "build_generator"):
-            raise ValueError(f"--ckpt {args.ckpt}: module {state['method']} has no build_generator(ckpt, device)")
+            raise data.CheckpointError(f"--ckpt {args.ckpt}: holds {data.describe_checkpoint(state)}; icl needs a "
+                                       "checkpoint of a method with a language model (secat.py)")
         dataset = data.ImageFolder(os.path.join(args.data, "val") if os.path.isdir(os.path.join(args.data, "val"))
                                    else args.data)
         results = icl(module.build_generator(state, device), dataset, episodes=args.episodes, seed=args.seed,
@@ -1054,4 +1049,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    import data
+    data.cli(main, get_args)

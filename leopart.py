@@ -89,6 +89,7 @@ def get_args(argv=None):
     p.add_argument("--video-frame-step", type=int, default=30, help="one training frame every N frames of a video")
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"])
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--demo", action="store_true", help="vit_demo, small crops, short schedule, synthetic world")
@@ -363,18 +364,10 @@ class LeopartNet(nn.Module):
 
 def load_pretrained(backbone: nn.Module, path: str):
     """Strict load of DINO weights (plain ViT state dict, or a full checkpoint: its teacher) or of
-    a checkpoint written by a method file of this repo (`backbone.` keys of teacher, else model)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if "method" in state or "teacher" in state or "model" in state:
-        state = state.get("teacher") or state["model"]
-    if any(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    if any(k.startswith("backbone.") for k in state):
-        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    try:
-        backbone.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise RuntimeError(f"--pretrained {path}: does not fit --arch/--patch-size ({str(e)[:300]})") from None
+    a checkpoint written by a method file of this repo (`backbone.` keys of teacher, else model);
+    data.load_pretrained refuses anything else in one line."""
+    import data
+    data.load_pretrained(backbone, path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -627,8 +620,7 @@ def train(args):
     args.amp = data.resolve_amp(args.amp, d.device)
     autocast = data.autocast(d.device, args.amp)
     data.seed_everything(args.seed, d.rank)
-    os.makedirs(args.output_dir, exist_ok=True)
-    log = data.JsonlLogger(os.path.join(args.output_dir, "log.jsonl"), d.is_main)
+    log, ckpt_path, ckpt = data.prepare_output_dir(args.output_dir, args.resume, args.overwrite, d.is_main, METHOD)
 
     backbone = init_backbone(args)  # first, right after seeding: main() rebuilds the same for "before"
     crops = LeopartCrops(args.global_crops_size, args.local_crops_size, args.global_crops_number,
@@ -661,17 +653,13 @@ def train(args):
     momentum_sched = data.cosine_schedule(args.momentum_teacher, 1.0, args.epochs, steps_per_epoch)
 
     start_epoch, step = 0, 0
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    if args.resume:
-        ckpt = data.load_checkpoint(ckpt_path)
+    if ckpt is not None:  # --resume
         model.load_state_dict(ckpt["model"])
         teacher.load_state_dict(ckpt["teacher"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         criterion.queue.copy_(ckpt["queue"][d.rank])
         start_epoch, step = ckpt["epoch"], ckpt["step"]
-        if d.is_main:
-            print(f"resumed from {ckpt_path} at epoch {start_epoch}")
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[d.device] if d.device.type == "cuda" else None) \
         if d.world_size > 1 else model
 
@@ -816,6 +804,7 @@ def main(args):
         train(args)
         return
     before = {}
+    data.check_output_dir(args.output_dir, args.resume, args.overwrite, METHOD)  # refuse before any work
     os.makedirs(args.output_dir, exist_ok=True)
     if args.demo:
         data.seed_everything(args.seed)
@@ -831,4 +820,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    import data
+    data.cli(main, get_args)

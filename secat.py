@@ -104,6 +104,7 @@ def get_args(argv=None):
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"], help="default: bf16 on capable GPUs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pth")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a checkpoint")
     p.add_argument("--log-every", type=int, default=20)
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
@@ -294,7 +295,7 @@ def load_encoder(args) -> nn.Module:
         args.encoder_dim = args.encoder_depth = None
         args.encoder_img_size = 224
         return build_backbone(vars(args))
-    state = data.load_checkpoint(args.encoder)  # weights_only=True; a damaged file names itself
+    state = data.load_checkpoint(args.encoder, flag="--encoder")  # weights_only=True; a damaged file names itself
     weights = state.get("teacher") or state.get("model") or {}
     if "method" in state and "backbone.cls_token" not in weights:  # another method's non-ViT backbone
         import evaluate
@@ -468,7 +469,10 @@ def load_lm(path) -> GPT:
         if not names:
             raise SystemExit(f"--lm {path}: no model.safetensors or pytorch_model.bin in this folder")
         path = os.path.join(path, names[0])
-    hf = read_safetensors(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        hf = read_safetensors(path) if path.endswith(".safetensors") else data.load_checkpoint(path, flag="--lm")
+    except (OSError, ValueError, KeyError) as e:  # a missing, empty or damaged .safetensors
+        raise data.CheckpointError(f"--lm {path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     state = {k: v.float() for k, v in gpt2_to_ours(hf).items()}
     if "wte.weight" not in state:
         raise SystemExit(f"--lm {path}: not a GPT-2-family state dict (no wte.weight); see the README for supported LMs")
@@ -771,12 +775,13 @@ def build_generator(ckpt: dict, device="cpu"):
 # Training. The encoder is frozen, so its features are computed once and cached; a step
 # builds the global batch of episodes, takes this rank's share and updates mapper + LM.
 # ----------------------------------------------------------------------------------------
-def build_model(args, encoder):
-    """(model, tokenizer): a pretrained GPT-2-family LM from --lm (GPT-2's byte tokens), else a
-    GPT of --lm-dim/--lm-layers/--lm-heads from scratch (a 258-id byte vocabulary)."""
+def build_model(args, encoder, lm=None):
+    """(model, tokenizer): a pretrained GPT-2-family LM from --lm (GPT-2's byte tokens; `lm` if
+    already loaded), else a GPT of --lm-dim/--lm-layers/--lm-heads from scratch (258 byte ids)."""
     tok = ByteTokenizer("gpt2" if args.lm else "bytes")
-    lm = load_lm(args.lm) if args.lm else GPT(tok.vocab_size, args.context, args.lm_dim, args.lm_layers, args.lm_heads,
-                                              rope=args.lm_positions == "rope")
+    if lm is None:
+        lm = load_lm(args.lm) if args.lm else GPT(tok.vocab_size, args.context, args.lm_dim, args.lm_layers, args.lm_heads,
+                                                  rope=args.lm_positions == "rope")
     return SeCAt(encoder, VisualMapper(feature_dim(encoder), lm.dim, args.prefix_tokens), lm), tok
 
 
@@ -802,10 +807,8 @@ def train(args):
     args.amp = data.resolve_amp(args.amp, d.device)
     autocast = data.autocast(d.device, args.amp)
     data.seed_everything(args.seed)  # not per rank: the same random encoder / LM init everywhere
-    os.makedirs(args.output_dir, exist_ok=True)
-    log = data.JsonlLogger(os.path.join(args.output_dir, "log.jsonl"), d.is_main)
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    ckpt = data.load_checkpoint(ckpt_path) if args.resume else None
+    log, ckpt_path, ckpt = data.prepare_output_dir(args.output_dir, args.resume, args.overwrite, d.is_main, METHOD)
+    lm = load_lm(args.lm) if args.lm else None  # a wrong --lm fails before the features are extracted
 
     # the frozen encoder and its features of the unlabelled pool (class folders are ignored)
     encoder = load_encoder(args)
@@ -822,7 +825,7 @@ def train(args):
         print(f"{len(pool)} images -> {args.clusters} clusters ({args.cluster_method}; sizes {sizes[0]}..{sizes[-1]}) "
               f"in {time.time() - t0:.1f}s")
 
-    model, tok = build_model(args, encoder)
+    model, tok = build_model(args, encoder, lm)
     model = model.to(d.device)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # mapper + LM
     optimizer = torch.optim.AdamW([{"params": [p for n, p in trainable if p.dim() >= 2], "weight_decay": args.weight_decay},
@@ -836,8 +839,6 @@ def train(args):
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step = ckpt["epoch"], ckpt["step"]
-        if d.is_main:
-            print(f"resumed from {ckpt_path} at epoch {start_epoch}")
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[d.device] if d.device.type == "cuda" else None) \
         if d.world_size > 1 else model
     global_batch = args.batch_size_per_gpu * d.world_size
@@ -952,4 +953,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    data.cli(main, get_args)

@@ -74,6 +74,7 @@ def get_args(argv=None):
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"], help="default: bf16 on capable GPUs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pth")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a checkpoint")
     p.add_argument("--log-every", type=int, default=20, help="steps between JSON log lines")
     args = p.parse_args(argv)
     if args.demo:  # a small conv net on 64-px crops of the synthetic objects, the official CIFAR
@@ -425,8 +426,7 @@ def train(args):
     args.amp = data.resolve_amp(args.amp, d.device)
     autocast = data.autocast(d.device, args.amp)
     data.seed_everything(args.seed, d.rank)
-    os.makedirs(args.output_dir, exist_ok=True)
-    log = data.JsonlLogger(os.path.join(args.output_dir, "log.jsonl"), d.is_main)
+    log, ckpt_path, ckpt = data.prepare_output_dir(args.output_dir, args.resume, args.overwrite, d.is_main, METHOD)
 
     dataset = Indexed(make_dataset(args.data, train_transform(args.image_size, args.crop_scale)))
     if args.num_clusters is None:  # demo: K = 3 x the classes when the folder has them (paper: 3000 for 1000)
@@ -447,15 +447,11 @@ def train(args):
     updates = label_update_steps(args.num_label_updates, args.epochs, steps_per_epoch)
     labels, start_epoch, step = None, 0, 0
 
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    if args.resume:
-        ckpt = data.load_checkpoint(ckpt_path)
+    if ckpt is not None:  # --resume
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         labels, start_epoch, step = ckpt["labels"].to(d.device), ckpt["epoch"], ckpt["step"]
-        if d.is_main:
-            print(f"resumed from {ckpt_path} at epoch {start_epoch}")
     if labels is None:  # start from a random balanced labelling (as the official code)
         g = torch.Generator().manual_seed(args.seed)
         labels = torch.stack([torch.arange(len(dataset))[torch.randperm(len(dataset), generator=g)] % args.num_clusters
@@ -576,4 +572,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    data.cli(main, get_args)

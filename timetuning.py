@@ -99,6 +99,7 @@ def get_args(argv=None):
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"], help="default: bf16 on capable GPUs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pth")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a checkpoint")
     p.add_argument("--log-every", type=int, default=10, help="steps between JSON log lines")
     p.add_argument("--no-eval", action="store_true", help="skip evaluation after training")
     args = p.parse_args(argv)
@@ -119,7 +120,7 @@ def get_args(argv=None):
             args.eval_data = args.eval_data or root
     if args.data is None:
         p.error("--data is required (or --demo to use the synthetic world)")
-    stored = read_pretrained(args.pretrained)[1] if args.pretrained else None
+    stored = data.read_pretrained(args.pretrained)[1] if args.pretrained else None
     if stored and (stored["arch"], stored.get("patch_size", 16)) != (args.arch, args.patch_size):
         args.arch, args.patch_size = stored["arch"], stored.get("patch_size", 16)  # demo chaining
         print(f"--pretrained {args.pretrained}: using its architecture {args.arch}/{args.patch_size}")
@@ -346,32 +347,10 @@ def freeze_backbone(backbone: VisionTransformer, train_blocks: int):
         param.requires_grad = name.startswith("blocks.") and int(name.split(".")[1]) >= first
 
 
-def read_pretrained(path: str):
-    """-> (ViT state_dict, stored args or None). Takes DINO's released weights (plain), a full
-    DINO checkpoint (teacher/student with `module.backbone.` keys) or a repo checkpoint."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    stored_args = None
-    if isinstance(ckpt, dict) and "method" in ckpt:  # one of this repo's method files
-        stored_args = ckpt.get("args")
-        ckpt = ckpt.get("teacher") or ckpt["model"]
-    elif isinstance(ckpt, dict) and "teacher" in ckpt and isinstance(ckpt["teacher"], dict):
-        ckpt = ckpt["teacher"]
-    ckpt = {k.removeprefix("module."): v for k, v in ckpt.items()}
-    if any(k.startswith("backbone.") for k in ckpt):  # a wrapper: keep the ViT, drop heads/prototypes
-        state = {k.removeprefix("backbone."): v for k, v in ckpt.items() if k.startswith("backbone.")}
-    else:  # DINO's released weights: the ViT alone
-        state = {k: v for k, v in ckpt.items() if not k.startswith("head.")}
-    if not state:
-        raise SystemExit(f"--pretrained {path}: no ViT weights found (expected DINO keys or `backbone.` keys)")
-    return state, stored_args
-
-
 def load_pretrained(backbone: VisionTransformer, path: str):
-    state, _ = read_pretrained(path)
-    try:
-        backbone.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise SystemExit(f"--pretrained {path}: does not fit --arch/--patch-size ({str(e).splitlines()[0]})")
+    """Strict: DINO's released weights (plain), a full DINO checkpoint (teacher/student with
+    `module.backbone.` keys) or a repo checkpoint holding a ViT; data.py refuses anything else."""
+    data.load_pretrained(backbone, path)
 
 
 # ----------------------------------------------------------------------------------------
@@ -547,8 +526,7 @@ def train(args):
     args.amp = data.resolve_amp(args.amp, d.device)
     autocast = data.autocast(d.device, args.amp)
     data.seed_everything(args.seed, 0)  # the same initial weights on every rank (teacher included)
-    os.makedirs(args.output_dir, exist_ok=True)
-    log = data.JsonlLogger(os.path.join(args.output_dir, "log.jsonl"), d.is_main)
+    log, ckpt_path, ckpt = data.prepare_output_dir(args.output_dir, args.resume, args.overwrite, d.is_main, METHOD)
 
     student = build_model(args)
     if args.pretrained:
@@ -577,16 +555,12 @@ def train(args):
     momentum_schedule = data.cosine_schedule(args.momentum_teacher, 1.0, args.epochs, steps_per_epoch)
 
     start_epoch, step = 0, 0
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    if args.resume:
-        ckpt = data.load_checkpoint(ckpt_path)
+    if ckpt is not None:  # --resume
         student.load_state_dict(ckpt["model"])
         teacher.load_state_dict(ckpt["teacher"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step = ckpt["epoch"], ckpt["step"]
-        if d.is_main:
-            print(f"resumed from {ckpt_path} at epoch {start_epoch}")
     ddp = nn.parallel.DistributedDataParallel(student, device_ids=[d.device] if d.device.type == "cuda" else None) \
         if d.world_size > 1 else student
 
@@ -672,6 +646,7 @@ def evaluate_backbone(backbone, args, device, tag: str):
 
 def main(args):
     init = None
+    data.check_output_dir(args.output_dir, args.resume, args.overwrite, METHOD)  # refuse before any work
     if args.eval_data and not args.no_eval and int(os.environ.get("RANK", 0)) == 0:
         data.seed_everything(args.seed, 0)  # the same initialisation train() starts from
         model = build_model(args)
@@ -692,4 +667,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    data.cli(main, get_args)

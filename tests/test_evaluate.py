@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
 import evaluate as E  # noqa: E402
 
 torch.set_num_threads(1)
@@ -388,7 +389,7 @@ def test_load_backbone_official_dino_files(tmp_path, reference_vits):
     with pytest.raises(ValueError, match="--arch"):
         E.load_backbone(str(tmp_path / "dino0.pth"), arch="vit_huge", patch_size=8)
     (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="broken.pth"):
+    with pytest.raises(data.CheckpointError, match="broken.pth"):
         E.load_backbone(str(tmp_path / "broken.pth"), arch="vit_demo", patch_size=8)
     assert isinstance(E.load_backbone(arch="pixels", patch_size=8), E.RawPixels)
 
