@@ -41,7 +41,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".3gp")
+VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".3gp", ".mpg", ".mpeg", ".mts", ".m2ts", ".wmv", ".flv")
 
 
 class DataError(ValueError):
@@ -296,7 +296,7 @@ class UnlabelledImages(_SkipUnreadable, Dataset):
         self.transform, self._bad, self.skipped_videos, self._jpegs = transform, set(), [], {}
         listed = _list_images(root, exts=IMAGE_EXTS + VIDEO_EXTS) if os.path.isdir(root) else [root]
         if not all(p.lower().endswith(IMAGE_EXTS + VIDEO_EXTS) for p in listed):
-            raise DataError(f"{root}: is a file but neither an image nor a video ({', '.join(IMAGE_EXTS + VIDEO_EXTS)})")
+            raise DataError(f"{root}: is a file but neither an image nor a video (by its extension)")
         videos = [p for p in listed if p.lower().endswith(VIDEO_EXTS)]
         self.samples = [(p, -1) for p in listed if p.lower().endswith(IMAGE_EXTS)]
         for video in videos:
@@ -959,8 +959,8 @@ def demo_eval_root(eval_data=None, needs=("objects", "voc", "davis"), seed=0) ->
         try:
             checks[part]()
         except DataError as e:
-            raise DataError(f"{root}: not laid out like the synthetic world (objects/{{train,val}}/<class>/, voc/ and "
-                            f"davis/ in the VOC and DAVIS layouts; python data.py synth --out DIR writes one): {e}") from None
+            raise DataError(f"{root}: not laid out like the synthetic world (objects/{{train,val}}/<class>/, voc/, "
+                            f"davis/ as VOC and DAVIS; `python data.py synth --out DIR` writes one): {e}") from None
     return root
 
 
