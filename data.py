@@ -7,10 +7,11 @@ on a laptop with no downloads.
 Sections:
   run plumbing    distributed set-up, AMP, seeding, cosine schedules, atomic checkpoints (one loader
                   for every checkpoint read), the output folder, JSONL logs, the CLI entry point
-  images          load_image / load_mask, ImageFolder, UnlabelledImages, VOCSegmentation, DAVIS
+  images          load_image / load_mask, ImageFolder, UnlabelledImages (also video frames), VOCSegmentation, DAVIS
   videos          probe_video, read_frames (PyAV, seeks near the clip, decode-time resize),
                   find_videos, VideoClips (one item per clip start; DDP/worker safe)
-  synthetic world SyntheticWorld (in memory), synth_world / ensure_synth (writes the layouts)
+  synthetic world SyntheticWorld (in memory), synth_world / ensure_synth (writes the layouts),
+                  demo_eval_root (where a --demo evaluates: the world, or a folder laid out like it)
   command line    python data.py synth --out runs/synth [--seed 0]
                   python data.py inspect PATH [--bench] [--sheet sheet.png]
 
@@ -24,6 +25,7 @@ import argparse
 import bisect
 import contextlib
 import functools
+import io
 import json
 import math
 import os
@@ -43,7 +45,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".mov", ".avi")
+VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".3gp", ".mpg", ".mpeg", ".mts", ".m2ts", ".wmv", ".flv")
 
 
 class DataError(ValueError):
@@ -343,9 +345,16 @@ class JsonlLogger:
 
 # ===================================================================================== images
 def _need(path, what="path") -> str:
-    path = str(path)
+    path = parent = str(path)
     if not os.path.exists(path):
-        raise DataError(f"{path}: no such {what}")
+        while parent and not os.path.exists(parent):  # x.mp4/train: a file given where a folder is expected
+            parent = os.path.dirname(parent)
+        raise DataError(f"{parent}: is a file, not a folder (looking for {path})" if os.path.isfile(parent)
+                        else f"{path}: no such {what}")
+    if what.endswith("folder") and not os.path.isdir(path):
+        raise DataError(f"{path}: is a file, not a {what}")
+    if what in ("image", "mask", "split file") and os.path.isdir(path):
+        raise DataError(f"{path}: is a folder, not a{'n' if what == 'image' else ''} {what}")
     return path
 
 
@@ -420,11 +429,11 @@ def save_mask(path, mask) -> None:
     img.save(path)
 
 
-def _list_images(folder, recursive=True) -> list[str]:
+def _list_images(folder, recursive=True, exts=IMAGE_EXTS) -> list[str]:
     found = []
     for parent, dirs, files in os.walk(folder):
         dirs.sort()
-        found += [os.path.join(parent, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTS)]
+        found += [os.path.join(parent, f) for f in sorted(files) if f.lower().endswith(exts)]
         if not recursive:
             break
     return found
@@ -451,19 +460,46 @@ class _SkipUnreadable:
 
 
 class UnlabelledImages(_SkipUnreadable, Dataset):
-    """Every image under root (recursive); item = (transform(uint8 (3,H,W)), -1)."""
+    """Every image under root (recursive), then every `frame_step`-th frame of every video there (or
+    root itself: an image or a video file), so that a phone video serves as a folder of images.
+    item = (transform(uint8 (3,H,W)), -1). Unreadable videos among several are skipped with a warning."""
 
-    def __init__(self, root, transform=None):
-        self.root, self.transform, self._bad = _need(root, "folder"), transform, set()
-        self.samples = [(p, -1) for p in (_list_images(root) if os.path.isdir(root) else [root])]
+    def __init__(self, root, transform=None, frame_step=1):
+        root = self.root = _need(root, "image folder or video")
+        self.transform, self._bad, self.skipped_videos, self._jpegs = transform, set(), [], {}
+        listed = _list_images(root, exts=IMAGE_EXTS + VIDEO_EXTS) if os.path.isdir(root) else [root]
+        if not all(p.lower().endswith(IMAGE_EXTS + VIDEO_EXTS) for p in listed):
+            raise DataError(f"{root}: is a file but neither an image nor a video (by its extension)")
+        videos = [p for p in listed if p.lower().endswith(VIDEO_EXTS)]
+        self.samples = [(p, -1) for p in listed if p.lower().endswith(IMAGE_EXTS)]
+        for video in videos:
+            try:
+                frames = video_frames_as_jpeg(video, frame_step)
+            except DataError as e:
+                if videos == [root]:
+                    raise
+                warnings.warn(f"skipping {e}")
+                self.skipped_videos.append(str(e))
+                continue
+            for t, jpeg in frames:
+                self._jpegs[len(self.samples)] = jpeg
+                self.samples.append((f"{video} frame {t}", -1))
         if not self.samples:
-            raise DataError(f"{root}: no images ({', '.join(IMAGE_EXTS)}) found")
+            first = f"; first problem: {self.skipped_videos[0]}" if self.skipped_videos else ""
+            raise DataError(f"{root}: no images ({', '.join(IMAGE_EXTS)}) or readable videos "
+                            f"({', '.join(VIDEO_EXTS)}) found{first}")
 
     def __len__(self):
         return len(self.samples)
 
+    def _load(self, j):
+        if j in self._jpegs:
+            with Image.open(io.BytesIO(self._jpegs[j])) as img:
+                return torch.from_numpy(np.ascontiguousarray(np.asarray(img.convert("RGB")).transpose(2, 0, 1)))
+        return load_image(self.samples[j][0])
+
     def __getitem__(self, i):
-        img = self._robust(i, lambda j: load_image(self.samples[j][0]))
+        img = self._robust(i, self._load)
         return (self.transform(img) if self.transform else img), -1
 
 
@@ -686,6 +722,9 @@ def find_videos(root) -> list[str]:
     """A video file, a frame folder, or a folder holding either (searched recursively), sorted."""
     root = _need(root, "video path")
     if os.path.isfile(root):
+        if not root.lower().endswith(VIDEO_EXTS):
+            raise DataError(f"{root}: is a file but not a video ({', '.join(VIDEO_EXTS)}); "
+                            "expected a video file, a frame folder or a folder of either")
         return [root]
     found = []
     for parent, dirs, files in os.walk(root):
@@ -697,6 +736,39 @@ def find_videos(root) -> list[str]:
     if not found:
         raise DataError(f"{root}: no videos ({', '.join(VIDEO_EXTS)}) or frame folders found")
     return found
+
+
+VIDEO_FRAME_SHORT_SIDE = 256  # frames used as images: the short side ImageNet pipelines resize to before a 224 crop
+VIDEO_FRAMES_MAX = 10000  # per video, about 250 MB of JPEGs in memory; longer videos give one frame every few
+
+
+@functools.lru_cache(maxsize=8)  # a method builds its image set more than once (training, evaluation, pictures)
+def video_frames_as_jpeg(path, step=1, short_side=VIDEO_FRAME_SHORT_SIDE) -> tuple[tuple[int, bytes], ...]:
+    """Every step-th frame of a video file (at most VIDEO_FRAMES_MAX) as (frame index, JPEG bytes),
+    decoded once front to back and resized at decode time (never enlarged); cached by path."""
+    info = probe_video(path)  # names a corrupt file or one with no video stream
+    height, width = _resized_size(info.height, info.width, min(short_side, info.height, info.width))
+    if info.num_frames > VIDEO_FRAMES_MAX * step:
+        step = math.ceil(info.num_frames / VIDEO_FRAMES_MAX)
+        warnings.warn(f"{path}: {info.num_frames} frames; one every {step} used as an image (at most {VIDEO_FRAMES_MAX})")
+    frames, t = [], -1
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for t, frame in enumerate(container.decode(stream)):
+                if t % step == 0:
+                    buffer = io.BytesIO()
+                    Image.fromarray(frame.to_ndarray(format="rgb24", width=width, height=height)).save(
+                        buffer, "JPEG", quality=90)
+                    frames.append((t, buffer.getvalue()))
+    except av.FFmpegError as e:
+        if not frames:
+            raise Unreadable(f"{path}: corrupt video ({e})") from None
+        warnings.warn(f"{path}: corrupt after frame {t}, using the {len(frames)} frames before ({e})")
+    if not frames:
+        raise Unreadable(f"{path}: video has zero frames")
+    return tuple(frames)
 
 
 class VideoClips(_SkipUnreadable, Dataset):
@@ -1064,6 +1136,28 @@ def ensure_synth(root="runs/synth", seed=0) -> str:
         torch.distributed.barrier()
     while not writer and not _current_world(root, seed):  # torchrun, process group not yet up
         time.sleep(0.5)
+    return root
+
+
+BENCH_PART = {"knn": "objects", "linear": "objects", "seg-linear": "voc", "seg-cluster": "voc", "propagate": "davis"}
+
+
+def demo_eval_root(eval_data=None, needs=("objects", "voc", "davis"), seed=0) -> str:
+    """Where a method's --demo evaluates: the built-in synthetic world (runs/synth, written on first
+    use), or eval_data after checking that it holds the parts `needs` names (objects, voc, davis, or
+    benchmarks of evaluate.run_suite) as the synthetic world lays them out. Never the training data's parent."""
+    if eval_data is None:
+        return ensure_synth("runs/synth", seed=seed)
+    root = _need(eval_data, "folder")
+    checks = {"objects": lambda: [ImageFolder(os.path.join(root, "objects", s)) for s in ("train", "val")],
+              "voc": lambda: [VOCSegmentation(os.path.join(root, "voc"), s) for s in ("train", "val")],
+              "davis": lambda: DAVIS(os.path.join(root, "davis"), "val")}
+    for part in dict.fromkeys(BENCH_PART.get(n, n) for n in needs):
+        try:
+            checks[part]()
+        except DataError as e:
+            raise DataError(f"{root}: not laid out like the synthetic world (objects/{{train,val}}/<class>/, voc/, "
+                            f"davis/ as VOC and DAVIS; `python data.py synth --out DIR` writes one): {e}") from None
     return root
 
 

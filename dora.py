@@ -61,6 +61,7 @@ def get_args(argv=None):
     p.add_argument("--data", nargs="+", default=None, help="video files (mp4 ...), frame folders, or folders of them")
     p.add_argument("--output-dir", default="runs/dora")
     p.add_argument("--demo", action="store_true", help="tiny ViT and short schedule on the synthetic world (CPU, minutes)")
+    p.add_argument("--eval-data", default=None, help="--demo: evaluate on this root laid out like the synthetic world")
     p.add_argument("--pretrained", default=None, help="start from DINO weights (backbone or full checkpoint)")
     # model
     p.add_argument("--arch", default="vit_small", choices=["vit_demo", "vit_tiny", "vit_small", "vit_base"])
@@ -120,8 +121,8 @@ def get_args(argv=None):
         for k, v in demo.items():  # explicit flags win over the demo's settings
             if "--" + k.replace("_", "-") not in given:
                 setattr(args, k, v)
-        if args.data is None:
-            args.data = [os.path.join(data.ensure_synth("runs/synth", seed=0), "videos")]
+        args.eval_data = data.demo_eval_root(args.eval_data, ["knn", "seg-cluster", "propagate"])  # default: synthetic
+        args.data = args.data or [os.path.join(data.ensure_synth("runs/synth", seed=0), "videos")]
     if args.data is None:
         p.error("--data is required (a video, a frame folder, or a folder of them), or --demo")
     return args
@@ -722,8 +723,7 @@ def main(args):
           f"without Sinkhorn-Knopp {np.mean([o[0] for o in overlaps]):.3f}, with {np.mean([o[1] for o in overlaps]):.3f}")
     if not args.demo:
         return
-    import evaluate  # k-NN, seg-cluster and label propagation on the synthetic world, before and after
-    root = os.path.dirname(os.path.normpath(args.data[0]))
+    import evaluate  # k-NN, seg-cluster and label propagation on the synthetic world (or --eval-data), before and after
     torch.manual_seed(args.seed)  # the student's own initialisation, rebuilt
     init = build_backbone(vars(args))
     if args.pretrained:
@@ -732,10 +732,11 @@ def main(args):
     results = {}
     for name, net in (("init", init), ("dora", teacher)):
         print(f"--- {name} ---")
-        res = evaluate.run_suite(net, root, ["knn", "seg-cluster", "propagate"], device, image_size=args.image_size)
+        res = evaluate.run_suite(net, args.eval_data, ["knn", "seg-cluster", "propagate"], device, image_size=args.image_size)
         results.update({f"{name}/{k}": v for k, v in res.items()})
+    print(f"trained on {' '.join(args.data)}, evaluated on {args.eval_data}")
     print("\n".join(f"{k:>32s}  {v:.4f}" for k, v in results.items()))
-    print(__import__("json").dumps(results))
+    print(__import__("json").dumps({**results, "train_data": args.data, "eval_data": args.eval_data}))
 
 
 if __name__ == "__main__":

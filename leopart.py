@@ -47,7 +47,8 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def get_args(argv=None):
     p = argparse.ArgumentParser("Leopart", description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=None, help="image folder (recursive) or videos / frame folders")
+    p.add_argument("--data", default=None, help="VOC-layout root (train split), image folder (recursive), or a "
+                   "video or folder of videos (one frame every --video-frame-step as an image)")
     p.add_argument("--output-dir", default="runs/leopart")
     p.add_argument("--arch", default="vit_small", choices=["vit_demo", "vit_tiny", "vit_small", "vit_base"])
     p.add_argument("--patch-size", type=int, default=16)
@@ -82,7 +83,8 @@ def get_args(argv=None):
     p.add_argument("--loss-mask", default="fg", choices=["fg", "all", "bg"])
     p.add_argument("--fg-mass", type=float, default=0.6, help="share of [CLS]-attention mass kept as foreground")
     p.add_argument("--blur-sigma", type=float, default=0.6)
-    p.add_argument("--eval-data", default=None, help="VOC-layout root: fully unsupervised segmentation + pictures after training")
+    p.add_argument("--eval-data", default=None, help="VOC-layout root: fully unsupervised segmentation + pictures after "
+                   "training (--demo: a root laid out like the synthetic world, with voc/; default: the synthetic world)")
     p.add_argument("--eval-size", type=int, default=448, help="validation image size (paper: 448)")
     p.add_argument("--k-fg", type=int, default=200, help="clusters for cluster-based foreground extraction")
     p.add_argument("--k-community", type=int, default=149, help="foreground clusters merged by community detection")
@@ -109,10 +111,10 @@ def get_args(argv=None):
         for k, v in d.items():
             if "--" + k.replace("_", "-") not in given:
                 setattr(args, k, v)
-        if args.data is None:
-            import data
-            args.synth_root = data.ensure_synth("runs/synth", seed=0)
-            args.data = args.eval_data = os.path.join(args.synth_root, "voc")  # trains on its train split
+        import data
+        args.synth_root = data.demo_eval_root(args.eval_data, ["seg-cluster", "seg-linear"])  # or --eval-data, checked
+        args.eval_data = os.path.join(args.synth_root, "voc")
+        args.data = args.data or os.path.join(data.ensure_synth("runs/synth", seed=0), "voc")  # its train split
     if args.data is None:
         p.error("--data is required (or --demo for the synthetic world)")
     return args
@@ -591,25 +593,22 @@ def param_groups(model: LeopartNet, args):
 
 class TrainImages(torch.utils.data.Dataset):
     """Training images -> (crops, boxes) from LeopartCrops: a VOC-layout root (its train split; masks
-    unused), any image folder (recursive), or else frames of its videos (one every `frame_step`)."""
+    unused), or data.UnlabelledImages: images (recursive) and the frames of videos (one every `frame_step`)."""
 
     def __init__(self, root, transform, frame_step=30):
         import data
         self.transform, self.kind = transform, "images"
         if os.path.exists(os.path.join(root, "ImageSets", "Segmentation", "train.txt")):
             self.items, self.kind = data.VOCSegmentation(root, "train"), "voc"
-        else:
-            try:
-                self.items = data.UnlabelledImages(root)
-            except data.DataError:
-                self.items, self.kind = data.VideoClips(root, num_frames=1, step_between_clips=frame_step), "video"
+        else:  # images, and video frames as images
+            self.items = data.UnlabelledImages(root, frame_step=frame_step)
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, i):
         item = self.items[i]
-        return self.transform(item if self.kind == "video" else item[0])
+        return self.transform(item[0])
 
 
 def train(args):
@@ -812,11 +811,13 @@ def main(args):
     _, teacher = train(args)
     after = evaluate_backbone(teacher.backbone, args, "after", pictures=True)
     start = "--pretrained " + args.pretrained if args.pretrained else "random initialisation (from scratch)"
-    print(f"\nLeopart {args.arch}/{args.patch_size}, {args.epochs} epochs, started from {start}")
+    print(f"\nLeopart {args.arch}/{args.patch_size}, {args.epochs} epochs, started from {start}, trained on "
+          f"{args.data}, evaluated on {args.synth_root or args.eval_data}")
     print(f"{'metric':>28s} {'before':>8s} {'after':>8s}")
     for k, v in after.items():
         print(f"{k:>28s} {before.get(k, float('nan')):8.4f} {v:8.4f}")
-    print(__import__("json").dumps({"before": before, "after": after}))
+    print(__import__("json").dumps({"before": before, "after": after, "train_data": args.data,
+                                    "eval_data": args.synth_root or args.eval_data}))
 
 
 if __name__ == "__main__":

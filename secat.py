@@ -60,8 +60,10 @@ METHOD = "secat"
 # ----------------------------------------------------------------------------------------
 def get_args(argv=None):
     p = argparse.ArgumentParser("SeCAt: self-context adaptation")
-    p.add_argument("--data", default=None, help="folder of unlabelled images (class folders, if any, are ignored)")
-    p.add_argument("--eval-data", default=None, help="ImageFolder with real class names for the icl benchmark")
+    p.add_argument("--data", default=None, help="folder of unlabelled images (class folders, if any, are ignored), "
+                   "or a video or folder of videos (their frames as images)")
+    p.add_argument("--eval-data", default=None, help="ImageFolder with real class names for the icl benchmark (--demo: "
+                   "a root laid out like the synthetic world, whose objects/val is used; default: the synthetic world)")
     p.add_argument("--output-dir", default="runs/secat")
     p.add_argument("--demo", action="store_true", help="tiny LM, short schedule, synthetic world (CPU, minutes)")
     p.add_argument("--encoder", default=None, help="frozen image encoder: official DINO weights or a repo checkpoint; "
@@ -119,10 +121,8 @@ def get_args(argv=None):
         for k, v in demo.items():  # explicit flags win over the demo's settings
             if "--" + k.replace("_", "-") not in given:
                 setattr(args, k, v)
-        if args.data is None:
-            root = data.ensure_synth("runs/synth", seed=0)
-            args.data = os.path.join(root, "objects", "train")
-            args.eval_data = args.eval_data or os.path.join(root, "objects", "val")
+        args.eval_data = os.path.join(data.demo_eval_root(args.eval_data, ["objects"]), "objects", "val")
+        args.data = args.data or os.path.join(data.ensure_synth("runs/synth", seed=0), "objects", "train")
     if args.data is None:
         p.error("--data is required (or --demo to use the synthetic world)")
     args.vocabulary = name_vocabulary(args.pseudo_names, args.eval_data)
@@ -945,11 +945,13 @@ def main(args):
                                          os.path.join(args.output_dir, "episode.png"), seed=args.seed)
     print(f"icl on {args.eval_data} ({args.eval_episodes} episodes each, {time.time() - t0:.0f}s); "
           f"picture: {args.output_dir}/episode.png (answer {answer!r}, truth {truth!r})")
+    results.update(train_data=args.data, eval_data=args.eval_data)  # selfcontext on the pool, the rest on eval_data
     evaluate.print_table(results, "accuracy in %: selfcontext = held-out pool episodes; features = nearest-neighbour "
                          "ceiling of the frozen encoder; real/pseudo = evaluate.icl with real / nonsense class names "
                          "(_in_context: the answer is one of the episode's names)")
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -49,8 +49,10 @@ METHOD = "sinkhorn"
 # ----------------------------------------------------------------------------------------
 def get_args(argv=None):
     p = argparse.ArgumentParser("SeLa: self-labelling with Sinkhorn-Knopp", add_help=True)
-    p.add_argument("--data", default=None, help="image folder (ImageFolder with train/, or any folder of images)")
-    p.add_argument("--eval-data", default=None, help="ImageFolder with train/ and val/ for k-NN/linear after training")
+    p.add_argument("--data", default=None, help="image folder (ImageFolder with train/, or any folder of images), "
+                   "or a video or folder of videos (their frames as images)")
+    p.add_argument("--eval-data", default=None, help="ImageFolder with train/ and val/ for k-NN/linear after training "
+                   "(--demo: a root laid out like the synthetic world, with objects/; default: the synthetic world)")
     p.add_argument("--output-dir", default="runs/sinkhorn")
     p.add_argument("--demo", action="store_true", help="small ViT and short schedule on the synthetic world (CPU, minutes)")
     p.add_argument("--arch", default="alexnet", choices=["alexnet", "resnet18", "resnet50", "convnet_demo", "vit_demo", "vit_small", "vit_base"])
@@ -88,10 +90,8 @@ def get_args(argv=None):
         for k, v in demo.items():  # explicit flags win over the demo's settings
             if "--" + k.replace("_", "-") not in given:
                 setattr(args, k, v)
-        if args.data is None:
-            root = data.ensure_synth("runs/synth", seed=0)
-            args.data = os.path.join(root, "objects", "train")
-            args.eval_data = args.eval_data or os.path.join(root, "objects")
+        args.eval_data = os.path.join(data.demo_eval_root(args.eval_data, ["knn", "linear"]), "objects")
+        args.data = args.data or os.path.join(data.ensure_synth("runs/synth", seed=0), "objects", "train")
     args.optimizer = args.optimizer or ("adamw" if args.arch.startswith("vit") else "sgd")
     args.lr = args.lr if args.lr is not None else (0.05 if args.optimizer == "sgd" else 5e-4)
     if args.data is None:
@@ -567,8 +567,9 @@ def main(args):
                                                image_size=args.image_size, epochs=30 if args.demo else 100))
         results.update({f"{name}/{k}": v for k, v in res.items()})
     save_cluster_grid(model, args.data, args.image_size, os.path.join(args.output_dir, "clusters.png"))
-    evaluate.print_table(results, title=f"SeLa ({args.arch}) vs. the same network at initialisation")
-    print(json.dumps(results))
+    evaluate.print_table(results, title=f"SeLa ({args.arch}) vs. the same network at initialisation; clusters (nmi, acc) "
+                         f"on --data {args.data} if it has classes, k-NN and linear probe on {args.eval_data}")
+    print(json.dumps({**results, "train_data": args.data, "eval_data": args.eval_data}))
 
 
 if __name__ == "__main__":

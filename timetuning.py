@@ -93,7 +93,8 @@ def get_args(argv=None):
     p.add_argument("--context-frames", type=int, default=7, help="Feature-Forwarder: previous frames kept besides the first")
     p.add_argument("--prop-temperature", type=float, default=0.1, help="Feature-Forwarder: affinity temperature")
     p.add_argument("--eval-size", type=int, default=None, help="short side of frames for evaluation (default: --image-size)")
-    p.add_argument("--eval-data", default=None, help="synthetic-world-style root (davis/, voc/) to evaluate on after training")
+    p.add_argument("--eval-data", default=None, help="synthetic-world-style root (davis/, voc/) to evaluate on after "
+                   "training (--demo: default the synthetic world)")
     p.add_argument("--eval-benches", nargs="*", default=["propagate", "seg-cluster", "seg-linear"],
                    help="evaluate.run_suite benchmarks after the video k-means")
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"], help="default: bf16 on capable GPUs")
@@ -114,10 +115,9 @@ def get_args(argv=None):
         for k, v in demo.items():  # explicit flags win over the demo's settings
             if "--" + k.replace("_", "-") not in given:
                 setattr(args, k, v)
-        if args.data is None:
-            root = data.ensure_synth("runs/synth", seed=0)
-            args.data = os.path.join(root, "videos")
-            args.eval_data = args.eval_data or root
+        if not args.no_eval:  # the synthetic world, or --eval-data after checking its layout
+            args.eval_data = data.demo_eval_root(args.eval_data, ["davis", *args.eval_benches])
+        args.data = args.data or os.path.join(data.ensure_synth("runs/synth", seed=0), "videos")
     if args.data is None:
         p.error("--data is required (or --demo to use the synthetic world)")
     stored = data.read_pretrained(args.pretrained)[1] if args.pretrained else None
@@ -659,11 +659,13 @@ def main(args):
         return
     after = evaluate_backbone(teacher.backbone, args, d.device, "")
     start = f"--pretrained {args.pretrained}" if args.pretrained else "random init (scratch)"
-    print(f"\n{'benchmark':<34s}{'init':>10s}{'timet':>10s}   (init = {start})")
+    print(f"\n{'benchmark':<34s}{'init':>10s}{'timet':>10s}   (init = {start}; trained on {args.data}, "
+          f"evaluated on {args.eval_data})")
     for key in after:
         print(f"{key:<34s}{init.get(key, float('nan')):>10.4f}{after[key]:>10.4f}")
-    data.JsonlLogger(os.path.join(args.output_dir, "log.jsonl"), True).log(
-        {"eval": "final", "init": init, "timet": after, "start": start})
+    record = {"eval": "final", "init": init, "timet": after, "start": start, "train_data": args.data, "eval_data": args.eval_data}
+    data.JsonlLogger(os.path.join(args.output_dir, "log.jsonl"), True).log(record)
+    print(__import__("json").dumps(record))
 
 
 if __name__ == "__main__":

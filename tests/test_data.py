@@ -137,6 +137,22 @@ def test_every_image_mode_comes_out_rgb_uint8(tmp_path):
     assert data.load_mask(tmp_path / "m.png").tolist() == [[0, 3], [255, 1]]
 
 
+def test_a_video_serves_as_images_one_frame_every_step(tmp_path):
+    # frame t is flat grey 20 t: a phone video given to an image method is its frames, not one "image"
+    frames = np.stack([np.full((32, 48, 3), 20 * t, np.uint8) for t in range(10)])
+    write_mp4(tmp_path / "walk.mp4", frames)
+    images = data.UnlabelledImages(tmp_path / "walk.mp4")
+    assert len(images) == 10 and images[0][0].shape == (3, 32, 48) and images[4][1] == -1
+    assert [round(images[i][0].float().mean().item() / 20) for i in range(10)] == list(range(10))
+    every_third = data.UnlabelledImages(tmp_path / "walk.mp4", frame_step=3)
+    assert [round(every_third[i][0].float().mean().item() / 20) for i in range(4)] == [0, 3, 6, 9]
+    Image.fromarray(np.full((8, 8, 3), 250, np.uint8)).save(tmp_path / "photo.png")
+    (tmp_path / "broken.mp4").write_bytes(os.urandom(3000))
+    with pytest.warns(UserWarning, match="broken.mp4"):  # in a folder: images first, then frames; bad videos skipped
+        mixed = data.UnlabelledImages(tmp_path, frame_step=5)
+    assert len(mixed) == 3 and mixed[0][0].shape == (3, 8, 8) and len(mixed.skipped_videos) == 1
+
+
 # ----------------------------------------------------------------------------- synthetic world
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
@@ -225,6 +241,24 @@ def test_ensure_synth_other_ranks_wait_for_the_writer(tmp_path, monkeypatch):
     assert data._current_world(str(root), 0) and sorted(os.listdir(tmp_path)) == ["synth"]
 
 
+def test_demo_eval_root_is_the_synthetic_world_or_a_checked_folder(tmp_path, monkeypatch):
+    real = data.synth_world
+    monkeypatch.setattr(data, "synth_world", lambda out, seed: real(out, seed, num_videos=1, num_frames=8,
+                                                                     num_images=(2, 1), crops_per_class=(1, 1)))
+    monkeypatch.chdir(tmp_path)
+    assert data.demo_eval_root() == os.path.join("runs", "synth")  # written on first use, beside no user data
+    assert data._current_world("runs/synth", 0)
+    assert data.demo_eval_root("runs/synth", ["knn", "seg-cluster", "propagate"]) == "runs/synth"
+    os.makedirs("mine/objects")
+    for needs, missing in ((["objects"], "objects/{train,val}"), (["seg-linear"], "voc/"), (["propagate"], "davis/")):
+        with pytest.raises(data.DataError) as e:
+            data.demo_eval_root("mine", needs)
+        assert missing in one_line_error(e, "mine")
+    write_mp4(tmp_path / "walk.mp4", moving_square_frames(4))
+    with pytest.raises(data.DataError, match="walk.mp4: is a file, not a folder"):
+        data.demo_eval_root(str(tmp_path / "walk.mp4"))
+
+
 def test_classes_are_not_separable_by_colour():
     # mean colour of each object region -> nearest class centroid: should be near chance (1/6)
     generator = data.SyntheticWorld(0)
@@ -294,6 +328,23 @@ def test_corrupt_zero_frame_and_too_short_videos(tmp_path):
     with pytest.warns(UserWarning, match="corrupt"):  # among several, bad videos are skipped and counted
         clips = data.VideoClips(tmp_path, num_frames=8)
     assert clips.videos == [str(tmp_path / "good.mp4")] and len(clips.skipped_videos) == 3
+
+
+def test_a_file_where_a_folder_is_expected_and_the_reverse_are_named(tmp_path):
+    write_mp4(tmp_path / "walk.mp4", moving_square_frames(4))
+    (tmp_path / "notes.txt").write_text("not data")
+    (tmp_path / "corrupt.mp4").write_bytes(os.urandom(3000))
+    cases = [(lambda: data.ImageFolder(tmp_path / "walk.mp4"), "walk.mp4", "is a file, not a folder"),
+             (lambda: data.VOCSegmentation(tmp_path / "walk.mp4" / "voc"), "walk.mp4", "is a file, not a folder"),
+             (lambda: data.load_image(tmp_path), tmp_path, "is a folder, not an image"),
+             (lambda: data.UnlabelledImages(tmp_path / "notes.txt"), "notes.txt", "neither an image nor a video"),
+             (lambda: data.find_videos(tmp_path / "notes.txt"), "notes.txt", "is a file but not a video"),
+             (lambda: data.UnlabelledImages(tmp_path / "corrupt.mp4"), "corrupt.mp4", "corrupt")]
+    for make, path, what in cases:
+        with pytest.raises(data.DataError) as e:
+            make()
+        message = one_line_error(e, tmp_path / path if isinstance(path, str) else path)
+        assert what in message, message
 
 
 def test_unreadable_images_are_skipped_and_counted_until_none_is_left(tmp_path):
