@@ -737,45 +737,6 @@ def train_step(student, teacher, criterion, optimizer, scaler, autocast, crops, 
 # ---------------------------------------------------------------------------------------
 # Evaluation and pictures
 # ---------------------------------------------------------------------------------------
-def load_segmentation(root, split, size):
-    """VOC-layout split -> images (N, 3, size, size) normalised, masks (N, size, size) int64 (255 = ignore)."""
-    import data
-    ds = data.VOCSegmentation(root, split)
-    images, masks = [], []
-    for i in range(len(ds)):
-        img, mask = ds[i]
-        images.append(TF.normalize(TF.resize(img, [size, size], antialias=True).float() / 255, IMAGENET_MEAN, IMAGENET_STD))
-        masks.append(TF.resize(mask[None], [size, size], interpolation=T.InterpolationMode.NEAREST)[0])
-    return torch.stack(images), torch.stack(masks), ds.num_classes
-
-
-def palette_image(ids, palette):  # (H, W) int -> uint8 (H, W, 3)
-    return palette[ids.clamp(0, len(palette) - 1).numpy()]
-
-
-@torch.no_grad()
-def save_cluster_maps(backbone, images, masks, unsup_maps, num_classes, kmeans, path, rows=8):
-    """Picture: per validation image, the image, k-means clusters of its patch tokens (K = number of
-    classes, fitted on all shown images), the fully unsupervised segmentation, the ground truth."""
-    from PIL import Image
-    import data
-    import evaluate
-    palette = np.array(data.voc_palette(), dtype=np.uint8).reshape(-1, 3)
-    images, masks, unsup_maps = images[:rows], masks[:rows], unsup_maps[:rows]
-    tokens, _ = evaluate.dense_features(backbone, images)
-    N, h, w, D = tokens.shape
-    clusters = kmeans(F.normalize(tokens.reshape(-1, D), dim=1), num_classes, 0).reshape(N, 1, h, w)
-    S = images.shape[-1]
-    clusters = F.interpolate(clusters.float(), size=(S, S), mode="nearest")[:, 0].long()
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    tiles = []
-    for i in range(N):
-        rgb = ((images[i] * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-        tiles.append(np.concatenate([rgb, palette_image(clusters[i] + 1, palette), palette_image(unsup_maps[i], palette),
-                                     palette_image(masks[i], palette)], axis=1))
-    Image.fromarray(np.concatenate(tiles, axis=0)).save(path)
-
-
 def evaluate_backbone(backbone, args, tag, pictures=False):
     """Demo/after-training evaluation: evaluate.run_suite's dense benchmarks (seg-cluster, seg-linear) on
     the synthetic world, and the paper's fully unsupervised segmentation (evaluate.py's, with this
@@ -788,17 +749,11 @@ def evaluate_backbone(backbone, args, tag, pictures=False):
         results.update(evaluate.run_suite(backbone, args.synth_root, ["seg-cluster", "seg-linear"], device,
                                           image_size=args.eval_size))
     if args.eval_data:
-        train_x, train_y, num_classes = load_segmentation(args.eval_data, "train", args.eval_size)
-        val_x, val_y, _ = load_segmentation(args.eval_data, "val", args.eval_size)
-        kmeans = lambda x, k, seed: evaluate.kmeans(x, k, seed=seed)[0]  # noqa: E731
         noisy_fg = lambda attn: foreground_mask(attn, 0.65, 0.6)  # noqa: E731  (the official CBFE's mass)
-        maps, scores = evaluate.unsupervised_segmentation(backbone, train_x, val_x, num_classes, noisy_fg, train_y,
-                                                          val_y, args.k_fg, args.k_community, seed=args.seed)
+        picture = os.path.join(args.output_dir, f"cluster_maps_{tag}.png") if pictures else None
+        scores = evaluate.unsupervised_segmentation_voc(backbone, args.eval_data, args.eval_size, noisy_fg, args.k_fg,
+                                                        args.k_community, args.seed, picture, f"Leopart, {tag} training")
         results.update({f"unsup/{k}": v for k, v in scores.items()})
-        if pictures:
-            path = os.path.join(args.output_dir, f"cluster_maps_{tag}.png")
-            save_cluster_maps(backbone, val_x, val_y, maps, num_classes, kmeans, path)
-            print(f"wrote {path}")
     return results
 
 
