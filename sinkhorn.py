@@ -552,7 +552,7 @@ def save_cluster_grid(model, root, size, path, clusters=8, per_cluster=8):
         members = members[torch.randperm(len(members), generator=torch.Generator().manual_seed(0))]
         rows.append([raw[i][0] for i in members[:per_cluster].tolist()])
     data.labelled_grid(rows, path, f"SeLa: the {len(top)} largest clusters of head 0 (rows), up to {per_cluster} "
-                       "random images of each (columns)", [f"cluster {k}\n{counts[k]} images" for k in top.tolist()])
+                       "random images of each (columns)", [f"cluster {k}\n{counts[k]} image{'s' * (counts[k] != 1)}" for k in top.tolist()])
 
 
 def main(args):

@@ -164,6 +164,22 @@ def test_resume_refuses_a_damaged_checkpoint(tmp_path):
     assert (out / "checkpoint.pth").read_bytes() == b"not a checkpoint"
 
 
+def test_cluster_grid_names_the_largest_clusters(tmp_path, monkeypatch):
+    from sinkhorn import data
+    calls, real = [], data.labelled_grid
+    monkeypatch.setattr(data, "labelled_grid", lambda rows, *a: calls.append((rows, a)) or real(rows, *a))
+    root = _tiny_folder(str(tmp_path / "imgs"))
+    args = _args(tmp_path, root)
+    torch.manual_seed(0)
+    model = sinkhorn.SeLaNet(sinkhorn.build_backbone(vars(args)), args.num_heads, args.num_clusters)
+    sinkhorn.save_cluster_grid(model, root, 24, str(tmp_path / "clusters.png"), clusters=3, per_cluster=4)
+    (rows, (path, title, names)), = calls
+    counts = [int(n.split("\n")[1].split()[0]) for n in names]  # "cluster k\nN images", largest first
+    assert len(rows) == 3 and sum(counts) == 24 and counts == sorted(counts, reverse=True)
+    assert [len(r) for r in rows] == [min(c, 4) for c in counts] and all(t.shape == (3, 24, 24) for r in rows for t in r)
+    assert "largest clusters" in title and Image.open(path).size[0] > 4 * 24
+
+
 # ---------------------------------------------------------------- learning (about 2 CPU-minutes)
 def test_demo_clusters_beat_random_init_on_nmi(tmp_path):
     # the demo's settings (conv net, 3 heads x K = 18, λ 10), shortened: 32 px, 40 epochs of the
