@@ -8,8 +8,9 @@ Sections:
   run plumbing    distributed set-up, AMP, seeding, cosine schedules, atomic checkpoints, JSONL logs
   images          load_image / load_mask, ImageFolder, UnlabelledImages, VOCSegmentation, DAVIS
   videos          probe_video, read_frames (PyAV, seeks near the clip, decode-time resize),
-                  find_videos, VideoClips (one item per clip start; DDP/worker safe)
+                  find_videos, VideoClips (one item per clip start; DDP/worker safe), ImagesOrFrames
   synthetic world SyntheticWorld (in memory), synth_world / ensure_synth (writes the layouts)
+  pictures        labelled_grid: every picture of the repo, with a title strip and row/column names
   command line    python data.py synth --out runs/synth [--seed 0]
                   python data.py inspect PATH [--bench] [--sheet sheet.png]
 
@@ -23,11 +24,11 @@ import bisect
 import contextlib
 import functools
 import json
-import math
 import os
 import random
 import shutil
 import sys
+import textwrap
 import time
 import warnings
 from dataclasses import dataclass
@@ -150,6 +151,22 @@ def load_checkpoint(path) -> dict:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: holds a {type(state).__name__}, expected a checkpoint dict")
     return state
+
+
+def load_pretrained(backbone, path: str):
+    """Strict load of DINO weights (plain ViT state dict, or a full checkpoint: its teacher) or of
+    a checkpoint written by a method file of this repo (`backbone.` keys of teacher, else model)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "method" in state or "teacher" in state or "model" in state:
+        state = state.get("teacher") or state["model"]
+    if any(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    if any(k.startswith("backbone.") for k in state):
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise RuntimeError(f"--pretrained {path}: does not fit --arch/--patch-size ({str(e)[:300]})") from None
 
 
 class JsonlLogger:
@@ -584,6 +601,28 @@ class VideoClips(_SkipUnreadable, Dataset):
         return self.transform(frames) if self.transform else frames
 
 
+class ImagesOrFrames(Dataset):
+    """Training images -> transform(uint8 (3, H, W)): a VOC-layout root's train split (masks unused), any
+    image folder (recursive), else one frame every `frame_step` of its videos (as a (1, 3, H, W) clip)."""
+
+    def __init__(self, root, transform, frame_step=30):
+        self.transform, self.kind = transform, "images"
+        if os.path.exists(os.path.join(root, "ImageSets", "Segmentation", "train.txt")):
+            self.items, self.kind = VOCSegmentation(root, "train"), "voc"
+        else:
+            try:
+                self.items = UnlabelledImages(root)
+            except DataError:
+                self.items, self.kind = VideoClips(root, num_frames=1, step_between_clips=frame_step), "video"
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        item = self.items[i]
+        return self.transform(item if self.kind == "video" else item[0])
+
+
 def write_video(path, frames, fps=24, crf=18, gop=12) -> None:
     """Encode uint8 (T, H, W, 3) RGB frames (even H, W) as H.264 yuv420p with a keyframe every `gop`."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -889,17 +928,8 @@ def labelled_grid(rows, path=None, title="", row_names=None, col_names=None, pad
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     size = lambda text: measure.multiline_textbbox((0, 0), text, font=font)[2:] if text else (0, 0)  # noqa: E731
 
-    def wrap(text, width):
-        lines = []
-        for part in text.split("\n"):
-            line = ""
-            for word in part.split(" "):
-                if line and size(f"{line} {word}")[0] > width:
-                    lines, line = lines + [line], word
-                else:
-                    line = f"{line} {word}".strip()
-            lines.append(line)
-        return "\n".join(lines)
+    def wrap(text, width):  # at spaces, to about `width` pixels (the font's letters average 6 px)
+        return "\n".join(textwrap.fill(part, max(4, width // 7)) for part in text.split("\n"))
 
     rows = [[_as_pil(t) for t in row] for row in rows]
     n = max(len(r) for r in rows)
@@ -1092,12 +1122,11 @@ def inspect(path, sheet=None, do_bench=False, num_frames=8, stride=1, short_side
         parts = [(path, kind)]
     shown = []
     for part, part_kind in parts:
-        how = {"video": "6 frames a video", "frame folder": "6 frames a video", "videos": "6 frames a video",
-               "voc": "train, then val;\nmasks overlaid", "davis": "first, middle, last\nframe a sequence;\nmasks overlaid",
-               "image folder": "one image a class"}.get(part_kind, "")
+        how = {"voc": "train, then val;\nmasks overlaid", "davis": "first, middle, last\nframe a sequence;\nmasks "
+               "overlaid", "image folder": "one image a class", "image": "", "images": ""}.get(part_kind, "6 frames a video")
         name = os.path.basename(os.path.normpath(part))
-        shown.append((f"{name}{'' if name == part_kind else f' ({part_kind})'}\n{how}",
-                      _describe(part, part_kind, num_frames, stride)))
+        name += "" if name == part_kind else f" ({part_kind})"
+        shown.append((f"{name}\n{how}", _describe(part, part_kind, num_frames, stride)))
     sheet = sheet or os.path.join("runs", "inspect", os.path.basename(os.path.normpath(path)) + ".png")
     contact_sheet(shown, sheet, f"data.py inspect {path}: what the loaders read from each part")
     print(f"contact sheet: {sheet}")

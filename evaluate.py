@@ -906,7 +906,7 @@ def tracking_picture(track, backbone, clip, path, heads=(0, 1, 2)) -> tuple:
         x = torch.cat([(x - low) / (high - low).clamp(min=1e-8), x.new_zeros(3 - x.shape[0], *x.shape[1:])])
         return F.interpolate(x.transpose(0, 1), size=size, mode="nearest").cpu()
 
-    mean, std = torch.tensor(MEAN, device=clip.device)[:, None, None], torch.tensor(STD, device=clip.device)[:, None, None]
+    mean, std = (torch.tensor(v, device=clip.device)[:, None, None] for v in (MEAN, STD))
     frames = F.interpolate((clip * std + mean).clamp(0, 1), size=size, mode="bilinear").cpu()
     rows = [frames, rgb(head_attn), rgb(maps_plain), rgb(maps), 0.4 * frames + 0.6 * rgb(masks)]
     objects = ", ".join(f"{c} = head {h}" for c, h in zip("RGB", heads))

@@ -22,8 +22,8 @@ Commands:
   torchrun --nproc_per_node=2 leopart.py --data /data/coco/train2017 --pretrained dino.pth
 
 Contents: args, the ViT (a copy of DINO's, as in every method file), head and wrapper,
-multi-crop with boxes, Sinkhorn-Knopp, foreground mask, loss, train(), evaluation (the
-paper's fully unsupervised segmentation is evaluate.unsupervised_segmentation), pictures.
+multi-crop with boxes, Sinkhorn-Knopp, foreground mask, loss, train(), evaluation (the paper's
+fully unsupervised segmentation and its picture are evaluate.unsupervised_segmentation_voc's).
 """
 import argparse
 import copy
@@ -40,6 +40,8 @@ from einops import rearrange
 from torchvision.ops import roi_align
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
+
+import data
 
 METHOD = "leopart"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -109,7 +111,6 @@ def get_args(argv=None):
             if "--" + k.replace("_", "-") not in given:
                 setattr(args, k, v)
         if args.data is None:
-            import data
             args.synth_root = data.ensure_synth("runs/synth", seed=0)
             args.data = args.eval_data = os.path.join(args.synth_root, "voc")  # trains on its train split
     if args.data is None:
@@ -361,22 +362,6 @@ class LeopartNet(nn.Module):
         return embs, scores, (attns if with_attention else None)
 
 
-def load_pretrained(backbone: nn.Module, path: str):
-    """Strict load of DINO weights (plain ViT state dict, or a full checkpoint: its teacher) or of
-    a checkpoint written by a method file of this repo (`backbone.` keys of teacher, else model)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if "method" in state or "teacher" in state or "model" in state:
-        state = state.get("teacher") or state["model"]
-    if any(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    if any(k.startswith("backbone.") for k in state):
-        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    try:
-        backbone.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise RuntimeError(f"--pretrained {path}: does not fit --arch/--patch-size ({str(e)[:300]})") from None
-
-
 # ---------------------------------------------------------------------------------------
 # Multi-crop with kept boxes (paper Sec. 3.2): every crop overlaps the global crops, and for each
 # (global crop g, crop v) pair we keep their shared region in g's pixels and in v's pixels.
@@ -596,31 +581,7 @@ def param_groups(model: LeopartNet, args):
     return groups
 
 
-class TrainImages(torch.utils.data.Dataset):
-    """Training images -> (crops, boxes) from LeopartCrops: a VOC-layout root (its train split; masks
-    unused), any image folder (recursive), or else frames of its videos (one every `frame_step`)."""
-
-    def __init__(self, root, transform, frame_step=30):
-        import data
-        self.transform, self.kind = transform, "images"
-        if os.path.exists(os.path.join(root, "ImageSets", "Segmentation", "train.txt")):
-            self.items, self.kind = data.VOCSegmentation(root, "train"), "voc"
-        else:
-            try:
-                self.items = data.UnlabelledImages(root)
-            except data.DataError:
-                self.items, self.kind = data.VideoClips(root, num_frames=1, step_between_clips=frame_step), "video"
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        item = self.items[i]
-        return self.transform(item if self.kind == "video" else item[0])
-
-
 def train(args):
-    import data
     from tqdm import tqdm
 
     d = data.init_distributed()
@@ -633,7 +594,7 @@ def train(args):
     backbone = init_backbone(args)  # first, right after seeding: main() rebuilds the same for "before"
     crops = LeopartCrops(args.global_crops_size, args.local_crops_size, args.global_crops_number,
                          args.local_crops_number, args.global_crops_scale, args.local_crops_scale, args.min_intersection)
-    dataset = TrainImages(args.data, crops, args.video_frame_step)
+    dataset = data.ImagesOrFrames(args.data, crops, args.video_frame_step)
     sampler = torch.utils.data.DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=args.seed,
                                                   drop_last=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_per_gpu, sampler=sampler,
@@ -735,7 +696,7 @@ def train_step(student, teacher, criterion, optimizer, scaler, autocast, crops, 
 
 
 # ---------------------------------------------------------------------------------------
-# Evaluation and pictures
+# Evaluation (and its pictures) through evaluate.py
 # ---------------------------------------------------------------------------------------
 def evaluate_backbone(backbone, args, tag, pictures=False):
     """Demo/after-training evaluation: evaluate.run_suite's dense benchmarks (seg-cluster, seg-linear) on
@@ -761,12 +722,11 @@ def init_backbone(args):
     """The network training starts from: --pretrained if given, else random (seeded by the caller)."""
     backbone = ARCHS[args.arch](args.patch_size, drop_path_rate=args.drop_path)
     if args.pretrained:
-        load_pretrained(backbone, args.pretrained)
+        data.load_pretrained(backbone, args.pretrained)
     return backbone
 
 
 def main(args):
-    import data
     if int(os.environ.get("RANK", 0)) != 0:  # other ranks only train
         train(args)
         return

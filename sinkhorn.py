@@ -551,8 +551,9 @@ def save_cluster_grid(model, root, size, path, clusters=8, per_cluster=8):
         members = (assign == k).nonzero().flatten()  # a random sample: folders are sorted by class
         members = members[torch.randperm(len(members), generator=torch.Generator().manual_seed(0))]
         rows.append([raw[i][0] for i in members[:per_cluster].tolist()])
+    names = [f"cluster {k}\n{counts[k]} image{'s' * (counts[k] != 1)}" for k in top.tolist()]
     data.labelled_grid(rows, path, f"SeLa: the {len(top)} largest clusters of head 0 (rows), up to {per_cluster} "
-                       "random images of each (columns)", [f"cluster {k}\n{counts[k]} image{'s' * (counts[k] != 1)}" for k in top.tolist()])
+                       "random images of each (columns)", names)
 
 
 def main(args):

@@ -638,7 +638,8 @@ def save_cluster_pictures(backbone, davis_root: str, out_dir: str, size: int, de
                            dtype=torch.uint8)
     videos = data.DAVIS(davis_root, split="val")
     rows, names, picks = [], [], []
-    title = f"TimeT ({tag.strip('_') or 'trained'}): k-means (k={k}) on all patch tokens of a video, one colour a cluster"
+    name = f"TimeT ({tag.strip('_') or 'trained'})"
+    title = f"{name}: k-means (k={k}) on all patch tokens of a video, one colour a cluster"
     for v in range(min(num_videos, len(videos))):
         item = videos[v]
         frames = TF.resize(item["frames"], [size, size], antialias=True)
@@ -650,8 +651,8 @@ def save_cluster_pictures(backbone, davis_root: str, out_dir: str, size: int, de
         picks.append(torch.linspace(0, len(frames) - 1, columns).long().tolist())
         rows += [list(frames[picks[-1]]), list(overlay[picks[-1]])]
         names += [f"{item['name']}:\nframes", f"{item['name']}:\nclusters"]
-        gif = [data.labelled_grid([[f, o]], None, f"TimeT ({tag.strip('_') or 'trained'}), {item['name']}",
-                                  col_names=[f"frame {t}", f"k-means, k={k}"]) for t, (f, o) in enumerate(zip(frames, overlay))]
+        gif = [data.labelled_grid([[f, o]], None, f"{name}, {item['name']}", col_names=[f"frame {t}", f"k-means, k={k}"])
+               for t, (f, o) in enumerate(zip(frames, overlay))]
         gif[0].save(os.path.join(out_dir, f"clusters{tag}_{item['name']}.gif"), save_all=True, append_images=gif[1:],
                     duration=80, loop=0)
     same = all(p == picks[0] for p in picks)

@@ -176,7 +176,8 @@ def test_cluster_grid_names_the_largest_clusters(tmp_path, monkeypatch):
     (rows, (path, title, names)), = calls
     counts = [int(n.split("\n")[1].split()[0]) for n in names]  # "cluster k\nN images", largest first
     assert len(rows) == 3 and sum(counts) == 24 and counts == sorted(counts, reverse=True)
-    assert [len(r) for r in rows] == [min(c, 4) for c in counts] and all(t.shape == (3, 24, 24) for r in rows for t in r)
+    assert [len(r) for r in rows] == [min(c, 4) for c in counts]
+    assert all(t.shape == (3, 24, 24) for r in rows for t in r)
     assert "largest clusters" in title and Image.open(path).size[0] > 4 * 24
 
 
