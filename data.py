@@ -9,9 +9,10 @@ Sections:
                   for every checkpoint read), the output folder, JSONL logs, the CLI entry point
   images          load_image / load_mask, ImageFolder, UnlabelledImages (also video frames), VOCSegmentation, DAVIS
   videos          probe_video, read_frames (PyAV, seeks near the clip, decode-time resize),
-                  find_videos, VideoClips (one item per clip start; DDP/worker safe)
+                  find_videos, VideoClips (one item per clip start; DDP/worker safe), ImagesOrFrames
   synthetic world SyntheticWorld (in memory), synth_world / ensure_synth (writes the layouts),
                   demo_eval_root (where a --demo evaluates: the world, or a folder laid out like it)
+  pictures        labelled_grid: every picture of the repo, with a title strip and row/column names
   command line    python data.py synth --out runs/synth [--seed 0]
                   python data.py inspect PATH [--bench] [--sheet sheet.png]
 
@@ -33,6 +34,7 @@ import random
 import shutil
 import sys
 import tempfile
+import textwrap
 import time
 import unittest.mock
 import warnings
@@ -829,6 +831,24 @@ class VideoClips(_SkipUnreadable, Dataset):
         return self.transform(frames) if self.transform else frames
 
 
+class ImagesOrFrames(Dataset):
+    """Training images -> transform(uint8 (3, H, W)): a VOC-layout root's train split (masks unused), or
+    UnlabelledImages: images (recursive) and the frames of videos (one every `frame_step`)."""
+
+    def __init__(self, root, transform, frame_step=30):
+        self.transform, self.kind = transform, "images"
+        if os.path.exists(os.path.join(root, "ImageSets", "Segmentation", "train.txt")):
+            self.items, self.kind = VOCSegmentation(root, "train"), "voc"
+        else:  # images, and video frames as images
+            self.items = UnlabelledImages(root, frame_step=frame_step)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.transform(self.items[i][0])
+
+
 def write_video(path, frames, fps=24, crf=18, gop=12) -> None:
     """Encode uint8 (T, H, W, 3) RGB frames (even H, W) as H.264 yuv420p with a keyframe every `gop`."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -1161,6 +1181,53 @@ def demo_eval_root(eval_data=None, needs=("objects", "voc", "davis"), seed=0) ->
     return root
 
 
+# =================================================================================== pictures
+def _as_pil(tile) -> Image.Image:
+    """uint8 or [0, 1] float (3, H, W) tensor, (H, W, 3) uint8 array or PIL image -> RGB PIL image."""
+    if isinstance(tile, torch.Tensor):
+        if tile.is_floating_point():  # as torchvision's save_image rounds
+            tile = (tile * 255 + 0.5).clamp(0, 255)
+        tile = tile.to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return tile.convert("RGB") if isinstance(tile, Image.Image) else Image.fromarray(np.asarray(tile, np.uint8))
+
+
+def labelled_grid(rows, path=None, title="", row_names=None, col_names=None, pad=2):
+    """The repo's pictures: rows of tiles (see _as_pil) on white, `pad` px apart, under a title strip,
+    with `col_names` over the columns and `row_names` left of the rows; labels wrap at spaces to their
+    column, "\n" breaks them. Saves a PNG at path when given; returns the PIL image."""
+    from PIL import ImageDraw, ImageFont
+    font = ImageFont.load_default(size=13)  # Pillow's own font: no file to ship
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    size = lambda text: measure.multiline_textbbox((0, 0), text, font=font)[2:] if text else (0, 0)  # noqa: E731
+
+    def wrap(text, width):  # at spaces, to about `width` pixels (the font's letters average 6 px)
+        return "\n".join(textwrap.fill(part, max(4, width // 7)) for part in text.split("\n"))
+
+    rows = [[_as_pil(t) for t in row] for row in rows]
+    n = max(len(r) for r in rows)
+    col_w = [max(r[c].width for r in rows if c < len(r)) for c in range(n)]
+    cols, names = [wrap(t, w) for t, w in zip(col_names or [""] * n, col_w)], row_names or [""] * len(rows)
+    left = max(size(t)[0] for t in names) + 2 * pad * bool(row_names)
+    width = left + sum(col_w) + pad * (n + 1)
+    title = wrap(title, width - 4 * pad)
+    top = size(title)[1] + 3 * pad + max(size(t)[1] for t in cols) + 4 * pad * bool(col_names)
+    row_h = [max([t.height for t in r] + [size(name)[1]]) for r, name in zip(rows, names)]
+    sheet = Image.new("RGB", (width, top + sum(row_h) + pad * len(rows)), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.multiline_text((2 * pad, pad), title, fill="black", font=font)
+    xs = [left + pad + sum(col_w[:c]) + pad * c for c in range(n)]
+    for x, w, text in zip(xs, col_w, cols):
+        draw.multiline_text((x + w // 2, top - pad), text, fill="black", font=font, anchor="md", align="center")
+    for r, (row, y) in enumerate(zip(rows, np.cumsum([top] + [h + pad for h in row_h]).tolist())):
+        draw.multiline_text((pad, y + row_h[r] // 2), names[r], fill="black", font=font, anchor="lm")
+        for x, tile in zip(xs, row):
+            sheet.paste(tile, (x, y))
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        sheet.save(path)
+    return sheet
+
+
 # ==================================================================================== inspect
 def _numbered(files) -> bool:
     """Frame folders name their images by number (00000.jpg); class folders usually do not."""
@@ -1203,19 +1270,16 @@ def _overlay(img, mask):
     return torch.where(labelled, 0.45 * img + 0.55 * colours, img.float()).to(torch.uint8)
 
 
-def contact_sheet(images, path, height=96, columns=6) -> None:
-    """Save uint8 (3,H,W) images as a grid PNG, each scaled to the given height."""
-    thumbs = []
-    for img in images:
-        pil = Image.fromarray(img.permute(1, 2, 0).numpy())
-        thumbs.append(pil.resize((max(1, round(pil.width * height / pil.height)), height), Image.BILINEAR))
-    width = max(t.width for t in thumbs)
-    rows = math.ceil(len(thumbs) / columns)
-    sheet = Image.new("RGB", (columns * width, rows * height), (255, 255, 255))
-    for k, thumb in enumerate(thumbs):
-        sheet.paste(thumb, ((k % columns) * width, (k // columns) * height))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    sheet.save(path)
+def contact_sheet(groups, path, title="", height=96, columns=6) -> None:
+    """Save (name, uint8 (3,H,W) images) groups as a labelled PNG grid, `columns` images a row, each
+    scaled to the given height; a group starts a row named after it."""
+    rows, names = [], []
+    for name, images in groups:
+        thumbs = [_as_pil(img) for img in images]
+        thumbs = [t.resize((max(1, round(t.width * height / t.height)), height), Image.BILINEAR) for t in thumbs]
+        rows += [thumbs[k:k + columns] for k in range(0, len(thumbs), columns)]
+        names += [name] + [""] * ((len(thumbs) - 1) // columns)
+    labelled_grid(rows, path, title, names)
 
 
 def _describe(path, kind, num_frames, stride):
@@ -1330,9 +1394,13 @@ def inspect(path, sheet=None, do_bench=False, num_frames=8, stride=1, short_side
         parts = [(path, kind)]
     shown = []
     for part, part_kind in parts:
-        shown += _describe(part, part_kind, num_frames, stride)
+        how = {"voc": "train, then val;\nmasks overlaid", "davis": "first, middle, last\nframe a sequence;\nmasks "
+               "overlaid", "image folder": "one image a class", "image": "", "images": ""}.get(part_kind, "6 frames a video")
+        name = os.path.basename(os.path.normpath(part))
+        name += "" if name == part_kind else f" ({part_kind})"
+        shown.append((f"{name}\n{how}", _describe(part, part_kind, num_frames, stride)))
     sheet = sheet or os.path.join("runs", "inspect", os.path.basename(os.path.normpath(path)) + ".png")
-    contact_sheet(shown, sheet)
+    contact_sheet(shown, sheet, f"data.py inspect {path}: what the loaders read from each part")
     print(f"contact sheet: {sheet}")
     if do_bench:
         target = parts[0][0]

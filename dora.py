@@ -27,7 +27,7 @@ Commands:
 
 Contents: config; a DINO-compatible ViT whose last block also returns its attention,
 queries and keys; the DINO head and multi-crop wrapper; the clip augmentation; the
-tracker (Sinkhorn-Knopp, discovery, tracking, masking); the loss; training; pictures.
+tracker (Sinkhorn-Knopp, discovery, tracking, masking); the loss; training; pictures (drawn by evaluate.py).
 """
 import argparse
 import math
@@ -663,43 +663,6 @@ def train(args):
 # ----------------------------------------------------------------------------------------
 # Pictures (the talk's slide) and evaluation through evaluate.py.
 # ----------------------------------------------------------------------------------------
-def mask_overlap(masks) -> float:
-    """Mean pairwise IoU between the k objects' masks (B, k, T, h, w): 1 = all the same object."""
-    m = masks.flatten(3).float()
-    k = m.shape[1]
-    ious = [((m[:, i] * m[:, j]).sum(-1) / ((m[:, i] + m[:, j]).clamp(max=1).sum(-1)).clamp(min=1)).mean()
-            for i in range(k) for j in range(i + 1, k)]
-    return float(torch.stack(ious).mean()) if ious else 0.0
-
-
-def unnormalise(x):
-    return (x * torch.tensor(STD, device=x.device)[:, None, None] + torch.tensor(MEAN, device=x.device)[:, None, None]).clamp(0, 1)
-
-
-@torch.no_grad()
-def save_tracking_picture(backbone, clip, path, heads=(0, 1, 2)):
-    """clip (T, 3, H, W) normalised -> a png, one column per frame, rows: the frames; three heads'
-    [CLS] attention as R, G, B; the tracked objects' attention without Sinkhorn-Knopp; with it;
-    the tracked masks (with SK) over the frames. Returns the masks' overlap without and with SK."""
-    from torchvision.utils import save_image
-    heads = list(heads)[:3]
-    _, masks_plain, maps_plain, head_attn = track(backbone, clip[None], heads, use_sinkhorn=False)
-    _, masks, maps, _ = track(backbone, clip[None], heads, use_sinkhorn=True)
-
-    size = [max(192, s) for s in clip.shape[-2:]]  # small demo frames are enlarged to be seen
-
-    def rgb(x):  # (1, k, T, h, w) -> (T, 3, H, W): object i in colour channel i, each map min-max scaled
-        x = x[0].float()
-        low, high = x.flatten(2).amin(-1)[..., None, None], x.flatten(2).amax(-1)[..., None, None]
-        x = torch.cat([(x - low) / (high - low).clamp(min=1e-8), x.new_zeros(3 - x.shape[0], *x.shape[1:])])
-        return F.interpolate(x.transpose(0, 1), size=size, mode="nearest").cpu()
-
-    frames = F.interpolate(unnormalise(clip), size=size, mode="bilinear").cpu()
-    rows = [frames, rgb(head_attn), rgb(maps_plain), rgb(maps), 0.4 * frames + 0.6 * rgb(masks)]
-    save_image(torch.cat(rows), path, nrow=clip.shape[0], padding=2, pad_value=1.0)
-    return mask_overlap(masks_plain), mask_overlap(masks)
-
-
 def eval_clip_transform(size):
     """uint8 (T, 3, H, W) -> normalised (T, 3, size, size): resize the short side, centre crop."""
     return T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size),
@@ -714,11 +677,12 @@ def main(args):
     teacher = m["teacher"].backbone.eval()
     clips = data.VideoClips(dataset.videos, args.frames_per_clip, args.step_between_clips, args.clip_start_every,
                             args.short_side, eval_clip_transform(args.image_size))
+    import evaluate  # the tracking pictures
     overlaps = []
     for n, i in enumerate(np.linspace(0, len(clips) - 1, 4).astype(int).tolist()):  # where the tracker looks
         heads = choose_heads(args, teacher.num_heads, i)
         path = os.path.join(args.output_dir, f"tracking_{n}.png")
-        overlaps.append(save_tracking_picture(teacher, clips[i].to(device), path, heads))
+        overlaps.append(evaluate.tracking_picture(track, teacher, clips[i].to(device), path, heads))
     print(f"tracking pictures: {args.output_dir}/tracking_*.png; mean pairwise IoU of the object masks "
           f"without Sinkhorn-Knopp {np.mean([o[0] for o in overlaps]):.3f}, with {np.mean([o[1] for o in overlaps]):.3f}")
     if not args.demo:

@@ -570,6 +570,56 @@ def unsupervised_segmentation(backbone, train_images, val_images, num_classes, f
     return val_maps, scores
 
 
+def load_segmentation(root, split, size):
+    """VOC-layout split -> images (N, 3, size, size) normalised, masks (N, size, size) int64 (255 = ignore).
+    Masks resized by torchvision's nearest (leopart.py's numbers), not SegTransform's nearest-exact."""
+    import data
+    ds = data.VOCSegmentation(root, split)
+    images, masks = [], []
+    for i in range(len(ds)):
+        img, mask = ds[i]
+        images.append(TF.normalize(TF.resize(img, [size, size], antialias=True).float() / 255, MEAN, STD))
+        masks.append(TF.resize(mask[None], [size, size], interpolation=TF.InterpolationMode.NEAREST)[0])
+    return torch.stack(images), torch.stack(masks), ds.num_classes
+
+
+def unsupervised_segmentation_voc(backbone, root, size, foreground, k_fg, k_community, seed=0, picture=None,
+                                  name="") -> dict:
+    """unsupervised_segmentation fitted on a VOC-layout root's train + val splits at size x size, scored on
+    val; with `picture` (a path), save_cluster_maps of the first val images there, titled with `name`."""
+    train_x, train_y, num_classes = load_segmentation(root, "train", size)
+    val_x, val_y, _ = load_segmentation(root, "val", size)
+    maps, scores = unsupervised_segmentation(backbone, train_x, val_x, num_classes, foreground, train_y, val_y,
+                                             k_fg, k_community, seed=seed)
+    if picture:
+        save_cluster_maps(backbone, val_x, val_y, maps, num_classes, picture, name)
+        print(f"wrote {picture}")
+    return scores
+
+
+@torch.no_grad()
+def save_cluster_maps(backbone, images, masks, unsup_maps, num_classes, path, name="", rows=8):
+    """Picture: per validation image, the image, k-means clusters of its patch tokens (K = number of
+    classes, fitted on all shown images), the fully unsupervised segmentation, the ground truth."""
+    import data
+    palette = np.array(data.voc_palette(), dtype=np.uint8).reshape(-1, 3)
+    images, masks, unsup_maps = images[:rows], masks[:rows], unsup_maps[:rows]
+    tokens, _ = dense_features(backbone, images)
+    N, h, w, D = tokens.shape
+    clusters = kmeans(F.normalize(tokens.reshape(-1, D), dim=1), num_classes, seed=0)[0].reshape(N, 1, h, w)
+    S = images.shape[-1]
+    clusters = F.interpolate(clusters.float(), size=(S, S), mode="nearest")[:, 0].long()
+    mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
+    colour = lambda ids: palette[ids.clamp(0, len(palette) - 1).numpy()]  # noqa: E731  (H, W) -> (H, W, 3)
+    tiles = [[((images[i] * std + mean).clamp(0, 1) * 255).byte(), colour(clusters[i] + 1), colour(unsup_maps[i]),
+              colour(masks[i])] for i in range(N)]
+    data.labelled_grid(tiles, path, f"{name}: fully unsupervised segmentation of {N} validation images (rows). "
+                       "Colours: ids in the VOC palette; the unsupervised ids are matched to the classes, the "
+                       "k-means ids are not", [f"val {i}" for i in range(N)],
+                       ["image", f"k-means of patch tokens (K={num_classes})", "unsupervised segmentation",
+                        "ground truth"])
+
+
 # ====== DAVIS: J, F and label propagation ===========================================================
 def j_measure(pred, gt, void=None) -> float:
     """Region similarity: IoU of two binary masks (1 when both are empty), void pixels excluded."""
@@ -765,22 +815,17 @@ def icl(generate, dataset, ways=(2, 5), shots=(1, 3, 5), episodes=100, seed=0, t
 
 def icl_picture(generate, dataset, path, ways=3, shots=1, seed=0, size=96) -> tuple:
     """One `icl` episode answered by generate, drawn as a strip: each support image with its caption
-    under it, then the query with the answer in red. Returns (answer, the query's true name)."""
-    from PIL import Image, ImageDraw
-    images, texts, _, target = icl_episode(dataset, _by_class(dataset), min(ways, len(dataset.classes)), shots,
-                                           f"icl-picture-{seed}")
+    over it, then the query with the answer. Returns (answer, the query's true name)."""
+    import data
+    from PIL import Image
+    n = min(ways, len(dataset.classes))
+    images, texts, _, target = icl_episode(dataset, _by_class(dataset), n, shots, f"icl-picture-{seed}")
     answer = generate(images, texts)
-    cell_w = size + 40
-    sheet = Image.new("RGB", (cell_w * len(images), size + 44), "white")
-    draw = ImageDraw.Draw(sheet)
-    for j, (im, text) in enumerate(zip(images, texts)):
-        sheet.paste(Image.fromarray(torch.as_tensor(im).permute(1, 2, 0).numpy()).resize((size, size)), (j * cell_w + 20, 4))
-        is_query = j == len(images) - 1
-        lines = ["query", f"-> {answer}"] if is_query else ["This is", text[len("This is "):]]
-        for r, line in enumerate(lines):
-            draw.text((j * cell_w + 4, size + 8 + 14 * r), line[:22], fill="red" if is_query and r else "black")
-    draw.line([((len(images) - 1) * cell_w, 0), ((len(images) - 1) * cell_w, sheet.height)], fill="gray", width=2)
-    sheet.save(path)
+    tiles = [Image.fromarray(torch.as_tensor(im).permute(1, 2, 0).numpy()).resize((size, size)) for im in images]
+    names = [f"support {j + 1}:\n{text}" for j, text in enumerate(texts[:-1])] + [f"query:\n-> {answer}"]
+    data.labelled_grid([tiles], path, f"In-context {n}-way {shots}-shot episode: support images with their "
+                       f"captions, then the query and the model's answer (truth: {dataset.classes[target]})",
+                       col_names=names)
     return answer, dataset.classes[target]
 
 
@@ -793,15 +838,15 @@ COLOURS = torch.tensor([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 2
 @torch.no_grad()
 def viz(backbone, frames, out_dir, name="video", device="cpu", heads=(0, 1, 2), ks=(5, 10), seed=0) -> list:
     """frames uint8 (T, 3, H, W) (cropped to a multiple of the patch size). Writes <name>_grid.png
-    (rows: frames, attention of `heads` as R/G/B when the backbone has it, one k-means overlay per k)
-    and <name>.gif (the same rows side by side per frame). Returns the written paths."""
-    from PIL import Image
+    (rows: frames, attention of `heads` as R/G/B when the backbone has it, one k-means overlay per k;
+    columns: frames) and <name>.gif (the same rows side by side per frame). Returns the written paths."""
+    import data
     p = patch_size_of(backbone)
     T, _, H, W = frames.shape
     frames = frames[:, :, :H // p * p, :W // p * p]
     H, W = frames.shape[-2:]
     x = normalize(frames).to(device)
-    rows = [frames]
+    rows, names = [frames], ["frame"]
     if hasattr(backbone, "get_last_selfattention"):
         attn = backbone.get_last_selfattention(x)[:, :, 0, 1:].float()  # [CLS] -> patches (T, heads, N)
         chosen = [h % attn.shape[1] for h in heads]
@@ -809,6 +854,7 @@ def viz(backbone, frames, out_dir, name="video", device="cpu", heads=(0, 1, 2), 
         lo, hi = attn.amin(dim=(2, 3), keepdim=True), attn.amax(dim=(2, 3), keepdim=True)
         attn = (attn - lo) / (hi - lo).clamp_min(1e-12)  # each head stretched to [0, 1] per frame
         rows.append((F.interpolate(attn, scale_factor=p, mode="nearest") * 255).to(torch.uint8).cpu())
+        names.append("[CLS] attention,\nheads {}, {}, {}\nas R, G, B".format(*chosen))
     tokens = backbone.get_intermediate_layers(x, 1)[0][:, 1:]
     flat = F.normalize(tokens.reshape(-1, tokens.shape[-1]).float(), dim=1)
     for k in ks:  # one clustering per video, so that colours are consistent across frames
@@ -816,13 +862,54 @@ def viz(backbone, frames, out_dir, name="video", device="cpu", heads=(0, 1, 2), 
         labels = F.interpolate(labels.float(), scale_factor=p, mode="nearest")[:, 0].long()
         colour = COLOURS[labels % len(COLOURS)].permute(0, 3, 1, 2)
         rows.append(((frames.float() + colour.float()) / 2).to(torch.uint8))
+        names.append(f"k-means of patch\ntokens, k={k},\none colour a cluster")
     os.makedirs(out_dir, exist_ok=True)
-    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (3, rows*H, T*W)
     grid_path, gif_path = os.path.join(out_dir, f"{name}_grid.png"), os.path.join(out_dir, f"{name}.gif")
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(grid_path)
-    gif = [Image.fromarray(torch.cat([r[t] for r in rows], dim=2).permute(1, 2, 0).numpy()) for t in range(T)]
+    title = f"{name}: the backbone's last block on {T} frames (k-means fitted on all frames at once)"
+    data.labelled_grid([list(r) for r in rows], grid_path, title, names, [f"frame {t}" for t in range(T)])
+    gif = [data.labelled_grid([[r[t] for r in rows]], None, title, None, [f"frame {t}"] + names[1:]) for t in range(T)]
     gif[0].save(gif_path, save_all=True, append_images=gif[1:], duration=200, loop=0)
     return [grid_path, gif_path]
+
+
+def mask_overlap(masks) -> float:
+    """Mean pairwise IoU between the k objects' masks (B, k, T, h, w): 1 = all the same object."""
+    m = masks.flatten(3).float()
+    k = m.shape[1]
+    ious = [((m[:, i] * m[:, j]).sum(-1) / ((m[:, i] + m[:, j]).clamp(max=1).sum(-1)).clamp(min=1)).mean()
+            for i in range(k) for j in range(i + 1, k)]
+    return float(torch.stack(ious).mean()) if ious else 0.0
+
+
+@torch.no_grad()
+def tracking_picture(track, backbone, clip, path, heads=(0, 1, 2)) -> tuple:
+    """DoRA's tracker (dora.track, passed in) on clip (T, 3, H, W) normalised -> a png, one column per frame,
+    rows: the frames; three heads' [CLS] attention as R, G, B; the tracked objects' attention without
+    Sinkhorn-Knopp; with it; the tracked masks (with SK) over the frames. Returns the masks' overlap
+    (mask_overlap) without and with SK."""
+    import data
+    heads = list(heads)[:3]
+    _, masks_plain, maps_plain, head_attn = track(backbone, clip[None], heads, use_sinkhorn=False)
+    _, masks, maps, _ = track(backbone, clip[None], heads, use_sinkhorn=True)
+
+    size = [max(192, s) for s in clip.shape[-2:]]  # small demo frames are enlarged to be seen
+
+    def rgb(x):  # (1, k, T, h, w) -> (T, 3, H, W): object i in colour channel i, each map min-max scaled
+        x = x[0].float()
+        low, high = x.flatten(2).amin(-1)[..., None, None], x.flatten(2).amax(-1)[..., None, None]
+        x = torch.cat([(x - low) / (high - low).clamp(min=1e-8), x.new_zeros(3 - x.shape[0], *x.shape[1:])])
+        return F.interpolate(x.transpose(0, 1), size=size, mode="nearest").cpu()
+
+    mean, std = (torch.tensor(v, device=clip.device)[:, None, None] for v in (MEAN, STD))
+    frames = F.interpolate((clip * std + mean).clamp(0, 1), size=size, mode="bilinear").cpu()
+    rows = [frames, rgb(head_attn), rgb(maps_plain), rgb(maps), 0.4 * frames + 0.6 * rgb(masks)]
+    objects = ", ".join(f"{c} = head {h}" for c, h in zip("RGB", heads))
+    data.labelled_grid([list(r) for r in rows], path, f"DoRA's tracker on a clip of {len(clip)} frames (columns): "
+                       f"one object a chosen head, one colour channel an object ({objects})",
+                       ["frame", "[CLS] attention\nof the heads", "object attention\nwithout\nSinkhorn-Knopp",
+                        "object attention\nwith\nSinkhorn-Knopp", "tracked masks\n(with SK)\nover the frame"],
+                       [f"frame {t}" for t in range(len(clip))])
+    return mask_overlap(masks_plain), mask_overlap(masks)
 
 
 # ====== Video k-means (TimeT's unsupervised video segmentation): clip-wise and dataset-wise ========

@@ -22,8 +22,8 @@ Commands:
   torchrun --nproc_per_node=2 leopart.py --data /data/coco/train2017 --pretrained dino.pth
 
 Contents: args, the ViT (a copy of DINO's, as in every method file), head and wrapper,
-multi-crop with boxes, Sinkhorn-Knopp, foreground mask, loss, train(), evaluation (the
-paper's fully unsupervised segmentation is evaluate.unsupervised_segmentation), pictures.
+multi-crop with boxes, Sinkhorn-Knopp, foreground mask, loss, train(), evaluation (the paper's
+fully unsupervised segmentation and its picture are evaluate.unsupervised_segmentation_voc's).
 """
 import argparse
 import copy
@@ -40,6 +40,8 @@ from einops import rearrange
 from torchvision.ops import roi_align
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
+
+import data
 
 METHOD = "leopart"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -111,7 +113,6 @@ def get_args(argv=None):
         for k, v in d.items():
             if "--" + k.replace("_", "-") not in given:
                 setattr(args, k, v)
-        import data
         args.synth_root = data.demo_eval_root(args.eval_data, ["seg-cluster", "seg-linear"])  # or --eval-data, checked
         args.eval_data = os.path.join(args.synth_root, "voc")
         args.data = args.data or os.path.join(data.ensure_synth("runs/synth", seed=0), "voc")  # its train split
@@ -364,14 +365,6 @@ class LeopartNet(nn.Module):
         return embs, scores, (attns if with_attention else None)
 
 
-def load_pretrained(backbone: nn.Module, path: str):
-    """Strict load of DINO weights (plain ViT state dict, or a full checkpoint: its teacher) or of
-    a checkpoint written by a method file of this repo (`backbone.` keys of teacher, else model);
-    data.load_pretrained refuses anything else in one line."""
-    import data
-    data.load_pretrained(backbone, path)
-
-
 # ---------------------------------------------------------------------------------------
 # Multi-crop with kept boxes (paper Sec. 3.2): every crop overlaps the global crops, and for each
 # (global crop g, crop v) pair we keep their shared region in g's pixels and in v's pixels.
@@ -591,28 +584,7 @@ def param_groups(model: LeopartNet, args):
     return groups
 
 
-class TrainImages(torch.utils.data.Dataset):
-    """Training images -> (crops, boxes) from LeopartCrops: a VOC-layout root (its train split; masks
-    unused), or data.UnlabelledImages: images (recursive) and the frames of videos (one every `frame_step`)."""
-
-    def __init__(self, root, transform, frame_step=30):
-        import data
-        self.transform, self.kind = transform, "images"
-        if os.path.exists(os.path.join(root, "ImageSets", "Segmentation", "train.txt")):
-            self.items, self.kind = data.VOCSegmentation(root, "train"), "voc"
-        else:  # images, and video frames as images
-            self.items = data.UnlabelledImages(root, frame_step=frame_step)
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        item = self.items[i]
-        return self.transform(item[0])
-
-
 def train(args):
-    import data
     from tqdm import tqdm
 
     d = data.init_distributed()
@@ -624,7 +596,7 @@ def train(args):
     backbone = init_backbone(args)  # first, right after seeding: main() rebuilds the same for "before"
     crops = LeopartCrops(args.global_crops_size, args.local_crops_size, args.global_crops_number,
                          args.local_crops_number, args.global_crops_scale, args.local_crops_scale, args.min_intersection)
-    dataset = TrainImages(args.data, crops, args.video_frame_step)
+    dataset = data.ImagesOrFrames(args.data, crops, args.video_frame_step)
     sampler = torch.utils.data.DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=args.seed,
                                                   drop_last=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_per_gpu, sampler=sampler,
@@ -722,47 +694,8 @@ def train_step(student, teacher, criterion, optimizer, scaler, autocast, crops, 
 
 
 # ---------------------------------------------------------------------------------------
-# Evaluation and pictures
+# Evaluation (and its pictures) through evaluate.py
 # ---------------------------------------------------------------------------------------
-def load_segmentation(root, split, size):
-    """VOC-layout split -> images (N, 3, size, size) normalised, masks (N, size, size) int64 (255 = ignore)."""
-    import data
-    ds = data.VOCSegmentation(root, split)
-    images, masks = [], []
-    for i in range(len(ds)):
-        img, mask = ds[i]
-        images.append(TF.normalize(TF.resize(img, [size, size], antialias=True).float() / 255, IMAGENET_MEAN, IMAGENET_STD))
-        masks.append(TF.resize(mask[None], [size, size], interpolation=T.InterpolationMode.NEAREST)[0])
-    return torch.stack(images), torch.stack(masks), ds.num_classes
-
-
-def palette_image(ids, palette):  # (H, W) int -> uint8 (H, W, 3)
-    return palette[ids.clamp(0, len(palette) - 1).numpy()]
-
-
-@torch.no_grad()
-def save_cluster_maps(backbone, images, masks, unsup_maps, num_classes, kmeans, path, rows=8):
-    """Picture: per validation image, the image, k-means clusters of its patch tokens (K = number of
-    classes, fitted on all shown images), the fully unsupervised segmentation, the ground truth."""
-    from PIL import Image
-    import data
-    import evaluate
-    palette = np.array(data.voc_palette(), dtype=np.uint8).reshape(-1, 3)
-    images, masks, unsup_maps = images[:rows], masks[:rows], unsup_maps[:rows]
-    tokens, _ = evaluate.dense_features(backbone, images)
-    N, h, w, D = tokens.shape
-    clusters = kmeans(F.normalize(tokens.reshape(-1, D), dim=1), num_classes, 0).reshape(N, 1, h, w)
-    S = images.shape[-1]
-    clusters = F.interpolate(clusters.float(), size=(S, S), mode="nearest")[:, 0].long()
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    tiles = []
-    for i in range(N):
-        rgb = ((images[i] * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-        tiles.append(np.concatenate([rgb, palette_image(clusters[i] + 1, palette), palette_image(unsup_maps[i], palette),
-                                     palette_image(masks[i], palette)], axis=1))
-    Image.fromarray(np.concatenate(tiles, axis=0)).save(path)
-
-
 def evaluate_backbone(backbone, args, tag, pictures=False):
     """Demo/after-training evaluation: evaluate.run_suite's dense benchmarks (seg-cluster, seg-linear) on
     the synthetic world, and the paper's fully unsupervised segmentation (evaluate.py's, with this
@@ -775,17 +708,11 @@ def evaluate_backbone(backbone, args, tag, pictures=False):
         results.update(evaluate.run_suite(backbone, args.synth_root, ["seg-cluster", "seg-linear"], device,
                                           image_size=args.eval_size))
     if args.eval_data:
-        train_x, train_y, num_classes = load_segmentation(args.eval_data, "train", args.eval_size)
-        val_x, val_y, _ = load_segmentation(args.eval_data, "val", args.eval_size)
-        kmeans = lambda x, k, seed: evaluate.kmeans(x, k, seed=seed)[0]  # noqa: E731
         noisy_fg = lambda attn: foreground_mask(attn, 0.65, 0.6)  # noqa: E731  (the official CBFE's mass)
-        maps, scores = evaluate.unsupervised_segmentation(backbone, train_x, val_x, num_classes, noisy_fg, train_y,
-                                                          val_y, args.k_fg, args.k_community, seed=args.seed)
+        picture = os.path.join(args.output_dir, f"cluster_maps_{tag}.png") if pictures else None
+        scores = evaluate.unsupervised_segmentation_voc(backbone, args.eval_data, args.eval_size, noisy_fg, args.k_fg,
+                                                        args.k_community, args.seed, picture, f"Leopart, {tag} training")
         results.update({f"unsup/{k}": v for k, v in scores.items()})
-        if pictures:
-            path = os.path.join(args.output_dir, f"cluster_maps_{tag}.png")
-            save_cluster_maps(backbone, val_x, val_y, maps, num_classes, kmeans, path)
-            print(f"wrote {path}")
     return results
 
 
@@ -793,12 +720,11 @@ def init_backbone(args):
     """The network training starts from: --pretrained if given, else random (seeded by the caller)."""
     backbone = ARCHS[args.arch](args.patch_size, drop_path_rate=args.drop_path)
     if args.pretrained:
-        load_pretrained(backbone, args.pretrained)
+        data.load_pretrained(backbone, args.pretrained)
     return backbone
 
 
 def main(args):
-    import data
     if int(os.environ.get("RANK", 0)) != 0:  # other ranks only train
         train(args)
         return
@@ -821,5 +747,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    import data
     data.cli(main, get_args)

@@ -536,19 +536,20 @@ def cluster_quality(model, root, size, device, lam=25.0):
 @torch.no_grad()
 def save_cluster_grid(model, root, size, path, clusters=8, per_cluster=8):
     """A picture: rows = the clusters of head 0 with the most images, columns = members."""
-    from PIL import Image
     ds = make_dataset(root, eval_transform(size))
     raw = make_dataset(root, T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size)]))
     model.eval()
     assign = torch.cat([model(x)[0].argmax(1) for x, _ in torch.utils.data.DataLoader(ds, batch_size=128)])
-    top = torch.bincount(assign, minlength=model.heads[0].out_features).argsort(descending=True)[:clusters]
-    sheet = torch.full((3, len(top) * size, per_cluster * size), 255, dtype=torch.uint8)
-    for r, k in enumerate(top):
+    counts = torch.bincount(assign, minlength=model.heads[0].out_features)
+    top = counts.argsort(descending=True)[:clusters]
+    rows = []
+    for k in top:
         members = (assign == k).nonzero().flatten()  # a random sample: folders are sorted by class
         members = members[torch.randperm(len(members), generator=torch.Generator().manual_seed(0))]
-        for c, i in enumerate(members[:per_cluster].tolist()):
-            sheet[:, r * size:(r + 1) * size, c * size:(c + 1) * size] = raw[i][0]
-    Image.fromarray(sheet.permute(1, 2, 0).numpy()).save(path)
+        rows.append([raw[i][0] for i in members[:per_cluster].tolist()])
+    names = [f"cluster {k}\n{counts[k]} image{'s' * (counts[k] != 1)}" for k in top.tolist()]
+    data.labelled_grid(rows, path, f"SeLa: the {len(top)} largest clusters of head 0 (rows), up to {per_cluster} "
+                       "random images of each (columns)", names)
 
 
 def main(args):

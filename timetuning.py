@@ -605,14 +605,15 @@ def train(args):
 def save_cluster_pictures(backbone, davis_root: str, out_dir: str, size: int, device, k: int = 6,
                           num_videos: int = 2, columns: int = 8, tag: str = ""):
     """PNG grid (per video: a row of frames, a row of cluster maps) and one GIF per video."""
-    from PIL import Image
     import evaluate
     backbone.eval()
     colours = torch.tensor([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                             [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [128, 128, 128]],
                            dtype=torch.uint8)
     videos = data.DAVIS(davis_root, split="val")
-    rows = []
+    rows, names, picks = [], [], []
+    name = f"TimeT ({tag.strip('_') or 'trained'})"
+    title = f"{name}: k-means (k={k}) on all patch tokens of a video, one colour a cluster"
     for v in range(min(num_videos, len(videos))):
         item = videos[v]
         frames = TF.resize(item["frames"], [size, size], antialias=True)
@@ -621,12 +622,16 @@ def save_cluster_pictures(backbone, davis_root: str, out_dir: str, size: int, de
         centroids = evaluate.kmeans(sample[torch.randperm(len(sample), generator=torch.Generator().manual_seed(0))[:20000]], k)[1]
         clusters = evaluate.pixel_clusters(feats, centroids, size)
         overlay = (0.4 * frames.float() + 0.6 * rearrange(colours[clusters % len(colours)], "t h w c -> t c h w").float()).byte()
-        pick = torch.linspace(0, len(frames) - 1, columns).long()
-        rows += [torch.cat(list(frames[pick]), dim=2), torch.cat(list(overlay[pick]), dim=2)]
-        gif = [Image.fromarray(torch.cat([f, o], dim=2).permute(1, 2, 0).numpy()) for f, o in zip(frames, overlay)]
+        picks.append(torch.linspace(0, len(frames) - 1, columns).long().tolist())
+        rows += [list(frames[picks[-1]]), list(overlay[picks[-1]])]
+        names += [f"{item['name']}:\nframes", f"{item['name']}:\nclusters"]
+        gif = [data.labelled_grid([[f, o]], None, f"{name}, {item['name']}", col_names=[f"frame {t}", f"k-means, k={k}"])
+               for t, (f, o) in enumerate(zip(frames, overlay))]
         gif[0].save(os.path.join(out_dir, f"clusters{tag}_{item['name']}.gif"), save_all=True, append_images=gif[1:],
                     duration=80, loop=0)
-    Image.fromarray(torch.cat(rows, dim=1).permute(1, 2, 0).numpy()).save(os.path.join(out_dir, f"clusters{tag}.png"))
+    same = all(p == picks[0] for p in picks)
+    data.labelled_grid(rows, os.path.join(out_dir, f"clusters{tag}.png"), title, names,
+                       [f"frame {t}" if same else f"{i + 1}/{columns} through" for i, t in enumerate(picks[0])])
 
 
 def evaluate_backbone(backbone, args, device, tag: str):

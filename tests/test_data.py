@@ -285,6 +285,23 @@ def test_inspect_prints_the_world_and_writes_a_contact_sheet(world, tmp_path, ca
     assert result["clips"] == 4 and result["ratio"] > 0
 
 
+def test_labelled_grid_adds_a_title_strip_and_names_around_unchanged_tiles(tmp_path):
+    colour = lambda i: torch.tensor([20 + 40 * i, 7, 200], dtype=torch.uint8)  # noqa: E731  (not a text grey)
+    tiles = [[colour(3 * r + c)[:, None, None].expand(3, 10, 12) for c in range(3)] for r in range(2)]
+    bare = np.asarray(data.labelled_grid(tiles))  # no labels: the tiles 2 px apart, 6 px above
+    assert bare.shape == (6 + 2 * (10 + 2), 2 + 3 * (12 + 2), 3)
+    assert (bare[18:28, 30:42] == colour(5).numpy()).all() and (bare[6:16, 2:14] == colour(0).numpy()).all()
+    path = tmp_path / "sub" / "grid.png"
+    data.labelled_grid(tiles, str(path), "A title", ["row one", "row two"], ["a", "b", "c"])
+    grid = np.asarray(Image.open(path).convert("RGB"))
+    H, W = grid.shape[:2]
+    assert H > bare.shape[0] + 20 and W > bare.shape[1] + 30  # a title strip, column names, row names
+    ys, xs = np.nonzero((grid == colour(5).numpy()).all(-1))  # the last tile, unchanged, at the right edge
+    assert len(ys) == 10 * 12 and (xs.min(), xs.max()) == (W - 14, W - 3) and ys.max() - ys.min() == 9
+    assert (grid[:15, :60] < 100).any()  # the title is drawn (dark text on white)
+    assert (grid[ys.min():, :W - 3 * 14 - 2] < 100).any()  # the last row's name, left of its tiles
+
+
 # --------------------------------------------------------------------------------- bad inputs
 def one_line_error(exc_info, path):
     message = str(exc_info.value)

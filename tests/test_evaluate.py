@@ -31,6 +31,21 @@ def blobs(n, num_classes=10, dim=32, seed=0, spread=6.0):
 
 
 @pytest.fixture
+def grids(monkeypatch):
+    """What each picture writer hands data.labelled_grid: tile sizes (w, h) per row, and the labels."""
+    import data
+    calls, real = [], data.labelled_grid
+
+    def spy(rows, path=None, title="", row_names=None, col_names=None, **kw):
+        calls.append(dict(sizes=[[data._as_pil(t).size for t in r] for r in rows], title=title,
+                          row_names=row_names, col_names=col_names, path=path))
+        return real(rows, path, title, row_names, col_names, **kw)
+
+    monkeypatch.setattr(data, "labelled_grid", spy)
+    return calls
+
+
+@pytest.fixture
 def reference_vits(monkeypatch):
     monkeypatch.setattr(E, "VIT_ARCHS", dict(vit_demo=vit_demo, vit_tiny=vit_tiny, vit_small=vit_small,
                                              vit_base=vit_base))
@@ -326,7 +341,7 @@ def test_icl_with_right_and_wrong_stub_generators():
     assert first == again
 
 
-def test_icl_picture_draws_one_strip_and_answers_truthfully(tmp_path):
+def test_icl_picture_draws_one_strip_and_answers_truthfully(tmp_path, grids):
     from PIL import Image
     ds = TinyFolder()
     seen = []
@@ -335,7 +350,12 @@ def test_icl_picture_draws_one_strip_and_answers_truthfully(tmp_path):
     (images, texts), = seen
     assert answer == "dotted box" and truth == ds.classes[int(images[-1][0, 0, 0])]
     assert len(images) == 4 and texts[-1] == "What is this? This is a"
-    assert Image.open(tmp_path / "e.png").size == (4 * (16 + 40), 16 + 44)  # 3 supports + the query
+    (grid,) = grids
+    assert grid["sizes"] == [[(16, 16)] * 4]  # 3 supports + the query, one strip
+    assert grid["col_names"][0] == f"support 1:\n{texts[0]}" and grid["col_names"][-1] == "query:\n-> dotted box"
+    assert truth in grid["title"]
+    w, h = Image.open(tmp_path / "e.png").size
+    assert w >= 4 * 16 + 5 * 2 and h > 16 + 2 * 14  # the tiles under a title and the captions
 
 
 def test_icl_answer_normalisation():
@@ -395,16 +415,45 @@ def test_load_backbone_official_dino_files(tmp_path, reference_vits):
 
 
 # ------------------------------------------------------------------ pictures and the suite
-def test_viz_writes_grid_and_gif(tmp_path):
+def test_viz_writes_grid_and_gif(tmp_path, grids):
     torch.manual_seed(0)
     frames = torch.randint(0, 255, (3, 3, 35, 40), dtype=torch.uint8)
     paths = E.viz(vit_demo(patch_size=8).eval(), frames, str(tmp_path), name="clip", ks=(2, 3))
     from PIL import Image
     grid = Image.open(paths[0])
-    assert grid.size == (3 * 40, 4 * 32)  # frames, attention, 2 cluster maps; cropped to 32 x 40
-    assert Image.open(paths[1]).n_frames == 3
+    assert grids[0]["sizes"] == [[(40, 32)] * 3] * 4  # frames, attention, 2 cluster maps; cropped to 32 x 40
+    assert grids[0]["col_names"] == ["frame 0", "frame 1", "frame 2"] and len(grids[0]["row_names"]) == 4
+    assert "heads 0, 1, 2" in grids[0]["row_names"][1] and "k=3" in grids[0]["row_names"][3]
+    assert grid.size[0] > 3 * 40 + 4 * 2 and grid.size[1] > 4 * 32 + 5 * 2  # and the labels
+    gif = Image.open(paths[1])
+    assert gif.n_frames == 3 and grids[1]["sizes"] == [[(40, 32)] * 4] and grids[1]["col_names"][0] == "frame 0"
     paths = E.viz(E.RawPixels(8), frames, str(tmp_path), name="pix", ks=(2,))  # no attention row
-    assert Image.open(paths[0]).size == (3 * 40, 2 * 32)
+    assert grids[4]["sizes"] == [[(40, 32)] * 3] * 2 and grids[4]["row_names"][0] == "frame"
+
+
+def test_tracking_picture_rows_and_overlap(tmp_path, grids):
+    import dora
+    torch.manual_seed(0)
+    vit = dora.VisionTransformer(patch_size=8, embed_dim=48, depth=2, num_heads=4).eval()
+    clip = torch.randn(3, 3, 32, 40)
+    overlaps = E.tracking_picture(dora.track, vit, clip, str(tmp_path / "t.png"), heads=[0, 2, 3])
+    (grid,) = grids
+    assert grid["sizes"] == [[(192, 192)] * 3] * 5  # frames, heads, objects without / with SK, masks; enlarged
+    assert grid["col_names"] == ["frame 0", "frame 1", "frame 2"] and "Sinkhorn" in grid["row_names"][2]
+    assert "B = head 3" in grid["title"] and all(0 <= o <= 1 for o in overlaps)
+    masks = torch.zeros(1, 2, 1, 2, 2)
+    masks[0, 0, 0, 0] = masks[0, 1, 0, :, 0] = 1  # a row and a column of a 2 x 2 grid: IoU 1/3
+    assert E.mask_overlap(masks) == pytest.approx(1 / 3)
+
+
+def test_save_cluster_maps_columns(tmp_path, grids):
+    torch.manual_seed(0)
+    images, masks = torch.randn(3, 3, 32, 32), torch.randint(0, 4, (3, 32, 32))
+    E.save_cluster_maps(vit_demo(patch_size=8).eval(), images, masks, masks, 4, str(tmp_path / "m.png"), "before")
+    (grid,) = grids
+    assert grid["sizes"] == [[(32, 32)] * 4] * 3 and grid["row_names"] == ["val 0", "val 1", "val 2"]
+    assert grid["col_names"][1] == "k-means of patch tokens (K=4)" and grid["title"].startswith("before")
+    assert os.path.getsize(tmp_path / "m.png") > 0
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import data  # noqa: E402
 import leopart as L  # noqa: E402
 
 torch.set_num_threads(1)
@@ -73,12 +74,12 @@ def test_dino_weights_load_strict(tmp_path):
                                                                        dino.state_dict().items()}}, ours)
     for path in (plain, full, ours):
         fresh = L.vit_tiny(16)
-        L.load_pretrained(fresh, str(path))
+        data.load_pretrained(fresh, str(path))
         with torch.no_grad():
             assert torch.equal(fresh(x), dino(x))
             assert torch.equal(fresh.get_last_selfattention(x), dino.get_last_selfattention(x))
     with pytest.raises(RuntimeError, match="--pretrained"):
-        L.load_pretrained(L.vit_small(16), str(plain))
+        data.load_pretrained(L.vit_small(16), str(plain))
 
 
 # --------------------------------------------------------------------------- boxes, RoI-align

@@ -202,6 +202,23 @@ def test_demo_trains_on_ones_own_video_and_evaluates_on_the_synthetic_world(tmp_
     assert not any(k.startswith("sela/nmi") for k in result)  # a video has no classes to score clusters against
 
 
+def test_cluster_grid_names_the_largest_clusters(tmp_path, monkeypatch):
+    from sinkhorn import data
+    calls, real = [], data.labelled_grid
+    monkeypatch.setattr(data, "labelled_grid", lambda rows, *a: calls.append((rows, a)) or real(rows, *a))
+    root = _tiny_folder(str(tmp_path / "imgs"))
+    args = _args(tmp_path, root)
+    torch.manual_seed(0)
+    model = sinkhorn.SeLaNet(sinkhorn.build_backbone(vars(args)), args.num_heads, args.num_clusters)
+    sinkhorn.save_cluster_grid(model, root, 24, str(tmp_path / "clusters.png"), clusters=3, per_cluster=4)
+    (rows, (path, title, names)), = calls
+    counts = [int(n.split("\n")[1].split()[0]) for n in names]  # "cluster k\nN images", largest first
+    assert len(rows) == 3 and sum(counts) == 24 and counts == sorted(counts, reverse=True)
+    assert [len(r) for r in rows] == [min(c, 4) for c in counts]
+    assert all(t.shape == (3, 24, 24) for r in rows for t in r)
+    assert "largest clusters" in title and Image.open(path).size[0] > 4 * 24
+
+
 # ---------------------------------------------------------------- learning (about 2 CPU-minutes)
 def test_demo_clusters_beat_random_init_on_nmi(tmp_path, monkeypatch):
     # the demo's settings (conv net, 3 heads x K = 18, λ 10), shortened: 32 px, 40 epochs of the

@@ -164,6 +164,23 @@ def _ddp_worker(rank, world, init_file, out_dir):
     torch.distributed.destroy_process_group()
 
 
+def test_cluster_pictures_name_rows_and_frames(tmp_path, monkeypatch):
+    world = data.synth_world(str(tmp_path / "synth"), num_videos=1, num_frames=6, size=64, num_images=(2, 2),
+                             crops_per_class=(1, 1), crop_size=32)
+    calls, real = [], data.labelled_grid
+    monkeypatch.setattr(data, "labelled_grid", lambda rows, *a, **k: calls.append((rows, a, k)) or real(rows, *a, **k))
+    torch.manual_seed(0)
+    model = tt.build_model(_args())
+    tt.save_cluster_pictures(model.backbone, os.path.join(world, "davis"), str(tmp_path), 32, "cpu", k=3, columns=3,
+                             tag="_init")
+    *gif, (rows, (path, title, names, cols), _) = calls
+    assert len(gif) == 6 and gif[2][2]["col_names"] == ["frame 2", "k-means, k=3"]  # one GIF frame per frame
+    assert [[t.shape for t in r] for r in rows] == [[(3, 32, 32)] * 3] * 2  # the frames, their clusters
+    assert names == ["tour_00:\nframes", "tour_00:\nclusters"] and cols == ["frame 0", "frame 2", "frame 5"]
+    assert "init" in title and Image.open(path).size[1] > 2 * 32
+    assert Image.open(tmp_path / "clusters_init_tour_00.gif").n_frames == 6
+
+
 def test_ddp_two_processes_equal_one(tmp_path):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     args = _args()
