@@ -303,6 +303,57 @@ def kmeans(x, k, iters=100, restarts=3, seed=0, tol=1e-4):
     return best[1], best[2]
 
 
+@torch.no_grad()
+def faiss_kmeans(x, k, niter=100, nredo=5, seed=1, max_points_per_centroid=256, chunk=65536):
+    """k-means as faiss.Kmeans(d, k, niter, nredo, seed) runs it for the official evaluations (Leopart
+    utils.cluster, TimeT clustering.cluster_features), in torch: train on a random sample of at most
+    k * max_points_per_centroid rows, centroids initialised at k random training rows (not k-means++),
+    exactly niter Lloyd iterations (no early stop), an empty cluster re-seeded by splitting a cluster drawn
+    with probability ~ (size - 1), the run of lowest objective kept; then every row of x goes to its
+    nearest centroid (index.search). Same algorithm, not the same random numbers as faiss.
+    x (N, D) -> (labels (N,) int64, centroids (k, D))."""
+    x = x.float()
+    g = torch.Generator().manual_seed(seed)
+    train = x
+    if len(x) > k * max_points_per_centroid:  # faiss: "Sampling a subset of k*256 / N for training"
+        train = x[torch.randperm(len(x), generator=g)[:k * max_points_per_centroid].to(x.device)]
+    best = None
+    for _ in range(nredo):
+        centroids = train[torch.randperm(len(train), generator=g)[:k].to(x.device)].clone()
+        for _ in range(niter):
+            dists, labels = _nearest(train, centroids, chunk)
+            objective = dists.sum().item()  # faiss keeps the objective of the last assignment
+            counts = torch.bincount(labels, minlength=k)
+            centroids = torch.zeros_like(centroids).index_add_(0, labels, train) / counts.clamp_min(1)[:, None]
+            for ci in (counts == 0).nonzero().flatten().tolist():  # faiss split_clusters, EPS = 1/1024
+                cj = torch.multinomial((counts - 1).clamp_min(0).double(), 1, generator=g).item()
+                sign = torch.ones(x.shape[1], device=x.device)
+                sign[1::2] = -1
+                centroids[ci], centroids[cj] = centroids[cj] * (1 + sign / 1024), centroids[cj] * (1 - sign / 1024)
+                counts[ci] = counts[cj] // 2
+                counts[cj] -= counts[ci]
+        if best is None or objective < best[0]:
+            best = (objective, centroids)
+    return _nearest(x, best[1], chunk)[1], best[1]
+
+
+def standardise_pca50(x, dim=50, max_points_per_d=1000, seed=1234):
+    """Leopart's normalize_and_transform (utils.py; TimeT my_utils.py): sklearn StandardScaler (std with
+    ddof 0, a zero std left as 1), then faiss.PCAMatrix(D, dim): the mean removed and x projected on the
+    top `dim` eigenvectors of the covariance, trained (like faiss) on at most max_points_per_d * D rows.
+    x (N, D) -> (N, dim) float32; the eigenvectors' signs are arbitrary (distances are not)."""
+    x = x.float()
+    std = x.std(0, unbiased=False)
+    x = (x - x.mean(0)) / torch.where(std > 0, std, torch.ones_like(std))
+    train = x
+    if len(x) > max_points_per_d * x.shape[1]:  # faiss fvecs_maybe_subsample
+        train = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_points_per_d * x.shape[1]]]
+    mean = train.double().mean(0)
+    cov = sum((b.double() - mean).T @ (b.double() - mean) for b in train.split(65536)) / len(train)
+    _, vectors = torch.linalg.eigh(cov)  # eigenvalues ascending
+    return (x - mean.float()) @ vectors[:, -min(dim, x.shape[1]):].flip(1).float()
+
+
 def confusion(pred, true, num_pred, num_true, ignore=255) -> torch.Tensor:
     """(num_pred, num_true) counts of (prediction, ground truth) pairs; `ignore` in true is skipped."""
     pred, true = pred.flatten().long(), true.flatten().long()
@@ -311,20 +362,27 @@ def confusion(pred, true, num_pred, num_true, ignore=255) -> torch.Tensor:
     return torch.bincount(idx.cpu(), minlength=num_pred * num_true).view(num_pred, num_true)
 
 
-def match_clusters(conf, many_to_one=False) -> torch.Tensor:
-    """cluster -> class (-1 = unmatched) from a (clusters, classes) confusion: Hungarian (one-to-one,
-    scipy's linear_sum_assignment maximising overlap) or many-to-one (each cluster to its majority class)."""
+def match_clusters(conf, many_to_one=False, unmatched=0) -> torch.Tensor:
+    """cluster -> class from a (clusters, classes) confusion, as Leopart's PredsmIoU (utils.py) and TimeT's
+    (metrics.py): Hungarian maximising IoU, linear_sum_assignment(1 - IoU) on the (classes, clusters) matrix
+    (their call, so that ties break alike), unmatched clusters -> `unmatched` (theirs: 0, background; -1 =
+    a miss); or many-to-one: each cluster to its highest-precision class, i.e. its majority class."""
     if many_to_one:
-        return conf.argmax(1)
-    rows, cols = linear_sum_assignment(conf.numpy(), maximize=True)
-    mapping = torch.full((conf.shape[0],), -1, dtype=torch.long)
-    mapping[torch.as_tensor(rows)] = torch.as_tensor(cols)
+        return conf.argmax(1)  # precision tp / (tp + fp) has one denominator per cluster; first maximum wins
+    c = conf.double().numpy()
+    union = c.sum(1, keepdims=True) + c.sum(0, keepdims=True) - c
+    iou = c / np.maximum(union, 1e-8)  # PredsmIoU.get_score
+    classes, clusters = linear_sum_assignment(1 - iou.T)
+    mapping = torch.full((conf.shape[0],), unmatched, dtype=torch.long)
+    mapping[torch.as_tensor(clusters)] = torch.as_tensor(classes)
     return mapping
 
 
-def miou(conf, mapping=None) -> float:
-    """Mean IoU (%) over classes that occur (in ground truth or prediction). conf (P, C): rows are
-    predictions; `mapping` (P,) sends each prediction row to a class, -1 = no class (a miss)."""
+def miou(conf, mapping=None, gt_classes_only=False) -> float:
+    """Mean IoU (%). conf (P, C): rows are predictions; `mapping` (P,) sends each prediction row to a class,
+    -1 = no class (a miss). Every class counts, one absent from both maps scores 0 (Leopart's PredsmIoU:
+    IoU = tp / max(tp + fp + fn, 1e-8) over range(num_gt)); gt_classes_only: only the classes present in
+    the ground truth (TimeT's PredsmIoU, metrics.py: np.unique(gt))."""
     num_classes = conf.shape[1]
     if mapping is not None:
         merged = torch.zeros(num_classes + 1, num_classes, dtype=conf.dtype)
@@ -332,7 +390,8 @@ def miou(conf, mapping=None) -> float:
     conf = conf.double()
     tp = conf[:num_classes].diagonal()
     union = conf[:num_classes].sum(1) + conf.sum(0) - tp
-    return 100 * (tp[union > 0] / union[union > 0]).mean().item()
+    iou = tp / union.clamp_min(1e-8)
+    return 100 * (iou[conf.sum(0) > 0] if gt_classes_only else iou).mean().item()
 
 
 def nmi(pred, true) -> float:
@@ -395,34 +454,44 @@ def _cluster_confusion(labels, masks, k, num_classes, chunk=64):
     return conf
 
 
-def seg_cluster(features, masks, num_classes, ks=(100, 300, 500), restarts=3, device="cpu", seed=0,
-                foreground=True, background=0) -> dict:
-    """Unsupervised segmentation by k-means on L2-normalised patch tokens of the whole set.
-    K = num_classes matched one-to-one (Hungarian); each K in ks matched many-to-one (overclustering);
-    foreground-only: k-means on the patches mostly covered by foreground classes (ground truth),
-    K = num_classes - 1, Hungarian, mIoU over the foreground classes with background pixels ignored."""
+def seg_cluster(features, masks, num_classes, ks=(100, 300, 500), restarts=5, seeds=5, device="cpu", seed=0,
+                iters=100, pca_dim=50, eval_size=100, foreground=True, background=0) -> dict:
+    """Unsupervised segmentation by k-means on the patch tokens of the whole val set, as Leopart's
+    sup_overcluster.py: tokens standardised and reduced to pca_dim by PCA, faiss k-means (iters, restarts)
+    run with `seeds` seeds (seed, seed+1, ...) and the mIoU averaged over them; cluster maps and masks
+    resized to eval_size x eval_size (nearest, as F.interpolate's default), 255 ignored.
+    K = num_classes matched one-to-one (Hungarian on IoU); each K in ks matched many-to-one
+    (overclustering); foreground-only (ours, no official counterpart): k-means on the patches mostly
+    covered by foreground classes (ground truth), K = num_classes - 1, Hungarian, mIoU over the
+    foreground classes with background pixels ignored.
+    features (N, D, h, w), masks (N, H, W) uint8 -> {"seg_cluster/k21_hungarian": %, ...}."""
     n, d, h, w = features.shape
-    x = F.normalize(rearrange(features, "n d h w -> (n h w) d").float(), dim=1).to(device)
+    x = standardise_pca50(rearrange(features, "n d h w -> (n h w) d").to(device), pca_dim)
+    small = F.interpolate(masks[:, None].float(), size=(eval_size, eval_size), mode="nearest")[:, 0].long()
+    runs = lambda x, k: [faiss_kmeans(x, k, iters, restarts, s)[0].cpu() for s in range(seed, seed + seeds)]  # noqa: E731
     out = {}
     for k, many in [(num_classes, False)] + [(k, True) for k in ks]:
-        labels = kmeans(x, k, restarts=restarts, seed=seed)[0].cpu().view(n, h, w)
-        conf = _cluster_confusion(labels, masks, min(k, len(x)), num_classes)
-        out[f"seg_cluster/k{k}" + ("_many_to_one" if many else "_hungarian")] = miou(conf, match_clusters(conf, many))
+        scores = []
+        for labels in runs(x, min(k, len(x))):
+            conf = _cluster_confusion(labels.view(n, h, w), small, min(k, len(x)), num_classes)
+            scores.append(miou(conf, match_clusters(conf, many)))
+        out[f"seg_cluster/k{k}" + ("_many_to_one" if many else "_hungarian")] = float(np.mean(scores))
     if foreground and num_classes > 2:
         is_fg, valid = ((masks != background) & (masks != 255)).float(), (masks != 255).float()
         pool = lambda m: F.adaptive_avg_pool2d(m[:, None], (h, w))[:, 0]  # noqa: E731
         fg = (pool(is_fg) > 0.5 * pool(valid)).flatten()  # patches mostly covered by foreground
         if fg.sum() > num_classes:
-            fg_labels = kmeans(x[fg.to(device)], num_classes - 1, restarts=restarts, seed=seed)[0].cpu()
-            labels = torch.full((n * h * w,), num_classes - 1, dtype=torch.long)  # extra row: "no cluster"
-            labels[fg] = fg_labels
-            fg_masks = masks.clone()
+            fg_masks = small.clone()
             fg_masks[fg_masks == background] = 255
-            conf = _cluster_confusion(labels.view(n, h, w), fg_masks, num_classes, num_classes)
-            mapping = torch.full((num_classes,), -1, dtype=torch.long)
-            mapping[:-1] = match_clusters(conf[:-1, 1:]) + 1  # clusters <-> foreground classes only
-            mapping[mapping == 0] = -1
-            out[f"seg_cluster/fg_k{num_classes - 1}_hungarian"] = miou(conf, mapping)
+            scores = []
+            for fg_labels in runs(x[fg.to(device)], num_classes - 1):
+                labels = torch.full((n * h * w,), num_classes - 1, dtype=torch.long)  # extra row: "no cluster"
+                labels[fg] = fg_labels
+                conf = _cluster_confusion(labels.view(n, h, w), fg_masks, num_classes, num_classes)[:, 1:]
+                mapping = torch.full((num_classes,), -1, dtype=torch.long)
+                mapping[:-1] = match_clusters(conf[:-1])  # clusters <-> foreground classes only
+                scores.append(miou(conf, mapping))
+            out[f"seg_cluster/fg_k{num_classes - 1}_hungarian"] = float(np.mean(scores))
     return out
 
 
@@ -627,6 +696,34 @@ def davis_size(height, width, short_side=480, multiple=64) -> tuple:
     return short_side, int(short_side * width / height // multiple * multiple)
 
 
+def _cv2_taps(src: int, dst: int) -> tuple:
+    """cv2.resize INTER_LINEAR's source indices and 11-bit fixed-point weights along one axis."""
+    f = ((torch.arange(dst, dtype=torch.float64) + 0.5) * (src / dst) - 0.5).float()  # float32 in cv2
+    i = f.floor()
+    f = torch.where(i < 0, 0.0, f - i)
+    i = i.long().clamp(min=0)
+    f = torch.where(i >= src - 1, 0.0, f)
+    i = i.clamp(max=src - 1)
+    return i, (i + 1).clamp(max=src - 1), ((1 - f) * 2048).round().long(), (f * 2048).round().long()
+
+
+def cv2_resize(img, size) -> torch.Tensor:
+    """cv2.resize(img, (w, h)) with INTER_LINEAR (no antialiasing) on uint8, reproduced in integers: the
+    horizontal pass with 11-bit weights, the vertical one as cv2's SIMD path rounds (bit-exact against
+    opencv 4.10 and 5.0 when shrinking; upscaling may differ by 1 on ~0.1 % of pixels).
+    uint8 (C, H, W) -> uint8 (C, h, w)."""
+    (x0, x1, a0, a1), (y0, y1, b0, b1) = _cv2_taps(img.shape[-1], size[1]), _cv2_taps(img.shape[-2], size[0])
+    v = img.long()[..., x0] * a0 + img.long()[..., x1] * a1
+    out = ((((v[..., y0, :] >> 4) * b0[:, None]) >> 16) + (((v[..., y1, :] >> 4) * b1[:, None]) >> 16) + 2) >> 2
+    return out.clamp(0, 255).to(torch.uint8)
+
+
+def davis_frame(frame, size) -> torch.Tensor:
+    """DINO's read_frame (eval_video_segmentation.py): cv2.resize to size (h, w), /255, color_normalize
+    with std 0.228 (sic) for red. uint8 (3, H, W) -> float (3, h, w)."""
+    return TF.normalize(cv2_resize(frame, size).float() / 255, MEAN, (0.228, 0.224, 0.225))
+
+
 @torch.no_grad()
 def propagate_video(backbone, frames, first_mask, device="cpu", short_side=480, multiple=64, n_last_frames=7,
                     topk=5, neighbourhood=12, temperature=0.1) -> torch.Tensor:
@@ -648,7 +745,7 @@ def propagate_video(backbone, frames, first_mask, device="cpu", short_side=480, 
     window = window.to(device).float()  # (queries, sources)
 
     def features(t):  # L2-normalised last-block patch tokens (h*w, D)
-        x = normalize(TF.resize(frames[t], [th, tw], antialias=True))[None].to(device)
+        x = davis_frame(frames[t], (th, tw))[None].to(device)
         return F.normalize(backbone.get_intermediate_layers(x, 1)[0][0, 1:], dim=1)
 
     first_feat, context = features(0), []
