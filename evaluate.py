@@ -932,16 +932,17 @@ def viz(backbone, frames, out_dir, name="video", device="cpu", heads=(0, 1, 2), 
 # k-means on the patch features of whole clips, clusters matched to the ground truth by Hungarian
 # matching; the official protocol upsamples to pixels before matching.
 def cluster_miou(pred: torch.Tensor, truth: torch.Tensor, k: int, num_classes: int) -> float:
-    """mIoU (%) of cluster ids `pred` against `truth` (255 ignored) after Hungarian matching."""
+    """mIoU (%) of cluster ids `pred` against `truth` (255 ignored) as TimeT's PredsmIoU (metrics.py, with
+    involve_bg): Hungarian on IoU, unmatched clusters -> 0, mean over the classes present in `truth`."""
     conf = confusion(pred, truth, k, num_classes)
-    return miou(conf, match_clusters(conf))
+    return miou(conf, match_clusters(conf), gt_classes_only=True)
 
 
 @torch.no_grad()
 def clip_features(backbone, frames: torch.Tensor, size: int, device, batch: int = 32):
     """uint8 (T, 3, H, W) -> patch features (T, h, w, D), frames resized to `size` x `size`."""
     x = TF.resize(frames, [size, size], antialias=True)
-    x = TF.normalize(TF.to_dtype(x, torch.float32, scale=True), MEAN, STD)
+    x = TF.normalize(TF.to_dtype(x, torch.float32, scale=True), MEAN, (0.228, 0.224, 0.225))  # TimeT evaluation.py (sic)
     p = backbone.patch_embed.patch_size
     feats = torch.cat([backbone.get_intermediate_layers(x[i:i + batch].to(device), 1)[0][:, 1:].float().cpu() for i in range(0, len(x), batch)])
     return rearrange(feats, "t (h w) d -> t h w d", h=size // p)
@@ -956,6 +957,25 @@ def pixel_clusters(feats: torch.Tensor, centroids: torch.Tensor, size: int) -> t
     return up.argmax(1)
 
 
+def _upsample(feats, size) -> torch.Tensor:  # (T, h, w, d) -> (T * size * size, d), bilinear in float64 as TimeT
+    up = F.interpolate(rearrange(feats, "t h w d -> t d h w").double(), size=(size, size), mode="bilinear", align_corners=False)
+    return rearrange(up.float(), "t d h w -> (t h w) d")
+
+
+def pixel_kmeans(feats, k, size, niter=50, nredo=5, seed=1, chunk=16) -> torch.Tensor:
+    """TimeT's clustering.cluster_features after its PCA: features (T, h, w, d) upsampled bilinearly to
+    size x size, faiss k-means (niter 50, nredo 5, seed 1) on the pixels, each pixel to its nearest centroid
+    -> (T, size, size). faiss trains on a random k*256 of the pixels; drawn here from the frames in chunks,
+    so that the upsampled features of a whole dataset are never held at once."""
+    n, per_frame = len(feats) * size * size, size * size
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k * 256]
+    sample = torch.cat([_upsample(feats[t:t + chunk], size)[idx[(idx >= t * per_frame) & (idx < (t + chunk) * per_frame)] - t * per_frame]
+                        for t in range(0, len(feats), chunk)])
+    centroids = faiss_kmeans(sample, k, niter, nredo, seed, max_points_per_centroid=256)[1]
+    labels = [_nearest(_upsample(feats[t:t + chunk], size), centroids)[1] for t in range(0, len(feats), chunk)]
+    return torch.cat(labels).view(len(feats), size, size)
+
+
 @functools.lru_cache(maxsize=None)
 def synthetic_classes(root: str, name: str) -> torch.Tensor:
     """Instance id -> class id (0 background, 255 kept) of a synthetic-world tour, from its generator."""
@@ -968,45 +988,74 @@ def synthetic_classes(root: str, name: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def video_kmeans_miou(backbone, davis_root: str, size: int, device, clip_frames: int = 16, world_root=None):
-    """Clip-wise: each clip clustered alone with K = its number of labels, matched alone;
-    dataset-wise: all clips' patches clustered together with K = the dataset's number of
-    classes, matched once. Labels: DAVIS instance ids (clip-wise) and semantic classes where
-    known (synthetic world: from the generator; else the DAVIS ids as given)."""
+def video_kmeans_miou(backbone, davis_root: str, size: int, device, clip_frames: int = 16, world_root=None,
+                      pca_batch: int = 16, pca_dim: int = 50):
+    """TimeT's unsupervised video segmentation (evaluation.py + clustering.cluster_features), on
+    consecutive clips of clip_frames frames at size x size. Features standardised + PCA to pca_dim
+    (over a loader batch of pca_batch clips clip-wise, over all clips dataset-wise), upsampled bilinearly
+    to pixels, faiss k-means (50 it, 5 restarts, seed 1) on the pixels, TimeT's PredsmIoU.
+    Clip-wise: each clip clustered alone with K = its number of labels (the official use_annotations),
+    scored at size, mean over clips per batch, then over batches (as evaluation.py averages);
+    dataset-wise: all clips together, K = the dataset's number of classes, scored at size // 2 (the
+    official 112 for 224). Labels: DAVIS instance ids (clip-wise) and semantic classes where known
+    (synthetic world: from the generator; else the DAVIS ids as given)."""
     import data
     backbone.eval()
     videos = data.DAVIS(davis_root, split="val")
-    clip_scores, all_feats, all_truth = [], [], []
+    clips = []  # (features (T, h, w, D), instance masks, semantic masks) at size
     for item in videos:
         frames, masks = item["frames"], item["masks"]
         semantic = synthetic_classes(world_root, item["name"])[masks] if world_root else masks
         feats = clip_features(backbone, frames, size, device)
-        masks = F.interpolate(masks[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
-        semantic = F.interpolate(semantic[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
+        resize = lambda m: F.interpolate(m[:, None].float(), size=(size, size), mode="nearest-exact")[:, 0].long()  # noqa: E731  PIL NEAREST
+        masks, semantic = resize(masks), resize(semantic)
         for s in range(0, len(frames) - clip_frames + 1, clip_frames):
-            f, m = feats[s:s + clip_frames], masks[s:s + clip_frames]
+            clips.append((feats[s:s + clip_frames], masks[s:s + clip_frames], semantic[s:s + clip_frames]))
+    batch_scores = []
+    for b in range(0, len(clips), pca_batch):
+        batch = clips[b:b + pca_batch]
+        flat = torch.cat([f.reshape(-1, f.shape[-1]) for f, _, _ in batch])
+        reduced = standardise_pca50(flat, pca_dim).split([f[..., 0].numel() for f, _, _ in batch])
+        scores = []
+        for (f, m, _), x in zip(batch, reduced):
             ids = m[m != 255].unique()
+            if len(ids) < 2:
+                continue
             lut = torch.full((256,), 255, dtype=torch.long)
             lut[ids] = torch.arange(len(ids))
-            k = len(ids)
-            if k < 2:
-                continue
-            centroids = kmeans(F.normalize(f.reshape(-1, f.shape[-1]), dim=1), k)[1]
-            pred = pixel_clusters(F.normalize(f, dim=-1), centroids, size)
-            clip_scores.append(cluster_miou(pred, lut[m], k, k))
-            all_feats.append(f)
-            all_truth.append(semantic[s:s + clip_frames])
-    feats, truth = torch.cat(all_feats), torch.cat(all_truth)
+            pred = pixel_kmeans(x.view(*f.shape[:3], -1), len(ids), size)
+            scores.append(cluster_miou(pred, lut[m], len(ids), len(ids)))
+        if scores:
+            batch_scores.append(float(np.mean(scores)))
+    feats = torch.cat([f for f, _, _ in clips])
+    truth = torch.cat([t for _, _, t in clips])
+    truth = F.interpolate(truth[:, None].float(), size=(size // 2, size // 2), mode="nearest")[:, 0].long()
     num_classes = int(truth[truth != 255].max()) + 1
-    flat = F.normalize(feats.reshape(-1, feats.shape[-1]), dim=1)
-    sample = flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(0))[:20000]]
-    centroids = kmeans(sample, num_classes)[1]
-    pred = pixel_clusters(F.normalize(feats, dim=-1), centroids, size)
-    return {"video_kmeans/clip_wise_miou": float(np.mean(clip_scores)),
+    reduced = standardise_pca50(feats.reshape(-1, feats.shape[-1]), pca_dim).view(*feats.shape[:3], -1)
+    pred = pixel_kmeans(reduced, num_classes, size // 2)
+    return {"video_kmeans/clip_wise_miou": float(np.mean(batch_scores)),
             "video_kmeans/dataset_wise_miou": cluster_miou(pred, truth, num_classes, num_classes)}
 
 
 # ====== Dataset-level runners (CLI and run_suite share them) ========================================
+# The protocol each benchmark runs, named in evaluate.py's JSON (official file: what is followed).
+PROTOCOLS = {
+    "knn": "DINO eval_knn.py: weighted k-NN on L2-normalised [CLS], k = 10/20/100/200, T = 0.07, top-1/top-5",
+    "linear": "DINO eval_linear.py's head and schedule (SGD 0.9, wd 0, cosine, lr x batch/256) on cached [CLS] of "
+              "the last 4 blocks; lr picked on a 10 % held-out split; no augmentation (ours)",
+    "seg-linear": "1x1-conv probe on frozen patch tokens (ours: AdamW + cosine, cached), logits upsampled "
+                  "bilinearly to the mask; mIoU over all classes (absent = 0, Leopart PredsmIoU), 255 ignored",
+    "seg-cluster": "Leopart sup_overcluster.py: standardise + PCA50, k-means as faiss (100 it, 5 restarts) with "
+                   "5 seeds averaged, nearest to 100x100; K = #classes Hungarian IoU, K = 100/300/500 "
+                   "many-to-one (precision); fg_k variant ours",
+    "propagate": "DINO eval_video_segmentation.py: cv2 INTER_LINEAR to short side 480 (long side floored to x64), "
+                 "std 0.228, T = 0.1, top-5, first + 7 previous frames, neighbourhood 12; J, F as the DAVIS toolkit",
+    "video-kmeans": "TimeT evaluation.py + clustering.py: standardise + PCA50, features upsampled bilinearly, k-means "
+                    "as faiss (50 it, 5 restarts, seed 1) on the pixels, Hungarian IoU (PredsmIoU); clip-wise at the "
+                    "input size, dataset-wise at half",
+}
+
+
 def _loader(dataset, batch_size, num_workers):
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
 
@@ -1028,7 +1077,7 @@ def classification(backbone, root, device, benches=("knn", "linear"), image_size
 
 
 def segmentation(backbone, root, device, benches=("seg-linear", "seg-cluster"), image_size=448, batch_size=16,
-                 num_workers=0, epochs=20, ks=(100, 300, 500), restarts=3) -> dict:
+                 num_workers=0, epochs=20, ks=(100, 300, 500), restarts=5, seeds=5) -> dict:
     """seg-linear (train -> val) and/or seg-cluster (val) on a VOC-layout root."""
     import data
     val = data.VOCSegmentation(root, "val", SegTransform(image_size))
@@ -1039,7 +1088,7 @@ def segmentation(backbone, root, device, benches=("seg-linear", "seg-cluster"), 
         train_x, train_y = extract(backbone, _loader(train, batch_size, num_workers), device, patch_tokens=True)
         out.update(seg_linear(train_x, train_y, val_x, val_y, val.num_classes, epochs=epochs, device=device))
     if "seg-cluster" in benches:
-        out.update(seg_cluster(val_x, val_y, val.num_classes, ks=ks, restarts=restarts, device=device))
+        out.update(seg_cluster(val_x, val_y, val.num_classes, ks=ks, restarts=restarts, seeds=seeds, device=device))
     return out
 
 
@@ -1061,7 +1110,7 @@ def run_suite(backbone, root, benches=("knn", "linear", "seg-linear", "seg-clust
             out.update(classification(backbone, os.path.join(root, "objects"), device, chosen, image_size, epochs=30))
         elif group == "seg":
             out.update(segmentation(backbone, os.path.join(root, "voc"), device, chosen, image_size, epochs=30,
-                                    restarts=1))
+                                    restarts=1, seeds=1))  # the demos' shortcut: 1 k-means run, not 5 x 5
         else:
             out.update(propagate(backbone, data.DAVIS(os.path.join(root, "davis")), device, out_dir,
                                  max_frames=24, short_side=2 * image_size, multiple=patch_size_of(backbone)))
@@ -1099,7 +1148,7 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--epochs", type=int, default=None, help="probe epochs (default: 100 linear, 20 seg-linear)")
-    p.add_argument("--restarts", type=int, default=3, help="seg-cluster: k-means restarts (best inertia kept)")
+    p.add_argument("--restarts", type=int, default=5, help="seg-cluster: k-means restarts (best inertia kept; Leopart: 5)")
     p.add_argument("--episodes", type=int, default=100, help="icl episodes per (ways, shots)")
     p.add_argument("--task-induction", action="store_true", help="icl: 'Answer with a or b.' before the question")
     p.add_argument("--max-videos", type=int, default=3, help="viz: pictures for this many videos")
@@ -1147,6 +1196,9 @@ def main(args):
         results = run_suite(backbone, args.data, device=device, image_size=size or 64, out_dir=args.output_dir)
     if args.bench != "suite":
         print_table(results, f"{args.bench}: {args.ckpt or ('random ' if args.random_init else '') + args.arch}")
+        results["protocol"] = PROTOCOLS.get(args.bench, "ours")
+    else:
+        results["protocol"] = {b: PROTOCOLS[b] for b in ("knn", "linear", "seg-linear", "seg-cluster", "propagate")}
     print(json.dumps(results))
 
 
