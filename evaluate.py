@@ -319,10 +319,13 @@ def faiss_kmeans(x, k, niter=100, nredo=5, seed=1, max_points_per_centroid=256, 
         train = x[torch.randperm(len(x), generator=g)[:k * max_points_per_centroid].to(x.device)]
     best = None
     for _ in range(nredo):
-        centroids = train[torch.randperm(len(train), generator=g)[:k].to(x.device)].clone()
+        centroids, previous = train[torch.randperm(len(train), generator=g)[:k].to(x.device)].clone(), None
         for _ in range(niter):
             dists, labels = _nearest(train, centroids, chunk)
             objective = dists.sum().item()  # faiss keeps the objective of the last assignment
+            if previous is not None and torch.equal(labels, previous):
+                break  # a fixed point: more iterations change nothing (faiss 1.15 stops here too)
+            previous = labels
             counts = torch.bincount(labels, minlength=k)
             centroids = torch.zeros_like(centroids).index_add_(0, labels, train) / counts.clamp_min(1)[:, None]
             for ci in (counts == 0).nonzero().flatten().tolist():  # faiss split_clusters, EPS = 1/1024
