@@ -308,7 +308,7 @@ def faiss_kmeans(x, k, niter=100, nredo=5, seed=1, max_points_per_centroid=256, 
     """k-means as faiss.Kmeans(d, k, niter, nredo, seed) runs it for the official evaluations (Leopart
     utils.cluster, TimeT clustering.cluster_features), in torch: train on a random sample of at most
     k * max_points_per_centroid rows, centroids initialised at k random training rows (not k-means++),
-    exactly niter Lloyd iterations (no early stop), an empty cluster re-seeded by splitting a cluster drawn
+    niter Lloyd iterations (ended early only at a fixed point), an empty cluster re-seeded by splitting a cluster drawn
     with probability ~ (size - 1), the run of lowest objective kept; then every row of x goes to its
     nearest centroid (index.search). Same algorithm, not the same random numbers as faiss.
     x (N, D) -> (labels (N,) int64, centroids (k, D))."""
