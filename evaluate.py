@@ -471,7 +471,8 @@ def seg_cluster(features, masks, num_classes, ks=(100, 300, 500), restarts=5, se
     n, d, h, w = features.shape
     x = standardise_pca50(rearrange(features, "n d h w -> (n h w) d").to(device), pca_dim)
     small = F.interpolate(masks[:, None].float(), size=(eval_size, eval_size), mode="nearest")[:, 0].long()
-    runs = lambda x, k: [faiss_kmeans(x, k, iters, restarts, s)[0].cpu() for s in range(seed, seed + seeds)]  # noqa: E731
+    def runs(x, k):  # one k-means per seed
+        return [faiss_kmeans(x, k, iters, restarts, s)[0].cpu() for s in range(seed, seed + seeds)]
     out = {}
     for k, many in [(num_classes, False)] + [(k, True) for k in ks]:
         scores = []
@@ -945,7 +946,8 @@ def cluster_miou(pred: torch.Tensor, truth: torch.Tensor, k: int, num_classes: i
 def clip_features(backbone, frames: torch.Tensor, size: int, device, batch: int = 32):
     """uint8 (T, 3, H, W) -> patch features (T, h, w, D), frames resized to `size` x `size`."""
     x = TF.resize(frames, [size, size], antialias=True)
-    x = TF.normalize(TF.to_dtype(x, torch.float32, scale=True), MEAN, (0.228, 0.224, 0.225))  # TimeT evaluation.py (sic)
+    std = (0.228, 0.224, 0.225)  # TimeT evaluation.py's ClipToTensor (sic)
+    x = TF.normalize(TF.to_dtype(x, torch.float32, scale=True), MEAN, std)
     p = backbone.patch_embed.patch_size
     feats = torch.cat([backbone.get_intermediate_layers(x[i:i + batch].to(device), 1)[0][:, 1:].float().cpu() for i in range(0, len(x), batch)])
     return rearrange(feats, "t (h w) d -> t h w d", h=size // p)
@@ -961,7 +963,8 @@ def pixel_clusters(feats: torch.Tensor, centroids: torch.Tensor, size: int) -> t
 
 
 def _upsample(feats, size) -> torch.Tensor:  # (T, h, w, d) -> (T * size * size, d), bilinear in float64 as TimeT
-    up = F.interpolate(rearrange(feats, "t h w d -> t d h w").double(), size=(size, size), mode="bilinear", align_corners=False)
+    up = F.interpolate(rearrange(feats, "t h w d -> t d h w").double(), size=(size, size), mode="bilinear",
+                       align_corners=False)
     return rearrange(up.float(), "t d h w -> (t h w) d")
 
 
@@ -972,7 +975,8 @@ def pixel_kmeans(feats, k, size, niter=50, nredo=5, seed=1, chunk=16) -> torch.T
     so that the upsampled features of a whole dataset are never held at once."""
     n, per_frame = len(feats) * size * size, size * size
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k * 256]
-    sample = torch.cat([_upsample(feats[t:t + chunk], size)[idx[(idx >= t * per_frame) & (idx < (t + chunk) * per_frame)] - t * per_frame]
+    first = lambda t: t * per_frame  # noqa: E731  the first pixel index of frame t
+    sample = torch.cat([_upsample(feats[t:t + chunk], size)[idx[(idx >= first(t)) & (idx < first(t + chunk))] - first(t)]
                         for t in range(0, len(feats), chunk)])
     centroids = faiss_kmeans(sample, k, niter, nredo, seed, max_points_per_centroid=256)[1]
     labels = [_nearest(_upsample(feats[t:t + chunk], size), centroids)[1] for t in range(0, len(feats), chunk)]
@@ -1010,7 +1014,8 @@ def video_kmeans_miou(backbone, davis_root: str, size: int, device, clip_frames:
         frames, masks = item["frames"], item["masks"]
         semantic = synthetic_classes(world_root, item["name"])[masks] if world_root else masks
         feats = clip_features(backbone, frames, size, device)
-        resize = lambda m: F.interpolate(m[:, None].float(), size=(size, size), mode="nearest-exact")[:, 0].long()  # noqa: E731  PIL NEAREST
+        # nearest-exact: PIL's NEAREST, which TimeT's loader resizes the annotations with
+        resize = lambda m: F.interpolate(m[:, None].float(), size=(size, size), mode="nearest-exact")[:, 0].long()  # noqa: E731
         masks, semantic = resize(masks), resize(semantic)
         for s in range(0, len(frames) - clip_frames + 1, clip_frames):
             clips.append((feats[s:s + clip_frames], masks[s:s + clip_frames], semantic[s:s + clip_frames]))
@@ -1151,7 +1156,7 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--epochs", type=int, default=None, help="probe epochs (default: 100 linear, 20 seg-linear)")
-    p.add_argument("--restarts", type=int, default=5, help="seg-cluster: k-means restarts (best inertia kept; Leopart: 5)")
+    p.add_argument("--restarts", type=int, default=5, help="seg-cluster: k-means restarts (best kept; Leopart: 5)")
     p.add_argument("--episodes", type=int, default=100, help="icl episodes per (ways, shots)")
     p.add_argument("--task-induction", action="store_true", help="icl: 'Answer with a or b.' before the question")
     p.add_argument("--max-videos", type=int, default=3, help="viz: pictures for this many videos")
