@@ -296,6 +296,60 @@ def kmeans(x, k, iters=100, restarts=3, seed=0, tol=1e-4):
     return best[1], best[2]
 
 
+@torch.no_grad()
+def faiss_kmeans(x, k, niter=100, nredo=5, seed=1, max_points_per_centroid=256, chunk=65536):
+    """k-means as faiss.Kmeans(d, k, niter, nredo, seed) runs it for the official evaluations (Leopart
+    utils.cluster, TimeT clustering.cluster_features), in torch: train on a random sample of at most
+    k * max_points_per_centroid rows, centroids initialised at k random training rows (not k-means++),
+    niter Lloyd iterations (ended early only at a fixed point), an empty cluster re-seeded by splitting a cluster drawn
+    with probability ~ (size - 1), the run of lowest objective kept; then every row of x goes to its
+    nearest centroid (index.search). Same algorithm, not the same random numbers as faiss.
+    x (N, D) -> (labels (N,) int64, centroids (k, D))."""
+    x = x.float()
+    g = torch.Generator().manual_seed(seed)
+    train = x
+    if len(x) > k * max_points_per_centroid:  # faiss: "Sampling a subset of k*256 / N for training"
+        train = x[torch.randperm(len(x), generator=g)[:k * max_points_per_centroid].to(x.device)]
+    best = None
+    for _ in range(nredo):
+        centroids, previous = train[torch.randperm(len(train), generator=g)[:k].to(x.device)].clone(), None
+        for _ in range(niter):
+            dists, labels = _nearest(train, centroids, chunk)
+            objective = dists.sum().item()  # faiss keeps the objective of the last assignment
+            if previous is not None and torch.equal(labels, previous):
+                break  # a fixed point: more iterations change nothing (faiss 1.15 stops here too)
+            previous = labels
+            counts = torch.bincount(labels, minlength=k)
+            centroids = torch.zeros_like(centroids).index_add_(0, labels, train) / counts.clamp_min(1)[:, None]
+            for ci in (counts == 0).nonzero().flatten().tolist():  # faiss split_clusters, EPS = 1/1024
+                cj = torch.multinomial((counts - 1).clamp_min(0).double(), 1, generator=g).item()
+                sign = torch.ones(x.shape[1], device=x.device)
+                sign[1::2] = -1
+                centroids[ci], centroids[cj] = centroids[cj] * (1 + sign / 1024), centroids[cj] * (1 - sign / 1024)
+                counts[ci] = counts[cj] // 2
+                counts[cj] -= counts[ci]
+        if best is None or objective < best[0]:
+            best = (objective, centroids)
+    return _nearest(x, best[1], chunk)[1], best[1]
+
+
+def standardise_pca50(x, dim=50, max_points_per_d=1000, seed=1234):
+    """Leopart's normalize_and_transform (utils.py; TimeT my_utils.py): sklearn StandardScaler (std with
+    ddof 0, a zero std left as 1), then faiss.PCAMatrix(D, dim): the mean removed and x projected on the
+    top `dim` eigenvectors of the covariance, trained (like faiss) on at most max_points_per_d * D rows.
+    x (N, D) -> (N, dim) float32; the eigenvectors' signs are arbitrary (distances are not)."""
+    x = x.float()
+    std = x.std(0, unbiased=False)
+    x = (x - x.mean(0)) / torch.where(std > 0, std, torch.ones_like(std))
+    train = x
+    if len(x) > max_points_per_d * x.shape[1]:  # faiss fvecs_maybe_subsample
+        train = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_points_per_d * x.shape[1]]]
+    mean = train.double().mean(0)
+    cov = sum((b.double() - mean).T @ (b.double() - mean) for b in train.split(65536)) / len(train)
+    _, vectors = torch.linalg.eigh(cov)  # eigenvalues ascending
+    return (x - mean.float()) @ vectors[:, -min(dim, x.shape[1]):].flip(1).float()
+
+
 def confusion(pred, true, num_pred, num_true, ignore=255) -> torch.Tensor:
     """(num_pred, num_true) counts of (prediction, ground truth) pairs; `ignore` in true is skipped."""
     pred, true = pred.flatten().long(), true.flatten().long()
@@ -304,20 +358,27 @@ def confusion(pred, true, num_pred, num_true, ignore=255) -> torch.Tensor:
     return torch.bincount(idx.cpu(), minlength=num_pred * num_true).view(num_pred, num_true)
 
 
-def match_clusters(conf, many_to_one=False) -> torch.Tensor:
-    """cluster -> class (-1 = unmatched) from a (clusters, classes) confusion: Hungarian (one-to-one,
-    scipy's linear_sum_assignment maximising overlap) or many-to-one (each cluster to its majority class)."""
+def match_clusters(conf, many_to_one=False, unmatched=0) -> torch.Tensor:
+    """cluster -> class from a (clusters, classes) confusion, as Leopart's PredsmIoU (utils.py) and TimeT's
+    (metrics.py): Hungarian maximising IoU, linear_sum_assignment(1 - IoU) on the (classes, clusters) matrix
+    (their call, so that ties break alike), unmatched clusters -> `unmatched` (theirs: 0, background; -1 =
+    a miss); or many-to-one: each cluster to its highest-precision class, i.e. its majority class."""
     if many_to_one:
-        return conf.argmax(1)
-    rows, cols = linear_sum_assignment(conf.numpy(), maximize=True)
-    mapping = torch.full((conf.shape[0],), -1, dtype=torch.long)
-    mapping[torch.as_tensor(rows)] = torch.as_tensor(cols)
+        return conf.argmax(1)  # precision tp / (tp + fp) has one denominator per cluster; first maximum wins
+    c = conf.double().numpy()
+    union = c.sum(1, keepdims=True) + c.sum(0, keepdims=True) - c
+    iou = c / np.maximum(union, 1e-8)  # PredsmIoU.get_score
+    classes, clusters = linear_sum_assignment(1 - iou.T)
+    mapping = torch.full((conf.shape[0],), unmatched, dtype=torch.long)
+    mapping[torch.as_tensor(clusters)] = torch.as_tensor(classes)
     return mapping
 
 
-def miou(conf, mapping=None) -> float:
-    """Mean IoU (%) over classes that occur (in ground truth or prediction). conf (P, C): rows are
-    predictions; `mapping` (P,) sends each prediction row to a class, -1 = no class (a miss)."""
+def miou(conf, mapping=None, gt_classes_only=False) -> float:
+    """Mean IoU (%). conf (P, C): rows are predictions; `mapping` (P,) sends each prediction row to a class,
+    -1 = no class (a miss). Every class counts, one absent from both maps scores 0 (Leopart's PredsmIoU:
+    IoU = tp / max(tp + fp + fn, 1e-8) over range(num_gt)); gt_classes_only: only the classes present in
+    the ground truth (TimeT's PredsmIoU, metrics.py: np.unique(gt))."""
     num_classes = conf.shape[1]
     if mapping is not None:
         merged = torch.zeros(num_classes + 1, num_classes, dtype=conf.dtype)
@@ -325,7 +386,8 @@ def miou(conf, mapping=None) -> float:
     conf = conf.double()
     tp = conf[:num_classes].diagonal()
     union = conf[:num_classes].sum(1) + conf.sum(0) - tp
-    return 100 * (tp[union > 0] / union[union > 0]).mean().item()
+    iou = tp / union.clamp_min(1e-8)
+    return 100 * (iou[conf.sum(0) > 0] if gt_classes_only else iou).mean().item()
 
 
 def nmi(pred, true) -> float:
@@ -388,34 +450,45 @@ def _cluster_confusion(labels, masks, k, num_classes, chunk=64):
     return conf
 
 
-def seg_cluster(features, masks, num_classes, ks=(100, 300, 500), restarts=3, device="cpu", seed=0,
-                foreground=True, background=0) -> dict:
-    """Unsupervised segmentation by k-means on L2-normalised patch tokens of the whole set.
-    K = num_classes matched one-to-one (Hungarian); each K in ks matched many-to-one (overclustering);
-    foreground-only: k-means on the patches mostly covered by foreground classes (ground truth),
-    K = num_classes - 1, Hungarian, mIoU over the foreground classes with background pixels ignored."""
+def seg_cluster(features, masks, num_classes, ks=(100, 300, 500), restarts=5, seeds=5, device="cpu", seed=0,
+                iters=100, pca_dim=50, eval_size=100, foreground=True, background=0) -> dict:
+    """Unsupervised segmentation by k-means on the patch tokens of the whole val set, as Leopart's
+    sup_overcluster.py: tokens standardised and reduced to pca_dim by PCA, faiss k-means (iters, restarts)
+    run with `seeds` seeds (seed, seed+1, ...) and the mIoU averaged over them; cluster maps and masks
+    resized to eval_size x eval_size (nearest, as F.interpolate's default), 255 ignored.
+    K = num_classes matched one-to-one (Hungarian on IoU); each K in ks matched many-to-one
+    (overclustering); foreground-only (ours, no official counterpart): k-means on the patches mostly
+    covered by foreground classes (ground truth), K = num_classes - 1, Hungarian, mIoU over the
+    foreground classes with background pixels ignored.
+    features (N, D, h, w), masks (N, H, W) uint8 -> {"seg_cluster/k21_hungarian": %, ...}."""
     n, d, h, w = features.shape
-    x = F.normalize(rearrange(features, "n d h w -> (n h w) d").float(), dim=1).to(device)
+    x = standardise_pca50(rearrange(features, "n d h w -> (n h w) d").to(device), pca_dim)
+    small = F.interpolate(masks[:, None].float(), size=(eval_size, eval_size), mode="nearest")[:, 0].long()
+    def runs(x, k):  # one k-means per seed
+        return [faiss_kmeans(x, k, iters, restarts, s)[0].cpu() for s in range(seed, seed + seeds)]
     out = {}
     for k, many in [(num_classes, False)] + [(k, True) for k in ks]:
-        labels = kmeans(x, k, restarts=restarts, seed=seed)[0].cpu().view(n, h, w)
-        conf = _cluster_confusion(labels, masks, min(k, len(x)), num_classes)
-        out[f"seg_cluster/k{k}" + ("_many_to_one" if many else "_hungarian")] = miou(conf, match_clusters(conf, many))
+        scores = []
+        for labels in runs(x, min(k, len(x))):
+            conf = _cluster_confusion(labels.view(n, h, w), small, min(k, len(x)), num_classes)
+            scores.append(miou(conf, match_clusters(conf, many)))
+        out[f"seg_cluster/k{k}" + ("_many_to_one" if many else "_hungarian")] = float(np.mean(scores))
     if foreground and num_classes > 2:
         is_fg, valid = ((masks != background) & (masks != 255)).float(), (masks != 255).float()
         pool = lambda m: F.adaptive_avg_pool2d(m[:, None], (h, w))[:, 0]  # noqa: E731
         fg = (pool(is_fg) > 0.5 * pool(valid)).flatten()  # patches mostly covered by foreground
         if fg.sum() > num_classes:
-            fg_labels = kmeans(x[fg.to(device)], num_classes - 1, restarts=restarts, seed=seed)[0].cpu()
-            labels = torch.full((n * h * w,), num_classes - 1, dtype=torch.long)  # extra row: "no cluster"
-            labels[fg] = fg_labels
-            fg_masks = masks.clone()
+            fg_masks = small.clone()
             fg_masks[fg_masks == background] = 255
-            conf = _cluster_confusion(labels.view(n, h, w), fg_masks, num_classes, num_classes)
-            mapping = torch.full((num_classes,), -1, dtype=torch.long)
-            mapping[:-1] = match_clusters(conf[:-1, 1:]) + 1  # clusters <-> foreground classes only
-            mapping[mapping == 0] = -1
-            out[f"seg_cluster/fg_k{num_classes - 1}_hungarian"] = miou(conf, mapping)
+            scores = []
+            for fg_labels in runs(x[fg.to(device)], num_classes - 1):
+                labels = torch.full((n * h * w,), num_classes - 1, dtype=torch.long)  # extra row: "no cluster"
+                labels[fg] = fg_labels
+                conf = _cluster_confusion(labels.view(n, h, w), fg_masks, num_classes, num_classes)[:, 1:]
+                mapping = torch.full((num_classes,), -1, dtype=torch.long)
+                mapping[:-1] = match_clusters(conf[:-1])  # clusters <-> foreground classes only
+                scores.append(miou(conf, mapping))
+            out[f"seg_cluster/fg_k{num_classes - 1}_hungarian"] = float(np.mean(scores))
     return out
 
 
@@ -670,6 +743,34 @@ def davis_size(height, width, short_side=480, multiple=64) -> tuple:
     return short_side, int(short_side * width / height // multiple * multiple)
 
 
+def _cv2_taps(src: int, dst: int) -> tuple:
+    """cv2.resize INTER_LINEAR's source indices and 11-bit fixed-point weights along one axis."""
+    f = ((torch.arange(dst, dtype=torch.float64) + 0.5) * (src / dst) - 0.5).float()  # float32 in cv2
+    i = f.floor()
+    f = torch.where(i < 0, 0.0, f - i)
+    i = i.long().clamp(min=0)
+    f = torch.where(i >= src - 1, 0.0, f)
+    i = i.clamp(max=src - 1)
+    return i, (i + 1).clamp(max=src - 1), ((1 - f) * 2048).round().long(), (f * 2048).round().long()
+
+
+def cv2_resize(img, size) -> torch.Tensor:
+    """cv2.resize(img, (w, h)) with INTER_LINEAR (no antialiasing) on uint8, reproduced in integers: the
+    horizontal pass with 11-bit weights, the vertical one as cv2's SIMD path rounds (bit-exact against
+    opencv 4.10 and 5.0 when shrinking; upscaling may differ by 1 on ~0.1 % of pixels).
+    uint8 (C, H, W) -> uint8 (C, h, w)."""
+    (x0, x1, a0, a1), (y0, y1, b0, b1) = _cv2_taps(img.shape[-1], size[1]), _cv2_taps(img.shape[-2], size[0])
+    v = img.long()[..., x0] * a0 + img.long()[..., x1] * a1
+    out = ((((v[..., y0, :] >> 4) * b0[:, None]) >> 16) + (((v[..., y1, :] >> 4) * b1[:, None]) >> 16) + 2) >> 2
+    return out.clamp(0, 255).to(torch.uint8)
+
+
+def davis_frame(frame, size) -> torch.Tensor:
+    """DINO's read_frame (eval_video_segmentation.py): cv2.resize to size (h, w), /255, color_normalize
+    with std 0.228 (sic) for red. uint8 (3, H, W) -> float (3, h, w)."""
+    return TF.normalize(cv2_resize(frame, size).float() / 255, MEAN, (0.228, 0.224, 0.225))
+
+
 @torch.no_grad()
 def propagate_video(backbone, frames, first_mask, device="cpu", short_side=480, multiple=64, n_last_frames=7,
                     topk=5, neighbourhood=12, temperature=0.1) -> torch.Tensor:
@@ -691,7 +792,7 @@ def propagate_video(backbone, frames, first_mask, device="cpu", short_side=480, 
     window = window.to(device).float()  # (queries, sources)
 
     def features(t):  # L2-normalised last-block patch tokens (h*w, D)
-        x = normalize(TF.resize(frames[t], [th, tw], antialias=True))[None].to(device)
+        x = davis_frame(frames[t], (th, tw))[None].to(device)
         return F.normalize(backbone.get_intermediate_layers(x, 1)[0][0, 1:], dim=1)
 
     first_feat, context = features(0), []
@@ -916,16 +1017,18 @@ def tracking_picture(track, backbone, clip, path, heads=(0, 1, 2)) -> tuple:
 # k-means on the patch features of whole clips, clusters matched to the ground truth by Hungarian
 # matching; the official protocol upsamples to pixels before matching.
 def cluster_miou(pred: torch.Tensor, truth: torch.Tensor, k: int, num_classes: int) -> float:
-    """mIoU (%) of cluster ids `pred` against `truth` (255 ignored) after Hungarian matching."""
+    """mIoU (%) of cluster ids `pred` against `truth` (255 ignored) as TimeT's PredsmIoU (metrics.py, with
+    involve_bg): Hungarian on IoU, unmatched clusters -> 0, mean over the classes present in `truth`."""
     conf = confusion(pred, truth, k, num_classes)
-    return miou(conf, match_clusters(conf))
+    return miou(conf, match_clusters(conf), gt_classes_only=True)
 
 
 @torch.no_grad()
 def clip_features(backbone, frames: torch.Tensor, size: int, device, batch: int = 32):
     """uint8 (T, 3, H, W) -> patch features (T, h, w, D), frames resized to `size` x `size`."""
     x = TF.resize(frames, [size, size], antialias=True)
-    x = TF.normalize(TF.to_dtype(x, torch.float32, scale=True), MEAN, STD)
+    std = (0.228, 0.224, 0.225)  # TimeT evaluation.py's ClipToTensor (sic)
+    x = TF.normalize(TF.to_dtype(x, torch.float32, scale=True), MEAN, std)
     p = backbone.patch_embed.patch_size
     feats = torch.cat([backbone.get_intermediate_layers(x[i:i + batch].to(device), 1)[0][:, 1:].float().cpu() for i in range(0, len(x), batch)])
     return rearrange(feats, "t (h w) d -> t h w d", h=size // p)
@@ -940,6 +1043,27 @@ def pixel_clusters(feats: torch.Tensor, centroids: torch.Tensor, size: int) -> t
     return up.argmax(1)
 
 
+def _upsample(feats, size) -> torch.Tensor:  # (T, h, w, d) -> (T * size * size, d), bilinear in float64 as TimeT
+    up = F.interpolate(rearrange(feats, "t h w d -> t d h w").double(), size=(size, size), mode="bilinear",
+                       align_corners=False)
+    return rearrange(up.float(), "t d h w -> (t h w) d")
+
+
+def pixel_kmeans(feats, k, size, niter=50, nredo=5, seed=1, chunk=16) -> torch.Tensor:
+    """TimeT's clustering.cluster_features after its PCA: features (T, h, w, d) upsampled bilinearly to
+    size x size, faiss k-means (niter 50, nredo 5, seed 1) on the pixels, each pixel to its nearest centroid
+    -> (T, size, size). faiss trains on a random k*256 of the pixels; drawn here from the frames in chunks,
+    so that the upsampled features of a whole dataset are never held at once."""
+    n, per_frame = len(feats) * size * size, size * size
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k * 256]
+    first = lambda t: t * per_frame  # noqa: E731  the first pixel index of frame t
+    sample = torch.cat([_upsample(feats[t:t + chunk], size)[idx[(idx >= first(t)) & (idx < first(t + chunk))] - first(t)]
+                        for t in range(0, len(feats), chunk)])
+    centroids = faiss_kmeans(sample, k, niter, nredo, seed, max_points_per_centroid=256)[1]
+    labels = [_nearest(_upsample(feats[t:t + chunk], size), centroids)[1] for t in range(0, len(feats), chunk)]
+    return torch.cat(labels).view(len(feats), size, size)
+
+
 @functools.lru_cache(maxsize=None)
 def synthetic_classes(root: str, name: str) -> torch.Tensor:
     """Instance id -> class id (0 background, 255 kept) of a synthetic-world tour, from its generator."""
@@ -952,45 +1076,75 @@ def synthetic_classes(root: str, name: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def video_kmeans_miou(backbone, davis_root: str, size: int, device, clip_frames: int = 16, world_root=None):
-    """Clip-wise: each clip clustered alone with K = its number of labels, matched alone;
-    dataset-wise: all clips' patches clustered together with K = the dataset's number of
-    classes, matched once. Labels: DAVIS instance ids (clip-wise) and semantic classes where
-    known (synthetic world: from the generator; else the DAVIS ids as given)."""
+def video_kmeans_miou(backbone, davis_root: str, size: int, device, clip_frames: int = 16, world_root=None,
+                      pca_batch: int = 16, pca_dim: int = 50):
+    """TimeT's unsupervised video segmentation (evaluation.py + clustering.cluster_features), on
+    consecutive clips of clip_frames frames at size x size. Features standardised + PCA to pca_dim
+    (over a loader batch of pca_batch clips clip-wise, over all clips dataset-wise), upsampled bilinearly
+    to pixels, faiss k-means (50 it, 5 restarts, seed 1) on the pixels, TimeT's PredsmIoU.
+    Clip-wise: each clip clustered alone with K = its number of labels (the official use_annotations),
+    scored at size, mean over clips per batch, then over batches (as evaluation.py averages);
+    dataset-wise: all clips together, K = the dataset's number of classes, scored at size // 2 (the
+    official 112 for 224). Labels: DAVIS instance ids (clip-wise) and semantic classes where known
+    (synthetic world: from the generator; else the DAVIS ids as given)."""
     import data
     backbone.eval()
     videos = data.DAVIS(davis_root, split="val")
-    clip_scores, all_feats, all_truth = [], [], []
+    clips = []  # (features (T, h, w, D), instance masks, semantic masks) at size
     for item in videos:
         frames, masks = item["frames"], item["masks"]
         semantic = synthetic_classes(world_root, item["name"])[masks] if world_root else masks
         feats = clip_features(backbone, frames, size, device)
-        masks = F.interpolate(masks[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
-        semantic = F.interpolate(semantic[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
+        # nearest-exact: PIL's NEAREST, which TimeT's loader resizes the annotations with
+        resize = lambda m: F.interpolate(m[:, None].float(), size=(size, size), mode="nearest-exact")[:, 0].long()  # noqa: E731
+        masks, semantic = resize(masks), resize(semantic)
         for s in range(0, len(frames) - clip_frames + 1, clip_frames):
-            f, m = feats[s:s + clip_frames], masks[s:s + clip_frames]
+            clips.append((feats[s:s + clip_frames], masks[s:s + clip_frames], semantic[s:s + clip_frames]))
+    batch_scores = []
+    for b in range(0, len(clips), pca_batch):
+        batch = clips[b:b + pca_batch]
+        flat = torch.cat([f.reshape(-1, f.shape[-1]) for f, _, _ in batch])
+        reduced = standardise_pca50(flat, pca_dim).split([f[..., 0].numel() for f, _, _ in batch])
+        scores = []
+        for (f, m, _), x in zip(batch, reduced):
             ids = m[m != 255].unique()
+            if len(ids) < 2:
+                continue
             lut = torch.full((256,), 255, dtype=torch.long)
             lut[ids] = torch.arange(len(ids))
-            k = len(ids)
-            if k < 2:
-                continue
-            centroids = kmeans(F.normalize(f.reshape(-1, f.shape[-1]), dim=1), k)[1]
-            pred = pixel_clusters(F.normalize(f, dim=-1), centroids, size)
-            clip_scores.append(cluster_miou(pred, lut[m], k, k))
-            all_feats.append(f)
-            all_truth.append(semantic[s:s + clip_frames])
-    feats, truth = torch.cat(all_feats), torch.cat(all_truth)
+            pred = pixel_kmeans(x.view(*f.shape[:3], -1), len(ids), size)
+            scores.append(cluster_miou(pred, lut[m], len(ids), len(ids)))
+        if scores:
+            batch_scores.append(float(np.mean(scores)))
+    feats = torch.cat([f for f, _, _ in clips])
+    truth = torch.cat([t for _, _, t in clips])
+    truth = F.interpolate(truth[:, None].float(), size=(size // 2, size // 2), mode="nearest")[:, 0].long()
     num_classes = int(truth[truth != 255].max()) + 1
-    flat = F.normalize(feats.reshape(-1, feats.shape[-1]), dim=1)
-    sample = flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(0))[:20000]]
-    centroids = kmeans(sample, num_classes)[1]
-    pred = pixel_clusters(F.normalize(feats, dim=-1), centroids, size)
-    return {"video_kmeans/clip_wise_miou": float(np.mean(clip_scores)),
+    reduced = standardise_pca50(feats.reshape(-1, feats.shape[-1]), pca_dim).view(*feats.shape[:3], -1)
+    pred = pixel_kmeans(reduced, num_classes, size // 2)
+    return {"video_kmeans/clip_wise_miou": float(np.mean(batch_scores)),
             "video_kmeans/dataset_wise_miou": cluster_miou(pred, truth, num_classes, num_classes)}
 
 
 # ====== Dataset-level runners (CLI and run_suite share them) ========================================
+# The protocol each benchmark runs, named in evaluate.py's JSON (official file: what is followed).
+PROTOCOLS = {
+    "knn": "DINO eval_knn.py: weighted k-NN on L2-normalised [CLS], k = 10/20/100/200, T = 0.07, top-1/top-5",
+    "linear": "DINO eval_linear.py's head and schedule (SGD 0.9, wd 0, cosine, lr x batch/256) on cached [CLS] of "
+              "the last 4 blocks; lr picked on a 10 % held-out split; no augmentation (ours)",
+    "seg-linear": "1x1-conv probe on frozen patch tokens (ours: AdamW + cosine, cached), logits upsampled "
+                  "bilinearly to the mask; mIoU over all classes (absent = 0, Leopart PredsmIoU), 255 ignored",
+    "seg-cluster": "Leopart sup_overcluster.py: standardise + PCA50, k-means as faiss (100 it, 5 restarts) with "
+                   "5 seeds averaged, nearest to 100x100; K = #classes Hungarian IoU, K = 100/300/500 "
+                   "many-to-one (precision); fg_k variant ours",
+    "propagate": "DINO eval_video_segmentation.py: cv2 INTER_LINEAR to short side 480 (long side floored to x64), "
+                 "std 0.228, T = 0.1, top-5, first + 7 previous frames, neighbourhood 12; J, F as the DAVIS toolkit",
+    "video-kmeans": "TimeT evaluation.py + clustering.py: standardise + PCA50, features upsampled bilinearly, k-means "
+                    "as faiss (50 it, 5 restarts, seed 1) on the pixels, Hungarian IoU (PredsmIoU); clip-wise at the "
+                    "input size, dataset-wise at half",
+}
+
+
 def _loader(dataset, batch_size, num_workers):
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
 
@@ -1012,7 +1166,7 @@ def classification(backbone, root, device, benches=("knn", "linear"), image_size
 
 
 def segmentation(backbone, root, device, benches=("seg-linear", "seg-cluster"), image_size=448, batch_size=16,
-                 num_workers=0, epochs=20, ks=(100, 300, 500), restarts=3) -> dict:
+                 num_workers=0, epochs=20, ks=(100, 300, 500), restarts=5, seeds=5) -> dict:
     """seg-linear (train -> val) and/or seg-cluster (val) on a VOC-layout root."""
     import data
     val = data.VOCSegmentation(root, "val", SegTransform(image_size))
@@ -1023,7 +1177,7 @@ def segmentation(backbone, root, device, benches=("seg-linear", "seg-cluster"), 
         train_x, train_y = extract(backbone, _loader(train, batch_size, num_workers), device, patch_tokens=True)
         out.update(seg_linear(train_x, train_y, val_x, val_y, val.num_classes, epochs=epochs, device=device))
     if "seg-cluster" in benches:
-        out.update(seg_cluster(val_x, val_y, val.num_classes, ks=ks, restarts=restarts, device=device))
+        out.update(seg_cluster(val_x, val_y, val.num_classes, ks=ks, restarts=restarts, seeds=seeds, device=device))
     return out
 
 
@@ -1045,7 +1199,7 @@ def run_suite(backbone, root, benches=("knn", "linear", "seg-linear", "seg-clust
             out.update(classification(backbone, os.path.join(root, "objects"), device, chosen, image_size, epochs=30))
         elif group == "seg":
             out.update(segmentation(backbone, os.path.join(root, "voc"), device, chosen, image_size, epochs=30,
-                                    restarts=1))
+                                    restarts=1, seeds=1))  # the demos' shortcut: 1 k-means run, not 5 x 5
         else:
             out.update(propagate(backbone, data.DAVIS(os.path.join(root, "davis")), device, out_dir,
                                  max_frames=24, short_side=2 * image_size, multiple=patch_size_of(backbone)))
@@ -1083,7 +1237,7 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--epochs", type=int, default=None, help="probe epochs (default: 100 linear, 20 seg-linear)")
-    p.add_argument("--restarts", type=int, default=3, help="seg-cluster: k-means restarts (best inertia kept)")
+    p.add_argument("--restarts", type=int, default=5, help="seg-cluster: k-means restarts (best kept; Leopart: 5)")
     p.add_argument("--episodes", type=int, default=100, help="icl episodes per (ways, shots)")
     p.add_argument("--task-induction", action="store_true", help="icl: 'Answer with a or b.' before the question")
     p.add_argument("--max-videos", type=int, default=3, help="viz: pictures for this many videos")
@@ -1132,6 +1286,9 @@ def main(args):
         results = run_suite(backbone, args.data, device=device, image_size=size or 64, out_dir=args.output_dir)
     if args.bench != "suite":
         print_table(results, f"{args.bench}: {args.ckpt or ('random ' if args.random_init else '') + args.arch}")
+        results["protocol"] = PROTOCOLS.get(args.bench, "ours")
+    else:
+        results["protocol"] = {b: PROTOCOLS[b] for b in ("knn", "linear", "seg-linear", "seg-cluster", "propagate")}
     print(json.dumps(results))
 
 

@@ -84,6 +84,31 @@ def test_many_to_one_overclustering():
     assert 25 < one_to_one < 40
 
 
+def test_hungarian_maximises_iou_not_overlap():
+    # clusters c0 (2 px), c1 (7 px) x classes A (2 px), B (7 px). Overlap: c0->A, c1->B (0 + 5 > 2 + 2);
+    # IoU: c0->B, c1->A (2/7 + 2/7 = .571 > 0 + 5/9 = .556), as Leopart's and TimeT's PredsmIoU choose
+    conf = torch.tensor([[0, 2], [2, 5]])
+    assert E.match_clusters(conf).tolist() == [1, 0]
+    assert E.miou(conf, E.match_clusters(conf)) == pytest.approx(100 * 2 / 7)  # overlap's choice: 100 * 5 / 18
+
+
+def test_unmatched_clusters_go_to_background():
+    conf = torch.tensor([[3, 0], [0, 3], [1, 1]])  # cluster 2 is left over by the one-to-one matching
+    assert E.match_clusters(conf).tolist() == [0, 1, 0]
+    # class 0 gets cluster 2's pixels: IoU 4/5 and 3/4 (a miss instead would give 3/4 and 3/4)
+    assert E.miou(conf, E.match_clusters(conf)) == pytest.approx(100 * (4 / 5 + 3 / 4) / 2)
+
+
+def test_classes_absent_from_both_maps_score_zero():
+    pred = true = torch.tensor([0, 0, 1, 1])
+    conf = E.confusion(pred, true, 3, 3)  # class 2 in neither map
+    assert E.miou(conf) == pytest.approx(100 * 2 / 3)  # Leopart: mean over all classes
+    assert E.miou(conf, gt_classes_only=True) == pytest.approx(100)  # TimeT: classes of the ground truth
+    conf = E.confusion(torch.tensor([0, 2, 1, 1]), true, 3, 3)  # class 2 predicted but not in the truth
+    assert E.miou(conf) == pytest.approx(100 * (1 / 2 + 1 + 0) / 3)
+    assert E.miou(conf, gt_classes_only=True) == pytest.approx(100 * (1 / 2 + 1) / 2)
+
+
 def test_nmi_and_cluster_accuracy():
     g = torch.Generator().manual_seed(2)
     true = torch.randint(0, 5, (2000,), generator=g)
@@ -99,6 +124,42 @@ def test_kmeans_recovers_separated_blobs():
     assert centroids.shape == (5, 16)
     assert E.cluster_accuracy(labels, y) == pytest.approx(100)
     assert E.kmeans(x, 1000)[1].shape[0] == 600  # k is capped at the number of points
+
+
+def test_faiss_kmeans_and_standardise_pca50():
+    x, y = blobs(600, num_classes=5, dim=16, spread=10)
+    labels, centroids = E.faiss_kmeans(x, 5, niter=20, nredo=3, seed=0, max_points_per_centroid=50)
+    assert centroids.shape == (5, 16) and E.cluster_accuracy(labels, y) == pytest.approx(100)  # fit on 250
+    z = E.standardise_pca50(x, dim=4)
+    assert z.shape == (600, 4)
+    assert torch.allclose(z.mean(0), torch.zeros(4), atol=1e-4)
+    variances = z.var(0, unbiased=False)
+    assert (variances[:-1] >= variances[1:]).all()  # principal axes in decreasing variance
+    std = (x - x.mean(0)) / x.std(0, unbiased=False)  # StandardScaler: ddof 0
+    top = torch.linalg.eigvalsh(std.T.double() @ std.double() / 600)[-4:].flip(0)
+    assert torch.allclose(variances.double(), top, rtol=1e-4)
+
+
+def test_seg_cluster_standardises_before_clustering():
+    # a loud noise channel (std 100) beside two quiet channels that carry the class (+-1, noise .05):
+    # on L2-normalised raw tokens k-means splits the noise; standardised, the class channels win
+    g = torch.Generator().manual_seed(0)
+    cls = torch.randint(0, 2, (20, 1, 4, 4), generator=g)
+    sign = 2 * cls.float() - 1
+    feats = torch.cat([sign + 0.05 * torch.randn(20, 2, 4, 4, generator=g),
+                       100 * torch.randn(20, 1, 4, 4, generator=g)], dim=1)
+    masks = F.interpolate(cls.float(), scale_factor=8, mode="nearest")[:, 0].to(torch.uint8)
+    res = E.seg_cluster(feats, masks, num_classes=2, ks=(), seeds=2, restarts=2, iters=20, foreground=False)
+    assert res["seg_cluster/k2_hungarian"] == pytest.approx(100)
+
+
+def test_pixel_kmeans_fits_the_upsampled_pixels():
+    feats = torch.tensor([[0.0, 10.0], [0.0, 10.0]]).view(1, 2, 2, 1)
+    # bilinear 2 -> 4 (align_corners False): columns 0, 2.5, 7.5, 10; two clusters split them in the middle
+    labels = E.pixel_kmeans(feats, 2, 4, niter=10, nredo=2)
+    assert labels.shape == (1, 4, 4) and (labels == labels[0, :1]).all()
+    a, b = labels[0, 0, 0].item(), labels[0, 0, 3].item()
+    assert a != b and labels[0, 0].tolist() == [a, a, b, b]
 
 
 # ------------------------------------------------------------------ J and F
@@ -201,6 +262,14 @@ def translating_video(num_frames=8, height=64, width=96, step=8):
             masks[t][sl] = obj
         frames[t] = img.to(torch.uint8)
     return dict(name="translate", frames=frames, masks=masks, palette=None)
+
+
+def test_davis_frames_as_dino_reads_them():
+    row = torch.tensor([0, 100, 200, 255], dtype=torch.uint8).view(1, 1, 4)
+    # cv2 INTER_LINEAR halving: source x = 0.5 and 2.5, no antialiasing: (0+100)/2, (200+255)/2 rounded up
+    assert E.cv2_resize(row, (1, 2)).flatten().tolist() == [50, 228]
+    red = E.davis_frame(torch.zeros(3, 2, 2, dtype=torch.uint8), (2, 2))[0, 0, 0]
+    assert red.item() == pytest.approx(-0.485 / 0.228)  # DINO's color_normalize: std 0.228 (sic) for red
 
 
 def test_label_propagation_follows_a_translating_object(tmp_path):
@@ -483,7 +552,9 @@ def test_cli_prints_a_table_then_one_json_line(small_world, tmp_path, capsys, re
     assert json.loads(lines[-1])["knn/k20/top1"] >= 0
     E.main(E.get_args(["propagate", "--data", os.path.join(small_world, "davis"), "--arch", "vit_demo",
                        "--random-init", "--short-side", "64", *common]))
-    assert set(json.loads(capsys.readouterr().out.strip().splitlines()[-1])) == {"davis/J", "davis/F", "davis/J&F"}
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(printed) == {"davis/J", "davis/F", "davis/J&F", "protocol"}
+    assert printed["protocol"].startswith("DINO eval_video_segmentation.py")  # the JSON names its protocol
     assert len(os.listdir(tmp_path / "tour_00")) == 6  # the palette PNGs
     E.main(E.get_args(["viz", "--data", os.path.join(small_world, "videos"), "--arch", "vit_demo",
                        "--random-init", "--frames", "3", "--image-size", "32", *common]))
