@@ -269,7 +269,7 @@ def test_one_corrupt_video_is_named_as_such(tmp_path):
     (tmp_path / "broken.mp4").write_bytes(os.urandom(3000))
     import data
     with pytest.raises(data.DataError, match="broken.mp4: corrupt"):
-        L.TrainImages(str(tmp_path / "broken.mp4"), lambda img: img)
+        data.ImagesOrFrames(str(tmp_path / "broken.mp4"), lambda img: img)
 
 
 # --------------------------------------------------------------------------- resume
