@@ -2,6 +2,7 @@
 DDP equality, bf16, resume."""
 import copy
 import os
+import random
 import sys
 from contextlib import nullcontext
 
@@ -70,6 +71,49 @@ def test_clip_crop_identical_across_frames():
     assert not torch.allclose(jittered[0], jittered[1])  # photometric noise drawn per frame
 
 
+def test_clip_frames_are_sorted_random_frames_of_the_whole_video():
+    """Official data_loader.py (UNIFORM): 4 distinct sorted frames, uniform over the video."""
+    rng = random.Random(0)
+    draws = [tt.sample_frame_indices(100, 4, rng=rng) for _ in range(2000)]
+    assert all(d == sorted(set(d)) and len(d) == 4 and 0 <= d[0] and d[-1] < 100 for d in draws)
+    assert {i for d in draws for i in d} == set(range(100))  # every frame can be drawn
+    # span of 4 of 100 drawn without replacement: E[max - min] = (n + 1)(k - 1)/(k + 1) = 101 * 3/5 = 60.6
+    assert abs(np.mean([d[-1] - d[0] for d in draws]) - 60.6) < 1.5  # frames 3 apart: always 9
+    assert tt.sample_frame_indices(100, rng=random.Random(7)) == tt.sample_frame_indices(100, rng=random.Random(7))
+    short = tt.sample_frame_indices(2, 4, rng=rng)  # shorter than a clip: repeats (random.choices)
+    assert short == sorted(short) and set(short) <= {0, 1}
+    regular = tt.sample_frame_indices(100, 4, step=3, rng=rng)  # --frame-step: the official Regular mode
+    assert np.diff(regular).tolist() == [3, 3, 3]
+    assert np.diff(tt.sample_frame_indices(9, 4, step=3, rng=rng)).tolist() == [2, 2, 2]  # 9 // 4
+
+
+def test_clip_dataset_reads_the_sampled_frames(tmp_path):
+    os.makedirs(tmp_path / "vid")
+    for t in range(30):  # frame t is a flat grey of value 8 t: the pixels tell which frame was read
+        Image.fromarray(np.full((16, 16, 3), 8 * t, np.uint8)).save(tmp_path / "vid" / f"{t:05d}.jpg")
+    videos = data.VideoClips(tmp_path, num_frames=1, step_between_clips=2 ** 62)
+    dataset = tt.RandomClipPerVideo(videos, num_frames=4, clips_per_video=3)
+    assert len(dataset) == 3
+    random.seed(1)
+    read = [dataset[i][:, 0].float().mean(dim=(1, 2)).div(8).round().long().tolist() for i in range(3)]
+    random.seed(1)
+    assert read == [tt.sample_frame_indices(30, 4) for _ in range(3)]
+
+
+def test_sinkhorn_runs_the_official_ten_iterations():
+    """The official training call leaves get_loss at sinkhorn_iterations=10 (my_utils.sinkhorn)."""
+    assert _args().sinkhorn_iters == 10
+    scores = F.normalize(torch.randn(60, 8), dim=1) @ F.normalize(torch.randn(5, 8), dim=1).t()
+    Q = torch.exp(scores.double() / 0.05).t()  # my_utils.sinkhorn, written out: (K, B)
+    Q /= Q.sum()
+    for _ in range(10):
+        Q *= (1 / 5 / Q.sum(dim=1)).unsqueeze(1)
+        Q *= (1 / 60 / Q.sum(dim=0)).unsqueeze(0)
+    official = (Q * 60).t().float()
+    assert torch.allclose(tt.sinkhorn(scores, 0.05), official, atol=1e-5)
+    assert not torch.allclose(tt.sinkhorn(scores, 0.05, iters=3), official, atol=1e-3)
+
+
 def test_sinkhorn_balances_patches_over_prototypes():
     scores = F.normalize(torch.randn(600, 384), dim=1) @ F.normalize(torch.randn(30, 384), dim=1).t()
     q = tt.sinkhorn(scores + 0.5 * torch.arange(30) / 30, eps=0.05, iters=3)  # skewed towards high ids
@@ -110,6 +154,25 @@ def test_dino_weights_load_strict(tmp_path):
 
 
 # ----------------------------------------------------------------------------- training steps
+def test_teacher_update_is_the_official_one():
+    """time_tuning.py, update_momentum_teacher: teacher <- (1 - m) teacher + m student."""
+    teacher, student = torch.nn.Module(), torch.nn.Module()
+    teacher.head, student.head = tt.TimeTHead(2, dims=(2,), num_prototypes=2), tt.TimeTHead(2, dims=(2,), num_prototypes=2)
+    with torch.no_grad():
+        for net, w, protos in ((teacher, 1.0, [[1.0, 0.0], [0.0, 1.0]]), (student, 3.0, [[0.0, 1.0], [1.0, 0.0]])):
+            net.head.mlp[0].weight.fill_(w)
+            net.head.mlp[0].bias.fill_(w)
+            net.head.prototypes.copy_(torch.tensor(protos))
+    official, paper = copy.deepcopy(teacher), copy.deepcopy(teacher)
+    tt.ema_update(official, student, 0.995)
+    assert torch.allclose(official.head.mlp[0].weight, torch.full((2, 2), 0.005 * 1 + 0.995 * 3))  # 2.99
+    n = (0.005 ** 2 + 0.995 ** 2) ** 0.5  # prototypes mixed, then re-normalised
+    assert torch.allclose(official.head.prototypes, torch.tensor([[0.005, 0.995], [0.995, 0.005]]) / n)
+    tt.ema_update(paper, student, 0.995, paper_ema=True)  # --paper-ema
+    assert torch.allclose(paper.head.mlp[0].bias, torch.full((2,), 0.995 * 1 + 0.005 * 3))  # 1.01
+    assert torch.allclose(paper.head.prototypes, torch.tensor([[0.995, 0.005], [0.005, 0.995]]) / n)
+
+
 def _args(tmp_path=None, data_root=None, **kw):
     argv = ["--data", str(data_root or "unused"), "--arch", "vit_demo", "--patch-size", "8", "--image-size", "32",
             "--proj-dims", "32", "16", "--num-prototypes", "10", "--batch-size-per-gpu", "2", "--num-workers", "0",
