@@ -7,9 +7,9 @@ Image Representations", ICCV 2023, https://arxiv.org/abs/2308.11796
 The idea. An image model (DINO) gives patch features that segment single images well but
 flicker over the frames of a video. TimeT fine-tunes it on unlabelled videos so that patches
 cluster consistently in space *and time*. For a short clip (4 sorted random frames of a
-video, one shared crop): a momentum teacher scores the first frame's patch tokens against 200 prototypes and
-Sinkhorn-Knopp turns the scores into balanced cluster assignments. The Feature-Forwarder then
-carries those assignments through the clip to the last frame by label propagation on the
+video, one shared crop): a momentum teacher scores the first frame's patch tokens against
+200 prototypes and Sinkhorn-Knopp turns the scores into balanced cluster assignments. The
+Feature-Forwarder then carries those assignments through the clip to the last frame by label propagation on the
 backbone's own patch features (each patch copies the labels of its 5 most similar patches in
 a 6-patch neighbourhood of the first and previous frames), so the last frame gets a cluster
 map that has *followed the motion*. The student must predict that map from the last frame
