@@ -9,12 +9,13 @@ flicker over the frames of a video. TimeT fine-tunes it on unlabelled videos so 
 cluster consistently in space *and time*. For a short clip (4 sorted random frames of a
 video, one shared crop): a momentum teacher scores the first frame's patch tokens against
 200 prototypes and Sinkhorn-Knopp turns the scores into balanced cluster assignments. The
-Feature-Forwarder then carries those assignments through the clip to the last frame by label propagation on the
-backbone's own patch features (each patch copies the labels of its 5 most similar patches in
-a 6-patch neighbourhood of the first and previous frames), so the last frame gets a cluster
-map that has *followed the motion*. The student must predict that map from the last frame
-alone: cross-entropy of its prototype scores (temperature 0.1) against the map's argmax.
-Only the last two ViT blocks, a projection head and the prototypes are trained.
+Feature-Forwarder then carries those assignments through the clip to the last frame by label
+propagation on the backbone's own patch features (each patch copies the labels of its 5 most
+similar patches in a 6-patch neighbourhood of the first and previous frames), so the last
+frame gets a cluster map that has *followed the motion*. The student must predict that map
+from the last frame alone: cross-entropy of its prototype scores (temperature 0.1) against
+the map's argmax. Only the last two ViT blocks, a projection head and the prototypes are
+trained.
 
 Commands:
   python timetuning.py --demo                                   # vit_demo, synthetic videos, ~3 min CPU
