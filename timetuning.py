@@ -29,8 +29,9 @@ Official-code facts that differ from a plain reading (time_tuning.py), followed 
 training call leaves get_loss at its default of 10 Sinkhorn iterations and 7 context frames
 (the CLI's 3 and 6 are never passed); clips are 4 sorted random frames of the whole video
 (data_loader.py; `regular_step` only acts in another sampling mode: --frame-step); the
-teacher update swaps m and 1 - m (see `ema_update`; --paper-ema). Not followed: colour
-jitter is drawn once per clip there (we draw it per frame).
+teacher update swaps m and 1 - m (see `ema_update`; --paper-ema); photometric noise is drawn
+once per clip on source-resolution frames, and only one of the four jitter adjustments acts
+(see `ClipAugmentation`).
 
 Contents: args; the ViT (a copy of DINO's, as in every method file); projection head and
 prototypes; pretrained loading; the clip augmentation; Sinkhorn-Knopp; the Feature-Forwarder;
@@ -56,7 +57,7 @@ from tqdm import tqdm
 import data
 
 METHOD = "timetuning"
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.228, 0.224, 0.225)  # official ClipToTensor: 0.228 (sic)
 
 
 # ----------------------------------------------------------------------------------------
@@ -380,36 +381,38 @@ def load_pretrained(backbone: VisionTransformer, path: str):
 
 
 # ----------------------------------------------------------------------------------------
-# Clips: one crop and flip for all frames (so patches correspond across time up to the
-# motion), photometric jitter drawn per frame. Official strengths: jitter (0.8, 0.8, 0.8,
-# 0.2) with p 0.8, grayscale p 0.2, blur p 0.5 with σ in [0.1, 2].
-# (The official video_transformations draw the jitter once per clip; we follow the paper's
-# per-frame wording, which asks the features to ignore colour changes between frames.)
+# Clips as the official training pipeline (time_tuning.py, `frame_transform` then
+# `video_transform`): photometric noise on the source-resolution frames, drawn once per clip
+# (jitter (0.8, 0.8, 0.8, 0.2) p 0.8, grayscale p 0.2, blur p 0.5 with σ in [0.1, 2] px per
+# frame), then Resize(short side 224), one crop and flip for all frames (so patches correspond
+# across time up to the motion), normalised with the official std 0.228 (sic, not 0.229).
 # ----------------------------------------------------------------------------------------
 class ClipAugmentation:
-    """uint8 clip (T, 3, H, W) -> normalised float clip (T, 3, size, size)."""
+    """uint8 clip (T, 3, H, W) at source resolution -> normalised float clip (T, 3, size, size)."""
 
     def __init__(self, size=224, scale=(0.4, 1.0), jitter_p=0.8, gray_p=0.2, blur_p=0.5):
         self.size, self.scale = size, tuple(scale)
-        self.jitter = T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=jitter_p) if jitter_p > 0 else None
-        self.gray_p, self.blur_p = gray_p, blur_p
+        self.jitter_p, self.gray_p, self.blur_p = jitter_p, gray_p, blur_p
 
     def __call__(self, clip):
+        if random.random() < self.jitter_p:  # official video_transformations.ColorJitter(per_frame=False)
+            b, c, s = (random.uniform(0.2, 1.8) for _ in range(3))  # official draw order: b, c, s, hue
+            h = random.uniform(-0.2, 0.2)
+            ops = [(TF.adjust_brightness, b), (TF.adjust_saturation, s), (TF.adjust_hue, h), (TF.adjust_contrast, c)]
+            random.shuffle(ops)
+            op, factor = ops[-1]  # official quirk (`jittered_img = func(img)` on the original frame): only the last acts
+            clip = op(clip, factor)
+        if torch.rand(()) < self.gray_p:  # official RandomGrayscale(per_frame=False) draws from torch
+            clip = TF.rgb_to_grayscale(clip, num_output_channels=3)
+        if random.random() < self.blur_p:  # official RandomGaussianBlur: once per clip, PIL radius (= σ) per frame
+            sigmas = [random.uniform(0.1, 2.0) for _ in clip]
+            clip = torch.stack([TF.gaussian_blur(f, 2 * math.ceil(3 * s) + 1, s) for f, s in zip(clip, sigmas)])
+        clip = TF.resize(clip, self.size, antialias=True)  # official Resize(224): PIL bilinear of the short side
         i, j, h, w = T.RandomResizedCrop.get_params(clip[0], self.scale, (3 / 4, 4 / 3))  # one box for all frames
         clip = TF.resized_crop(clip, i, j, h, w, [self.size, self.size], antialias=True)
         if random.random() < 0.5:
             clip = TF.horizontal_flip(clip)
-        frames = []
-        for frame in clip:  # per-frame photometric noise
-            if self.jitter is not None:
-                frame = self.jitter(frame)
-            if random.random() < self.gray_p:
-                frame = TF.rgb_to_grayscale(frame, num_output_channels=3)
-            if random.random() < self.blur_p:
-                sigma = random.uniform(0.1, 2.0)
-                frame = TF.gaussian_blur(frame, 2 * math.ceil(3 * sigma) + 1, sigma)
-            frames.append(frame)
-        clip = TF.to_dtype(torch.stack(frames), torch.float32, scale=True)
+        clip = TF.to_dtype(clip, torch.float32, scale=True)
         return TF.normalize(clip, IMAGENET_MEAN, IMAGENET_STD)
 
 
@@ -580,7 +583,7 @@ def train(args):
     teacher = copy.deepcopy(student).requires_grad_(False)
 
     videos = data.VideoClips(args.data, num_frames=1, step_between_clips=2 ** 62,  # one item per video
-                             short_side=args.image_size,  # official: Resize(224), then the crop
+                             short_side=None,  # official: noise at source resolution, then Resize(224)
                              transform=ClipAugmentation(args.image_size, args.crop_scale))
     dataset = RandomClipPerVideo(videos, args.num_frames, args.frame_step, args.clips_per_video)
     sampler = torch.utils.data.DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=args.seed, drop_last=True)

@@ -67,8 +67,66 @@ def test_clip_crop_identical_across_frames():
         out = geometry_only(clip)
         assert out.shape == (4, 3, 32, 32)
         assert all(torch.equal(out[0], out[t]) for t in range(1, 4))  # one crop and flip for the clip
-    jittered = tt.ClipAugmentation(32, jitter_p=1.0, gray_p=0, blur_p=0)(clip)
-    assert not torch.allclose(jittered[0], jittered[1])  # photometric noise drawn per frame
+    jittered = tt.ClipAugmentation(32, jitter_p=1.0, gray_p=0, blur_p=0)
+    for _ in range(5):  # official ColorJitter(per_frame=False): one draw for the whole clip
+        out = jittered(clip)
+        assert all(torch.equal(out[0], out[t]) for t in range(1, 4))
+    colours = torch.tensor([[200, 100, 50], [10, 220, 90], [90, 30, 240], [250, 250, 0]], dtype=torch.uint8)
+    grey = tt.ClipAugmentation(8, jitter_p=0, gray_p=0.5, blur_p=0)
+    counts = {int(_pixels(grey(colours[:, :, None, None].expand(4, 3, 8, 8))).std(dim=1).amax(dim=(1, 2)).lt(1e-3).sum())
+              for _ in range(20)}
+    assert counts == {0, 4}  # official RandomGrayscale(per_frame=False): all frames grey or none
+
+
+def _pixels(out):
+    """Normalised clip -> 0..255 values, undoing the official std 0.228 normalisation."""
+    mean, std = torch.tensor(tt.IMAGENET_MEAN)[:, None, None], torch.tensor((0.228, 0.224, 0.225))[:, None, None]
+    return (out * std + mean) * 255
+
+
+class _Draws:
+    """Stands in for `random` in timetuning: every coin lands (0.0), the jitter factors are
+    brightness 1.5, contrast 0.5, saturation 0.25, hue 0.1 (the official draw order), and
+    `shuffle` orders the official list [brightness, saturation, hue, contrast]."""
+
+    def __init__(self, shuffle):
+        self.values, self.shuffle = iter([1.5, 0.5, 0.25, 0.1]), shuffle
+
+    def random(self):
+        return 0.0
+
+    def uniform(self, a, b):
+        return next(self.values)
+
+
+def test_clip_jitter_applies_only_the_last_shuffled_adjustment(monkeypatch):
+    """Official video_transformations.ColorJitter runs `jittered_img = func(img)` on the original
+    frame for each shuffled adjustment, so only the last one acts. A flat (200, 100, 50) clip, grey
+    level 0.2989*200 + 0.587*100 + 0.114*50 = 124.18."""
+    clip = torch.tensor([200, 100, 50], dtype=torch.uint8)[None, :, None, None].expand(4, 3, 8, 8)
+    expected = {  # hand-computed, one adjustment each
+        "contrast": (lambda ops: None, [0.5 * 200 + 0.5 * 124, 0.5 * 100 + 0.5 * 124, 0.5 * 50 + 0.5 * 124]),
+        "brightness": (lambda ops: ops.reverse(), [255, 150, 75]),  # 300 clamps at 255
+        "saturation": (lambda ops: ops.append(ops.pop(1)), [0.25 * 200 + 0.75 * 124.18, 0.25 * 100 + 0.75 * 124.18,
+                                                            0.25 * 50 + 0.75 * 124.18]),
+    }
+    for name, (shuffle, rgb) in expected.items():
+        monkeypatch.setattr(tt, "random", _Draws(shuffle))
+        out = _pixels(tt.ClipAugmentation(8, jitter_p=0.8, gray_p=0, blur_p=0)(clip))
+        assert torch.allclose(out, torch.tensor(rgb, dtype=torch.float32)[None, :, None, None].expand_as(out), atol=1.0), name
+    black = tt.ClipAugmentation(8, jitter_p=0, gray_p=0, blur_p=0)(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+    assert torch.allclose(black[0, :, 0, 0], torch.tensor([-0.485 / 0.228, -0.456 / 0.224, -0.406 / 0.225]))  # official std
+
+
+def test_clip_jitter_acts_at_source_resolution_before_the_resize(monkeypatch):
+    """Official frame_transform runs before Resize(224): brightness x1.5 on 0/200 stripes clamps
+    them to 0/255, whose 2x downscale is 127.5; jittered after the resize it would be 1.5 * 100 = 150."""
+    monkeypatch.setattr(tt, "random", _Draws(lambda ops: ops.reverse()))  # brightness last
+    stripes = torch.zeros(4, 3, 64, 64, dtype=torch.uint8)
+    stripes[..., 1::2] = 200
+    out = _pixels(tt.ClipAugmentation(32, scale=(1.0, 1.0), jitter_p=0.8, gray_p=0, blur_p=0)(stripes))
+    assert out.shape == (4, 3, 32, 32)
+    assert (out[..., 4:-4, 4:-4] - 127.5).abs().max() < 1.0
 
 
 def test_clip_frames_are_sorted_random_frames_of_the_whole_video():
