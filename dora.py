@@ -371,10 +371,10 @@ class MultiCropWrapper(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
-# Data: a clip of T frames, `step_between_clips` frames apart. One aggressive crop shared
-# by the whole clip (300 px, scale 0.2-1), then one shared 224 global crop (scale 0.4-1)
-# with a shared flip; colour, grayscale and blur drawn per frame. Local crops (112 px,
-# scale 0.05-0.4) are drawn per frame from the 300-px crop, as in the official code.
+# Data: a clip of T frames, `step_between_clips` frames apart. One aggressive crop shared by the
+# clip (300 px, scale 0.2-1), then a shared 224 global crop (scale 0.4-1) and flip, both resized as
+# torchvision's RandomResizedCropVideo (F.interpolate: bilinear, no antialiasing). Local crops (112 px,
+# scale 0.05-0.4, PIL bicubic: antialiased) per frame from the 300-px crop; colour, gray, blur per frame.
 # ----------------------------------------------------------------------------------------
 class ClipAugmentation:
     """uint8 (T, 3, H, W) -> [global clip (T, 3, S, S), local clip 1 (T, 3, S/2, S/2), ...]."""
@@ -385,14 +385,14 @@ class ClipAugmentation:
         self.gray = T.RandomGrayscale(p=0.2)
 
     @staticmethod
-    def crop(x, size, scale, interpolation=T.InterpolationMode.BILINEAR):  # same box for every frame of x
+    def crop(x, size, scale, interpolation=T.InterpolationMode.BILINEAR, antialias=False):  # one box for all frames
         i, j, h, w = T.RandomResizedCrop.get_params(x, scale, (3 / 4, 4 / 3))
-        return TF.resized_crop(x, i, j, h, w, [size, size], interpolation=interpolation, antialias=True).clamp(0, 1)
+        return TF.resized_crop(x, i, j, h, w, [size, size], interpolation=interpolation, antialias=antialias).clamp(0, 1)
 
     def photometric(self, frame, blur_p):  # (3, H, W) in [0, 1] -> normalised
         frame = self.gray(self.jitter(frame))
-        if torch.rand(()) < blur_p:  # PIL's radius 0.1-2 at 224 px, scaled with the crop size
-            sigma = float(torch.empty(()).uniform_(0.1, 2.0)) * frame.shape[-1] / 224
+        if torch.rand(()) < blur_p:  # official utils.GaussianBlur: PIL's radius (= σ) 0.1-2 px at any crop size
+            sigma = float(torch.empty(()).uniform_(0.1, 2.0))
             frame = TF.gaussian_blur(frame, 2 * math.ceil(3 * sigma) + 1, sigma)
         return TF.normalize(frame, MEAN, STD)
 
@@ -405,7 +405,7 @@ class ClipAugmentation:
         crops = [torch.stack([self.photometric(f, 0.1) for f in glob])]
         for _ in range(a.local_crops_number):
             crops.append(torch.stack([self.photometric(self.crop(f, a.image_size // 2, a.local_crops_scale,
-                                                                 T.InterpolationMode.BICUBIC), 0.5) for f in clip]))
+                                                                 T.InterpolationMode.BICUBIC, True), 0.5) for f in clip]))
         return crops
 
 

@@ -36,6 +36,38 @@ def random_crops(batch, args, seed=0):
         [torch.randn(batch, T, 3, S // 2, S // 2, generator=g) for _ in range(args.local_crops_number)]
 
 
+# ---------------------------------------------------------------------------- augmentation
+def test_clip_crops_resize_like_the_official_video_crop():
+    """Official RandomResizedCropVideo(300) / (224): F.interpolate, bilinear, no antialiasing."""
+    g = torch.Generator().manual_seed(0)
+    frames = torch.rand(2, 3, 60, 80, generator=g)  # textured: every pixel its own value
+    for seed in range(3):
+        torch.manual_seed(seed)
+        i, j, h, w = dora.T.RandomResizedCrop.get_params(frames, (0.2, 1.0), (3 / 4, 4 / 3))  # the box crop() draws
+        torch.manual_seed(seed)
+        ours = dora.ClipAugmentation.crop(frames, 24, (0.2, 1.0))
+        box = frames[..., i:i + h, j:j + w]
+        official = F.interpolate(box, size=(24, 24), mode="bilinear", align_corners=False, antialias=False)
+        assert torch.allclose(ours, official, atol=1e-6)
+        smoothed = F.interpolate(box, size=(24, 24), mode="bilinear", align_corners=False, antialias=True)
+        assert (ours - smoothed).abs().mean() > 0.02  # the test tells the two apart (h >= 26 > 24)
+
+
+def test_local_crop_blur_sigma_is_unscaled_at_112px(monkeypatch):
+    """Official utils.GaussianBlur: PIL radius (= σ) uniform in [0.1, 2] px, whatever the crop size."""
+    seen = []
+    blur = dora.TF.gaussian_blur
+    monkeypatch.setattr(dora.TF, "gaussian_blur", lambda x, k, s: seen.append((k, s)) or blur(x, k, s))
+    aug = dora.ClipAugmentation(tiny_args())
+    torch.manual_seed(0)
+    for _ in range(200):
+        aug.photometric(torch.rand(3, 112, 112), blur_p=1.0)
+    sigmas = [s for _, s in seen]
+    assert len(seen) == 200 and all(0.1 <= s <= 2.0 for s in sigmas)
+    assert max(sigmas) > 1.9  # the old size/224 scaling capped σ at 1.0 for 112 px
+    assert all(k == 2 * math.ceil(3 * s) + 1 for k, s in seen)
+
+
 # ---------------------------------------------------------------------------- the tracker
 def scene(T=5, S=12, D=24, seed=0):
     """Feature maps of a synthetic clip on an S x S patch grid with three equal regions: a 6 x 8
