@@ -826,7 +826,7 @@ def main(args):
     print(f"\nLeopart {args.arch}/{args.patch_size}, {args.epochs} epochs, started from {start}")
     print(f"{'metric':>28s} {'before':>8s} {'after':>8s}")
     for k, v in after.items():
-        print(f"{k:>28s} {before.get(k, float('nan')):8.4f} {v:8.4f}")
+        print(f"{k:>28s} " + (v if isinstance(v, str) else f"{before.get(k, float('nan')):8.4f} {v:8.4f}"))
     print(__import__("json").dumps({"before": before, "after": after}))
 
 
