@@ -710,7 +710,7 @@ def cbfe_cd(tokens, noisy_fg, n_train, num_classes, train_masks=None, val_masks=
     #    clusters pooled into id 0, communities are ids 1, 2, ...
     maps = pixel_maps(fine, k_community, slice(0, N))
     co = cooccurrence(maps, k_community + 1)
-    runs, first = [], None  # (communities, mIoU) per seed; seed 0's map and matching
+    runs, first = [], None  # (communities, mIoU) per seed; the first seed's map and matching
     for r in range(infomap_runs):
         module = infomap_communities(co, edge_threshold, markov_time, num_classes - 1, seed=r + 1)
         lookup = torch.zeros(k_community + 1, dtype=torch.long)
