@@ -10,8 +10,8 @@ the baseline) is measured the same way. Protocols (facts from the papers / offic
   propagate   DAVIS-2017 label propagation (affinity T = 0.1, top-5, first + 7 previous frames,
               neighbourhood 12, 480 px); J (region IoU), F (boundary F, DAVIS toolkit), J&F.
   icl         open-ended N-way K-shot in-context classification (Frozen's protocol, exact match).
-  unsupervised_segmentation (a function; leopart.py calls it): Leopart's label-free pipeline,
-              cluster-based foreground extraction + community detection merging clusters into K.
+  unsupervised_segmentation (a function; leopart.py calls it): Leopart's fully_unsup_seg.py,
+              cluster-based foreground extraction + Infomap on the clusters' co-occurrence graph.
   viz         last-layer attention of 3 heads as R, G, B and k-means maps (k = 5, 10); PNG + GIF.
 All scores are percentages (accuracy, mIoU, J, F, NMI).
 
@@ -296,60 +296,6 @@ def kmeans(x, k, iters=100, restarts=3, seed=0, tol=1e-4):
     return best[1], best[2]
 
 
-@torch.no_grad()
-def faiss_kmeans(x, k, niter=100, nredo=5, seed=1, max_points_per_centroid=256, chunk=65536):
-    """k-means as faiss.Kmeans(d, k, niter, nredo, seed) runs it for the official evaluations (Leopart
-    utils.cluster, TimeT clustering.cluster_features), in torch: train on a random sample of at most
-    k * max_points_per_centroid rows, centroids initialised at k random training rows (not k-means++),
-    niter Lloyd iterations (ended early only at a fixed point), an empty cluster re-seeded by splitting a cluster drawn
-    with probability ~ (size - 1), the run of lowest objective kept; then every row of x goes to its
-    nearest centroid (index.search). Same algorithm, not the same random numbers as faiss.
-    x (N, D) -> (labels (N,) int64, centroids (k, D))."""
-    x = x.float()
-    g = torch.Generator().manual_seed(seed)
-    train = x
-    if len(x) > k * max_points_per_centroid:  # faiss: "Sampling a subset of k*256 / N for training"
-        train = x[torch.randperm(len(x), generator=g)[:k * max_points_per_centroid].to(x.device)]
-    best = None
-    for _ in range(nredo):
-        centroids, previous = train[torch.randperm(len(train), generator=g)[:k].to(x.device)].clone(), None
-        for _ in range(niter):
-            dists, labels = _nearest(train, centroids, chunk)
-            objective = dists.sum().item()  # faiss keeps the objective of the last assignment
-            if previous is not None and torch.equal(labels, previous):
-                break  # a fixed point: more iterations change nothing (faiss 1.15 stops here too)
-            previous = labels
-            counts = torch.bincount(labels, minlength=k)
-            centroids = torch.zeros_like(centroids).index_add_(0, labels, train) / counts.clamp_min(1)[:, None]
-            for ci in (counts == 0).nonzero().flatten().tolist():  # faiss split_clusters, EPS = 1/1024
-                cj = torch.multinomial((counts - 1).clamp_min(0).double(), 1, generator=g).item()
-                sign = torch.ones(x.shape[1], device=x.device)
-                sign[1::2] = -1
-                centroids[ci], centroids[cj] = centroids[cj] * (1 + sign / 1024), centroids[cj] * (1 - sign / 1024)
-                counts[ci] = counts[cj] // 2
-                counts[cj] -= counts[ci]
-        if best is None or objective < best[0]:
-            best = (objective, centroids)
-    return _nearest(x, best[1], chunk)[1], best[1]
-
-
-def standardise_pca50(x, dim=50, max_points_per_d=1000, seed=1234):
-    """Leopart's normalize_and_transform (utils.py; TimeT my_utils.py): sklearn StandardScaler (std with
-    ddof 0, a zero std left as 1), then faiss.PCAMatrix(D, dim): the mean removed and x projected on the
-    top `dim` eigenvectors of the covariance, trained (like faiss) on at most max_points_per_d * D rows.
-    x (N, D) -> (N, dim) float32; the eigenvectors' signs are arbitrary (distances are not)."""
-    x = x.float()
-    std = x.std(0, unbiased=False)
-    x = (x - x.mean(0)) / torch.where(std > 0, std, torch.ones_like(std))
-    train = x
-    if len(x) > max_points_per_d * x.shape[1]:  # faiss fvecs_maybe_subsample
-        train = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_points_per_d * x.shape[1]]]
-    mean = train.double().mean(0)
-    cov = sum((b.double() - mean).T @ (b.double() - mean) for b in train.split(65536)) / len(train)
-    _, vectors = torch.linalg.eigh(cov)  # eigenvalues ascending
-    return (x - mean.float()) @ vectors[:, -min(dim, x.shape[1]):].flip(1).float()
-
-
 def confusion(pred, true, num_pred, num_true, ignore=255) -> torch.Tensor:
     """(num_pred, num_true) counts of (prediction, ground truth) pairs; `ignore` in true is skipped."""
     pred, true = pred.flatten().long(), true.flatten().long()
@@ -462,7 +408,7 @@ def seg_cluster(features, masks, num_classes, ks=(100, 300, 500), restarts=5, se
     foreground classes with background pixels ignored.
     features (N, D, h, w), masks (N, H, W) uint8 -> {"seg_cluster/k21_hungarian": %, ...}."""
     n, d, h, w = features.shape
-    x = standardise_pca50(rearrange(features, "n d h w -> (n h w) d").to(device), pca_dim)
+    x = standardise_and_pca(rearrange(features, "n d h w -> (n h w) d").to(device), pca_dim)
     small = F.interpolate(masks[:, None].float(), size=(eval_size, eval_size), mode="nearest")[:, 0].long()
     def runs(x, k):  # one k-means per seed
         return [faiss_kmeans(x, k, iters, restarts, s)[0].cpu() for s in range(seed, seed + seeds)]
@@ -514,133 +460,297 @@ def dense_features(backbone, images, batch_size=32):
     return torch.cat(tokens), torch.cat(attns)
 
 
-def standardise_and_pca(x, dim=50):
-    """(N, D) -> (N, min(dim, D)): per-dimension standardisation then PCA, as the paper's pipeline.
-    Exact PCA (eigenvectors of the D x D covariance), so that the result depends on x alone
-    (torch.pca_lowrank draws random projections from the global generator)."""
-    x = (x - x.mean(0)) / (x.std(0) + 1e-5)
-    _, vectors = torch.linalg.eigh((x.T.double() @ x.double()) / len(x))  # eigenvalues ascending
-    return x @ vectors[:, -min(dim, x.shape[1]):].flip(1).to(x.dtype)
+def standardise_and_pca(x, dim=50, max_points_per_dim=1000, seed=1234, chunk=262144):
+    """(N, D) -> (N, min(dim, D)) as Leopart's utils.normalize_and_transform: sklearn's StandardScaler
+    (population std; a constant dimension left unscaled), then faiss.PCAMatrix(D, dim): centred, the
+    top eigenvectors of the covariance, no whitening, fitted on a random 1000 * D rows when given
+    more (faiss's max_points_per_d). Exact eigendecomposition, own generator: depends on x alone."""
+    x = x.float()
+    n, D = x.shape
+    mean = sum(c.double().sum(0) for c in x.split(chunk)) / n
+    std = (sum(((c.double() - mean) ** 2).sum(0) for c in x.split(chunk)) / n).sqrt()
+    std = torch.where(std < 10 * torch.finfo(torch.float64).eps, torch.ones_like(std), std)
+    z = (x - mean.float()) / std.float()
+    fit = z
+    if n > max_points_per_dim * D:
+        fit = z[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_points_per_dim * D]]
+    centre = fit.mean(0)
+    fit = fit - centre
+    _, vectors = torch.linalg.eigh((fit.T @ fit).double() / len(fit))  # eigenvalues ascending
+    return (z - centre) @ vectors[:, -min(dim, D):].flip(1).float()
 
 
-def cooccurrence(clusters, n):
-    """clusters (N, h, w) ids < n -> (n, n) row-stochastic: how often cluster j is a neighbour (8
-    directions, distances 1 and 2) of cluster i, normalised per image and averaged over the
-    images where i occurs (the paper's graph for community detection)."""
-    total, appear = np.zeros((n, n)), np.zeros(n)
-    offsets = [(dy * s, dx * s) for s in (1, 2) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
-    for c in clusters.numpy():
-        counts = np.zeros((n, n))
-        h, w = c.shape
+def _assign(x, centroids, spherical, chunk=65536):
+    """Nearest centroid of every row: squared L2 distance, or (spherical) largest inner product as
+    faiss's IndexFlatIP. x (N, D), centroids (k, D) -> (score (N,), label (N,))."""
+    c_sq = (centroids * centroids).sum(1)
+    scores, labels = [], []
+    for xb in x.split(chunk):
+        if spherical:
+            s, a = (xb @ centroids.T).max(1)
+        else:
+            s, a = ((xb * xb).sum(1, keepdim=True) - 2 * (xb @ centroids.T) + c_sq).min(1)
+        scores.append(s)
+        labels.append(a)
+    return torch.cat(scores), torch.cat(labels)
+
+
+@torch.no_grad()
+def faiss_kmeans(x, k, niter=100, nredo=5, seed=1, spherical=False, copies=None, max_points_per_centroid=256):
+    """faiss.Kmeans(D, k, niter=100, nredo=5, seed, spherical).train(x) then index.search(x, 1): the
+    k-means of Leopart's utils.cluster, done as faiss does it, with torch's random draws. faiss trains
+    on a random k * 256 rows when given more, starts each run from k random rows, makes exactly niter
+    Lloyd steps (an empty cluster takes half of a big one, perturbed by 1/1024) and keeps the run
+    of best objective; spherical renormalises the centroids to unit length and assigns by largest
+    inner product (the rows stay unnormalised). copies (N,) int: row i stands for that many equal
+    rows (a token's pixels when the official code repeats features per pixel). Used by every k-means
+    of the official protocols (Leopart utils.cluster, TimeT clustering.cluster_features); stops early only
+    at a fixed point (no draws are made there, so the result is the same).
+    x (N, D) -> (labels (N,) int64, centroids (k, D))."""
+    x = x.float()
+    g = torch.Generator().manual_seed(seed)
+    copies = torch.ones(len(x), dtype=torch.long) if copies is None else copies.long()
+    total, cap = int(copies.sum()), k * max_points_per_centroid
+    rows = torch.arange(total) if total <= cap else torch.randperm(total, generator=g)[:cap]
+    train = x[torch.searchsorted(copies.cumsum(0), rows, right=True)]
+    n = len(train)
+    if n < k:
+        raise ValueError(f"faiss_kmeans: {n} rows for {k} clusters")
+    best = None
+    for _ in range(nredo):
+        centroids = train[torch.randperm(n, generator=g)[:k]].clone()
+        centroids = F.normalize(centroids, dim=1) if spherical else centroids
+        previous = None
+        for _ in range(niter):
+            score, assign = _assign(train, centroids, spherical)
+            objective = score.double().sum().item()
+            counts = torch.bincount(assign, minlength=k)
+            if previous is not None and torch.equal(assign, previous) and bool((counts > 0).all()):
+                break  # a fixed point with no empty cluster: the remaining iterations would change nothing
+            previous = assign
+            centroids = torch.zeros_like(centroids).index_add_(0, assign, train) / counts.clamp(min=1)[:, None]
+            sizes = counts.double().tolist()
+            for ci in (i for i in range(k) if sizes[i] == 0):  # faiss split_clusters
+                cj = 0
+                while torch.rand((), generator=g).item() >= (sizes[cj] - 1) / (n - k):
+                    cj = (cj + 1) % k
+                sign = torch.tensor([1.0, -1.0]).repeat(x.shape[1] // 2 + 1)[:x.shape[1]] / 1024
+                centroids[ci] = centroids[cj] * (1 + sign)
+                centroids[cj] = centroids[cj] * (1 - sign)
+                sizes[ci] = sizes[cj] / 2
+                sizes[cj] -= sizes[ci]
+            centroids = F.normalize(centroids, dim=1) if spherical else centroids
+        if best is None or (objective > best[0] if spherical else objective < best[0]):
+            best = (objective, centroids)
+    return _assign(x, best[1], spherical)[1], best[1]
+
+
+def glcm_offsets(distances=(1, 2), angles=(0, np.pi / 4, np.pi / 2, 3 * np.pi / 4, np.pi, 4 * np.pi / 3,
+                                           3 * np.pi / 2, 7 * np.pi / 4)) -> list:
+    """(row, col) offsets of skimage's greycomatrix for Leopart's create_matrix arguments: C's round
+    of (sin, cos) * distance. So distance 2 on a diagonal lands on (+-1, +-1), and the official
+    4 pi / 3 (not 5 pi / 4) gives (-1, -1) and (-2, -1)."""
+    c_round = lambda v: int(math.copysign(math.floor(abs(v) + 0.5), v))  # noqa: E731
+    return [(c_round(math.sin(a) * d), c_round(math.cos(a) * d)) for a in angles for d in distances]
+
+
+def cooccurrence(clusters, n, offsets=None, chunk=64):
+    """clusters (N, H, W) ids < n -> (n, n) row-stochastic, Leopart's fully_unsup_seg.create_matrix:
+    per image, how often cluster j sits at an offset (glcm_offsets) from cluster i, the diagonal
+    zeroed and rows normalised; summed over images and divided by the number of images in which
+    row i has a neighbour (a row with none stays 0 where the official code divides 0 by 0)."""
+    offsets = glcm_offsets() if offsets is None else offsets
+    total, appear = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    for c in clusters.long().split(chunk):
+        B, H, W = c.shape
+        base = torch.arange(B)[:, None, None] * n * n
+        counts = torch.zeros(B * n * n, dtype=torch.float64)
         for dy, dx in offsets:
-            a = c[max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]
-            b = c[max(0, dy):h - max(0, -dy), max(0, dx):w - max(0, -dx)]
-            np.add.at(counts, (a.ravel(), b.ravel()), 1)
-        np.fill_diagonal(counts, 0)
-        rows = counts.sum(1, keepdims=True)
-        total += np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
-        appear += rows[:, 0] > 0
-    return total / np.maximum(appear, 1)[:, None]
+            a = c[:, max(0, -dy):H - max(0, dy), max(0, -dx):W - max(0, dx)]
+            b = c[:, max(0, dy):H - max(0, -dy), max(0, dx):W - max(0, -dx)]
+            counts += torch.bincount((base + a * n + b).flatten(), minlength=B * n * n)
+        counts = counts.reshape(B, n, n) * (1 - torch.eye(n, dtype=torch.float64))
+        rows = counts.sum(2, keepdim=True)
+        total += (counts / rows.clamp(min=1)).sum(0)
+        appear += (rows[..., 0] > 0).sum(0)
+    return (total / appear.clamp(min=1)[:, None]).numpy()
 
 
-def merge_communities(weights: np.ndarray, num: int) -> np.ndarray:
-    """Greedy modularity agglomeration (Clauset-Newman-Moore) of an undirected weighted graph until
-    `num` communities remain -> community id per node. Stands in for the paper's Infomap, which
-    is not a dependency here; both merge nodes that are densely linked."""
-    n = len(weights)
-    e = weights / max(weights.sum(), 1e-12)  # fraction of edge weight between communities
-    alive, members = list(range(n)), {i: [i] for i in range(n)}
-    while len(alive) > num:
-        sub = e[np.ix_(alive, alive)]
-        a = sub.sum(1)
-        gain = 2 * (sub - np.outer(a, a))  # ΔQ of merging two communities
-        np.fill_diagonal(gain, -np.inf)
-        i, j = np.unravel_index(np.argmax(gain), gain.shape)
-        i, j = alive[i], alive[j]
-        e[i] += e[j]
-        e[:, i] += e[:, j]
-        e[j], e[:, j] = 0, 0
-        members[i] += members.pop(j)
-        alive.remove(j)
-    out = np.zeros(n, dtype=np.int64)
-    for c, i in enumerate(alive):
-        out[members[i]] = c
-    return out
+def infomap_communities(co, edge_threshold=0.09, markov_time=2.0, modules=20, seed=1) -> dict:
+    """Leopart's community detection on the co-occurrence graph: an undirected edge i-j of weight
+    min(co[i, j], co[j, i]) where both reach edge_threshold, then two-level Infomap with the given
+    Markov time and preferred number of modules. -> {node: module id >= 1}; unlinked nodes absent."""
+    from infomap import Infomap  # only this benchmark needs it
+
+    n = len(co)
+    links = [(i, j, float(min(co[i, j], co[j, i]))) for i in range(n) for j in range(i, n)
+             if co[i, j] >= edge_threshold and co[j, i] >= edge_threshold]
+    im = Infomap(directed=False, two_level=True, seed=seed, markov_time=markov_time, silent=True,
+                 preferred_number_of_modules=modules)
+    if not links:  # infomap >= 2.x refuses an empty network (2.2.0's left every node unlinked)
+        return {}
+    im.add_links(links)
+    im.run()
+    return {node.node_id: node.module_id for node in im.tree if node.is_leaf}
 
 
-def hungarian_miou(pred, gt, num_classes, ignore=255):
-    """Best one-to-one matching of predicted ids to classes (both < num_classes) -> mIoU."""
+def _pixel_tokens(h, w, *sizes):
+    """(H * W,) the token each pixel shows after nearest resizes of an (h, w) map to each size in turn
+    (the official code resizes every map with F.interpolate(mode='nearest'))."""
+    idx = torch.arange(h * w, dtype=torch.float64).reshape(1, 1, h, w)
+    for s in sizes:
+        idx = F.interpolate(idx, size=(s, s), mode="nearest")
+    return idx.flatten().long()
+
+
+def iou_matched_miou(pred, gt, num_pred, num_gt, ignore=255) -> tuple:
+    """Leopart's utils.PredsmIoU(num_pred, num_gt).compute(many_to_one=False): Hungarian matching of
+    predicted ids < num_pred to classes maximising IoU (linear_sum_assignment(1 - IoU)), unmatched
+    ids (and ids >= num_pred) become class 0, mean IoU (%) over all num_gt classes (absent: 0).
+    pred, gt int tensors of one shape -> (mIoU, id -> class (max(num_pred, max id + 1),))."""
     keep = gt != ignore
     pred, gt = pred[keep].long(), gt[keep].long()
-    conf = torch.bincount(gt * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, num_classes).double()
-    iou = conf / (conf.sum(0, keepdim=True) + conf.sum(1, keepdim=True) - conf).clamp(min=1)
-    rows, cols = linear_sum_assignment(-iou.numpy())
-    return float(iou[rows, cols].mean()), dict(zip(cols.tolist(), rows.tolist()))
+    cols = max(num_pred, int(pred.max()) + 1 if len(pred) else 0)
+    conf = torch.bincount(gt * cols + pred, minlength=num_gt * cols).reshape(num_gt, cols).double()
+    iou = conf / (conf.sum(1, keepdim=True) + conf.sum(0, keepdim=True) - conf).clamp(min=1e-8)
+    rows, matched = linear_sum_assignment(1 - iou[:, :num_pred].numpy())
+    mapping = torch.zeros(cols, dtype=torch.long)
+    mapping[torch.as_tensor(matched)] = torch.as_tensor(rows)
+    conf = torch.zeros(num_gt, num_gt, dtype=torch.float64).index_add_(1, mapping, conf)
+    tp = conf.diagonal()
+    return 100 * (tp / (conf.sum(1) + conf.sum(0) - tp).clamp(min=1e-8)).mean().item(), mapping
+
+
+def _token_blocks(tok_of_pixel, fg_pixels, T):
+    """tok_of_pixel (P,): the token every pixel shows; fg_pixels (N, P) bool -> (N, T) foreground
+    pixels inside each token's block, and (T,) block sizes."""
+    N = len(fg_pixels)
+    idx = (torch.arange(N)[:, None] * T + tok_of_pixel).flatten()
+    inside = torch.bincount(idx, weights=fg_pixels.flatten().double(), minlength=N * T).reshape(N, T)
+    return inside, torch.bincount(tok_of_pixel, minlength=T).double()
+
+
+def _foreground_iou(fg_tokens, gt_inside, sizes) -> float:
+    """Leopart's utils.eval_jac: IoU (%) of each image's predicted foreground with its ground-truth
+    foreground, averaged over images; fg_tokens (N, T) bool, gt_inside/sizes from _token_blocks."""
+    inter = (fg_tokens * gt_inside).sum(1)
+    union = fg_tokens.double() @ sizes + gt_inside.sum(1) - inter
+    return 100 * (inter / union.clamp(min=1e-8)).mean().item()
+
+
+def _cluster_precision(clusters, noisy_fg, sizes, k) -> np.ndarray:
+    """Leopart's get_cluster_precs: per cluster, the share of its pixels inside the noisy foreground,
+    averaged over the images it occurs in (0 where it does not occur: the official code asserts
+    every cluster occurs). clusters (N, T), noisy_fg (N, T) bool, sizes (T,) pixels per token."""
+    N = len(clusters)
+    idx = (torch.arange(N)[:, None] * k + clusters).flatten()
+    w = sizes.repeat(N)
+    hits = torch.bincount(idx, weights=w * noisy_fg.flatten(), minlength=N * k).reshape(N, k).numpy()
+    size = torch.bincount(idx, weights=w, minlength=N * k).reshape(N, k).numpy()
+    precision = np.divide(hits, size, out=np.zeros_like(hits), where=size > 0).sum(0)  # rows in image order
+    return np.divide(precision, (size > 0).sum(0), out=np.zeros(k), where=(size > 0).sum(0) > 0)
+
+
+def cbfe_cd(tokens, noisy_fg, n_train, num_classes, train_masks=None, val_masks=None, k_fg=200, k_community=149,
+            pca_dim=50, edge_threshold=0.09, markov_time=2.0, infomap_runs=10, cbfe_runs=5, eval_size=100, seed=0):
+    """Leopart's fully_unsup_seg.py on given tokens. tokens (N, h, w, D), train images first; noisy_fg
+    (N, h, w) bool; masks (N, S, S) int, 255 = VOC's object boundary. Returns (val maps (N_val, S, S)
+    of the first Infomap run, classes after matching; scores)."""
+    N, h, w, D = tokens.shape
+    T, E = h * w, eval_size
+    feats = standardise_and_pca(tokens.reshape(-1, D), pca_dim)
+    noisy_fg = noisy_fg.reshape(N, T)
+    tok_e = torch.bincount(_pixel_tokens(h, w, E), minlength=T).double()  # pixels per token at E x E
+    split = (slice(0, n_train), slice(n_train, N))
+
+    # 1. CBFE (paper Sec. 4.4): spherical k-means over train + val tokens; a cluster is foreground if
+    #    its pixels at 100x100 fall in the noisy foreground at least `threshold` of the time.
+    k_fg = min(k_fg, len(feats) // 4)  # only binds on toy sets: the official code asserts all k occur
+    clusters = faiss_kmeans(feats, k_fg, seed=seed, spherical=True)[0].reshape(N, T)
+    precs = [_cluster_precision(clusters[s], noisy_fg[s], tok_e, k_fg) for s in split]
+    order, ranked = np.argsort(precs[0]), np.sort(precs[0])
+    start = int(0.65 * k_fg)  # no train masks: the middle of the official search range
+    if train_masks is not None:  # find_good_threshold: the cut of best train IoU (ties: the later cut)
+        gt = F.interpolate(train_masks[:, None].float(), size=(E, E), mode="nearest").flatten(1) != 0
+        gt_inside, sizes = _token_blocks(_pixel_tokens(h, w, E), gt, T)
+        best = -1.0
+        for s in range(int(0.55 * k_fg), int(0.75 * k_fg)):  # 55-75 % of the clusters to background
+            iou = _foreground_iou(torch.isin(clusters[:n_train], torch.as_tensor(order[s:])), gt_inside, sizes)
+            best, start = (iou, s) if iou >= best else (best, start)
+    grid = np.arange(0, 1, 0.05)
+    threshold = float(grid[np.argmin(np.abs(grid - ranked[start]))])  # the official rounding to 0.05
+    fg = torch.cat([torch.isin(clusters[s], torch.as_tensor(np.flatnonzero(p >= threshold)))
+                    for s, p in zip(split, precs)])  # (N, T): val uses its own precisions
+    scores = {"protocol": f"leopart fully_unsup_seg.py: standardise + PCA {pca_dim}; CBFE spherical k-means "
+              f"k={k_fg} (faiss, 100 it, 5 redo), precision threshold {threshold:.2f} from train IoU at "
+              f"{E}x{E}; CD k-means k={k_community} on foreground pixels at {E}x{E}, co-occurrence "
+              f"(skimage offsets, distances 1 and 2), Infomap (Markov time {markov_time}, "
+              f"{num_classes - 1} modules, edge threshold {edge_threshold}), mean over {infomap_runs} "
+              f"seeds; Hungarian by IoU at {E}x{E}, 255 ignored",
+              "cbfe_threshold": threshold, "cbfe_fg_fraction": 100 * float((fg[n_train:].double() @ tok_e).sum()) / (
+                  (N - n_train) * E * E)}
+    if val_masks is not None:  # the official scores the val foreground at the input size
+        S = val_masks.shape[-1]
+        gt_inside, sizes = _token_blocks(_pixel_tokens(h, w, E, S), val_masks.flatten(1) != 0, T)
+        scores["cbfe_fg_iou"] = _foreground_iou(fg[n_train:], gt_inside, sizes)
+
+    # 2. k-means on the foreground pixels at 100x100 (each token counted once per pixel it covers);
+    #    the background is one more cluster, id k.
+    fg = fg.flatten()
+    copies = tok_e.long().repeat(N)[fg]
+    k_community = min(k_community, max(int(fg.sum()) // 4, num_classes))  # binds on toy sets only
+
+    def pixel_maps(ids, k, s):  # token ids on the foreground -> (N_s, E, E) maps, background = k
+        full = torch.full((N * T,), k, dtype=torch.long)
+        full[fg] = ids
+        return full.reshape(N, T)[s][:, _pixel_tokens(h, w, E)].reshape(-1, E, E)
+
+    fine = faiss_kmeans(feats[fg], k_community, seed=seed, copies=copies)[0]
+    val_gt = None
+    if val_masks is not None:
+        val_gt = F.interpolate(val_masks[:, None].float(), size=(E, E), mode="nearest")[:, 0].long()
+        # CBFE alone (evaluate_cbfe): k-means with one cluster per object class, seeds 0..cbfe_runs-1
+        scores["cbfe_miou"] = float(np.mean([iou_matched_miou(pixel_maps(faiss_kmeans(
+            feats[fg], num_classes - 1, seed=r, copies=copies)[0], num_classes - 1, split[1]), val_gt, num_classes,
+            num_classes)[0] for r in range(cbfe_runs)]))
+
+    # 3. Community detection merges the k + 1 clusters: the co-occurrence graph of train + val maps,
+    #    Infomap for each seed (official 0..9: infomap >= 2.x refuses seed 0, so 1..10); unlinked
+    #    clusters pooled into id 0, communities are ids 1, 2, ...
+    maps = pixel_maps(fine, k_community, slice(0, N))
+    co = cooccurrence(maps, k_community + 1)
+    runs, first = [], None  # (communities, mIoU) per seed; the first seed's map and matching
+    for r in range(infomap_runs):
+        module = infomap_communities(co, edge_threshold, markov_time, num_classes - 1, seed=r + 1)
+        lookup = torch.zeros(k_community + 1, dtype=torch.long)
+        lookup[torch.tensor(list(module), dtype=torch.long)] = torch.tensor(list(module.values()), dtype=torch.long)
+        merged = lookup[maps[n_train:]]
+        ids = merged.unique()
+        # the official PredsmIoU asserts at most num_classes ids no larger than num_classes: beyond, all compete
+        num_pred = num_classes if len(ids) <= num_classes and int(ids.max()) <= num_classes else int(ids.max()) + 1
+        miou, mapping = iou_matched_miou(merged, val_gt, num_pred, num_classes) if val_gt is not None else (0.0, None)
+        runs.append((len(ids), miou))
+        first = (merged, mapping) if first is None else first
+    scores["cd_communities"] = float(np.mean([c for c, _ in runs]))
+    merged, mapping = first
+    if val_masks is not None:
+        scores["cd_miou"], scores["cd_miou_std"] = float(np.mean([m for _, m in runs])), float(np.std([m for _, m in runs]))
+        merged = mapping[merged]  # ids -> matched classes
+    S = val_masks.shape[-1] if val_masks is not None else E
+    return F.interpolate(merged[:, None].float(), size=(S, S), mode="nearest")[:, 0].long(), scores
 
 
 def unsupervised_segmentation(backbone, train_images, val_images, num_classes, foreground, train_masks=None,
-                              val_masks=None, k_fg=200, k_community=150, pca_dim=50, edge_threshold=0.09, seed=0):
-    """Leopart's label-free pipeline. images (N, 3, S, S) normalised; masks (N, S, S) int64 with 255 =
-    ignore (train masks only pick the CBFE precision cut, as the official code does; val masks only
-    score). foreground(attn (N, h, w)) -> bool (N, h, w): the noisy foreground from the ViT's [CLS]
-    attention (Leopart: leopart.foreground_mask with 65 % of the mass). Returns (val maps (N, S, S)
-    of class ids in [0, num_classes), scores: cbfe_fg_fraction, and with val masks cd_miou, cbfe_fg_iou)."""
-    kmeans_ids = lambda x, k, seed: kmeans(x, k, seed=seed)[0]  # noqa: E731
-    n_train = len(train_images)
+                              val_masks=None, k_fg=200, k_community=149, seed=0, **settings):
+    """Leopart's label-free pipeline (fully_unsup_seg.py, paper Sec. 4.4) on a backbone. images (N, 3,
+    S, S) normalised; masks (N, S, S) int64 with 255 = boundary (train masks only pick the CBFE
+    threshold, as the official code does; val masks only score). foreground(attn (N, h, w)) -> bool
+    (N, h, w): the noisy foreground from the [CLS] attention (Leopart: leopart.foreground_mask with
+    65 % of the mass; the official script reads DINO ViT-S/16's). settings: cbfe_cd's. Returns (val
+    maps (N, S, S) of class ids, scores in %: cbfe_fg_iou, cbfe_miou, cd_miou, ... and the protocol)."""
     tokens, attn = dense_features(backbone, torch.cat([train_images, val_images]))
-    N, h, w, D = tokens.shape
-    feats = standardise_and_pca(tokens.reshape(-1, D), pca_dim)
-    noisy_fg = foreground(attn).reshape(-1)  # the ViT's attention as noisy foreground
-
-    # 1. CBFE: over-cluster all tokens; a cluster is foreground if, on average over the images it
-    #    appears in, most of its tokens fall inside the attention foreground.
-    k_fg = min(k_fg, len(feats) // 4)
-    clusters = kmeans_ids(F.normalize(feats, dim=1), k_fg, seed).reshape(N, h * w)
-    precision = torch.zeros(k_fg)
-    seen = torch.zeros(k_fg)
-    fg_img = noisy_fg.reshape(N, h * w).float()
-    for i in range(N):
-        hits = torch.bincount(clusters[i], weights=fg_img[i], minlength=k_fg)
-        size = torch.bincount(clusters[i], minlength=k_fg).float()
-        precision += torch.where(size > 0, hits / size.clamp(min=1), torch.zeros(()))
-        seen += size > 0
-    precision = precision / seen.clamp(min=1)
-    order = precision.argsort()
-    cut = int(0.65 * k_fg)  # the official search range is 55-75 % of clusters to background
-    if train_masks is not None:  # pick the cut that best matches train foreground, rounded to 0.05
-        gt_fg = F.interpolate((train_masks[:, None] > 0).float() * (train_masks[:, None] != 255).float(), (h, w))
-        best = -1.0
-        for start in range(int(0.55 * k_fg), max(int(0.75 * k_fg), int(0.55 * k_fg) + 1)):
-            fg = torch.isin(clusters[:n_train], order[start:]).reshape(n_train, 1, h, w).float()
-            iou = ((fg * gt_fg).sum() / ((fg + gt_fg) > 0).sum().clamp(min=1)).item()
-            if iou > best:
-                best, threshold = iou, round(float(precision[order[start]]) * 20) / 20
-        cut = int((precision[order] < threshold).sum())
-    fg = torch.isin(clusters, order[cut:]).reshape(-1)
-
-    # 2. Cluster the foreground only; background becomes one more node.
-    k_community = min(k_community, max(int(fg.sum()) // 4, num_classes))
-    fine = torch.full((N * h * w,), k_community, dtype=torch.long)
-    fine[fg] = kmeans_ids(feats[fg], k_community, seed)
-    fine = fine.reshape(N, h, w)
-
-    # 3. Community detection on the co-occurrence graph merges the k+1 clusters into num_classes.
-    co = cooccurrence(fine, k_community + 1)
-    weights = np.minimum(co, co.T) * ((co >= edge_threshold) & (co.T >= edge_threshold))
-    community = torch.from_numpy(merge_communities(weights, num_classes))
-    merged = community[fine]  # (N, h, w)
-
-    scores = {"cbfe_fg_fraction": float(fg.float().mean())}
-    S = val_images.shape[-1]
-    val_maps = F.interpolate(merged[n_train:, None].float(), size=(S, S), mode="nearest")[:, 0].long()
-    if val_masks is not None:
-        scores["cd_miou"], match = hungarian_miou(val_maps, val_masks, num_classes)
-        scores["cd_miou"] *= 100  # a percentage, as every score of this file
-        val_maps = torch.tensor([match.get(i, 0) for i in range(num_classes)])[val_maps]  # ids -> matched classes
-        fg_val = F.interpolate(fg.reshape(N, 1, h, w)[n_train:].float(), size=(S, S))[:, 0] > 0
-        gt_val = (val_masks > 0) & (val_masks != 255)
-        scores["cbfe_fg_iou"] = 100 * float((fg_val & gt_val).sum() / (fg_val | gt_val).sum().clamp(min=1))
-    return val_maps, scores
+    return cbfe_cd(tokens, foreground(attn), len(train_images), num_classes, train_masks, val_masks, k_fg,
+                   k_community, seed=seed, **settings)
 
 
 def load_segmentation(root, split, size):
@@ -1104,7 +1214,7 @@ def video_kmeans_miou(backbone, davis_root: str, size: int, device, clip_frames:
     for b in range(0, len(clips), pca_batch):
         batch = clips[b:b + pca_batch]
         flat = torch.cat([f.reshape(-1, f.shape[-1]) for f, _, _ in batch])
-        reduced = standardise_pca50(flat, pca_dim).split([f[..., 0].numel() for f, _, _ in batch])
+        reduced = standardise_and_pca(flat, pca_dim).split([f[..., 0].numel() for f, _, _ in batch])
         scores = []
         for (f, m, _), x in zip(batch, reduced):
             ids = m[m != 255].unique()
@@ -1120,7 +1230,7 @@ def video_kmeans_miou(backbone, davis_root: str, size: int, device, clip_frames:
     truth = torch.cat([t for _, _, t in clips])
     truth = F.interpolate(truth[:, None].float(), size=(size // 2, size // 2), mode="nearest")[:, 0].long()
     num_classes = int(truth[truth != 255].max()) + 1
-    reduced = standardise_pca50(feats.reshape(-1, feats.shape[-1]), pca_dim).view(*feats.shape[:3], -1)
+    reduced = standardise_and_pca(feats.reshape(-1, feats.shape[-1]), pca_dim).view(*feats.shape[:3], -1)
     pred = pixel_kmeans(reduced, num_classes, size // 2)
     return {"video_kmeans/clip_wise_miou": float(np.mean(batch_scores)),
             "video_kmeans/dataset_wise_miou": cluster_miou(pred, truth, num_classes, num_classes)}

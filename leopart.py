@@ -741,7 +741,7 @@ def main(args):
           f"{args.data}, evaluated on {args.synth_root or args.eval_data}")
     print(f"{'metric':>28s} {'before':>8s} {'after':>8s}")
     for k, v in after.items():
-        print(f"{k:>28s} {before.get(k, float('nan')):8.4f} {v:8.4f}")
+        print(f"{k:>28s} " + (v if isinstance(v, str) else f"{before.get(k, float('nan')):8.4f} {v:8.4f}"))
     print(__import__("json").dumps({"before": before, "after": after, "train_data": args.data,
                                     "eval_data": args.synth_root or args.eval_data}))
 

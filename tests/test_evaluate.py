@@ -6,10 +6,8 @@ import sys
 import time
 import types
 
-import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -126,11 +124,11 @@ def test_kmeans_recovers_separated_blobs():
     assert E.kmeans(x, 1000)[1].shape[0] == 600  # k is capped at the number of points
 
 
-def test_faiss_kmeans_and_standardise_pca50():
+def test_faiss_kmeans_and_standardise_and_pca():
     x, y = blobs(600, num_classes=5, dim=16, spread=10)
     labels, centroids = E.faiss_kmeans(x, 5, niter=20, nredo=3, seed=0, max_points_per_centroid=50)
     assert centroids.shape == (5, 16) and E.cluster_accuracy(labels, y) == pytest.approx(100)  # fit on 250
-    z = E.standardise_pca50(x, dim=4)
+    z = E.standardise_and_pca(x, dim=4)
     assert z.shape == (600, 4)
     assert torch.allclose(z.mean(0), torch.zeros(4), atol=1e-4)
     variances = z.var(0, unbiased=False)
@@ -289,84 +287,6 @@ def test_label_propagation_follows_a_translating_object(tmp_path):
 def test_davis_size_matches_dino():
     assert E.davis_size(480, 854) == (480, 832)  # long side floored to a multiple of 64
     assert E.davis_size(1080, 720, 480) == (704, 480)
-
-
-# ------------------------------------------------------------------ fully unsupervised segmentation
-def test_cooccurrence_of_three_stripes():
-    """Vertical stripes 0 | 1 | 2, each 3 patches wide: 0 and 2 are never within 2 patches."""
-    clusters = torch.arange(3).repeat_interleave(3)[None, None].expand(1, 9, 9)
-    co = E.cooccurrence(clusters, 3)
-    assert co[0, 2] == 0 and co[2, 0] == 0 and co[0, 1] == 1 and co[2, 1] == 1
-    assert abs(co[1, 0] - 0.5) < 1e-9 and abs(co[1, 2] - 0.5) < 1e-9  # symmetric stripes
-    assert (co.diagonal() == 0).all()
-
-
-def test_merge_communities_finds_the_dense_groups():
-    w = np.full((5, 5), 0.01)
-    w[:3, :3], w[3:, 3:] = 1.0, 1.0
-    np.fill_diagonal(w, 0)
-    ids = E.merge_communities(w, 2)
-    assert len(set(ids[:3])) == 1 and len(set(ids[3:])) == 1 and ids[0] != ids[3]
-    assert sorted(set(E.merge_communities(w, 5))) == [0, 1, 2, 3, 4]  # nothing to merge
-
-
-def test_pca_is_exact_and_ignores_the_global_generator():
-    x = torch.randn(200, 6) * torch.tensor([5.0, 1, 1, 1, 1, 0.1])
-    torch.manual_seed(1)
-    a = E.standardise_and_pca(x, 3)
-    torch.manual_seed(2)
-    assert torch.equal(a, E.standardise_and_pca(x, 3))
-    full = E.standardise_and_pca(x, 6)  # all components: a rotation of the standardised data
-    z = (x - x.mean(0)) / (x.std(0) + 1e-5)
-    assert torch.allclose(full.norm(dim=1), z.norm(dim=1), atol=1e-4)
-    var = full.var(0)
-    assert (var[:-1] >= var[1:] - 1e-5).all()  # components by decreasing variance
-    cov = torch.cov(full.T)
-    assert (cov - torch.diag(cov.diagonal())).abs().max() < 1e-4  # uncorrelated
-
-
-class ClassTokens(nn.Module):
-    """A 'ViT' whose patch tokens are one-hot codes (plus noise) of what is painted on each 8x8 patch:
-    an object class (channel 0: 1..C) or else a kind of stuff (channel 1: 1..S); its [CLS] attends
-    to the object patches. From such tokens the pipeline should recover the classes."""
-
-    def __init__(self, num_objects, num_stuff, noise):
-        super().__init__()
-        self.patch_embed, self.dims, self.noise = types.SimpleNamespace(patch_size=8), num_objects + num_stuff, noise
-        self.num_objects, self.unused = num_objects, nn.Parameter(torch.zeros(1))  # gives the pipeline a device
-
-    def _codes(self, x):  # (B, 3, H, W) -> (B, N) code per patch, and whether it is an object
-        obj, stuff = [F.avg_pool2d(x[:, i:i + 1], 8).flatten(1).round().long() for i in (0, 1)]
-        return torch.where(obj > 0, obj - 1, self.num_objects + stuff - 1), obj > 0
-
-    def get_intermediate_layers(self, x, n=1):
-        code, _ = self._codes(x)
-        tokens = F.one_hot(code, self.dims).float() + self.noise * torch.randn(*code.shape, self.dims)
-        return [torch.cat([torch.zeros(len(x), 1, self.dims), tokens], 1)]
-
-    def get_last_selfattention(self, x):
-        _, is_object = self._codes(x)
-        attn = torch.zeros(len(x), 2, 1 + is_object.shape[1], 1 + is_object.shape[1])
-        attn[:, :, 0, 1:] = (is_object.float() + 0.01)[:, None]
-        return attn
-
-
-def test_unsupervised_segmentation_recovers_classes_from_class_tokens():
-    torch.manual_seed(0)
-    n, s, num_classes = 24, 32, 4  # 4x4 patches; a 3x3-patch object of class 1..3 on one of 3 stuffs
-    images, masks = torch.zeros(n, 3, s, s), torch.zeros(n, s, s, dtype=torch.long)
-    for i in range(n):
-        y, x = torch.randint(0, 2, (2,)).tolist()
-        images[i, 1] = 1 + (i // 3) % 3
-        images[i, 0, 8 * y:8 * y + 24, 8 * x:8 * x + 24] = masks[i, 8 * y:8 * y + 24, 8 * x:8 * x + 24] = 1 + i % 3
-    fg = lambda attn: attn > 0.5  # noqa: E731
-    run = lambda noise: E.unsupervised_segmentation(ClassTokens(3, 3, noise), images[:12], images[12:],  # noqa: E731
-                                                    num_classes, fg, masks[:12], masks[12:], k_fg=20, k_community=3)
-    maps, scores = run(0.05)  # k_community = 3 foreground clusters + background: the merge is the identity
-    assert maps.shape == masks[12:].shape
-    assert scores["cbfe_fg_iou"] > 90 and scores["cd_miou"] > 90, scores
-    _, noisy = run(5.0)  # tokens that say nothing
-    assert noisy["cd_miou"] < scores["cd_miou"] - 20, noisy
 
 
 # ------------------------------------------------------------------ icl
