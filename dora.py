@@ -13,7 +13,7 @@ finds the correspondences itself, with the teacher's own attention and no tracke
      Sinkhorn-Knopp then shares the patches out equally between the prototypes, so that
      the k objects are distinct rather than three copies of the most salient one;
   2. track: in every frame, each prototype cross-attends to that frame's patch keys;
-     the patches above the mean attention form the object's mask in that frame;
+     the patches above the mean attention (over the batch) form the object's mask there;
   3. learn: the student sees each frame masked to one object (k masked clips) and small
      local crops, and matches the teacher's output for the unmasked frame (DINO loss).
 Trained from scratch on one Walking Tours video (Venice, 4K), a ViT-S/16 comes out on par with
@@ -92,6 +92,8 @@ def get_args(argv=None):
     p.add_argument("--warmup-teacher-temp-epochs", type=int, default=30, help="README: 30")
     p.add_argument("--student-temp", type=float, default=0.1)
     p.add_argument("--center-momentum", type=float, default=0.9)
+    p.add_argument("--paper-loss", type=int, default=0, choices=[0, 1], help="1: the paper's plain mean over objects "
+                   "and all local crops (official: skips local crop 0, weighs earlier objects more; +9 %% at 8 frames)")
     p.add_argument("--momentum-teacher", type=float, default=0.996, help="EMA, cosine to 1")
     # optimisation
     p.add_argument("--epochs", type=int, default=100)
@@ -443,10 +445,13 @@ def discover_objects(cls_attn, queries, features, use_sinkhorn=True, eps=0.05, i
 @torch.no_grad()
 def track_objects(prototypes, keys):
     """prototypes (B, k, D), keys (B, T, N, D) of every frame's patches (heads concatenated) ->
-    attention maps (B, k, T, N) (softmax over patches) and masks (B, k, T, N) (above the mean)."""
+    attention maps (B, k, T, N) (softmax over patches) and masks (B, k, T, N): each map divided by its
+    L2 norm, kept above the mean of those over the batch, per object and frame (official utils.MOT;
+    under DDP each rank's own batch, as there). A map's peak always passes: no mask is empty."""
     logits = torch.einsum("bkd,btnd->bktn", prototypes.float(), keys.float()) * prototypes.shape[-1] ** -0.5
     maps = logits.softmax(dim=-1)
-    return maps, maps > maps.mean(dim=-1, keepdim=True)  # official: mean over the batch; here per map
+    unit = maps / maps.norm(dim=-1, keepdim=True)
+    return maps, unit > unit.mean(dim=(0, 3), keepdim=True)  # paper's text: each map at its own mean
 
 
 @torch.no_grad()
@@ -478,29 +483,43 @@ def mask_clip(clip, masks):
 # ----------------------------------------------------------------------------------------
 # The loss: DINO's cross-entropy between the sharpened, centred teacher on the unmasked
 # frame and the student on (a) each object's masked frame and (b) the local crops of that
-# frame; ½ (a) + ½ (b), averaged over objects and frames (paper Eq. 5, official DINOLoss).
+# frame; ½ (a) + ½ (b), over objects and frames as the official DINOLoss sums them (paper Eq. 5).
 # ----------------------------------------------------------------------------------------
 class DoRALoss(nn.Module):
     def __init__(self, args):
         super().__init__()
         self.student_temp, self.center_momentum = args.student_temp, args.center_momentum
+        self.paper_loss = bool(args.paper_loss)
         self.register_buffer("center", torch.zeros(1, args.out_dim))
         warm = min(args.warmup_teacher_temp_epochs, args.epochs)  # a too hot teacher early makes training unstable
         self.teacher_temps = np.concatenate([np.linspace(args.warmup_teacher_temp, args.teacher_temp, warm),
                                              np.full(args.epochs - warm, args.teacher_temp)])
 
+    @staticmethod
+    def object_weights(k, frames):
+        """Official DINOLoss: its per-frame sum is never reset between objects, so object j's running
+        sum R_j = R_{j-1} / T + (frame mean of object j), loss = mean_j R_j: object i weighs
+        (1 + 1/T + ... + 1/T^(k-1-i)) / k (k = 3, T = 8: 0.380, 0.375, 0.333; sum 1.089)."""
+        return torch.tensor([sum(frames ** -m for m in range(k - i)) / k for i in range(k)])
+
     def forward(self, student_masked, student_local, teacher_out, epoch):
         """student_masked (k, B, T, O), student_local (L, B, T, O), teacher_out (B, T, O) -> scalar
-        loss, its two halves and the mean entropy of the teacher's targets. The teacher targets
-        are the same for masked and local views."""
+        loss, its masked half (mean over objects), its local half and the mean entropy of the
+        teacher's targets. The teacher targets are the same for masked and local views."""
         target = F.softmax((teacher_out.float() - self.center) / self.teacher_temps[epoch], dim=-1)
-        ce = lambda s: -(target * F.log_softmax(s.float() / self.student_temp, dim=-1)).sum(-1).mean()
-        masked = ce(student_masked)  # mean over objects, clips and frames
-        local = ce(student_local) if student_local.numel() else masked.new_zeros(())  # official skips local 0: a slip
+        ce = lambda s: -(target * F.log_softmax(s.float() / self.student_temp, dim=-1)).sum(-1).flatten(1).mean(1)
+        masked = ce(student_masked)  # (k,): each object's mean over clips and frames
+        used = student_local if self.paper_loss else student_local[1:]  # official: DINO's same-view skip; paper: all
+        local = ce(used).mean() if len(used) else masked.new_zeros(())  # official: ZeroDivisionError below 2 crops
+        per_object = 0.5 * masked + 0.5 * local
+        if self.paper_loss:
+            loss = per_object.mean()
+        else:  # paper: a plain mean over objects and frames
+            loss = (self.object_weights(masked.shape[0], teacher_out.shape[1]).to(per_object) * per_object).sum()
         # DINO's collapse diagnostic (its Fig. 7): ln(out_dim) = a uniform teacher, 0 = one-hot
         entropy = -(target * target.clamp_min(1e-30).log()).sum(-1).mean()
         self.update_center(teacher_out)
-        return 0.5 * masked + 0.5 * local, masked.detach(), local.detach(), entropy.detach()
+        return loss, masked.mean().detach(), local.detach(), entropy.detach()
 
     @torch.no_grad()
     def update_center(self, teacher_out):  # EMA of the teacher's mean output, over all frames of all ranks

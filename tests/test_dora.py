@@ -229,10 +229,13 @@ def _ddp_worker(rank, init_file, out_file):
     dist.destroy_process_group()
 
 
-def test_ddp_two_processes_equal_one(tmp_path):
+def test_ddp_two_processes_equal_one(tmp_path, monkeypatch):
     mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path / "ddp.pth")), nprocs=2, join=True)
     two = torch.load(tmp_path / "ddp.pth", weights_only=True)
     args = tiny_args("--batch-size-per-gpu", "4")  # the same global batch, and so the same lr, in one process
+    whole = dora.track_objects  # each rank thresholds its masks at its own batch's mean (official utils.MOT), so
+    monkeypatch.setattr(dora, "track_objects", lambda p, k: tuple(  # the reference does it per half of the batch
+        torch.cat(t) for t in zip(whole(p[:2], k[:2]), whole(p[2:], k[2:]))))
     m, _ = one_step(args, random_crops(4, args))
     for k, v in m["student"].state_dict().items():
         assert torch.allclose(v, two["student"][k], atol=2e-6), k
@@ -263,11 +266,57 @@ def test_loss_halves_and_center():
     entropy = -(target * target.clamp(min=1e-30).log()).sum(-1).mean()
     assert torch.allclose(masked, entropy, atol=1e-4) and local > masked
     assert torch.allclose(teacher_entropy, entropy, atol=1e-5)
-    assert torch.allclose(loss, 0.5 * masked + 0.5 * local)
+    w = torch.tensor([1 + 1 / 3 + 1 / 9, 1 + 1 / 3, 1]) / 3  # official weights of 3 objects over 3 frames
+    assert torch.allclose(dora.DoRALoss.object_weights(3, 3), w)
+    assert torch.allclose(loss, w.sum() * (0.5 * masked + 0.5 * local))  # equal objects
     assert torch.allclose(loss_fn.center, 0.1 * teacher.flatten(0, 1).mean(0, keepdim=True), atol=1e-6)
     flat_teacher = torch.zeros(2, 3, 256)  # the same logit for every output: a uniform target
     flat = dora.DoRALoss(args)(same.expand(3, -1, -1, -1), same[None], flat_teacher, epoch=1)[3]
     assert abs(flat.item() - math.log(256)) < 1e-4
+
+
+def hand_loss(k, local_logits, masked_logits, paper=0):
+    """DoRALoss on 1 clip of 2 frames, 2 outputs, a uniform teacher: (loss, grad of the local logits)."""
+    args = tiny_args("--out-dim", "2", "--paper-loss", str(paper))
+    local = torch.tensor(local_logits).reshape(2, 1, 2, 2).mul(0.1).requires_grad_()  # (L, B, T, O); /0.1 inside
+    masked = torch.tensor(masked_logits).reshape(k, 1, 2, 2).mul(0.1)
+    loss = dora.DoRALoss(args)(masked, local, torch.zeros(1, 2, 2), epoch=1)[0]
+    return loss.item(), torch.autograd.grad(loss, local)[0]
+
+
+def test_official_loss_skips_local_crop_0_by_hand():
+    ln2, l3, l9 = math.log(2), math.log(3), math.log(9)
+    ce3, ce9 = 0.5 * math.log(16 / 3), 0.5 * math.log(100 / 9)  # -½ ln p - ½ ln(1-p) for p = 3/4, 9/10
+    # 1 object, frames 0 and 1: masked (0, 0) then (ln 3, 0); local crop 0 (ln 9, 0), crop 1 (ln 3, 0) in both
+    local, masked = [[l9, 0, l9, 0], [l3, 0, l3, 0]], [[0, 0, l3, 0]]
+    loss, grad = hand_loss(1, local, masked)
+    assert abs(loss - (0.5 * (ln2 + ce3) + 0.5 * (ce3 + ce3)) / 2) < 1e-6  # crop 0 is not in it
+    assert (grad[0] == 0).all() and (grad[1] != 0).all()
+    loss, grad = hand_loss(1, local, masked, paper=1)
+    both = (ce9 + ce3) / 2
+    assert abs(loss - (0.5 * (ln2 + both) + 0.5 * (ce3 + both)) / 2) < 1e-6
+    assert (grad[0] != 0).all()
+
+
+def test_official_loss_carries_the_frame_sum_across_objects_by_hand():
+    ln2, ce3 = math.log(2), 0.5 * math.log(16 / 3)
+    # 2 objects over 2 frames, local terms ln 2: object 0's frame mean F0 = ln 2, object 1's F1 = ½ (ce3 + ln 2)
+    local, masked = [[0, 0, 0, 0]] * 2, [[0, 0, 0, 0], [math.log(3), 0, math.log(3), 0]]
+    f0, f1 = ln2, 0.5 * (ce3 + ln2)
+    assert abs(hand_loss(2, local, masked)[0] - (f0 + (f0 / 2 + f1)) / 2) < 1e-6  # R_1 = R_0 / T + F1
+    assert abs(hand_loss(2, local, masked, paper=1)[0] - (f0 + f1) / 2) < 1e-6
+
+
+def test_official_mask_threshold_is_the_batch_mean_of_unit_maps():
+    """Official utils.MOT: each map / its L2 norm, kept above the mean over the batch (per object and frame)."""
+    maps = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.28, 0.24, 0.24, 0.24]])  # a peaked and a flat map
+    keys = maps.log().reshape(2, 1, 4, 1)  # one frame, D = 1: logits = keys, softmax = maps
+    got_maps, masks = dora.track_objects(torch.ones(2, 1, 1), keys)
+    assert torch.allclose(got_maps[:, 0, 0], maps, atol=1e-6)
+    # unit maps: (7, 1, 1, 1) / √52 and (28, 24, 24, 24) / √2512, mean (10/√52 + 100/√2512) / 8 = 0.423
+    assert masks[:, 0, 0].tolist() == [[True, False, False, False], [True, True, True, True]]
+    alone = dora.track_objects(torch.ones(1, 1, 1), keys[1:])[1]  # the flat map alone: its own mean, 0.25 in maps
+    assert alone[0, 0, 0].tolist() == [True, False, False, False]
 
 
 def test_log_has_teacher_entropy():
