@@ -572,7 +572,8 @@ def make_schedules(args, steps_per_epoch, world_size):
 def choose_heads(args, num_heads, it):
     """k heads drawn at random each step; the draw depends on (seed, step) only, so that every
     rank tracks the same heads and a resumed run draws what the uninterrupted one drew."""
-    return sorted(random.Random(args.seed * 1_000_003 + it).sample(range(num_heads), args.num_objects))
+    # unsorted, as official utils.MOT's random.sample: the loss weighs object 0 most, so no head is always first
+    return random.Random(args.seed * 1_000_003 + it).sample(range(num_heads), args.num_objects)
 
 
 def train_step(m, crops, it, epoch, args, autocast):

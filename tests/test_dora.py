@@ -319,6 +319,12 @@ def test_official_mask_threshold_is_the_batch_mean_of_unit_maps():
     assert alone[0, 0, 0].tolist() == [True, False, False, False]
 
 
+def test_heads_come_in_draw_order():
+    """Official utils.MOT keeps random.sample's order; the loss weighs object 0 most, so sorting would favour head 0."""
+    firsts = [dora.choose_heads(tiny_args(), 6, it)[0] for it in range(60)]
+    assert len(set(firsts)) == 6 and max(firsts.count(h) for h in range(6)) < 20  # each head leads about 10 times
+
+
 def test_log_has_teacher_entropy():
     args = tiny_args()
     _, stats = one_step(args, random_crops(2, args))
