@@ -227,7 +227,9 @@ def _ddp_worker(rank, world, init_file, out_dir):
     student, teacher = tiny_model(args)
     ddp = torch.nn.parallel.DistributedDataParallel(student)
     loss = one_step(args, [c[half] for c in crops], {k: v[half] for k, v in boxes.items()}, ddp, teacher)
-    torch.save({"loss": loss, "student": student.state_dict(), "teacher": teacher.state_dict()},
+    torch.manual_seed(rank)  # per-rank seeds, as train(): the teacher's draw must still be rank 0's everywhere
+    drawn = L.init_teacher(args, world_size=world).state_dict()
+    torch.save({"loss": loss, "student": student.state_dict(), "teacher": teacher.state_dict(), "drawn": drawn},
                os.path.join(out_dir, f"rank{rank}.pth"))
     torch.distributed.destroy_process_group()
 
@@ -248,6 +250,7 @@ def test_ddp_two_processes_equal_one(tmp_path):
         assert torch.allclose(r0["teacher"][k], teacher.state_dict()[k], atol=1e-5), k
         moved += not torch.equal(v, before[k])
     assert moved > len(before) // 2  # the step did something
+    assert all(torch.equal(r0["drawn"][k], r1["drawn"][k]) for k in r0["drawn"])
 
 
 def test_bf16_autocast_step():
