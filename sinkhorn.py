@@ -66,7 +66,7 @@ def get_args(argv=None):
     p.add_argument("--batch-size-per-gpu", type=int, default=256, help="paper: 256 in total")
     p.add_argument("--optimizer", default=None, choices=["sgd", "adamw"],
                    help="default: SGD for AlexNet/ResNet (paper), AdamW for ViTs (as DINO trains them)")
-    p.add_argument("--lr", type=float, default=None, help="default: SGD 0.05 (paper; official code 0.08), AdamW 5e-4")
+    p.add_argument("--lr", type=float, default=None, help="default: SGD 0.08 (official main.py; paper 0.05), demo 0.05 (official cifar.py), AdamW 5e-4")
     p.add_argument("--lr-milestones", type=int, nargs="*", default=[150, 300, 350], help="epochs where lr drops x0.1")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=1e-5)
@@ -92,7 +92,8 @@ def get_args(argv=None):
             args.data = os.path.join(root, "objects", "train")
             args.eval_data = args.eval_data or os.path.join(root, "objects")
     args.optimizer = args.optimizer or ("adamw" if args.arch.startswith("vit") else "sgd")
-    args.lr = args.lr if args.lr is not None else (0.05 if args.optimizer == "sgd" else 5e-4)
+    # SGD: official main.py's default 0.08 (its help text and the paper say 0.05); the demo: cifar.py's 0.05
+    args.lr = args.lr if args.lr is not None else (5e-4 if args.optimizer == "adamw" else 0.05 if args.demo else 0.08)
     if args.data is None:
         p.error("--data is required (or --demo to use the synthetic world)")
     return args

@@ -111,6 +111,16 @@ def test_label_schedule_as_official_main_py():
     assert len(steps) == 99 and steps[-1] == 3930 and steps[-2] == 3850  # 401.01 (97/99)² = 384.97 -> 385
 
 
+def test_defaults_as_official():
+    # official main.py and scripts/alexnet.sh: lr 0.08 (its help text says 0.05), x0.1 at 150, 300, 350,
+    # wd 1e-5, batch 256, 400 epochs, 100 label updates, λ 25, 10 heads x 3000; the demo: cifar.py's 0.05
+    a = sinkhorn.get_args(["--data", "unused"])
+    assert (a.arch, a.optimizer, a.lr, a.momentum, a.weight_decay) == ("alexnet", "sgd", 0.08, 0.9, 1e-5)
+    assert a.lr_milestones == [150, 300, 350]
+    assert (a.batch_size_per_gpu, a.epochs, a.num_label_updates, a.lam, a.num_heads, a.num_clusters) == (256, 400, 100, 25, 10, 3000)
+    assert sinkhorn.get_args(["--demo", "--data", "unused"]).lr == 0.05
+
+
 # ---------------------------------------------------------------- training
 def _tiny_folder(root, classes=3, per_class=8, size=24):
     """Classes that differ in pattern (stripes vs. checks vs. blobs), colours random."""
