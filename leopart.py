@@ -26,7 +26,6 @@ multi-crop with boxes, Sinkhorn-Knopp, foreground mask, loss, train(), evaluatio
 fully unsupervised segmentation and its picture are evaluate.unsupervised_segmentation_voc's).
 """
 import argparse
-import copy
 import math
 import os
 import time
@@ -492,6 +491,12 @@ def foreground_mask(attn: torch.Tensor, mass: float = 0.6, sigma: float = 0.6, m
     return keep
 
 
+def foreground_bins(fg: torch.Tensor, boxes: torch.Tensor, patch_size: int, out_size: int = 7):
+    """fg bool (B, h, w), boxes (B, 4) -> float (B, out, out): 1 where a RoI-align bin lies entirely on
+    foreground, `>= 1.0` exactly as official spatial_loss; its float error drops ~2 % of such bins there too."""
+    return (align(fg[:, None].float(), boxes, patch_size, out_size)[:, 0] >= 1.0).float()
+
+
 # ---------------------------------------------------------------------------------------
 # The loss (paper eq. 4): cross-entropy between the teacher's aligned Sinkhorn assignments of
 # each global crop and the student's aligned predictions from every other crop, on foreground.
@@ -531,7 +536,6 @@ class LeopartLoss(nn.Module):
                     self.push(g, teacher_embs[g], fg)
                 q = sinkhorn(scores, a.epsilon, a.sinkhorn_iters)[-B * h * w:]
                 q = rearrange(q, "(b h w) k -> b k h w", b=B, h=h, w=w)
-            fg_aligned = None
             sub, sub_entropy = 0.0, 0.0
             for v in range(C):
                 if v == g:
@@ -539,9 +543,8 @@ class LeopartLoss(nn.Module):
                 target = align(q, boxes["in_global"][:, g, v], p, a.roi_align_size)
                 logits = align(student_scores[v].float(), boxes["in_crop"][:, g, v], p, a.roi_align_size)
                 ce = -(target * F.log_softmax(logits / a.temperature, dim=1)).sum(1)  # (B, 7, 7)
-                if fg is not None:  # a bin counts if it lies entirely on foreground
-                    fg_aligned = align(fg[:, None].float(), boxes["in_global"][:, g, v], p, a.roi_align_size)[:, 0]
-                    weight = (fg_aligned >= 1 - 1e-4).float()
+                if fg is not None:
+                    weight = foreground_bins(fg, boxes["in_global"][:, g, v], p, a.roi_align_size)
                 else:
                     weight = torch.ones_like(ce)
                 count = weight.sum().detach()
@@ -605,14 +608,10 @@ def train(args):
     if steps_per_epoch == 0:
         raise SystemExit(f"--data {args.data}: {len(dataset)} images is fewer than one batch of {args.batch_size_per_gpu}")
 
-    # Student and EMA teacher. The teacher starts as a copy (DINO's convention; the official code
-    # draws the teacher's head independently) and sees only the global crops.
+    # Student and EMA teacher; the teacher sees only the global crops.
     head = LeopartHead(backbone.embed_dim, args.proj_hidden_dim, args.proj_dim, args.proj_layers, args.num_prototypes)
     model = LeopartNet(backbone, head).to(d.device)
-    teacher = copy.deepcopy(model)
-    for blk in teacher.backbone.blocks:
-        blk.drop_path.p = 0.0
-    teacher.requires_grad_(False).eval()
+    teacher = init_teacher(args, d.device, d.world_size)
     criterion = LeopartLoss(args, d.world_size).to(d.device)
 
     optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr_backbone, weight_decay=args.weight_decay)
@@ -722,6 +721,21 @@ def init_backbone(args):
     if args.pretrained:
         data.load_pretrained(backbone, args.pretrained)
     return backbone
+
+
+def init_teacher(args, device="cpu", world_size=1):
+    """The teacher as official src/leopart.py `init_model` builds it: its own random draw, no drop-path;
+    --pretrained loads into its backbone too (finetune_with_leopart.py), the head stays independent.
+    Under DDP rank 0's draw is broadcast (the official seeds every rank alike)."""
+    backbone = ARCHS[args.arch](args.patch_size)
+    if args.pretrained:
+        load_pretrained(backbone, args.pretrained)
+    head = LeopartHead(backbone.embed_dim, args.proj_hidden_dim, args.proj_dim, args.proj_layers, args.num_prototypes)
+    teacher = LeopartNet(backbone, head).to(device).requires_grad_(False).eval()
+    if world_size > 1:
+        for t in teacher.state_dict().values():
+            dist.broadcast(t, 0)
+    return teacher
 
 
 def main(args):

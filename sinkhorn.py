@@ -64,11 +64,11 @@ def get_args(argv=None):
     p.add_argument("--lam", type=float, default=25.0, help="λ: inverse entropic regularisation of the label step")
     p.add_argument("--sk-tol", type=float, default=0.1, help="stop SK when sum |c/c_new - 1| falls below this")
     p.add_argument("--num-label-updates", type=int, default=100, help="label re-optimisations over training (paper: 100)")
-    p.add_argument("--epochs", type=int, default=400)
+    p.add_argument("--epochs", type=int, default=400, help="as official main.py's: it trains epochs + 1 passes")
     p.add_argument("--batch-size-per-gpu", type=int, default=256, help="paper: 256 in total")
     p.add_argument("--optimizer", default=None, choices=["sgd", "adamw"],
                    help="default: SGD for AlexNet/ResNet (paper), AdamW for ViTs (as DINO trains them)")
-    p.add_argument("--lr", type=float, default=None, help="default: SGD 0.05 (paper; official code 0.08), AdamW 5e-4")
+    p.add_argument("--lr", type=float, default=None, help="default: SGD 0.08 (official main.py; paper 0.05), demo 0.05 (official cifar.py), AdamW 5e-4")
     p.add_argument("--lr-milestones", type=int, nargs="*", default=[150, 300, 350], help="epochs where lr drops x0.1")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=1e-5)
@@ -93,7 +93,8 @@ def get_args(argv=None):
         args.eval_data = os.path.join(data.demo_eval_root(args.eval_data, ["knn", "linear"]), "objects")
         args.data = args.data or os.path.join(data.ensure_synth("runs/synth", seed=0), "objects", "train")
     args.optimizer = args.optimizer or ("adamw" if args.arch.startswith("vit") else "sgd")
-    args.lr = args.lr if args.lr is not None else (0.05 if args.optimizer == "sgd" else 5e-4)
+    # SGD: official main.py's default 0.08 (its help text and the paper say 0.05); the demo: cifar.py's 0.05
+    args.lr = args.lr if args.lr is not None else (5e-4 if args.optimizer == "adamw" else 0.05 if args.demo else 0.08)
     if args.data is None:
         p.error("--data is required (or --demo to use the synthetic world)")
     return args
@@ -114,9 +115,10 @@ class ConvBackbone(nn.Module):
     forward -> (B, D) the clustering heads' input; get_intermediate_layers -> [(B, 1+h*w, C)]:
     the globally pooled map in the [CLS] slot, then the map's positions as patch tokens."""
 
-    def __init__(self, trunk, stride, map_dim, mlp=None, out_dim=None):
+    def __init__(self, trunk, stride, map_dim, mlp=None, out_dim=None, alexnet_init=False):
         super().__init__()
         self.trunk, self.mlp = trunk, mlp
+        self.alexnet_init = alexnet_init  # SeLaNet then gives its heads the same initialisation
         self.patch_embed = _PatchSize(stride)
         self.embed_dim = map_dim  # the dimension of the tokens evaluate.py reads
         self.out_dim = out_dim or map_dim  # the dimension of forward(), the heads' input
@@ -145,11 +147,35 @@ def alexnet_bn():
             c_in = v[0]
     mlp = nn.Sequential(nn.Dropout(0.5), nn.Linear(256 * 6 * 6, 4096), nn.ReLU(inplace=True),
                         nn.Dropout(0.5), nn.Linear(4096, 4096), nn.ReLU(inplace=True))
-    return ConvBackbone(nn.Sequential(*layers), stride=32, map_dim=256, mlp=mlp, out_dim=4096)
+    return alexnet_init_(ConvBackbone(nn.Sequential(*layers), stride=32, map_dim=256, mlp=mlp, out_dim=4096,
+                                      alexnet_init=True))
+
+
+@torch.no_grad()
+def alexnet_init_(module):
+    """SeLa's AlexNet initialisation, in place (official models/alexnet.py, `_initialize_weights`):
+    conv weights N(0, sqrt(2 / (k*k*out_channels))), linear weights N(0, 0.01), BatchNorm weight 1,
+    every bias 0. Returns `module`."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            std = math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels))
+            for w in m.weight:  # one draw per output channel, as the official loop
+                w.normal_(0, std)
+            if m.bias is not None:
+                m.bias.zero_()
+        elif isinstance(m, nn.BatchNorm2d):
+            m.weight.fill_(1)
+            m.bias.zero_()
+        elif isinstance(m, nn.Linear):
+            m.weight.normal_(0, 0.01)
+            m.bias.zero_()
+    return module
 
 
 def convnet_demo(width=64):
-    """A 4-stage conv net with BN for the CPU demo (a small AlexNet-style trunk, stride 8)."""
+    """A 4-stage conv net with BN for the CPU demo (a small AlexNet-style trunk, stride 8). No official
+    counterpart, PyTorch's init: with AlexNet's (heads N(0, 0.01)) the 33-pass demo's clusters fell
+    below the fair floor for seed 1 of 3 (nmi_sk margins +0.72 / -0.54 / +0.74 points)."""
     layers, c_in = [], 3
     for i, c in enumerate((width, 2 * width, 4 * width, 4 * width)):
         layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
@@ -158,7 +184,7 @@ def convnet_demo(width=64):
     return ConvBackbone(nn.Sequential(*layers), stride=8, map_dim=c_in)
 
 
-def resnet(depth):
+def resnet(depth):  # torchvision's init (the official resnetv2.py keeps PyTorch's defaults, heads too)
     net = getattr(torchvision.models, f"resnet{depth}")(weights=None)  # never downloads
     trunk = nn.Sequential(*list(net.children())[:-2])  # drop avgpool and fc
     return ConvBackbone(trunk, stride=32, map_dim=net.fc.in_features)
@@ -268,6 +294,8 @@ class SeLaNet(nn.Module):
         self.backbone = backbone
         dim = getattr(backbone, "out_dim", backbone.embed_dim)
         self.heads = nn.ModuleList([nn.Linear(dim, num_clusters) for _ in range(num_heads)])
+        if getattr(backbone, "alexnet_init", False):  # official AlexNet: its top layers N(0, 0.01), bias 0
+            alexnet_init_(self.heads)
 
     def forward(self, x):
         z = self.backbone(x)
@@ -290,7 +318,7 @@ def _all_reduce_max(t, world_size):
 
 
 @torch.no_grad()
-def sinkhorn_knopp(log_probs, lam=25.0, tol=0.1, max_iters=10_000, world_size=1):
+def sinkhorn_knopp(log_probs, lam=25.0, tol=0.1, world_size=1):
     """Equipartitioned soft labels for a whole dataset (SeLa, Sec. 3.1, Eq. 6-7).
 
     The labels Q (an N x K matrix) live in the transportation polytope
@@ -298,7 +326,9 @@ def sinkhorn_knopp(log_probs, lam=25.0, tol=0.1, max_iters=10_000, world_size=1)
     (each image carries mass 1/N, each cluster receives mass 1/K: an equal partition).
     Minimising <Q, -log P> - H(Q)/λ over U has the solution Q = diag(c) P^λ diag(r), with
     the scaling vectors found by alternating row and column normalisation (Sinkhorn-Knopp).
-    Larger λ: closer to the hard optimal-transport assignment.
+    Larger λ: closer to the hard optimal-transport assignment. Runs until the relative change
+    of c falls to `tol`, however many iterations that takes (official sinkhornknopp.py
+    `optimize_L_sk`: 6,151 at N = 6000, K = 3000); a non-finite change raises.
 
     log_probs: (N_local, K) log-softmax of one head over this rank's share of the dataset.
     Under DDP each rank holds its own rows; only the K-vector of column sums and the
@@ -311,17 +341,19 @@ def sinkhorn_knopp(log_probs, lam=25.0, tol=0.1, max_iters=10_000, world_size=1)
     # P^λ, each row rescaled to max 1: a per-row factor is absorbed by c, and it keeps
     # exp() away from underflow where the official code's P**λ can reach zero.
     z = lam * log_probs.double()
-    Q = torch.exp(z - z.max(dim=1, keepdim=True).values)
-    c = torch.full((N_local,), 1.0 / N, dtype=torch.float64, device=Q.device)
-    for it in range(max_iters):
+    shift = z.max(dim=1).values
+    Q = torch.exp(z - shift[:, None])
+    c = torch.exp(shift) / N  # the official c = 1/N of the unshifted P^λ: the same iterates, the same stop
+    it, err = 0, math.inf
+    while err > tol:  # as the official loop: check the relative change every 10 steps
         r = (1.0 / K) / _all_reduce(Q.t() @ c, world_size)  # (K,): column marginals -> 1/K
         c_new = (1.0 / N) / (Q @ r)  # (N_local,): row marginals -> 1/N
-        if it % 10 == 0:  # as the official code: check the relative change every 10 steps
+        if it % 10 == 0:
             err = _all_reduce((c / c_new - 1).abs().sum().reshape(1), world_size).item()
-            if err < tol:
-                c = c_new
-                break
+            if not math.isfinite(err):  # a cluster no image reaches: the official's nanargmax fails later
+                raise FloatingPointError(f"Sinkhorn-Knopp diverged at iteration {it} (change {err})")
         c = c_new
+        it += 1
     return Q * c[:, None] * r[None, :]
 
 
@@ -370,11 +402,25 @@ def update_labels(model, dataset, args, dist_info, autocast):
     return _all_reduce(labels, dist_info.world_size)
 
 
-def label_update_steps(num_updates, epochs, steps_per_epoch):
-    """Optimiser steps at which labels are re-solved: t² on an even grid of t in [0, 1),
-    dense early and sparse late, the first at step 0 (official: (E+1.01)·N·t² images)."""
-    t = np.linspace(0, 1, num_updates + 1)[:-1]
-    return sorted({int(epochs * steps_per_epoch * x * x) for x in t})
+def label_update_steps(num_updates, epochs, num_images, batch_size, steps_per_epoch):
+    """Global steps (of a run of epochs + 1 passes, `steps_per_epoch` each) before which labels are
+    re-solved, at the epoch and iteration where official main.py (`optimize`) re-solves them: when
+    the images seen, counted as iterations x batch_size with the last short batch of each epoch
+    counted full (its loader keeps it), reach (epochs + 1.01) * N * t² for t = k / (n - 1),
+    k = 0 .. n - 1: dense early, sparse late, the first before step 0. The last (t = 1) lies past
+    the end and fires only where that count overshoots N (ImageNet: 126 steps before the end).
+    At most one update per step, as the official pops one per step. batch_size: global batch."""
+    official_steps_per_epoch = math.ceil(num_images / batch_size)
+    steps = []
+    for seen in (epochs + 1.01) * num_images * np.linspace(0, 1, num_updates) ** 2:
+        it = math.ceil(seen / batch_size)  # the first official iteration with it * batch_size >= seen
+        epoch, i = divmod(it, official_steps_per_epoch)
+        if i >= steps_per_epoch:  # the official epoch's short last batch: ours dropped it, so next epoch
+            epoch, i = epoch + 1, 0
+        step = max(epoch * steps_per_epoch + i, steps[-1] + 1 if steps else 0)
+        if step < (epochs + 1) * steps_per_epoch:
+            steps.append(step)
+    return steps
 
 
 # ----------------------------------------------------------------------------------------
@@ -444,7 +490,8 @@ def train(args):
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.04)  # DINO's weight decay
     scaler = data.make_scaler(args.amp, d.device)
-    updates = label_update_steps(args.num_label_updates, args.epochs, steps_per_epoch)
+    updates = label_update_steps(args.num_label_updates, args.epochs, len(dataset),
+                                 args.batch_size_per_gpu * d.world_size, steps_per_epoch)
     labels, start_epoch, step = None, 0, 0
 
     if ckpt is not None:  # --resume
@@ -460,7 +507,7 @@ def train(args):
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[d.device] if d.device.type == "cuda" else None) \
         if d.world_size > 1 else model
 
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(start_epoch, args.epochs + 1):  # epochs + 1 passes, as official main.py's loop
         data.seed_everything(args.seed + epoch, d.rank)  # per epoch: a resumed run replays the same randomness
         sampler.set_epoch(epoch)
         for group in optimizer.param_groups:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torchvision.ops import roi_align
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
@@ -80,6 +81,27 @@ def test_dino_weights_load_strict(tmp_path):
             assert torch.equal(fresh.get_last_selfattention(x), dino.get_last_selfattention(x))
     with pytest.raises(RuntimeError, match="--pretrained"):
         data.load_pretrained(L.vit_small(16), str(plain))
+
+
+def test_teacher_initialised_independently(tmp_path):
+    # official src/leopart.py init_model: the teacher is a second network with its own random draw and
+    # no drop-path; --pretrained weights go into both backbones, the heads stay independent
+    args = tiny_args("--drop-path", "0.1")
+    torch.manual_seed(0)
+    student_backbone = L.init_backbone(args)
+    student_head = L.LeopartHead(student_backbone.embed_dim, args.proj_hidden_dim, args.proj_dim, args.proj_layers,
+                                 args.num_prototypes)
+    teacher = L.init_teacher(args)
+    assert not torch.equal(teacher.head.prototypes.weight, student_head.prototypes.weight)
+    assert not torch.equal(teacher.backbone.blocks[0].attn.qkv.weight, student_backbone.blocks[0].attn.qkv.weight)
+    assert all(blk.drop_path.p == 0 for blk in teacher.backbone.blocks) and student_backbone.blocks[-1].drop_path.p > 0
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    torch.save(student_backbone.state_dict(), tmp_path / "w.pth")
+    args = tiny_args("--pretrained", str(tmp_path / "w.pth"))
+    teacher, again = L.init_teacher(args), L.init_teacher(args)
+    for k, v in student_backbone.state_dict().items():
+        assert torch.equal(teacher.backbone.state_dict()[k], v), k
+    assert not torch.equal(teacher.head.prototypes.weight, again.head.prototypes.weight)
 
 
 # --------------------------------------------------------------------------- boxes, RoI-align
@@ -154,6 +176,22 @@ def test_fg_mask_keeps_requested_mass(mass):
     assert L.foreground_mask(attn, mass=0.99, sigma=0.01)[0, 5, 5]
 
 
+def test_foreground_bins_as_official():
+    # official spatial_loss: roi_align(mask, boxes / p, 7, aligned=True) >= 1.0. On an all-foreground
+    # map, float error leaves one bin of this box at 0.99999994: dropped there, so dropped here
+    fg = torch.ones(1, 14, 14, dtype=torch.bool)
+    box = torch.tensor([[10.0, 12.0, 37.0, 41.0]])
+    official = roi_align(fg[:, None].float(), [box / 16], 7, aligned=True)[:, 0] >= 1.0
+    kept = L.foreground_bins(fg, box, 16)
+    assert torch.equal(kept.bool(), official) and kept.sum() == 48
+    fg[:, :, 3:] = False  # foreground: token columns 0-2 = pixels 0-47; the box spans x 10-37
+    assert L.foreground_bins(fg, box, 16).sum() == 48
+    fg[:, :, 2:] = False  # now pixels 0-31 only: bins reaching past x = 32 drop out
+    kept = L.foreground_bins(fg, box, 16)
+    assert torch.equal(kept.bool(), roi_align(fg[:, None].float(), [box / 16], 7, aligned=True)[:, 0] >= 1.0)
+    assert 0 < kept.sum() < 48
+
+
 @pytest.mark.parametrize("mask", ["all", "fg"])
 def test_target_entropy_is_the_loss_floor(mask):
     """CE(target, student) = H(target) + KL >= H(target), with H averaged over the same bins as the loss."""
@@ -190,7 +228,9 @@ def _ddp_worker(rank, world, init_file, out_dir):
     student, teacher = tiny_model(args)
     ddp = torch.nn.parallel.DistributedDataParallel(student)
     loss = one_step(args, [c[half] for c in crops], {k: v[half] for k, v in boxes.items()}, ddp, teacher)
-    torch.save({"loss": loss, "student": student.state_dict(), "teacher": teacher.state_dict()},
+    torch.manual_seed(rank)  # per-rank seeds, as train(): the teacher's draw must still be rank 0's everywhere
+    drawn = L.init_teacher(args, world_size=world).state_dict()
+    torch.save({"loss": loss, "student": student.state_dict(), "teacher": teacher.state_dict(), "drawn": drawn},
                os.path.join(out_dir, f"rank{rank}.pth"))
     torch.distributed.destroy_process_group()
 
@@ -211,6 +251,7 @@ def test_ddp_two_processes_equal_one(tmp_path):
         assert torch.allclose(r0["teacher"][k], teacher.state_dict()[k], atol=1e-5), k
         moved += not torch.equal(v, before[k])
     assert moved > len(before) // 2  # the step did something
+    assert all(torch.equal(r0["drawn"][k], r1["drawn"][k]) for k in r0["drawn"])
 
 
 def test_bf16_autocast_step():

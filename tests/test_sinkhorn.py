@@ -14,6 +14,29 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sinkhorn  # noqa: E402
 
 
+# ---------------------------------------------------------------- initialisation
+def test_alexnet_init_as_official():
+    # official models/alexnet.py _initialize_weights: conv N(0, sqrt(2 / (k k out))), BN 1 and 0,
+    # linear N(0, 0.01) (fc6, fc7 and every head), all biases 0
+    torch.manual_seed(0)
+    net = sinkhorn.SeLaNet(sinkhorn.build_backbone({"arch": "alexnet"}), 2, 3000)
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    # 2 / (11 11 96), 2 / (5 5 256), 2 / (3 3 384) twice, 2 / (3 3 256); conv5 was 0.0120 (PyTorch's)
+    for m, std in zip(convs, [0.013122, 0.017678, 0.024056, 0.024056, 0.029463], strict=True):
+        assert abs(m.weight.std().item() / std - 1) < 0.02 and abs(m.weight.mean().item()) < 0.1 * std
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 4 and all(abs(m.weight.std().item() / 0.01 - 1) < 0.02 for m in linears)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            assert m.weight.eq(1).all()
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.Linear)):
+            assert m.bias.eq(0).all()
+    # ResNet keeps torchvision's init and its heads PyTorch's default, as the official resnetv2.py;
+    # so does the demo's conv net (no official counterpart)
+    for arch in ("resnet18", "convnet_demo"):
+        assert not sinkhorn.SeLaNet(sinkhorn.build_backbone({"arch": arch}), 1, 18).heads[0].bias.eq(0).all()
+
+
 # ---------------------------------------------------------------- Sinkhorn-Knopp maths
 def test_offline_sk_meets_both_marginals():
     torch.manual_seed(0)
@@ -42,7 +65,7 @@ def test_offline_sk_matches_brute_force_optimal_transport():
         log_probs = F.log_softmax(torch.randn(6, 3, generator=g) * 2, dim=1)
         best = max(set(itertools.permutations([0, 0, 1, 1, 2, 2])),
                    key=lambda y: sum(log_probs[i, y[i]].item() for i in range(6)))
-        Q = sinkhorn.sinkhorn_knopp(log_probs, lam=25, tol=1e-9)
+        Q = sinkhorn.sinkhorn_knopp(log_probs, lam=25, tol=1e-3)  # near-hard optima converge slowly: 1e-5 takes 300k steps
         assert tuple(Q.argmax(1).tolist()) == best
 
 
@@ -61,11 +84,40 @@ def test_online_sk_matches_offline_in_the_limit():
     assert len(q.argmax(1).unique()) > 4
 
 
-def test_label_schedule_is_dense_early_sparse_late():
-    steps = sinkhorn.label_update_steps(100, epochs=400, steps_per_epoch=100)
-    assert steps[0] == 0 and len(steps) == 100 and steps[-1] < 400 * 100
-    gaps = np.diff(steps)
-    assert gaps[0] < gaps[-1] and (gaps > 0).all()
+def test_offline_sk_runs_to_tolerance_however_long():
+    # no total support in the limit (image 1 all but forbids cluster 0): Sinkhorn-Knopp crawls,
+    # 25,561 iterations to tol 1e-5; the old silent cap of 10,000 left columns 2.5e-5 off 1/2
+    log_probs = torch.tensor([[0.0, 0.0], [np.log(1e-9) / 25, 0.0]], dtype=torch.float64)
+    Q = sinkhorn.sinkhorn_knopp(log_probs, lam=25, tol=1e-5)
+    assert torch.allclose(Q.sum(0), torch.full((2,), 0.5, dtype=torch.float64), atol=5e-6, rtol=0)
+    # a cluster no image can reach has no equipartition: raise, never loop or return NaN labels
+    with pytest.raises(FloatingPointError):
+        sinkhorn.sinkhorn_knopp(torch.tensor([[0.0, -np.inf], [0.0, -np.inf]]), lam=25)
+
+
+def test_label_schedule_as_official_main_py():
+    # official main.py, ImageNet (N = 1,281,167), batch 256, --epochs 400, --nopts 100: update k when
+    # iteration x 256 >= 401.01 N (k/99)², iterations counted 5005 per epoch (last batch short)
+    steps = sinkhorn.label_update_steps(100, epochs=400, num_images=1281167, batch_size=256, steps_per_epoch=5004)
+    assert len(steps) == 100 and steps[0] == 0
+    assert steps[1] == 205  # 401.01 N / 99² = 52,419.2 images = 204.8 iterations
+    assert divmod(steps[-2], 5004) == (392, 4580)  # 401.01 N (98/99)² / 256 = 1,966,539.8 -> 392 x 5005 + 4580
+    assert divmod(steps[-1], 5004) == (400, 4879)  # 401.01 N / 256 = 2,006,878.04 -> 2,006,879 = 400 x 5005 + 4879
+    assert (np.diff(steps) > 0).all() and np.diff(steps)[0] < np.diff(steps)[-1]  # dense early, sparse late
+    # N a multiple of the batch: the count never overshoots, t = 1 (401.01 epochs) lies past the
+    # 401 passes and only 99 updates happen, the last at 401.01 (98/99)² = 392.96 -> epoch 393
+    steps = sinkhorn.label_update_steps(100, epochs=400, num_images=1000, batch_size=100, steps_per_epoch=10)
+    assert len(steps) == 99 and steps[-1] == 3930 and steps[-2] == 3850  # 401.01 (97/99)² = 384.97 -> 385
+
+
+def test_defaults_as_official():
+    # official main.py and scripts/alexnet.sh: lr 0.08 (its help text says 0.05), x0.1 at 150, 300, 350,
+    # wd 1e-5, batch 256, 400 epochs, 100 label updates, λ 25, 10 heads x 3000; the demo: cifar.py's 0.05
+    a = sinkhorn.get_args(["--data", "unused"])
+    assert (a.arch, a.optimizer, a.lr, a.momentum, a.weight_decay) == ("alexnet", "sgd", 0.08, 0.9, 1e-5)
+    assert a.lr_milestones == [150, 300, 350]
+    assert (a.batch_size_per_gpu, a.epochs, a.num_label_updates, a.lam, a.num_heads, a.num_clusters) == (256, 400, 100, 25, 10, 3000)
+    assert sinkhorn.get_args(["--demo", "--data", "unused"]).lr == 0.05
 
 
 # ---------------------------------------------------------------- training
@@ -224,7 +276,8 @@ def test_demo_clusters_beat_random_init_on_nmi(tmp_path, monkeypatch):
     # the demo's settings (conv net, 3 heads x K = 18, λ 10), shortened: 32 px, 40 epochs of the
     # 360 synthetic object crops. The floor is a fresh network's outputs equipartitioned by the
     # label step (nmi_sk): a fresh argmax collapses to 1-2 clusters and would be an unfair floor.
-    # Measured margins (seeds 0, 1, 2): +1.1, +2.9, +0.8 NMI points; with K = 6 there was none.
+    # Measured margins (seeds 0, 1, 2): +0.76, +2.33, +0.92 NMI points (41 passes, the official schedule);
+    # with K = 6 there was none.
     from sinkhorn import data
     world, root = data.SyntheticWorld(0), tmp_path / "objects"
     for label, name in enumerate(world.classes):
