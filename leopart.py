@@ -152,12 +152,9 @@ class Attention(nn.Module):
         """x: (B, N, D) -> (B, N, D), and the attention (B, heads, N, N) if asked."""
         B, N, D = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        if return_attention:  # the explicit path: the weights are needed (fg mask, viz)
-            attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
-            out = attn @ v
-        else:  # fused kernel (flash / memory-efficient) when no weights are needed
-            attn = None
-            out = F.scaled_dot_product_attention(q, k, v)
+        # the explicit path where the weights are needed (fg mask, viz), else the fused kernel (flash / mem-efficient)
+        attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1) if return_attention else None
+        out = attn @ v if return_attention else F.scaled_dot_product_attention(q, k, v)
         out = self.proj(out.transpose(1, 2).reshape(B, N, D))
         return (out, attn) if return_attention else out
 
@@ -346,8 +343,7 @@ class LeopartNet(nn.Module):
     def forward(self, crops, with_attention: bool = False):
         """crops: list of (B, 3, H_i, W_i) -> per crop: embeddings (B, h*w, E), scores (B, K, h, w)
         and the [CLS]->patch attention of the last block averaged over heads (B, h, w) or None."""
-        embs, scores, attns = [], [], []
-        start = 0
+        embs, scores, attns, start = [], [], [], 0
         while start < len(crops):  # consecutive crops of one size share a forward pass
             end = start
             while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
@@ -394,11 +390,8 @@ class LeopartCrops:
         self.num_global, self.min_intersection = num_global, min_intersection
         self.sizes = [global_size] * num_global + [local_size] * num_local
         self.scales = [tuple(global_scale)] * num_global + [tuple(local_scale)] * num_local
-        self.colour = T.Compose([
-            T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-            T.RandomApply([T.GaussianBlur(kernel_size=2 * (global_size // 20) + 1, sigma=(0.1, 2.0))], p=0.5),
-        ])
+        self.colour = T.Compose([T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8), T.RandomGrayscale(p=0.2),
+                                 T.RandomApply([T.GaussianBlur(2 * (global_size // 20) + 1, sigma=(0.1, 2.0))], p=0.5)])
 
     def sample_box(self, img, i, boxes):
         H, W = img.shape[-2:]
@@ -416,7 +409,6 @@ class LeopartCrops:
         return torch.tensor([x, y, x + w, y + h], dtype=torch.float32)
 
     def __call__(self, img):
-        img = img[0] if img.dim() == 4 else img  # a one-frame clip from a video
         boxes = torch.zeros(len(self.sizes), 4)
         crops = []
         for i, size in enumerate(self.sizes):
@@ -578,12 +570,11 @@ class LeopartLoss(nn.Module):
 def param_groups(model: LeopartNet, args):
     """Backbone and head groups, each split into decayed weights and (no-decay) norms and biases."""
     groups = []
-    for part, lr in ((model.backbone, args.lr_backbone), (model.head, args.lr_heads)):
+    for part, lr, base in ((model.backbone, args.lr_backbone, "backbone"), (model.head, args.lr_heads, "head")):
         decay = [p for n, p in part.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
         no_decay = [p for n, p in part.named_parameters() if p.ndim <= 1 or n.endswith(".bias")]
-        groups += [dict(params=decay, lr=lr, base="backbone" if part is model.backbone else "head", decay=True),
-                   dict(params=no_decay, lr=lr, weight_decay=0.0,
-                        base="backbone" if part is model.backbone else "head", decay=False)]
+        groups += [dict(params=decay, lr=lr, base=base, decay=True),
+                   dict(params=no_decay, lr=lr, weight_decay=0.0, base=base, decay=False)]
     return groups
 
 
@@ -651,9 +642,8 @@ def train(args):
             bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{ips:.0f}")
             if step % args.log_every == 0 or step == total:
                 log.log({"epoch": epoch, "step": step, "loss": loss, "target_entropy": float(criterion.target_entropy),
-                         "lr_backbone": float(lr_sched["backbone"][step - 1]),
-                         "lr_heads": float(lr_sched["head"][step - 1]), "wd": float(wd_sched[step - 1]),
-                         "momentum": float(momentum_sched[step - 1]), "img_s": ips})
+                         "lr_backbone": float(lr_sched["backbone"][step - 1]), "lr_heads": float(lr_sched["head"][step - 1]),
+                         "wd": float(wd_sched[step - 1]), "momentum": float(momentum_sched[step - 1]), "img_s": ips})
         queues = [criterion.queue.clone() for _ in range(d.world_size)]
         if d.world_size > 1:  # every rank's queue goes into the checkpoint (exact resume)
             dist.all_gather(queues, criterion.queue)
@@ -715,9 +705,10 @@ def evaluate_backbone(backbone, args, tag, pictures=False):
     return results
 
 
-def init_backbone(args):
-    """The network training starts from: --pretrained if given, else random (seeded by the caller)."""
-    backbone = ARCHS[args.arch](args.patch_size, drop_path_rate=args.drop_path)
+def init_backbone(args, drop_path=None):
+    """The network training starts from: --pretrained if given, else random (seeded by the caller);
+    drop_path: the student's --drop-path unless given (the teacher has none)."""
+    backbone = ARCHS[args.arch](args.patch_size, drop_path_rate=args.drop_path if drop_path is None else drop_path)
     if args.pretrained:
         data.load_pretrained(backbone, args.pretrained)
     return backbone
@@ -727,9 +718,7 @@ def init_teacher(args, device="cpu", world_size=1):
     """The teacher as official src/leopart.py `init_model` builds it: its own random draw, no drop-path;
     --pretrained loads into its backbone too (finetune_with_leopart.py), the head stays independent.
     Under DDP rank 0's draw is broadcast (the official seeds every rank alike)."""
-    backbone = ARCHS[args.arch](args.patch_size)
-    if args.pretrained:
-        load_pretrained(backbone, args.pretrained)
+    backbone = init_backbone(args, drop_path=0.0)
     head = LeopartHead(backbone.embed_dim, args.proj_hidden_dim, args.proj_dim, args.proj_layers, args.num_prototypes)
     teacher = LeopartNet(backbone, head).to(device).requires_grad_(False).eval()
     if world_size > 1:
@@ -742,9 +731,9 @@ def main(args):
     if int(os.environ.get("RANK", 0)) != 0:  # other ranks only train
         train(args)
         return
-    before = {}
     data.check_output_dir(args.output_dir, args.resume, args.overwrite, METHOD)  # refuse before any work
     os.makedirs(args.output_dir, exist_ok=True)
+    before = {}
     if args.demo:
         data.seed_everything(args.seed)
         before = evaluate_backbone(init_backbone(args), args, "before", pictures=True)  # train() starts from this
