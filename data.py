@@ -749,19 +749,13 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
 
 def read_hf_folder(folder) -> tuple[dict, dict]:
     """A Hugging Face model folder -> (state dict, config.json as a dict, {} if absent). Weights:
-    model.safetensors, its shards (model.safetensors.index.json), or pytorch_model.bin."""
+    model.safetensors or pytorch_model.bin (GPT-2's releases are single files, not shards)."""
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: not a folder; give the model's folder (config.json, model.safetensors, tokenizer files)")
     config = os.path.join(folder, "config.json")
     config = json.load(open(config)) if os.path.exists(config) else {}
-    index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(os.path.join(folder, "model.safetensors")):
         return read_safetensors(os.path.join(folder, "model.safetensors")), config
-    if os.path.exists(index):
-        state = {}
-        for shard in sorted(set(json.load(open(index))["weight_map"].values())):
-            state.update(read_safetensors(os.path.join(folder, shard)))
-        return state, config
     if os.path.exists(os.path.join(folder, "pytorch_model.bin")):
         return torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True), config
     raise DataError(f"{folder}: no model.safetensors or pytorch_model.bin")

@@ -872,7 +872,7 @@ def run_icl(generate, folder=None, ways=(2, 5), shots=(1, 3, 5), episodes=100, s
     """The open-ended benchmarks a VLM of this repo reports: on an ImageFolder, `icl` with the real class
     names ("real/..."; wnid folders renamed through class_names, read_class_names) and with Frozen's
     nonsense words ("open/..."); on each of Frozen's released episode folders, icl_frozen
-    ("<folder name>/frozen/...")."""
+    ("<folder name>/frozen/...": every question of the files, as released)."""
     import data
     results = {}
     if folder:
@@ -888,7 +888,7 @@ def run_icl(generate, folder=None, ways=(2, 5), shots=(1, 3, 5), episodes=100, s
             res = icl(generate, real, ok_ways, shots, episodes, seed, task_induction, repeats, open_ended)
             results.update({f"{kind}/{k}": v for k, v in res.items()})
     for path in frozen:
-        res = icl_frozen(generate, path, ways, shots, task_induction, repeats, episodes)
+        res = icl_frozen(generate, path, ways, shots, task_induction, repeats)
         results.update({f"{os.path.basename(os.path.normpath(path))}/{k}": v for k, v in res.items()})
     return results
 
