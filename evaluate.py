@@ -721,8 +721,8 @@ def _by_class(dataset) -> dict:  # class -> indices of its images
     return by_class
 
 
-# Frozen's Open-Ended miniImageNet names its classes with these words, in this order per episode (Tsimpoukelli et
-# al. 2021 name "dax" and "blicket"; the other three are our reading of its 5-way files, unconfirmed)
+# Nonsense class words for the open-ended setting, by position in the episode: Frozen (Tsimpoukelli et al. 2021)
+# names "dax" and "blicket"; the other three are as we recall its 5-way files, not verified here
 FROZEN_WORDS = ("dax", "blicket", "slation", "perpo", "shously")
 
 
