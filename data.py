@@ -5,17 +5,21 @@ through here, and so does the built-in synthetic world that lets the demos and t
 on a laptop with no downloads.
 
 Sections:
-  run plumbing    distributed set-up, AMP, seeding, cosine schedules, atomic checkpoints, JSONL logs
-  images          load_image / load_mask, ImageFolder, UnlabelledImages, VOCSegmentation, DAVIS
+  run plumbing    distributed set-up, AMP, seeding, cosine schedules, atomic checkpoints (one loader
+                  for every checkpoint read), the output folder, JSONL logs, the CLI entry point
+  images          load_image / load_mask, ImageFolder, UnlabelledImages (also video frames), VOCSegmentation, DAVIS
   videos          probe_video, read_frames (PyAV, seeks near the clip, decode-time resize),
-                  find_videos, VideoClips (one item per clip start; DDP/worker safe)
+                  find_videos, VideoClips (one item per clip start; DDP/worker safe), ImagesOrFrames
   LM files        ByteTokenizer, BPETokenizer (GPT-2's byte-level BPE), read_safetensors, read_hf_folder
-  synthetic world SyntheticWorld (in memory), synth_world / ensure_synth (writes the layouts)
+  synthetic world SyntheticWorld (in memory), synth_world / ensure_synth (writes the layouts),
+                  demo_eval_root (where a --demo evaluates: the world, or a folder laid out like it)
+  pictures        labelled_grid: every picture of the repo, with a title strip and row/column names
   command line    python data.py synth --out runs/synth [--seed 0]
                   python data.py inspect PATH [--bench] [--sheet sheet.png]
 
 Bad input raises DataError with one line "<path>: <what is wrong>". Inside a dataset an
-unreadable file is skipped with a warning and counted in `.num_skipped`.
+unreadable file is skipped with a warning and counted in `.num_skipped`. `cli(main, get_args)`,
+the entry point of every command line here, prints such errors as one line `error: ...`.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import argparse
 import bisect
 import contextlib
 import functools
+import io
 import json
 import math
 import os
@@ -30,7 +35,10 @@ import random
 import re
 import shutil
 import sys
+import tempfile
+import textwrap
 import time
+import unittest.mock
 import warnings
 from dataclasses import dataclass
 
@@ -41,7 +49,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".mov", ".avi")
+VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".3gp", ".mpg", ".mpeg", ".mts", ".m2ts", ".wmv", ".flv")
 
 
 class DataError(ValueError):
@@ -88,9 +96,9 @@ def resolve_amp(amp: str | None, device) -> str:
             return "none"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if amp not in ("bf16", "fp16", "none"):
-        raise ValueError(f"--amp {amp!r}: expected bf16, fp16 or none")
+        raise DataError(f"--amp {amp!r}: expected bf16, fp16 or none")
     if amp == "fp16" and device.type != "cuda":
-        raise ValueError("--amp fp16 needs a CUDA device; use bf16 or none on CPU")
+        raise DataError("--amp fp16 needs a CUDA device; use bf16 or none on CPU")
     return amp
 
 
@@ -134,24 +142,193 @@ def save_checkpoint(state: dict, path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:
+        if isinstance(e.__context__, KeyboardInterrupt):  # Ctrl-C inside torch.save surfaces as a zip-writer error
+            raise KeyboardInterrupt from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def load_checkpoint(path) -> dict:
-    """torch.load on CPU with weights_only=True; anything wrong becomes a one-line CheckpointError."""
+def load_checkpoint(path, method: str | None = None, flag: str = "") -> dict:
+    """torch.load on CPU with weights_only=True; anything wrong becomes a one-line CheckpointError
+    naming the file (after `flag`, the option that gave it). method: refuse a checkpoint that is
+    not of that method file, saying what the file holds."""
     path = str(path)
+    where = f"{flag} {path}".strip()
+    if os.path.isdir(path):
+        raise CheckpointError(f"{where}: is a folder, not a checkpoint file")
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        raise CheckpointError(f"{where}: no such checkpoint file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{where}: empty file (0 bytes), not a checkpoint")
+    with open(path, "rb") as f:
+        if f.read(2)[:1] not in (b"P", b"\x80"):  # torch.save writes a zip (PK), or (legacy) a pickle
+            raise CheckpointError(f"{where}: not a checkpoint (not a file that torch.save writes)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle garbage, foreign objects: all the same to the user
+        with torch.serialization.safe_globals([argparse.Namespace]):  # DINO's full checkpoints store their args
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle garbage, text, foreign objects: all the same to the user
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {reason}") from None
+        raise CheckpointError(f"{where}: not a readable checkpoint (truncated or corrupt?): {reason}") from None
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: holds a {type(state).__name__}, expected a checkpoint dict")
+        raise CheckpointError(f"{where}: holds a {type(state).__name__}, expected a checkpoint dict")
+    if method and state.get("method") != method:
+        raise CheckpointError(f"{where}: holds {describe_checkpoint(state)}, not a {method}.py checkpoint")
     return state
+
+
+def describe_checkpoint(state: dict) -> str:
+    """What a loaded checkpoint holds, for one-line messages, e.g. 'a dora.py checkpoint (vit_demo/8, epoch 2)'."""
+    if "method" in state:
+        args = state.get("args") or {}
+        arch = args.get("arch") or "encoder " + str(args.get("encoder_arch", "?"))  # secat.py: a frozen encoder
+        return f"a {state['method']}.py checkpoint ({arch}/{args.get('patch_size', '?')}, epoch {state.get('epoch', '?')})"
+    weights = backbone_weights(state)
+    return f"ViT weights ({vit_shape(weights)})" if "cls_token" in weights else f"a dict of {len(state)} entries"
+
+
+def backbone_weights(state: dict) -> dict:
+    """The backbone's tensors in a checkpoint under DINO's key names: a repo checkpoint's `backbone.`
+    keys (of teacher, else model), a DINO full checkpoint's teacher (else student / model), or a
+    plain state dict (DINO's released weights); `module.` (DDP) stripped, DINO's `head.` dropped."""
+    for key in ("teacher", "student", "model", "state_dict"):
+        if isinstance(state.get(key), dict) and state[key]:
+            state = state[key]
+            break
+    state = {str(k).removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if any(k.startswith("backbone.") for k in state):
+        return {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    return {k: v for k, v in state.items() if not k.startswith("head.")}
+
+
+def vit_shape(weights: dict) -> str:
+    """'width 384, 12 blocks, patch 16' from a ViT state dict in DINO's key names."""
+    depth = 1 + max((int(k.split(".")[1]) for k in weights if k.startswith("blocks.")), default=-1)
+    patch = weights["patch_embed.proj.weight"].shape[-1] if "patch_embed.proj.weight" in weights else "?"
+    return f"width {weights['cls_token'].shape[-1]}, {depth} blocks, patch {patch}"
+
+
+def read_pretrained(path, flag: str = "--pretrained") -> tuple[dict, dict | None]:
+    """-> (ViT state dict in DINO's key names, the stored args of a repo checkpoint or None), from
+    DINO's released weights, DINO's full checkpoints or a checkpoint of this repo whose backbone is a
+    ViT; anything else (a conv net, secat.py's frozen encoder, not a checkpoint) is one CheckpointError."""
+    state = load_checkpoint(path, flag=flag)
+    if state.get("method") == "secat":  # its ViT is the frozen --encoder it was given: nothing learned there
+        raise CheckpointError(f"{flag} {path}: holds {describe_checkpoint(state)}, a frozen image encoder plus a "
+                              "language model; pass the file it took as --encoder instead")
+    weights = backbone_weights(state)
+    if "cls_token" not in weights:
+        raise CheckpointError(f"{flag} {path}: holds {describe_checkpoint(state)}, not ViT weights "
+                              "(DINO's key names: cls_token, blocks.*)")
+    return weights, (state.get("args") if "method" in state else None)
+
+
+def load_pretrained(backbone: torch.nn.Module, path, flag: str = "--pretrained") -> dict | None:
+    """Strict load of read_pretrained(path) into backbone; -> the stored args of a repo checkpoint or None."""
+    weights, stored = read_pretrained(path, flag)
+    try:
+        backbone.load_state_dict(weights, strict=True)
+    except RuntimeError:
+        ours = backbone.state_dict()
+        ours = vit_shape(ours) if "cls_token" in ours else type(backbone).__name__
+        raise CheckpointError(f"{flag} {path}: holds a ViT of {vit_shape(weights)}, which does not fit this run's "
+                              f"({ours}): set --arch/--patch-size to match") from None
+    return stored
+
+
+def check_output_dir(path, resume=False, overwrite=False, method=None) -> dict | None:
+    """prepare_output_dir's checks of the checkpoint there, writing nothing (for work before train());
+    -> the checkpoint to continue from (--resume, checked to be of `method`) or None."""
+    path = str(path)
+    ckpt_path = os.path.join(path, "checkpoint.pth")
+    if resume and overwrite:
+        raise DataError("--resume and --overwrite: pick one (continue the run there, or start it over)")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise DataError(f"--output-dir {path}: is a file, not a folder; pick another --output-dir")
+    ckpt = None
+    if resume:
+        if not os.path.exists(ckpt_path):
+            raise CheckpointError(f"--resume: no checkpoint at {ckpt_path}; drop --resume to start a run there")
+        ckpt = load_checkpoint(ckpt_path, method, "--resume")
+    elif os.path.exists(ckpt_path) and not overwrite:
+        raise DataError(f"{ckpt_path}: an earlier run's checkpoint is there; continue it with --resume, or pick "
+                        "another --output-dir (--overwrite starts over and replaces it)")
+    return ckpt
+
+
+def prepare_output_dir(path, resume=False, overwrite=False, is_main=True, method=None):
+    """Check --output-dir before any work; -> (JsonlLogger of log.jsonl, checkpoint path, the
+    checkpoint to continue from (--resume, checked to be of `method`) or None).
+
+    Refuses in one line (DataError / CheckpointError): a checkpoint already there without --resume
+    or --overwrite (a relaunch that forgot --resume would replace it), --resume with no checkpoint or
+    another method's, a path that is a file or cannot be written. --overwrite starts log.jsonl
+    afresh; --resume drops its records of the epochs that the resumed run replays. Only the main
+    process (is_main) writes; the others check."""
+    ckpt = check_output_dir(path, resume, overwrite, method)
+    ckpt_path, log_path = os.path.join(str(path), "checkpoint.pth"), os.path.join(str(path), "log.jsonl")
+    if is_main:
+        try:  # fail now, not at the first log line or checkpoint of a long run
+            os.makedirs(path, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path), open(log_path, "w" if overwrite else "a"):
+                pass
+        except OSError as e:
+            raise DataError(f"--output-dir {path}: cannot be written ({e.strerror}); pick another --output-dir") from None
+        if ckpt is not None:
+            _drop_replayed(log_path, ckpt["epoch"])
+            print(f"resumed from {ckpt_path} at epoch {ckpt['epoch']}")
+    return JsonlLogger(log_path, is_main), ckpt_path, ckpt
+
+
+def _drop_replayed(log_path, epoch: int) -> None:
+    """Keep the log records of epochs < epoch (and unparsable half lines out): the resumed run logs the rest again."""
+    kept = []
+    for line in open(log_path):
+        with contextlib.suppress(ValueError, AttributeError):
+            if json.loads(line).get("epoch", -1) < epoch:
+                kept.append(line)
+    with open(log_path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(log_path + ".tmp", log_path)
+
+
+def cli(main, get_args, argv=None) -> None:
+    """The one entry point of every command line here: `data.cli(main, get_args)`. The user's
+    mistakes (DataError, CheckpointError, OSError on a path, a bad flag, SystemExit with a message)
+    become one line `error: <file or flag>: <what is wrong>` on stderr and exit 1 (2 for a bad
+    flag), Ctrl-C one line and exit 130; any other exception is a bug and keeps its traceback."""
+    def usage_error(parser, message):  # argparse's own prints the usage block first
+        raise _UsageError(message)
+
+    def fail(message, code=1):
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(code)
+
+    program = os.path.basename(sys.argv[0])
+    try:
+        with unittest.mock.patch.object(argparse.ArgumentParser, "error", usage_error):
+            args = get_args(argv)
+        main(args)
+    except _UsageError as e:
+        fail(f"{program}: {e} (see {program} --help)", 2)
+    except (DataError, CheckpointError) as e:
+        fail(str(e))
+    except OSError as e:
+        if e.filename is None:
+            raise
+        fail(f"{e.filename}: {e.strerror or e}")
+    except KeyboardInterrupt:
+        fail(f"{program}: interrupted; a training run continues from its last checkpoint with --resume", 130)
+    except SystemExit as e:
+        if isinstance(e.code, str) and not e.code.startswith("error:"):
+            fail(e.code.splitlines()[0])
+        raise
+
+
+class _UsageError(Exception):
+    """A bad command-line flag (argparse's error(), made one line by cli)."""
 
 
 class JsonlLogger:
@@ -172,9 +349,16 @@ class JsonlLogger:
 
 # ===================================================================================== images
 def _need(path, what="path") -> str:
-    path = str(path)
+    path = parent = str(path)
     if not os.path.exists(path):
-        raise DataError(f"{path}: no such {what}")
+        while parent and not os.path.exists(parent):  # x.mp4/train: a file given where a folder is expected
+            parent = os.path.dirname(parent)
+        raise DataError(f"{parent}: is a file, not a folder (looking for {path})" if os.path.isfile(parent)
+                        else f"{path}: no such {what}")
+    if what.endswith("folder") and not os.path.isdir(path):
+        raise DataError(f"{path}: is a file, not a {what}")
+    if what in ("image", "mask", "split file") and os.path.isdir(path):
+        raise DataError(f"{path}: is a folder, not a{'n' if what == 'image' else ''} {what}")
     return path
 
 
@@ -249,11 +433,11 @@ def save_mask(path, mask) -> None:
     img.save(path)
 
 
-def _list_images(folder, recursive=True) -> list[str]:
+def _list_images(folder, recursive=True, exts=IMAGE_EXTS) -> list[str]:
     found = []
     for parent, dirs, files in os.walk(folder):
         dirs.sort()
-        found += [os.path.join(parent, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTS)]
+        found += [os.path.join(parent, f) for f in sorted(files) if f.lower().endswith(exts)]
         if not recursive:
             break
     return found
@@ -280,19 +464,46 @@ class _SkipUnreadable:
 
 
 class UnlabelledImages(_SkipUnreadable, Dataset):
-    """Every image under root (recursive); item = (transform(uint8 (3,H,W)), -1)."""
+    """Every image under root (recursive), then every `frame_step`-th frame of every video there (or
+    root itself: an image or a video file), so that a phone video serves as a folder of images.
+    item = (transform(uint8 (3,H,W)), -1). Unreadable videos among several are skipped with a warning."""
 
-    def __init__(self, root, transform=None):
-        self.root, self.transform, self._bad = _need(root, "folder"), transform, set()
-        self.samples = [(p, -1) for p in (_list_images(root) if os.path.isdir(root) else [root])]
+    def __init__(self, root, transform=None, frame_step=1):
+        root = self.root = _need(root, "image folder or video")
+        self.transform, self._bad, self.skipped_videos, self._jpegs = transform, set(), [], {}
+        listed = _list_images(root, exts=IMAGE_EXTS + VIDEO_EXTS) if os.path.isdir(root) else [root]
+        if not all(p.lower().endswith(IMAGE_EXTS + VIDEO_EXTS) for p in listed):
+            raise DataError(f"{root}: is a file but neither an image nor a video (by its extension)")
+        videos = [p for p in listed if p.lower().endswith(VIDEO_EXTS)]
+        self.samples = [(p, -1) for p in listed if p.lower().endswith(IMAGE_EXTS)]
+        for video in videos:
+            try:
+                frames = video_frames_as_jpeg(video, frame_step)
+            except DataError as e:
+                if videos == [root]:
+                    raise
+                warnings.warn(f"skipping {e}")
+                self.skipped_videos.append(str(e))
+                continue
+            for t, jpeg in frames:
+                self._jpegs[len(self.samples)] = jpeg
+                self.samples.append((f"{video} frame {t}", -1))
         if not self.samples:
-            raise DataError(f"{root}: no images ({', '.join(IMAGE_EXTS)}) found")
+            first = f"; first problem: {self.skipped_videos[0]}" if self.skipped_videos else ""
+            raise DataError(f"{root}: no images ({', '.join(IMAGE_EXTS)}) or readable videos "
+                            f"({', '.join(VIDEO_EXTS)}) found{first}")
 
     def __len__(self):
         return len(self.samples)
 
+    def _load(self, j):
+        if j in self._jpegs:
+            with Image.open(io.BytesIO(self._jpegs[j])) as img:
+                return torch.from_numpy(np.ascontiguousarray(np.asarray(img.convert("RGB")).transpose(2, 0, 1)))
+        return load_image(self.samples[j][0])
+
     def __getitem__(self, i):
-        img = self._robust(i, lambda j: load_image(self.samples[j][0]))
+        img = self._robust(i, self._load)
         return (self.transform(img) if self.transform else img), -1
 
 
@@ -515,6 +726,9 @@ def find_videos(root) -> list[str]:
     """A video file, a frame folder, or a folder holding either (searched recursively), sorted."""
     root = _need(root, "video path")
     if os.path.isfile(root):
+        if not root.lower().endswith(VIDEO_EXTS):
+            raise DataError(f"{root}: is a file but not a video ({', '.join(VIDEO_EXTS)}); "
+                            "expected a video file, a frame folder or a folder of either")
         return [root]
     found = []
     for parent, dirs, files in os.walk(root):
@@ -526,6 +740,39 @@ def find_videos(root) -> list[str]:
     if not found:
         raise DataError(f"{root}: no videos ({', '.join(VIDEO_EXTS)}) or frame folders found")
     return found
+
+
+VIDEO_FRAME_SHORT_SIDE = 256  # frames used as images: the short side ImageNet pipelines resize to before a 224 crop
+VIDEO_FRAMES_MAX = 10000  # per video, about 250 MB of JPEGs in memory; longer videos give one frame every few
+
+
+@functools.lru_cache(maxsize=8)  # a method builds its image set more than once (training, evaluation, pictures)
+def video_frames_as_jpeg(path, step=1, short_side=VIDEO_FRAME_SHORT_SIDE) -> tuple[tuple[int, bytes], ...]:
+    """Every step-th frame of a video file (at most VIDEO_FRAMES_MAX) as (frame index, JPEG bytes),
+    decoded once front to back and resized at decode time (never enlarged); cached by path."""
+    info = probe_video(path)  # names a corrupt file or one with no video stream
+    height, width = _resized_size(info.height, info.width, min(short_side, info.height, info.width))
+    if info.num_frames > VIDEO_FRAMES_MAX * step:
+        step = math.ceil(info.num_frames / VIDEO_FRAMES_MAX)
+        warnings.warn(f"{path}: {info.num_frames} frames; one every {step} used as an image (at most {VIDEO_FRAMES_MAX})")
+    frames, t = [], -1
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for t, frame in enumerate(container.decode(stream)):
+                if t % step == 0:
+                    buffer = io.BytesIO()
+                    Image.fromarray(frame.to_ndarray(format="rgb24", width=width, height=height)).save(
+                        buffer, "JPEG", quality=90)
+                    frames.append((t, buffer.getvalue()))
+    except av.FFmpegError as e:
+        if not frames:
+            raise Unreadable(f"{path}: corrupt video ({e})") from None
+        warnings.warn(f"{path}: corrupt after frame {t}, using the {len(frames)} frames before ({e})")
+    if not frames:
+        raise Unreadable(f"{path}: video has zero frames")
+    return tuple(frames)
 
 
 class VideoClips(_SkipUnreadable, Dataset):
@@ -584,6 +831,24 @@ class VideoClips(_SkipUnreadable, Dataset):
     def __getitem__(self, i):
         frames = self._robust(i, self._load)
         return self.transform(frames) if self.transform else frames
+
+
+class ImagesOrFrames(Dataset):
+    """Training images -> transform(uint8 (3, H, W)): a VOC-layout root's train split (masks unused), or
+    UnlabelledImages: images (recursive) and the frames of videos (one every `frame_step`)."""
+
+    def __init__(self, root, transform, frame_step=30):
+        self.transform, self.kind = transform, "images"
+        if os.path.exists(os.path.join(root, "ImageSets", "Segmentation", "train.txt")):
+            self.items, self.kind = VOCSegmentation(root, "train"), "voc"
+        else:  # images, and video frames as images
+            self.items = UnlabelledImages(root, frame_step=frame_step)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.transform(self.items[i][0])
 
 
 def write_video(path, frames, fps=24, crf=18, gop=12) -> None:
@@ -747,18 +1012,24 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_hf_folder(folder) -> tuple[dict, dict]:
+def read_hf_folder(folder, flag="") -> tuple[dict, dict]:
     """A Hugging Face model folder -> (state dict, config.json as a dict, {} if absent). Weights:
-    model.safetensors or pytorch_model.bin (GPT-2's releases are single files, not shards)."""
+    model.safetensors or pytorch_model.bin (GPT-2's releases are single files, not shards). Errors name
+    the folder after `flag`, the option that gave it."""
+    where = f"{flag} {folder}".strip()
     if not os.path.isdir(folder):
-        raise DataError(f"{folder}: not a folder; give the model's folder (config.json, model.safetensors, tokenizer files)")
+        raise DataError(f"{where}: not a folder; give the model's folder (config.json, model.safetensors, tokenizer files)")
     config = os.path.join(folder, "config.json")
     config = json.load(open(config)) if os.path.exists(config) else {}
-    if os.path.exists(os.path.join(folder, "model.safetensors")):
-        return read_safetensors(os.path.join(folder, "model.safetensors")), config
+    path = os.path.join(folder, "model.safetensors")
+    if os.path.exists(path):
+        try:
+            return read_safetensors(path), config
+        except (OSError, ValueError, KeyError) as e:  # an empty, truncated or foreign file
+            raise CheckpointError(f"{where}: model.safetensors is not readable ({type(e).__name__}: {e})") from None
     if os.path.exists(os.path.join(folder, "pytorch_model.bin")):
-        return torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True), config
-    raise DataError(f"{folder}: no model.safetensors or pytorch_model.bin")
+        return load_checkpoint(os.path.join(folder, "pytorch_model.bin"), flag=flag), config
+    raise DataError(f"{where}: no model.safetensors or pytorch_model.bin")
 
 
 # ============================================================================ synthetic world
@@ -951,6 +1222,7 @@ def synth_world(out_dir, seed=0, num_videos=4, num_frames=96, size=128, num_imag
     voc/ (semantic masks, classes.txt); objects/{train,val}/<class>/; world.json (written last).
     """
     started, world = time.time(), SyntheticWorld(seed)
+    _claim_for_synth(out_dir)
     davis = os.path.join(out_dir, "davis")
     names = [f"tour_{i:02d}" for i in range(num_videos)]
     for i, name in enumerate(names):
@@ -992,7 +1264,28 @@ def synth_world(out_dir, seed=0, num_videos=4, num_frames=96, size=128, num_imag
                 crops_per_class=dict(zip(("train", "val"), crops_per_class)), seconds=round(time.time() - started, 2))
     with open(os.path.join(out_dir, "world.json"), "w") as f:
         json.dump(meta, f, indent=1)
+    os.remove(os.path.join(out_dir, SYNTH_MARKER))  # world.json is the licence from now on
     return str(out_dir)
+
+
+SYNTH_MARKER = "UNFINISHED_SYNTHETIC_WORLD"  # written first by synth_world: its own unfinished world may be replaced
+
+
+def _written_by_synth(root) -> bool:
+    """root was made by synth_world: it holds the world.json or the marker that synth_world writes."""
+    return os.path.exists(os.path.join(root, "world.json")) or os.path.exists(os.path.join(root, SYNTH_MARKER))
+
+
+def _claim_for_synth(out_dir) -> None:
+    """Refuse a file, or a folder with files that synth_world did not write; else create it and mark it ours."""
+    out_dir = str(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(f"{out_dir}: is a file; the synthetic world needs a folder (another --out)")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not _written_by_synth(out_dir):
+        raise DataError(f"{out_dir}: exists and is not a synthetic world (no world.json); move it away or pick "
+                        "another path")
+    os.makedirs(out_dir, exist_ok=True)
+    open(os.path.join(out_dir, SYNTH_MARKER), "w").close()
 
 
 def _current_world(root, seed) -> bool:
@@ -1008,15 +1301,17 @@ def ensure_synth(root="runs/synth", seed=0) -> str:
     """Write the synthetic world to root unless a current one is there; under torchrun local rank 0 writes, the rest wait.
 
     The new world is written aside and renamed into place, so demos started side by side never
-    read a half-written world; an older or unfinished world at root is replaced.
+    read a half-written world; an older or unfinished world at root is replaced, but only one
+    that synth_world wrote (world.json or its marker): anything else there is the user's.
     """
     root = os.path.normpath(str(root))
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     # one writer per machine: torchrun sets LOCAL_RANK, also before the process group exists
     writer = int(os.environ.get("LOCAL_RANK", 0)) == 0
     if not _current_world(root, seed) and writer:
-        if os.path.exists(root) and not set(os.listdir(root)) <= {"videos", "davis", "voc", "objects", "world.json"}:
-            raise DataError(f"{root}: exists and is not a synthetic world; pick another --data or output path")
+        if os.path.exists(root) and not (os.path.isdir(root) and (_written_by_synth(root) or not os.listdir(root))):
+            raise DataError(f"{root}: exists and is not a synthetic world (no world.json), so --demo leaves it alone; "
+                            "move it away, or run from another folder")
         print(f"writing the synthetic world to {root} (seed {seed}) ...", flush=True)
         partial, old = f"{root}.partial{os.getpid()}", f"{root}.old{os.getpid()}"
         synth_world(partial, seed)
@@ -1032,6 +1327,75 @@ def ensure_synth(root="runs/synth", seed=0) -> str:
     while not writer and not _current_world(root, seed):  # torchrun, process group not yet up
         time.sleep(0.5)
     return root
+
+
+BENCH_PART = {"knn": "objects", "linear": "objects", "seg-linear": "voc", "seg-cluster": "voc", "propagate": "davis"}
+
+
+def demo_eval_root(eval_data=None, needs=("objects", "voc", "davis"), seed=0) -> str:
+    """Where a method's --demo evaluates: the built-in synthetic world (runs/synth, written on first
+    use), or eval_data after checking that it holds the parts `needs` names (objects, voc, davis, or
+    benchmarks of evaluate.run_suite) as the synthetic world lays them out. Never the training data's parent."""
+    if eval_data is None:
+        return ensure_synth("runs/synth", seed=seed)
+    root = _need(eval_data, "folder")
+    checks = {"objects": lambda: [ImageFolder(os.path.join(root, "objects", s)) for s in ("train", "val")],
+              "voc": lambda: [VOCSegmentation(os.path.join(root, "voc"), s) for s in ("train", "val")],
+              "davis": lambda: DAVIS(os.path.join(root, "davis"), "val")}
+    for part in dict.fromkeys(BENCH_PART.get(n, n) for n in needs):
+        try:
+            checks[part]()
+        except DataError as e:
+            raise DataError(f"{root}: not laid out like the synthetic world (objects/{{train,val}}/<class>/, voc/, "
+                            f"davis/ as VOC and DAVIS; `python data.py synth --out DIR` writes one): {e}") from None
+    return root
+
+
+# =================================================================================== pictures
+def _as_pil(tile) -> Image.Image:
+    """uint8 or [0, 1] float (3, H, W) tensor, (H, W, 3) uint8 array or PIL image -> RGB PIL image."""
+    if isinstance(tile, torch.Tensor):
+        if tile.is_floating_point():  # as torchvision's save_image rounds
+            tile = (tile * 255 + 0.5).clamp(0, 255)
+        tile = tile.to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return tile.convert("RGB") if isinstance(tile, Image.Image) else Image.fromarray(np.asarray(tile, np.uint8))
+
+
+def labelled_grid(rows, path=None, title="", row_names=None, col_names=None, pad=2):
+    """The repo's pictures: rows of tiles (see _as_pil) on white, `pad` px apart, under a title strip,
+    with `col_names` over the columns and `row_names` left of the rows; labels wrap at spaces to their
+    column, "\n" breaks them. Saves a PNG at path when given; returns the PIL image."""
+    from PIL import ImageDraw, ImageFont
+    font = ImageFont.load_default(size=13)  # Pillow's own font: no file to ship
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    size = lambda text: measure.multiline_textbbox((0, 0), text, font=font)[2:] if text else (0, 0)  # noqa: E731
+
+    def wrap(text, width):  # at spaces, to about `width` pixels (the font's letters average 6 px)
+        return "\n".join(textwrap.fill(part, max(4, width // 7)) for part in text.split("\n"))
+
+    rows = [[_as_pil(t) for t in row] for row in rows]
+    n = max(len(r) for r in rows)
+    col_w = [max(r[c].width for r in rows if c < len(r)) for c in range(n)]
+    cols, names = [wrap(t, w) for t, w in zip(col_names or [""] * n, col_w)], row_names or [""] * len(rows)
+    left = max(size(t)[0] for t in names) + 2 * pad * bool(row_names)
+    width = left + sum(col_w) + pad * (n + 1)
+    title = wrap(title, width - 4 * pad)
+    top = size(title)[1] + 3 * pad + max(size(t)[1] for t in cols) + 4 * pad * bool(col_names)
+    row_h = [max([t.height for t in r] + [size(name)[1]]) for r, name in zip(rows, names)]
+    sheet = Image.new("RGB", (width, top + sum(row_h) + pad * len(rows)), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.multiline_text((2 * pad, pad), title, fill="black", font=font)
+    xs = [left + pad + sum(col_w[:c]) + pad * c for c in range(n)]
+    for x, w, text in zip(xs, col_w, cols):
+        draw.multiline_text((x + w // 2, top - pad), text, fill="black", font=font, anchor="md", align="center")
+    for r, (row, y) in enumerate(zip(rows, np.cumsum([top] + [h + pad for h in row_h]).tolist())):
+        draw.multiline_text((pad, y + row_h[r] // 2), names[r], fill="black", font=font, anchor="lm")
+        for x, tile in zip(xs, row):
+            sheet.paste(tile, (x, y))
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        sheet.save(path)
+    return sheet
 
 
 # ==================================================================================== inspect
@@ -1076,19 +1440,16 @@ def _overlay(img, mask):
     return torch.where(labelled, 0.45 * img + 0.55 * colours, img.float()).to(torch.uint8)
 
 
-def contact_sheet(images, path, height=96, columns=6) -> None:
-    """Save uint8 (3,H,W) images as a grid PNG, each scaled to the given height."""
-    thumbs = []
-    for img in images:
-        pil = Image.fromarray(img.permute(1, 2, 0).numpy())
-        thumbs.append(pil.resize((max(1, round(pil.width * height / pil.height)), height), Image.BILINEAR))
-    width = max(t.width for t in thumbs)
-    rows = math.ceil(len(thumbs) / columns)
-    sheet = Image.new("RGB", (columns * width, rows * height), (255, 255, 255))
-    for k, thumb in enumerate(thumbs):
-        sheet.paste(thumb, ((k % columns) * width, (k // columns) * height))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    sheet.save(path)
+def contact_sheet(groups, path, title="", height=96, columns=6) -> None:
+    """Save (name, uint8 (3,H,W) images) groups as a labelled PNG grid, `columns` images a row, each
+    scaled to the given height; a group starts a row named after it."""
+    rows, names = [], []
+    for name, images in groups:
+        thumbs = [_as_pil(img) for img in images]
+        thumbs = [t.resize((max(1, round(t.width * height / t.height)), height), Image.BILINEAR) for t in thumbs]
+        rows += [thumbs[k:k + columns] for k in range(0, len(thumbs), columns)]
+        names += [name] + [""] * ((len(thumbs) - 1) // columns)
+    labelled_grid(rows, path, title, names)
 
 
 def _describe(path, kind, num_frames, stride):
@@ -1203,9 +1564,13 @@ def inspect(path, sheet=None, do_bench=False, num_frames=8, stride=1, short_side
         parts = [(path, kind)]
     shown = []
     for part, part_kind in parts:
-        shown += _describe(part, part_kind, num_frames, stride)
+        how = {"voc": "train, then val;\nmasks overlaid", "davis": "first, middle, last\nframe a sequence;\nmasks "
+               "overlaid", "image folder": "one image a class", "image": "", "images": ""}.get(part_kind, "6 frames a video")
+        name = os.path.basename(os.path.normpath(part))
+        name += "" if name == part_kind else f" ({part_kind})"
+        shown.append((f"{name}\n{how}", _describe(part, part_kind, num_frames, stride)))
     sheet = sheet or os.path.join("runs", "inspect", os.path.basename(os.path.normpath(path)) + ".png")
-    contact_sheet(shown, sheet)
+    contact_sheet(shown, sheet, f"data.py inspect {path}: what the loaders read from each part")
     print(f"contact sheet: {sheet}")
     if do_bench:
         target = parts[0][0]
@@ -1218,7 +1583,7 @@ def inspect(path, sheet=None, do_bench=False, num_frames=8, stride=1, short_side
 
 
 # =============================================================================== command line
-def main(argv=None):
+def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     synth = commands.add_parser("synth", help="write the synthetic world")
@@ -1231,17 +1596,17 @@ def main(argv=None):
     look.add_argument("--num-frames", type=int, default=8)
     look.add_argument("--stride", type=int, default=1)
     look.add_argument("--short-side", type=int, default=None)
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "synth":
-            started = time.time()
-            synth_world(args.out, args.seed)
-            print(f"wrote the synthetic world (seed {args.seed}) to {args.out} in {time.time() - started:.1f} s")
-        else:
-            inspect(args.path, args.sheet, args.bench, args.num_frames, args.stride, args.short_side)
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    return parser.parse_args(argv)
+
+
+def main(args):
+    if args.command == "synth":
+        started = time.time()
+        synth_world(args.out, args.seed)
+        print(f"wrote the synthetic world (seed {args.seed}) to {args.out} in {time.time() - started:.1f} s")
+    else:
+        inspect(args.path, args.sheet, args.bench, args.num_frames, args.stride, args.short_side)
 
 
 if __name__ == "__main__":
-    main()
+    cli(main, get_args)

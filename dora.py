@@ -27,7 +27,7 @@ Commands:
 
 Contents: config; a DINO-compatible ViT whose last block also returns its attention,
 queries and keys; the DINO head and multi-crop wrapper; the clip augmentation; the
-tracker (Sinkhorn-Knopp, discovery, tracking, masking); the loss; training; pictures.
+tracker (Sinkhorn-Knopp, discovery, tracking, masking); the loss; training; pictures (drawn by evaluate.py).
 """
 import argparse
 import math
@@ -61,6 +61,7 @@ def get_args(argv=None):
     p.add_argument("--data", nargs="+", default=None, help="video files (mp4 ...), frame folders, or folders of them")
     p.add_argument("--output-dir", default="runs/dora")
     p.add_argument("--demo", action="store_true", help="tiny ViT and short schedule on the synthetic world (CPU, minutes)")
+    p.add_argument("--eval-data", default=None, help="--demo: evaluate on this root laid out like the synthetic world")
     p.add_argument("--pretrained", default=None, help="start from DINO weights (backbone or full checkpoint)")
     # model
     p.add_argument("--arch", default="vit_small", choices=["vit_demo", "vit_tiny", "vit_small", "vit_base"])
@@ -107,6 +108,7 @@ def get_args(argv=None):
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"], help="default: bf16 on capable GPUs, none on CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pth")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a checkpoint")
     p.add_argument("--stop-after", type=int, default=0, help="leave after this many epochs of this run (job limits); 0: never")
     p.add_argument("--log-every", type=int, default=10, help="steps between JSON log lines")
     args = p.parse_args(argv)
@@ -119,8 +121,8 @@ def get_args(argv=None):
         for k, v in demo.items():  # explicit flags win over the demo's settings
             if "--" + k.replace("_", "-") not in given:
                 setattr(args, k, v)
-        if args.data is None:
-            args.data = [os.path.join(data.ensure_synth("runs/synth", seed=0), "videos")]
+        args.eval_data = data.demo_eval_root(args.eval_data, ["knn", "seg-cluster", "propagate"])  # default: synthetic
+        args.data = args.data or [os.path.join(data.ensure_synth("runs/synth", seed=0), "videos")]
     if args.data is None:
         p.error("--data is required (a video, a frame folder, or a folder of them), or --demo")
     return args
@@ -369,10 +371,10 @@ class MultiCropWrapper(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
-# Data: a clip of T frames, `step_between_clips` frames apart. One aggressive crop shared
-# by the whole clip (300 px, scale 0.2-1), then one shared 224 global crop (scale 0.4-1)
-# with a shared flip; colour, grayscale and blur drawn per frame. Local crops (112 px,
-# scale 0.05-0.4) are drawn per frame from the 300-px crop, as in the official code.
+# Data: a clip of T frames, `step_between_clips` frames apart. One aggressive crop shared by the
+# clip (300 px, scale 0.2-1), then a shared 224 global crop (scale 0.4-1) and flip, both resized as
+# torchvision's RandomResizedCropVideo (F.interpolate: bilinear, no antialiasing). Local crops (112 px,
+# scale 0.05-0.4, PIL bicubic: antialiased) per frame from the 300-px crop; colour, gray, blur per frame.
 # ----------------------------------------------------------------------------------------
 class ClipAugmentation:
     """uint8 (T, 3, H, W) -> [global clip (T, 3, S, S), local clip 1 (T, 3, S/2, S/2), ...]."""
@@ -383,14 +385,14 @@ class ClipAugmentation:
         self.gray = T.RandomGrayscale(p=0.2)
 
     @staticmethod
-    def crop(x, size, scale, interpolation=T.InterpolationMode.BILINEAR):  # same box for every frame of x
+    def crop(x, size, scale, interpolation=T.InterpolationMode.BILINEAR, antialias=False):  # one box for all frames
         i, j, h, w = T.RandomResizedCrop.get_params(x, scale, (3 / 4, 4 / 3))
-        return TF.resized_crop(x, i, j, h, w, [size, size], interpolation=interpolation, antialias=True).clamp(0, 1)
+        return TF.resized_crop(x, i, j, h, w, [size, size], interpolation=interpolation, antialias=antialias).clamp(0, 1)
 
     def photometric(self, frame, blur_p):  # (3, H, W) in [0, 1] -> normalised
         frame = self.gray(self.jitter(frame))
-        if torch.rand(()) < blur_p:  # PIL's radius 0.1-2 at 224 px, scaled with the crop size
-            sigma = float(torch.empty(()).uniform_(0.1, 2.0)) * frame.shape[-1] / 224
+        if torch.rand(()) < blur_p:  # official utils.GaussianBlur: PIL's radius (= σ) 0.1-2 px at any crop size
+            sigma = float(torch.empty(()).uniform_(0.1, 2.0))
             frame = TF.gaussian_blur(frame, 2 * math.ceil(3 * sigma) + 1, sigma)
         return TF.normalize(frame, MEAN, STD)
 
@@ -403,7 +405,7 @@ class ClipAugmentation:
         crops = [torch.stack([self.photometric(f, 0.1) for f in glob])]
         for _ in range(a.local_crops_number):
             crops.append(torch.stack([self.photometric(self.crop(f, a.image_size // 2, a.local_crops_scale,
-                                                                 T.InterpolationMode.BICUBIC), 0.5) for f in clip]))
+                                                                 T.InterpolationMode.BICUBIC, True), 0.5) for f in clip]))
         return crops
 
 
@@ -515,16 +517,8 @@ class DoRALoss(nn.Module):
 # ----------------------------------------------------------------------------------------
 def load_pretrained(backbone, path):
     """Load DINO weights into `backbone`, strictly: a backbone state dict (DINO's releases) or a
-    full checkpoint (ours or DINO's: the teacher's `backbone.` keys)."""
-    import argparse as _argparse
-    torch.serialization.add_safe_globals([_argparse.Namespace])  # DINO's full checkpoints store their args
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if "teacher" in state:
-        state = state["teacher"]
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    if any(k.startswith("backbone.") for k in state):
-        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-    backbone.load_state_dict(state, strict=True)
+    full checkpoint (ours or DINO's: the teacher's `backbone.` keys); data.py refuses anything else."""
+    data.load_pretrained(backbone, path)
 
 
 def build_models(args, device, distributed=False):
@@ -612,8 +606,9 @@ def train(args):
     args.amp = data.resolve_amp(args.amp, d.device)
     autocast = data.autocast(d.device, args.amp)
     data.seed_everything(args.seed, d.rank)
-    os.makedirs(args.output_dir, exist_ok=True)
-    log = data.JsonlLogger(os.path.join(args.output_dir, "log.jsonl"), d.is_main)
+    log, ckpt_path, ckpt = data.prepare_output_dir(args.output_dir, args.resume, args.overwrite, d.is_main, METHOD)
+    if args.pretrained:  # refuse a wrong file before the videos are probed
+        data.read_pretrained(args.pretrained)
 
     videos = [v for path in args.data for v in data.find_videos(path)]
     dataset = data.VideoClips(videos, num_frames=args.frames_per_clip, stride=args.step_between_clips,
@@ -628,17 +623,13 @@ def train(args):
                          "lower --batch-size-per-gpu, --step-between-clips or --frames-per-clip")
     m = build_models(args, d.device, d.world_size > 1)
     m["schedules"] = make_schedules(args, steps_per_epoch, d.world_size)
-    start_epoch, ckpt_path = 0, os.path.join(args.output_dir, "checkpoint.pth")
-    if args.resume:
-        ckpt = data.load_checkpoint(ckpt_path)
+    start_epoch = ckpt["epoch"] if ckpt is not None else 0  # --resume
+    if ckpt is not None:
         m["student"].load_state_dict(ckpt["model"])
         m["teacher"].load_state_dict(ckpt["teacher"])
         m["optimizer"].load_state_dict(ckpt["optimizer"])
         m["scaler"].load_state_dict(ckpt["scaler"])
         m["loss"].center.copy_(ckpt["center"])
-        start_epoch = ckpt["epoch"]
-        if d.is_main:
-            print(f"resumed from {ckpt_path} at epoch {start_epoch}")
     if d.is_main:
         print(f"{len(videos)} video(s), {len(dataset)} clips of {args.frames_per_clip} frames, "
               f"{steps_per_epoch} steps/epoch x {args.epochs} epochs, {args.arch}/{args.patch_size}, amp {args.amp}")
@@ -672,43 +663,6 @@ def train(args):
 # ----------------------------------------------------------------------------------------
 # Pictures (the talk's slide) and evaluation through evaluate.py.
 # ----------------------------------------------------------------------------------------
-def mask_overlap(masks) -> float:
-    """Mean pairwise IoU between the k objects' masks (B, k, T, h, w): 1 = all the same object."""
-    m = masks.flatten(3).float()
-    k = m.shape[1]
-    ious = [((m[:, i] * m[:, j]).sum(-1) / ((m[:, i] + m[:, j]).clamp(max=1).sum(-1)).clamp(min=1)).mean()
-            for i in range(k) for j in range(i + 1, k)]
-    return float(torch.stack(ious).mean()) if ious else 0.0
-
-
-def unnormalise(x):
-    return (x * torch.tensor(STD, device=x.device)[:, None, None] + torch.tensor(MEAN, device=x.device)[:, None, None]).clamp(0, 1)
-
-
-@torch.no_grad()
-def save_tracking_picture(backbone, clip, path, heads=(0, 1, 2)):
-    """clip (T, 3, H, W) normalised -> a png, one column per frame, rows: the frames; three heads'
-    [CLS] attention as R, G, B; the tracked objects' attention without Sinkhorn-Knopp; with it;
-    the tracked masks (with SK) over the frames. Returns the masks' overlap without and with SK."""
-    from torchvision.utils import save_image
-    heads = list(heads)[:3]
-    _, masks_plain, maps_plain, head_attn = track(backbone, clip[None], heads, use_sinkhorn=False)
-    _, masks, maps, _ = track(backbone, clip[None], heads, use_sinkhorn=True)
-
-    size = [max(192, s) for s in clip.shape[-2:]]  # small demo frames are enlarged to be seen
-
-    def rgb(x):  # (1, k, T, h, w) -> (T, 3, H, W): object i in colour channel i, each map min-max scaled
-        x = x[0].float()
-        low, high = x.flatten(2).amin(-1)[..., None, None], x.flatten(2).amax(-1)[..., None, None]
-        x = torch.cat([(x - low) / (high - low).clamp(min=1e-8), x.new_zeros(3 - x.shape[0], *x.shape[1:])])
-        return F.interpolate(x.transpose(0, 1), size=size, mode="nearest").cpu()
-
-    frames = F.interpolate(unnormalise(clip), size=size, mode="bilinear").cpu()
-    rows = [frames, rgb(head_attn), rgb(maps_plain), rgb(maps), 0.4 * frames + 0.6 * rgb(masks)]
-    save_image(torch.cat(rows), path, nrow=clip.shape[0], padding=2, pad_value=1.0)
-    return mask_overlap(masks_plain), mask_overlap(masks)
-
-
 def eval_clip_transform(size):
     """uint8 (T, 3, H, W) -> normalised (T, 3, size, size): resize the short side, centre crop."""
     return T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size),
@@ -723,17 +677,17 @@ def main(args):
     teacher = m["teacher"].backbone.eval()
     clips = data.VideoClips(dataset.videos, args.frames_per_clip, args.step_between_clips, args.clip_start_every,
                             args.short_side, eval_clip_transform(args.image_size))
+    import evaluate  # the tracking pictures
     overlaps = []
     for n, i in enumerate(np.linspace(0, len(clips) - 1, 4).astype(int).tolist()):  # where the tracker looks
         heads = choose_heads(args, teacher.num_heads, i)
         path = os.path.join(args.output_dir, f"tracking_{n}.png")
-        overlaps.append(save_tracking_picture(teacher, clips[i].to(device), path, heads))
+        overlaps.append(evaluate.tracking_picture(track, teacher, clips[i].to(device), path, heads))
     print(f"tracking pictures: {args.output_dir}/tracking_*.png; mean pairwise IoU of the object masks "
           f"without Sinkhorn-Knopp {np.mean([o[0] for o in overlaps]):.3f}, with {np.mean([o[1] for o in overlaps]):.3f}")
     if not args.demo:
         return
-    import evaluate  # k-NN, seg-cluster and label propagation on the synthetic world, before and after
-    root = os.path.dirname(os.path.normpath(args.data[0]))
+    import evaluate  # k-NN, seg-cluster and label propagation on the synthetic world (or --eval-data), before and after
     torch.manual_seed(args.seed)  # the student's own initialisation, rebuilt
     init = build_backbone(vars(args))
     if args.pretrained:
@@ -742,11 +696,12 @@ def main(args):
     results = {}
     for name, net in (("init", init), ("dora", teacher)):
         print(f"--- {name} ---")
-        res = evaluate.run_suite(net, root, ["knn", "seg-cluster", "propagate"], device, image_size=args.image_size)
+        res = evaluate.run_suite(net, args.eval_data, ["knn", "seg-cluster", "propagate"], device, image_size=args.image_size)
         results.update({f"{name}/{k}": v for k, v in res.items()})
+    print(f"trained on {' '.join(args.data)}, evaluated on {args.eval_data}")
     print("\n".join(f"{k:>32s}  {v:.4f}" for k, v in results.items()))
-    print(__import__("json").dumps(results))
+    print(__import__("json").dumps({**results, "train_data": args.data, "eval_data": args.eval_data}))
 
 
 if __name__ == "__main__":
-    main(get_args())
+    data.cli(main, get_args)

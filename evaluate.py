@@ -10,8 +10,8 @@ the baseline) is measured the same way. Protocols (facts from the papers / offic
   propagate   DAVIS-2017 label propagation (affinity T = 0.1, top-5, first + 7 previous frames,
               neighbourhood 12, 480 px); J (region IoU), F (boundary F, DAVIS toolkit), J&F.
   icl         open-ended N-way K-shot in-context classification (Frozen's protocol, exact match).
-  unsupervised_segmentation (a function; leopart.py calls it): Leopart's label-free pipeline,
-              cluster-based foreground extraction + community detection merging clusters into K.
+  unsupervised_segmentation (a function; leopart.py calls it): Leopart's fully_unsup_seg.py,
+              cluster-based foreground extraction + Infomap on the clusters' co-occurrence graph.
   viz         last-layer attention of 3 heads as R, G, B and k-means maps (k = 5, 10); PNG + GIF.
 All scores are percentages (accuracy, mIoU, J, F, NMI).
 
@@ -87,9 +87,10 @@ def vit_archs() -> dict:
 def build_arch(arch: str, patch_size: int) -> nn.Module:
     if arch == "pixels":
         return RawPixels(patch_size)
+    import data
     archs = vit_archs()
     if arch not in archs:
-        raise ValueError(f"--arch {arch}: unknown; available: {sorted(archs) + ['pixels']} "
+        raise data.DataError(f"--arch {arch}: unknown; available: {sorted(archs) + ['pixels']} "
                          f"(ViTs come from the first importable of {METHOD_MODULES})")
     return archs[arch](patch_size=patch_size)
 
@@ -100,15 +101,13 @@ def load_backbone(ckpt=None, arch="vit_small", patch_size=16, random_init=False)
     from the `backbone.` keys of ckpt["teacher"] (else ckpt["model"]). Any other ckpt is an official
     DINO file: a plain ViT state dict or a dict with teacher/student/model, `module.`/`backbone.`
     stripped, head keys dropped, built as --arch/--patch-size. random_init skips the loading."""
+    import data
     if ckpt is None:
         if not random_init and arch != "pixels":
-            raise ValueError("no --ckpt given: pass one, or --random-init (or --arch pixels) for a floor")
+            raise data.DataError("no --ckpt given: pass one, or --random-init (or --arch pixels) for a floor")
         return build_arch(arch, patch_size).eval()
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"--ckpt {ckpt}: cannot be read as a checkpoint ({type(e).__name__}: {e})") from e
-    if isinstance(state, dict) and "method" in state:
+    state = data.load_checkpoint(ckpt, flag="--ckpt")  # one line for a missing, empty or damaged file
+    if "method" in state:
         net = importlib.import_module(state["method"]).build_backbone(state["args"])
         if not random_init:
             weights = state.get("teacher") or state["model"]
@@ -116,13 +115,7 @@ def load_backbone(ckpt=None, arch="vit_small", patch_size=16, random_init=False)
         return net.eval()
     net = build_arch(arch, patch_size)
     if not random_init:
-        for key in ("teacher", "student", "model", "state_dict"):
-            if key in state and isinstance(state[key], dict):
-                state = state[key]
-                break
-        state = {re.sub(r"^(module\.)?(backbone\.)?", "", k): v for k, v in state.items()}
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}  # DINO's projection head
-        net.load_state_dict(state, strict=True)
+        data.load_pretrained(net, ckpt, flag="--ckpt")
     return net.eval()
 
 
@@ -312,20 +305,27 @@ def confusion(pred, true, num_pred, num_true, ignore=255) -> torch.Tensor:
     return torch.bincount(idx.cpu(), minlength=num_pred * num_true).view(num_pred, num_true)
 
 
-def match_clusters(conf, many_to_one=False) -> torch.Tensor:
-    """cluster -> class (-1 = unmatched) from a (clusters, classes) confusion: Hungarian (one-to-one,
-    scipy's linear_sum_assignment maximising overlap) or many-to-one (each cluster to its majority class)."""
+def match_clusters(conf, many_to_one=False, unmatched=0) -> torch.Tensor:
+    """cluster -> class from a (clusters, classes) confusion, as Leopart's PredsmIoU (utils.py) and TimeT's
+    (metrics.py): Hungarian maximising IoU, linear_sum_assignment(1 - IoU) on the (classes, clusters) matrix
+    (their call, so that ties break alike), unmatched clusters -> `unmatched` (theirs: 0, background; -1 =
+    a miss); or many-to-one: each cluster to its highest-precision class, i.e. its majority class."""
     if many_to_one:
-        return conf.argmax(1)
-    rows, cols = linear_sum_assignment(conf.numpy(), maximize=True)
-    mapping = torch.full((conf.shape[0],), -1, dtype=torch.long)
-    mapping[torch.as_tensor(rows)] = torch.as_tensor(cols)
+        return conf.argmax(1)  # precision tp / (tp + fp) has one denominator per cluster; first maximum wins
+    c = conf.double().numpy()
+    union = c.sum(1, keepdims=True) + c.sum(0, keepdims=True) - c
+    iou = c / np.maximum(union, 1e-8)  # PredsmIoU.get_score
+    classes, clusters = linear_sum_assignment(1 - iou.T)
+    mapping = torch.full((conf.shape[0],), unmatched, dtype=torch.long)
+    mapping[torch.as_tensor(clusters)] = torch.as_tensor(classes)
     return mapping
 
 
-def miou(conf, mapping=None) -> float:
-    """Mean IoU (%) over classes that occur (in ground truth or prediction). conf (P, C): rows are
-    predictions; `mapping` (P,) sends each prediction row to a class, -1 = no class (a miss)."""
+def miou(conf, mapping=None, gt_classes_only=False) -> float:
+    """Mean IoU (%). conf (P, C): rows are predictions; `mapping` (P,) sends each prediction row to a class,
+    -1 = no class (a miss). Every class counts, one absent from both maps scores 0 (Leopart's PredsmIoU:
+    IoU = tp / max(tp + fp + fn, 1e-8) over range(num_gt)); gt_classes_only: only the classes present in
+    the ground truth (TimeT's PredsmIoU, metrics.py: np.unique(gt))."""
     num_classes = conf.shape[1]
     if mapping is not None:
         merged = torch.zeros(num_classes + 1, num_classes, dtype=conf.dtype)
@@ -333,7 +333,8 @@ def miou(conf, mapping=None) -> float:
     conf = conf.double()
     tp = conf[:num_classes].diagonal()
     union = conf[:num_classes].sum(1) + conf.sum(0) - tp
-    return 100 * (tp[union > 0] / union[union > 0]).mean().item()
+    iou = tp / union.clamp_min(1e-8)
+    return 100 * (iou[conf.sum(0) > 0] if gt_classes_only else iou).mean().item()
 
 
 def nmi(pred, true) -> float:
@@ -396,34 +397,45 @@ def _cluster_confusion(labels, masks, k, num_classes, chunk=64):
     return conf
 
 
-def seg_cluster(features, masks, num_classes, ks=(100, 300, 500), restarts=3, device="cpu", seed=0,
-                foreground=True, background=0) -> dict:
-    """Unsupervised segmentation by k-means on L2-normalised patch tokens of the whole set.
-    K = num_classes matched one-to-one (Hungarian); each K in ks matched many-to-one (overclustering);
-    foreground-only: k-means on the patches mostly covered by foreground classes (ground truth),
-    K = num_classes - 1, Hungarian, mIoU over the foreground classes with background pixels ignored."""
+def seg_cluster(features, masks, num_classes, ks=(100, 300, 500), restarts=5, seeds=5, device="cpu", seed=0,
+                iters=100, pca_dim=50, eval_size=100, foreground=True, background=0) -> dict:
+    """Unsupervised segmentation by k-means on the patch tokens of the whole val set, as Leopart's
+    sup_overcluster.py: tokens standardised and reduced to pca_dim by PCA, faiss k-means (iters, restarts)
+    run with `seeds` seeds (seed, seed+1, ...) and the mIoU averaged over them; cluster maps and masks
+    resized to eval_size x eval_size (nearest, as F.interpolate's default), 255 ignored.
+    K = num_classes matched one-to-one (Hungarian on IoU); each K in ks matched many-to-one
+    (overclustering); foreground-only (ours, no official counterpart): k-means on the patches mostly
+    covered by foreground classes (ground truth), K = num_classes - 1, Hungarian, mIoU over the
+    foreground classes with background pixels ignored.
+    features (N, D, h, w), masks (N, H, W) uint8 -> {"seg_cluster/k21_hungarian": %, ...}."""
     n, d, h, w = features.shape
-    x = F.normalize(rearrange(features, "n d h w -> (n h w) d").float(), dim=1).to(device)
+    x = standardise_and_pca(rearrange(features, "n d h w -> (n h w) d").to(device), pca_dim)
+    small = F.interpolate(masks[:, None].float(), size=(eval_size, eval_size), mode="nearest")[:, 0].long()
+    def runs(x, k):  # one k-means per seed
+        return [faiss_kmeans(x, k, iters, restarts, s)[0].cpu() for s in range(seed, seed + seeds)]
     out = {}
     for k, many in [(num_classes, False)] + [(k, True) for k in ks]:
-        labels = kmeans(x, k, restarts=restarts, seed=seed)[0].cpu().view(n, h, w)
-        conf = _cluster_confusion(labels, masks, min(k, len(x)), num_classes)
-        out[f"seg_cluster/k{k}" + ("_many_to_one" if many else "_hungarian")] = miou(conf, match_clusters(conf, many))
+        scores = []
+        for labels in runs(x, min(k, len(x))):
+            conf = _cluster_confusion(labels.view(n, h, w), small, min(k, len(x)), num_classes)
+            scores.append(miou(conf, match_clusters(conf, many)))
+        out[f"seg_cluster/k{k}" + ("_many_to_one" if many else "_hungarian")] = float(np.mean(scores))
     if foreground and num_classes > 2:
         is_fg, valid = ((masks != background) & (masks != 255)).float(), (masks != 255).float()
         pool = lambda m: F.adaptive_avg_pool2d(m[:, None], (h, w))[:, 0]  # noqa: E731
         fg = (pool(is_fg) > 0.5 * pool(valid)).flatten()  # patches mostly covered by foreground
         if fg.sum() > num_classes:
-            fg_labels = kmeans(x[fg.to(device)], num_classes - 1, restarts=restarts, seed=seed)[0].cpu()
-            labels = torch.full((n * h * w,), num_classes - 1, dtype=torch.long)  # extra row: "no cluster"
-            labels[fg] = fg_labels
-            fg_masks = masks.clone()
+            fg_masks = small.clone()
             fg_masks[fg_masks == background] = 255
-            conf = _cluster_confusion(labels.view(n, h, w), fg_masks, num_classes, num_classes)
-            mapping = torch.full((num_classes,), -1, dtype=torch.long)
-            mapping[:-1] = match_clusters(conf[:-1, 1:]) + 1  # clusters <-> foreground classes only
-            mapping[mapping == 0] = -1
-            out[f"seg_cluster/fg_k{num_classes - 1}_hungarian"] = miou(conf, mapping)
+            scores = []
+            for fg_labels in runs(x[fg.to(device)], num_classes - 1):
+                labels = torch.full((n * h * w,), num_classes - 1, dtype=torch.long)  # extra row: "no cluster"
+                labels[fg] = fg_labels
+                conf = _cluster_confusion(labels.view(n, h, w), fg_masks, num_classes, num_classes)[:, 1:]
+                mapping = torch.full((num_classes,), -1, dtype=torch.long)
+                mapping[:-1] = match_clusters(conf[:-1])  # clusters <-> foreground classes only
+                scores.append(miou(conf, mapping))
+            out[f"seg_cluster/fg_k{num_classes - 1}_hungarian"] = float(np.mean(scores))
     return out
 
 
@@ -449,133 +461,347 @@ def dense_features(backbone, images, batch_size=32):
     return torch.cat(tokens), torch.cat(attns)
 
 
-def standardise_and_pca(x, dim=50):
-    """(N, D) -> (N, min(dim, D)): per-dimension standardisation then PCA, as the paper's pipeline.
-    Exact PCA (eigenvectors of the D x D covariance), so that the result depends on x alone
-    (torch.pca_lowrank draws random projections from the global generator)."""
-    x = (x - x.mean(0)) / (x.std(0) + 1e-5)
-    _, vectors = torch.linalg.eigh((x.T.double() @ x.double()) / len(x))  # eigenvalues ascending
-    return x @ vectors[:, -min(dim, x.shape[1]):].flip(1).to(x.dtype)
+def standardise_and_pca(x, dim=50, max_points_per_dim=1000, seed=1234, chunk=262144):
+    """(N, D) -> (N, min(dim, D)) as Leopart's utils.normalize_and_transform: sklearn's StandardScaler
+    (population std; a constant dimension left unscaled), then faiss.PCAMatrix(D, dim): centred, the
+    top eigenvectors of the covariance, no whitening, fitted on a random 1000 * D rows when given
+    more (faiss's max_points_per_d). Exact eigendecomposition, own generator: depends on x alone."""
+    x = x.float()
+    n, D = x.shape
+    mean = sum(c.double().sum(0) for c in x.split(chunk)) / n
+    std = (sum(((c.double() - mean) ** 2).sum(0) for c in x.split(chunk)) / n).sqrt()
+    std = torch.where(std < 10 * torch.finfo(torch.float64).eps, torch.ones_like(std), std)
+    z = (x - mean.float()) / std.float()
+    fit = z
+    if n > max_points_per_dim * D:
+        fit = z[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_points_per_dim * D]]
+    centre = fit.mean(0)
+    fit = fit - centre
+    _, vectors = torch.linalg.eigh((fit.T @ fit).double() / len(fit))  # eigenvalues ascending
+    return (z - centre) @ vectors[:, -min(dim, D):].flip(1).float()
 
 
-def cooccurrence(clusters, n):
-    """clusters (N, h, w) ids < n -> (n, n) row-stochastic: how often cluster j is a neighbour (8
-    directions, distances 1 and 2) of cluster i, normalised per image and averaged over the
-    images where i occurs (the paper's graph for community detection)."""
-    total, appear = np.zeros((n, n)), np.zeros(n)
-    offsets = [(dy * s, dx * s) for s in (1, 2) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
-    for c in clusters.numpy():
-        counts = np.zeros((n, n))
-        h, w = c.shape
+def _assign(x, centroids, spherical, chunk=65536):
+    """Nearest centroid of every row: squared L2 distance, or (spherical) largest inner product as
+    faiss's IndexFlatIP. x (N, D), centroids (k, D) -> (score (N,), label (N,))."""
+    c_sq = (centroids * centroids).sum(1)
+    scores, labels = [], []
+    for xb in x.split(chunk):
+        if spherical:
+            s, a = (xb @ centroids.T).max(1)
+        else:
+            s, a = ((xb * xb).sum(1, keepdim=True) - 2 * (xb @ centroids.T) + c_sq).min(1)
+        scores.append(s)
+        labels.append(a)
+    return torch.cat(scores), torch.cat(labels)
+
+
+@torch.no_grad()
+def faiss_kmeans(x, k, niter=100, nredo=5, seed=1, spherical=False, copies=None, max_points_per_centroid=256):
+    """faiss.Kmeans(D, k, niter=100, nredo=5, seed, spherical).train(x) then index.search(x, 1): the
+    k-means of Leopart's utils.cluster, done as faiss does it, with torch's random draws. faiss trains
+    on a random k * 256 rows when given more, starts each run from k random rows, makes exactly niter
+    Lloyd steps (an empty cluster takes half of a big one, perturbed by 1/1024) and keeps the run
+    of best objective; spherical renormalises the centroids to unit length and assigns by largest
+    inner product (the rows stay unnormalised). copies (N,) int: row i stands for that many equal
+    rows (a token's pixels when the official code repeats features per pixel). Used by every k-means
+    of the official protocols (Leopart utils.cluster, TimeT clustering.cluster_features); stops early only
+    at a fixed point (no draws are made there, so the result is the same).
+    x (N, D) -> (labels (N,) int64, centroids (k, D))."""
+    x = x.float()
+    g = torch.Generator().manual_seed(seed)
+    copies = torch.ones(len(x), dtype=torch.long) if copies is None else copies.long()
+    total, cap = int(copies.sum()), k * max_points_per_centroid
+    rows = torch.arange(total) if total <= cap else torch.randperm(total, generator=g)[:cap]
+    train = x[torch.searchsorted(copies.cumsum(0), rows, right=True)]
+    n = len(train)
+    if n < k:
+        raise ValueError(f"faiss_kmeans: {n} rows for {k} clusters")
+    best = None
+    for _ in range(nredo):
+        centroids = train[torch.randperm(n, generator=g)[:k]].clone()
+        centroids = F.normalize(centroids, dim=1) if spherical else centroids
+        previous = None
+        for _ in range(niter):
+            score, assign = _assign(train, centroids, spherical)
+            objective = score.double().sum().item()
+            counts = torch.bincount(assign, minlength=k)
+            if previous is not None and torch.equal(assign, previous) and bool((counts > 0).all()):
+                break  # a fixed point with no empty cluster: the remaining iterations would change nothing
+            previous = assign
+            centroids = torch.zeros_like(centroids).index_add_(0, assign, train) / counts.clamp(min=1)[:, None]
+            sizes = counts.double().tolist()
+            for ci in (i for i in range(k) if sizes[i] == 0):  # faiss split_clusters
+                cj = 0
+                while torch.rand((), generator=g).item() >= (sizes[cj] - 1) / (n - k):
+                    cj = (cj + 1) % k
+                sign = torch.tensor([1.0, -1.0]).repeat(x.shape[1] // 2 + 1)[:x.shape[1]] / 1024
+                centroids[ci] = centroids[cj] * (1 + sign)
+                centroids[cj] = centroids[cj] * (1 - sign)
+                sizes[ci] = sizes[cj] / 2
+                sizes[cj] -= sizes[ci]
+            centroids = F.normalize(centroids, dim=1) if spherical else centroids
+        if best is None or (objective > best[0] if spherical else objective < best[0]):
+            best = (objective, centroids)
+    return _assign(x, best[1], spherical)[1], best[1]
+
+
+def glcm_offsets(distances=(1, 2), angles=(0, np.pi / 4, np.pi / 2, 3 * np.pi / 4, np.pi, 4 * np.pi / 3,
+                                           3 * np.pi / 2, 7 * np.pi / 4)) -> list:
+    """(row, col) offsets of skimage's greycomatrix for Leopart's create_matrix arguments: C's round
+    of (sin, cos) * distance. So distance 2 on a diagonal lands on (+-1, +-1), and the official
+    4 pi / 3 (not 5 pi / 4) gives (-1, -1) and (-2, -1)."""
+    c_round = lambda v: int(math.copysign(math.floor(abs(v) + 0.5), v))  # noqa: E731
+    return [(c_round(math.sin(a) * d), c_round(math.cos(a) * d)) for a in angles for d in distances]
+
+
+def cooccurrence(clusters, n, offsets=None, chunk=64):
+    """clusters (N, H, W) ids < n -> (n, n) row-stochastic, Leopart's fully_unsup_seg.create_matrix:
+    per image, how often cluster j sits at an offset (glcm_offsets) from cluster i, the diagonal
+    zeroed and rows normalised; summed over images and divided by the number of images in which
+    row i has a neighbour (a row with none stays 0 where the official code divides 0 by 0)."""
+    offsets = glcm_offsets() if offsets is None else offsets
+    total, appear = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    for c in clusters.long().split(chunk):
+        B, H, W = c.shape
+        base = torch.arange(B)[:, None, None] * n * n
+        counts = torch.zeros(B * n * n, dtype=torch.float64)
         for dy, dx in offsets:
-            a = c[max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]
-            b = c[max(0, dy):h - max(0, -dy), max(0, dx):w - max(0, -dx)]
-            np.add.at(counts, (a.ravel(), b.ravel()), 1)
-        np.fill_diagonal(counts, 0)
-        rows = counts.sum(1, keepdims=True)
-        total += np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
-        appear += rows[:, 0] > 0
-    return total / np.maximum(appear, 1)[:, None]
+            a = c[:, max(0, -dy):H - max(0, dy), max(0, -dx):W - max(0, dx)]
+            b = c[:, max(0, dy):H - max(0, -dy), max(0, dx):W - max(0, -dx)]
+            counts += torch.bincount((base + a * n + b).flatten(), minlength=B * n * n)
+        counts = counts.reshape(B, n, n) * (1 - torch.eye(n, dtype=torch.float64))
+        rows = counts.sum(2, keepdim=True)
+        total += (counts / rows.clamp(min=1)).sum(0)
+        appear += (rows[..., 0] > 0).sum(0)
+    return (total / appear.clamp(min=1)[:, None]).numpy()
 
 
-def merge_communities(weights: np.ndarray, num: int) -> np.ndarray:
-    """Greedy modularity agglomeration (Clauset-Newman-Moore) of an undirected weighted graph until
-    `num` communities remain -> community id per node. Stands in for the paper's Infomap, which
-    is not a dependency here; both merge nodes that are densely linked."""
-    n = len(weights)
-    e = weights / max(weights.sum(), 1e-12)  # fraction of edge weight between communities
-    alive, members = list(range(n)), {i: [i] for i in range(n)}
-    while len(alive) > num:
-        sub = e[np.ix_(alive, alive)]
-        a = sub.sum(1)
-        gain = 2 * (sub - np.outer(a, a))  # ΔQ of merging two communities
-        np.fill_diagonal(gain, -np.inf)
-        i, j = np.unravel_index(np.argmax(gain), gain.shape)
-        i, j = alive[i], alive[j]
-        e[i] += e[j]
-        e[:, i] += e[:, j]
-        e[j], e[:, j] = 0, 0
-        members[i] += members.pop(j)
-        alive.remove(j)
-    out = np.zeros(n, dtype=np.int64)
-    for c, i in enumerate(alive):
-        out[members[i]] = c
-    return out
+def infomap_communities(co, edge_threshold=0.09, markov_time=2.0, modules=20, seed=1) -> dict:
+    """Leopart's community detection on the co-occurrence graph: an undirected edge i-j of weight
+    min(co[i, j], co[j, i]) where both reach edge_threshold, then two-level Infomap with the given
+    Markov time and preferred number of modules. -> {node: module id >= 1}; unlinked nodes absent."""
+    from infomap import Infomap  # only this benchmark needs it
+
+    n = len(co)
+    links = [(i, j, float(min(co[i, j], co[j, i]))) for i in range(n) for j in range(i, n)
+             if co[i, j] >= edge_threshold and co[j, i] >= edge_threshold]
+    im = Infomap(directed=False, two_level=True, seed=seed, markov_time=markov_time, silent=True,
+                 preferred_number_of_modules=modules)
+    if not links:  # infomap >= 2.x refuses an empty network (2.2.0's left every node unlinked)
+        return {}
+    im.add_links(links)
+    im.run()
+    return {node.node_id: node.module_id for node in im.tree if node.is_leaf}
 
 
-def hungarian_miou(pred, gt, num_classes, ignore=255):
-    """Best one-to-one matching of predicted ids to classes (both < num_classes) -> mIoU."""
+def _pixel_tokens(h, w, *sizes):
+    """(H * W,) the token each pixel shows after nearest resizes of an (h, w) map to each size in turn
+    (the official code resizes every map with F.interpolate(mode='nearest'))."""
+    idx = torch.arange(h * w, dtype=torch.float64).reshape(1, 1, h, w)
+    for s in sizes:
+        idx = F.interpolate(idx, size=(s, s), mode="nearest")
+    return idx.flatten().long()
+
+
+def iou_matched_miou(pred, gt, num_pred, num_gt, ignore=255) -> tuple:
+    """Leopart's utils.PredsmIoU(num_pred, num_gt).compute(many_to_one=False): Hungarian matching of
+    predicted ids < num_pred to classes maximising IoU (linear_sum_assignment(1 - IoU)), unmatched
+    ids (and ids >= num_pred) become class 0, mean IoU (%) over all num_gt classes (absent: 0).
+    pred, gt int tensors of one shape -> (mIoU, id -> class (max(num_pred, max id + 1),))."""
     keep = gt != ignore
     pred, gt = pred[keep].long(), gt[keep].long()
-    conf = torch.bincount(gt * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, num_classes).double()
-    iou = conf / (conf.sum(0, keepdim=True) + conf.sum(1, keepdim=True) - conf).clamp(min=1)
-    rows, cols = linear_sum_assignment(-iou.numpy())
-    return float(iou[rows, cols].mean()), dict(zip(cols.tolist(), rows.tolist()))
+    cols = max(num_pred, int(pred.max()) + 1 if len(pred) else 0)
+    conf = torch.bincount(gt * cols + pred, minlength=num_gt * cols).reshape(num_gt, cols).double()
+    iou = conf / (conf.sum(1, keepdim=True) + conf.sum(0, keepdim=True) - conf).clamp(min=1e-8)
+    rows, matched = linear_sum_assignment(1 - iou[:, :num_pred].numpy())
+    mapping = torch.zeros(cols, dtype=torch.long)
+    mapping[torch.as_tensor(matched)] = torch.as_tensor(rows)
+    conf = torch.zeros(num_gt, num_gt, dtype=torch.float64).index_add_(1, mapping, conf)
+    tp = conf.diagonal()
+    return 100 * (tp / (conf.sum(1) + conf.sum(0) - tp).clamp(min=1e-8)).mean().item(), mapping
+
+
+def _token_blocks(tok_of_pixel, fg_pixels, T):
+    """tok_of_pixel (P,): the token every pixel shows; fg_pixels (N, P) bool -> (N, T) foreground
+    pixels inside each token's block, and (T,) block sizes."""
+    N = len(fg_pixels)
+    idx = (torch.arange(N)[:, None] * T + tok_of_pixel).flatten()
+    inside = torch.bincount(idx, weights=fg_pixels.flatten().double(), minlength=N * T).reshape(N, T)
+    return inside, torch.bincount(tok_of_pixel, minlength=T).double()
+
+
+def _foreground_iou(fg_tokens, gt_inside, sizes) -> float:
+    """Leopart's utils.eval_jac: IoU (%) of each image's predicted foreground with its ground-truth
+    foreground, averaged over images; fg_tokens (N, T) bool, gt_inside/sizes from _token_blocks."""
+    inter = (fg_tokens * gt_inside).sum(1)
+    union = fg_tokens.double() @ sizes + gt_inside.sum(1) - inter
+    return 100 * (inter / union.clamp(min=1e-8)).mean().item()
+
+
+def _cluster_precision(clusters, noisy_fg, sizes, k) -> np.ndarray:
+    """Leopart's get_cluster_precs: per cluster, the share of its pixels inside the noisy foreground,
+    averaged over the images it occurs in (0 where it does not occur: the official code asserts
+    every cluster occurs). clusters (N, T), noisy_fg (N, T) bool, sizes (T,) pixels per token."""
+    N = len(clusters)
+    idx = (torch.arange(N)[:, None] * k + clusters).flatten()
+    w = sizes.repeat(N)
+    hits = torch.bincount(idx, weights=w * noisy_fg.flatten(), minlength=N * k).reshape(N, k).numpy()
+    size = torch.bincount(idx, weights=w, minlength=N * k).reshape(N, k).numpy()
+    precision = np.divide(hits, size, out=np.zeros_like(hits), where=size > 0).sum(0)  # rows in image order
+    return np.divide(precision, (size > 0).sum(0), out=np.zeros(k), where=(size > 0).sum(0) > 0)
+
+
+def cbfe_cd(tokens, noisy_fg, n_train, num_classes, train_masks=None, val_masks=None, k_fg=200, k_community=149,
+            pca_dim=50, edge_threshold=0.09, markov_time=2.0, infomap_runs=10, cbfe_runs=5, eval_size=100, seed=0):
+    """Leopart's fully_unsup_seg.py on given tokens. tokens (N, h, w, D), train images first; noisy_fg
+    (N, h, w) bool; masks (N, S, S) int, 255 = VOC's object boundary. Returns (val maps (N_val, S, S)
+    of the first Infomap run, classes after matching; scores)."""
+    N, h, w, D = tokens.shape
+    T, E = h * w, eval_size
+    feats = standardise_and_pca(tokens.reshape(-1, D), pca_dim)
+    noisy_fg = noisy_fg.reshape(N, T)
+    tok_e = torch.bincount(_pixel_tokens(h, w, E), minlength=T).double()  # pixels per token at E x E
+    split = (slice(0, n_train), slice(n_train, N))
+
+    # 1. CBFE (paper Sec. 4.4): spherical k-means over train + val tokens; a cluster is foreground if
+    #    its pixels at 100x100 fall in the noisy foreground at least `threshold` of the time.
+    k_fg = min(k_fg, len(feats) // 4)  # only binds on toy sets: the official code asserts all k occur
+    clusters = faiss_kmeans(feats, k_fg, seed=seed, spherical=True)[0].reshape(N, T)
+    precs = [_cluster_precision(clusters[s], noisy_fg[s], tok_e, k_fg) for s in split]
+    order, ranked = np.argsort(precs[0]), np.sort(precs[0])
+    start = int(0.65 * k_fg)  # no train masks: the middle of the official search range
+    if train_masks is not None:  # find_good_threshold: the cut of best train IoU (ties: the later cut)
+        gt = F.interpolate(train_masks[:, None].float(), size=(E, E), mode="nearest").flatten(1) != 0
+        gt_inside, sizes = _token_blocks(_pixel_tokens(h, w, E), gt, T)
+        best = -1.0
+        for s in range(int(0.55 * k_fg), int(0.75 * k_fg)):  # 55-75 % of the clusters to background
+            iou = _foreground_iou(torch.isin(clusters[:n_train], torch.as_tensor(order[s:])), gt_inside, sizes)
+            best, start = (iou, s) if iou >= best else (best, start)
+    grid = np.arange(0, 1, 0.05)
+    threshold = float(grid[np.argmin(np.abs(grid - ranked[start]))])  # the official rounding to 0.05
+    fg = torch.cat([torch.isin(clusters[s], torch.as_tensor(np.flatnonzero(p >= threshold)))
+                    for s, p in zip(split, precs)])  # (N, T): val uses its own precisions
+    scores = {"protocol": f"leopart fully_unsup_seg.py: standardise + PCA {pca_dim}; CBFE spherical k-means "
+              f"k={k_fg} (faiss, 100 it, 5 redo), precision threshold {threshold:.2f} from train IoU at "
+              f"{E}x{E}; CD k-means k={k_community} on foreground pixels at {E}x{E}, co-occurrence "
+              f"(skimage offsets, distances 1 and 2), Infomap (Markov time {markov_time}, "
+              f"{num_classes - 1} modules, edge threshold {edge_threshold}), mean over {infomap_runs} "
+              f"seeds; Hungarian by IoU at {E}x{E}, 255 ignored",
+              "cbfe_threshold": threshold, "cbfe_fg_fraction": 100 * float((fg[n_train:].double() @ tok_e).sum()) / (
+                  (N - n_train) * E * E)}
+    if val_masks is not None:  # the official scores the val foreground at the input size
+        S = val_masks.shape[-1]
+        gt_inside, sizes = _token_blocks(_pixel_tokens(h, w, E, S), val_masks.flatten(1) != 0, T)
+        scores["cbfe_fg_iou"] = _foreground_iou(fg[n_train:], gt_inside, sizes)
+
+    # 2. k-means on the foreground pixels at 100x100 (each token counted once per pixel it covers);
+    #    the background is one more cluster, id k.
+    fg = fg.flatten()
+    copies = tok_e.long().repeat(N)[fg]
+    k_community = min(k_community, max(int(fg.sum()) // 4, num_classes))  # binds on toy sets only
+
+    def pixel_maps(ids, k, s):  # token ids on the foreground -> (N_s, E, E) maps, background = k
+        full = torch.full((N * T,), k, dtype=torch.long)
+        full[fg] = ids
+        return full.reshape(N, T)[s][:, _pixel_tokens(h, w, E)].reshape(-1, E, E)
+
+    fine = faiss_kmeans(feats[fg], k_community, seed=seed, copies=copies)[0]
+    val_gt = None
+    if val_masks is not None:
+        val_gt = F.interpolate(val_masks[:, None].float(), size=(E, E), mode="nearest")[:, 0].long()
+        # CBFE alone (evaluate_cbfe): k-means with one cluster per object class, seeds 0..cbfe_runs-1
+        scores["cbfe_miou"] = float(np.mean([iou_matched_miou(pixel_maps(faiss_kmeans(
+            feats[fg], num_classes - 1, seed=r, copies=copies)[0], num_classes - 1, split[1]), val_gt, num_classes,
+            num_classes)[0] for r in range(cbfe_runs)]))
+
+    # 3. Community detection merges the k + 1 clusters: the co-occurrence graph of train + val maps,
+    #    Infomap for each seed (official 0..9: infomap >= 2.x refuses seed 0, so 1..10); unlinked
+    #    clusters pooled into id 0, communities are ids 1, 2, ...
+    maps = pixel_maps(fine, k_community, slice(0, N))
+    co = cooccurrence(maps, k_community + 1)
+    runs, first = [], None  # (communities, mIoU) per seed; the first seed's map and matching
+    for r in range(infomap_runs):
+        module = infomap_communities(co, edge_threshold, markov_time, num_classes - 1, seed=r + 1)
+        lookup = torch.zeros(k_community + 1, dtype=torch.long)
+        lookup[torch.tensor(list(module), dtype=torch.long)] = torch.tensor(list(module.values()), dtype=torch.long)
+        merged = lookup[maps[n_train:]]
+        ids = merged.unique()
+        # the official PredsmIoU asserts at most num_classes ids no larger than num_classes: beyond, all compete
+        num_pred = num_classes if len(ids) <= num_classes and int(ids.max()) <= num_classes else int(ids.max()) + 1
+        miou, mapping = iou_matched_miou(merged, val_gt, num_pred, num_classes) if val_gt is not None else (0.0, None)
+        runs.append((len(ids), miou))
+        first = (merged, mapping) if first is None else first
+    scores["cd_communities"] = float(np.mean([c for c, _ in runs]))
+    merged, mapping = first
+    if val_masks is not None:
+        scores["cd_miou"], scores["cd_miou_std"] = float(np.mean([m for _, m in runs])), float(np.std([m for _, m in runs]))
+        merged = mapping[merged]  # ids -> matched classes
+    S = val_masks.shape[-1] if val_masks is not None else E
+    return F.interpolate(merged[:, None].float(), size=(S, S), mode="nearest")[:, 0].long(), scores
 
 
 def unsupervised_segmentation(backbone, train_images, val_images, num_classes, foreground, train_masks=None,
-                              val_masks=None, k_fg=200, k_community=150, pca_dim=50, edge_threshold=0.09, seed=0):
-    """Leopart's label-free pipeline. images (N, 3, S, S) normalised; masks (N, S, S) int64 with 255 =
-    ignore (train masks only pick the CBFE precision cut, as the official code does; val masks only
-    score). foreground(attn (N, h, w)) -> bool (N, h, w): the noisy foreground from the ViT's [CLS]
-    attention (Leopart: leopart.foreground_mask with 65 % of the mass). Returns (val maps (N, S, S)
-    of class ids in [0, num_classes), scores: cbfe_fg_fraction, and with val masks cd_miou, cbfe_fg_iou)."""
-    kmeans_ids = lambda x, k, seed: kmeans(x, k, seed=seed)[0]  # noqa: E731
-    n_train = len(train_images)
+                              val_masks=None, k_fg=200, k_community=149, seed=0, **settings):
+    """Leopart's label-free pipeline (fully_unsup_seg.py, paper Sec. 4.4) on a backbone. images (N, 3,
+    S, S) normalised; masks (N, S, S) int64 with 255 = boundary (train masks only pick the CBFE
+    threshold, as the official code does; val masks only score). foreground(attn (N, h, w)) -> bool
+    (N, h, w): the noisy foreground from the [CLS] attention (Leopart: leopart.foreground_mask with
+    65 % of the mass; the official script reads DINO ViT-S/16's). settings: cbfe_cd's. Returns (val
+    maps (N, S, S) of class ids, scores in %: cbfe_fg_iou, cbfe_miou, cd_miou, ... and the protocol)."""
     tokens, attn = dense_features(backbone, torch.cat([train_images, val_images]))
+    return cbfe_cd(tokens, foreground(attn), len(train_images), num_classes, train_masks, val_masks, k_fg,
+                   k_community, seed=seed, **settings)
+
+
+def load_segmentation(root, split, size):
+    """VOC-layout split -> images (N, 3, size, size) normalised, masks (N, size, size) int64 (255 = ignore).
+    Masks resized by torchvision's nearest (leopart.py's numbers), not SegTransform's nearest-exact."""
+    import data
+    ds = data.VOCSegmentation(root, split)
+    images, masks = [], []
+    for i in range(len(ds)):
+        img, mask = ds[i]
+        images.append(TF.normalize(TF.resize(img, [size, size], antialias=True).float() / 255, MEAN, STD))
+        masks.append(TF.resize(mask[None], [size, size], interpolation=TF.InterpolationMode.NEAREST)[0])
+    return torch.stack(images), torch.stack(masks), ds.num_classes
+
+
+def unsupervised_segmentation_voc(backbone, root, size, foreground, k_fg, k_community, seed=0, picture=None,
+                                  name="") -> dict:
+    """unsupervised_segmentation fitted on a VOC-layout root's train + val splits at size x size, scored on
+    val; with `picture` (a path), save_cluster_maps of the first val images there, titled with `name`."""
+    train_x, train_y, num_classes = load_segmentation(root, "train", size)
+    val_x, val_y, _ = load_segmentation(root, "val", size)
+    maps, scores = unsupervised_segmentation(backbone, train_x, val_x, num_classes, foreground, train_y, val_y,
+                                             k_fg, k_community, seed=seed)
+    if picture:
+        save_cluster_maps(backbone, val_x, val_y, maps, num_classes, picture, name)
+        print(f"wrote {picture}")
+    return scores
+
+
+@torch.no_grad()
+def save_cluster_maps(backbone, images, masks, unsup_maps, num_classes, path, name="", rows=8):
+    """Picture: per validation image, the image, k-means clusters of its patch tokens (K = number of
+    classes, fitted on all shown images), the fully unsupervised segmentation, the ground truth."""
+    import data
+    palette = np.array(data.voc_palette(), dtype=np.uint8).reshape(-1, 3)
+    images, masks, unsup_maps = images[:rows], masks[:rows], unsup_maps[:rows]
+    tokens, _ = dense_features(backbone, images)
     N, h, w, D = tokens.shape
-    feats = standardise_and_pca(tokens.reshape(-1, D), pca_dim)
-    noisy_fg = foreground(attn).reshape(-1)  # the ViT's attention as noisy foreground
-
-    # 1. CBFE: over-cluster all tokens; a cluster is foreground if, on average over the images it
-    #    appears in, most of its tokens fall inside the attention foreground.
-    k_fg = min(k_fg, len(feats) // 4)
-    clusters = kmeans_ids(F.normalize(feats, dim=1), k_fg, seed).reshape(N, h * w)
-    precision = torch.zeros(k_fg)
-    seen = torch.zeros(k_fg)
-    fg_img = noisy_fg.reshape(N, h * w).float()
-    for i in range(N):
-        hits = torch.bincount(clusters[i], weights=fg_img[i], minlength=k_fg)
-        size = torch.bincount(clusters[i], minlength=k_fg).float()
-        precision += torch.where(size > 0, hits / size.clamp(min=1), torch.zeros(()))
-        seen += size > 0
-    precision = precision / seen.clamp(min=1)
-    order = precision.argsort()
-    cut = int(0.65 * k_fg)  # the official search range is 55-75 % of clusters to background
-    if train_masks is not None:  # pick the cut that best matches train foreground, rounded to 0.05
-        gt_fg = F.interpolate((train_masks[:, None] > 0).float() * (train_masks[:, None] != 255).float(), (h, w))
-        best = -1.0
-        for start in range(int(0.55 * k_fg), max(int(0.75 * k_fg), int(0.55 * k_fg) + 1)):
-            fg = torch.isin(clusters[:n_train], order[start:]).reshape(n_train, 1, h, w).float()
-            iou = ((fg * gt_fg).sum() / ((fg + gt_fg) > 0).sum().clamp(min=1)).item()
-            if iou > best:
-                best, threshold = iou, round(float(precision[order[start]]) * 20) / 20
-        cut = int((precision[order] < threshold).sum())
-    fg = torch.isin(clusters, order[cut:]).reshape(-1)
-
-    # 2. Cluster the foreground only; background becomes one more node.
-    k_community = min(k_community, max(int(fg.sum()) // 4, num_classes))
-    fine = torch.full((N * h * w,), k_community, dtype=torch.long)
-    fine[fg] = kmeans_ids(feats[fg], k_community, seed)
-    fine = fine.reshape(N, h, w)
-
-    # 3. Community detection on the co-occurrence graph merges the k+1 clusters into num_classes.
-    co = cooccurrence(fine, k_community + 1)
-    weights = np.minimum(co, co.T) * ((co >= edge_threshold) & (co.T >= edge_threshold))
-    community = torch.from_numpy(merge_communities(weights, num_classes))
-    merged = community[fine]  # (N, h, w)
-
-    scores = {"cbfe_fg_fraction": float(fg.float().mean())}
-    S = val_images.shape[-1]
-    val_maps = F.interpolate(merged[n_train:, None].float(), size=(S, S), mode="nearest")[:, 0].long()
-    if val_masks is not None:
-        scores["cd_miou"], match = hungarian_miou(val_maps, val_masks, num_classes)
-        scores["cd_miou"] *= 100  # a percentage, as every score of this file
-        val_maps = torch.tensor([match.get(i, 0) for i in range(num_classes)])[val_maps]  # ids -> matched classes
-        fg_val = F.interpolate(fg.reshape(N, 1, h, w)[n_train:].float(), size=(S, S))[:, 0] > 0
-        gt_val = (val_masks > 0) & (val_masks != 255)
-        scores["cbfe_fg_iou"] = 100 * float((fg_val & gt_val).sum() / (fg_val | gt_val).sum().clamp(min=1))
-    return val_maps, scores
+    clusters = kmeans(F.normalize(tokens.reshape(-1, D), dim=1), num_classes, seed=0)[0].reshape(N, 1, h, w)
+    S = images.shape[-1]
+    clusters = F.interpolate(clusters.float(), size=(S, S), mode="nearest")[:, 0].long()
+    mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
+    colour = lambda ids: palette[ids.clamp(0, len(palette) - 1).numpy()]  # noqa: E731  (H, W) -> (H, W, 3)
+    tiles = [[((images[i] * std + mean).clamp(0, 1) * 255).byte(), colour(clusters[i] + 1), colour(unsup_maps[i]),
+              colour(masks[i])] for i in range(N)]
+    data.labelled_grid(tiles, path, f"{name}: fully unsupervised segmentation of {N} validation images (rows). "
+                       "Colours: ids in the VOC palette; the unsupervised ids are matched to the classes, the "
+                       "k-means ids are not", [f"val {i}" for i in range(N)],
+                       ["image", f"k-means of patch tokens (K={num_classes})", "unsupervised segmentation",
+                        "ground truth"])
 
 
 # ====== DAVIS: J, F and label propagation ===========================================================
@@ -628,6 +854,34 @@ def davis_size(height, width, short_side=480, multiple=64) -> tuple:
     return short_side, int(short_side * width / height // multiple * multiple)
 
 
+def _cv2_taps(src: int, dst: int) -> tuple:
+    """cv2.resize INTER_LINEAR's source indices and 11-bit fixed-point weights along one axis."""
+    f = ((torch.arange(dst, dtype=torch.float64) + 0.5) * (src / dst) - 0.5).float()  # float32 in cv2
+    i = f.floor()
+    f = torch.where(i < 0, 0.0, f - i)
+    i = i.long().clamp(min=0)
+    f = torch.where(i >= src - 1, 0.0, f)
+    i = i.clamp(max=src - 1)
+    return i, (i + 1).clamp(max=src - 1), ((1 - f) * 2048).round().long(), (f * 2048).round().long()
+
+
+def cv2_resize(img, size) -> torch.Tensor:
+    """cv2.resize(img, (w, h)) with INTER_LINEAR (no antialiasing) on uint8, reproduced in integers: the
+    horizontal pass with 11-bit weights, the vertical one as cv2's SIMD path rounds (bit-exact against
+    opencv 4.10 and 5.0 when shrinking; upscaling may differ by 1 on ~0.1 % of pixels).
+    uint8 (C, H, W) -> uint8 (C, h, w)."""
+    (x0, x1, a0, a1), (y0, y1, b0, b1) = _cv2_taps(img.shape[-1], size[1]), _cv2_taps(img.shape[-2], size[0])
+    v = img.long()[..., x0] * a0 + img.long()[..., x1] * a1
+    out = ((((v[..., y0, :] >> 4) * b0[:, None]) >> 16) + (((v[..., y1, :] >> 4) * b1[:, None]) >> 16) + 2) >> 2
+    return out.clamp(0, 255).to(torch.uint8)
+
+
+def davis_frame(frame, size) -> torch.Tensor:
+    """DINO's read_frame (eval_video_segmentation.py): cv2.resize to size (h, w), /255, color_normalize
+    with std 0.228 (sic) for red. uint8 (3, H, W) -> float (3, h, w)."""
+    return TF.normalize(cv2_resize(frame, size).float() / 255, MEAN, (0.228, 0.224, 0.225))
+
+
 @torch.no_grad()
 def propagate_video(backbone, frames, first_mask, device="cpu", short_side=480, multiple=64, n_last_frames=7,
                     topk=5, neighbourhood=12, temperature=0.1) -> torch.Tensor:
@@ -649,7 +903,7 @@ def propagate_video(backbone, frames, first_mask, device="cpu", short_side=480, 
     window = window.to(device).float()  # (queries, sources)
 
     def features(t):  # L2-normalised last-block patch tokens (h*w, D)
-        x = normalize(TF.resize(frames[t], [th, tw], antialias=True))[None].to(device)
+        x = davis_frame(frames[t], (th, tw))[None].to(device)
         return F.normalize(backbone.get_intermediate_layers(x, 1)[0][0, 1:], dim=1)
 
     first_feat, context = features(0), []
@@ -734,9 +988,11 @@ def icl_episode(dataset, by_class, n, k, seed, task_induction=False, open_ended=
     (images, texts, the n classes, the query's class)."""
     eligible = sorted(c for c, idx in by_class.items() if len(idx) > k)
     if len(eligible) < n:
-        raise ValueError(f"icl: {n}-way {k}-shot needs {n} classes with > {k} images, have {len(eligible)}")
+        import data
+        raise data.DataError(f"icl: {n}-way {k}-shot needs {n} classes with > {k} images, have {len(eligible)}")
     if open_ended and n > len(FROZEN_WORDS):
-        raise ValueError(f"icl: open-ended {n}-way needs {n} nonsense words, Frozen's list has {len(FROZEN_WORDS)}")
+        import data
+        raise data.DataError(f"icl: open-ended {n}-way needs {n} nonsense words, Frozen's list has {len(FROZEN_WORDS)}")
     rng = random.Random(seed)
     classes = rng.sample(eligible, n)
     names = episode_names(dataset, classes, open_ended)
@@ -810,7 +1066,8 @@ def frozen_episodes(folder, ways, shots) -> list:
     public loaders of these files; not confirmed against the files here). Returns those dicts."""
     files = sorted(glob.glob(os.path.join(folder, f"*_shots_{shots}_ways_{ways}_all_questions.json")))
     if not files:
-        raise ValueError(f"{folder}: no *_shots_{shots}_ways_{ways}_all_questions.json (Frozen's episode files)")
+        import data
+        raise data.DataError(f"{folder}: no *_shots_{shots}_ways_{ways}_all_questions.json (Frozen's episode files)")
     with open(files[0]) as f:
         return json.load(f)
 
@@ -881,7 +1138,7 @@ def run_icl(generate, folder=None, ways=(2, 5), shots=(1, 3, 5), episodes=100, s
             mapping = read_class_names(class_names)
             missing = [c for c in real.classes if c not in mapping]
             if missing:
-                raise ValueError(f"{class_names}: no name for the folders {missing[:5]} of {folder}")
+                raise data.DataError(f"{class_names}: no name for the folders {missing[:5]} of {folder}")
             real.classes = [mapping[c] for c in real.classes]
         for kind, open_ended in (("real", False), ("open", True)):
             ok_ways = tuple(n for n in ways if n <= len(real.classes))
@@ -895,22 +1152,17 @@ def run_icl(generate, folder=None, ways=(2, 5), shots=(1, 3, 5), episodes=100, s
 
 def icl_picture(generate, dataset, path, ways=3, shots=1, seed=0, size=96) -> tuple:
     """One `icl` episode answered by generate, drawn as a strip: each support image with its caption
-    under it, then the query with the answer in red. Returns (answer, the query's true name)."""
-    from PIL import Image, ImageDraw
-    images, texts, _, target = icl_episode(dataset, _by_class(dataset), min(ways, len(dataset.classes)), shots,
-                                           f"icl-picture-{seed}")
+    over it, then the query with the answer. Returns (answer, the query's true name)."""
+    import data
+    from PIL import Image
+    n = min(ways, len(dataset.classes))
+    images, texts, _, target = icl_episode(dataset, _by_class(dataset), n, shots, f"icl-picture-{seed}")
     answer = generate(images, texts)
-    cell_w = size + 40
-    sheet = Image.new("RGB", (cell_w * len(images), size + 44), "white")
-    draw = ImageDraw.Draw(sheet)
-    for j, (im, text) in enumerate(zip(images, texts)):
-        sheet.paste(Image.fromarray(torch.as_tensor(im).permute(1, 2, 0).numpy()).resize((size, size)), (j * cell_w + 20, 4))
-        is_query = j == len(images) - 1
-        lines = ["query", f"-> {answer}"] if is_query else ["This is", text[len("This is "):]]
-        for r, line in enumerate(lines):
-            draw.text((j * cell_w + 4, size + 8 + 14 * r), line[:22], fill="red" if is_query and r else "black")
-    draw.line([((len(images) - 1) * cell_w, 0), ((len(images) - 1) * cell_w, sheet.height)], fill="gray", width=2)
-    sheet.save(path)
+    tiles = [Image.fromarray(torch.as_tensor(im).permute(1, 2, 0).numpy()).resize((size, size)) for im in images]
+    names = [f"support {j + 1}:\n{text}" for j, text in enumerate(texts[:-1])] + [f"query:\n-> {answer}"]
+    data.labelled_grid([tiles], path, f"In-context {n}-way {shots}-shot episode: support images with their "
+                       f"captions, then the query and the model's answer (truth: {dataset.classes[target]})",
+                       col_names=names)
     return answer, dataset.classes[target]
 
 
@@ -923,15 +1175,15 @@ COLOURS = torch.tensor([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 2
 @torch.no_grad()
 def viz(backbone, frames, out_dir, name="video", device="cpu", heads=(0, 1, 2), ks=(5, 10), seed=0) -> list:
     """frames uint8 (T, 3, H, W) (cropped to a multiple of the patch size). Writes <name>_grid.png
-    (rows: frames, attention of `heads` as R/G/B when the backbone has it, one k-means overlay per k)
-    and <name>.gif (the same rows side by side per frame). Returns the written paths."""
-    from PIL import Image
+    (rows: frames, attention of `heads` as R/G/B when the backbone has it, one k-means overlay per k;
+    columns: frames) and <name>.gif (the same rows side by side per frame). Returns the written paths."""
+    import data
     p = patch_size_of(backbone)
     T, _, H, W = frames.shape
     frames = frames[:, :, :H // p * p, :W // p * p]
     H, W = frames.shape[-2:]
     x = normalize(frames).to(device)
-    rows = [frames]
+    rows, names = [frames], ["frame"]
     if hasattr(backbone, "get_last_selfattention"):
         attn = backbone.get_last_selfattention(x)[:, :, 0, 1:].float()  # [CLS] -> patches (T, heads, N)
         chosen = [h % attn.shape[1] for h in heads]
@@ -939,6 +1191,7 @@ def viz(backbone, frames, out_dir, name="video", device="cpu", heads=(0, 1, 2), 
         lo, hi = attn.amin(dim=(2, 3), keepdim=True), attn.amax(dim=(2, 3), keepdim=True)
         attn = (attn - lo) / (hi - lo).clamp_min(1e-12)  # each head stretched to [0, 1] per frame
         rows.append((F.interpolate(attn, scale_factor=p, mode="nearest") * 255).to(torch.uint8).cpu())
+        names.append("[CLS] attention,\nheads {}, {}, {}\nas R, G, B".format(*chosen))
     tokens = backbone.get_intermediate_layers(x, 1)[0][:, 1:]
     flat = F.normalize(tokens.reshape(-1, tokens.shape[-1]).float(), dim=1)
     for k in ks:  # one clustering per video, so that colours are consistent across frames
@@ -946,29 +1199,72 @@ def viz(backbone, frames, out_dir, name="video", device="cpu", heads=(0, 1, 2), 
         labels = F.interpolate(labels.float(), scale_factor=p, mode="nearest")[:, 0].long()
         colour = COLOURS[labels % len(COLOURS)].permute(0, 3, 1, 2)
         rows.append(((frames.float() + colour.float()) / 2).to(torch.uint8))
+        names.append(f"k-means of patch\ntokens, k={k},\none colour a cluster")
     os.makedirs(out_dir, exist_ok=True)
-    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (3, rows*H, T*W)
     grid_path, gif_path = os.path.join(out_dir, f"{name}_grid.png"), os.path.join(out_dir, f"{name}.gif")
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(grid_path)
-    gif = [Image.fromarray(torch.cat([r[t] for r in rows], dim=2).permute(1, 2, 0).numpy()) for t in range(T)]
+    title = f"{name}: the backbone's last block on {T} frames (k-means fitted on all frames at once)"
+    data.labelled_grid([list(r) for r in rows], grid_path, title, names, [f"frame {t}" for t in range(T)])
+    gif = [data.labelled_grid([[r[t] for r in rows]], None, title, None, [f"frame {t}"] + names[1:]) for t in range(T)]
     gif[0].save(gif_path, save_all=True, append_images=gif[1:], duration=200, loop=0)
     return [grid_path, gif_path]
+
+
+def mask_overlap(masks) -> float:
+    """Mean pairwise IoU between the k objects' masks (B, k, T, h, w): 1 = all the same object."""
+    m = masks.flatten(3).float()
+    k = m.shape[1]
+    ious = [((m[:, i] * m[:, j]).sum(-1) / ((m[:, i] + m[:, j]).clamp(max=1).sum(-1)).clamp(min=1)).mean()
+            for i in range(k) for j in range(i + 1, k)]
+    return float(torch.stack(ious).mean()) if ious else 0.0
+
+
+@torch.no_grad()
+def tracking_picture(track, backbone, clip, path, heads=(0, 1, 2)) -> tuple:
+    """DoRA's tracker (dora.track, passed in) on clip (T, 3, H, W) normalised -> a png, one column per frame,
+    rows: the frames; three heads' [CLS] attention as R, G, B; the tracked objects' attention without
+    Sinkhorn-Knopp; with it; the tracked masks (with SK) over the frames. Returns the masks' overlap
+    (mask_overlap) without and with SK."""
+    import data
+    heads = list(heads)[:3]
+    _, masks_plain, maps_plain, head_attn = track(backbone, clip[None], heads, use_sinkhorn=False)
+    _, masks, maps, _ = track(backbone, clip[None], heads, use_sinkhorn=True)
+
+    size = [max(192, s) for s in clip.shape[-2:]]  # small demo frames are enlarged to be seen
+
+    def rgb(x):  # (1, k, T, h, w) -> (T, 3, H, W): object i in colour channel i, each map min-max scaled
+        x = x[0].float()
+        low, high = x.flatten(2).amin(-1)[..., None, None], x.flatten(2).amax(-1)[..., None, None]
+        x = torch.cat([(x - low) / (high - low).clamp(min=1e-8), x.new_zeros(3 - x.shape[0], *x.shape[1:])])
+        return F.interpolate(x.transpose(0, 1), size=size, mode="nearest").cpu()
+
+    mean, std = (torch.tensor(v, device=clip.device)[:, None, None] for v in (MEAN, STD))
+    frames = F.interpolate((clip * std + mean).clamp(0, 1), size=size, mode="bilinear").cpu()
+    rows = [frames, rgb(head_attn), rgb(maps_plain), rgb(maps), 0.4 * frames + 0.6 * rgb(masks)]
+    objects = ", ".join(f"{c} = head {h}" for c, h in zip("RGB", heads))
+    data.labelled_grid([list(r) for r in rows], path, f"DoRA's tracker on a clip of {len(clip)} frames (columns): "
+                       f"one object a chosen head, one colour channel an object ({objects})",
+                       ["frame", "[CLS] attention\nof the heads", "object attention\nwithout\nSinkhorn-Knopp",
+                        "object attention\nwith\nSinkhorn-Knopp", "tracked masks\n(with SK)\nover the frame"],
+                       [f"frame {t}" for t in range(len(clip))])
+    return mask_overlap(masks_plain), mask_overlap(masks)
 
 
 # ====== Video k-means (TimeT's unsupervised video segmentation): clip-wise and dataset-wise ========
 # k-means on the patch features of whole clips, clusters matched to the ground truth by Hungarian
 # matching; the official protocol upsamples to pixels before matching.
 def cluster_miou(pred: torch.Tensor, truth: torch.Tensor, k: int, num_classes: int) -> float:
-    """mIoU (%) of cluster ids `pred` against `truth` (255 ignored) after Hungarian matching."""
+    """mIoU (%) of cluster ids `pred` against `truth` (255 ignored) as TimeT's PredsmIoU (metrics.py, with
+    involve_bg): Hungarian on IoU, unmatched clusters -> 0, mean over the classes present in `truth`."""
     conf = confusion(pred, truth, k, num_classes)
-    return miou(conf, match_clusters(conf))
+    return miou(conf, match_clusters(conf), gt_classes_only=True)
 
 
 @torch.no_grad()
 def clip_features(backbone, frames: torch.Tensor, size: int, device, batch: int = 32):
     """uint8 (T, 3, H, W) -> patch features (T, h, w, D), frames resized to `size` x `size`."""
     x = TF.resize(frames, [size, size], antialias=True)
-    x = TF.normalize(TF.to_dtype(x, torch.float32, scale=True), MEAN, STD)
+    std = (0.228, 0.224, 0.225)  # TimeT evaluation.py's ClipToTensor (sic)
+    x = TF.normalize(TF.to_dtype(x, torch.float32, scale=True), MEAN, std)
     p = backbone.patch_embed.patch_size
     feats = torch.cat([backbone.get_intermediate_layers(x[i:i + batch].to(device), 1)[0][:, 1:].float().cpu() for i in range(0, len(x), batch)])
     return rearrange(feats, "t (h w) d -> t h w d", h=size // p)
@@ -983,6 +1279,27 @@ def pixel_clusters(feats: torch.Tensor, centroids: torch.Tensor, size: int) -> t
     return up.argmax(1)
 
 
+def _upsample(feats, size) -> torch.Tensor:  # (T, h, w, d) -> (T * size * size, d), bilinear in float64 as TimeT
+    up = F.interpolate(rearrange(feats, "t h w d -> t d h w").double(), size=(size, size), mode="bilinear",
+                       align_corners=False)
+    return rearrange(up.float(), "t d h w -> (t h w) d")
+
+
+def pixel_kmeans(feats, k, size, niter=50, nredo=5, seed=1, chunk=16) -> torch.Tensor:
+    """TimeT's clustering.cluster_features after its PCA: features (T, h, w, d) upsampled bilinearly to
+    size x size, faiss k-means (niter 50, nredo 5, seed 1) on the pixels, each pixel to its nearest centroid
+    -> (T, size, size). faiss trains on a random k*256 of the pixels; drawn here from the frames in chunks,
+    so that the upsampled features of a whole dataset are never held at once."""
+    n, per_frame = len(feats) * size * size, size * size
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k * 256]
+    first = lambda t: t * per_frame  # noqa: E731  the first pixel index of frame t
+    sample = torch.cat([_upsample(feats[t:t + chunk], size)[idx[(idx >= first(t)) & (idx < first(t + chunk))] - first(t)]
+                        for t in range(0, len(feats), chunk)])
+    centroids = faiss_kmeans(sample, k, niter, nredo, seed, max_points_per_centroid=256)[1]
+    labels = [_nearest(_upsample(feats[t:t + chunk], size), centroids)[1] for t in range(0, len(feats), chunk)]
+    return torch.cat(labels).view(len(feats), size, size)
+
+
 @functools.lru_cache(maxsize=None)
 def synthetic_classes(root: str, name: str) -> torch.Tensor:
     """Instance id -> class id (0 background, 255 kept) of a synthetic-world tour, from its generator."""
@@ -995,45 +1312,75 @@ def synthetic_classes(root: str, name: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def video_kmeans_miou(backbone, davis_root: str, size: int, device, clip_frames: int = 16, world_root=None):
-    """Clip-wise: each clip clustered alone with K = its number of labels, matched alone;
-    dataset-wise: all clips' patches clustered together with K = the dataset's number of
-    classes, matched once. Labels: DAVIS instance ids (clip-wise) and semantic classes where
-    known (synthetic world: from the generator; else the DAVIS ids as given)."""
+def video_kmeans_miou(backbone, davis_root: str, size: int, device, clip_frames: int = 16, world_root=None,
+                      pca_batch: int = 16, pca_dim: int = 50):
+    """TimeT's unsupervised video segmentation (evaluation.py + clustering.cluster_features), on
+    consecutive clips of clip_frames frames at size x size. Features standardised + PCA to pca_dim
+    (over a loader batch of pca_batch clips clip-wise, over all clips dataset-wise), upsampled bilinearly
+    to pixels, faiss k-means (50 it, 5 restarts, seed 1) on the pixels, TimeT's PredsmIoU.
+    Clip-wise: each clip clustered alone with K = its number of labels (the official use_annotations),
+    scored at size, mean over clips per batch, then over batches (as evaluation.py averages);
+    dataset-wise: all clips together, K = the dataset's number of classes, scored at size // 2 (the
+    official 112 for 224). Labels: DAVIS instance ids (clip-wise) and semantic classes where known
+    (synthetic world: from the generator; else the DAVIS ids as given)."""
     import data
     backbone.eval()
     videos = data.DAVIS(davis_root, split="val")
-    clip_scores, all_feats, all_truth = [], [], []
+    clips = []  # (features (T, h, w, D), instance masks, semantic masks) at size
     for item in videos:
         frames, masks = item["frames"], item["masks"]
         semantic = synthetic_classes(world_root, item["name"])[masks] if world_root else masks
         feats = clip_features(backbone, frames, size, device)
-        masks = F.interpolate(masks[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
-        semantic = F.interpolate(semantic[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
+        # nearest-exact: PIL's NEAREST, which TimeT's loader resizes the annotations with
+        resize = lambda m: F.interpolate(m[:, None].float(), size=(size, size), mode="nearest-exact")[:, 0].long()  # noqa: E731
+        masks, semantic = resize(masks), resize(semantic)
         for s in range(0, len(frames) - clip_frames + 1, clip_frames):
-            f, m = feats[s:s + clip_frames], masks[s:s + clip_frames]
+            clips.append((feats[s:s + clip_frames], masks[s:s + clip_frames], semantic[s:s + clip_frames]))
+    batch_scores = []
+    for b in range(0, len(clips), pca_batch):
+        batch = clips[b:b + pca_batch]
+        flat = torch.cat([f.reshape(-1, f.shape[-1]) for f, _, _ in batch])
+        reduced = standardise_and_pca(flat, pca_dim).split([f[..., 0].numel() for f, _, _ in batch])
+        scores = []
+        for (f, m, _), x in zip(batch, reduced):
             ids = m[m != 255].unique()
+            if len(ids) < 2:
+                continue
             lut = torch.full((256,), 255, dtype=torch.long)
             lut[ids] = torch.arange(len(ids))
-            k = len(ids)
-            if k < 2:
-                continue
-            centroids = kmeans(F.normalize(f.reshape(-1, f.shape[-1]), dim=1), k)[1]
-            pred = pixel_clusters(F.normalize(f, dim=-1), centroids, size)
-            clip_scores.append(cluster_miou(pred, lut[m], k, k))
-            all_feats.append(f)
-            all_truth.append(semantic[s:s + clip_frames])
-    feats, truth = torch.cat(all_feats), torch.cat(all_truth)
+            pred = pixel_kmeans(x.view(*f.shape[:3], -1), len(ids), size)
+            scores.append(cluster_miou(pred, lut[m], len(ids), len(ids)))
+        if scores:
+            batch_scores.append(float(np.mean(scores)))
+    feats = torch.cat([f for f, _, _ in clips])
+    truth = torch.cat([t for _, _, t in clips])
+    truth = F.interpolate(truth[:, None].float(), size=(size // 2, size // 2), mode="nearest")[:, 0].long()
     num_classes = int(truth[truth != 255].max()) + 1
-    flat = F.normalize(feats.reshape(-1, feats.shape[-1]), dim=1)
-    sample = flat[torch.randperm(len(flat), generator=torch.Generator().manual_seed(0))[:20000]]
-    centroids = kmeans(sample, num_classes)[1]
-    pred = pixel_clusters(F.normalize(feats, dim=-1), centroids, size)
-    return {"video_kmeans/clip_wise_miou": float(np.mean(clip_scores)),
+    reduced = standardise_and_pca(feats.reshape(-1, feats.shape[-1]), pca_dim).view(*feats.shape[:3], -1)
+    pred = pixel_kmeans(reduced, num_classes, size // 2)
+    return {"video_kmeans/clip_wise_miou": float(np.mean(batch_scores)),
             "video_kmeans/dataset_wise_miou": cluster_miou(pred, truth, num_classes, num_classes)}
 
 
 # ====== Dataset-level runners (CLI and run_suite share them) ========================================
+# The protocol each benchmark runs, named in evaluate.py's JSON (official file: what is followed).
+PROTOCOLS = {
+    "knn": "DINO eval_knn.py: weighted k-NN on L2-normalised [CLS], k = 10/20/100/200, T = 0.07, top-1/top-5",
+    "linear": "DINO eval_linear.py's head and schedule (SGD 0.9, wd 0, cosine, lr x batch/256) on cached [CLS] of "
+              "the last 4 blocks; lr picked on a 10 % held-out split; no augmentation (ours)",
+    "seg-linear": "1x1-conv probe on frozen patch tokens (ours: AdamW + cosine, cached), logits upsampled "
+                  "bilinearly to the mask; mIoU over all classes (absent = 0, Leopart PredsmIoU), 255 ignored",
+    "seg-cluster": "Leopart sup_overcluster.py: standardise + PCA50, k-means as faiss (100 it, 5 restarts) with "
+                   "5 seeds averaged, nearest to 100x100; K = #classes Hungarian IoU, K = 100/300/500 "
+                   "many-to-one (precision); fg_k variant ours",
+    "propagate": "DINO eval_video_segmentation.py: cv2 INTER_LINEAR to short side 480 (long side floored to x64), "
+                 "std 0.228, T = 0.1, top-5, first + 7 previous frames, neighbourhood 12; J, F as the DAVIS toolkit",
+    "video-kmeans": "TimeT evaluation.py + clustering.py: standardise + PCA50, features upsampled bilinearly, k-means "
+                    "as faiss (50 it, 5 restarts, seed 1) on the pixels, Hungarian IoU (PredsmIoU); clip-wise at the "
+                    "input size, dataset-wise at half",
+}
+
+
 def _loader(dataset, batch_size, num_workers):
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
 
@@ -1055,7 +1402,7 @@ def classification(backbone, root, device, benches=("knn", "linear"), image_size
 
 
 def segmentation(backbone, root, device, benches=("seg-linear", "seg-cluster"), image_size=448, batch_size=16,
-                 num_workers=0, epochs=20, ks=(100, 300, 500), restarts=3) -> dict:
+                 num_workers=0, epochs=20, ks=(100, 300, 500), restarts=5, seeds=5) -> dict:
     """seg-linear (train -> val) and/or seg-cluster (val) on a VOC-layout root."""
     import data
     val = data.VOCSegmentation(root, "val", SegTransform(image_size))
@@ -1066,7 +1413,7 @@ def segmentation(backbone, root, device, benches=("seg-linear", "seg-cluster"), 
         train_x, train_y = extract(backbone, _loader(train, batch_size, num_workers), device, patch_tokens=True)
         out.update(seg_linear(train_x, train_y, val_x, val_y, val.num_classes, epochs=epochs, device=device))
     if "seg-cluster" in benches:
-        out.update(seg_cluster(val_x, val_y, val.num_classes, ks=ks, restarts=restarts, device=device))
+        out.update(seg_cluster(val_x, val_y, val.num_classes, ks=ks, restarts=restarts, seeds=seeds, device=device))
     return out
 
 
@@ -1088,7 +1435,7 @@ def run_suite(backbone, root, benches=("knn", "linear", "seg-linear", "seg-clust
             out.update(classification(backbone, os.path.join(root, "objects"), device, chosen, image_size, epochs=30))
         elif group == "seg":
             out.update(segmentation(backbone, os.path.join(root, "voc"), device, chosen, image_size, epochs=30,
-                                    restarts=1))
+                                    restarts=1, seeds=1))  # the demos' shortcut: 1 k-means run, not 5 x 5
         else:
             out.update(propagate(backbone, data.DAVIS(os.path.join(root, "davis")), device, out_dir,
                                  max_frames=24, short_side=2 * image_size, multiple=patch_size_of(backbone)))
@@ -1126,7 +1473,7 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--epochs", type=int, default=None, help="probe epochs (default: 100 linear, 20 seg-linear)")
-    p.add_argument("--restarts", type=int, default=3, help="seg-cluster: k-means restarts (best inertia kept)")
+    p.add_argument("--restarts", type=int, default=5, help="seg-cluster: k-means restarts (best kept; Leopart: 5)")
     p.add_argument("--episodes", type=int, default=100, help="icl episodes per (ways, shots)")
     p.add_argument("--task-induction", nargs="?", const="with", default="both", choices=["without", "with", "both"],
                    help="icl: 'Answer with a or b.' before the question; default: report without and with")
@@ -1159,10 +1506,11 @@ def main(args):
     elif args.bench == "propagate":
         results = propagate(backbone, data.DAVIS(args.data), device, args.output_dir, short_side=args.short_side)
     elif args.bench == "icl":  # the checkpoint's module turns it into a generate(images, texts) -> str
-        state = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-        module = importlib.import_module(state["method"])
+        state = data.load_checkpoint(args.ckpt, flag="--ckpt")
+        module = importlib.import_module(state["method"]) if "method" in state else None
         if not hasattr(module, "build_generator"):
-            raise ValueError(f"--ckpt {args.ckpt}: module {state['method']} has no build_generator(ckpt, device)")
+            raise data.CheckpointError(f"--ckpt {args.ckpt}: holds {data.describe_checkpoint(state)}; icl needs a "
+                                       "checkpoint of a method with a language model (secat.py)")
         folder = os.path.join(args.data, "val") if os.path.isdir(os.path.join(args.data, "val")) else args.data
         ti = {"without": False, "with": True, "both": (False, True)}[args.task_induction]
         results = run_icl(module.build_generator(state, device), folder, episodes=args.episodes, seed=args.seed,
@@ -1180,8 +1528,12 @@ def main(args):
         results = run_suite(backbone, args.data, device=device, image_size=size or 64, out_dir=args.output_dir)
     if args.bench != "suite":
         print_table(results, f"{args.bench}: {args.ckpt or ('random ' if args.random_init else '') + args.arch}")
+        results["protocol"] = PROTOCOLS.get(args.bench, "ours")
+    else:
+        results["protocol"] = {b: PROTOCOLS[b] for b in ("knn", "linear", "seg-linear", "seg-cluster", "propagate")}
     print(json.dumps(results))
 
 
 if __name__ == "__main__":
-    main(get_args())
+    import data
+    data.cli(main, get_args)

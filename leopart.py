@@ -22,8 +22,8 @@ Commands:
   torchrun --nproc_per_node=2 leopart.py --data /data/coco/train2017 --pretrained dino.pth
 
 Contents: args, the ViT (a copy of DINO's, as in every method file), head and wrapper,
-multi-crop with boxes, Sinkhorn-Knopp, foreground mask, loss, train(), evaluation (the
-paper's fully unsupervised segmentation is evaluate.unsupervised_segmentation), pictures.
+multi-crop with boxes, Sinkhorn-Knopp, foreground mask, loss, train(), evaluation (the paper's
+fully unsupervised segmentation and its picture are evaluate.unsupervised_segmentation_voc's).
 """
 import argparse
 import copy
@@ -41,13 +41,16 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
+import data
+
 METHOD = "leopart"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser("Leopart", description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=None, help="image folder (recursive) or videos / frame folders")
+    p.add_argument("--data", default=None, help="VOC-layout root (train split), image folder (recursive), or a "
+                   "video or folder of videos (one frame every --video-frame-step as an image)")
     p.add_argument("--output-dir", default="runs/leopart")
     p.add_argument("--arch", default="vit_small", choices=["vit_demo", "vit_tiny", "vit_small", "vit_base"])
     p.add_argument("--patch-size", type=int, default=16)
@@ -82,13 +85,15 @@ def get_args(argv=None):
     p.add_argument("--loss-mask", default="fg", choices=["fg", "all", "bg"])
     p.add_argument("--fg-mass", type=float, default=0.6, help="share of [CLS]-attention mass kept as foreground")
     p.add_argument("--blur-sigma", type=float, default=0.6)
-    p.add_argument("--eval-data", default=None, help="VOC-layout root: fully unsupervised segmentation + pictures after training")
+    p.add_argument("--eval-data", default=None, help="VOC-layout root: fully unsupervised segmentation + pictures after "
+                   "training (--demo: a root laid out like the synthetic world, with voc/; default: the synthetic world)")
     p.add_argument("--eval-size", type=int, default=448, help="validation image size (paper: 448)")
     p.add_argument("--k-fg", type=int, default=200, help="clusters for cluster-based foreground extraction")
     p.add_argument("--k-community", type=int, default=149, help="foreground clusters merged by community detection")
     p.add_argument("--video-frame-step", type=int, default=30, help="one training frame every N frames of a video")
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"])
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--demo", action="store_true", help="vit_demo, small crops, short schedule, synthetic world")
@@ -108,10 +113,9 @@ def get_args(argv=None):
         for k, v in d.items():
             if "--" + k.replace("_", "-") not in given:
                 setattr(args, k, v)
-        if args.data is None:
-            import data
-            args.synth_root = data.ensure_synth("runs/synth", seed=0)
-            args.data = args.eval_data = os.path.join(args.synth_root, "voc")  # trains on its train split
+        args.synth_root = data.demo_eval_root(args.eval_data, ["seg-cluster", "seg-linear"])  # or --eval-data, checked
+        args.eval_data = os.path.join(args.synth_root, "voc")
+        args.data = args.data or os.path.join(data.ensure_synth("runs/synth", seed=0), "voc")  # its train split
     if args.data is None:
         p.error("--data is required (or --demo for the synthetic world)")
     return args
@@ -361,22 +365,6 @@ class LeopartNet(nn.Module):
         return embs, scores, (attns if with_attention else None)
 
 
-def load_pretrained(backbone: nn.Module, path: str):
-    """Strict load of DINO weights (plain ViT state dict, or a full checkpoint: its teacher) or of
-    a checkpoint written by a method file of this repo (`backbone.` keys of teacher, else model)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if "method" in state or "teacher" in state or "model" in state:
-        state = state.get("teacher") or state["model"]
-    if any(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    if any(k.startswith("backbone.") for k in state):
-        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    try:
-        backbone.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise RuntimeError(f"--pretrained {path}: does not fit --arch/--patch-size ({str(e)[:300]})") from None
-
-
 # ---------------------------------------------------------------------------------------
 # Multi-crop with kept boxes (paper Sec. 3.2): every crop overlaps the global crops, and for each
 # (global crop g, crop v) pair we keep their shared region in g's pixels and in v's pixels.
@@ -596,44 +584,19 @@ def param_groups(model: LeopartNet, args):
     return groups
 
 
-class TrainImages(torch.utils.data.Dataset):
-    """Training images -> (crops, boxes) from LeopartCrops: a VOC-layout root (its train split; masks
-    unused), any image folder (recursive), or else frames of its videos (one every `frame_step`)."""
-
-    def __init__(self, root, transform, frame_step=30):
-        import data
-        self.transform, self.kind = transform, "images"
-        if os.path.exists(os.path.join(root, "ImageSets", "Segmentation", "train.txt")):
-            self.items, self.kind = data.VOCSegmentation(root, "train"), "voc"
-        else:
-            try:
-                self.items = data.UnlabelledImages(root)
-            except data.DataError:
-                self.items, self.kind = data.VideoClips(root, num_frames=1, step_between_clips=frame_step), "video"
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        item = self.items[i]
-        return self.transform(item if self.kind == "video" else item[0])
-
-
 def train(args):
-    import data
     from tqdm import tqdm
 
     d = data.init_distributed()
     args.amp = data.resolve_amp(args.amp, d.device)
     autocast = data.autocast(d.device, args.amp)
     data.seed_everything(args.seed, d.rank)
-    os.makedirs(args.output_dir, exist_ok=True)
-    log = data.JsonlLogger(os.path.join(args.output_dir, "log.jsonl"), d.is_main)
+    log, ckpt_path, ckpt = data.prepare_output_dir(args.output_dir, args.resume, args.overwrite, d.is_main, METHOD)
 
     backbone = init_backbone(args)  # first, right after seeding: main() rebuilds the same for "before"
     crops = LeopartCrops(args.global_crops_size, args.local_crops_size, args.global_crops_number,
                          args.local_crops_number, args.global_crops_scale, args.local_crops_scale, args.min_intersection)
-    dataset = TrainImages(args.data, crops, args.video_frame_step)
+    dataset = data.ImagesOrFrames(args.data, crops, args.video_frame_step)
     sampler = torch.utils.data.DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=args.seed,
                                                   drop_last=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_per_gpu, sampler=sampler,
@@ -661,17 +624,13 @@ def train(args):
     momentum_sched = data.cosine_schedule(args.momentum_teacher, 1.0, args.epochs, steps_per_epoch)
 
     start_epoch, step = 0, 0
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    if args.resume:
-        ckpt = data.load_checkpoint(ckpt_path)
+    if ckpt is not None:  # --resume
         model.load_state_dict(ckpt["model"])
         teacher.load_state_dict(ckpt["teacher"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         criterion.queue.copy_(ckpt["queue"][d.rank])
         start_epoch, step = ckpt["epoch"], ckpt["step"]
-        if d.is_main:
-            print(f"resumed from {ckpt_path} at epoch {start_epoch}")
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[d.device] if d.device.type == "cuda" else None) \
         if d.world_size > 1 else model
 
@@ -735,47 +694,8 @@ def train_step(student, teacher, criterion, optimizer, scaler, autocast, crops, 
 
 
 # ---------------------------------------------------------------------------------------
-# Evaluation and pictures
+# Evaluation (and its pictures) through evaluate.py
 # ---------------------------------------------------------------------------------------
-def load_segmentation(root, split, size):
-    """VOC-layout split -> images (N, 3, size, size) normalised, masks (N, size, size) int64 (255 = ignore)."""
-    import data
-    ds = data.VOCSegmentation(root, split)
-    images, masks = [], []
-    for i in range(len(ds)):
-        img, mask = ds[i]
-        images.append(TF.normalize(TF.resize(img, [size, size], antialias=True).float() / 255, IMAGENET_MEAN, IMAGENET_STD))
-        masks.append(TF.resize(mask[None], [size, size], interpolation=T.InterpolationMode.NEAREST)[0])
-    return torch.stack(images), torch.stack(masks), ds.num_classes
-
-
-def palette_image(ids, palette):  # (H, W) int -> uint8 (H, W, 3)
-    return palette[ids.clamp(0, len(palette) - 1).numpy()]
-
-
-@torch.no_grad()
-def save_cluster_maps(backbone, images, masks, unsup_maps, num_classes, kmeans, path, rows=8):
-    """Picture: per validation image, the image, k-means clusters of its patch tokens (K = number of
-    classes, fitted on all shown images), the fully unsupervised segmentation, the ground truth."""
-    from PIL import Image
-    import data
-    import evaluate
-    palette = np.array(data.voc_palette(), dtype=np.uint8).reshape(-1, 3)
-    images, masks, unsup_maps = images[:rows], masks[:rows], unsup_maps[:rows]
-    tokens, _ = evaluate.dense_features(backbone, images)
-    N, h, w, D = tokens.shape
-    clusters = kmeans(F.normalize(tokens.reshape(-1, D), dim=1), num_classes, 0).reshape(N, 1, h, w)
-    S = images.shape[-1]
-    clusters = F.interpolate(clusters.float(), size=(S, S), mode="nearest")[:, 0].long()
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    tiles = []
-    for i in range(N):
-        rgb = ((images[i] * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-        tiles.append(np.concatenate([rgb, palette_image(clusters[i] + 1, palette), palette_image(unsup_maps[i], palette),
-                                     palette_image(masks[i], palette)], axis=1))
-    Image.fromarray(np.concatenate(tiles, axis=0)).save(path)
-
-
 def evaluate_backbone(backbone, args, tag, pictures=False):
     """Demo/after-training evaluation: evaluate.run_suite's dense benchmarks (seg-cluster, seg-linear) on
     the synthetic world, and the paper's fully unsupervised segmentation (evaluate.py's, with this
@@ -788,17 +708,11 @@ def evaluate_backbone(backbone, args, tag, pictures=False):
         results.update(evaluate.run_suite(backbone, args.synth_root, ["seg-cluster", "seg-linear"], device,
                                           image_size=args.eval_size))
     if args.eval_data:
-        train_x, train_y, num_classes = load_segmentation(args.eval_data, "train", args.eval_size)
-        val_x, val_y, _ = load_segmentation(args.eval_data, "val", args.eval_size)
-        kmeans = lambda x, k, seed: evaluate.kmeans(x, k, seed=seed)[0]  # noqa: E731
         noisy_fg = lambda attn: foreground_mask(attn, 0.65, 0.6)  # noqa: E731  (the official CBFE's mass)
-        maps, scores = evaluate.unsupervised_segmentation(backbone, train_x, val_x, num_classes, noisy_fg, train_y,
-                                                          val_y, args.k_fg, args.k_community, seed=args.seed)
+        picture = os.path.join(args.output_dir, f"cluster_maps_{tag}.png") if pictures else None
+        scores = evaluate.unsupervised_segmentation_voc(backbone, args.eval_data, args.eval_size, noisy_fg, args.k_fg,
+                                                        args.k_community, args.seed, picture, f"Leopart, {tag} training")
         results.update({f"unsup/{k}": v for k, v in scores.items()})
-        if pictures:
-            path = os.path.join(args.output_dir, f"cluster_maps_{tag}.png")
-            save_cluster_maps(backbone, val_x, val_y, maps, num_classes, kmeans, path)
-            print(f"wrote {path}")
     return results
 
 
@@ -806,16 +720,16 @@ def init_backbone(args):
     """The network training starts from: --pretrained if given, else random (seeded by the caller)."""
     backbone = ARCHS[args.arch](args.patch_size, drop_path_rate=args.drop_path)
     if args.pretrained:
-        load_pretrained(backbone, args.pretrained)
+        data.load_pretrained(backbone, args.pretrained)
     return backbone
 
 
 def main(args):
-    import data
     if int(os.environ.get("RANK", 0)) != 0:  # other ranks only train
         train(args)
         return
     before = {}
+    data.check_output_dir(args.output_dir, args.resume, args.overwrite, METHOD)  # refuse before any work
     os.makedirs(args.output_dir, exist_ok=True)
     if args.demo:
         data.seed_everything(args.seed)
@@ -823,12 +737,14 @@ def main(args):
     _, teacher = train(args)
     after = evaluate_backbone(teacher.backbone, args, "after", pictures=True)
     start = "--pretrained " + args.pretrained if args.pretrained else "random initialisation (from scratch)"
-    print(f"\nLeopart {args.arch}/{args.patch_size}, {args.epochs} epochs, started from {start}")
+    print(f"\nLeopart {args.arch}/{args.patch_size}, {args.epochs} epochs, started from {start}, trained on "
+          f"{args.data}, evaluated on {args.synth_root or args.eval_data}")
     print(f"{'metric':>28s} {'before':>8s} {'after':>8s}")
     for k, v in after.items():
-        print(f"{k:>28s} {before.get(k, float('nan')):8.4f} {v:8.4f}")
-    print(__import__("json").dumps({"before": before, "after": after}))
+        print(f"{k:>28s} " + (v if isinstance(v, str) else f"{before.get(k, float('nan')):8.4f} {v:8.4f}"))
+    print(__import__("json").dumps({"before": before, "after": after, "train_data": args.data,
+                                    "eval_data": args.synth_root or args.eval_data}))
 
 
 if __name__ == "__main__":
-    main(get_args())
+    data.cli(main, get_args)

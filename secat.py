@@ -53,8 +53,10 @@ METHOD = "secat"
 # ====== Config. Paper-scale defaults (a ~1B pretrained LM, a DINO ViT-S/16); --demo overrides a few.
 def get_args(argv=None):
     p = argparse.ArgumentParser("SeCAt: self-context adaptation")
-    p.add_argument("--data", default=None, help="folder of unlabelled images (class folders, if any, are ignored)")
-    p.add_argument("--eval-data", default=None, help="ImageFolder of the icl benchmark (class folders: names or wnids)")
+    p.add_argument("--data", default=None, help="folder of unlabelled images (class folders, if any, are ignored), "
+                   "or a video or folder of videos (their frames as images)")
+    p.add_argument("--eval-data", default=None, help="ImageFolder of the icl benchmark (class folders: names or wnids; "
+                   "--demo: a root laid out like the synthetic world, whose objects/val is used; default: the synthetic world)")
     p.add_argument("--class-names", default=None, help="wnid -> name file (LOC_synset_mapping.txt or JSON) for --eval-data")
     p.add_argument("--frozen-episodes", nargs="+", default=[], help="folders of Frozen's released episodes (evaluate.py)")
     p.add_argument("--output-dir", default="runs/secat")
@@ -93,6 +95,7 @@ def get_args(argv=None):
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"], help="default: bf16 on capable GPUs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pth")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a checkpoint")
     p.add_argument("--log-every", type=int, default=20)
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
@@ -105,10 +108,8 @@ def get_args(argv=None):
         for k, v in demo.items():  # explicit flags win over the demo's settings
             if "--" + k.replace("_", "-") not in given:
                 setattr(args, k, v)
-        if args.data is None:
-            root = data.ensure_synth("runs/synth", seed=0)
-            args.data = os.path.join(root, "objects", "train")
-            args.eval_data = args.eval_data or os.path.join(root, "objects", "val")
+        args.eval_data = os.path.join(data.demo_eval_root(args.eval_data, ["objects"]), "objects", "val")
+        args.data = args.data or os.path.join(data.ensure_synth("runs/synth", seed=0), "objects", "train")
     if args.data is None:
         p.error("--data is required (or --demo to use the synthetic world)")
     args.pseudo_names = args.pseudo_names or ("nouns" if args.lm else "nonsense")
@@ -120,7 +121,7 @@ def refuse_toy_setup(args):
     """Full scale needs the paper's two pretrained parts (random ones train for hours and measure nothing)."""
     if not args.demo and (args.encoder is None or args.lm is None):
         missing = " and ".join(f for f, v in (("--encoder", args.encoder), ("--lm", args.lm)) if v is None)
-        raise SystemExit(f"error: secat.py: {missing} required outside --demo: pass --encoder <DINO weights or a repo "
+        raise data.DataError(f"secat.py: {missing} required outside --demo: pass --encoder <DINO weights or a repo "
                          "checkpoint> and --lm <GPT-2-family Hugging Face folder: config.json, model.safetensors, tokenizer>")
 
 
@@ -155,7 +156,7 @@ def load_encoder(args) -> nn.Module:
     if args.encoder is None:
         return build_backbone(vars(args))
     import evaluate
-    state = data.load_checkpoint(args.encoder)  # weights_only=True; a damaged file names itself
+    state = data.load_checkpoint(args.encoder, flag="--encoder")  # weights_only=True; a damaged file names itself
     if "method" in state:
         args.encoder_method, args.encoder_args = state["method"], state["args"]
     return evaluate.load_backbone(args.encoder, args.encoder_arch, args.patch_size)
@@ -313,7 +314,7 @@ def sample_episode(members, ways, shots, rng, vocabulary=None, cluster_names=Non
     answer=name, clusters=[cluster of each image], names={cluster: name})."""
     eligible = [c for c, m in enumerate(members) if len(m) >= shots + 1]
     if len(eligible) < ways:
-        raise ValueError(f"only {len(eligible)} clusters have {shots + 1}+ images; need {ways} (fewer --clusters?)")
+        raise data.DataError(f"only {len(eligible)} clusters have {shots + 1}+ images; need {ways} (fewer --clusters?)")
     chosen = [int(c) for c in rng.choice(eligible, ways, replace=False)]
     names = {c: cluster_names[c] for c in chosen} if cluster_names else dict(zip(chosen, pseudo_names(ways, rng, vocabulary)))
     query_cluster = chosen[rng.integers(ways)]
@@ -470,10 +471,10 @@ def gpt2_to_ours(hf_state: dict) -> dict:
 def load_lm(folder) -> GPT:
     """A GPT-2-family LM from a Hugging Face folder (data.read_hf_folder); shapes come from the
     weights, the number of heads from config.json (n_head; else GPT-2's 64-wide heads)."""
-    hf, config = data.read_hf_folder(folder)
+    hf, config = data.read_hf_folder(folder, flag="--lm")
     state = {k: v.float() for k, v in gpt2_to_ours(hf).items()}
     if "wte.weight" not in state:
-        raise data.DataError(f"{folder}: not a GPT-2-family state dict (no wte.weight); see the README for supported LMs")
+        raise data.DataError(f"--lm {folder}: not a GPT-2-family state dict (no wte.weight); see the README for supported LMs")
     vocab, dim = state["wte.weight"].shape
     layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("h."))
     lm = GPT(vocab, state["wpe.weight"].shape[0], dim, layers, config.get("n_head", dim // 64))
@@ -581,12 +582,13 @@ def build_generator(ckpt: dict, device="cpu"):
 
 # ====== Training. The encoder is frozen, so its features are computed once and cached; a step
 # builds the global batch of episodes, takes this rank's share and updates mapper + LM.
-def build_model(args, encoder):
-    """(model, tokenizer): a pretrained GPT-2-family LM and its own BPE from the --lm folder, else a GPT
-    of --lm-dim/--lm-layers/--lm-heads from scratch with the byte tokenizer (258 ids)."""
+def build_model(args, encoder, lm=None):
+    """(model, tokenizer): a pretrained GPT-2-family LM and its own BPE from the --lm folder (`lm` if already
+    loaded), else a GPT of --lm-dim/--lm-layers/--lm-heads from scratch with the byte tokenizer (258 ids)."""
     tok = load_tokenizer(args.lm)
-    lm = load_lm(args.lm) if args.lm else GPT(tok.vocab_size, args.context, args.lm_dim, args.lm_layers, args.lm_heads,
-                                              rope=args.lm_positions == "rope")
+    if lm is None:
+        lm = load_lm(args.lm) if args.lm else GPT(tok.vocab_size, args.context, args.lm_dim, args.lm_layers,
+                                                  args.lm_heads, rope=args.lm_positions == "rope")
     if tok.vocab_size > lm.wte.weight.shape[0]:
         raise data.DataError(f"{args.lm}: {tok.vocab_size} token ids for an LM with {lm.wte.weight.shape[0]}: not its tokenizer")
     return SeCAt(encoder, VisualMapper(feature_dim(encoder), lm.dim, args.prefix_tokens), lm), tok
@@ -616,10 +618,8 @@ def train(args, before=None):
     args.amp = data.resolve_amp(args.amp, d.device)
     autocast = data.autocast(d.device, args.amp)
     data.seed_everything(args.seed)  # not per rank: the same random encoder / LM init everywhere
-    os.makedirs(args.output_dir, exist_ok=True)
-    log = data.JsonlLogger(os.path.join(args.output_dir, "log.jsonl"), d.is_main)
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    ckpt = data.load_checkpoint(ckpt_path) if args.resume else None
+    log, ckpt_path, ckpt = data.prepare_output_dir(args.output_dir, args.resume, args.overwrite, d.is_main, METHOD)
+    lm = load_lm(args.lm) if args.lm else None  # a wrong --lm fails before the features are extracted
 
     # the frozen encoder and its features of the unlabelled pool (class folders are ignored)
     t0 = time.time()
@@ -642,7 +642,7 @@ def train(args, before=None):
         print(f"{len(pool)} images -> {args.clusters} clusters (k-means; sizes {sizes[0]}..{sizes[-1]}) "
               f"in {time.time() - t0:.1f}s")
 
-    model, tok = build_model(args, encoder)
+    model, tok = build_model(args, encoder, lm)
     model = model.to(d.device)
     args.cluster_names = None
     if args.pseudo_names == "nouns":  # fixed names, matched once; kept in args, so saved with the checkpoint
@@ -661,8 +661,6 @@ def train(args, before=None):
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step = ckpt["epoch"], ckpt["step"]
-        if d.is_main:
-            print(f"resumed from {ckpt_path} at epoch {start_epoch}")
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[d.device] if d.device.type == "cuda" else None) \
         if d.world_size > 1 else model
     global_batch = args.batch_size_per_gpu * d.world_size
@@ -747,17 +745,19 @@ def main(args):
     results.update(before)
     results.update(evaluate.run_icl(generate, args.eval_data, args.eval_ways, args.eval_shots, args.eval_episodes,
                                     args.seed, args.class_names, (False, True), args.eval_repeats, args.frozen_episodes))
-    print(f"icl ({args.eval_episodes} episodes each, {time.time() - t0:.0f}s)")
+    print(f"icl on {args.eval_data} ({args.eval_episodes} episodes each, {time.time() - t0:.0f}s)")
     if args.eval_data:
         answer, truth = evaluate.icl_picture(generate, data.ImageFolder(args.eval_data),
                                              os.path.join(args.output_dir, "episode.png"), seed=args.seed)
         print(f"picture: {args.output_dir}/episode.png (answer {answer!r}, truth {truth!r})")
+    results.update(train_data=args.data, eval_data=args.eval_data)  # selfcontext on the pool, the rest on eval_data
     evaluate.print_table(results, "accuracy in %: selfcontext = held-out pool episodes; features = the frozen encoder's "
                          "nearest-neighbour ceiling; before = just before self-context training; real/open = evaluate.icl "
                          "with real names / Frozen's nonsense words (_induction: task induction; _in_context: a context name)")
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":
-    main(get_args())
+    data.cli(main, get_args)

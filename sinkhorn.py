@@ -49,8 +49,10 @@ METHOD = "sinkhorn"
 # ----------------------------------------------------------------------------------------
 def get_args(argv=None):
     p = argparse.ArgumentParser("SeLa: self-labelling with Sinkhorn-Knopp", add_help=True)
-    p.add_argument("--data", default=None, help="image folder (ImageFolder with train/, or any folder of images)")
-    p.add_argument("--eval-data", default=None, help="ImageFolder with train/ and val/ for k-NN/linear after training")
+    p.add_argument("--data", default=None, help="image folder (ImageFolder with train/, or any folder of images), "
+                   "or a video or folder of videos (their frames as images)")
+    p.add_argument("--eval-data", default=None, help="ImageFolder with train/ and val/ for k-NN/linear after training "
+                   "(--demo: a root laid out like the synthetic world, with objects/; default: the synthetic world)")
     p.add_argument("--output-dir", default="runs/sinkhorn")
     p.add_argument("--demo", action="store_true", help="small ViT and short schedule on the synthetic world (CPU, minutes)")
     p.add_argument("--arch", default="alexnet", choices=["alexnet", "resnet18", "resnet50", "convnet_demo", "vit_demo", "vit_small", "vit_base"])
@@ -74,6 +76,7 @@ def get_args(argv=None):
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"], help="default: bf16 on capable GPUs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pth")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a checkpoint")
     p.add_argument("--log-every", type=int, default=20, help="steps between JSON log lines")
     args = p.parse_args(argv)
     if args.demo:  # a small conv net on 64-px crops of the synthetic objects, the official CIFAR
@@ -87,10 +90,8 @@ def get_args(argv=None):
         for k, v in demo.items():  # explicit flags win over the demo's settings
             if "--" + k.replace("_", "-") not in given:
                 setattr(args, k, v)
-        if args.data is None:
-            root = data.ensure_synth("runs/synth", seed=0)
-            args.data = os.path.join(root, "objects", "train")
-            args.eval_data = args.eval_data or os.path.join(root, "objects")
+        args.eval_data = os.path.join(data.demo_eval_root(args.eval_data, ["knn", "linear"]), "objects")
+        args.data = args.data or os.path.join(data.ensure_synth("runs/synth", seed=0), "objects", "train")
     args.optimizer = args.optimizer or ("adamw" if args.arch.startswith("vit") else "sgd")
     args.lr = args.lr if args.lr is not None else (0.05 if args.optimizer == "sgd" else 5e-4)
     if args.data is None:
@@ -425,8 +426,7 @@ def train(args):
     args.amp = data.resolve_amp(args.amp, d.device)
     autocast = data.autocast(d.device, args.amp)
     data.seed_everything(args.seed, d.rank)
-    os.makedirs(args.output_dir, exist_ok=True)
-    log = data.JsonlLogger(os.path.join(args.output_dir, "log.jsonl"), d.is_main)
+    log, ckpt_path, ckpt = data.prepare_output_dir(args.output_dir, args.resume, args.overwrite, d.is_main, METHOD)
 
     dataset = Indexed(make_dataset(args.data, train_transform(args.image_size, args.crop_scale)))
     if args.num_clusters is None:  # demo: K = 3 x the classes when the folder has them (paper: 3000 for 1000)
@@ -447,15 +447,11 @@ def train(args):
     updates = label_update_steps(args.num_label_updates, args.epochs, steps_per_epoch)
     labels, start_epoch, step = None, 0, 0
 
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    if args.resume:
-        ckpt = data.load_checkpoint(ckpt_path)
+    if ckpt is not None:  # --resume
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         labels, start_epoch, step = ckpt["labels"].to(d.device), ckpt["epoch"], ckpt["step"]
-        if d.is_main:
-            print(f"resumed from {ckpt_path} at epoch {start_epoch}")
     if labels is None:  # start from a random balanced labelling (as the official code)
         g = torch.Generator().manual_seed(args.seed)
         labels = torch.stack([torch.arange(len(dataset))[torch.randperm(len(dataset), generator=g)] % args.num_clusters
@@ -540,19 +536,20 @@ def cluster_quality(model, root, size, device, lam=25.0):
 @torch.no_grad()
 def save_cluster_grid(model, root, size, path, clusters=8, per_cluster=8):
     """A picture: rows = the clusters of head 0 with the most images, columns = members."""
-    from PIL import Image
     ds = make_dataset(root, eval_transform(size))
     raw = make_dataset(root, T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size)]))
     model.eval()
     assign = torch.cat([model(x)[0].argmax(1) for x, _ in torch.utils.data.DataLoader(ds, batch_size=128)])
-    top = torch.bincount(assign, minlength=model.heads[0].out_features).argsort(descending=True)[:clusters]
-    sheet = torch.full((3, len(top) * size, per_cluster * size), 255, dtype=torch.uint8)
-    for r, k in enumerate(top):
+    counts = torch.bincount(assign, minlength=model.heads[0].out_features)
+    top = counts.argsort(descending=True)[:clusters]
+    rows = []
+    for k in top:
         members = (assign == k).nonzero().flatten()  # a random sample: folders are sorted by class
         members = members[torch.randperm(len(members), generator=torch.Generator().manual_seed(0))]
-        for c, i in enumerate(members[:per_cluster].tolist()):
-            sheet[:, r * size:(r + 1) * size, c * size:(c + 1) * size] = raw[i][0]
-    Image.fromarray(sheet.permute(1, 2, 0).numpy()).save(path)
+        rows.append([raw[i][0] for i in members[:per_cluster].tolist()])
+    names = [f"cluster {k}\n{counts[k]} image{'s' * (counts[k] != 1)}" for k in top.tolist()]
+    data.labelled_grid(rows, path, f"SeLa: the {len(top)} largest clusters of head 0 (rows), up to {per_cluster} "
+                       "random images of each (columns)", names)
 
 
 def main(args):
@@ -571,9 +568,10 @@ def main(args):
                                                image_size=args.image_size, epochs=30 if args.demo else 100))
         results.update({f"{name}/{k}": v for k, v in res.items()})
     save_cluster_grid(model, args.data, args.image_size, os.path.join(args.output_dir, "clusters.png"))
-    evaluate.print_table(results, title=f"SeLa ({args.arch}) vs. the same network at initialisation")
-    print(json.dumps(results))
+    evaluate.print_table(results, title=f"SeLa ({args.arch}) vs. the same network at initialisation; clusters (nmi, acc) "
+                         f"on --data {args.data} if it has classes, k-NN and linear probe on {args.eval_data}")
+    print(json.dumps({**results, "train_data": args.data, "eval_data": args.eval_data}))
 
 
 if __name__ == "__main__":
-    main(get_args())
+    data.cli(main, get_args)

@@ -6,15 +6,16 @@ Image Representations", ICCV 2023, https://arxiv.org/abs/2308.11796
 
 The idea. An image model (DINO) gives patch features that segment single images well but
 flicker over the frames of a video. TimeT fine-tunes it on unlabelled videos so that patches
-cluster consistently in space *and time*. For a short clip (4 frames, 3 apart, one shared
-crop): an EMA teacher scores the first frame's patch tokens against 200 prototypes and
-Sinkhorn-Knopp turns the scores into balanced cluster assignments. The Feature-Forwarder then
-carries those assignments through the clip to the last frame by label propagation on the
-backbone's own patch features (each patch copies the labels of its 5 most similar patches in
-a 6-patch neighbourhood of the first and previous frames), so the last frame gets a cluster
-map that has *followed the motion*. The student must predict that map from the last frame
-alone: cross-entropy of its prototype scores (temperature 0.1) against the map's argmax.
-Only the last two ViT blocks, a projection head and the prototypes are trained.
+cluster consistently in space *and time*. For a short clip (4 sorted random frames of a
+video, one shared crop): a momentum teacher scores the first frame's patch tokens against
+200 prototypes and Sinkhorn-Knopp turns the scores into balanced cluster assignments. The
+Feature-Forwarder then carries those assignments through the clip to the last frame by label
+propagation on the backbone's own patch features (each patch copies the labels of its 5 most
+similar patches in a 6-patch neighbourhood of the first and previous frames), so the last
+frame gets a cluster map that has *followed the motion*. The student must predict that map
+from the last frame alone: cross-entropy of its prototype scores (temperature 0.1) against
+the map's argmax. Only the last two ViT blocks, a projection head and the prototypes are
+trained.
 
 Commands:
   python timetuning.py --demo                                   # vit_demo, synthetic videos, ~3 min CPU
@@ -24,12 +25,13 @@ Commands:
       --pretrained dino_deitsmall16_pretrain.pth --batch-size-per-gpu 32
   python timetuning.py --data DIR --resume                      # continue <output-dir>/checkpoint.pth
 
-Official-code facts that differ from a plain reading (time_tuning.py): the training call
-leaves get_loss at its default of 10 Sinkhorn iterations and 7 context frames (the CLI's 3
-and 6 are never passed; we default to 3 and 7); clips are 4 sorted random frames of a
-video (`regular_step` only acts in another sampling mode; we take frames 3 apart as the
-paper); the EMA multiplies the wrong way round (see `ema_update`); colour jitter is drawn
-once per clip (we draw it per frame).
+Official-code facts that differ from a plain reading (time_tuning.py), followed here: the
+training call leaves get_loss at its default of 10 Sinkhorn iterations and 7 context frames
+(the CLI's 3 and 6 are never passed); clips are 4 sorted random frames of the whole video
+(data_loader.py; `regular_step` only acts in another sampling mode: --frame-step); the
+teacher update swaps m and 1 - m (see `ema_update`; --paper-ema); photometric noise is drawn
+once per clip on source-resolution frames, and only one of the four jitter adjustments acts
+(see `ClipAugmentation`).
 
 Contents: args; the ViT (a copy of DINO's, as in every method file); projection head and
 prototypes; pretrained loading; the clip augmentation; Sinkhorn-Knopp; the Feature-Forwarder;
@@ -55,7 +57,7 @@ from tqdm import tqdm
 import data
 
 METHOD = "timetuning"
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.228, 0.224, 0.225)  # official ClipToTensor: 0.228 (sic)
 
 
 # ----------------------------------------------------------------------------------------
@@ -75,51 +77,56 @@ def get_args(argv=None):
     p.add_argument("--clips-per-video", type=int, default=1, help="random clips drawn from each video per epoch (official: 1)")
     p.add_argument("--num-workers", type=int, default=8)
     p.add_argument("--num-frames", type=int, default=4, help="frames per clip")
-    p.add_argument("--frame-step", type=int, default=3, help="frames between consecutive clip frames")
+    p.add_argument("--frame-step", type=int, default=None,
+                   help="default: sorted random frames of the whole video (official); N: frames N apart (the paper's wording)")
     p.add_argument("--image-size", type=int, default=224, help="side of the clip crop")
     p.add_argument("--crop-scale", type=float, nargs=2, default=(0.4, 1.0), help="area range of the clip's RandomResizedCrop")
     p.add_argument("--lr-heads", type=float, default=1e-4, help="head and prototypes; cosine to 0")
     p.add_argument("--lr-backbone", type=float, default=1e-5, help="the trained ViT blocks; cosine to 0")
     p.add_argument("--weight-decay", type=float, default=0.04)
     p.add_argument("--weight-decay-end", type=float, default=0.4)
-    p.add_argument("--momentum-teacher", type=float, default=0.995, help="EMA decay, cosine to 1")
+    p.add_argument("--momentum-teacher", type=float, default=0.995, help="teacher momentum m, cosine to 1 (see ema_update)")
+    p.add_argument("--paper-ema", action="store_true", help="the paper's EMA teacher <- m*teacher + (1-m)*student "
+                   "instead of the official (1-m)*teacher + m*student")
     p.add_argument("--proj-dims", type=int, nargs="+", default=[1024, 1024, 512, 256], help="projection head widths")
     p.add_argument("--num-prototypes", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.1, help="student softmax temperature")
     p.add_argument("--epsilon", type=float, default=0.05, help="Sinkhorn-Knopp entropy weight ε")
-    p.add_argument("--sinkhorn-iters", type=int, default=3)
+    p.add_argument("--sinkhorn-iters", type=int, default=10, help="official: get_loss's default 10 (the CLI's 3 never reaches it)")
     p.add_argument("--topk", type=int, default=5, help="Feature-Forwarder: source patches per target patch")
     p.add_argument("--neighborhood", type=int, default=6, help="Feature-Forwarder: radius in patches of the local window")
     p.add_argument("--context-frames", type=int, default=7, help="Feature-Forwarder: previous frames kept besides the first")
     p.add_argument("--prop-temperature", type=float, default=0.1, help="Feature-Forwarder: affinity temperature")
     p.add_argument("--eval-size", type=int, default=None, help="short side of frames for evaluation (default: --image-size)")
-    p.add_argument("--eval-data", default=None, help="synthetic-world-style root (davis/, voc/) to evaluate on after training")
+    p.add_argument("--eval-data", default=None, help="synthetic-world-style root (davis/, voc/) to evaluate on after "
+                   "training (--demo: default the synthetic world)")
     p.add_argument("--eval-benches", nargs="*", default=["propagate", "seg-cluster", "seg-linear"],
                    help="evaluate.run_suite benchmarks after the video k-means")
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"], help="default: bf16 on capable GPUs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pth")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a checkpoint")
     p.add_argument("--log-every", type=int, default=10, help="steps between JSON log lines")
     p.add_argument("--no-eval", action="store_true", help="skip evaluation after training")
     args = p.parse_args(argv)
     if args.demo:  # vit_demo on 64-px clips of the synthetic walking tours: minutes on 2 CPU cores
         # From scratch (no --pretrained) there is no DINO to preserve: all blocks train, at the
         # heads' pace x3 (lr 1e-3 / 3e-4 instead of 1e-4 / 1e-5 for 150 instead of ~2700
-        # steps), and the EMA horizon shrinks with the schedule (1 - 0.995 -> x18 shorter).
+        # steps), and --paper-ema's horizon shrinks with the schedule (1 - 0.995 -> x18 shorter).
         given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
         demo = dict(arch="vit_demo", patch_size=8, image_size=64, train_blocks=-1, epochs=6, batch_size_per_gpu=16,
                     clips_per_video=100, num_workers=2, proj_dims=[384, 384, 128], num_prototypes=50, log_every=5,
-                    lr_heads=1e-3, lr_backbone=3e-4, momentum_teacher=0.91, eval_benches=["propagate", "seg-cluster"])
+                    lr_heads=1e-3, lr_backbone=3e-4, momentum_teacher=0.91 if args.paper_ema else 0.995,
+                    eval_benches=["propagate", "seg-cluster"])
         for k, v in demo.items():  # explicit flags win over the demo's settings
             if "--" + k.replace("_", "-") not in given:
                 setattr(args, k, v)
-        if args.data is None:
-            root = data.ensure_synth("runs/synth", seed=0)
-            args.data = os.path.join(root, "videos")
-            args.eval_data = args.eval_data or root
+        if not args.no_eval:  # the synthetic world, or --eval-data after checking its layout
+            args.eval_data = data.demo_eval_root(args.eval_data, ["davis", *args.eval_benches])
+        args.data = args.data or os.path.join(data.ensure_synth("runs/synth", seed=0), "videos")
     if args.data is None:
         p.error("--data is required (or --demo to use the synthetic world)")
-    stored = read_pretrained(args.pretrained)[1] if args.pretrained else None
+    stored = data.read_pretrained(args.pretrained)[1] if args.pretrained else None
     if stored and (stored["arch"], stored.get("patch_size", 16)) != (args.arch, args.patch_size):
         args.arch, args.patch_size = stored["arch"], stored.get("patch_size", 16)  # demo chaining
         print(f"--pretrained {args.pretrained}: using its architecture {args.arch}/{args.patch_size}")
@@ -346,85 +353,80 @@ def freeze_backbone(backbone: VisionTransformer, train_blocks: int):
         param.requires_grad = name.startswith("blocks.") and int(name.split(".")[1]) >= first
 
 
-def read_pretrained(path: str):
-    """-> (ViT state_dict, stored args or None). Takes DINO's released weights (plain), a full
-    DINO checkpoint (teacher/student with `module.backbone.` keys) or a repo checkpoint."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    stored_args = None
-    if isinstance(ckpt, dict) and "method" in ckpt:  # one of this repo's method files
-        stored_args = ckpt.get("args")
-        ckpt = ckpt.get("teacher") or ckpt["model"]
-    elif isinstance(ckpt, dict) and "teacher" in ckpt and isinstance(ckpt["teacher"], dict):
-        ckpt = ckpt["teacher"]
-    ckpt = {k.removeprefix("module."): v for k, v in ckpt.items()}
-    if any(k.startswith("backbone.") for k in ckpt):  # a wrapper: keep the ViT, drop heads/prototypes
-        state = {k.removeprefix("backbone."): v for k, v in ckpt.items() if k.startswith("backbone.")}
-    else:  # DINO's released weights: the ViT alone
-        state = {k: v for k, v in ckpt.items() if not k.startswith("head.")}
-    if not state:
-        raise SystemExit(f"--pretrained {path}: no ViT weights found (expected DINO keys or `backbone.` keys)")
-    return state, stored_args
-
-
 def load_pretrained(backbone: VisionTransformer, path: str):
-    state, _ = read_pretrained(path)
-    try:
-        backbone.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise SystemExit(f"--pretrained {path}: does not fit --arch/--patch-size ({str(e).splitlines()[0]})")
+    """Strict: DINO's released weights (plain), a full DINO checkpoint (teacher/student with
+    `module.backbone.` keys) or a repo checkpoint holding a ViT; data.py refuses anything else."""
+    data.load_pretrained(backbone, path)
 
 
 # ----------------------------------------------------------------------------------------
-# Clips: one crop and flip for all frames (so patches correspond across time up to the
-# motion), photometric jitter drawn per frame. Official strengths: jitter (0.8, 0.8, 0.8,
-# 0.2) with p 0.8, grayscale p 0.2, blur p 0.5 with σ in [0.1, 2].
-# (The official video_transformations draw the jitter once per clip; we follow the paper's
-# per-frame wording, which asks the features to ignore colour changes between frames.)
+# Clips as the official training pipeline (time_tuning.py, `frame_transform` then
+# `video_transform`): photometric noise on the source-resolution frames, drawn once per clip
+# (jitter (0.8, 0.8, 0.8, 0.2) p 0.8, grayscale p 0.2, blur p 0.5 with σ in [0.1, 2] px per
+# frame), then Resize(short side 224), one crop and flip for all frames (so patches correspond
+# across time up to the motion), normalised with the official std 0.228 (sic, not 0.229).
 # ----------------------------------------------------------------------------------------
 class ClipAugmentation:
-    """uint8 clip (T, 3, H, W) -> normalised float clip (T, 3, size, size)."""
+    """uint8 clip (T, 3, H, W) at source resolution -> normalised float clip (T, 3, size, size)."""
 
     def __init__(self, size=224, scale=(0.4, 1.0), jitter_p=0.8, gray_p=0.2, blur_p=0.5):
         self.size, self.scale = size, tuple(scale)
-        self.jitter = T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=jitter_p) if jitter_p > 0 else None
-        self.gray_p, self.blur_p = gray_p, blur_p
+        self.jitter_p, self.gray_p, self.blur_p = jitter_p, gray_p, blur_p
 
     def __call__(self, clip):
+        if random.random() < self.jitter_p:  # official video_transformations.ColorJitter(per_frame=False)
+            b, c, s = (random.uniform(0.2, 1.8) for _ in range(3))  # official draw order: b, c, s, hue
+            h = random.uniform(-0.2, 0.2)
+            ops = [(TF.adjust_brightness, b), (TF.adjust_saturation, s), (TF.adjust_hue, h), (TF.adjust_contrast, c)]
+            random.shuffle(ops)
+            op, factor = ops[-1]  # official quirk (`jittered_img = func(img)` on the original frame): only the last acts
+            clip = op(clip, factor)
+        if torch.rand(()) < self.gray_p:  # official RandomGrayscale(per_frame=False) draws from torch
+            clip = TF.rgb_to_grayscale(clip, num_output_channels=3)
+        if random.random() < self.blur_p:  # official RandomGaussianBlur: once per clip, PIL radius (= σ) per frame
+            sigmas = [random.uniform(0.1, 2.0) for _ in clip]
+            clip = torch.stack([TF.gaussian_blur(f, 2 * math.ceil(3 * s) + 1, s) for f, s in zip(clip, sigmas)])
+        clip = TF.resize(clip, self.size, antialias=True)  # official Resize(224): PIL bilinear of the short side
         i, j, h, w = T.RandomResizedCrop.get_params(clip[0], self.scale, (3 / 4, 4 / 3))  # one box for all frames
         clip = TF.resized_crop(clip, i, j, h, w, [self.size, self.size], antialias=True)
         if random.random() < 0.5:
             clip = TF.horizontal_flip(clip)
-        frames = []
-        for frame in clip:  # per-frame photometric noise
-            if self.jitter is not None:
-                frame = self.jitter(frame)
-            if random.random() < self.gray_p:
-                frame = TF.rgb_to_grayscale(frame, num_output_channels=3)
-            if random.random() < self.blur_p:
-                sigma = random.uniform(0.1, 2.0)
-                frame = TF.gaussian_blur(frame, 2 * math.ceil(3 * sigma) + 1, sigma)
-            frames.append(frame)
-        clip = TF.to_dtype(torch.stack(frames), torch.float32, scale=True)
+        clip = TF.to_dtype(clip, torch.float32, scale=True)
         return TF.normalize(clip, IMAGENET_MEAN, IMAGENET_STD)
 
 
-class RandomClipPerVideo(torch.utils.data.Dataset):
-    """Official sampling: an epoch visits every video `clips_per_video` times, each time at a
-    random start. Wraps data.VideoClips (one item per clip start)."""
+def sample_frame_indices(video_frames: int, num_frames: int = 4, step=None, rng=random) -> list:
+    """Official data_loader.py (VideoDataset.generate_indices, the UNIFORM mode training uses):
+    num_frames distinct frames drawn uniformly from the whole video, sorted (with repeats when
+    the video is shorter). step: the official Regular mode, frames `step` apart (fewer if the
+    video is short) from a random start, as the paper's prose describes."""
+    if step and video_frames >= num_frames:
+        step = min(step, video_frames // num_frames)
+        start = rng.randint(0, video_frames - num_frames * step)
+        return list(range(start, start + num_frames * step, step))
+    if video_frames < num_frames:
+        return sorted(rng.choices(range(video_frames), k=num_frames))
+    return sorted(rng.sample(range(video_frames), num_frames))
 
-    def __init__(self, clips: "data.VideoClips", clips_per_video: int = 1):
-        self.clips, self.clips_per_video = clips, clips_per_video
-        by_video = {}
-        for i in range(len(clips)):
-            by_video.setdefault(clips.clip_index(i)[0], []).append(i)
-        self.videos = [by_video[v] for v in sorted(by_video)]
+
+class RandomClipPerVideo(torch.utils.data.Dataset):
+    """Official sampling: an epoch visits every video `clips_per_video` times, each time reading
+    the frames sample_frame_indices picks. `videos`: data.VideoClips with one item per video
+    (num_frames=1, a huge step_between_clips); a video file decodes from the first pick to the last."""
+
+    def __init__(self, videos: "data.VideoClips", num_frames=4, frame_step=None, clips_per_video=1):
+        self.videos, self.num_frames, self.frame_step, self.clips_per_video = videos, num_frames, frame_step, clips_per_video
 
     def __len__(self):
         return len(self.videos) * self.clips_per_video
 
+    def _load(self, v):
+        indices = sample_frame_indices(self.videos.infos[v].num_frames, self.num_frames, self.frame_step)
+        return data.read_frames(self.videos.videos[v], indices, self.videos.short_side)
+
     def __getitem__(self, i):
-        starts = self.videos[i % len(self.videos)]
-        return self.clips[starts[torch.randint(len(starts), ()).item()]]
+        frames = self.videos._robust(i % len(self.videos), self._load)  # an unreadable video: the next one
+        return self.videos.transform(frames) if self.videos.transform else frames
 
 
 # ----------------------------------------------------------------------------------------
@@ -432,7 +434,7 @@ class RandomClipPerVideo(torch.utils.data.Dataset):
 # Under DDP the batch is every rank's patches; only sums and the max cross ranks.
 # ----------------------------------------------------------------------------------------
 @torch.no_grad()
-def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
+def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 10) -> torch.Tensor:
     """scores: (M, K) patch-prototype cosines -> Q: (M, K), rows sum to 1, and over all ranks
     each prototype receives ~M_total/K patches. Q = diag(u) exp(scores/ε) diag(v)."""
     distributed = dist.is_available() and dist.is_initialized()
@@ -521,12 +523,14 @@ def timet_step(student, teacher: TimeTNet, clips: torch.Tensor, args, autocast):
 
 
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float):
-    """teacher <- m·teacher + (1-m)·student, prototypes re-normalised after. (The official
-    update multiplies the other way round, leaving the teacher ~0.5 % behind the student; we
-    use the standard EMA that the paper describes.)"""
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float, paper_ema: bool = False):
+    """Official (time_tuning.py, TimeT.update_momentum_teacher): teacher <- (1-m)·teacher + m·student,
+    so with m 0.995 -> 1 the teacher is the student up to 0.5 % of its last step. paper_ema: the
+    EMA teacher <- m·teacher + (1-m)·student. Prototypes re-normalised after (both)."""
+    # the paper's prose describes an EMA; the official code swaps m and 1 - m
+    keep, take = (momentum, 1 - momentum) if paper_ema else (1 - momentum, momentum)
     for t, s in zip(teacher.parameters(), student.parameters()):
-        t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
+        t.mul_(keep).add_(s.detach(), alpha=take)
     teacher.head.normalize_prototypes()
 
 
@@ -547,8 +551,7 @@ def train(args):
     args.amp = data.resolve_amp(args.amp, d.device)
     autocast = data.autocast(d.device, args.amp)
     data.seed_everything(args.seed, 0)  # the same initial weights on every rank (teacher included)
-    os.makedirs(args.output_dir, exist_ok=True)
-    log = data.JsonlLogger(os.path.join(args.output_dir, "log.jsonl"), d.is_main)
+    log, ckpt_path, ckpt = data.prepare_output_dir(args.output_dir, args.resume, args.overwrite, d.is_main, METHOD)
 
     student = build_model(args)
     if args.pretrained:
@@ -557,10 +560,10 @@ def train(args):
     student.to(d.device)
     teacher = copy.deepcopy(student).requires_grad_(False)
 
-    clips = data.VideoClips(args.data, num_frames=args.num_frames, stride=args.frame_step, step_between_clips=1,
-                            short_side=args.image_size,  # official: Resize(224), then the crop
-                            transform=ClipAugmentation(args.image_size, args.crop_scale))
-    dataset = RandomClipPerVideo(clips, args.clips_per_video)
+    videos = data.VideoClips(args.data, num_frames=1, step_between_clips=2 ** 62,  # one item per video
+                             short_side=None,  # official: noise at source resolution, then Resize(224)
+                             transform=ClipAugmentation(args.image_size, args.crop_scale))
+    dataset = RandomClipPerVideo(videos, args.num_frames, args.frame_step, args.clips_per_video)
     sampler = torch.utils.data.DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=args.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_per_gpu, sampler=sampler,
                                          num_workers=args.num_workers, drop_last=True, pin_memory=d.device.type == "cuda")
@@ -577,16 +580,12 @@ def train(args):
     momentum_schedule = data.cosine_schedule(args.momentum_teacher, 1.0, args.epochs, steps_per_epoch)
 
     start_epoch, step = 0, 0
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    if args.resume:
-        ckpt = data.load_checkpoint(ckpt_path)
+    if ckpt is not None:  # --resume
         student.load_state_dict(ckpt["model"])
         teacher.load_state_dict(ckpt["teacher"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step = ckpt["epoch"], ckpt["step"]
-        if d.is_main:
-            print(f"resumed from {ckpt_path} at epoch {start_epoch}")
     ddp = nn.parallel.DistributedDataParallel(student, device_ids=[d.device] if d.device.type == "cuda" else None) \
         if d.world_size > 1 else student
 
@@ -606,7 +605,7 @@ def train(args):
             scaler.step(optimizer)
             scaler.update()
             student.head.normalize_prototypes()
-            ema_update(teacher, student, float(momentum_schedule[step]))
+            ema_update(teacher, student, float(momentum_schedule[step]), args.paper_ema)
             step += 1
             clips_s = len(batch) * d.world_size * (bar.n + 1) / (time.time() - t0)
             bar.set_postfix(loss=f"{loss.item():.3f}", clips_s=f"{clips_s:.1f}")
@@ -631,14 +630,15 @@ def train(args):
 def save_cluster_pictures(backbone, davis_root: str, out_dir: str, size: int, device, k: int = 6,
                           num_videos: int = 2, columns: int = 8, tag: str = ""):
     """PNG grid (per video: a row of frames, a row of cluster maps) and one GIF per video."""
-    from PIL import Image
     import evaluate
     backbone.eval()
     colours = torch.tensor([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                             [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [128, 128, 128]],
                            dtype=torch.uint8)
     videos = data.DAVIS(davis_root, split="val")
-    rows = []
+    rows, names, picks = [], [], []
+    name = f"TimeT ({tag.strip('_') or 'trained'})"
+    title = f"{name}: k-means (k={k}) on all patch tokens of a video, one colour a cluster"
     for v in range(min(num_videos, len(videos))):
         item = videos[v]
         frames = TF.resize(item["frames"], [size, size], antialias=True)
@@ -647,12 +647,16 @@ def save_cluster_pictures(backbone, davis_root: str, out_dir: str, size: int, de
         centroids = evaluate.kmeans(sample[torch.randperm(len(sample), generator=torch.Generator().manual_seed(0))[:20000]], k)[1]
         clusters = evaluate.pixel_clusters(feats, centroids, size)
         overlay = (0.4 * frames.float() + 0.6 * rearrange(colours[clusters % len(colours)], "t h w c -> t c h w").float()).byte()
-        pick = torch.linspace(0, len(frames) - 1, columns).long()
-        rows += [torch.cat(list(frames[pick]), dim=2), torch.cat(list(overlay[pick]), dim=2)]
-        gif = [Image.fromarray(torch.cat([f, o], dim=2).permute(1, 2, 0).numpy()) for f, o in zip(frames, overlay)]
+        picks.append(torch.linspace(0, len(frames) - 1, columns).long().tolist())
+        rows += [list(frames[picks[-1]]), list(overlay[picks[-1]])]
+        names += [f"{item['name']}:\nframes", f"{item['name']}:\nclusters"]
+        gif = [data.labelled_grid([[f, o]], None, f"{name}, {item['name']}", col_names=[f"frame {t}", f"k-means, k={k}"])
+               for t, (f, o) in enumerate(zip(frames, overlay))]
         gif[0].save(os.path.join(out_dir, f"clusters{tag}_{item['name']}.gif"), save_all=True, append_images=gif[1:],
                     duration=80, loop=0)
-    Image.fromarray(torch.cat(rows, dim=1).permute(1, 2, 0).numpy()).save(os.path.join(out_dir, f"clusters{tag}.png"))
+    same = all(p == picks[0] for p in picks)
+    data.labelled_grid(rows, os.path.join(out_dir, f"clusters{tag}.png"), title, names,
+                       [f"frame {t}" if same else f"{i + 1}/{columns} through" for i, t in enumerate(picks[0])])
 
 
 def evaluate_backbone(backbone, args, device, tag: str):
@@ -672,6 +676,7 @@ def evaluate_backbone(backbone, args, device, tag: str):
 
 def main(args):
     init = None
+    data.check_output_dir(args.output_dir, args.resume, args.overwrite, METHOD)  # refuse before any work
     if args.eval_data and not args.no_eval and int(os.environ.get("RANK", 0)) == 0:
         data.seed_everything(args.seed, 0)  # the same initialisation train() starts from
         model = build_model(args)
@@ -684,12 +689,14 @@ def main(args):
         return
     after = evaluate_backbone(teacher.backbone, args, d.device, "")
     start = f"--pretrained {args.pretrained}" if args.pretrained else "random init (scratch)"
-    print(f"\n{'benchmark':<34s}{'init':>10s}{'timet':>10s}   (init = {start})")
+    print(f"\n{'benchmark':<34s}{'init':>10s}{'timet':>10s}   (init = {start}; trained on {args.data}, "
+          f"evaluated on {args.eval_data})")
     for key in after:
         print(f"{key:<34s}{init.get(key, float('nan')):>10.4f}{after[key]:>10.4f}")
-    data.JsonlLogger(os.path.join(args.output_dir, "log.jsonl"), True).log(
-        {"eval": "final", "init": init, "timet": after, "start": start})
+    record = {"eval": "final", "init": init, "timet": after, "start": start, "train_data": args.data, "eval_data": args.eval_data}
+    data.JsonlLogger(os.path.join(args.output_dir, "log.jsonl"), True).log(record)
+    print(__import__("json").dumps(record))
 
 
 if __name__ == "__main__":
-    main(get_args())
+    data.cli(main, get_args)

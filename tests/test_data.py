@@ -1,9 +1,9 @@
 """Tests for data.py: video decoding and clip sampling, every layout, bad inputs, run plumbing."""
+import io
 import json
 import os
 import sys
 import threading
-import warnings
 
 import av
 import numpy as np
@@ -136,6 +136,22 @@ def test_every_image_mode_comes_out_rgb_uint8(tmp_path):
     assert data.load_mask(tmp_path / "m.png").tolist() == [[0, 3], [255, 1]]
 
 
+def test_a_video_serves_as_images_one_frame_every_step(tmp_path):
+    # frame t is flat grey 20 t: a phone video given to an image method is its frames, not one "image"
+    frames = np.stack([np.full((32, 48, 3), 20 * t, np.uint8) for t in range(10)])
+    write_mp4(tmp_path / "walk.mp4", frames)
+    images = data.UnlabelledImages(tmp_path / "walk.mp4")
+    assert len(images) == 10 and images[0][0].shape == (3, 32, 48) and images[4][1] == -1
+    assert [round(images[i][0].float().mean().item() / 20) for i in range(10)] == list(range(10))
+    every_third = data.UnlabelledImages(tmp_path / "walk.mp4", frame_step=3)
+    assert [round(every_third[i][0].float().mean().item() / 20) for i in range(4)] == [0, 3, 6, 9]
+    Image.fromarray(np.full((8, 8, 3), 250, np.uint8)).save(tmp_path / "photo.png")
+    (tmp_path / "broken.mp4").write_bytes(os.urandom(3000))
+    with pytest.warns(UserWarning, match="broken.mp4"):  # in a folder: images first, then frames; bad videos skipped
+        mixed = data.UnlabelledImages(tmp_path, frame_step=5)
+    assert len(mixed) == 3 and mixed[0][0].shape == (3, 8, 8) and len(mixed.skipped_videos) == 1
+
+
 # ----------------------------------------------------------------------------- synthetic world
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
@@ -224,6 +240,24 @@ def test_ensure_synth_other_ranks_wait_for_the_writer(tmp_path, monkeypatch):
     assert data._current_world(str(root), 0) and sorted(os.listdir(tmp_path)) == ["synth"]
 
 
+def test_demo_eval_root_is_the_synthetic_world_or_a_checked_folder(tmp_path, monkeypatch):
+    real = data.synth_world
+    monkeypatch.setattr(data, "synth_world", lambda out, seed: real(out, seed, num_videos=1, num_frames=8,
+                                                                     num_images=(2, 1), crops_per_class=(1, 1)))
+    monkeypatch.chdir(tmp_path)
+    assert data.demo_eval_root() == os.path.join("runs", "synth")  # written on first use, beside no user data
+    assert data._current_world("runs/synth", 0)
+    assert data.demo_eval_root("runs/synth", ["knn", "seg-cluster", "propagate"]) == "runs/synth"
+    os.makedirs("mine/objects")
+    for needs, missing in ((["objects"], "objects/{train,val}"), (["seg-linear"], "voc/"), (["propagate"], "davis/")):
+        with pytest.raises(data.DataError) as e:
+            data.demo_eval_root("mine", needs)
+        assert missing in one_line_error(e, "mine")
+    write_mp4(tmp_path / "walk.mp4", moving_square_frames(4))
+    with pytest.raises(data.DataError, match="walk.mp4: is a file, not a folder"):
+        data.demo_eval_root(str(tmp_path / "walk.mp4"))
+
+
 def test_classes_are_not_separable_by_colour():
     # mean colour of each object region -> nearest class centroid: should be near chance (1/6)
     generator = data.SyntheticWorld(0)
@@ -242,12 +276,29 @@ def test_classes_are_not_separable_by_colour():
 
 def test_inspect_prints_the_world_and_writes_a_contact_sheet(world, tmp_path, capsys):
     sheet = tmp_path / "sheet.png"
-    data.main(["inspect", world, "--sheet", str(sheet)])
+    data.main(data.get_args(["inspect", world, "--sheet", str(sheet)]))
     out = capsys.readouterr().out
     assert "synthetic world" in out and "2 video(s)" in out and "6 classes" in out
     assert Image.open(sheet).size[0] > 0
     result = data.bench(os.path.join(world, "videos"), max_clips=4, rounds=1)
     assert result["clips"] == 4 and result["ratio"] > 0
+
+
+def test_labelled_grid_adds_a_title_strip_and_names_around_unchanged_tiles(tmp_path):
+    colour = lambda i: torch.tensor([20 + 40 * i, 7, 200], dtype=torch.uint8)  # noqa: E731  (not a text grey)
+    tiles = [[colour(3 * r + c)[:, None, None].expand(3, 10, 12) for c in range(3)] for r in range(2)]
+    bare = np.asarray(data.labelled_grid(tiles))  # no labels: the tiles 2 px apart, 6 px above
+    assert bare.shape == (6 + 2 * (10 + 2), 2 + 3 * (12 + 2), 3)
+    assert (bare[18:28, 30:42] == colour(5).numpy()).all() and (bare[6:16, 2:14] == colour(0).numpy()).all()
+    path = tmp_path / "sub" / "grid.png"
+    data.labelled_grid(tiles, str(path), "A title", ["row one", "row two"], ["a", "b", "c"])
+    grid = np.asarray(Image.open(path).convert("RGB"))
+    H, W = grid.shape[:2]
+    assert H > bare.shape[0] + 20 and W > bare.shape[1] + 30  # a title strip, column names, row names
+    ys, xs = np.nonzero((grid == colour(5).numpy()).all(-1))  # the last tile, unchanged, at the right edge
+    assert len(ys) == 10 * 12 and (xs.min(), xs.max()) == (W - 14, W - 3) and ys.max() - ys.min() == 9
+    assert (grid[:15, :60] < 100).any()  # the title is drawn (dark text on white)
+    assert (grid[ys.min():, :W - 3 * 14 - 2] < 100).any()  # the last row's name, left of its tiles
 
 
 # --------------------------------------------------------------------------------- bad inputs
@@ -293,6 +344,23 @@ def test_corrupt_zero_frame_and_too_short_videos(tmp_path):
     with pytest.warns(UserWarning, match="corrupt"):  # among several, bad videos are skipped and counted
         clips = data.VideoClips(tmp_path, num_frames=8)
     assert clips.videos == [str(tmp_path / "good.mp4")] and len(clips.skipped_videos) == 3
+
+
+def test_a_file_where_a_folder_is_expected_and_the_reverse_are_named(tmp_path):
+    write_mp4(tmp_path / "walk.mp4", moving_square_frames(4))
+    (tmp_path / "notes.txt").write_text("not data")
+    (tmp_path / "corrupt.mp4").write_bytes(os.urandom(3000))
+    cases = [(lambda: data.ImageFolder(tmp_path / "walk.mp4"), "walk.mp4", "is a file, not a folder"),
+             (lambda: data.VOCSegmentation(tmp_path / "walk.mp4" / "voc"), "walk.mp4", "is a file, not a folder"),
+             (lambda: data.load_image(tmp_path), tmp_path, "is a folder, not an image"),
+             (lambda: data.UnlabelledImages(tmp_path / "notes.txt"), "notes.txt", "neither an image nor a video"),
+             (lambda: data.find_videos(tmp_path / "notes.txt"), "notes.txt", "is a file but not a video"),
+             (lambda: data.UnlabelledImages(tmp_path / "corrupt.mp4"), "corrupt.mp4", "corrupt")]
+    for make, path, what in cases:
+        with pytest.raises(data.DataError) as e:
+            make()
+        message = one_line_error(e, tmp_path / path if isinstance(path, str) else path)
+        assert what in message, message
 
 
 def test_unreadable_images_are_skipped_and_counted_until_none_is_left(tmp_path):
@@ -347,6 +415,24 @@ def test_checkpoint_save_is_atomic_and_bad_files_raise_checkpoint_error(tmp_path
         data.load_checkpoint(path)
     with pytest.raises(data.CheckpointError, match="no such"):
         data.load_checkpoint(tmp_path / "missing.pth")
+
+
+def test_ctrl_c_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    # Ctrl-C while torch.save writes used to surface as the zip writer's RuntimeError
+    path = tmp_path / "checkpoint.pth"
+    data.save_checkpoint({"epoch": 1}, path)
+    before = path.read_bytes()
+
+    class InterruptedFile(io.FileIO):  # the signal lands after 10 kB of the new checkpoint
+        def write(self, chunk):
+            if self.tell() + len(chunk) > 10_000:
+                raise KeyboardInterrupt
+            return super().write(chunk)
+
+    monkeypatch.setattr(data, "open", lambda p, mode: InterruptedFile(p, "w"), raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        data.save_checkpoint({"epoch": 2, "model": {"w": torch.zeros(10_000)}}, path)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["checkpoint.pth"]
 
 
 def test_schedule_logger_amp_and_seeding(tmp_path):

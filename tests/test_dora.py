@@ -15,6 +15,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import dora  # noqa: E402
+import evaluate  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -33,6 +34,38 @@ def random_crops(batch, args, seed=0):
     T, S = args.frames_per_clip, args.image_size
     return [torch.randn(batch, T, 3, S, S, generator=g)] + \
         [torch.randn(batch, T, 3, S // 2, S // 2, generator=g) for _ in range(args.local_crops_number)]
+
+
+# ---------------------------------------------------------------------------- augmentation
+def test_clip_crops_resize_like_the_official_video_crop():
+    """Official RandomResizedCropVideo(300) / (224): F.interpolate, bilinear, no antialiasing."""
+    g = torch.Generator().manual_seed(0)
+    frames = torch.rand(2, 3, 60, 80, generator=g)  # textured: every pixel its own value
+    for seed in range(3):
+        torch.manual_seed(seed)
+        i, j, h, w = dora.T.RandomResizedCrop.get_params(frames, (0.2, 1.0), (3 / 4, 4 / 3))  # the box crop() draws
+        torch.manual_seed(seed)
+        ours = dora.ClipAugmentation.crop(frames, 24, (0.2, 1.0))
+        box = frames[..., i:i + h, j:j + w]
+        official = F.interpolate(box, size=(24, 24), mode="bilinear", align_corners=False, antialias=False)
+        assert torch.allclose(ours, official, atol=1e-6)
+        smoothed = F.interpolate(box, size=(24, 24), mode="bilinear", align_corners=False, antialias=True)
+        assert (ours - smoothed).abs().mean() > 0.02  # the test tells the two apart (h >= 26 > 24)
+
+
+def test_local_crop_blur_sigma_is_unscaled_at_112px(monkeypatch):
+    """Official utils.GaussianBlur: PIL radius (= σ) uniform in [0.1, 2] px, whatever the crop size."""
+    seen = []
+    blur = dora.TF.gaussian_blur
+    monkeypatch.setattr(dora.TF, "gaussian_blur", lambda x, k, s: seen.append((k, s)) or blur(x, k, s))
+    aug = dora.ClipAugmentation(tiny_args())
+    torch.manual_seed(0)
+    for _ in range(200):
+        aug.photometric(torch.rand(3, 112, 112), blur_p=1.0)
+    sigmas = [s for _, s in seen]
+    assert len(seen) == 200 and all(0.1 <= s <= 2.0 for s in sigmas)
+    assert max(sigmas) > 1.9  # the old size/224 scaling capped σ at 1.0 for 112 px
+    assert all(k == 2 * math.ceil(3 * s) + 1 for k, s in seen)
 
 
 # ---------------------------------------------------------------------------- the tracker
@@ -85,7 +118,7 @@ def test_sinkhorn_makes_objects_distinct():
     for sk in (False, True):
         prototypes = dora.discover_objects(attn, feats[:1], feats[:1], use_sinkhorn=sk)
         _, masks = dora.track_objects(prototypes, feats[None])
-        overlap[sk] = dora.mask_overlap(masks.reshape(1, 3, 5, 12, 12))
+        overlap[sk] = evaluate.mask_overlap(masks.reshape(1, 3, 5, 12, 12))
     assert overlap[False] > 0.9  # without SK: three copies of one object
     assert overlap[True] < overlap[False] - 0.3
 
@@ -241,6 +274,44 @@ def test_log_has_teacher_entropy():
     args = tiny_args()
     _, stats = one_step(args, random_crops(2, args))
     assert 0.0 <= stats["teacher_entropy"] <= math.log(args.out_dim) + 1e-4
+
+
+# ---------------------------------------------------------------------------- the demo on one's own video
+def own_video_and_tiny_world(tmp_path, world="runs/synth"):
+    """tmp_path/mine/walk.mp4 (a square crossing a brightening background; no synthetic world beside it),
+    and a tiny synthetic world in tmp_path/<world> (runs/synth: where the demo looks; kept, it is current)."""
+    frames = np.zeros((24, 48, 64, 3), np.uint8)
+    for t in range(24):
+        frames[t] = 40 + 3 * t
+        frames[t, 10:30, 2 * t:2 * t + 20] = (220, 60, 40)
+    data.write_video(tmp_path / "mine" / "walk.mp4", frames)
+    data.synth_world(str(tmp_path / world), 0, num_videos=1, num_frames=16, size=64, num_images=(12, 6),
+                     crops_per_class=(6, 3), crop_size=32)
+    return str(tmp_path / "mine" / "walk.mp4")
+
+
+def run_demo(tmp_path, *argv):
+    """`python dora.py --demo ...` in tmp_path: exit status 0, then the last line of stdout as JSON."""
+    import json
+    import subprocess
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dora.py")
+    run = subprocess.run([sys.executable, script, "--demo", *argv], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_demo_trains_on_ones_own_video_and_evaluates_on_the_eval_data_folder(tmp_path):
+    # `dora.py --demo --data my_walk.mp4` once crashed after training: it took the video's folder for the world.
+    # Here the benchmarks come from --eval-data, a folder laid out like the world: none is written to runs/synth
+    video = own_video_and_tiny_world(tmp_path, world="bench")
+    result = run_demo(tmp_path, "--data", video, "--eval-data", "bench", "--output-dir", "out", "--image-size", "32",
+                      "--precrop-size", "40", "--epochs", "1", "--batch-size-per-gpu", "2", "--frames-per-clip", "2",
+                      "--step-between-clips", "2", "--clip-start-every", "8", "--num-workers", "0", "--out-dim", "64",
+                      "--local-crops-number", "1")
+    assert (tmp_path / "out" / "checkpoint.pth").exists() and (tmp_path / "out" / "tracking_0.png").exists()
+    assert result["train_data"] == [video] and result["eval_data"] == "bench" and not (tmp_path / "runs").exists()
+    assert {"init/knn/k20/top1", "dora/knn/k20/top1", "dora/seg_cluster/k7_hungarian", "dora/davis/J&F"} <= set(result)
 
 
 # ---------------------------------------------------------------------------- resume

@@ -6,13 +6,12 @@ import sys
 import time
 import types
 
-import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
 import evaluate as E  # noqa: E402
 
 torch.set_num_threads(1)
@@ -27,6 +26,21 @@ def blobs(n, num_classes=10, dim=32, seed=0, spread=6.0):
     centres = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(123)) * spread
     y = torch.randint(0, num_classes, (n,), generator=g)
     return centres[y] + torch.randn(n, dim, generator=g), y
+
+
+@pytest.fixture
+def grids(monkeypatch):
+    """What each picture writer hands data.labelled_grid: tile sizes (w, h) per row, and the labels."""
+    import data
+    calls, real = [], data.labelled_grid
+
+    def spy(rows, path=None, title="", row_names=None, col_names=None, **kw):
+        calls.append(dict(sizes=[[data._as_pil(t).size for t in r] for r in rows], title=title,
+                          row_names=row_names, col_names=col_names, path=path))
+        return real(rows, path, title, row_names, col_names, **kw)
+
+    monkeypatch.setattr(data, "labelled_grid", spy)
+    return calls
 
 
 @pytest.fixture
@@ -68,6 +82,31 @@ def test_many_to_one_overclustering():
     assert 25 < one_to_one < 40
 
 
+def test_hungarian_maximises_iou_not_overlap():
+    # clusters c0 (2 px), c1 (7 px) x classes A (2 px), B (7 px). Overlap: c0->A, c1->B (0 + 5 > 2 + 2);
+    # IoU: c0->B, c1->A (2/7 + 2/7 = .571 > 0 + 5/9 = .556), as Leopart's and TimeT's PredsmIoU choose
+    conf = torch.tensor([[0, 2], [2, 5]])
+    assert E.match_clusters(conf).tolist() == [1, 0]
+    assert E.miou(conf, E.match_clusters(conf)) == pytest.approx(100 * 2 / 7)  # overlap's choice: 100 * 5 / 18
+
+
+def test_unmatched_clusters_go_to_background():
+    conf = torch.tensor([[3, 0], [0, 3], [1, 1]])  # cluster 2 is left over by the one-to-one matching
+    assert E.match_clusters(conf).tolist() == [0, 1, 0]
+    # class 0 gets cluster 2's pixels: IoU 4/5 and 3/4 (a miss instead would give 3/4 and 3/4)
+    assert E.miou(conf, E.match_clusters(conf)) == pytest.approx(100 * (4 / 5 + 3 / 4) / 2)
+
+
+def test_classes_absent_from_both_maps_score_zero():
+    pred = true = torch.tensor([0, 0, 1, 1])
+    conf = E.confusion(pred, true, 3, 3)  # class 2 in neither map
+    assert E.miou(conf) == pytest.approx(100 * 2 / 3)  # Leopart: mean over all classes
+    assert E.miou(conf, gt_classes_only=True) == pytest.approx(100)  # TimeT: classes of the ground truth
+    conf = E.confusion(torch.tensor([0, 2, 1, 1]), true, 3, 3)  # class 2 predicted but not in the truth
+    assert E.miou(conf) == pytest.approx(100 * (1 / 2 + 1 + 0) / 3)
+    assert E.miou(conf, gt_classes_only=True) == pytest.approx(100 * (1 / 2 + 1) / 2)
+
+
 def test_nmi_and_cluster_accuracy():
     g = torch.Generator().manual_seed(2)
     true = torch.randint(0, 5, (2000,), generator=g)
@@ -83,6 +122,42 @@ def test_kmeans_recovers_separated_blobs():
     assert centroids.shape == (5, 16)
     assert E.cluster_accuracy(labels, y) == pytest.approx(100)
     assert E.kmeans(x, 1000)[1].shape[0] == 600  # k is capped at the number of points
+
+
+def test_faiss_kmeans_and_standardise_and_pca():
+    x, y = blobs(600, num_classes=5, dim=16, spread=10)
+    labels, centroids = E.faiss_kmeans(x, 5, niter=20, nredo=3, seed=0, max_points_per_centroid=50)
+    assert centroids.shape == (5, 16) and E.cluster_accuracy(labels, y) == pytest.approx(100)  # fit on 250
+    z = E.standardise_and_pca(x, dim=4)
+    assert z.shape == (600, 4)
+    assert torch.allclose(z.mean(0), torch.zeros(4), atol=1e-4)
+    variances = z.var(0, unbiased=False)
+    assert (variances[:-1] >= variances[1:]).all()  # principal axes in decreasing variance
+    std = (x - x.mean(0)) / x.std(0, unbiased=False)  # StandardScaler: ddof 0
+    top = torch.linalg.eigvalsh(std.T.double() @ std.double() / 600)[-4:].flip(0)
+    assert torch.allclose(variances.double(), top, rtol=1e-4)
+
+
+def test_seg_cluster_standardises_before_clustering():
+    # a loud noise channel (std 100) beside two quiet channels that carry the class (+-1, noise .05):
+    # on L2-normalised raw tokens k-means splits the noise; standardised, the class channels win
+    g = torch.Generator().manual_seed(0)
+    cls = torch.randint(0, 2, (20, 1, 4, 4), generator=g)
+    sign = 2 * cls.float() - 1
+    feats = torch.cat([sign + 0.05 * torch.randn(20, 2, 4, 4, generator=g),
+                       100 * torch.randn(20, 1, 4, 4, generator=g)], dim=1)
+    masks = F.interpolate(cls.float(), scale_factor=8, mode="nearest")[:, 0].to(torch.uint8)
+    res = E.seg_cluster(feats, masks, num_classes=2, ks=(), seeds=2, restarts=2, iters=20, foreground=False)
+    assert res["seg_cluster/k2_hungarian"] == pytest.approx(100)
+
+
+def test_pixel_kmeans_fits_the_upsampled_pixels():
+    feats = torch.tensor([[0.0, 10.0], [0.0, 10.0]]).view(1, 2, 2, 1)
+    # bilinear 2 -> 4 (align_corners False): columns 0, 2.5, 7.5, 10; two clusters split them in the middle
+    labels = E.pixel_kmeans(feats, 2, 4, niter=10, nredo=2)
+    assert labels.shape == (1, 4, 4) and (labels == labels[0, :1]).all()
+    a, b = labels[0, 0, 0].item(), labels[0, 0, 3].item()
+    assert a != b and labels[0, 0].tolist() == [a, a, b, b]
 
 
 # ------------------------------------------------------------------ J and F
@@ -187,6 +262,14 @@ def translating_video(num_frames=8, height=64, width=96, step=8):
     return dict(name="translate", frames=frames, masks=masks, palette=None)
 
 
+def test_davis_frames_as_dino_reads_them():
+    row = torch.tensor([0, 100, 200, 255], dtype=torch.uint8).view(1, 1, 4)
+    # cv2 INTER_LINEAR halving: source x = 0.5 and 2.5, no antialiasing: (0+100)/2, (200+255)/2 rounded up
+    assert E.cv2_resize(row, (1, 2)).flatten().tolist() == [50, 228]
+    red = E.davis_frame(torch.zeros(3, 2, 2, dtype=torch.uint8), (2, 2))[0, 0, 0]
+    assert red.item() == pytest.approx(-0.485 / 0.228)  # DINO's color_normalize: std 0.228 (sic) for red
+
+
 def test_label_propagation_follows_a_translating_object(tmp_path):
     video = translating_video()
     res = E.propagate(E.RawPixels(4), [video], out_dir=str(tmp_path), short_side=64, multiple=4)
@@ -204,84 +287,6 @@ def test_label_propagation_follows_a_translating_object(tmp_path):
 def test_davis_size_matches_dino():
     assert E.davis_size(480, 854) == (480, 832)  # long side floored to a multiple of 64
     assert E.davis_size(1080, 720, 480) == (704, 480)
-
-
-# ------------------------------------------------------------------ fully unsupervised segmentation
-def test_cooccurrence_of_three_stripes():
-    """Vertical stripes 0 | 1 | 2, each 3 patches wide: 0 and 2 are never within 2 patches."""
-    clusters = torch.arange(3).repeat_interleave(3)[None, None].expand(1, 9, 9)
-    co = E.cooccurrence(clusters, 3)
-    assert co[0, 2] == 0 and co[2, 0] == 0 and co[0, 1] == 1 and co[2, 1] == 1
-    assert abs(co[1, 0] - 0.5) < 1e-9 and abs(co[1, 2] - 0.5) < 1e-9  # symmetric stripes
-    assert (co.diagonal() == 0).all()
-
-
-def test_merge_communities_finds_the_dense_groups():
-    w = np.full((5, 5), 0.01)
-    w[:3, :3], w[3:, 3:] = 1.0, 1.0
-    np.fill_diagonal(w, 0)
-    ids = E.merge_communities(w, 2)
-    assert len(set(ids[:3])) == 1 and len(set(ids[3:])) == 1 and ids[0] != ids[3]
-    assert sorted(set(E.merge_communities(w, 5))) == [0, 1, 2, 3, 4]  # nothing to merge
-
-
-def test_pca_is_exact_and_ignores_the_global_generator():
-    x = torch.randn(200, 6) * torch.tensor([5.0, 1, 1, 1, 1, 0.1])
-    torch.manual_seed(1)
-    a = E.standardise_and_pca(x, 3)
-    torch.manual_seed(2)
-    assert torch.equal(a, E.standardise_and_pca(x, 3))
-    full = E.standardise_and_pca(x, 6)  # all components: a rotation of the standardised data
-    z = (x - x.mean(0)) / (x.std(0) + 1e-5)
-    assert torch.allclose(full.norm(dim=1), z.norm(dim=1), atol=1e-4)
-    var = full.var(0)
-    assert (var[:-1] >= var[1:] - 1e-5).all()  # components by decreasing variance
-    cov = torch.cov(full.T)
-    assert (cov - torch.diag(cov.diagonal())).abs().max() < 1e-4  # uncorrelated
-
-
-class ClassTokens(nn.Module):
-    """A 'ViT' whose patch tokens are one-hot codes (plus noise) of what is painted on each 8x8 patch:
-    an object class (channel 0: 1..C) or else a kind of stuff (channel 1: 1..S); its [CLS] attends
-    to the object patches. From such tokens the pipeline should recover the classes."""
-
-    def __init__(self, num_objects, num_stuff, noise):
-        super().__init__()
-        self.patch_embed, self.dims, self.noise = types.SimpleNamespace(patch_size=8), num_objects + num_stuff, noise
-        self.num_objects, self.unused = num_objects, nn.Parameter(torch.zeros(1))  # gives the pipeline a device
-
-    def _codes(self, x):  # (B, 3, H, W) -> (B, N) code per patch, and whether it is an object
-        obj, stuff = [F.avg_pool2d(x[:, i:i + 1], 8).flatten(1).round().long() for i in (0, 1)]
-        return torch.where(obj > 0, obj - 1, self.num_objects + stuff - 1), obj > 0
-
-    def get_intermediate_layers(self, x, n=1):
-        code, _ = self._codes(x)
-        tokens = F.one_hot(code, self.dims).float() + self.noise * torch.randn(*code.shape, self.dims)
-        return [torch.cat([torch.zeros(len(x), 1, self.dims), tokens], 1)]
-
-    def get_last_selfattention(self, x):
-        _, is_object = self._codes(x)
-        attn = torch.zeros(len(x), 2, 1 + is_object.shape[1], 1 + is_object.shape[1])
-        attn[:, :, 0, 1:] = (is_object.float() + 0.01)[:, None]
-        return attn
-
-
-def test_unsupervised_segmentation_recovers_classes_from_class_tokens():
-    torch.manual_seed(0)
-    n, s, num_classes = 24, 32, 4  # 4x4 patches; a 3x3-patch object of class 1..3 on one of 3 stuffs
-    images, masks = torch.zeros(n, 3, s, s), torch.zeros(n, s, s, dtype=torch.long)
-    for i in range(n):
-        y, x = torch.randint(0, 2, (2,)).tolist()
-        images[i, 1] = 1 + (i // 3) % 3
-        images[i, 0, 8 * y:8 * y + 24, 8 * x:8 * x + 24] = masks[i, 8 * y:8 * y + 24, 8 * x:8 * x + 24] = 1 + i % 3
-    fg = lambda attn: attn > 0.5  # noqa: E731
-    run = lambda noise: E.unsupervised_segmentation(ClassTokens(3, 3, noise), images[:12], images[12:],  # noqa: E731
-                                                    num_classes, fg, masks[:12], masks[12:], k_fg=20, k_community=3)
-    maps, scores = run(0.05)  # k_community = 3 foreground clusters + background: the merge is the identity
-    assert maps.shape == masks[12:].shape
-    assert scores["cbfe_fg_iou"] > 90 and scores["cd_miou"] > 90, scores
-    _, noisy = run(5.0)  # tokens that say nothing
-    assert noisy["cd_miou"] < scores["cd_miou"] - 20, noisy
 
 
 # ------------------------------------------------------------------ icl
@@ -325,7 +330,7 @@ def test_icl_with_right_and_wrong_stub_generators():
     assert first == again
 
 
-def test_icl_picture_draws_one_strip_and_answers_truthfully(tmp_path):
+def test_icl_picture_draws_one_strip_and_answers_truthfully(tmp_path, grids):
     from PIL import Image
     ds = TinyFolder()
     seen = []
@@ -334,7 +339,12 @@ def test_icl_picture_draws_one_strip_and_answers_truthfully(tmp_path):
     (images, texts), = seen
     assert answer == "dotted box" and truth == ds.classes[int(images[-1][0, 0, 0])]
     assert len(images) == 4 and texts[-1] == "What is this? This is a"
-    assert Image.open(tmp_path / "e.png").size == (4 * (16 + 40), 16 + 44)  # 3 supports + the query
+    (grid,) = grids
+    assert grid["sizes"] == [[(16, 16)] * 4]  # 3 supports + the query, one strip
+    assert grid["col_names"][0] == f"support 1:\n{texts[0]}" and grid["col_names"][-1] == "query:\n-> dotted box"
+    assert truth in grid["title"]
+    w, h = Image.open(tmp_path / "e.png").size
+    assert w >= 4 * 16 + 5 * 2 and h > 16 + 2 * 14  # the tiles under a title and the captions
 
 
 def test_icl_answer_normalisation():
@@ -388,22 +398,51 @@ def test_load_backbone_official_dino_files(tmp_path, reference_vits):
     with pytest.raises(ValueError, match="--arch"):
         E.load_backbone(str(tmp_path / "dino0.pth"), arch="vit_huge", patch_size=8)
     (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="broken.pth"):
+    with pytest.raises(data.CheckpointError, match="broken.pth"):
         E.load_backbone(str(tmp_path / "broken.pth"), arch="vit_demo", patch_size=8)
     assert isinstance(E.load_backbone(arch="pixels", patch_size=8), E.RawPixels)
 
 
 # ------------------------------------------------------------------ pictures and the suite
-def test_viz_writes_grid_and_gif(tmp_path):
+def test_viz_writes_grid_and_gif(tmp_path, grids):
     torch.manual_seed(0)
     frames = torch.randint(0, 255, (3, 3, 35, 40), dtype=torch.uint8)
     paths = E.viz(vit_demo(patch_size=8).eval(), frames, str(tmp_path), name="clip", ks=(2, 3))
     from PIL import Image
     grid = Image.open(paths[0])
-    assert grid.size == (3 * 40, 4 * 32)  # frames, attention, 2 cluster maps; cropped to 32 x 40
-    assert Image.open(paths[1]).n_frames == 3
+    assert grids[0]["sizes"] == [[(40, 32)] * 3] * 4  # frames, attention, 2 cluster maps; cropped to 32 x 40
+    assert grids[0]["col_names"] == ["frame 0", "frame 1", "frame 2"] and len(grids[0]["row_names"]) == 4
+    assert "heads 0, 1, 2" in grids[0]["row_names"][1] and "k=3" in grids[0]["row_names"][3]
+    assert grid.size[0] > 3 * 40 + 4 * 2 and grid.size[1] > 4 * 32 + 5 * 2  # and the labels
+    gif = Image.open(paths[1])
+    assert gif.n_frames == 3 and grids[1]["sizes"] == [[(40, 32)] * 4] and grids[1]["col_names"][0] == "frame 0"
     paths = E.viz(E.RawPixels(8), frames, str(tmp_path), name="pix", ks=(2,))  # no attention row
-    assert Image.open(paths[0]).size == (3 * 40, 2 * 32)
+    assert grids[4]["sizes"] == [[(40, 32)] * 3] * 2 and grids[4]["row_names"][0] == "frame"
+
+
+def test_tracking_picture_rows_and_overlap(tmp_path, grids):
+    import dora
+    torch.manual_seed(0)
+    vit = dora.VisionTransformer(patch_size=8, embed_dim=48, depth=2, num_heads=4).eval()
+    clip = torch.randn(3, 3, 32, 40)
+    overlaps = E.tracking_picture(dora.track, vit, clip, str(tmp_path / "t.png"), heads=[0, 2, 3])
+    (grid,) = grids
+    assert grid["sizes"] == [[(192, 192)] * 3] * 5  # frames, heads, objects without / with SK, masks; enlarged
+    assert grid["col_names"] == ["frame 0", "frame 1", "frame 2"] and "Sinkhorn" in grid["row_names"][2]
+    assert "B = head 3" in grid["title"] and all(0 <= o <= 1 for o in overlaps)
+    masks = torch.zeros(1, 2, 1, 2, 2)
+    masks[0, 0, 0, 0] = masks[0, 1, 0, :, 0] = 1  # a row and a column of a 2 x 2 grid: IoU 1/3
+    assert E.mask_overlap(masks) == pytest.approx(1 / 3)
+
+
+def test_save_cluster_maps_columns(tmp_path, grids):
+    torch.manual_seed(0)
+    images, masks = torch.randn(3, 3, 32, 32), torch.randint(0, 4, (3, 32, 32))
+    E.save_cluster_maps(vit_demo(patch_size=8).eval(), images, masks, masks, 4, str(tmp_path / "m.png"), "before")
+    (grid,) = grids
+    assert grid["sizes"] == [[(32, 32)] * 4] * 3 and grid["row_names"] == ["val 0", "val 1", "val 2"]
+    assert grid["col_names"][1] == "k-means of patch tokens (K=4)" and grid["title"].startswith("before")
+    assert os.path.getsize(tmp_path / "m.png") > 0
 
 
 @pytest.fixture(scope="module")
@@ -433,7 +472,9 @@ def test_cli_prints_a_table_then_one_json_line(small_world, tmp_path, capsys, re
     assert json.loads(lines[-1])["knn/k20/top1"] >= 0
     E.main(E.get_args(["propagate", "--data", os.path.join(small_world, "davis"), "--arch", "vit_demo",
                        "--random-init", "--short-side", "64", *common]))
-    assert set(json.loads(capsys.readouterr().out.strip().splitlines()[-1])) == {"davis/J", "davis/F", "davis/J&F"}
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(printed) == {"davis/J", "davis/F", "davis/J&F", "protocol"}
+    assert printed["protocol"].startswith("DINO eval_video_segmentation.py")  # the JSON names its protocol
     assert len(os.listdir(tmp_path / "tour_00")) == 6  # the palette PNGs
     E.main(E.get_args(["viz", "--data", os.path.join(small_world, "videos"), "--arch", "vit_demo",
                        "--random-init", "--frames", "3", "--image-size", "32", *common]))

@@ -77,9 +77,9 @@ def test_a_pretrained_lm_without_its_tokenizer_files_is_refused(tmp_path):
                                            (["--lm", "gpt2/"], "--encoder")])
 def test_full_scale_without_a_pretrained_encoder_or_lm_is_refused_before_any_work(tmp_path, capsys, given, missing):
     args = secat.get_args(["--data", str(tmp_path / "none"), "--output-dir", str(tmp_path / "out"), *given])
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(secat.data.DataError) as e:
         secat.main(args)
-    assert str(e.value).startswith(f"error: secat.py: {missing} required outside --demo") and "\n" not in str(e.value)
+    assert str(e.value).startswith(f"secat.py: {missing} required outside --demo") and "\n" not in str(e.value)
     assert not (tmp_path / "out").exists()
 
 
@@ -338,7 +338,7 @@ def test_frozen_episode_files_are_read_as_released_with_and_without_task_inducti
                                           "Answer with blicket or dax. What is this? This is a"}
     res = evaluate.icl_frozen(lambda im, t: "wug", str(tmp_path / "open_ended_mi"), 2, 1, False)
     assert res["frozen/2way_1shot"] == 0 and "frozen/2way_1shot_induction" not in res
-    with pytest.raises(ValueError, match="shots_3_ways_2"):
+    with pytest.raises(secat.data.DataError, match="shots_3_ways_2"):
         evaluate.frozen_episodes(str(tmp_path / "open_ended_mi"), 2, 3)
 
 
@@ -354,7 +354,7 @@ def test_wnid_folders_get_names_from_the_users_file_and_open_ended_uses_frozens_
     real, open_ended = seen[:6], seen[12:18]
     assert {t[len("This is a "):-1] for texts in real for t in texts[:-1]} <= {"house finch", "goldfish", "dugong"}
     assert all(sorted(texts[:-1]) == ["This is a blicket.", "This is a dax."] for texts in open_ended)
-    with pytest.raises(ValueError, match="no name for the folders"):
+    with pytest.raises(secat.data.DataError, match="no name for the folders"):
         (tmp_path / "short.txt").write_text("n01 house finch\n")
         evaluate.run_icl(_copier([]), str(tmp_path / "val"), (2,), (1,), 1, class_names=str(tmp_path / "short.txt"))
 
@@ -416,6 +416,44 @@ def test_bf16_autocast_step_on_cpu():
     model, tok, feats, batches, args = _setup()
     bf16 = _steps(model, tok, feats, batches[:1], args, amp=torch.autocast("cpu", dtype=torch.bfloat16))[0]
     assert torch.isfinite(bf16) and abs(bf16.item() - fp32.item()) < 0.05 * fp32.item()
+
+
+# ---------------------------------------------------------------- the demo on one's own video
+def own_video_and_tiny_world(tmp_path):
+    """tmp_path/mine/walk.mp4 (a square crossing a brightening background; no synthetic world beside it),
+    and a tiny synthetic world in tmp_path/runs/synth, where the demo looks for it (kept: it is current)."""
+    data = secat.data
+    frames = np.zeros((24, 48, 64, 3), np.uint8)
+    for t in range(24):
+        frames[t] = 40 + 3 * t
+        frames[t, 10:30, 2 * t:2 * t + 20] = (220, 60, 40)
+    data.write_video(tmp_path / "mine" / "walk.mp4", frames)
+    data.synth_world(str(tmp_path / "runs" / "synth"), 0, num_videos=1, num_frames=16, size=64, num_images=(12, 6),
+                     crops_per_class=(6, 3), crop_size=32)
+    return str(tmp_path / "mine" / "walk.mp4")
+
+
+def run_demo(tmp_path, *argv):
+    """`python secat.py --demo ...` in tmp_path: exit status 0, then the last line of stdout as JSON."""
+    import subprocess
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "secat.py")
+    run = subprocess.run([sys.executable, script, "--demo", *argv], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_demo_trains_on_ones_own_video_and_evaluates_on_the_synthetic_world(tmp_path):
+    # `secat.py --demo --data my_walk.mp4`: the video's frames are the unlabelled pool (once: one "image")
+    video = own_video_and_tiny_world(tmp_path)
+    result = run_demo(tmp_path, "--data", video, "--output-dir", "out", "--image-size", "32", "--lm-dim", "32",
+                      "--lm-layers", "1", "--lm-heads", "2", "--context", "128", "--clusters", "3", "--epochs", "1",
+                      "--steps-per-epoch", "2", "--text-warmup-steps", "0", "--batch-size-per-gpu", "2",
+                      "--eval-episodes", "2", "--eval-ways", "2")
+    assert (tmp_path / "out" / "checkpoint.pth").exists() and (tmp_path / "out" / "episode.png").exists()
+    assert result["train_data"] == video and result["eval_data"] == os.path.join("runs", "synth", "objects", "val")
+    assert {"selfcontext/2way_1shot", "features/2way_1shot_nn", "real/icl/2way_1shot"} <= set(result)
+    assert json.load(open(tmp_path / "out" / "results.json")) == result
 
 
 # ---------------------------------------------------------------- the whole loop: resume

@@ -164,8 +164,63 @@ def test_resume_refuses_a_damaged_checkpoint(tmp_path):
     assert (out / "checkpoint.pth").read_bytes() == b"not a checkpoint"
 
 
+# ---------------------------------------------------------------- the demo on one's own video
+def own_video_and_tiny_world(tmp_path):
+    """tmp_path/mine/walk.mp4 (a square crossing a brightening background; no synthetic world beside it),
+    and a tiny synthetic world in tmp_path/runs/synth, where the demo looks for it (kept: it is current)."""
+    import data
+    frames = np.zeros((24, 48, 64, 3), np.uint8)
+    for t in range(24):
+        frames[t] = 40 + 3 * t
+        frames[t, 10:30, 2 * t:2 * t + 20] = (220, 60, 40)
+    data.write_video(tmp_path / "mine" / "walk.mp4", frames)
+    data.synth_world(str(tmp_path / "runs" / "synth"), 0, num_videos=1, num_frames=16, size=64, num_images=(12, 6),
+                     crops_per_class=(6, 3), crop_size=32)
+    return str(tmp_path / "mine" / "walk.mp4")
+
+
+def run_demo(tmp_path, *argv):
+    """`python sinkhorn.py --demo ...` in tmp_path: exit status 0, then the last line of stdout as JSON."""
+    import json
+    import subprocess
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sinkhorn.py")
+    run = subprocess.run([sys.executable, script, "--demo", *argv], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_demo_trains_on_ones_own_video_and_evaluates_on_the_synthetic_world(tmp_path):
+    # a newcomer's `sinkhorn.py --demo --data my_walk.mp4`: its frames are the images (once: NotADirectoryError)
+    video = own_video_and_tiny_world(tmp_path)
+    result = run_demo(tmp_path, "--data", video, "--output-dir", "out", "--image-size", "32", "--epochs", "1",
+                      "--batch-size-per-gpu", "8", "--num-label-updates", "1", "--num-heads", "1",
+                      "--num-clusters", "4")
+    assert (tmp_path / "out" / "checkpoint.pth").exists() and (tmp_path / "out" / "clusters.png").exists()
+    assert result["train_data"] == video and result["eval_data"] == os.path.join("runs", "synth", "objects")
+    assert {"init/knn/k20/top1", "sela/knn/k20/top1", "sela/linear/top1"} <= set(result)
+    assert not any(k.startswith("sela/nmi") for k in result)  # a video has no classes to score clusters against
+
+
+def test_cluster_grid_names_the_largest_clusters(tmp_path, monkeypatch):
+    from sinkhorn import data
+    calls, real = [], data.labelled_grid
+    monkeypatch.setattr(data, "labelled_grid", lambda rows, *a: calls.append((rows, a)) or real(rows, *a))
+    root = _tiny_folder(str(tmp_path / "imgs"))
+    args = _args(tmp_path, root)
+    torch.manual_seed(0)
+    model = sinkhorn.SeLaNet(sinkhorn.build_backbone(vars(args)), args.num_heads, args.num_clusters)
+    sinkhorn.save_cluster_grid(model, root, 24, str(tmp_path / "clusters.png"), clusters=3, per_cluster=4)
+    (rows, (path, title, names)), = calls
+    counts = [int(n.split("\n")[1].split()[0]) for n in names]  # "cluster k\nN images", largest first
+    assert len(rows) == 3 and sum(counts) == 24 and counts == sorted(counts, reverse=True)
+    assert [len(r) for r in rows] == [min(c, 4) for c in counts]
+    assert all(t.shape == (3, 24, 24) for r in rows for t in r)
+    assert "largest clusters" in title and Image.open(path).size[0] > 4 * 24
+
+
 # ---------------------------------------------------------------- learning (about 2 CPU-minutes)
-def test_demo_clusters_beat_random_init_on_nmi(tmp_path):
+def test_demo_clusters_beat_random_init_on_nmi(tmp_path, monkeypatch):
     # the demo's settings (conv net, 3 heads x K = 18, λ 10), shortened: 32 px, 40 epochs of the
     # 360 synthetic object crops. The floor is a fresh network's outputs equipartitioned by the
     # label step (nmi_sk): a fresh argmax collapses to 1-2 clusters and would be an unfair floor.
@@ -176,6 +231,8 @@ def test_demo_clusters_beat_random_init_on_nmi(tmp_path):
         (root / name).mkdir(parents=True)
         for i in range(60):
             Image.fromarray(world.crop(label, i, "train", 64)).save(root / name / f"{i:03d}.png")
+    monkeypatch.chdir(tmp_path)  # --demo also sets up its evaluation world, runs/synth: a tiny one here
+    data.synth_world("runs/synth", 0, num_videos=1, num_frames=8, num_images=(2, 1), crops_per_class=(1, 1))
     args = sinkhorn.get_args(["--demo", "--data", str(root), "--output-dir", str(tmp_path / "out"), "--image-size", "32",
                               "--epochs", "40", "--lr-milestones", "32", "--seed", "0", "--amp", "none"])
     model, _, _ = sinkhorn.train(args)

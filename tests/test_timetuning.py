@@ -2,6 +2,7 @@
 DDP equality, bf16, resume."""
 import copy
 import os
+import random
 import sys
 from contextlib import nullcontext
 
@@ -66,8 +67,109 @@ def test_clip_crop_identical_across_frames():
         out = geometry_only(clip)
         assert out.shape == (4, 3, 32, 32)
         assert all(torch.equal(out[0], out[t]) for t in range(1, 4))  # one crop and flip for the clip
-    jittered = tt.ClipAugmentation(32, jitter_p=1.0, gray_p=0, blur_p=0)(clip)
-    assert not torch.allclose(jittered[0], jittered[1])  # photometric noise drawn per frame
+    jittered = tt.ClipAugmentation(32, jitter_p=1.0, gray_p=0, blur_p=0)
+    for _ in range(5):  # official ColorJitter(per_frame=False): one draw for the whole clip
+        out = jittered(clip)
+        assert all(torch.equal(out[0], out[t]) for t in range(1, 4))
+    colours = torch.tensor([[200, 100, 50], [10, 220, 90], [90, 30, 240], [250, 250, 0]], dtype=torch.uint8)
+    grey = tt.ClipAugmentation(8, jitter_p=0, gray_p=0.5, blur_p=0)
+    counts = {int(_pixels(grey(colours[:, :, None, None].expand(4, 3, 8, 8))).std(dim=1).amax(dim=(1, 2)).lt(1e-3).sum())
+              for _ in range(20)}
+    assert counts == {0, 4}  # official RandomGrayscale(per_frame=False): all frames grey or none
+
+
+def _pixels(out):
+    """Normalised clip -> 0..255 values, undoing the official std 0.228 normalisation."""
+    mean, std = torch.tensor(tt.IMAGENET_MEAN)[:, None, None], torch.tensor((0.228, 0.224, 0.225))[:, None, None]
+    return (out * std + mean) * 255
+
+
+class _Draws:
+    """Stands in for `random` in timetuning: every coin lands (0.0), the jitter factors are
+    brightness 1.5, contrast 0.5, saturation 0.25, hue 0.1 (the official draw order), and
+    `shuffle` orders the official list [brightness, saturation, hue, contrast]."""
+
+    def __init__(self, shuffle):
+        self.values, self.shuffle = iter([1.5, 0.5, 0.25, 0.1]), shuffle
+
+    def random(self):
+        return 0.0
+
+    def uniform(self, a, b):
+        return next(self.values)
+
+
+def test_clip_jitter_applies_only_the_last_shuffled_adjustment(monkeypatch):
+    """Official video_transformations.ColorJitter runs `jittered_img = func(img)` on the original
+    frame for each shuffled adjustment, so only the last one acts. A flat (200, 100, 50) clip, grey
+    level 0.2989*200 + 0.587*100 + 0.114*50 = 124.18."""
+    clip = torch.tensor([200, 100, 50], dtype=torch.uint8)[None, :, None, None].expand(4, 3, 8, 8)
+    expected = {  # hand-computed, one adjustment each
+        "contrast": (lambda ops: None, [0.5 * 200 + 0.5 * 124, 0.5 * 100 + 0.5 * 124, 0.5 * 50 + 0.5 * 124]),
+        "brightness": (lambda ops: ops.reverse(), [255, 150, 75]),  # 300 clamps at 255
+        "saturation": (lambda ops: ops.append(ops.pop(1)), [0.25 * 200 + 0.75 * 124.18, 0.25 * 100 + 0.75 * 124.18,
+                                                            0.25 * 50 + 0.75 * 124.18]),
+    }
+    for name, (shuffle, rgb) in expected.items():
+        monkeypatch.setattr(tt, "random", _Draws(shuffle))
+        out = _pixels(tt.ClipAugmentation(8, jitter_p=0.8, gray_p=0, blur_p=0)(clip))
+        assert torch.allclose(out, torch.tensor(rgb, dtype=torch.float32)[None, :, None, None].expand_as(out), atol=1.0), name
+    black = tt.ClipAugmentation(8, jitter_p=0, gray_p=0, blur_p=0)(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+    assert torch.allclose(black[0, :, 0, 0], torch.tensor([-0.485 / 0.228, -0.456 / 0.224, -0.406 / 0.225]))  # official std
+
+
+def test_clip_jitter_acts_at_source_resolution_before_the_resize(monkeypatch):
+    """Official frame_transform runs before Resize(224): brightness x1.5 on 0/200 stripes clamps
+    them to 0/255, whose 2x downscale is 127.5; jittered after the resize it would be 1.5 * 100 = 150."""
+    monkeypatch.setattr(tt, "random", _Draws(lambda ops: ops.reverse()))  # brightness last
+    stripes = torch.zeros(4, 3, 64, 64, dtype=torch.uint8)
+    stripes[..., 1::2] = 200
+    out = _pixels(tt.ClipAugmentation(32, scale=(1.0, 1.0), jitter_p=0.8, gray_p=0, blur_p=0)(stripes))
+    assert out.shape == (4, 3, 32, 32)
+    assert (out[..., 4:-4, 4:-4] - 127.5).abs().max() < 1.0
+
+
+def test_clip_frames_are_sorted_random_frames_of_the_whole_video():
+    """Official data_loader.py (UNIFORM): 4 distinct sorted frames, uniform over the video."""
+    rng = random.Random(0)
+    draws = [tt.sample_frame_indices(100, 4, rng=rng) for _ in range(2000)]
+    assert all(d == sorted(set(d)) and len(d) == 4 and 0 <= d[0] and d[-1] < 100 for d in draws)
+    assert {i for d in draws for i in d} == set(range(100))  # every frame can be drawn
+    # span of 4 of 100 drawn without replacement: E[max - min] = (n + 1)(k - 1)/(k + 1) = 101 * 3/5 = 60.6
+    assert abs(np.mean([d[-1] - d[0] for d in draws]) - 60.6) < 1.5  # frames 3 apart: always 9
+    assert tt.sample_frame_indices(100, rng=random.Random(7)) == tt.sample_frame_indices(100, rng=random.Random(7))
+    short = tt.sample_frame_indices(2, 4, rng=rng)  # shorter than a clip: repeats (random.choices)
+    assert short == sorted(short) and set(short) <= {0, 1}
+    regular = tt.sample_frame_indices(100, 4, step=3, rng=rng)  # --frame-step: the official Regular mode
+    assert np.diff(regular).tolist() == [3, 3, 3]
+    assert np.diff(tt.sample_frame_indices(9, 4, step=3, rng=rng)).tolist() == [2, 2, 2]  # 9 // 4
+
+
+def test_clip_dataset_reads_the_sampled_frames(tmp_path):
+    os.makedirs(tmp_path / "vid")
+    for t in range(30):  # frame t is a flat grey of value 8 t: the pixels tell which frame was read
+        Image.fromarray(np.full((16, 16, 3), 8 * t, np.uint8)).save(tmp_path / "vid" / f"{t:05d}.jpg")
+    videos = data.VideoClips(tmp_path, num_frames=1, step_between_clips=2 ** 62)
+    dataset = tt.RandomClipPerVideo(videos, num_frames=4, clips_per_video=3)
+    assert len(dataset) == 3
+    random.seed(1)
+    read = [dataset[i][:, 0].float().mean(dim=(1, 2)).div(8).round().long().tolist() for i in range(3)]
+    random.seed(1)
+    assert read == [tt.sample_frame_indices(30, 4) for _ in range(3)]
+
+
+def test_sinkhorn_runs_the_official_ten_iterations():
+    """The official training call leaves get_loss at sinkhorn_iterations=10 (my_utils.sinkhorn)."""
+    assert _args().sinkhorn_iters == 10
+    scores = F.normalize(torch.randn(60, 8), dim=1) @ F.normalize(torch.randn(5, 8), dim=1).t()
+    Q = torch.exp(scores.double() / 0.05).t()  # my_utils.sinkhorn, written out: (K, B)
+    Q /= Q.sum()
+    for _ in range(10):
+        Q *= (1 / 5 / Q.sum(dim=1)).unsqueeze(1)
+        Q *= (1 / 60 / Q.sum(dim=0)).unsqueeze(0)
+    official = (Q * 60).t().float()
+    assert torch.allclose(tt.sinkhorn(scores, 0.05), official, atol=1e-5)
+    assert not torch.allclose(tt.sinkhorn(scores, 0.05, iters=3), official, atol=1e-3)
 
 
 def test_sinkhorn_balances_patches_over_prototypes():
@@ -105,11 +207,30 @@ def test_dino_weights_load_strict(tmp_path):
         vit = tt.vit_small()
         tt.load_pretrained(vit, str(path))  # strict
         assert all(torch.equal(vit.state_dict()[k], v) for k, v in state.items())
-    with pytest.raises(SystemExit, match="does not fit"):
+    with pytest.raises(data.CheckpointError, match="does not fit"):
         tt.load_pretrained(tt.vit_demo(), str(plain))
 
 
 # ----------------------------------------------------------------------------- training steps
+def test_teacher_update_is_the_official_one():
+    """time_tuning.py, update_momentum_teacher: teacher <- (1 - m) teacher + m student."""
+    teacher, student = torch.nn.Module(), torch.nn.Module()
+    teacher.head, student.head = tt.TimeTHead(2, dims=(2,), num_prototypes=2), tt.TimeTHead(2, dims=(2,), num_prototypes=2)
+    with torch.no_grad():
+        for net, w, protos in ((teacher, 1.0, [[1.0, 0.0], [0.0, 1.0]]), (student, 3.0, [[0.0, 1.0], [1.0, 0.0]])):
+            net.head.mlp[0].weight.fill_(w)
+            net.head.mlp[0].bias.fill_(w)
+            net.head.prototypes.copy_(torch.tensor(protos))
+    official, paper = copy.deepcopy(teacher), copy.deepcopy(teacher)
+    tt.ema_update(official, student, 0.995)
+    assert torch.allclose(official.head.mlp[0].weight, torch.full((2, 2), 0.005 * 1 + 0.995 * 3))  # 2.99
+    n = (0.005 ** 2 + 0.995 ** 2) ** 0.5  # prototypes mixed, then re-normalised
+    assert torch.allclose(official.head.prototypes, torch.tensor([[0.005, 0.995], [0.995, 0.005]]) / n)
+    tt.ema_update(paper, student, 0.995, paper_ema=True)  # --paper-ema
+    assert torch.allclose(paper.head.mlp[0].bias, torch.full((2,), 0.995 * 1 + 0.005 * 3))  # 1.01
+    assert torch.allclose(paper.head.prototypes, torch.tensor([[0.995, 0.005], [0.005, 0.995]]) / n)
+
+
 def _args(tmp_path=None, data_root=None, **kw):
     argv = ["--data", str(data_root or "unused"), "--arch", "vit_demo", "--patch-size", "8", "--image-size", "32",
             "--proj-dims", "32", "16", "--num-prototypes", "10", "--batch-size-per-gpu", "2", "--num-workers", "0",
@@ -164,6 +285,23 @@ def _ddp_worker(rank, world, init_file, out_dir):
     torch.distributed.destroy_process_group()
 
 
+def test_cluster_pictures_name_rows_and_frames(tmp_path, monkeypatch):
+    world = data.synth_world(str(tmp_path / "synth"), num_videos=1, num_frames=6, size=64, num_images=(2, 2),
+                             crops_per_class=(1, 1), crop_size=32)
+    calls, real = [], data.labelled_grid
+    monkeypatch.setattr(data, "labelled_grid", lambda rows, *a, **k: calls.append((rows, a, k)) or real(rows, *a, **k))
+    torch.manual_seed(0)
+    model = tt.build_model(_args())
+    tt.save_cluster_pictures(model.backbone, os.path.join(world, "davis"), str(tmp_path), 32, "cpu", k=3, columns=3,
+                             tag="_init")
+    *gif, (rows, (path, title, names, cols), _) = calls
+    assert len(gif) == 6 and gif[2][2]["col_names"] == ["frame 2", "k-means, k=3"]  # one GIF frame per frame
+    assert [[t.shape for t in r] for r in rows] == [[(3, 32, 32)] * 3] * 2  # the frames, their clusters
+    assert names == ["tour_00:\nframes", "tour_00:\nclusters"] and cols == ["frame 0", "frame 2", "frame 5"]
+    assert "init" in title and Image.open(path).size[1] > 2 * 32
+    assert Image.open(tmp_path / "clusters_init_tour_00.gif").n_frames == 6
+
+
 def test_ddp_two_processes_equal_one(tmp_path):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     args = _args()
@@ -190,6 +328,51 @@ def test_bf16_autocast_step():
     changed = [k for k, v in student.state_dict().items() if not torch.equal(v, before[k])]
     assert "head.prototypes" in changed and any(k.startswith("backbone.blocks.3") for k in changed)
     assert not any(k.startswith("backbone.blocks.0") for k in changed)  # official: only the last 2 blocks train
+
+
+# ----------------------------------------------------------------------------- the demo on one's own video
+def own_video_and_tiny_world(tmp_path):
+    """tmp_path/mine/walk.mp4 (a square crossing a brightening background; no synthetic world beside it),
+    and a tiny synthetic world in tmp_path/runs/synth, where the demo looks for it (kept: it is current)."""
+    frames = np.zeros((24, 48, 64, 3), np.uint8)
+    for t in range(24):
+        frames[t] = 40 + 3 * t
+        frames[t, 10:30, 2 * t:2 * t + 20] = (220, 60, 40)
+    data.write_video(tmp_path / "mine" / "walk.mp4", frames)
+    data.synth_world(str(tmp_path / "runs" / "synth"), 0, num_videos=1, num_frames=16, size=64, num_images=(12, 6),
+                     crops_per_class=(6, 3), crop_size=32)
+    return str(tmp_path / "mine" / "walk.mp4")
+
+
+def run_demo(tmp_path, *argv):
+    """`python timetuning.py --demo ...` in tmp_path: exit status 0, then the last line of stdout as JSON."""
+    import json
+    import subprocess
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "timetuning.py")
+    run = subprocess.run([sys.executable, script, "--demo", *argv], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_demo_trains_on_ones_own_video_and_evaluates_on_the_synthetic_world(tmp_path):
+    # `timetuning.py --demo --data my_walk.mp4` once trained and then skipped its evaluation silently
+    video = own_video_and_tiny_world(tmp_path)
+    result = run_demo(tmp_path, "--data", video, "--output-dir", "out", "--image-size", "32", "--epochs", "1",
+                      "--batch-size-per-gpu", "2", "--clips-per-video", "2", "--num-frames", "2", "--num-workers", "0",
+                      "--proj-dims", "32", "16", "--num-prototypes", "10", "--eval-benches", "propagate")
+    assert (tmp_path / "out" / "checkpoint.pth").exists()
+    assert result["train_data"] == video and result["eval_data"] == os.path.join("runs", "synth")
+    for when in ("init", "timet"):
+        assert {"video_kmeans/clip_wise_miou", "davis/J&F"} <= set(result[when])
+
+
+def test_demo_checks_the_eval_data_layout_before_training(tmp_path):
+    (tmp_path / "mine" / "voc").mkdir(parents=True)
+    with pytest.raises(data.DataError, match="mine/davis: no such folder"):
+        tt.get_args(["--demo", "--data", "unused", "--eval-data", str(tmp_path / "mine"),
+                     "--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- resume
