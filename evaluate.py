@@ -26,6 +26,7 @@ The last line printed is one JSON object with every number.
 """
 import argparse
 import functools
+import glob
 import importlib
 import json
 import math
@@ -974,20 +975,33 @@ def _by_class(dataset) -> dict:  # class -> indices of its images
     return by_class
 
 
-def icl_episode(dataset, by_class, n, k, seed, task_induction=False) -> tuple:
+# Nonsense class words for the open-ended setting, by position in the episode: Frozen (Tsimpoukelli et al. 2021)
+# names "dax" and "blicket"; the other three are as we recall its 5-way files, not verified here
+FROZEN_WORDS = ("dax", "blicket", "slation", "perpo", "shously")
+
+
+def icl_episode(dataset, by_class, n, k, seed, task_induction=False, open_ended=False, repeats=0) -> tuple:
     """One episode of `icl` from its seed (any hashable): n classes, k support images each in shuffled
-    order, then a query of one of them. Returns (images, texts, the n classes, the query's class)."""
+    order (the whole support shown 1 + repeats times: Frozen's "repeats"), then a query of one of them.
+    open_ended: the n classes are called FROZEN_WORDS[:n] instead of their names (Frozen's Open-Ended
+    miniImageNet, episode_names); task_induction: "Answer with a or b." before the question. Returns
+    (images, texts, the n classes, the query's class)."""
     eligible = sorted(c for c, idx in by_class.items() if len(idx) > k)
     if len(eligible) < n:
         import data
         raise data.DataError(f"icl: {n}-way {k}-shot needs {n} classes with > {k} images, have {len(eligible)}")
-    rng, names = random.Random(seed), dataset.classes
+    if open_ended and n > len(FROZEN_WORDS):
+        import data
+        raise data.DataError(f"icl: open-ended {n}-way needs {n} nonsense words, Frozen's list has {len(FROZEN_WORDS)}")
+    rng = random.Random(seed)
     classes = rng.sample(eligible, n)
+    names = episode_names(dataset, classes, open_ended)
     target = rng.choice(classes)
     picks = {c: rng.sample(by_class[c], k + (c == target)) for c in classes}
     query = picks[target].pop()
     support = [(i, c) for c in classes for i in picks[c]]
     rng.shuffle(support)
+    support = support * (1 + repeats)
     prompt = "What is this? This is a"
     if task_induction:
         prompt = f"Answer with {' or '.join(names[c] for c in rng.sample(classes, n))}. " + prompt
@@ -995,33 +1009,145 @@ def icl_episode(dataset, by_class, n, k, seed, task_induction=False) -> tuple:
     return images, [f"This is a {names[c]}." for _, c in support] + [prompt], classes, target
 
 
-def icl(generate, dataset, ways=(2, 5), shots=(1, 3, 5), episodes=100, seed=0, task_induction=False) -> dict:
-    """Open-ended N-way K-shot classification with real class names, exact match.
+def episode_names(dataset, classes, open_ended=False) -> dict:  # class -> the name an episode calls it
+    return dict(zip(classes, FROZEN_WORDS)) if open_ended else {c: dataset.classes[c] for c in classes}
+
+
+def _icl_scores(key, answers, truths, context_names, n) -> dict:
+    """Accuracy (exact match after normalise_answer), its 95 % interval, chance and `_in_context`, in %."""
+    acc = sum(normalise_answer(a) == normalise_answer(t) for a, t in zip(answers, truths)) / len(answers)
+    in_context = sum(normalise_answer(a) in {normalise_answer(x) for x in names}
+                     for a, names in zip(answers, context_names)) / len(answers)
+    return {key: 100 * acc, key + "_ci95": 100 * 1.96 * math.sqrt(acc * (1 - acc) / len(answers)),
+            key + "_chance": 100 / n, key + "_in_context": 100 * in_context}
+
+
+def _settings(task_induction, repeats):  # (task induction?, repeats, key suffix) for every combination asked
+    tis = [task_induction] if isinstance(task_induction, bool) else task_induction
+    reps = [repeats] if isinstance(repeats, int) else repeats
+    return [(ti, r, ("_induction" if ti else "") + (f"_{r}repeats" if r else "")) for ti in tis for r in reps]
+
+
+def icl(generate, dataset, ways=(2, 5), shots=(1, 3, 5), episodes=100, seed=0, task_induction=(False, True),
+        repeats=0, open_ended=False) -> dict:
+    """Open-ended N-way K-shot classification, exact match (Frozen's protocol), with the classes' real
+    names, or with Frozen's fixed nonsense words (open_ended: "dax", "blicket", ... by position).
     An episode draws N classes, K support images each and one query from one of them (fixed seed per
-    episode, so every model sees the same episodes). generate(images, texts) gets the support images
-    in shuffled order and the query, with texts[i] the text after images[i]: "This is a <name>." for
-    supports and "What is this? This is a" (preceded by "Answer with a or b." with task_induction)
-    after the query. Returns accuracy, its 95% interval (normal approximation) and chance, in %, and
-    `_in_context`: how often the answer is one of the episode's names, right or wrong. With
-    features that cannot tell the classes apart, accuracy is at most about in_context / N."""
-    names, by_class = dataset.classes, _by_class(dataset)
+    episode, so every model sees the same episodes, with and without task induction). generate(images,
+    texts) gets the support images in shuffled order and the query, with texts[i] the text after
+    images[i]: "This is a <name>." for supports and "What is this? This is a" (preceded by "Answer with
+    a or b." with task induction) after the query. Keys "icl/2way_1shot" (+ "_induction", "_3repeats"):
+    accuracy, its 95% interval (normal approximation) and chance, in %, and `_in_context`: how often
+    the answer is one of the episode's names, right or wrong. With features that cannot tell the
+    classes apart, accuracy is at most about in_context / N."""
+    by_class = _by_class(dataset)
     out = {}
     for n in ([ways] if isinstance(ways, int) else ways):
         for k in ([shots] if isinstance(shots, int) else shots):
-            correct = in_context = 0
-            for e in range(episodes):
-                images, texts, classes, target = icl_episode(dataset, by_class, n, k, f"icl-{seed}-{n}-{k}-{e}",
-                                                             task_induction)
-                answer = normalise_answer(generate(images, texts))
-                correct += answer == normalise_answer(names[target])
-                in_context += answer in {normalise_answer(names[c]) for c in classes}
-            acc = correct / episodes
-            key = f"icl/{n}way_{k}shot"
-            out[key] = 100 * acc
-            out[key + "_ci95"] = 100 * 1.96 * math.sqrt(acc * (1 - acc) / episodes)
-            out[key + "_chance"] = 100 / n
-            out[key + "_in_context"] = 100 * in_context / episodes
+            for ti, r, suffix in _settings(task_induction, repeats):
+                answers, truths, context = [], [], []
+                for e in range(episodes):
+                    images, texts, classes, target = icl_episode(
+                        dataset, by_class, n, k, f"icl-{seed}-{n}-{k}-{e}", ti, open_ended, r)
+                    names = episode_names(dataset, classes, open_ended)
+                    answers.append(generate(images, texts))
+                    truths.append(names[target])
+                    context.append(names.values())
+                out.update(_icl_scores(f"icl/{n}way_{k}shot{suffix}", answers, truths, context, n))
     return out
+
+
+def frozen_episodes(folder, ways, shots) -> list:
+    """Frozen's released episodes (Tsimpoukelli et al. 2021; https://fh295.github.io/frozen.html:
+    open_ended_mi.tar.gz = Open-Ended miniImageNet, real_name_mi.tar.gz = Real-Name miniImageNet; extract
+    with tar -xzf). Layout as documented there: folder/<task>_shots_<k>_ways_<n>_all_questions.json, a
+    JSON list with one dict per question: image_1 .. image_<n*k> (jpg file names in folder, in support
+    order), caption_1 .. ("This is a dax."), question_image, question, answer (the key names as read by
+    public loaders of these files; not confirmed against the files here). Returns those dicts."""
+    files = sorted(glob.glob(os.path.join(folder, f"*_shots_{shots}_ways_{ways}_all_questions.json")))
+    if not files:
+        import data
+        raise data.DataError(f"{folder}: no *_shots_{shots}_ways_{ways}_all_questions.json (Frozen's episode files)")
+    with open(files[0]) as f:
+        return json.load(f)
+
+
+def icl_frozen(generate, folder, ways=(2, 5), shots=(1, 3, 5), task_induction=(False, True), repeats=0,
+               episodes=None) -> dict:
+    """`icl` on Frozen's fixed episodes (frozen_episodes): the file's captions as they are, the question
+    followed by " This is a" as the prompt (our assumption of Frozen's "Q: What is this? A: This is a"),
+    "Answer with a or b." (names read off the captions) before it with task induction, the support
+    repeated as in `icl`. Keys "frozen/2way_1shot" and the rest as in `icl`. episodes: the first so many."""
+    import data
+    out = {}
+    for n in ([ways] if isinstance(ways, int) else ways):
+        for k in ([shots] if isinstance(shots, int) else shots):
+            questions = frozen_episodes(folder, n, k)[:episodes]
+            for ti, r, suffix in _settings(task_induction, repeats):
+                answers, truths, context = [], [], []
+                for q in questions:
+                    captions = [q[f"caption_{i}"] for i in range(1, n * k + 1)]
+                    names = sorted({re.sub(r"^this is an? ", "", c.strip().rstrip(".").lower()) for c in captions})
+                    prompt = (q.get("question") or "What is this?").strip() + " This is a"
+                    if ti:
+                        prompt = f"Answer with {' or '.join(random.Random(str(q.get('question_id'))).sample(names, len(names)))}. " + prompt
+                    files = [q[f"image_{i}"] for i in range(1, n * k + 1)] * (1 + r) + [q["question_image"]]
+                    answers.append(generate([data.load_image(os.path.join(folder, f)) for f in files],
+                                            captions * (1 + r) + [prompt]))
+                    truths.append(q["answer"])
+                    context.append(names)
+                out.update(_icl_scores(f"frozen/{n}way_{k}shot{suffix}", answers, truths, context, n))
+    return out
+
+
+def read_class_names(path) -> dict:
+    """folder name (an ImageNet wnid) -> class name, from a file the user passes: JSON {wnid: name} or
+    lines "n01532829 house finch, linnet" (ImageNet's LOC_synset_mapping.txt); the first name is kept."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("{"):
+        return json.loads(text)
+    pairs = (line.strip().split(maxsplit=1) for line in text.splitlines() if line.strip())
+    return {p[0]: p[1].split(",")[0].strip() for p in pairs if len(p) == 2}
+
+
+def feature_ceiling(features, labels, trials=2000, seed=0) -> float:
+    """2-way 1-shot accuracy of frozen features alone, in %: how often the query's cosine-nearest support
+    is of its class. What a perfect reader of the context could reach with this encoder. (N, F), (N,)."""
+    f = F.normalize(features.float(), dim=1)
+    by_class = [torch.nonzero(labels == c).flatten().tolist() for c in labels.unique().tolist()]
+    rng, hits = np.random.default_rng(seed), 0
+    for _ in range(trials):
+        a, b = rng.choice(len(by_class), 2, replace=False)
+        q, same = rng.choice(by_class[a], 2, replace=False)
+        hits += float(f[q] @ f[same] > f[q] @ f[rng.choice(by_class[b])])
+    return 100 * hits / trials
+
+
+def run_icl(generate, folder=None, ways=(2, 5), shots=(1, 3, 5), episodes=100, seed=0, class_names=None,
+            task_induction=(False, True), repeats=0, frozen=()) -> dict:
+    """The open-ended benchmarks a VLM of this repo reports: on an ImageFolder, `icl` with the real class
+    names ("real/..."; wnid folders renamed through class_names, read_class_names) and with Frozen's
+    nonsense words ("open/..."); on each of Frozen's released episode folders, icl_frozen
+    ("<folder name>/frozen/...": every question of the files, as released)."""
+    import data
+    results = {}
+    if folder:
+        real = data.ImageFolder(folder)
+        if class_names:
+            mapping = read_class_names(class_names)
+            missing = [c for c in real.classes if c not in mapping]
+            if missing:
+                raise data.DataError(f"{class_names}: no name for the folders {missing[:5]} of {folder}")
+            real.classes = [mapping[c] for c in real.classes]
+        for kind, open_ended in (("real", False), ("open", True)):
+            ok_ways = tuple(n for n in ways if n <= len(real.classes))
+            res = icl(generate, real, ok_ways, shots, episodes, seed, task_induction, repeats, open_ended)
+            results.update({f"{kind}/{k}": v for k, v in res.items()})
+    for path in frozen:
+        res = icl_frozen(generate, path, ways, shots, task_induction, repeats)
+        results.update({f"{os.path.basename(os.path.normpath(path))}/{k}": v for k, v in res.items()})
+    return results
 
 
 def icl_picture(generate, dataset, path, ways=3, shots=1, seed=0, size=96) -> tuple:
@@ -1349,7 +1475,13 @@ def get_args(argv=None):
     p.add_argument("--epochs", type=int, default=None, help="probe epochs (default: 100 linear, 20 seg-linear)")
     p.add_argument("--restarts", type=int, default=5, help="seg-cluster: k-means restarts (best kept; Leopart: 5)")
     p.add_argument("--episodes", type=int, default=100, help="icl episodes per (ways, shots)")
-    p.add_argument("--task-induction", action="store_true", help="icl: 'Answer with a or b.' before the question")
+    p.add_argument("--task-induction", nargs="?", const="with", default="both", choices=["without", "with", "both"],
+                   help="icl: 'Answer with a or b.' before the question; default: report without and with")
+    p.add_argument("--repeats", type=int, nargs="+", default=[0], help="icl: extra times the support is shown (Frozen)")
+    p.add_argument("--class-names", default=None, help="icl: file mapping wnid folders to names (JSON, or "
+                   "ImageNet's LOC_synset_mapping.txt lines 'n01532829 house finch, linnet')")
+    p.add_argument("--frozen", nargs="+", default=[], help="icl: folders of Frozen's released episodes "
+                   "(open_ended_mi, real_name_mi from https://fh295.github.io/frozen.html), evaluated as released")
     p.add_argument("--max-videos", type=int, default=3, help="viz: pictures for this many videos")
     p.add_argument("--frames", type=int, default=8, help="viz: frames per video")
     p.add_argument("--output-dir", default="runs/eval", help="propagate: palette PNGs; viz: pictures")
@@ -1379,10 +1511,10 @@ def main(args):
         if not hasattr(module, "build_generator"):
             raise data.CheckpointError(f"--ckpt {args.ckpt}: holds {data.describe_checkpoint(state)}; icl needs a "
                                        "checkpoint of a method with a language model (secat.py)")
-        dataset = data.ImageFolder(os.path.join(args.data, "val") if os.path.isdir(os.path.join(args.data, "val"))
-                                   else args.data)
-        results = icl(module.build_generator(state, device), dataset, episodes=args.episodes, seed=args.seed,
-                      task_induction=args.task_induction)
+        folder = os.path.join(args.data, "val") if os.path.isdir(os.path.join(args.data, "val")) else args.data
+        ti = {"without": False, "with": True, "both": (False, True)}[args.task_induction]
+        results = run_icl(module.build_generator(state, device), folder, episodes=args.episodes, seed=args.seed,
+                          class_names=args.class_names, task_induction=ti, repeats=args.repeats, frozen=args.frozen)
     elif args.bench == "viz":
         paths = []
         for i, video in enumerate(data.find_videos(args.data)[:args.max_videos]):

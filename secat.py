@@ -6,35 +6,29 @@ Few-Shot Learners"), 2023. https://arxiv.org/abs/2310.00500  (no official code i
 
 The idea. A visual language model learns to name things from a few examples in its context,
 without a single real caption. Cluster a pool of unlabelled images with a frozen image
-encoder; give each cluster a name that means nothing about its content ("dax", "blicket");
-then train on interleaved "self-context" sequences
+encoder; give each cluster a name that says nothing about its content (nouns matched to the
+clusters, or nonsense words such as "blicket"); then train on interleaved "self-context" sequences
 
-    <img> This is a dax. <img> This is a blicket. ... <query img> What is this? This is a  dax.
+    <img> Here is a kettle. <img> Here is a owl. ... <query img> What is here? Here is a  kettle.
 
-with the loss only on the query's answer. As names are re-drawn for every episode, the only
-way to answer is to find the support image that looks like the query and copy its name. At
-test time the same model gets real class names in its context and answers in open text
-(Frozen's protocol: exact match of the generated name, nothing is trained at test time).
-
-What is trained (as in the paper): the image encoder is FROZEN; the mapper from image
-features to visual prefix tokens and the language model are TRAINED.
+with the loss only on the query's answer. The only way to answer is to find the support image
+that looks like the query and copy its name. At test time the same model gets real class names
+in Frozen's wording ("This is a ...", another template than training's) and answers in open
+text (exact match of the generated name; nothing is trained at test time). As in the paper,
+the image encoder is FROZEN; the mapper (image features -> visual prefix tokens) and the LM are TRAINED.
 
 Commands:
-    python secat.py --demo                                   # tiny LM from scratch, ~6 min on 2 CPU cores
-    python secat.py --demo --encoder runs/sinkhorn/checkpoint.pth   # frozen encoder from a demo run
-    python secat.py --data /imagenet/train --eval-data /mini-imagenet/val \\
-        --encoder dino_deitsmall16_pretrain.pth --lm gpt2-xl/model.safetensors   # full scale
+    python secat.py --demo                # tiny LM from scratch on the synthetic world, a few min on 2 CPU cores
+    python secat.py --data /imagenet/train --encoder dino_deitsmall16_pretrain.pth --lm gpt2-large/ \\
+        --eval-data /mini-imagenet/test --class-names LOC_synset_mapping.txt \\
+        --frozen-episodes open_ended_mi real_name_mi                                # paper scale
     torchrun --nproc_per_node=8 secat.py --data ... --encoder ... --lm ...
-    python secat.py ... --resume                             # continue <output-dir>/checkpoint.pth
-                                                             # (all epochs done: evaluates it again)
+    python secat.py ... --resume          # continue <output-dir>/checkpoint.pth (all epochs done: evaluates it again)
 
-Contents: config; the frozen DINO-compatible ViT (this file's own copy); the byte-level
-tokenizer; the GPT decoder and GPT-2 weight loading; the visual mapper; clustering
-(Sinkhorn-Knopp equipartition or k-means) and pseudo-names; self-context episodes and the
-masked loss; greedy generation; training; evaluation through evaluate.icl; a picture.
+Contents: config; data (frozen encoder and features, k-means, names matched to clusters, episodes
+and tokens); model (GPT, GPT-2 loading, mapper); answer-only loss; generation; training; evaluation.
 """
 import argparse
-import copy
 import json
 import math
 import os
@@ -47,6 +41,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from scipy.optimize import linear_sum_assignment
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
@@ -55,40 +50,33 @@ import data
 METHOD = "secat"
 
 
-# ----------------------------------------------------------------------------------------
-# Config. Paper-scale defaults (a ~1B LM, a DINO ViT-S/16); --demo overrides a few.
-# ----------------------------------------------------------------------------------------
+# ====== Config. Paper-scale defaults (a ~1B pretrained LM, a DINO ViT-S/16); --demo overrides a few.
 def get_args(argv=None):
     p = argparse.ArgumentParser("SeCAt: self-context adaptation")
     p.add_argument("--data", default=None, help="folder of unlabelled images (class folders, if any, are ignored), "
                    "or a video or folder of videos (their frames as images)")
-    p.add_argument("--eval-data", default=None, help="ImageFolder with real class names for the icl benchmark (--demo: "
-                   "a root laid out like the synthetic world, whose objects/val is used; default: the synthetic world)")
+    p.add_argument("--eval-data", default=None, help="ImageFolder of the icl benchmark (class folders: names or wnids; "
+                   "--demo: a root laid out like the synthetic world, whose objects/val is used; default: the synthetic world)")
+    p.add_argument("--class-names", default=None, help="wnid -> name file (LOC_synset_mapping.txt or JSON) for --eval-data")
+    p.add_argument("--frozen-episodes", nargs="+", default=[], help="folders of Frozen's released episodes (evaluate.py)")
     p.add_argument("--output-dir", default="runs/secat")
     p.add_argument("--demo", action="store_true", help="tiny LM, short schedule, synthetic world (CPU, minutes)")
-    p.add_argument("--encoder", default=None, help="frozen image encoder: official DINO weights or a repo checkpoint; "
-                   "random init when not given")
-    p.add_argument("--encoder-arch", default="vit_small", help="architecture when --encoder is not given")
+    p.add_argument("--encoder", default=None, help="frozen encoder (required outside --demo): DINO weights or a repo checkpoint")
+    p.add_argument("--encoder-arch", default="vit_small", help="architecture of official DINO weights")
     p.add_argument("--patch-size", type=int, default=16)
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--lm", default=None, help="pretrained causal LM: a HF GPT-2-family state dict "
-                   "(pytorch_model.bin / model.safetensors, or their folder); else a GPT trained from scratch")
-    p.add_argument("--lm-dim", type=int, default=768, help="from-scratch LM width")
+    p.add_argument("--lm", default=None, help="pretrained GPT-2-family LM (required outside --demo): a Hugging Face folder "
+                   "(config.json, model.safetensors, vocab.json + merges.txt or tokenizer.json); it reads its own BPE")
+    p.add_argument("--lm-dim", type=int, default=768, help="from-scratch LM (demo) width")
     p.add_argument("--lm-layers", type=int, default=12)
     p.add_argument("--lm-heads", type=int, default=12)
     p.add_argument("--context", type=int, default=1024, help="from-scratch LM context length")
-    p.add_argument("--lm-positions", default="rope", choices=["rope", "learned"],
-                   help="from-scratch LM: rotary (relative) or GPT-2's learned absolute positions")
-    p.add_argument("--text-warmup-steps", type=int, default=0, help="first steps on text only (next-token loss on "
-                   "caption lists with repeated nonsense names): for an LM from scratch, which lacks pretraining")
+    p.add_argument("--lm-positions", default="rope", choices=["rope", "learned"], help="from-scratch LM: rotary or learned")
+    p.add_argument("--text-warmup-steps", type=int, default=0, help="first steps on text only (text_batch), for an LM from scratch")
     p.add_argument("--prefix-tokens", type=int, default=2, help="visual tokens per image (Frozen: 2)")
     p.add_argument("--clusters", type=int, default=1000, help="K clusters of the unlabelled pool")
-    p.add_argument("--cluster-method", default="sinkhorn", choices=["sinkhorn", "kmeans"],
-                   help="sinkhorn: k-means with Sinkhorn-Knopp equal-size assignments; kmeans: plain")
-    p.add_argument("--pseudo-names", default="nonsense", choices=["nonsense", "nouns"],
-                   help="cluster names, re-drawn per episode: pronounceable nonsense words, or nouns from this "
-                   "file's list of 157 minus the evaluation's class words (the paper's kind, for a pretrained LM: "
-                   "an LM from scratch learns to write the list's words instead of copying, README)")
+    p.add_argument("--pseudo-names", default=None, choices=["nonsense", "nouns"], help="nouns (default with --lm, the "
+                   "paper's): matched one per cluster (match_nouns); nonsense (LM from scratch): re-drawn per episode")
     p.add_argument("--max-ways", type=int, default=5, help="training episodes: N drawn from 2..max-ways")
     p.add_argument("--max-shots", type=int, default=5, help="training episodes: K drawn from 1..max-shots")
     p.add_argument("--epochs", type=int, default=10)
@@ -102,6 +90,7 @@ def get_args(argv=None):
     p.add_argument("--eval-episodes", type=int, default=200, help="episodes per (ways, shots) setting")
     p.add_argument("--eval-ways", type=int, nargs="+", default=[2, 5])
     p.add_argument("--eval-shots", type=int, nargs="+", default=[1, 3, 5])
+    p.add_argument("--eval-repeats", type=int, nargs="+", default=[0], help="extra times the support is shown (Frozen)")
     p.add_argument("--num-workers", type=int, default=8)
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"], help="default: bf16 on capable GPUs")
     p.add_argument("--seed", type=int, default=0)
@@ -110,14 +99,12 @@ def get_args(argv=None):
     p.add_argument("--log-every", type=int, default=20)
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    if args.demo:  # everything small enough for 2 CPU cores in about 5 minutes
+    if args.demo:  # everything small enough for 2 CPU cores in a few minutes
         given = {a.split("=")[0] for a in argv}
-        demo = dict(encoder_arch="vit_demo", patch_size=8, image_size=64, lm_dim=128, lm_layers=4, lm_heads=4,
-                    context=512, clusters=16, max_ways=2, max_shots=1, epochs=6, steps_per_epoch=150,
-                    text_warmup_steps=300,
-                    batch_size_per_gpu=32, lr=2e-3, min_lr=1e-4, warmup_epochs=1, eval_episodes=200,
-                    eval_ways=[2, 5], eval_shots=[1],
-                    num_workers=0, log_every=10)
+        demo = dict(encoder_arch="convnet_demo", image_size=32, lm_dim=128, lm_layers=4, lm_heads=4,
+                    context=512, clusters=12, max_ways=2, max_shots=1, epochs=6, steps_per_epoch=150,
+                    text_warmup_steps=300, batch_size_per_gpu=32, lr=2e-3, min_lr=1e-4, warmup_epochs=1,
+                    eval_episodes=100, eval_ways=[2, 5], eval_shots=[1], num_workers=0, log_every=10)
         for k, v in demo.items():  # explicit flags win over the demo's settings
             if "--" + k.replace("_", "-") not in given:
                 setattr(args, k, v)
@@ -125,195 +112,58 @@ def get_args(argv=None):
         args.data = args.data or os.path.join(data.ensure_synth("runs/synth", seed=0), "objects", "train")
     if args.data is None:
         p.error("--data is required (or --demo to use the synthetic world)")
+    args.pseudo_names = args.pseudo_names or ("nouns" if args.lm else "nonsense")
     args.vocabulary = name_vocabulary(args.pseudo_names, args.eval_data)
     return args
 
 
-# ---------------------------------------------------------------------------------------
-# A DINO-compatible Vision Transformer. Each method file carries its own copy so that it
-# reads alone (house style); parameter names follow the official DINO checkpoints, so
-#   model.load_state_dict(torch.load("dino_deitsmall16_pretrain.pth"), strict=True)
-# works and gives the same outputs as DINO's vision_transformer.py. (Frozen here: stochastic
-# depth, a training-only regulariser without parameters, is left out of this copy.)
-# ---------------------------------------------------------------------------------------
+def refuse_toy_setup(args):
+    """Full scale needs the paper's two pretrained parts (random ones train for hours and measure nothing)."""
+    if not args.demo and (args.encoder is None or args.lm is None):
+        missing = " and ".join(f for f, v in (("--encoder", args.encoder), ("--lm", args.lm)) if v is None)
+        raise data.DataError(f"secat.py: {missing} required outside --demo: pass --encoder <DINO weights or a repo "
+                         "checkpoint> and --lm <GPT-2-family Hugging Face folder: config.json, model.safetensors, tokenizer>")
 
-class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
-        super().__init__()
-        self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, return_attention: bool = False):
-        """x: (B, N, D) -> (B, N, D), and the attention (B, heads, N, N) if asked."""
-        B, N, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        if return_attention:  # the explicit path: the weights are needed (viz, tracking)
-            attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
-            out = attn @ v
-        else:  # fused kernel (flash / memory-efficient) when no weights are needed
-            attn = None
-            out = F.scaled_dot_product_attention(q, k, v)
-        out = self.proj(out.transpose(1, 2).reshape(B, N, D))
-        return (out, attn) if return_attention else out
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-
-    def forward(self, x, return_attention: bool = False):
-        if return_attention:
-            y, attn = self.attn(self.norm1(x), return_attention=True)
-        else:
-            y, attn = self.attn(self.norm1(x)), None
-        x = x + y
-        x = x + self.mlp(self.norm2(x))
-        return (x, attn) if return_attention else x
-
-class PatchEmbed(nn.Module):
-    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768):
-        super().__init__()
-        self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x):  # (B, 3, H, W) -> (B, H/p * W/p, D)
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-class VisionTransformer(nn.Module):
-    """ViT with a [CLS] token; DINO's interface: forward -> [CLS] (B, D) after the final norm,
-    get_last_selfattention -> (B, heads, 1+N, 1+N), get_intermediate_layers(x, n) -> n x (B, 1+N, D)."""
-
-    def __init__(self, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, img_size=224):
-        super().__init__()
-        self.embed_dim = self.num_features = embed_dim
-        self.num_heads = num_heads
-        self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
-        num_patches = (img_size // patch_size) ** 2
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.head = nn.Identity()  # DINO keeps a (unused) head slot; no parameters
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-    def interpolate_pos_encoding(self, num_patches: int, h: int, w: int) -> torch.Tensor:
-        """Bicubic resize of the patch part of the positional embedding to an (h/p, w/p) grid,
-        as DINO does it (scale factor with DINO's +0.1 so that floors land on the grid)."""
-        n = self.pos_embed.shape[1] - 1
-        if num_patches == n and h == w:
-            return self.pos_embed
-        p = self.patch_embed.patch_size
-        side = int(math.sqrt(n))
-        h0, w0 = h // p + 0.1, w // p + 0.1
-        grid = self.pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, scale_factor=(h0 / side, w0 / side), mode="bicubic")
-        grid = grid.permute(0, 2, 3, 1).reshape(1, -1, self.embed_dim)
-        return torch.cat([self.pos_embed[:, :1], grid], dim=1)
-
-    def prepare_tokens(self, x):  # (B, 3, H, W) -> (B, 1+N, D)
-        B, _, H, W = x.shape
-        x = self.patch_embed(x)
-        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
-        return x + self.interpolate_pos_encoding(x.shape[1] - 1, H, W)
-
-    def forward(self, x):  # (B, 3, H, W) -> (B, D)
-        x = self.prepare_tokens(x)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)[:, 0]
-
-    def get_last_selfattention(self, x):  # -> (B, heads, 1+N, 1+N)
-        x = self.prepare_tokens(x)
-        for blk in self.blocks[:-1]:
-            x = blk(x)
-        return self.blocks[-1](x, return_attention=True)[1]
-
-    def get_intermediate_layers(self, x, n: int = 1):  # -> list of n tensors (B, 1+N, D), normed
-        x = self.prepare_tokens(x)
-        out = []
-        for i, blk in enumerate(self.blocks):
-            x = blk(x)
-            if i >= len(self.blocks) - n:
-                out.append(self.norm(x))
-        return out
-
-VIT_ARCHS = {"vit_demo": (8, 192, 4), "vit_tiny": (16, 192, 12), "vit_small": (16, 384, 12), "vit_base": (16, 768, 12)}
+# ====== Data 1: the frozen image encoder and its features of the unlabelled pool.
+def convnet_demo(width=32) -> nn.Module:
+    """The demo's frozen encoder: 4 conv stages with BN (stride 8), global average pool; (B, 3, H, W) -> (B, 4*width)."""
+    layers, c = [], 3
+    for i, w in enumerate((width, 2 * width, 4 * width, 4 * width)):
+        layers += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU()] + ([nn.MaxPool2d(2)] if i < 3 else [])
+        c = w
+    net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    net.out_dim = c
+    return net
 
 
 def build_backbone(args: dict) -> nn.Module:
-    """The frozen image encoder with fresh weights, from a checkpoint's stored args (evaluate.py
-    calls this). DINO's ViTs all have 64-dim heads, so width and depth fix the architecture; an
-    encoder from another method file that is not a ViT (sinkhorn.py's conv nets) is rebuilt by it."""
+    """The frozen encoder with fresh weights, from a checkpoint's stored args (evaluate.py calls this):
+    the demo's conv net, another method file's backbone (rebuilt by that file), or a ViT for DINO weights."""
     if args.get("encoder_method"):
         import importlib
         return importlib.import_module(args["encoder_method"]).build_backbone(args["encoder_args"])
-    if args.get("encoder_dim") is None:
-        _, dim, depth = VIT_ARCHS[args.get("encoder_arch", "vit_small")]
-    else:
-        dim, depth = args["encoder_dim"], args["encoder_depth"]
-    return VisionTransformer(args.get("patch_size", 16), dim, depth, dim // 64, img_size=args.get("encoder_img_size", 224))
-
-
-def feature_dim(encoder) -> int:  # the width of encoder(images): a ViT's [CLS], a conv net's pooled output
-    return getattr(encoder, "out_dim", encoder.embed_dim)
+    if args["encoder_arch"] == "convnet_demo":
+        return convnet_demo()
+    import evaluate
+    return evaluate.build_arch(args["encoder_arch"], args["patch_size"])
 
 
 def load_encoder(args) -> nn.Module:
-    """--encoder: official DINO weights (a plain ViT state dict) or a checkpoint of this repo
-    (the `backbone.` keys of `teacher`, else of `model`); the architecture is read off the
-    weights (or, for a non-ViT, taken from the checkpoint's method and args) and stored in args
-    so that build_backbone(args) rebuilds it. None: random init."""
+    """--encoder through evaluate.load_backbone: DINO weights (as --encoder-arch/--patch-size) or a repo checkpoint
+    (its method kept in args for build_backbone). None: fresh weights (the demo then trains its stand-in)."""
     args.encoder_method = args.encoder_args = None
     if args.encoder is None:
-        args.encoder_dim = args.encoder_depth = None
-        args.encoder_img_size = 224
         return build_backbone(vars(args))
+    import evaluate
     state = data.load_checkpoint(args.encoder, flag="--encoder")  # weights_only=True; a damaged file names itself
-    weights = state.get("teacher") or state.get("model") or {}
-    if "method" in state and "backbone.cls_token" not in weights:  # another method's non-ViT backbone
-        import evaluate
+    if "method" in state:
         args.encoder_method, args.encoder_args = state["method"], state["args"]
-        return evaluate.load_backbone(args.encoder)
-    if "teacher" in state or "model" in state:  # a training checkpoint: take its ViT
-        state = state["teacher"] if state.get("teacher") else state["model"]
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    if "cls_token" not in state:
-        raise SystemExit(f"--encoder {args.encoder}: no DINO-style ViT weights found (need cls_token, blocks.*)")
-    args.encoder_dim = int(state["cls_token"].shape[-1])
-    args.encoder_depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    args.patch_size = int(state["patch_embed.proj.weight"].shape[-1])
-    args.encoder_img_size = int(math.isqrt(state["pos_embed"].shape[1] - 1)) * args.patch_size
-    encoder = build_backbone(vars(args))
-    encoder.load_state_dict(state, strict=True)
-    return encoder
+    return evaluate.load_backbone(args.encoder, args.encoder_arch, args.patch_size)
+
+
+def feature_dim(encoder) -> int:  # the width of encoder(images): a ViT's [CLS], a conv net's pooled output
+    return getattr(encoder, "out_dim", None) or encoder.embed_dim
 
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -324,46 +174,219 @@ def eval_transform(size):  # uint8 (3, H, W) -> normalised float (3, size, size)
                       T.ToDtype(torch.float32, scale=True), T.Normalize(MEAN, STD)])
 
 
-# ----------------------------------------------------------------------------------------
-# Language side 1: a byte-level tokenizer. One id per UTF-8 byte, so any name can be
-# spelled, including names never seen in training ("striped ring", "Ærø", "狐").
-# ----------------------------------------------------------------------------------------
-def gpt2_byte_ids():
-    """GPT-2's vocabulary starts with the 256 single bytes, printable ones first (the order of
-    its bytes_to_unicode table). Returns the list byte -> GPT-2 token id."""
-    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    order = printable + [b for b in range(256) if b not in printable]
-    ids = [0] * 256
-    for token_id, byte in enumerate(order):
-        ids[byte] = token_id
-    return ids
+def train_demo_encoder(encoder, args, per_class=100, epochs=15, first_index=1000):
+    """The demo's stand-in for the paper's pretrained encoder: convnet_demo trained WITH labels on synthetic
+    crops that neither the pool (objects/train: train crops 0-59) nor the evaluation (objects/val) holds (train
+    crops 1000+), then frozen; its features separate the classes as a pretrained encoder's do on real images."""
+    world, transform = data.SyntheticWorld(0), eval_transform(args.image_size)
+    x = torch.stack([transform(torch.as_tensor(world.crop(c, first_index + i, "train")).permute(2, 0, 1))
+                     for c in range(len(world.classes)) for i in range(per_class)])
+    y = torch.arange(len(world.classes)).repeat_interleave(per_class)
+    head, g = nn.Linear(feature_dim(encoder), len(world.classes)), torch.Generator().manual_seed(args.seed)
+    optimizer = torch.optim.AdamW([*encoder.parameters(), *head.parameters()], lr=3e-3, weight_decay=1e-4)
+    encoder.train()
+    for _ in range(epochs):
+        for b in torch.randperm(len(x), generator=g).split(64):
+            flip = torch.rand(len(b), generator=g)[:, None, None, None] < 0.5  # horizontal flips
+            loss = F.cross_entropy(head(encoder(torch.where(flip, x[b].flip(3), x[b]))), y[b])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return encoder.eval()
 
 
-class ByteTokenizer:
-    """Text <-> ids, one id per UTF-8 byte. kind="bytes" (LM from scratch): ids 0-255 are the
-    bytes, 256 <eos>, 257 <pad>. kind="gpt2" (pretrained GPT-2 family): GPT-2's own byte
-    tokens, <|endoftext|> (50256) as <eos> and <pad>. <eos> also opens every sequence."""
-
-    def __init__(self, kind="bytes"):
-        if kind == "bytes":
-            self.byte_to_id, self.eos, self.pad, self.vocab_size = list(range(256)), 256, 257, 258
-        elif kind == "gpt2":
-            self.byte_to_id, self.eos, self.pad, self.vocab_size = gpt2_byte_ids(), 50256, 50256, 50257
-        else:
-            raise ValueError(f"tokenizer kind {kind!r}: use 'bytes' or 'gpt2'")
-        self.id_to_byte = {i: b for b, i in enumerate(self.byte_to_id)}
-
-    def encode(self, text: str) -> list:
-        return [self.byte_to_id[b] for b in text.encode("utf-8")]
-
-    def decode(self, ids) -> str:  # specials dropped; a cut multi-byte character becomes U+FFFD
-        return bytes(self.id_to_byte[i] for i in ids if i in self.id_to_byte).decode("utf-8", errors="replace")
+@torch.no_grad()
+def extract_features(encoder, dataset, d, autocast, batch_size=64, num_workers=0):
+    """Frozen [CLS] features of every image, (N, F) float32 on every rank. Rank r embeds images
+    r, r+W, ...; the rows are then summed across ranks (each row is non-zero on one rank only)."""
+    own = list(range(d.rank, len(dataset), d.world_size))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, own), batch_size=batch_size,
+                                         num_workers=num_workers)
+    encoder = encoder.to(d.device).eval()
+    chunks = []
+    for images, _ in tqdm(loader, disable=not d.is_main, desc="frozen features", leave=False):
+        with autocast:
+            chunks.append(encoder(images.to(d.device)).float())
+    feats = torch.zeros(len(dataset), feature_dim(encoder), device=d.device)
+    feats[own] = torch.cat(chunks)
+    if d.world_size > 1:
+        dist.all_reduce(feats)
+    return feats
 
 
-# ----------------------------------------------------------------------------------------
-# Language side 2: a GPT-style decoder (GPT-2's layout and parameter names: pre-norm blocks,
+# ====== Data 2: cluster the pool (plain k-means on the frozen features, as in the paper) and name the
+# clusters: nouns matched one to one (the paper's recipe), or nonsense words re-drawn per episode.
+@torch.no_grad()
+def cluster_features(feats, k, seed=0):
+    """(N, F) -> (N,) int64: plain k-means (evaluate.kmeans: Lloyd, k-means++, best of 3) on L2-normalised
+    features, on the features' device (at ImageNet scale a GPU's job)."""
+    import evaluate
+    return evaluate.kmeans(F.normalize(feats.float(), dim=1), k, seed=seed)[0].cpu()
+
+
+ONSETS = "b c d f g h j k l m n p r s t v w x z bl br ch cr dr fl gl gr kl pl pr qu sh sk sl sp st th tr y".split()
+VOWELS = "a e i o u a e i o u ai ee oo y".split()
+CODAS = ["", "", "", "", "n", "k", "x", "s", "t", "m", "ck", "nd", "rp", "sh"]
+
+
+NOUNS = """apple anchor apron badger bagel banjo barrel basket beetle bell bicycle blanket bottle bucket
+butter cabin cactus camel candle canoe carpet carrot castle cello chair cherry chimney clock coffee comet
+copper cotton crab crayon cricket daisy desk dolphin donkey door dragon drum eagle engine falcon feather
+fern fiddle finch flute fork fox garlic giraffe glove goat goose grape guitar hammer harbor harp helmet
+honey horse igloo island jacket jaguar kayak kettle kite koala ladder lamp lantern lemon lizard llama
+magnet mango maple marble meadow melon mitten monkey moose mushroom needle nest noodle oak oar olive onion
+otter owl paddle panda parrot peach peanut pencil pepper piano pickle pillow pine pirate plum pocket pony
+potato pumpkin quilt rabbit radio raft raven river robin rocket saddle salmon sandal scarf sheep shovel
+sled snail sock spoon squid stool sugar swan table teapot tiger toast tomato tractor trumpet tulip turnip
+turtle violin wagon walnut walrus whale willow window wolf yak zebra""".split()  # concrete, none a shape or texture
+
+
+def name_vocabulary(kind: str, eval_folder=None, class_names=None):
+    """--pseudo-names nouns: the paper's kind, vocabulary nouns (NOUNS above) minus every word of the
+    evaluation's class names (its folders, or their names in --class-names), so that no real name is
+    seen in training; nonsense: None."""
+    if kind == "nonsense":
+        return None
+    classes = os.listdir(eval_folder) if eval_folder and os.path.isdir(eval_folder) else []
+    if class_names:
+        import evaluate
+        classes = list(evaluate.read_class_names(class_names).values())
+    taken = {w for d in classes for w in d.lower().replace("_", " ").split()}
+    return [w for w in NOUNS if w not in taken]
+
+
+def pseudo_name(rng, vocabulary=None) -> str:
+    """Half of the names one word, half two. With a vocabulary: nouns from it ("kettle", "owl
+    harbor"); without: pronounceable nonsense of 1-3 syllables ("blicket", "dax fep"), in which
+    every letter a-z occurs, so that copying a name is learned for any spelling."""
+    words = []
+    for _ in range(1 if rng.random() < 0.5 else 2):
+        if vocabulary:
+            words.append(vocabulary[rng.integers(len(vocabulary))])
+            continue
+        syllables = rng.integers(1, 4)
+        words.append("".join(ONSETS[rng.integers(len(ONSETS))] + VOWELS[rng.integers(len(VOWELS))] +
+                             CODAS[rng.integers(len(CODAS))] for _ in range(syllables)))
+    return " ".join(words)
+
+
+def pseudo_names(n, rng, vocabulary=None) -> list:
+    names = []
+    while len(names) < n:
+        name = pseudo_name(rng, vocabulary)
+        if name not in names:
+            names.append(name)
+    return names
+
+
+
+
+@torch.no_grad()
+def match_nouns(model, tok, prototypes, vocabulary, seed=0) -> list:
+    """One noun per cluster, fixed for the run (the paper's recipe as its reviews describe it): K random nouns
+    (two-noun names added if the list is short), matched one to one to the K clusters by Hungarian assignment
+    on the cosine of the LM's embedding of each noun (mean of its wte rows) and each prototype (mean frozen
+    feature, (K, F)) mapped by the mapper (mean of its P tokens) as training starts (the paper says not when)."""
+    rng = np.random.default_rng([seed, 5])
+    nouns = [str(w) for w in rng.permutation(vocabulary)]
+    while len(nouns) < len(prototypes):
+        nouns += [n for n in pseudo_names(len(prototypes) - len(nouns), rng, vocabulary) if n not in nouns]
+    nouns, wte = nouns[:len(prototypes)], model.lm.wte.weight
+    words = torch.stack([wte[tok.encode(" " + n)].mean(0) for n in nouns]).float()
+    visual = model.mapper(prototypes.to(wte.device, wte.dtype)).mean(1).float()
+    similarity = F.normalize(visual, dim=1) @ F.normalize(words, dim=1).t()  # (K clusters, K nouns)
+    _, cols = linear_sum_assignment(similarity.cpu().numpy(), maximize=True)
+    return [nouns[j] for j in cols]
+
+
+# ====== Data 3: interleaved N-way K-shot self-context episodes (Frozen's format) and their tokens.
+# Training's wording differs from the evaluation's (Frozen's, evaluate.icl), as in the paper, which does not
+# publish its own: ours keeps Frozen's form and length (relative positions carry over) and changes the words.
+CAPTION, PROMPT = "Here is a {}.", "What is here? Here is a"  # training
+EVAL_CAPTION, EVAL_PROMPT = "This is a {}.", "What is this? This is a"  # evaluation (Frozen's)
+
+
+def sample_episode(members, ways, shots, rng, vocabulary=None, cluster_names=None) -> dict:
+    """members: list over clusters of image indices. N=ways clusters with their names (cluster_names,
+    fixed: matched nouns) or fresh pseudo-names (re-drawn per episode: names must be read from the
+    context), K=shots supports per cluster in random order, then a query image from one of the N clusters.
+    Returns dict(images=[N*K support indices..., query], texts=[N*K captions..., PROMPT],
+    answer=name, clusters=[cluster of each image], names={cluster: name})."""
+    eligible = [c for c, m in enumerate(members) if len(m) >= shots + 1]
+    if len(eligible) < ways:
+        raise data.DataError(f"only {len(eligible)} clusters have {shots + 1}+ images; need {ways} (fewer --clusters?)")
+    chosen = [int(c) for c in rng.choice(eligible, ways, replace=False)]
+    names = {c: cluster_names[c] for c in chosen} if cluster_names else dict(zip(chosen, pseudo_names(ways, rng, vocabulary)))
+    query_cluster = chosen[rng.integers(ways)]
+    support, query = [], None
+    for c in chosen:
+        picks = [int(i) for i in rng.choice(members[c], shots + (c == query_cluster), replace=False)]
+        if c == query_cluster:
+            query = picks.pop()
+        support += [(i, c) for i in picks]
+    support = [support[j] for j in rng.permutation(len(support))]
+    return dict(images=[i for i, _ in support] + [query], texts=[CAPTION.format(names[c]) for _, c in support] + [PROMPT],
+                answer=names[query_cluster], clusters=[c for _, c in support] + [query_cluster], names=names)
+
+
+def encode_episode(tok, texts, answer, prefix_tokens, plain_text=None):
+    """<eos> then, per image, P image slots and its text (support captions end with a newline, the
+    last text is the prompt). With an answer: " <name>." + <eos> follows, and only those tokens
+    are targets. Returns ids, image_slots, targets: three lists of equal length."""
+    ids, slots, targets = [tok.eos], [False], [False]
+    if plain_text is not None:  # text warm-up: every token is a target
+        piece = tok.encode(plain_text)
+        return ids + piece, slots + [False] * len(piece), targets + [True] * len(piece)
+    for i, text in enumerate(texts):
+        piece = tok.encode(text + ("\n" if i < len(texts) - 1 else ""))
+        ids += [tok.pad] * prefix_tokens + piece
+        slots += [True] * prefix_tokens + [False] * len(piece)
+        targets += [False] * (prefix_tokens + len(piece))
+    if answer is not None:
+        piece = tok.encode(" " + answer + ".") + [tok.eos]
+        ids, slots, targets = ids + piece, slots + [False] * len(piece), targets + [True] * len(piece)
+    return ids, slots, targets
+
+
+def collate(episodes, feats, tok, prefix_tokens, device):
+    """Right-padded batch: ids (B, L), image_slots (B, L), targets (B, L), feats (M, F) with the
+    M images in slot order. Right padding is harmless: attention is causal."""
+    encoded = [encode_episode(tok, e["texts"], e.get("answer"), prefix_tokens, e.get("text")) for e in episodes]
+    L = max(len(ids) for ids, _, _ in encoded)
+    ids = torch.full((len(encoded), L), tok.pad, dtype=torch.long)
+    slots, targets = torch.zeros(len(encoded), L, dtype=torch.bool), torch.zeros(len(encoded), L, dtype=torch.bool)
+    for b, (i, s, t) in enumerate(encoded):
+        ids[b, :len(i)], slots[b, :len(s)], targets[b, :len(t)] = torch.tensor(i), torch.tensor(s), torch.tensor(t)
+    image_feats = feats[torch.tensor([i for e in episodes for i in e["images"]], dtype=torch.long).reshape(-1)]
+    return ids.to(device), slots.to(device), targets.to(device), image_feats.to(device)
+
+
+def make_batch(step, members, args, global_batch):
+    """The global batch of a step, a function of (seed, step) only: every rank builds the same
+    list and takes its share, so 1 and W processes see the same episodes and a resumed run
+    replays them. N and K vary during training (one draw per step, so lengths match)."""
+    rng = np.random.default_rng([args.seed, step])
+    ways, shots = int(rng.integers(2, args.max_ways + 1)), int(rng.integers(1, args.max_shots + 1))
+    return [sample_episode(members, ways, shots, rng, args.vocabulary, getattr(args, "cluster_names", None))
+            for _ in range(global_batch)]
+
+
+def text_batch(step, args, tok, global_batch):
+    """Text-only warm-up for an LM from scratch (a stand-in for pretraining, which teaches repeating words
+    seen in the context): lines "Here is a <name>." with names drawn, with repeats, from a few fresh
+    pseudo-names, loss on every token; the dense loss grows the copying ("induction") heads that the
+    sparse answer-only loss needs many more steps to find. Returns episode-like dicts."""
+    rng = np.random.default_rng([args.seed, step, 7])
+    batch = []
+    for _ in range(global_batch):
+        names = pseudo_names(int(rng.integers(2, 5)), rng, args.vocabulary)
+        lines = [CAPTION.format(names[rng.integers(len(names))]) for _ in range(int(rng.integers(4, 8)))]
+        batch.append(dict(images=[], texts=[], text="\n".join(lines)))
+    return batch
+
+
+# ====== Model 1: a GPT-style decoder (GPT-2's layout and parameter names: pre-norm blocks,
 # learned positions, tanh-GELU, causal SDPA attention, output layer tied to the embedding).
-# ----------------------------------------------------------------------------------------
 def rotate(x, base=10000.0):  # (B, h, L, d) -> same: rotary position embedding (RoPE)
     """Rotate pairs of channels by position-dependent angles, so that q.k depends on the offset
     between positions: "the image just before me" or "the letter after the one I copied" is
@@ -429,9 +452,9 @@ class GPT(nn.Module):
         return F.linear(self.ln_f(x), self.wte.weight)  # weight tying: the output layer is wte
 
 
-# --- Pretrained LMs. HF GPT-2 checkpoints (gpt2 124M ... gpt2-xl 1.5B) map onto GPT above by
-# --- name: drop "transformer.", transpose the Conv1D weights (HF stores them (in, out)),
-# --- drop the causal-mask buffers and lm_head (tied to wte).
+# --- Pretrained LMs: a Hugging Face GPT-2-family folder (gpt2 124M ... gpt2-xl 1.5B) maps onto GPT
+# --- above by name: drop "transformer.", transpose the Conv1D weights (HF stores them (in, out)),
+# --- drop the causal-mask buffers and lm_head (tied to wte). Reading the files: data.py.
 GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
@@ -445,49 +468,28 @@ def gpt2_to_ours(hf_state: dict) -> dict:
     return out
 
 
-def read_safetensors(path) -> dict:
-    """A .safetensors file without the safetensors package: 8-byte header length, a JSON header
-    {name: {dtype, shape, data_offsets}}, then the raw little-endian tensor bytes."""
-    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
-    with open(path, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        blob = f.read()
-    out = {}
-    for name, info in header.items():
-        if name != "__metadata__":
-            start, end = info["data_offsets"]
-            out[name] = torch.frombuffer(bytearray(blob[start:end]), dtype=dtypes[info["dtype"]]).reshape(info["shape"])
-    return out
-
-
-def load_lm(path) -> GPT:
-    """A GPT-2-family LM from a local HF checkpoint (file or folder); shapes come from the weights
-    (GPT-2 heads are 64 wide; a config.json next to the weights, if present, gives n_head)."""
-    if os.path.isdir(path):
-        names = [n for n in ("model.safetensors", "pytorch_model.bin") if os.path.exists(os.path.join(path, n))]
-        if not names:
-            raise SystemExit(f"--lm {path}: no model.safetensors or pytorch_model.bin in this folder")
-        path = os.path.join(path, names[0])
-    try:
-        hf = read_safetensors(path) if path.endswith(".safetensors") else data.load_checkpoint(path, flag="--lm")
-    except (OSError, ValueError, KeyError) as e:  # a missing, empty or damaged .safetensors
-        raise data.CheckpointError(f"--lm {path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+def load_lm(folder) -> GPT:
+    """A GPT-2-family LM from a Hugging Face folder (data.read_hf_folder); shapes come from the
+    weights, the number of heads from config.json (n_head; else GPT-2's 64-wide heads)."""
+    hf, config = data.read_hf_folder(folder, flag="--lm")
     state = {k: v.float() for k, v in gpt2_to_ours(hf).items()}
     if "wte.weight" not in state:
-        raise SystemExit(f"--lm {path}: not a GPT-2-family state dict (no wte.weight); see the README for supported LMs")
+        raise data.DataError(f"--lm {folder}: not a GPT-2-family state dict (no wte.weight); see the README for supported LMs")
     vocab, dim = state["wte.weight"].shape
     layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("h."))
-    config = os.path.join(os.path.dirname(path), "config.json")
-    heads = json.load(open(config)).get("n_head", dim // 64) if os.path.exists(config) else dim // 64
-    lm = GPT(vocab, state["wpe.weight"].shape[0], dim, layers, heads)
+    lm = GPT(vocab, state["wpe.weight"].shape[0], dim, layers, config.get("n_head", dim // 64))
     lm.load_state_dict(state, strict=True)
     return lm
 
 
-# ----------------------------------------------------------------------------------------
-# The visual language model: frozen encoder -> mapper -> visual prefix tokens -> LM.
-# ----------------------------------------------------------------------------------------
+def load_tokenizer(lm_dir=None):
+    """encode(str) -> ids, decode(ids) -> str, .eos, .pad, .vocab_size. A pretrained LM reads its own
+    byte-level BPE (data.BPETokenizer: the same ids as GPT-2's tokenizer for that folder); only an LM
+    from scratch (lm_dir None) reads one id per UTF-8 byte (data.ByteTokenizer)."""
+    return data.BPETokenizer.from_folder(lm_dir) if lm_dir else data.ByteTokenizer()
+
+
+# ====== Model 2: the visual language model: frozen encoder -> mapper -> visual prefix tokens -> LM.
 class VisualMapper(nn.Module):
     """Frozen image features (M, F) -> (M, P, D): P prefix tokens in the LM's embedding space
     (an MLP; Frozen used a linear map to 2 tokens)."""
@@ -527,197 +529,7 @@ class SeCAt(nn.Module):
         return self.lm(x)
 
 
-# ----------------------------------------------------------------------------------------
-# Self-context data 1: cluster the unlabelled pool (frozen features) and name clusters with
-# pronounceable nonsense words (paper: names "semantically unrelated" to the images).
-# ----------------------------------------------------------------------------------------
-@torch.no_grad()
-def extract_features(encoder, dataset, d, autocast, batch_size=64, num_workers=0):
-    """Frozen [CLS] features of every image, (N, F) float32 on every rank. Rank r embeds images
-    r, r+W, ...; the rows are then summed across ranks (each row is non-zero on one rank only)."""
-    own = list(range(d.rank, len(dataset), d.world_size))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, own), batch_size=batch_size,
-                                         num_workers=num_workers)
-    encoder = encoder.to(d.device).eval()
-    chunks = []
-    for images, _ in tqdm(loader, disable=not d.is_main, desc="frozen features", leave=False):
-        with autocast:
-            chunks.append(encoder(images.to(d.device)).float())
-    feats = torch.zeros(len(dataset), feature_dim(encoder), device=d.device)
-    feats[own] = torch.cat(chunks)
-    if d.world_size > 1:
-        dist.all_reduce(feats)
-    return feats
-
-
-@torch.no_grad()
-def sinkhorn_knopp(scores, eps=0.05, iters=50):  # (N, K) -> (N, K), rows sum to 1
-    """Equipartition (SeLa Eq. 6, SwAV's form): rescale exp(scores/eps) alternately so that each
-    of the K clusters receives N/K of the mass and each sample a mass of 1. This file's own copy."""
-    Q = torch.exp((scores.double() - scores.max()) / eps).t()  # (K, N)
-    K, N = Q.shape
-    Q /= Q.sum()
-    for _ in range(iters):
-        Q /= Q.sum(dim=1, keepdim=True) * K
-        Q /= Q.sum(dim=0, keepdim=True) * N
-    return (Q * N).t()
-
-
-@torch.no_grad()
-def cluster_features(feats, k, method="sinkhorn", iters=30, seed=0):
-    """Spherical k-means on L2-normalised features; with method="sinkhorn" the assignment step
-    is Sinkhorn-Knopp's equal-size partition (no giant or empty clusters). (N, F) -> (N,) int64."""
-    g = torch.Generator().manual_seed(seed)
-    x = F.normalize(feats.double().cpu(), dim=1)
-    centroids = x[torch.randperm(len(x), generator=g)[:k]]
-    for _ in range(iters):
-        scores = x @ centroids.t()
-        labels = (sinkhorn_knopp(scores) if method == "sinkhorn" else scores).argmax(1)
-        sums = torch.zeros_like(centroids).index_add_(0, labels, x)
-        empty = torch.bincount(labels, minlength=k) == 0  # an emptied cluster restarts at a random image
-        sums[empty] = x[torch.randint(len(x), (int(empty.sum()),), generator=g)]
-        centroids = F.normalize(sums, dim=1)
-    return labels
-
-
-ONSETS = "b c d f g h j k l m n p r s t v w x z bl br ch cr dr fl gl gr kl pl pr qu sh sk sl sp st th tr y".split()
-VOWELS = "a e i o u a e i o u ai ee oo y".split()
-CODAS = ["", "", "", "", "n", "k", "x", "s", "t", "m", "ck", "nd", "rp", "sh"]
-
-
-NOUNS = """apple anchor apron badger bagel banjo barrel basket beetle bell bicycle blanket bottle bucket
-butter cabin cactus camel candle canoe carpet carrot castle cello chair cherry chimney clock coffee comet
-copper cotton crab crayon cricket daisy desk dolphin donkey door dragon drum eagle engine falcon feather
-fern fiddle finch flute fork fox garlic giraffe glove goat goose grape guitar hammer harbor harp helmet
-honey horse igloo island jacket jaguar kayak kettle kite koala ladder lamp lantern lemon lizard llama
-magnet mango maple marble meadow melon mitten monkey moose mushroom needle nest noodle oak oar olive onion
-otter owl paddle panda parrot peach peanut pencil pepper piano pickle pillow pine pirate plum pocket pony
-potato pumpkin quilt rabbit radio raft raven river robin rocket saddle salmon sandal scarf sheep shovel
-sled snail sock spoon squid stool sugar swan table teapot tiger toast tomato tractor trumpet tulip turnip
-turtle violin wagon walnut walrus whale willow window wolf yak zebra""".split()  # concrete, none a shape or texture
-
-
-def name_vocabulary(kind: str, eval_folder=None):
-    """--pseudo-names nouns: the paper's kind, vocabulary nouns (NOUNS above) minus every word of the
-    evaluation folder's class names, so that no real name is seen in training; nonsense: None."""
-    if kind == "nonsense":
-        return None
-    taken = set()
-    if eval_folder and os.path.isdir(eval_folder):
-        taken = {w for d in os.listdir(eval_folder) for w in d.lower().replace("_", " ").split()}
-    return [w for w in NOUNS if w not in taken]
-
-
-def pseudo_name(rng, vocabulary=None) -> str:
-    """Half of the names one word, half two. With a vocabulary: nouns from it ("kettle", "owl
-    harbor"); without: pronounceable nonsense of 1-3 syllables ("blicket", "dax fep"), in which
-    every letter a-z occurs, so that copying a name is learned for any spelling."""
-    words = []
-    for _ in range(1 if rng.random() < 0.5 else 2):
-        if vocabulary:
-            words.append(vocabulary[rng.integers(len(vocabulary))])
-            continue
-        syllables = rng.integers(1, 4)
-        words.append("".join(ONSETS[rng.integers(len(ONSETS))] + VOWELS[rng.integers(len(VOWELS))] +
-                             CODAS[rng.integers(len(CODAS))] for _ in range(syllables)))
-    return " ".join(words)
-
-
-def pseudo_names(n, rng, vocabulary=None) -> list:
-    names = []
-    while len(names) < n:
-        name = pseudo_name(rng, vocabulary)
-        if name not in names:
-            names.append(name)
-    return names
-
-
-# ----------------------------------------------------------------------------------------
-# Self-context data 2: interleaved N-way K-shot episodes (Frozen's format) and their tokens.
-# ----------------------------------------------------------------------------------------
-CAPTION = "This is a {}."
-PROMPT = "What is this? This is a"
-
-
-def sample_episode(members, ways, shots, rng, vocabulary=None) -> dict:
-    """members: list over clusters of image indices. N=ways clusters, fresh pseudo-names for them
-    (drawn per episode: names must be read from the context), K=shots supports per cluster in
-    random order, then a query image from one of the N clusters (not among the supports).
-    Returns dict(images=[N*K support indices..., query], texts=[N*K captions..., PROMPT],
-    answer=name, clusters=[cluster of each image], names={cluster: name})."""
-    eligible = [c for c, m in enumerate(members) if len(m) >= shots + 1]
-    if len(eligible) < ways:
-        raise ValueError(f"only {len(eligible)} clusters have {shots + 1}+ images; need {ways} (fewer --clusters?)")
-    chosen = [int(c) for c in rng.choice(eligible, ways, replace=False)]
-    names = dict(zip(chosen, pseudo_names(ways, rng, vocabulary)))
-    query_cluster = chosen[rng.integers(ways)]
-    support, query = [], None
-    for c in chosen:
-        picks = [int(i) for i in rng.choice(members[c], shots + (c == query_cluster), replace=False)]
-        if c == query_cluster:
-            query = picks.pop()
-        support += [(i, c) for i in picks]
-    support = [support[j] for j in rng.permutation(len(support))]
-    return dict(images=[i for i, _ in support] + [query], texts=[CAPTION.format(names[c]) for _, c in support] + [PROMPT],
-                answer=names[query_cluster], clusters=[c for _, c in support] + [query_cluster], names=names)
-
-
-def encode_episode(tok, texts, answer, prefix_tokens, plain_text=None):
-    """<eos> then, per image, P image slots and its text (support captions end with a newline, the
-    last text is the prompt). With an answer: " <name>." + <eos> follows, and only those tokens
-    are targets. Returns ids, image_slots, targets: three lists of equal length."""
-    ids, slots, targets = [tok.eos], [False], [False]
-    if plain_text is not None:  # text warm-up: every token is a target
-        piece = tok.encode(plain_text)
-        return ids + piece, slots + [False] * len(piece), targets + [True] * len(piece)
-    for i, text in enumerate(texts):
-        piece = tok.encode(text + ("\n" if i < len(texts) - 1 else ""))
-        ids += [tok.pad] * prefix_tokens + piece
-        slots += [True] * prefix_tokens + [False] * len(piece)
-        targets += [False] * (prefix_tokens + len(piece))
-    if answer is not None:
-        piece = tok.encode(" " + answer + ".") + [tok.eos]
-        ids, slots, targets = ids + piece, slots + [False] * len(piece), targets + [True] * len(piece)
-    return ids, slots, targets
-
-
-def collate(episodes, feats, tok, prefix_tokens, device):
-    """Right-padded batch: ids (B, L), image_slots (B, L), targets (B, L), feats (M, F) with the
-    M images in slot order. Right padding is harmless: attention is causal."""
-    encoded = [encode_episode(tok, e["texts"], e.get("answer"), prefix_tokens, e.get("text")) for e in episodes]
-    L = max(len(ids) for ids, _, _ in encoded)
-    ids = torch.full((len(encoded), L), tok.pad, dtype=torch.long)
-    slots, targets = torch.zeros(len(encoded), L, dtype=torch.bool), torch.zeros(len(encoded), L, dtype=torch.bool)
-    for b, (i, s, t) in enumerate(encoded):
-        ids[b, :len(i)], slots[b, :len(s)], targets[b, :len(t)] = torch.tensor(i), torch.tensor(s), torch.tensor(t)
-    image_feats = feats[torch.tensor([i for e in episodes for i in e["images"]], dtype=torch.long).reshape(-1)]
-    return ids.to(device), slots.to(device), targets.to(device), image_feats.to(device)
-
-
-def make_batch(step, members, args, global_batch):
-    """The global batch of a step, a function of (seed, step) only: every rank builds the same
-    list and takes its share, so 1 and W processes see the same episodes and a resumed run
-    replays them. N and K vary during training (one draw per step, so lengths match)."""
-    rng = np.random.default_rng([args.seed, step])
-    ways, shots = int(rng.integers(2, args.max_ways + 1)), int(rng.integers(1, args.max_shots + 1))
-    return [sample_episode(members, ways, shots, rng, args.vocabulary) for _ in range(global_batch)]
-
-
-def text_batch(step, args, tok, global_batch):
-    """Text-only warm-up for an LM trained from scratch (a stand-in for the pretrained LM of the
-    paper, which arrives able to repeat words seen in its context): lines "This is a <name>."
-    with names drawn, with repeats, from a few fresh nonsense words, loss on every token. The
-    dense loss grows the copying ("induction") heads that the sparse answer-only loss of
-    self-context episodes needs many more steps to find. Returns episode-like dicts."""
-    rng = np.random.default_rng([args.seed, step, 7])
-    batch = []
-    for _ in range(global_batch):
-        names = pseudo_names(int(rng.integers(2, 5)), rng, args.vocabulary)
-        lines = [CAPTION.format(names[rng.integers(len(names))]) for _ in range(int(rng.integers(4, 8)))]
-        batch.append(dict(images=[], texts=[], text="\n".join(lines)))
-    return batch
-
-
+# ====== Loss: the query's answer only.
 def answer_loss(logits, ids, targets, num_targets):
     """Cross-entropy on the query's answer tokens only (everything else is context): position t
     predicts token t+1, counted where token t+1 is a target. Summed and divided by num_targets,
@@ -726,11 +538,9 @@ def answer_loss(logits, ids, targets, num_targets):
     return (nll * targets[:, 1:].flatten()).sum() / num_targets
 
 
-# ----------------------------------------------------------------------------------------
-# Generation: greedy decoding of the answer until <eos>; the function evaluate.icl calls.
-# ----------------------------------------------------------------------------------------
+# ====== Generation: greedy decoding of the answer until <eos>; the function evaluate.icl calls.
 @torch.no_grad()
-def greedy_decode(model, ids, image_slots, feats, eos, max_new_tokens=32) -> list:
+def greedy_decode(model, ids, image_slots, feats, eos, max_new_tokens=24) -> list:
     """ids, image_slots: (L,) one sequence; feats: (M, F). Appends argmax tokens until <eos>.
     Returns the new ids (without <eos>). No KV cache: answers are a few tokens."""
     new = []
@@ -746,9 +556,8 @@ def greedy_decode(model, ids, image_slots, feats, eos, max_new_tokens=32) -> lis
 
 
 def make_generate(model, tok, args, device):
-    """generate(images, texts) -> str for evaluate.icl: images = the episode's images (uint8
-    (3, H, W), supports then query), texts = one text after each image (captions, then the
-    prompt). Returns the answer with the caption's final period removed."""
+    """generate(images, texts) -> str for evaluate.icl: images = the episode's uint8 (3, H, W) images, texts = the
+    text after each (captions, then the prompt). Returns the answer without the caption's final period."""
     transform = eval_transform(args.image_size)
     model = model.eval()
 
@@ -764,24 +573,24 @@ def make_generate(model, tok, args, device):
 
 def build_generator(ckpt: dict, device="cpu"):
     """generate(images, texts) -> str from a checkpoint of this file: what `python evaluate.py
-    icl --ckpt ...` calls. A checkpoint made with --lm needs that LM file at the same path."""
+    icl --ckpt ...` calls. A checkpoint made with --lm needs that LM folder at the same path."""
     args = argparse.Namespace(**ckpt["args"])
     model, tok = build_model(args, build_backbone(ckpt["args"]))
     model.load_state_dict(ckpt["model"])
     return make_generate(model.to(device), tok, args, device)
 
 
-# ----------------------------------------------------------------------------------------
-# Training. The encoder is frozen, so its features are computed once and cached; a step
+# ====== Training. The encoder is frozen, so its features are computed once and cached; a step
 # builds the global batch of episodes, takes this rank's share and updates mapper + LM.
-# ----------------------------------------------------------------------------------------
 def build_model(args, encoder, lm=None):
-    """(model, tokenizer): a pretrained GPT-2-family LM from --lm (GPT-2's byte tokens; `lm` if
-    already loaded), else a GPT of --lm-dim/--lm-layers/--lm-heads from scratch (258 byte ids)."""
-    tok = ByteTokenizer("gpt2" if args.lm else "bytes")
+    """(model, tokenizer): a pretrained GPT-2-family LM and its own BPE from the --lm folder (`lm` if already
+    loaded), else a GPT of --lm-dim/--lm-layers/--lm-heads from scratch with the byte tokenizer (258 ids)."""
+    tok = load_tokenizer(args.lm)
     if lm is None:
-        lm = load_lm(args.lm) if args.lm else GPT(tok.vocab_size, args.context, args.lm_dim, args.lm_layers, args.lm_heads,
-                                                  rope=args.lm_positions == "rope")
+        lm = load_lm(args.lm) if args.lm else GPT(tok.vocab_size, args.context, args.lm_dim, args.lm_layers,
+                                                  args.lm_heads, rope=args.lm_positions == "rope")
+    if tok.vocab_size > lm.wte.weight.shape[0]:
+        raise data.DataError(f"{args.lm}: {tok.vocab_size} token ids for an LM with {lm.wte.weight.shape[0]}: not its tokenizer")
     return SeCAt(encoder, VisualMapper(feature_dim(encoder), lm.dim, args.prefix_tokens), lm), tok
 
 
@@ -802,7 +611,9 @@ def train_step(model, optimizer, scaler, batch, num_targets, world_size, autocas
     return loss.detach() / world_size
 
 
-def train(args):
+def train(args, before=None):
+    """Returns (model, tokenizer, pool features, cluster members). before(model, tok), if given, runs on
+    rank 0 just before the first self-context step (after any text warm-up): the untrained baseline."""
     d = data.init_distributed()
     args.amp = data.resolve_amp(args.amp, d.device)
     autocast = data.autocast(d.device, args.amp)
@@ -811,22 +622,33 @@ def train(args):
     lm = load_lm(args.lm) if args.lm else None  # a wrong --lm fails before the features are extracted
 
     # the frozen encoder and its features of the unlabelled pool (class folders are ignored)
+    t0 = time.time()
     encoder = load_encoder(args)
+    if args.encoder is None and args.encoder_arch == "convnet_demo":  # the demo's stand-in, trained once
+        if ckpt is None:
+            train_demo_encoder(encoder, args)
+        else:
+            encoder.load_state_dict({k[9:]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")})
+        if d.is_main:
+            print(f"demo encoder: convnet_demo trained with labels on held-out synthetic crops in {time.time() - t0:.0f}s")
     pool = data.UnlabelledImages(args.data, transform=eval_transform(args.image_size))
     t0 = time.time()
-    feats = extract_features(encoder, pool, d, autocast, num_workers=args.num_workers).cpu()
-    if ckpt is not None:
-        clusters = ckpt["clusters"]
-    else:
-        clusters = cluster_features(feats, args.clusters, args.cluster_method, seed=args.seed)
+    feats = extract_features(encoder, pool, d, autocast, num_workers=args.num_workers)
+    clusters = ckpt["clusters"] if ckpt is not None else cluster_features(feats, args.clusters, seed=args.seed)
+    feats = feats.cpu()
     members = [torch.nonzero(clusters == c).flatten().tolist() for c in range(args.clusters)]
     if d.is_main:
         sizes = sorted(len(m) for m in members)
-        print(f"{len(pool)} images -> {args.clusters} clusters ({args.cluster_method}; sizes {sizes[0]}..{sizes[-1]}) "
+        print(f"{len(pool)} images -> {args.clusters} clusters (k-means; sizes {sizes[0]}..{sizes[-1]}) "
               f"in {time.time() - t0:.1f}s")
 
     model, tok = build_model(args, encoder, lm)
     model = model.to(d.device)
+    args.cluster_names = None
+    if args.pseudo_names == "nouns":  # fixed names, matched once; kept in args, so saved with the checkpoint
+        prototypes = torch.stack([feats[m].mean(0) if m else feats.new_zeros(feats.shape[1]) for m in members])
+        args.cluster_names = ckpt["args"]["cluster_names"] if ckpt else match_nouns(model, tok, prototypes,
+                                                                                     args.vocabulary, args.seed)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # mapper + LM
     optimizer = torch.optim.AdamW([{"params": [p for n, p in trainable if p.dim() >= 2], "weight_decay": args.weight_decay},
                                    {"params": [p for n, p in trainable if p.dim() < 2], "weight_decay": 0.0}],
@@ -843,8 +665,7 @@ def train(args):
         if d.world_size > 1 else model
     global_batch = args.batch_size_per_gpu * d.world_size
     if d.is_main:
-        print(f"trainable (mapper + LM): {sum(p.numel() for _, p in trainable) / 1e6:.2f}M parameters; "
-              f"frozen encoder: {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M")
+        print(f"trainable (mapper + LM): {sum(p.numel() for _, p in trainable) / 1e6:.2f}M; frozen encoder: {feats.shape[1]}-dim")
 
     for epoch in range(start_epoch, args.epochs):
         data.seed_everything(args.seed + epoch, d.rank)
@@ -852,6 +673,9 @@ def train(args):
         bar = tqdm(range(args.steps_per_epoch), disable=not d.is_main, desc=f"epoch {epoch}", leave=False)
         t0 = time.time()
         for i in bar:
+            if before is not None and step == args.text_warmup_steps and d.is_main:
+                before(model, tok)
+                ddp.train()
             for group in optimizer.param_groups:
                 group["lr"] = float(lr_schedule[step])
             if step < args.text_warmup_steps:  # LM from scratch: text-only warm-up first
@@ -877,78 +701,59 @@ def train(args):
     return model, tok, feats, members
 
 
-# ----------------------------------------------------------------------------------------
-# Evaluation: Frozen's open-ended protocol through evaluate.icl, with real class names and
-# with nonsense names swapped in (the paper's control); evaluate.icl_picture draws one episode.
-# ----------------------------------------------------------------------------------------
-def run_icl(generate, folder, ways, shots, episodes, seed, vocabulary=None):
-    """evaluate.icl (Frozen's protocol) with the folder's real class names, then with nonsense
-    names swapped in (the paper's control); keys "real/icl/2way_1shot", "..._ci95", "..._chance",
-    "..._in_context" (the answer is one of the episode's names: the LM's copying, whatever the features)."""
-    import evaluate
-    real = data.ImageFolder(folder)
-    fake = copy.copy(real)  # the same images under nonsense names
-    fake.classes = pseudo_names(len(real.classes), np.random.default_rng([seed, 99]), vocabulary)
-    results = {}
-    for kind, dataset in (("real", real), ("pseudo", fake)):
-        ok_ways = tuple(n for n in ways if n <= len(real.classes))
-        res = evaluate.icl(generate, dataset, ways=ok_ways, shots=shots, episodes=episodes, seed=seed)
-        results.update({f"{kind}/{k}": v for k, v in res.items()})
-    return results
-
-
+# ====== Evaluation: Frozen's open-ended protocol through evaluate.run_icl (real class names, Frozen's
+# nonsense words, Frozen's released episodes; with and without task induction), before and after
+# self-context training; evaluate.icl_picture draws one episode.
 @torch.no_grad()
 def selfcontext_accuracy(model, tok, feats, members, args, episodes=100):
-    """Exact-match accuracy on fresh self-context episodes of the pool (the training task, with
-    names never drawn in training): did the LM learn to read names from its context?"""
+    """Exact-match accuracy on fresh self-context episodes of the pool (the training task and wording,
+    with nonsense names never drawn in training): did the LM learn to read names from its context?"""
     model.eval()
-    rng, hits = np.random.default_rng([args.seed, 10**9]), 0
+    rng, hits, device = np.random.default_rng([args.seed, 10**9]), 0, next(model.parameters()).device
     for _ in range(episodes):
-        e = sample_episode(members, 2, 1, rng, args.vocabulary)
+        e = sample_episode(members, 2, 1, rng)
         ids, slots, _ = encode_episode(tok, e["texts"], None, args.prefix_tokens)
-        device = next(model.parameters()).device
         new = greedy_decode(model, torch.tensor(ids, device=device), torch.tensor(slots, device=device),
                             feats[e["images"]].to(device), tok.eos)
         hits += tok.decode(new).strip().removesuffix(".") == e["answer"]
     return 100 * hits / episodes
 
 
-@torch.no_grad()
-def feature_ceiling(model, folder, args, trials=2000):
-    """2-way 1-shot accuracy of the frozen features alone (is the query's cosine-nearest support of
-    its class?): what a perfect reader of the context could reach with this encoder."""
-    ds = data.ImageFolder(folder, transform=eval_transform(args.image_size))
-    x = torch.stack([ds[i][0] for i in range(len(ds))]).to(next(model.parameters()).device)
-    f = F.normalize(torch.cat([model.encode_images(b) for b in x.split(64)]).cpu(), dim=1)
-    by_class = [[i for i, (_, y) in enumerate(ds.samples) if y == c] for c in range(len(ds.classes))]
-    rng, hits = np.random.default_rng(0), 0
-    for _ in range(trials):
-        a, b = rng.choice(len(by_class), 2, replace=False)
-        q, same = rng.choice(by_class[a], 2, replace=False)
-        hits += float(f[q] @ f[same] > f[q] @ f[rng.choice(by_class[b])])
-    return 100 * hits / trials
-
-
 def main(args):
+    refuse_toy_setup(args)
     import evaluate
-    model, tok, feats, members = train(args)
-    if int(os.environ.get("RANK", 0)) != 0 or not args.eval_data:
+    before = {}
+
+    def untrained(model, tok):  # the same model just before self-context training, real names, 2-way 1-shot
+        generate = make_generate(model, tok, args, next(model.parameters()).device)
+        res = evaluate.run_icl(generate, args.eval_data, (2,), (1,), min(args.eval_episodes, 100), args.seed,
+                               args.class_names, False)
+        before.update({f"before/{k}": v for k, v in res.items() if k.startswith("real/")})
+
+    model, tok, feats, members = train(args, before=untrained if args.eval_data else None)
+    if int(os.environ.get("RANK", 0)) != 0 or not (args.eval_data or args.frozen_episodes):
         return
     device = next(model.parameters()).device
     generate = make_generate(model, tok, args, device)
     t0 = time.time()
-    results = {"selfcontext/2way_1shot": selfcontext_accuracy(model, tok, feats, members, args),
-               "features/2way_1shot_nn": feature_ceiling(model, args.eval_data, args)}
-    results.update(run_icl(generate, args.eval_data, args.eval_ways, args.eval_shots, args.eval_episodes, args.seed,
-                           args.vocabulary))
-    answer, truth = evaluate.icl_picture(generate, data.ImageFolder(args.eval_data),
-                                         os.path.join(args.output_dir, "episode.png"), seed=args.seed)
-    print(f"icl on {args.eval_data} ({args.eval_episodes} episodes each, {time.time() - t0:.0f}s); "
-          f"picture: {args.output_dir}/episode.png (answer {answer!r}, truth {truth!r})")
+    results = {"selfcontext/2way_1shot": selfcontext_accuracy(model, tok, feats, members, args)}
+    if args.eval_data:
+        ds = data.ImageFolder(args.eval_data, transform=eval_transform(args.image_size))
+        x = torch.stack([ds[i][0] for i in range(len(ds))]).to(device)
+        results["features/2way_1shot_nn"] = evaluate.feature_ceiling(
+            torch.cat([model.encode_images(b) for b in x.split(64)]).cpu(), torch.tensor(ds.targets))
+    results.update(before)
+    results.update(evaluate.run_icl(generate, args.eval_data, args.eval_ways, args.eval_shots, args.eval_episodes,
+                                    args.seed, args.class_names, (False, True), args.eval_repeats, args.frozen_episodes))
+    print(f"icl on {args.eval_data} ({args.eval_episodes} episodes each, {time.time() - t0:.0f}s)")
+    if args.eval_data:
+        answer, truth = evaluate.icl_picture(generate, data.ImageFolder(args.eval_data),
+                                             os.path.join(args.output_dir, "episode.png"), seed=args.seed)
+        print(f"picture: {args.output_dir}/episode.png (answer {answer!r}, truth {truth!r})")
     results.update(train_data=args.data, eval_data=args.eval_data)  # selfcontext on the pool, the rest on eval_data
-    evaluate.print_table(results, "accuracy in %: selfcontext = held-out pool episodes; features = nearest-neighbour "
-                         "ceiling of the frozen encoder; real/pseudo = evaluate.icl with real / nonsense class names "
-                         "(_in_context: the answer is one of the episode's names)")
+    evaluate.print_table(results, "accuracy in %: selfcontext = held-out pool episodes; features = the frozen encoder's "
+                         "nearest-neighbour ceiling; before = just before self-context training; real/open = evaluate.icl "
+                         "with real names / Frozen's nonsense words (_induction: task induction; _in_context: a context name)")
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(json.dumps(results))

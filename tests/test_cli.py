@@ -43,7 +43,8 @@ def fake_checkpoint(path, method="leopart", epoch=2):
 def test_a_checkpoint_in_the_output_dir_needs_resume_or_overwrite(method, tmp_path, capsys):
     ckpt = tmp_path / "out" / "checkpoint.pth"
     before = fake_checkpoint(ckpt, method)
-    code, err = run_cli(capsys, method, ["--data", tmp_path / "no-data", "--output-dir", tmp_path / "out"])
+    pretrained = ["--encoder", tmp_path / "e.pth", "--lm", tmp_path / "lm"] if method == "secat" else []  # else refused
+    code, err = run_cli(capsys, method, ["--data", tmp_path / "no-data", "--output-dir", tmp_path / "out", *pretrained])
     assert_one_line_error(code, err, str(ckpt), "--resume", "--output-dir", "--overwrite")
     assert ckpt.read_bytes() == before
 
@@ -157,7 +158,7 @@ def test_resume_with_another_methods_checkpoint_says_what_it_holds(tmp_path, cap
     assert_one_line_error(code, err, str(ckpt), "leopart.py", "not a sinkhorn.py")
     assert ckpt.read_bytes() == before
     code, err = run_cli(capsys, "secat", ["--data", tmp_path / "no-data", "--output-dir", tmp_path / "fresh",
-                                          "--resume"])
+                                          "--resume", "--encoder", tmp_path / "e.pth", "--lm", tmp_path / "lm"])
     assert_one_line_error(code, err, "--resume", "no checkpoint")
 
 
@@ -185,7 +186,8 @@ def test_pretrained_says_what_a_file_holds(tmp_path, capsys):
 
 
 def test_secat_checks_lm_before_extracting_features(tmp_path, capsys):
-    (tmp_path / "lm.bin").write_bytes(b"")
+    (tmp_path / "lm").mkdir()  # a Hugging Face folder whose weights file is empty
+    (tmp_path / "lm" / "model.safetensors").write_bytes(b"")
     code, err = run_cli(capsys, "secat", ["--data", tmp_path / "no-images", "--output-dir", tmp_path / "out",
-                                          "--lm", tmp_path / "lm.bin"])
-    assert_one_line_error(code, err, "--lm", "lm.bin")
+                                          "--lm", tmp_path / "lm", "--encoder", tmp_path / "no-encoder.pth"])
+    assert_one_line_error(code, err, "--lm", "lm", "model.safetensors")

@@ -1,9 +1,11 @@
-"""Tests for secat.py: tokenizer, episodes, masked loss, GPT-2 loading, greedy copying, DDP, bf16, resume."""
+"""Tests for secat.py: tokenizers, refusals, episodes and templates, noun matching, Frozen's episode files,
+masked loss, GPT-2 loading, greedy copying, DDP, bf16, resume."""
 import argparse
 import contextlib
 import json
 import os
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -12,13 +14,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import evaluate  # noqa: E402
 import secat  # noqa: E402
 
 
-# ---------------------------------------------------------------- tokenizer
-@pytest.mark.parametrize("kind", ["bytes", "gpt2"])
-def test_tokenizer_round_trips_any_unicode_name(kind):
-    tok = secat.ByteTokenizer(kind)
+# ---------------------------------------------------------------- tokenizers
+def test_byte_tokenizer_round_trips_any_unicode_name():
+    tok = secat.load_tokenizer(None)  # an LM from scratch reads bytes
     names = ["striped ring", "Ærøskøbing", "狐狸", "crème brûlée", "🦊 fox", "e\u0301", "naïve-Ω", "", " \n\t"]
     rng = np.random.default_rng(0)
     for _ in range(200):  # random code points from the whole range, surrogates excluded
@@ -30,11 +32,55 @@ def test_tokenizer_round_trips_any_unicode_name(kind):
         assert tok.eos not in ids and tok.decode(ids) == name
 
 
-def test_gpt2_byte_ids_are_gpt2s_single_byte_tokens():
-    tok = secat.ByteTokenizer("gpt2")
-    # known entries of GPT-2's encoder.json: "!" 0, "a" 64, "\n" (Ċ) 198, " " (Ġ) 220
-    assert tok.encode("!a\n ") == [0, 64, 198, 220]
-    assert sorted(secat.gpt2_byte_ids()) == list(range(256))
+def _bpe_folder(folder, fmt):
+    """A tiny GPT-2-style byte-level BPE: 10 byte tokens (space is GPT-2's "Ġ"), 4 merges, <|endoftext|>."""
+    vocab = {t: i for i, t in enumerate(["a", "d", "x", "s", "'", "\u0120", ",", "1", "2", "3",
+                                          "\u0120d", "ax", "\u0120dax", "12", "<|endoftext|>"])}
+    merges = [["\u0120", "d"], ["a", "x"], ["\u0120d", "ax"], ["1", "2"]]
+    os.makedirs(folder, exist_ok=True)
+    if fmt == "vocab+merges":
+        (folder / "vocab.json").write_text(json.dumps(vocab))
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(" ".join(m) + "\n" for m in merges), encoding="utf-8")
+    else:
+        (folder / "tokenizer.json").write_text(json.dumps({
+            "model": {"type": "BPE", "vocab": vocab, "merges": merges}, "pre_tokenizer": {"type": "ByteLevel"},
+            "added_tokens": [{"id": 14, "content": "<|endoftext|>", "special": True}]}))
+    return folder
+
+
+@pytest.mark.parametrize("fmt", ["vocab+merges", "tokenizer.json"])
+def test_bpe_tokenizer_gives_gpt2s_ids_on_a_small_vocabulary(tmp_path, fmt):
+    tok = secat.load_tokenizer(str(_bpe_folder(tmp_path / "lm", fmt)))
+    # by hand: pieces "a" " dax" "," " a" " dax" "'s" " 123"; " dax" = Ġ d a x -> Ġd a x -> Ġd ax -> Ġdax (ranks 0, 1, 2);
+    # " a" and "'s" have no merge; " 123" = Ġ 1 2 3 -> Ġ 12 3
+    ids = tok.encode("a dax, a dax's 123")
+    assert ids == [0, 12, 6, 5, 0, 12, 4, 3, 5, 13, 9]
+    assert tok.decode(ids + [tok.eos]) == "a dax, a dax's 123" and tok.eos == 14 and tok.vocab_size == 15
+    # \p{L} / \p{N} as GPT-2's pattern has them ("½" is a number, "ï" a letter; stdlib [^\W\d_] would call "½" a letter)
+    assert secat.data.gpt2_pattern().findall("x½ 3.5 naïve don't  \n") == ["x", "½", " 3", ".", "5", " naïve", " don",
+                                                                           "'t", "  \n"]
+
+
+def test_a_pretrained_lm_without_its_tokenizer_files_is_refused(tmp_path):
+    (tmp_path / "lm").mkdir()
+    _write_safetensors(_hf_gpt2_state(vocab=300), tmp_path / "lm" / "model.safetensors")
+    args = secat.get_args(["--data", "unused", "--lm", str(tmp_path / "lm"), "--encoder", "unused"])
+    with pytest.raises(secat.data.DataError, match="no tokenizer files"):  # never the byte tokenizer with a pretrained LM
+        secat.build_model(args, secat.convnet_demo(16))
+    _bpe_folder(tmp_path / "lm", "vocab+merges")
+    model, tok = secat.build_model(args, secat.convnet_demo(16))
+    assert isinstance(tok, secat.data.BPETokenizer) and model.lm.wte.weight.shape[0] == 300
+    assert args.pseudo_names == "nouns"  # the paper's names are the default with a pretrained LM
+
+
+@pytest.mark.parametrize("given,missing", [([], "--encoder and --lm"), (["--encoder", "e.pth"], "--lm"),
+                                           (["--lm", "gpt2/"], "--encoder")])
+def test_full_scale_without_a_pretrained_encoder_or_lm_is_refused_before_any_work(tmp_path, capsys, given, missing):
+    args = secat.get_args(["--data", str(tmp_path / "none"), "--output-dir", str(tmp_path / "out"), *given])
+    with pytest.raises(secat.data.DataError) as e:
+        secat.main(args)
+    assert str(e.value).startswith(f"secat.py: {missing} required outside --demo") and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------- episodes and loss
@@ -61,6 +107,31 @@ def test_episode_has_nk_supports_and_a_query_of_one_of_the_n_classes(ways, shots
         assert e["texts"][-1] == secat.PROMPT and e["answer"] == e["names"][e["clusters"][-1]]
         seen_names |= set(e["names"].values())
     assert len(seen_names) > 30 * ways * 0.8  # re-drawn per episode
+    fixed = secat.sample_episode(members, ways, shots, rng, cluster_names=[f"noun{c}" for c in range(6)])
+    assert all(name == f"noun{c}" for c, name in fixed["names"].items())  # matched nouns stay with their cluster
+
+
+def test_training_wording_is_not_the_evaluations(tmp_path):
+    assert (secat.CAPTION, secat.PROMPT) == ("Here is a {}.", "What is here? Here is a")
+    assert (secat.EVAL_CAPTION, secat.EVAL_PROMPT) == ("This is a {}.", "What is this? This is a")
+    assert len(secat.CAPTION) == len(secat.EVAL_CAPTION) and len(secat.PROMPT) == len(secat.EVAL_PROMPT)
+    seen = []
+    evaluate.icl(lambda im, t: seen.append(t) or "", _coded_folder(tmp_path), ways=2, shots=1, episodes=1, task_induction=False)
+    assert seen[0][0].startswith("This is a ") and seen[0][-1] == secat.EVAL_PROMPT  # evaluate.icl: Frozen's wording
+
+
+def test_match_nouns_is_one_to_one_where_greedy_would_collide():
+    # byte tokens: " a" -> [32, 97]; wte[32] = 0, so a noun's embedding is half its letter's row
+    lm = types.SimpleNamespace(wte=torch.nn.Embedding(258, 2))
+    with torch.no_grad():
+        lm.wte.weight.zero_()
+        lm.wte.weight[97], lm.wte.weight[98] = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])  # "a", "b"
+    model = types.SimpleNamespace(lm=lm, mapper=lambda f: f[:, None])  # identity mapper, one prefix token
+    prototypes = torch.tensor([[1.0, 0.5], [1.0, 0.2]])  # both nearer "a"; cosines a: .894, .981  b: .447, .196
+    # one to one: c0 -> b, c1 -> a sums to 1.428 > 1.090 for c0 -> a, c1 -> b
+    assert secat.match_nouns(model, secat.load_tokenizer(), prototypes, ["a", "b"]) == ["b", "a"]
+    names = secat.match_nouns(model, secat.load_tokenizer(), torch.randn(5, 2), ["a", "b"])  # more clusters than nouns
+    assert len(set(names)) == 5 and all(w in ("a", "b") for n in names for w in n.split())
 
 
 def test_noun_names_skip_the_evaluation_words(tmp_path):
@@ -79,7 +150,7 @@ def test_noun_names_skip_the_evaluation_words(tmp_path):
 
 
 def test_loss_counts_only_the_answer_tokens():
-    tok = secat.ByteTokenizer("bytes")
+    tok = secat.load_tokenizer()
     episodes = [secat.sample_episode(_members(), 2, 2, np.random.default_rng(s)) for s in range(3)]
     ids, slots, targets, feats = secat.collate(episodes, torch.randn(30, 8), tok, 2, "cpu")
     assert feats.shape[0] == slots.sum() // 2 == 3 * 5
@@ -100,14 +171,14 @@ def test_loss_counts_only_the_answer_tokens():
 
 def test_text_warmup_batches_are_caption_lists_with_every_token_a_target():
     args = secat.get_args(["--data", "unused"])
-    tok = secat.ByteTokenizer("bytes")
+    tok = secat.load_tokenizer()
     batch = secat.text_batch(3, args, tok, 4)
     assert batch == secat.text_batch(3, args, tok, 4)  # a function of (seed, step): resumable
     ids, slots, targets, feats = secat.collate(batch, torch.randn(5, 8), tok, 2, "cpu")
     assert feats.shape == (0, 8) and not slots.any()
     for b, e in enumerate(batch):
         lines = e["text"].split("\n")
-        assert all(line.startswith("This is a ") and line.endswith(".") for line in lines)
+        assert all(line.startswith("Here is a ") and line.endswith(".") for line in lines)  # training's wording
         assert len(set(lines)) < len(lines) or len(lines) <= 4  # names repeat: copying pays off
         assert ids[b][targets[b]].tolist() == tok.encode(e["text"])
 
@@ -161,22 +232,19 @@ def _write_safetensors(sd, path):
         f.write(len(h).to_bytes(8, "little") + h + b"".join(blobs))
 
 
-@pytest.mark.parametrize("fmt", ["bin", "safetensors", "folder"])
-def test_gpt2_hf_state_dict_loads_and_matches_a_reference_forward(tmp_path, fmt):
+@pytest.mark.parametrize("fmt", ["bin", "safetensors", "config"])
+def test_gpt2_hf_folder_loads_and_matches_a_reference_forward(tmp_path, fmt):
     sd = _hf_gpt2_state()
     if fmt == "bin":
-        path = tmp_path / "pytorch_model.bin"
-        torch.save({k.removeprefix("transformer."): v for k, v in sd.items()}, path)  # the un-prefixed layout too
+        torch.save({k.removeprefix("transformer."): v for k, v in sd.items()}, tmp_path / "pytorch_model.bin")  # un-prefixed too
     else:
-        path = tmp_path / "model.safetensors"
-        _write_safetensors({k: v for k, v in sd.items() if k != "lm_head.weight"}, path)
-        if fmt == "folder":
+        _write_safetensors({k: v for k, v in sd.items() if k != "lm_head.weight"}, tmp_path / "model.safetensors")
+        if fmt == "config":
             (tmp_path / "config.json").write_text(json.dumps({"n_head": 4}))
-            path = tmp_path
-    lm = secat.load_lm(str(path))
+    lm = secat.load_lm(str(tmp_path))
     assert (lm.dim, len(lm.h), lm.context, lm.wte.weight.shape[0]) == (64, 2, 32, 300)
     ids = torch.tensor([5, 17, 250, 3, 99, 42, 7])
-    heads = 4 if fmt == "folder" else 1  # without config.json: GPT-2's 64-wide heads -> 64 // 64 = 1
+    heads = 4 if fmt == "config" else 1  # without config.json: GPT-2's 64-wide heads -> 64 // 64 = 1
     assert lm.h[0].attn.heads == heads
     with torch.no_grad():
         ours = lm(lm.wte(ids)[None])[0]
@@ -189,8 +257,7 @@ def _copy_model(vocab=258, context=16, copy_from=1):
     the residual stream; the tied output layer then predicts it. Embedding = [one-hot token | one-hot position]."""
     dim = vocab + context
     lm = secat.GPT(vocab, context, dim, layers=1, heads=1)
-    enc = secat.VisionTransformer(8, 64, 1, 1, img_size=16)
-    model = secat.SeCAt(enc, secat.VisualMapper(64, dim, 1), lm).eval()
+    model = secat.SeCAt(secat.convnet_demo(16), secat.VisualMapper(64, dim, 1), lm).eval()
     with torch.no_grad():
         for p in lm.parameters():
             p.zero_()
@@ -207,7 +274,7 @@ def _copy_model(vocab=258, context=16, copy_from=1):
 
 
 def test_greedy_decoding_copies_the_context_token():
-    tok = secat.ByteTokenizer("bytes")
+    tok = secat.load_tokenizer()
     model = _copy_model()
     no_images = torch.zeros(0, 64)
     ids = torch.tensor([tok.eos] + tok.encode("Qabc"))
@@ -219,13 +286,85 @@ def test_greedy_decoding_copies_the_context_token():
     assert secat.greedy_decode(model, ids, slots[:4], no_images, tok.eos) == []
 
 
+# ---------------------------------------------------------------- evaluation: Frozen's episode files, wnid folders
+def _flat(path, value):
+    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(path)
+
+
+def _coded_folder(root, classes=("n01", "n02", "n03"), per_class=3):
+    """ImageFolder whose images of class c are flat grey 60 * (c + 1)."""
+    for c, name in enumerate(classes):
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for i in range(per_class):
+            _flat(os.path.join(root, name, f"{i}.png"), 60 * (c + 1))
+    return secat.data.ImageFolder(str(root))
+
+
+def _copier(seen):
+    """A perfect reader: answers the name in the caption after the support that looks like the query."""
+    def generate(images, texts):
+        seen.append(texts)
+        support = [t[len("This is a "):-1] for im, t in zip(images, texts) if torch.equal(im, images[-1])]
+        return support[0] if len(support) > 1 or len(images) > 1 else "?"
+    return generate
+
+
+def _frozen_folder(root):
+    """Frozen's layout (evaluate.frozen_episodes): two 2-way 1-shot questions; the query is of the answer's class."""
+    root.mkdir()
+    questions = []
+    for q, (names, answer) in enumerate([(["dax", "blicket"], "blicket"), (["blicket", "dax"], "blicket")]):
+        entry = {"question_id": q, "question": "What is this?", "answer": answer, "question_image": f"q{q}_question.png"}
+        value = {"dax": 50, "blicket": 200}
+        for i, name in enumerate(names, 1):
+            entry[f"image_{i}"], entry[f"caption_{i}"] = f"q{q}_image_{i}.png", f"This is a {name}."
+            _flat(root / entry[f"image_{i}"], value[name])
+        _flat(root / entry["question_image"], value[answer])
+        questions.append(entry)
+    (root / "open_ended_mi_shots_1_ways_2_all_questions.json").write_text(json.dumps(questions))
+    return root
+
+
+def test_frozen_episode_files_are_read_as_released_with_and_without_task_induction_and_repeats(tmp_path):
+    seen = []
+    res = evaluate.icl_frozen(_copier(seen), str(_frozen_folder(tmp_path / "open_ended_mi")), ways=2, shots=1,
+                              repeats=(0, 1))
+    assert res["frozen/2way_1shot"] == res["frozen/2way_1shot_induction_1repeats"] == 100
+    assert res["frozen/2way_1shot_chance"] == 50 and res["frozen/2way_1shot_in_context"] == 100
+    assert seen[0] == ["This is a dax.", "This is a blicket.", "What is this? This is a"]  # the file's order
+    assert seen[1][:2] == ["This is a blicket.", "This is a dax."]
+    assert seen[2] == seen[0][:2] * 2 + [seen[0][2]]  # 1 repeat: the support shown twice
+    assert {seen[4][-1], seen[5][-1]} <= {"Answer with dax or blicket. What is this? This is a",
+                                          "Answer with blicket or dax. What is this? This is a"}
+    res = evaluate.icl_frozen(lambda im, t: "wug", str(tmp_path / "open_ended_mi"), 2, 1, False)
+    assert res["frozen/2way_1shot"] == 0 and "frozen/2way_1shot_induction" not in res
+    with pytest.raises(secat.data.DataError, match="shots_3_ways_2"):
+        evaluate.frozen_episodes(str(tmp_path / "open_ended_mi"), 2, 3)
+
+
+def test_wnid_folders_get_names_from_the_users_file_and_open_ended_uses_frozens_words(tmp_path):
+    _coded_folder(tmp_path / "val")
+    (tmp_path / "names.txt").write_text("n01 house finch, linnet\nn02 goldfish, Carassius auratus\nn03 dugong\n")
+    (tmp_path / "names.json").write_text(json.dumps({"n01": "house finch", "n02": "goldfish", "n03": "dugong"}))
+    assert evaluate.read_class_names(tmp_path / "names.txt") == evaluate.read_class_names(tmp_path / "names.json")
+    seen = []
+    res = evaluate.run_icl(_copier(seen), str(tmp_path / "val"), ways=(2,), shots=(1,), episodes=6,
+                           class_names=str(tmp_path / "names.txt"))
+    assert res["real/icl/2way_1shot"] == res["open/icl/2way_1shot_induction"] == 100
+    real, open_ended = seen[:6], seen[12:18]
+    assert {t[len("This is a "):-1] for texts in real for t in texts[:-1]} <= {"house finch", "goldfish", "dugong"}
+    assert all(sorted(texts[:-1]) == ["This is a blicket.", "This is a dax."] for texts in open_ended)
+    with pytest.raises(secat.data.DataError, match="no name for the folders"):
+        (tmp_path / "short.txt").write_text("n01 house finch\n")
+        evaluate.run_icl(_copier([]), str(tmp_path / "val"), (2,), (1,), 1, class_names=str(tmp_path / "short.txt"))
+
+
 # ---------------------------------------------------------------- training steps
 def _setup(seed=0, global_batch=4):
     args = secat.get_args(["--data", "unused", "--lm-dim", "32", "--lm-layers", "2", "--lm-heads", "2",
                            "--context", "256", "--prefix-tokens", "2", "--max-ways", "3", "--max-shots", "2"])
     torch.manual_seed(seed)
-    enc = secat.VisionTransformer(8, 64, 1, 1, img_size=16)
-    model, tok = secat.build_model(args, enc)
+    model, tok = secat.build_model(args, secat.convnet_demo(16))
     feats = torch.randn(30, 64)
     batches = [secat.make_batch(step, _members(), args, global_batch) for step in range(2)]
     return model, tok, feats, batches, args
@@ -359,24 +498,23 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     enc.load_state_dict({k[9:]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}, strict=True)
     # and evaluate.py's `icl` bench rebuilds the same model from it: same answer as the trained one
     generate = secat.build_generator(ckpt)
-    reference = secat.make_generate(resumed, secat.ByteTokenizer("bytes"), argparse.Namespace(**ckpt["args"]), "cpu")
+    reference = secat.make_generate(resumed, secat.load_tokenizer(), argparse.Namespace(**ckpt["args"]), "cpu")
     images = [secat.data.load_image(p) for p, _ in secat.data.ImageFolder(root).samples[:3]]
     texts = ["This is a blicket.", "This is a dax.", "What is this? This is a"]
     assert isinstance(generate(images, texts), str)
     assert generate(images, texts) == reference(images, texts)
 
 
-def test_encoder_loads_from_a_repo_checkpoint_and_from_dino_weights(tmp_path):
-    vit = secat.VisionTransformer(8, 192, 2, 3, img_size=64)
-    torch.save({"method": "sinkhorn", "args": {}, "model": {"backbone." + k: v for k, v in vit.state_dict().items()}},
-               tmp_path / "repo.pth")
+def test_encoder_loads_from_dino_weights(tmp_path):
+    vit = evaluate.build_arch("vit_demo", 8).eval()
     torch.save(vit.state_dict(), tmp_path / "dino.pth")
+    args = secat.get_args(["--data", "unused", "--encoder", str(tmp_path / "dino.pth"), "--encoder-arch", "vit_demo",
+                           "--patch-size", "8"])
     x = torch.randn(2, 3, 32, 32)
-    for name in ("repo.pth", "dino.pth"):
-        args = secat.get_args(["--data", "unused", "--encoder", str(tmp_path / name)])
-        enc = secat.load_encoder(args)
-        assert (args.encoder_dim, args.encoder_depth, args.patch_size, args.encoder_img_size) == (192, 2, 8, 64)
-        assert torch.allclose(enc(x), vit(x))
+    enc = secat.load_encoder(args)
+    assert torch.allclose(enc(x), vit(x)) and secat.feature_dim(enc) == 192
+    rebuilt = secat.build_backbone(vars(args))  # what a secat checkpoint's args rebuild
+    rebuilt.load_state_dict(enc.state_dict(), strict=True)
 
 
 def test_a_sinkhorn_conv_net_checkpoint_serves_as_the_frozen_encoder(tmp_path):
@@ -395,10 +533,10 @@ def test_a_sinkhorn_conv_net_checkpoint_serves_as_the_frozen_encoder(tmp_path):
     assert torch.allclose(rebuilt.eval()(x), enc(x))
 
 
-def test_sinkhorn_clustering_is_balanced_and_finds_separated_groups():
+def test_kmeans_clustering_finds_separated_groups():
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(4, 16, generator=g) * 5
     feats = centres.repeat_interleave(25, 0) + torch.randn(100, 16, generator=g)
-    labels = secat.cluster_features(feats, 4, "sinkhorn", seed=0)
+    labels = secat.cluster_features(feats, 4, seed=0)
     assert sorted(torch.bincount(labels, minlength=4).tolist()) == [25, 25, 25, 25]
     assert all(len(set(labels[i * 25:(i + 1) * 25].tolist())) == 1 for i in range(4))
