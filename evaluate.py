@@ -305,17 +305,18 @@ def confusion(pred, true, num_pred, num_true, ignore=255) -> torch.Tensor:
     return torch.bincount(idx.cpu(), minlength=num_pred * num_true).view(num_pred, num_true)
 
 
-def match_clusters(conf, many_to_one=False, unmatched=0) -> torch.Tensor:
+def match_clusters(conf, many_to_one=False, unmatched=0, matchable=None) -> torch.Tensor:
     """cluster -> class from a (clusters, classes) confusion, as Leopart's PredsmIoU (utils.py) and TimeT's
     (metrics.py): Hungarian maximising IoU, linear_sum_assignment(1 - IoU) on the (classes, clusters) matrix
-    (their call, so that ties break alike), unmatched clusters -> `unmatched` (theirs: 0, background; -1 =
-    a miss); or many-to-one: each cluster to its highest-precision class, i.e. its majority class."""
+    (their call, so that ties break alike), only the first `matchable` clusters eligible, the rest and the
+    unmatched -> `unmatched` (theirs: 0, background; -1 = a miss); or many-to-one: each cluster to its
+    highest-precision class, i.e. its majority class."""
     if many_to_one:
         return conf.argmax(1)  # precision tp / (tp + fp) has one denominator per cluster; first maximum wins
     c = conf.double().numpy()
     union = c.sum(1, keepdims=True) + c.sum(0, keepdims=True) - c
     iou = c / np.maximum(union, 1e-8)  # PredsmIoU.get_score
-    classes, clusters = linear_sum_assignment(1 - iou.T)
+    classes, clusters = linear_sum_assignment(1 - iou.T[:, :matchable])
     mapping = torch.full((conf.shape[0],), unmatched, dtype=torch.long)
     mapping[torch.as_tensor(clusters)] = torch.as_tensor(classes)
     return mapping
@@ -605,21 +606,12 @@ def _pixel_tokens(h, w, *sizes):
 
 
 def iou_matched_miou(pred, gt, num_pred, num_gt, ignore=255) -> tuple:
-    """Leopart's utils.PredsmIoU(num_pred, num_gt).compute(many_to_one=False): Hungarian matching of
-    predicted ids < num_pred to classes maximising IoU (linear_sum_assignment(1 - IoU)), unmatched
-    ids (and ids >= num_pred) become class 0, mean IoU (%) over all num_gt classes (absent: 0).
-    pred, gt int tensors of one shape -> (mIoU, id -> class (max(num_pred, max id + 1),))."""
-    keep = gt != ignore
-    pred, gt = pred[keep].long(), gt[keep].long()
-    cols = max(num_pred, int(pred.max()) + 1 if len(pred) else 0)
-    conf = torch.bincount(gt * cols + pred, minlength=num_gt * cols).reshape(num_gt, cols).double()
-    iou = conf / (conf.sum(1, keepdim=True) + conf.sum(0, keepdim=True) - conf).clamp(min=1e-8)
-    rows, matched = linear_sum_assignment(1 - iou[:, :num_pred].numpy())
-    mapping = torch.zeros(cols, dtype=torch.long)
-    mapping[torch.as_tensor(matched)] = torch.as_tensor(rows)
-    conf = torch.zeros(num_gt, num_gt, dtype=torch.float64).index_add_(1, mapping, conf)
-    tp = conf.diagonal()
-    return 100 * (tp / (conf.sum(1) + conf.sum(0) - tp).clamp(min=1e-8)).mean().item(), mapping
+    """Leopart's utils.PredsmIoU(num_pred, num_gt).compute(many_to_one=False): ids < num_pred matched to the
+    classes by IoU, the rest -> class 0; mIoU (%) over all classes. -> (mIoU, id -> class (max(num_pred, ids),))."""
+    kept = pred[gt != ignore]
+    conf = confusion(pred, gt, max(num_pred, int(kept.max()) + 1 if kept.numel() else 0), num_gt, ignore)
+    mapping = match_clusters(conf, matchable=num_pred)
+    return miou(conf, mapping), mapping
 
 
 def _token_blocks(tok_of_pixel, fg_pixels, T):
