@@ -244,16 +244,19 @@ def linear(train_features, train_labels, test_features, test_labels, epochs=100,
 
 
 # ====== Clustering: k-means, matching, mIoU, NMI, Hungarian accuracy ================================
-def _nearest(x, centroids, chunk=16384):
-    """Squared distance to, and index of, the nearest centroid for every row of x."""
+def _assign(x, centroids, spherical, chunk=65536):
+    """Nearest centroid of every row: squared L2 distance, or (spherical) largest inner product as
+    faiss's IndexFlatIP. x (N, D), centroids (k, D) -> (score (N,), label (N,))."""
     c_sq = (centroids * centroids).sum(1)
-    dists, labels = [], []
+    scores, labels = [], []
     for xb in x.split(chunk):
-        d = (xb * xb).sum(1, keepdim=True) - 2 * (xb @ centroids.T) + c_sq
-        m, a = d.min(1)
-        dists.append(m.clamp_min(0))
+        if spherical:
+            s, a = (xb @ centroids.T).max(1)
+        else:
+            s, a = ((xb * xb).sum(1, keepdim=True) - 2 * (xb @ centroids.T) + c_sq).min(1)
+        scores.append(s)
         labels.append(a)
-    return torch.cat(dists), torch.cat(labels)
+    return torch.cat(scores), torch.cat(labels)
 
 
 def _kmeans_pp(x, k, g):
@@ -281,7 +284,8 @@ def kmeans(x, k, iters=100, restarts=3, seed=0, tol=1e-4):
         centroids = _kmeans_pp(x, k, g)
         previous = float("inf")
         for _ in range(iters):
-            dists, labels = _nearest(x, centroids)
+            dists, labels = _assign(x, centroids, False, chunk=16384)
+            dists = dists.clamp_min(0)
             inertia = dists.sum().item()
             counts = torch.bincount(labels, minlength=k)
             centroids = torch.zeros_like(centroids).index_add_(0, labels, x) / counts.clamp_min(1)[:, None].float()
@@ -291,7 +295,8 @@ def kmeans(x, k, iters=100, restarts=3, seed=0, tol=1e-4):
             if previous - inertia <= tol * previous:
                 break
             previous = inertia
-        dists, labels = _nearest(x, centroids)
+        dists, labels = _assign(x, centroids, False, chunk=16384)
+        dists = dists.clamp_min(0)
         if best is None or dists.sum().item() < best[0]:
             best = (dists.sum().item(), labels, centroids)
     return best[1], best[2]
@@ -480,21 +485,6 @@ def standardise_and_pca(x, dim=50, max_points_per_dim=1000, seed=1234, chunk=262
     fit = fit - centre
     _, vectors = torch.linalg.eigh((fit.T @ fit).double() / len(fit))  # eigenvalues ascending
     return (z - centre) @ vectors[:, -min(dim, D):].flip(1).float()
-
-
-def _assign(x, centroids, spherical, chunk=65536):
-    """Nearest centroid of every row: squared L2 distance, or (spherical) largest inner product as
-    faiss's IndexFlatIP. x (N, D), centroids (k, D) -> (score (N,), label (N,))."""
-    c_sq = (centroids * centroids).sum(1)
-    scores, labels = [], []
-    for xb in x.split(chunk):
-        if spherical:
-            s, a = (xb @ centroids.T).max(1)
-        else:
-            s, a = ((xb * xb).sum(1, keepdim=True) - 2 * (xb @ centroids.T) + c_sq).min(1)
-        scores.append(s)
-        labels.append(a)
-    return torch.cat(scores), torch.cat(labels)
 
 
 @torch.no_grad()
@@ -1288,7 +1278,7 @@ def pixel_kmeans(feats, k, size, niter=50, nredo=5, seed=1, chunk=16) -> torch.T
     sample = torch.cat([_upsample(feats[t:t + chunk], size)[idx[(idx >= first(t)) & (idx < first(t + chunk))] - first(t)]
                         for t in range(0, len(feats), chunk)])
     centroids = faiss_kmeans(sample, k, niter, nredo, seed, max_points_per_centroid=256)[1]
-    labels = [_nearest(_upsample(feats[t:t + chunk], size), centroids)[1] for t in range(0, len(feats), chunk)]
+    labels = [_assign(_upsample(feats[t:t + chunk], size), centroids, False, 16384)[1] for t in range(0, len(feats), chunk)]
     return torch.cat(labels).view(len(feats), size, size)
 
 
