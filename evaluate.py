@@ -1,28 +1,19 @@
 """evaluate.py: the benchmarks of the five papers, for any backbone with DINO's interface.
 
-One shared implementation, so that every method of this repo (and the official DINO weights,
-the baseline) is measured the same way. Protocols (facts from the papers / official code):
-  knn         DINO's weighted k-NN on L2-normalised [CLS] (k = 10, 20, 100, 200, T = 0.07), top-1/5.
-  linear      linear classifier on the [CLS] of the last 4 blocks, concatenated; features cached.
-  seg-linear  1x1-conv probe on frozen patch tokens, logits upsampled to the mask; mIoU, 255 ignored.
-  seg-cluster k-means on the patch tokens of the val set: K = #classes + Hungarian, K = 100/300/500
-              + many-to-one (overclustering), and a foreground-only variant (K = #classes - 1).
-  propagate   DAVIS-2017 label propagation (affinity T = 0.1, top-5, first + 7 previous frames,
-              neighbourhood 12, 480 px); J (region IoU), F (boundary F, DAVIS toolkit), J&F.
-  icl         open-ended N-way K-shot in-context classification (Frozen's protocol, exact match).
-  unsupervised_segmentation (a function; leopart.py calls it): Leopart's fully_unsup_seg.py,
-              cluster-based foreground extraction + Infomap on the clusters' co-occurrence graph.
-  viz         last-layer attention of 3 heads as R, G, B and k-means maps (k = 5, 10); PNG + GIF.
-All scores are percentages (accuracy, mIoU, J, F, NMI).
-
-Commands:
-  python evaluate.py knn        --ckpt runs/dora/checkpoint.pth --data /data/imagenet
-  python evaluate.py linear     --ckpt dino_deitsmall16_pretrain.pth --arch vit_small --patch-size 16 --data ...
-  python evaluate.py seg-linear --ckpt ... --data /data/VOCdevkit/VOC2012   (VOC layout, data.py)
-  python evaluate.py propagate  --ckpt ... --data /data/DAVIS --output-dir runs/davis
-  python evaluate.py suite      --random-init --arch vit_demo --patch-size 8 --data runs/synth
-  python evaluate.py suite      --arch pixels --patch-size 8 --data runs/synth    (raw-pixel floor)
-The last line printed is one JSON object with every number.
+One shared implementation, so that every method of this repo (and the official DINO weights, the baseline)
+is measured the same way, as the papers' official evaluation code measures it: PROTOCOLS (below) names the
+official script each benchmark follows and what differs, and every JSON printed carries it.
+  ImageNet-style folders: knn, linear.      VOC layout: seg-linear, seg-cluster.
+  DAVIS layout: propagate, video-kmeans.    Frozen / SeCAt: icl.      Pictures: viz.
+  unsupervised_segmentation (a function; leopart.py calls it): Leopart's CBFE + Infomap community detection.
+All scores are percentages (accuracy, mIoU, J, F, NMI). The last line printed is one JSON object.
+  python evaluate.py knn          --ckpt runs/dora/checkpoint.pth --data /data/imagenet
+  python evaluate.py linear       --ckpt dino_deitsmall16_pretrain.pth --arch vit_small --patch-size 16 --data ...
+  python evaluate.py seg-cluster  --ckpt ... --data /data/VOCdevkit/VOC2012   (VOC layout, data.py)
+  python evaluate.py propagate    --ckpt ... --data /data/DAVIS --output-dir runs/davis
+  python evaluate.py video-kmeans --ckpt ... --data /data/DAVIS --image-size 224
+  python evaluate.py suite        --random-init --arch vit_demo --patch-size 8 --data runs/synth
+  python evaluate.py suite        --arch pixels --patch-size 8 --data runs/synth    (raw-pixel floor)
 """
 import argparse
 import functools
@@ -96,11 +87,9 @@ def build_arch(arch: str, patch_size: int) -> nn.Module:
 
 
 def load_backbone(ckpt=None, arch="vit_small", patch_size=16, random_init=False) -> nn.Module:
-    """A frozen backbone in eval mode.
-    ckpt of this repo (has "method"): built by `<method>.build_backbone(ckpt["args"])`, loaded strictly
-    from the `backbone.` keys of ckpt["teacher"] (else ckpt["model"]). Any other ckpt is an official
-    DINO file: a plain ViT state dict or a dict with teacher/student/model, `module.`/`backbone.`
-    stripped, head keys dropped, built as --arch/--patch-size. random_init skips the loading."""
+    """A frozen backbone in eval mode. A ckpt of this repo (has "method") is built by its method's
+    build_backbone and loads the `backbone.` keys of its teacher (else model); any other is an official
+    DINO file (data.load_pretrained), built as arch / patch_size. random_init skips the loading."""
     import data
     if ckpt is None:
         if not random_init and arch != "pixels":
@@ -161,9 +150,8 @@ def token_grid(n: int, height: int, width: int) -> tuple:
 
 @torch.no_grad()
 def extract(backbone, loader, device, n_last_blocks=1, patch_tokens=False):
-    """Frozen features of a loader of (images, targets): (features, targets).
-    [CLS] of the last n blocks -> (N, n, D) float32 (a conv backbone gives n = 1), or with patch_tokens
-    the last block's patch tokens as maps (N, D, h, w) in float16 (the segmentation probes' cache)."""
+    """(features, targets) of a loader: [CLS] of the last n blocks (N, n, D) float32, or with patch_tokens
+    the last block's patch tokens (N, D, h, w) float16 (the segmentation probes' cache)."""
     feats, targets = [], []
     for images, y in loader:
         layers = backbone.get_intermediate_layers(images.to(device), n_last_blocks)
@@ -229,9 +217,8 @@ def _top1(head, x, y) -> float:
 
 def linear(train_features, train_labels, test_features, test_labels, epochs=100, lrs=(0.001, 0.01, 0.1, 1.0),
            batch_size=256, seed=0) -> dict:
-    """Linear probe on cached features (N, D) (for ViTs the [CLS] of the last 4 blocks).
-    The learning rate is chosen on a held-out 10% of train (DINO sweeps it too), then the probe
-    is retrained on all of train and measured once on test. Returns {"linear/top1", "linear/lr"}."""
+    """Linear probe on cached features (N, D): lr chosen on a held-out 10 % of train (DINO sweeps it too),
+    retrained on all of train, measured once on test. -> {"linear/top1", "linear/lr"}."""
     x, y = train_features.float(), train_labels
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)).to(x.device)
@@ -245,8 +232,8 @@ def linear(train_features, train_labels, test_features, test_labels, epochs=100,
 
 # ====== Clustering: k-means, matching, mIoU, NMI, Hungarian accuracy ================================
 def _assign(x, centroids, spherical, chunk=65536):
-    """Nearest centroid of every row: squared L2 distance, or (spherical) largest inner product as
-    faiss's IndexFlatIP. x (N, D), centroids (k, D) -> (score (N,), label (N,))."""
+    """x (N, D), centroids (k, D) -> (score, label) (N,) of the nearest centroid: squared L2, or (spherical)
+    largest inner product as faiss's IndexFlatIP."""
     c_sq = (centroids * centroids).sum(1)
     scores, labels = [], []
     for xb in x.split(chunk):
@@ -274,8 +261,8 @@ def _kmeans_pp(x, k, g):
 
 @torch.no_grad()
 def kmeans(x, k, iters=100, restarts=3, seed=0, tol=1e-4):
-    """Lloyd's k-means in torch on x's device, k-means++ init, best of `restarts` by inertia.
-    x (N, D) float -> (labels (N,) int64, centroids (k, D)). Distances are computed in chunks."""
+    """Lloyd's k-means on x's device, k-means++ init, best of `restarts` (secat.py's, viz's; the official
+    protocols use faiss_kmeans). x (N, D) -> (labels (N,) int64, centroids (k, D))."""
     x = x.float()
     k = min(k, len(x))
     g = torch.Generator(device=x.device).manual_seed(seed)
@@ -312,10 +299,9 @@ def confusion(pred, true, num_pred, num_true, ignore=255) -> torch.Tensor:
 
 def match_clusters(conf, many_to_one=False, unmatched=0, matchable=None) -> torch.Tensor:
     """cluster -> class from a (clusters, classes) confusion, as Leopart's PredsmIoU (utils.py) and TimeT's
-    (metrics.py): Hungarian maximising IoU, linear_sum_assignment(1 - IoU) on the (classes, clusters) matrix
-    (their call, so that ties break alike), only the first `matchable` clusters eligible, the rest and the
-    unmatched -> `unmatched` (theirs: 0, background; -1 = a miss); or many-to-one: each cluster to its
-    highest-precision class, i.e. its majority class."""
+    (metrics.py): linear_sum_assignment(1 - IoU) on (classes, clusters) (their call: ties break alike), the
+    first `matchable` clusters eligible, the rest -> `unmatched` (theirs: 0; -1 = a miss); or many-to-one:
+    each cluster to its highest-precision, i.e. majority, class."""
     if many_to_one:
         return conf.argmax(1)  # precision tp / (tp + fp) has one denominator per cluster; first maximum wins
     c = conf.double().numpy()
@@ -328,10 +314,8 @@ def match_clusters(conf, many_to_one=False, unmatched=0, matchable=None) -> torc
 
 
 def miou(conf, mapping=None, gt_classes_only=False) -> float:
-    """Mean IoU (%). conf (P, C): rows are predictions; `mapping` (P,) sends each prediction row to a class,
-    -1 = no class (a miss). Every class counts, one absent from both maps scores 0 (Leopart's PredsmIoU:
-    IoU = tp / max(tp + fp + fn, 1e-8) over range(num_gt)); gt_classes_only: only the classes present in
-    the ground truth (TimeT's PredsmIoU, metrics.py: np.unique(gt))."""
+    """Mean IoU (%) of conf (P, C), rows mapped to classes by `mapping` (P,) (-1 = a miss). A class absent
+    from both maps scores 0 (Leopart's PredsmIoU); gt_classes_only: the ground truth's classes (TimeT's)."""
     num_classes = conf.shape[1]
     if mapping is not None:
         merged = torch.zeros(num_classes + 1, num_classes, dtype=conf.dtype)
@@ -405,15 +389,10 @@ def _cluster_confusion(labels, masks, k, num_classes, chunk=64):
 
 def seg_cluster(features, masks, num_classes, ks=(100, 300, 500), restarts=5, seeds=5, device="cpu", seed=0,
                 iters=100, pca_dim=50, eval_size=100, foreground=True, background=0) -> dict:
-    """Unsupervised segmentation by k-means on the patch tokens of the whole val set, as Leopart's
-    sup_overcluster.py: tokens standardised and reduced to pca_dim by PCA, faiss k-means (iters, restarts)
-    run with `seeds` seeds (seed, seed+1, ...) and the mIoU averaged over them; cluster maps and masks
-    resized to eval_size x eval_size (nearest, as F.interpolate's default), 255 ignored.
-    K = num_classes matched one-to-one (Hungarian on IoU); each K in ks matched many-to-one
-    (overclustering); foreground-only (ours, no official counterpart): k-means on the patches mostly
-    covered by foreground classes (ground truth), K = num_classes - 1, Hungarian, mIoU over the
-    foreground classes with background pixels ignored.
-    features (N, D, h, w), masks (N, H, W) uint8 -> {"seg_cluster/k21_hungarian": %, ...}."""
+    """k-means on the val set's patch tokens as Leopart's sup_overcluster.py: standardise + PCA, faiss
+    k-means averaged over `seeds` seeds, maps and masks to eval_size (nearest); K = num_classes Hungarian,
+    each K in ks many-to-one; foreground-only (ours): K = num_classes - 1 on the mostly-foreground patches,
+    Hungarian over the foreground classes. features (N, D, h, w), masks (N, H, W) -> {"seg_cluster/...": %}."""
     n, d, h, w = features.shape
     x = standardise_and_pca(rearrange(features, "n d h w -> (n h w) d").to(device), pca_dim)
     small = F.interpolate(masks[:, None].float(), size=(eval_size, eval_size), mode="nearest")[:, 0].long()
@@ -446,13 +425,10 @@ def seg_cluster(features, masks, num_classes, ks=(100, 300, 500), restarts=5, se
 
 
 # ====== Fully unsupervised segmentation (Leopart, Ziegler & Asano, CVPR 2022, Sec. 4.4) ============
-# Cluster-based foreground extraction (CBFE), then k-means on the foreground and community
-# detection merging the clusters into K classes: no label is used but to pick one threshold.
 @torch.no_grad()
 def dense_features(backbone, images, batch_size=32):
-    """images (N, 3, S, S) normalised -> last-block patch tokens (N, h, w, D) and head-averaged [CLS]
-    attention (N, h, w). One pass where the ViT offers `forward_tokens` (leopart.py's), else DINO's
-    get_intermediate_layers + get_last_selfattention."""
+    """images (N, 3, S, S) normalised -> last-block patch tokens (N, h, w, D), head-averaged [CLS]
+    attention (N, h, w); one pass where the ViT has leopart.py's forward_tokens."""
     p = patch_size_of(backbone)
     device = next(backbone.parameters()).device
     tokens, attns = [], []
@@ -469,9 +445,8 @@ def dense_features(backbone, images, batch_size=32):
 
 def standardise_and_pca(x, dim=50, max_points_per_dim=1000, seed=1234, chunk=262144):
     """(N, D) -> (N, min(dim, D)) as Leopart's utils.normalize_and_transform: sklearn's StandardScaler
-    (population std; a constant dimension left unscaled), then faiss.PCAMatrix(D, dim): centred, the
-    top eigenvectors of the covariance, no whitening, fitted on a random 1000 * D rows when given
-    more (faiss's max_points_per_d). Exact eigendecomposition, own generator: depends on x alone."""
+    (a constant dimension left unscaled), then faiss.PCAMatrix(D, dim) (centred, no whitening, fitted
+    on a random max_points_per_dim * D rows when given more), by an exact eigendecomposition."""
     x = x.float()
     n, D = x.shape
     mean = sum(c.double().sum(0) for c in x.split(chunk)) / n
@@ -489,16 +464,11 @@ def standardise_and_pca(x, dim=50, max_points_per_dim=1000, seed=1234, chunk=262
 
 @torch.no_grad()
 def faiss_kmeans(x, k, niter=100, nredo=5, seed=1, spherical=False, copies=None, max_points_per_centroid=256):
-    """faiss.Kmeans(D, k, niter=100, nredo=5, seed, spherical).train(x) then index.search(x, 1): the
-    k-means of Leopart's utils.cluster, done as faiss does it, with torch's random draws. faiss trains
-    on a random k * 256 rows when given more, starts each run from k random rows, makes exactly niter
-    Lloyd steps (an empty cluster takes half of a big one, perturbed by 1/1024) and keeps the run
-    of best objective; spherical renormalises the centroids to unit length and assigns by largest
-    inner product (the rows stay unnormalised). copies (N,) int: row i stands for that many equal
-    rows (a token's pixels when the official code repeats features per pixel). Used by every k-means
-    of the official protocols (Leopart utils.cluster, TimeT clustering.cluster_features); stops early only
-    at a fixed point (no draws are made there, so the result is the same).
-    x (N, D) -> (labels (N,) int64, centroids (k, D))."""
+    """faiss.Kmeans(D, k, niter, nredo, seed, spherical).train(x) + index.search(x, 1), as faiss does it with
+    torch's draws: the k-means of the official protocols (Leopart utils.cluster, TimeT cluster_features).
+    Trains on a random k * 256 rows, each run from k random rows, niter Lloyd steps (an empty cluster
+    splits a big one, faiss split_clusters), best objective kept; spherical: unit centroids, inner product.
+    copies (N,): row i stands for that many equal rows (a token's pixels). x (N, D) -> (labels, centroids)."""
     x = x.float()
     g = torch.Generator().manual_seed(seed)
     copies = torch.ones(len(x), dtype=torch.long) if copies is None else copies.long()
@@ -539,18 +509,16 @@ def faiss_kmeans(x, k, niter=100, nredo=5, seed=1, spherical=False, copies=None,
 
 def glcm_offsets(distances=(1, 2), angles=(0, np.pi / 4, np.pi / 2, 3 * np.pi / 4, np.pi, 4 * np.pi / 3,
                                            3 * np.pi / 2, 7 * np.pi / 4)) -> list:
-    """(row, col) offsets of skimage's greycomatrix for Leopart's create_matrix arguments: C's round
-    of (sin, cos) * distance. So distance 2 on a diagonal lands on (+-1, +-1), and the official
-    4 pi / 3 (not 5 pi / 4) gives (-1, -1) and (-2, -1)."""
+    """(row, col) offsets of skimage's greycomatrix for Leopart's create_matrix arguments: C's round of
+    (sin, cos) * distance, so distance 2 on a diagonal lands on (+-1, +-1); the official 4 pi / 3 (sic)."""
     c_round = lambda v: int(math.copysign(math.floor(abs(v) + 0.5), v))  # noqa: E731
     return [(c_round(math.sin(a) * d), c_round(math.cos(a) * d)) for a in angles for d in distances]
 
 
 def cooccurrence(clusters, n, offsets=None, chunk=64):
-    """clusters (N, H, W) ids < n -> (n, n) row-stochastic, Leopart's fully_unsup_seg.create_matrix:
-    per image, how often cluster j sits at an offset (glcm_offsets) from cluster i, the diagonal
-    zeroed and rows normalised; summed over images and divided by the number of images in which
-    row i has a neighbour (a row with none stays 0 where the official code divides 0 by 0)."""
+    """clusters (N, H, W) ids < n -> (n, n), Leopart's fully_unsup_seg.create_matrix: per image, cluster j
+    at an offset from cluster i, diagonal zeroed, rows normalised; averaged over the images where row i
+    has a neighbour (a row with none stays 0 where the official code divides 0 by 0)."""
     offsets = glcm_offsets() if offsets is None else offsets
     total, appear = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     for c in clusters.long().split(chunk):
@@ -569,11 +537,9 @@ def cooccurrence(clusters, n, offsets=None, chunk=64):
 
 
 def infomap_communities(co, edge_threshold=0.09, markov_time=2.0, modules=20, seed=1) -> dict:
-    """Leopart's community detection on the co-occurrence graph: an undirected edge i-j of weight
-    min(co[i, j], co[j, i]) where both reach edge_threshold, then two-level Infomap with the given
-    Markov time and preferred number of modules. -> {node: module id >= 1}; unlinked nodes absent."""
+    """Leopart's community detection: undirected edges of weight min(co[i, j], co[j, i]) where both reach
+    edge_threshold, two-level Infomap. -> {node: module id >= 1}; unlinked nodes absent."""
     from infomap import Infomap  # only this benchmark needs it
-
     n = len(co)
     links = [(i, j, float(min(co[i, j], co[j, i]))) for i in range(n) for j in range(i, n)
              if co[i, j] >= edge_threshold and co[j, i] >= edge_threshold]
@@ -587,8 +553,7 @@ def infomap_communities(co, edge_threshold=0.09, markov_time=2.0, modules=20, se
 
 
 def _pixel_tokens(h, w, *sizes):
-    """(H * W,) the token each pixel shows after nearest resizes of an (h, w) map to each size in turn
-    (the official code resizes every map with F.interpolate(mode='nearest'))."""
+    """(H * W,) the token each pixel shows after F.interpolate(mode='nearest') to each size in turn."""
     idx = torch.arange(h * w, dtype=torch.float64).reshape(1, 1, h, w)
     for s in sizes:
         idx = F.interpolate(idx, size=(s, s), mode="nearest")
@@ -605,8 +570,7 @@ def iou_matched_miou(pred, gt, num_pred, num_gt, ignore=255) -> tuple:
 
 
 def _token_blocks(tok_of_pixel, fg_pixels, T):
-    """tok_of_pixel (P,): the token every pixel shows; fg_pixels (N, P) bool -> (N, T) foreground
-    pixels inside each token's block, and (T,) block sizes."""
+    """tok_of_pixel (P,), fg_pixels (N, P) bool -> foreground pixels in each token's block (N, T), sizes (T,)."""
     N = len(fg_pixels)
     idx = (torch.arange(N)[:, None] * T + tok_of_pixel).flatten()
     inside = torch.bincount(idx, weights=fg_pixels.flatten().double(), minlength=N * T).reshape(N, T)
@@ -614,17 +578,15 @@ def _token_blocks(tok_of_pixel, fg_pixels, T):
 
 
 def _foreground_iou(fg_tokens, gt_inside, sizes) -> float:
-    """Leopart's utils.eval_jac: IoU (%) of each image's predicted foreground with its ground-truth
-    foreground, averaged over images; fg_tokens (N, T) bool, gt_inside/sizes from _token_blocks."""
+    """Leopart's utils.eval_jac: foreground IoU (%) per image, averaged; fg_tokens (N, T), rest: _token_blocks."""
     inter = (fg_tokens * gt_inside).sum(1)
     union = fg_tokens.double() @ sizes + gt_inside.sum(1) - inter
     return 100 * (inter / union.clamp(min=1e-8)).mean().item()
 
 
 def _cluster_precision(clusters, noisy_fg, sizes, k) -> np.ndarray:
-    """Leopart's get_cluster_precs: per cluster, the share of its pixels inside the noisy foreground,
-    averaged over the images it occurs in (0 where it does not occur: the official code asserts
-    every cluster occurs). clusters (N, T), noisy_fg (N, T) bool, sizes (T,) pixels per token."""
+    """Leopart's get_cluster_precs: per cluster, the share of its pixels in the noisy foreground averaged
+    over the images it occurs in (0 if none: the official asserts). clusters, noisy_fg (N, T), sizes (T,)."""
     N = len(clusters)
     idx = (torch.arange(N)[:, None] * k + clusters).flatten()
     w = sizes.repeat(N)
@@ -636,9 +598,8 @@ def _cluster_precision(clusters, noisy_fg, sizes, k) -> np.ndarray:
 
 def cbfe_cd(tokens, noisy_fg, n_train, num_classes, train_masks=None, val_masks=None, k_fg=200, k_community=149,
             pca_dim=50, edge_threshold=0.09, markov_time=2.0, infomap_runs=10, cbfe_runs=5, eval_size=100, seed=0):
-    """Leopart's fully_unsup_seg.py on given tokens. tokens (N, h, w, D), train images first; noisy_fg
-    (N, h, w) bool; masks (N, S, S) int, 255 = VOC's object boundary. Returns (val maps (N_val, S, S)
-    of the first Infomap run, classes after matching; scores)."""
+    """Leopart's fully_unsup_seg.py. tokens (N, h, w, D), train first; noisy_fg (N, h, w) bool; masks (N, S, S),
+    255 = boundary. -> (val maps (N_val, S, S) of the first Infomap run, matched to classes; scores)."""
     N, h, w, D = tokens.shape
     T, E = h * w, eval_size
     feats = standardise_and_pca(tokens.reshape(-1, D), pca_dim)
@@ -646,8 +607,7 @@ def cbfe_cd(tokens, noisy_fg, n_train, num_classes, train_masks=None, val_masks=
     tok_e = torch.bincount(_pixel_tokens(h, w, E), minlength=T).double()  # pixels per token at E x E
     split = (slice(0, n_train), slice(n_train, N))
 
-    # 1. CBFE (paper Sec. 4.4): spherical k-means over train + val tokens; a cluster is foreground if
-    #    its pixels at 100x100 fall in the noisy foreground at least `threshold` of the time.
+    # 1. CBFE: spherical k-means on train + val tokens; foreground = clusters of precision >= threshold
     k_fg = min(k_fg, len(feats) // 4)  # only binds on toy sets: the official code asserts all k occur
     clusters = faiss_kmeans(feats, k_fg, seed=seed, spherical=True)[0].reshape(N, T)
     precs = [_cluster_precision(clusters[s], noisy_fg[s], tok_e, k_fg) for s in split]
@@ -664,21 +624,18 @@ def cbfe_cd(tokens, noisy_fg, n_train, num_classes, train_masks=None, val_masks=
     threshold = float(grid[np.argmin(np.abs(grid - ranked[start]))])  # the official rounding to 0.05
     fg = torch.cat([torch.isin(clusters[s], torch.as_tensor(np.flatnonzero(p >= threshold)))
                     for s, p in zip(split, precs)])  # (N, T): val uses its own precisions
-    scores = {"protocol": f"leopart fully_unsup_seg.py: standardise + PCA {pca_dim}; CBFE spherical k-means "
-              f"k={k_fg} (faiss, 100 it, 5 redo), precision threshold {threshold:.2f} from train IoU at "
-              f"{E}x{E}; CD k-means k={k_community} on foreground pixels at {E}x{E}, co-occurrence "
-              f"(skimage offsets, distances 1 and 2), Infomap (Markov time {markov_time}, "
-              f"{num_classes - 1} modules, edge threshold {edge_threshold}), mean over {infomap_runs} "
-              f"seeds; Hungarian by IoU at {E}x{E}, 255 ignored",
-              "cbfe_threshold": threshold, "cbfe_fg_fraction": 100 * float((fg[n_train:].double() @ tok_e).sum()) / (
-                  (N - n_train) * E * E)}
+    scores = {"protocol": f"leopart fully_unsup_seg.py: standardise + PCA {pca_dim}; CBFE spherical faiss k-means "
+              f"k={k_fg}, threshold {threshold:.2f} from train IoU at {E}x{E}; CD faiss k-means k={k_community} on "
+              f"foreground pixels at {E}x{E}, skimage co-occurrence (distances 1, 2), Infomap (Markov time "
+              f"{markov_time}, {num_classes - 1} modules, edge threshold {edge_threshold}), mean of {infomap_runs} "
+              f"seeds; Hungarian IoU at {E}x{E}, 255 ignored", "cbfe_threshold": threshold,
+              "cbfe_fg_fraction": 100 * float((fg[n_train:].double() @ tok_e).sum()) / ((N - n_train) * E * E)}
     if val_masks is not None:  # the official scores the val foreground at the input size
         S = val_masks.shape[-1]
         gt_inside, sizes = _token_blocks(_pixel_tokens(h, w, E, S), val_masks.flatten(1) != 0, T)
         scores["cbfe_fg_iou"] = _foreground_iou(fg[n_train:], gt_inside, sizes)
 
-    # 2. k-means on the foreground pixels at 100x100 (each token counted once per pixel it covers);
-    #    the background is one more cluster, id k.
+    # 2. k-means on the foreground pixels at E x E (a token weighs its pixels); the background is cluster k
     fg = fg.flatten()
     copies = tok_e.long().repeat(N)[fg]
     k_community = min(k_community, max(int(fg.sum()) // 4, num_classes))  # binds on toy sets only
@@ -697,9 +654,8 @@ def cbfe_cd(tokens, noisy_fg, n_train, num_classes, train_masks=None, val_masks=
             feats[fg], num_classes - 1, seed=r, copies=copies)[0], num_classes - 1, split[1]), val_gt, num_classes,
             num_classes)[0] for r in range(cbfe_runs)]))
 
-    # 3. Community detection merges the k + 1 clusters: the co-occurrence graph of train + val maps,
-    #    Infomap for each seed (official 0..9: infomap >= 2.x refuses seed 0, so 1..10); unlinked
-    #    clusters pooled into id 0, communities are ids 1, 2, ...
+    # 3. CD: Infomap on the co-occurrence graph of train + val maps per seed (official 0..9; infomap >= 2.x
+    #    refuses 0, so 1..10); unlinked clusters pooled into id 0, communities are 1, 2, ...
     maps = pixel_maps(fine, k_community, slice(0, N))
     co = cooccurrence(maps, k_community + 1)
     runs, first = [], None  # (communities, mIoU) per seed; the first seed's map and matching
@@ -725,34 +681,29 @@ def cbfe_cd(tokens, noisy_fg, n_train, num_classes, train_masks=None, val_masks=
 
 def unsupervised_segmentation(backbone, train_images, val_images, num_classes, foreground, train_masks=None,
                               val_masks=None, k_fg=200, k_community=149, seed=0, **settings):
-    """Leopart's label-free pipeline (fully_unsup_seg.py, paper Sec. 4.4) on a backbone. images (N, 3,
-    S, S) normalised; masks (N, S, S) int64 with 255 = boundary (train masks only pick the CBFE
-    threshold, as the official code does; val masks only score). foreground(attn (N, h, w)) -> bool
-    (N, h, w): the noisy foreground from the [CLS] attention (Leopart: leopart.foreground_mask with
-    65 % of the mass; the official script reads DINO ViT-S/16's). settings: cbfe_cd's. Returns (val
-    maps (N, S, S) of class ids, scores in %: cbfe_fg_iou, cbfe_miou, cd_miou, ... and the protocol)."""
+    """Leopart's label-free pipeline (cbfe_cd) on a backbone. images (N, 3, S, S) normalised; masks (N, S, S),
+    255 = boundary (train masks only pick the CBFE threshold, as officially); foreground(attn (N, h, w)) ->
+    bool (N, h, w), e.g. leopart.foreground_mask. -> (val maps (N, S, S) of classes, scores in %)."""
     tokens, attn = dense_features(backbone, torch.cat([train_images, val_images]))
     return cbfe_cd(tokens, foreground(attn), len(train_images), num_classes, train_masks, val_masks, k_fg,
                    k_community, seed=seed, **settings)
 
 
 def load_segmentation(root, split, size):
-    """VOC-layout split -> images (N, 3, size, size) normalised, masks (N, size, size) int64 (255 = ignore).
-    Masks resized by torchvision's nearest (leopart.py's numbers), not SegTransform's nearest-exact."""
+    """VOC-layout split -> images (N, 3, size, size) normalised, masks (N, size, size) by torchvision's nearest."""
     import data
     ds = data.VOCSegmentation(root, split)
     images, masks = [], []
     for i in range(len(ds)):
         img, mask = ds[i]
-        images.append(TF.normalize(TF.resize(img, [size, size], antialias=True).float() / 255, MEAN, STD))
+        images.append(normalize(TF.resize(img, [size, size], antialias=True)))
         masks.append(TF.resize(mask[None], [size, size], interpolation=TF.InterpolationMode.NEAREST)[0])
     return torch.stack(images), torch.stack(masks), ds.num_classes
 
 
 def unsupervised_segmentation_voc(backbone, root, size, foreground, k_fg, k_community, seed=0, picture=None,
                                   name="") -> dict:
-    """unsupervised_segmentation fitted on a VOC-layout root's train + val splits at size x size, scored on
-    val; with `picture` (a path), save_cluster_maps of the first val images there, titled with `name`."""
+    """unsupervised_segmentation on a VOC-layout root's train + val at size x size; picture: save_cluster_maps."""
     train_x, train_y, num_classes = load_segmentation(root, "train", size)
     val_x, val_y, _ = load_segmentation(root, "val", size)
     maps, scores = unsupervised_segmentation(backbone, train_x, val_x, num_classes, foreground, train_y, val_y,
