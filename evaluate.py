@@ -799,10 +799,8 @@ def _cv2_taps(src: int, dst: int) -> tuple:
 
 
 def cv2_resize(img, size) -> torch.Tensor:
-    """cv2.resize(img, (w, h)) with INTER_LINEAR (no antialiasing) on uint8, reproduced in integers: the
-    horizontal pass with 11-bit weights, the vertical one as cv2's SIMD path rounds (bit-exact against
-    opencv 4.10 and 5.0 when shrinking; upscaling may differ by 1 on ~0.1 % of pixels).
-    uint8 (C, H, W) -> uint8 (C, h, w)."""
+    """cv2.resize INTER_LINEAR (no antialiasing) in integers as cv2's SIMD path rounds: bit-exact against
+    opencv 4.10 and 5.0 when shrinking (upscaling: off by 1 on ~0.1 % of pixels). uint8 (C, H, W) -> (C, h, w)."""
     (x0, x1, a0, a1), (y0, y1, b0, b1) = _cv2_taps(img.shape[-1], size[1]), _cv2_taps(img.shape[-2], size[0])
     v = img.long()[..., x0] * a0 + img.long()[..., x1] * a1
     out = ((((v[..., y0, :] >> 4) * b0[:, None]) >> 16) + (((v[..., y1, :] >> 4) * b1[:, None]) >> 16) + 2) >> 2
@@ -818,9 +816,8 @@ def davis_frame(frame, size) -> torch.Tensor:
 @torch.no_grad()
 def propagate_video(backbone, frames, first_mask, device="cpu", short_side=480, multiple=64, n_last_frames=7,
                     topk=5, neighbourhood=12, temperature=0.1) -> torch.Tensor:
-    """Semi-supervised VOS by label propagation (DINO). frames uint8 (T, 3, H, W), first_mask int64 (H, W)
-    with ids 0..C-1 -> predicted ids (T, H, W). Each frame's labels are the top-k affinity-weighted
-    labels of the first frame and the n_last_frames previous (soft) predictions, within a window."""
+    """DINO's label propagation (eval_video_segmentation.py): each frame takes the top-k affinity-weighted labels
+    of the first and n_last_frames previous frames. frames uint8 (T, 3, H, W), first_mask (H, W) -> (T, H, W)."""
     T, _, H, W = frames.shape
     th, tw = davis_size(H, W, short_side, multiple)
     p = patch_size_of(backbone)
@@ -870,10 +867,8 @@ def save_palette_png(path, mask, palette=None):
 
 
 def propagate(backbone, videos, device="cpu", out_dir=None, max_frames=None, **kwargs) -> dict:
-    """DAVIS-2017 semi-supervised evaluation over DAVIS items (dicts with name, frames, masks, palette).
-    J and F per object averaged over the annotated frames 1..T-2 (the toolkit skips the first and last), then over
-    objects; J&F their mean; all in %. Writes the palette PNGs to out_dir/<name>/ when given.
-    max_frames: only the first frames of each video (quick demos; the benchmark uses all)."""
+    """DAVIS-2017 semi-supervised over data.DAVIS items: J and F per object over the annotated frames 1..T-2 (as
+    the toolkit), then over objects, in %; palette PNGs to out_dir/<name>/; max_frames: the demos' shortcut."""
     js, fs = [], []
     for video in videos:
         masks, frames = video["masks"][:max_frames], video["frames"][:max_frames]
@@ -1183,11 +1178,8 @@ def tracking_picture(track, backbone, clip, path, heads=(0, 1, 2)) -> tuple:
 
 
 # ====== Video k-means (TimeT's unsupervised video segmentation): clip-wise and dataset-wise ========
-# k-means on the patch features of whole clips, clusters matched to the ground truth by Hungarian
-# matching; the official protocol upsamples to pixels before matching.
 def cluster_miou(pred: torch.Tensor, truth: torch.Tensor, k: int, num_classes: int) -> float:
-    """mIoU (%) of cluster ids `pred` against `truth` (255 ignored) as TimeT's PredsmIoU (metrics.py, with
-    involve_bg): Hungarian on IoU, unmatched clusters -> 0, mean over the classes present in `truth`."""
+    """mIoU (%) as TimeT's PredsmIoU (metrics.py, involve_bg): Hungarian IoU, over the classes in `truth`."""
     conf = confusion(pred, truth, k, num_classes)
     return miou(conf, match_clusters(conf), gt_classes_only=True)
 
@@ -1204,9 +1196,8 @@ def clip_features(backbone, frames: torch.Tensor, size: int, device, batch: int 
 
 
 def pixel_clusters(feats: torch.Tensor, centroids: torch.Tensor, size: int) -> torch.Tensor:
-    """(T, h, w, D) features, (k, D) centroids -> (T, size, size): each pixel's bilinearly
-    upsampled feature u goes to its nearest centroid c. argmin |u - c|^2 = argmax u.c - |c|^2/2,
-    and u.c is the upsampled patch-level score, so the scores are upsampled, not the features."""
+    """(T, h, w, D), centroids (k, D) -> (T, size, size): each bilinearly upsampled feature u to its nearest
+    centroid c; argmax u.c - |c|^2 / 2 is linear in u, so the patch scores are upsampled instead."""
     scores = feats @ centroids.t() - 0.5 * (centroids * centroids).sum(1)  # (T, h, w, k)
     up = F.interpolate(rearrange(scores, "t h w k -> t k h w"), size=(size, size), mode="bilinear", align_corners=False)
     return up.argmax(1)
@@ -1219,10 +1210,8 @@ def _upsample(feats, size) -> torch.Tensor:  # (T, h, w, d) -> (T * size * size,
 
 
 def pixel_kmeans(feats, k, size, niter=50, nredo=5, seed=1, chunk=16) -> torch.Tensor:
-    """TimeT's clustering.cluster_features after its PCA: features (T, h, w, d) upsampled bilinearly to
-    size x size, faiss k-means (niter 50, nredo 5, seed 1) on the pixels, each pixel to its nearest centroid
-    -> (T, size, size). faiss trains on a random k*256 of the pixels; drawn here from the frames in chunks,
-    so that the upsampled features of a whole dataset are never held at once."""
+    """TimeT's clustering.cluster_features after its PCA: (T, h, w, d) upsampled bilinearly to size, faiss
+    k-means on the pixels -> (T, size, size); faiss's k * 256 sample drawn chunk by chunk (memory)."""
     n, per_frame = len(feats) * size * size, size * size
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k * 256]
     first = lambda t: t * per_frame  # noqa: E731  the first pixel index of frame t
@@ -1247,15 +1236,10 @@ def synthetic_classes(root: str, name: str) -> torch.Tensor:
 @torch.no_grad()
 def video_kmeans_miou(backbone, davis_root: str, size: int, device, clip_frames: int = 16, world_root=None,
                       pca_batch: int = 16, pca_dim: int = 50):
-    """TimeT's unsupervised video segmentation (evaluation.py + clustering.cluster_features), on
-    consecutive clips of clip_frames frames at size x size. Features standardised + PCA to pca_dim
-    (over a loader batch of pca_batch clips clip-wise, over all clips dataset-wise), upsampled bilinearly
-    to pixels, faiss k-means (50 it, 5 restarts, seed 1) on the pixels, TimeT's PredsmIoU.
-    Clip-wise: each clip clustered alone with K = its number of labels (the official use_annotations),
-    scored at size, mean over clips per batch, then over batches (as evaluation.py averages);
-    dataset-wise: all clips together, K = the dataset's number of classes, scored at size // 2 (the
-    official 112 for 224). Labels: DAVIS instance ids (clip-wise) and semantic classes where known
-    (synthetic world: from the generator; else the DAVIS ids as given)."""
+    """TimeT's evaluation.py + clustering.py on consecutive clips of clip_frames at size: standardise + PCA
+    (per batch of pca_batch clips clip-wise, all clips dataset-wise), pixel_kmeans, cluster_miou. Clip-wise:
+    K = the clip's instance ids (use_annotations), mean per batch then over batches; dataset-wise: K = the
+    classes (a synthetic world's from its generator, else DAVIS ids), scored at size // 2 (official 112)."""
     import data
     backbone.eval()
     videos = data.DAVIS(davis_root, split="val")
@@ -1269,6 +1253,8 @@ def video_kmeans_miou(backbone, davis_root: str, size: int, device, clip_frames:
         masks, semantic = resize(masks), resize(semantic)
         for s in range(0, len(frames) - clip_frames + 1, clip_frames):
             clips.append((feats[s:s + clip_frames], masks[s:s + clip_frames], semantic[s:s + clip_frames]))
+    if not clips:
+        raise data.DataError(f"{davis_root}: no val video has {clip_frames} frames (the clip length, --clip-frames)")
     batch_scores = []
     for b in range(0, len(clips), pca_batch):
         batch = clips[b:b + pca_batch]
@@ -1386,7 +1372,7 @@ def print_table(results: dict, title=None):
 
 
 # ====== Command line ================================================================================
-BENCHES = ("knn", "linear", "seg-linear", "seg-cluster", "propagate", "icl", "viz", "suite")
+BENCHES = ("knn", "linear", "seg-linear", "seg-cluster", "propagate", "video-kmeans", "icl", "viz", "suite")
 
 
 def get_args(argv=None):
@@ -1394,19 +1380,20 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("bench", choices=BENCHES, help="which benchmark; suite = all on a synthetic-world root")
     p.add_argument("--data", required=True, help="ImageFolder root with train/ val/ (knn, linear, icl: val/ only), "
-                   "VOC-layout root (seg-*), DAVIS-layout root (propagate), videos (viz), synth root (suite)")
+                   "VOC-layout root (seg-*), DAVIS-layout root (propagate, video-kmeans), videos (viz), synth root")
     p.add_argument("--ckpt", default=None, help="checkpoint of a method of this repo, or an official DINO one")
     p.add_argument("--arch", default="vit_small", help="vit_demo|vit_tiny|vit_small|vit_base|pixels, for "
                    "official DINO weights and --random-init without --ckpt; pixels = the raw-RGB floor")
     p.add_argument("--patch-size", type=int, default=16)
     p.add_argument("--random-init", action="store_true", help="fresh weights of the same architecture")
     p.add_argument("--image-size", type=int, default=None,
-                   help="input size (default: 224 knn/linear, 448 seg-*, 64 suite); propagate uses --short-side")
+                   help="input size (default: 224 knn/linear/video-kmeans, 448 seg-*, 64 suite); propagate: --short-side")
     p.add_argument("--short-side", type=int, default=480, help="propagate/viz: frame short side (DINO: 480)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--epochs", type=int, default=None, help="probe epochs (default: 100 linear, 20 seg-linear)")
     p.add_argument("--restarts", type=int, default=5, help="seg-cluster: k-means restarts (best kept; Leopart: 5)")
+    p.add_argument("--clip-frames", type=int, default=16, help="video-kmeans: frames per clip (TimeT: 16)")
     p.add_argument("--episodes", type=int, default=100, help="icl episodes per (ways, shots)")
     p.add_argument("--task-induction", nargs="?", const="with", default="both", choices=["without", "with", "both"],
                    help="icl: 'Answer with a or b.' before the question; default: report without and with")
@@ -1438,6 +1425,10 @@ def main(args):
                                epochs=args.epochs or 20, restarts=args.restarts)
     elif args.bench == "propagate":
         results = propagate(backbone, data.DAVIS(args.data), device, args.output_dir, short_side=args.short_side)
+    elif args.bench == "video-kmeans":  # a synthetic world's davis/ is scored on its semantic classes
+        world = os.path.dirname(os.path.abspath(args.data))
+        world = world if os.path.exists(os.path.join(world, "world.json")) else None
+        results = video_kmeans_miou(backbone, args.data, size or 224, device, args.clip_frames, world_root=world)
     elif args.bench == "icl":  # the checkpoint's module turns it into a generate(images, texts) -> str
         state = data.load_checkpoint(args.ckpt, flag="--ckpt")
         module = importlib.import_module(state["method"]) if "method" in state else None

@@ -479,3 +479,16 @@ def test_cli_prints_a_table_then_one_json_line(small_world, tmp_path, capsys, re
     E.main(E.get_args(["viz", "--data", os.path.join(small_world, "videos"), "--arch", "vit_demo",
                        "--random-init", "--frames", "3", "--image-size", "32", *common]))
     assert os.path.exists(tmp_path / "video0.gif")
+
+
+def test_cli_video_kmeans_names_timets_protocol(small_world, tmp_path, capsys, reference_vits):
+    davis = os.path.join(small_world, "davis")
+    args = ["video-kmeans", "--data", davis, "--arch", "vit_demo", "--random-init", "--patch-size", "8",
+            "--image-size", "32", "--output-dir", str(tmp_path)]
+    E.main(E.get_args(args + ["--clip-frames", "3"]))  # the 6-frame tour: 2 clips
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(printed) == {"video_kmeans/clip_wise_miou", "video_kmeans/dataset_wise_miou", "protocol"}
+    assert printed["protocol"] == E.PROTOCOLS["video-kmeans"]
+    assert 0 < printed["video_kmeans/dataset_wise_miou"] <= 100
+    with pytest.raises(data.DataError, match="no val video has 16 frames"):  # TimeT's 16-frame clips
+        E.main(E.get_args(args))
