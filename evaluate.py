@@ -117,27 +117,19 @@ def normalize(img: torch.Tensor) -> torch.Tensor:  # uint8 (..., 3, H, W) -> flo
     return TF.normalize(img.float() / 255, MEAN, STD)
 
 
-class ClassifyTransform:
-    """DINO's eval transform: resize to size*256/224 (bicubic), centre crop to size."""
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def __call__(self, img):
-        img = TF.resize(img, int(self.size * 256 / 224), interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-        return normalize(TF.center_crop(img, self.size))
+def classify_transform(img, size: int):  # DINO's eval transform: bicubic resize to size * 256 / 224, centre crop
+    img = TF.resize(img, int(size * 256 / 224), interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    return normalize(TF.center_crop(img, size))
 
 
-class SegTransform:
-    """Image (bilinear) and mask (nearest) resized to size x size, as in Leopart's linear probe."""
+def seg_transform(img, mask, size: int):  # image bilinear, mask nearest to size x size (Leopart's linear probe)
+    mask = resize_ids(mask[None], size, "nearest-exact")[0].to(torch.uint8)
+    return normalize(TF.resize(img, [size, size], antialias=True)), mask
 
-    def __init__(self, size: int):
-        self.size = size
 
-    def __call__(self, img, mask):
-        img = TF.resize(img, [self.size, self.size], antialias=True)
-        mask = F.interpolate(mask[None, None].float(), size=(self.size, self.size), mode="nearest-exact")[0, 0]
-        return normalize(img), mask.to(torch.uint8)
+def resize_ids(ids, size: int, mode="nearest") -> torch.Tensor:
+    """Label maps (N, H, W) -> (N, size, size) int64 by F.interpolate (nearest: the official codes' default)."""
+    return F.interpolate(ids[:, None].float(), size=(size, size), mode=mode)[:, 0].long()
 
 
 def token_grid(n: int, height: int, width: int) -> tuple:
@@ -395,7 +387,7 @@ def seg_cluster(features, masks, num_classes, ks=(100, 300, 500), restarts=5, se
     Hungarian over the foreground classes. features (N, D, h, w), masks (N, H, W) -> {"seg_cluster/...": %}."""
     n, d, h, w = features.shape
     x = standardise_and_pca(rearrange(features, "n d h w -> (n h w) d").to(device), pca_dim)
-    small = F.interpolate(masks[:, None].float(), size=(eval_size, eval_size), mode="nearest")[:, 0].long()
+    small = resize_ids(masks, eval_size)
     def runs(x, k):  # one k-means per seed
         return [faiss_kmeans(x, k, iters, restarts, s)[0].cpu() for s in range(seed, seed + seeds)]
     out = {}
@@ -614,7 +606,7 @@ def cbfe_cd(tokens, noisy_fg, n_train, num_classes, train_masks=None, val_masks=
     order, ranked = np.argsort(precs[0]), np.sort(precs[0])
     start = int(0.65 * k_fg)  # no train masks: the middle of the official search range
     if train_masks is not None:  # find_good_threshold: the cut of best train IoU (ties: the later cut)
-        gt = F.interpolate(train_masks[:, None].float(), size=(E, E), mode="nearest").flatten(1) != 0
+        gt = resize_ids(train_masks, E).flatten(1) != 0
         gt_inside, sizes = _token_blocks(_pixel_tokens(h, w, E), gt, T)
         best = -1.0
         for s in range(int(0.55 * k_fg), int(0.75 * k_fg)):  # 55-75 % of the clusters to background
@@ -648,7 +640,7 @@ def cbfe_cd(tokens, noisy_fg, n_train, num_classes, train_masks=None, val_masks=
     fine = faiss_kmeans(feats[fg], k_community, seed=seed, copies=copies)[0]
     val_gt = None
     if val_masks is not None:
-        val_gt = F.interpolate(val_masks[:, None].float(), size=(E, E), mode="nearest")[:, 0].long()
+        val_gt = resize_ids(val_masks, E)
         # CBFE alone (evaluate_cbfe): k-means with one cluster per object class, seeds 0..cbfe_runs-1
         scores["cbfe_miou"] = float(np.mean([iou_matched_miou(pixel_maps(faiss_kmeans(
             feats[fg], num_classes - 1, seed=r, copies=copies)[0], num_classes - 1, split[1]), val_gt, num_classes,
@@ -676,7 +668,7 @@ def cbfe_cd(tokens, noisy_fg, n_train, num_classes, train_masks=None, val_masks=
         scores["cd_miou"], scores["cd_miou_std"] = float(np.mean([m for _, m in runs])), float(np.std([m for _, m in runs]))
         merged = mapping[merged]  # ids -> matched classes
     S = val_masks.shape[-1] if val_masks is not None else E
-    return F.interpolate(merged[:, None].float(), size=(S, S), mode="nearest")[:, 0].long(), scores
+    return resize_ids(merged, S), scores
 
 
 def unsupervised_segmentation(backbone, train_images, val_images, num_classes, foreground, train_masks=None,
@@ -725,7 +717,7 @@ def save_cluster_maps(backbone, images, masks, unsup_maps, num_classes, path, na
     N, h, w, D = tokens.shape
     clusters = kmeans(F.normalize(tokens.reshape(-1, D), dim=1), num_classes, seed=0)[0].reshape(N, 1, h, w)
     S = images.shape[-1]
-    clusters = F.interpolate(clusters.float(), size=(S, S), mode="nearest")[:, 0].long()
+    clusters = resize_ids(clusters[:, 0], S)
     mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
     colour = lambda ids: palette[ids.clamp(0, len(palette) - 1).numpy()]  # noqa: E731  (H, W) -> (H, W, 3)
     tiles = [[((images[i] * std + mean).clamp(0, 1) * 255).byte(), colour(clusters[i] + 1), colour(unsup_maps[i]),
@@ -1248,9 +1240,7 @@ def video_kmeans_miou(backbone, davis_root: str, size: int, device, clip_frames:
         frames, masks = item["frames"], item["masks"]
         semantic = synthetic_classes(world_root, item["name"])[masks] if world_root else masks
         feats = clip_features(backbone, frames, size, device)
-        # nearest-exact: PIL's NEAREST, which TimeT's loader resizes the annotations with
-        resize = lambda m: F.interpolate(m[:, None].float(), size=(size, size), mode="nearest-exact")[:, 0].long()  # noqa: E731
-        masks, semantic = resize(masks), resize(semantic)
+        masks, semantic = (resize_ids(m, size, "nearest-exact") for m in (masks, semantic))  # TimeT's PIL NEAREST
         for s in range(0, len(frames) - clip_frames + 1, clip_frames):
             clips.append((feats[s:s + clip_frames], masks[s:s + clip_frames], semantic[s:s + clip_frames]))
     if not clips:
@@ -1273,7 +1263,7 @@ def video_kmeans_miou(backbone, davis_root: str, size: int, device, clip_frames:
             batch_scores.append(float(np.mean(scores)))
     feats = torch.cat([f for f, _, _ in clips])
     truth = torch.cat([t for _, _, t in clips])
-    truth = F.interpolate(truth[:, None].float(), size=(size // 2, size // 2), mode="nearest")[:, 0].long()
+    truth = resize_ids(truth, size // 2)
     num_classes = int(truth[truth != 255].max()) + 1
     reduced = standardise_and_pca(feats.reshape(-1, feats.shape[-1]), pca_dim).view(*feats.shape[:3], -1)
     pred = pixel_kmeans(reduced, num_classes, size // 2)
@@ -1308,7 +1298,8 @@ def classification(backbone, root, device, benches=("knn", "linear"), image_size
                    num_workers=0, epochs=100) -> dict:
     """knn and/or linear on an ImageFolder root with train/ and val/ (features extracted once)."""
     import data
-    sets = [data.ImageFolder(os.path.join(root, s), ClassifyTransform(image_size)) for s in ("train", "val")]
+    sets = [data.ImageFolder(os.path.join(root, s), functools.partial(classify_transform, size=image_size))
+            for s in ("train", "val")]
     (train_x, train_y), (val_x, val_y) = [extract(backbone, _loader(s, batch_size, num_workers), device, 4)
                                           for s in sets]
     out = {}
@@ -1324,11 +1315,11 @@ def segmentation(backbone, root, device, benches=("seg-linear", "seg-cluster"), 
                  num_workers=0, epochs=20, ks=(100, 300, 500), restarts=5, seeds=5) -> dict:
     """seg-linear (train -> val) and/or seg-cluster (val) on a VOC-layout root."""
     import data
-    val = data.VOCSegmentation(root, "val", SegTransform(image_size))
+    val = data.VOCSegmentation(root, "val", functools.partial(seg_transform, size=image_size))
     val_x, val_y = extract(backbone, _loader(val, batch_size, num_workers), device, patch_tokens=True)
     out = {}
     if "seg-linear" in benches:
-        train = data.VOCSegmentation(root, "train", SegTransform(image_size))
+        train = data.VOCSegmentation(root, "train", functools.partial(seg_transform, size=image_size))
         train_x, train_y = extract(backbone, _loader(train, batch_size, num_workers), device, patch_tokens=True)
         out.update(seg_linear(train_x, train_y, val_x, val_y, val.num_classes, epochs=epochs, device=device))
     if "seg-cluster" in benches:
