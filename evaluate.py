@@ -182,24 +182,27 @@ def knn(train_features, train_labels, test_features, test_labels, ks=(10, 20, 10
     return out
 
 
-def _train_linear(x, y, num_classes, lr, epochs, batch_size, seed):
-    """DINO's recipe: nn.Linear (weights N(0, 0.01), bias 0), SGD momentum 0.9, no weight decay,
-    lr scaled by batch/256, cosine to 0 over the epochs."""
+def _fit(head, opt, loss_of, n, epochs, batch_size, seed):
+    """The probes' loop: per epoch a seeded permutation of the n samples in batches, lr cosine to 0."""
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * math.ceil(n / batch_size))
     g = torch.Generator().manual_seed(seed)
-    head = nn.Linear(x.shape[1], num_classes).to(x.device)
-    nn.init.normal_(head.weight, std=0.01)
-    nn.init.zeros_(head.bias)
-    opt = torch.optim.SGD(head.parameters(), lr=lr * batch_size / 256, momentum=0.9, weight_decay=0)
-    steps = epochs * math.ceil(len(x) / batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in range(epochs):
-        for idx in torch.randperm(len(x), generator=g).split(batch_size):
-            loss = F.cross_entropy(head(x[idx]), y[idx])
+        for idx in torch.randperm(n, generator=g).split(batch_size):
+            loss = loss_of(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
     return head
+
+
+def _train_linear(x, y, num_classes, lr, epochs, batch_size, seed):
+    """DINO's recipe: nn.Linear (weights N(0, 0.01), bias 0), SGD momentum 0.9, no weight decay, lr x batch/256."""
+    head = nn.Linear(x.shape[1], num_classes).to(x.device)
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
+    opt = torch.optim.SGD(head.parameters(), lr=lr * batch_size / 256, momentum=0.9, weight_decay=0)
+    return _fit(head, opt, lambda idx: F.cross_entropy(head(x[idx]), y[idx]), len(x), epochs, batch_size, seed)
 
 
 @torch.no_grad()
@@ -348,18 +351,13 @@ def seg_linear(train_features, train_masks, val_features, val_masks, num_classes
     255 ignored (AdamW + cosine: our choice). Returns {"seg_linear/miou": %, "seg_linear/pixel_acc": %}."""
     torch.manual_seed(seed)
     head = nn.Conv2d(train_features.shape[1], num_classes, 1).to(device)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * math.ceil(len(train_features) / batch_size))
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(train_features), generator=g).split(batch_size):
-            logits = head(train_features[idx].to(device).float())
-            logits = F.interpolate(logits, size=train_masks.shape[-2:], mode="bilinear", align_corners=False)
-            loss = F.cross_entropy(logits, train_masks[idx].to(device).long(), ignore_index=255)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+
+    def loss_of(idx):
+        logits = head(train_features[idx].to(device).float())
+        logits = F.interpolate(logits, size=train_masks.shape[-2:], mode="bilinear", align_corners=False)
+        return F.cross_entropy(logits, train_masks[idx].to(device).long(), ignore_index=255)
+    _fit(head, torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0), loss_of, len(train_features), epochs,
+         batch_size, seed)
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
     with torch.no_grad():
         for f, m in zip(val_features.split(batch_size), val_masks.split(batch_size)):
