@@ -278,9 +278,8 @@ def kmeans(x, k, iters=100, restarts=3, seed=0, tol=1e-4):
                 break
             previous = inertia
         dists, labels = _assign(x, centroids, False, chunk=16384)
-        dists = dists.clamp_min(0)
-        if best is None or dists.sum().item() < best[0]:
-            best = (dists.sum().item(), labels, centroids)
+        if best is None or dists.clamp_min(0).sum().item() < best[0]:
+            best = (dists.clamp_min(0).sum().item(), labels, centroids)
     return best[1], best[2]
 
 
@@ -1092,9 +1091,8 @@ COLOURS = torch.tensor([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 2
 
 @torch.no_grad()
 def viz(backbone, frames, out_dir, name="video", device="cpu", heads=(0, 1, 2), ks=(5, 10), seed=0) -> list:
-    """frames uint8 (T, 3, H, W) (cropped to a multiple of the patch size). Writes <name>_grid.png
-    (rows: frames, attention of `heads` as R/G/B when the backbone has it, one k-means overlay per k;
-    columns: frames) and <name>.gif (the same rows side by side per frame). Returns the written paths."""
+    """frames uint8 (T, 3, H, W) -> [<name>_grid.png, <name>.gif]: frames, [CLS] attention of `heads` as R, G, B
+    (if the backbone has it), a k-means overlay per k; columns (GIF: time) the frames."""
     import data
     p = patch_size_of(backbone)
     T, _, H, W = frames.shape
@@ -1138,10 +1136,8 @@ def mask_overlap(masks) -> float:
 
 @torch.no_grad()
 def tracking_picture(track, backbone, clip, path, heads=(0, 1, 2)) -> tuple:
-    """DoRA's tracker (dora.track, passed in) on clip (T, 3, H, W) normalised -> a png, one column per frame,
-    rows: the frames; three heads' [CLS] attention as R, G, B; the tracked objects' attention without
-    Sinkhorn-Knopp; with it; the tracked masks (with SK) over the frames. Returns the masks' overlap
-    (mask_overlap) without and with SK."""
+    """DoRA's tracker (dora.track, passed in) on clip (T, 3, H, W) normalised -> a png (columns: frames; rows
+    named in it). Returns the tracked masks' mask_overlap without and with Sinkhorn-Knopp."""
     import data
     heads = list(heads)[:3]
     _, masks_plain, maps_plain, head_attn = track(backbone, clip[None], heads, use_sinkhorn=False)
@@ -1260,8 +1256,7 @@ def video_kmeans_miou(backbone, davis_root: str, size: int, device, clip_frames:
         if scores:
             batch_scores.append(float(np.mean(scores)))
     feats = torch.cat([f for f, _, _ in clips])
-    truth = torch.cat([t for _, _, t in clips])
-    truth = resize_ids(truth, size // 2)
+    truth = resize_ids(torch.cat([t for _, _, t in clips]), size // 2)
     num_classes = int(truth[truth != 255].max()) + 1
     reduced = standardise_and_pca(feats.reshape(-1, feats.shape[-1]), pca_dim).view(*feats.shape[:3], -1)
     pred = pixel_kmeans(reduced, num_classes, size // 2)
@@ -1327,10 +1322,8 @@ def segmentation(backbone, root, device, benches=("seg-linear", "seg-cluster"), 
 
 def run_suite(backbone, root, benches=("knn", "linear", "seg-linear", "seg-cluster", "propagate"), device="cpu",
               image_size=64, out_dir=None) -> dict:
-    """The benchmarks on a synthetic-world root (objects/ for knn/linear, voc/ for seg-*, davis/ for
-    propagate) at a small image size, for the method demos' before/after tables: images at image_size,
-    video frames at short side 2 * image_size (the synthetic frames are 128 px) and only the first 24
-    frames of each video. Prints the table and returns a flat dict of numbers (and "time/<bench>" s)."""
+    """The demos' before/after table on a synthetic-world root (objects/, voc/, davis/): images at image_size,
+    frames at short side 2 * image_size, first 24 frames. Prints it; -> numbers and "time/<bench>" (s)."""
     import data
     backbone = backbone.to(device).eval()
     out = {}
