@@ -36,6 +36,8 @@ import torchvision.transforms.v2.functional as TF
 from einops import rearrange
 from scipy.optimize import linear_sum_assignment
 
+import data
+
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 METHOD_MODULES = ("dora", "leopart", "timetuning", "sinkhorn")  # searched for a ViT definition
 VIT_ARCHS = {}  # arch name -> constructor(patch_size=...); filled from a method module (or a test)
@@ -78,7 +80,6 @@ def vit_archs() -> dict:
 def build_arch(arch: str, patch_size: int) -> nn.Module:
     if arch == "pixels":
         return RawPixels(patch_size)
-    import data
     archs = vit_archs()
     if arch not in archs:
         raise data.DataError(f"--arch {arch}: unknown; available: {sorted(archs) + ['pixels']} "
@@ -90,7 +91,6 @@ def load_backbone(ckpt=None, arch="vit_small", patch_size=16, random_init=False)
     """A frozen backbone in eval mode. A ckpt of this repo (has "method") is built by its method's
     build_backbone and loads the `backbone.` keys of its teacher (else model); any other is an official
     DINO file (data.load_pretrained), built as arch / patch_size. random_init skips the loading."""
-    import data
     if ckpt is None:
         if not random_init and arch != "pixels":
             raise data.DataError("no --ckpt given: pass one, or --random-init (or --arch pixels) for a floor")
@@ -680,7 +680,6 @@ def unsupervised_segmentation(backbone, train_images, val_images, num_classes, f
 
 def load_segmentation(root, split, size):
     """VOC-layout split -> images (N, 3, size, size) normalised, masks (N, size, size) by torchvision's nearest."""
-    import data
     ds = data.VOCSegmentation(root, split)
     images, masks = [], []
     for i in range(len(ds)):
@@ -707,7 +706,6 @@ def unsupervised_segmentation_voc(backbone, root, size, foreground, k_fg, k_comm
 def save_cluster_maps(backbone, images, masks, unsup_maps, num_classes, path, name="", rows=8):
     """Picture: per validation image, the image, k-means clusters of its patch tokens (K = number of
     classes, fitted on all shown images), the fully unsupervised segmentation, the ground truth."""
-    import data
     palette = np.array(data.voc_palette(), dtype=np.uint8).reshape(-1, 3)
     images, masks, unsup_maps = images[:rows], masks[:rows], unsup_maps[:rows]
     tokens, _ = dense_features(backbone, images)
@@ -849,8 +847,7 @@ def save_palette_png(path, mask, palette=None):
     from PIL import Image
     img = Image.fromarray(mask.to(torch.uint8).numpy(), mode="P")
     if palette is None:
-        import data
-        palette = data.voc_palette()
+            palette = data.voc_palette()
     img.putpalette(list(palette))
     img.save(path)
 
@@ -1093,7 +1090,6 @@ COLOURS = torch.tensor([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 2
 def viz(backbone, frames, out_dir, name="video", device="cpu", heads=(0, 1, 2), ks=(5, 10), seed=0) -> list:
     """frames uint8 (T, 3, H, W) -> [<name>_grid.png, <name>.gif]: frames, [CLS] attention of `heads` as R, G, B
     (if the backbone has it), a k-means overlay per k; columns (GIF: time) the frames."""
-    import data
     p = patch_size_of(backbone)
     T, _, H, W = frames.shape
     frames = frames[:, :, :H // p * p, :W // p * p]
@@ -1138,7 +1134,6 @@ def mask_overlap(masks) -> float:
 def tracking_picture(track, backbone, clip, path, heads=(0, 1, 2)) -> tuple:
     """DoRA's tracker (dora.track, passed in) on clip (T, 3, H, W) normalised -> a png (columns: frames; rows
     named in it). Returns the tracked masks' mask_overlap without and with Sinkhorn-Knopp."""
-    import data
     heads = list(heads)[:3]
     _, masks_plain, maps_plain, head_attn = track(backbone, clip[None], heads, use_sinkhorn=False)
     _, masks, maps, _ = track(backbone, clip[None], heads, use_sinkhorn=True)
@@ -1211,7 +1206,6 @@ def pixel_kmeans(feats, k, size, niter=50, nredo=5, seed=1, chunk=16) -> torch.T
 @functools.lru_cache(maxsize=None)
 def synthetic_classes(root: str, name: str) -> torch.Tensor:
     """Instance id -> class id (0 background, 255 kept) of a synthetic-world tour, from its generator."""
-    import data
     meta = json.load(open(os.path.join(root, "world.json")))
     tour = data.SyntheticWorld(meta["seed"]).video(meta["videos"].index(name), meta["frames_per_video"], meta["size"])
     lut = torch.tensor([0] + [int(c) + 1 for c in tour["labels"]] + [0] * 255)
@@ -1226,7 +1220,6 @@ def video_kmeans_miou(backbone, davis_root: str, size: int, device, clip_frames:
     (per batch of pca_batch clips clip-wise, all clips dataset-wise), pixel_kmeans, cluster_miou. Clip-wise:
     K = the clip's instance ids (use_annotations), mean per batch then over batches; dataset-wise: K = the
     classes (a synthetic world's from its generator, else DAVIS ids), scored at size // 2 (official 112)."""
-    import data
     backbone.eval()
     videos = data.DAVIS(davis_root, split="val")
     clips = []  # (features (T, h, w, D), instance masks, semantic masks) at size
@@ -1290,7 +1283,6 @@ def _loader(dataset, batch_size, num_workers):
 def classification(backbone, root, device, benches=("knn", "linear"), image_size=224, batch_size=64,
                    num_workers=0, epochs=100) -> dict:
     """knn and/or linear on an ImageFolder root with train/ and val/ (features extracted once)."""
-    import data
     sets = [data.ImageFolder(os.path.join(root, s), functools.partial(classify_transform, size=image_size))
             for s in ("train", "val")]
     (train_x, train_y), (val_x, val_y) = [extract(backbone, _loader(s, batch_size, num_workers), device, 4)
@@ -1307,7 +1299,6 @@ def classification(backbone, root, device, benches=("knn", "linear"), image_size
 def segmentation(backbone, root, device, benches=("seg-linear", "seg-cluster"), image_size=448, batch_size=16,
                  num_workers=0, epochs=20, ks=(100, 300, 500), restarts=5, seeds=5) -> dict:
     """seg-linear (train -> val) and/or seg-cluster (val) on a VOC-layout root."""
-    import data
     val = data.VOCSegmentation(root, "val", functools.partial(seg_transform, size=image_size))
     val_x, val_y = extract(backbone, _loader(val, batch_size, num_workers), device, patch_tokens=True)
     out = {}
@@ -1324,7 +1315,6 @@ def run_suite(backbone, root, benches=("knn", "linear", "seg-linear", "seg-clust
               image_size=64, out_dir=None) -> dict:
     """The demos' before/after table on a synthetic-world root (objects/, voc/, davis/): images at image_size,
     frames at short side 2 * image_size, first 24 frames. Prints it; -> numbers and "time/<bench>" (s)."""
-    import data
     backbone = backbone.to(device).eval()
     out = {}
     for group, names in [("cls", ("knn", "linear")), ("seg", ("seg-linear", "seg-cluster")), ("vid", ("propagate",))]:
@@ -1398,7 +1388,6 @@ def main(args):
     for param in backbone.parameters():
         param.requires_grad_(False)
     device, size, workers = args.device, args.image_size, args.num_workers
-    import data
     if args.bench in ("knn", "linear"):
         results = classification(backbone, args.data, device, (args.bench,), size or 224, args.batch_size, workers,
                                  epochs=args.epochs or 100)
@@ -1441,5 +1430,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    import data
     data.cli(main, get_args)
