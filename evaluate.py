@@ -1199,7 +1199,8 @@ def pixel_kmeans(feats, k, size, niter=50, nredo=5, seed=1, chunk=16) -> torch.T
     sample = torch.cat([_upsample(feats[t:t + chunk], size)[idx[(idx >= first(t)) & (idx < first(t + chunk))] - first(t)]
                         for t in range(0, len(feats), chunk)])
     centroids = faiss_kmeans(sample, k, niter, nredo, seed, max_points_per_centroid=256)[1]
-    labels = [_assign(_upsample(feats[t:t + chunk], size), centroids, False, 16384)[1] for t in range(0, len(feats), chunk)]
+    labels = [_assign(_upsample(feats[t:t + chunk], size), centroids, False, 16384)[1]
+              for t in range(0, len(feats), chunk)]
     return torch.cat(labels).view(len(feats), size, size)
 
 
@@ -1358,8 +1359,8 @@ def get_args(argv=None):
                    "official DINO weights and --random-init without --ckpt; pixels = the raw-RGB floor")
     p.add_argument("--patch-size", type=int, default=16)
     p.add_argument("--random-init", action="store_true", help="fresh weights of the same architecture")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="input size (default: 224 knn/linear/video-kmeans, 448 seg-*, 64 suite); propagate: --short-side")
+    p.add_argument("--image-size", type=int, default=None, help="input size (default: 224 knn/linear/video-kmeans, "
+                   "448 seg-*, 64 suite); propagate uses --short-side")
     p.add_argument("--short-side", type=int, default=480, help="propagate/viz: frame short side (DINO: 480)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=4)
