@@ -647,7 +647,7 @@ def cbfe_cd(tokens, noisy_fg, n_train, num_classes, train_masks=None, val_masks=
     #    refuses 0, so 1..10); unlinked clusters pooled into id 0, communities are 1, 2, ...
     maps = pixel_maps(fine, k_community, slice(0, N))
     co = cooccurrence(maps, k_community + 1)
-    runs, first = [], None  # (communities, mIoU) per seed; the first seed's map and matching
+    runs = []  # (communities, mIoU) per seed; the first seed's val map and matching are returned
     for r in range(infomap_runs):
         module = infomap_communities(co, edge_threshold, markov_time, num_classes - 1, seed=r + 1)
         lookup = torch.zeros(k_community + 1, dtype=torch.long)
@@ -656,13 +656,14 @@ def cbfe_cd(tokens, noisy_fg, n_train, num_classes, train_masks=None, val_masks=
         ids = merged.unique()
         # the official PredsmIoU asserts at most num_classes ids no larger than num_classes: beyond, all compete
         num_pred = num_classes if len(ids) <= num_classes and int(ids.max()) <= num_classes else int(ids.max()) + 1
-        miou, mapping = iou_matched_miou(merged, val_gt, num_pred, num_classes) if val_gt is not None else (0.0, None)
-        runs.append((len(ids), miou))
-        first = (merged, mapping) if first is None else first
-    scores["cd_communities"] = float(np.mean([c for c, _ in runs]))
+        score, mapping = iou_matched_miou(merged, val_gt, num_pred, num_classes) if val_gt is not None else (0.0, None)
+        runs.append((len(ids), score))
+        first = (merged, mapping) if r == 0 else first
+    communities, mious = zip(*runs)
+    scores["cd_communities"] = float(np.mean(communities))
     merged, mapping = first
     if val_masks is not None:
-        scores["cd_miou"], scores["cd_miou_std"] = float(np.mean([m for _, m in runs])), float(np.std([m for _, m in runs]))
+        scores["cd_miou"], scores["cd_miou_std"] = float(np.mean(mious)), float(np.std(mious))
         merged = mapping[merged]  # ids -> matched classes
     S = val_masks.shape[-1] if val_masks is not None else E
     return resize_ids(merged, S), scores
