@@ -658,7 +658,8 @@ def cbfe_cd(tokens, noisy_fg, n_train, num_classes, train_masks=None, val_masks=
         num_pred = num_classes if len(ids) <= num_classes and int(ids.max()) <= num_classes else int(ids.max()) + 1
         score, mapping = iou_matched_miou(merged, val_gt, num_pred, num_classes) if val_gt is not None else (0.0, None)
         runs.append((len(ids), score))
-        first = (merged, mapping) if r == 0 else first
+        if r == 0:
+            first = (merged, mapping)
     communities, mious = zip(*runs)
     scores["cd_communities"] = float(np.mean(communities))
     merged, mapping = first
