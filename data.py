@@ -14,6 +14,7 @@ Sections:
   synthetic world SyntheticWorld (in memory), synth_world / ensure_synth (writes the layouts),
                   demo_eval_root (where a --demo evaluates: the world, or a folder laid out like it)
   pictures        labelled_grid: every picture of the repo, with a title strip and row/column names
+  inspect         dataset_kind, what the loaders see at a path (printed, and a contact sheet), --bench
   command line    python data.py synth --out runs/synth [--seed 0]
                   python data.py inspect PATH [--bench] [--sheet sheet.png]
 
@@ -534,10 +535,8 @@ VOC_CLASSES = ("background aeroplane bicycle bird boat bottle bus car cat chair 
 
 class VOCSegmentation(_SkipUnreadable, Dataset):
     """Pascal VOC layout: JPEGImages/<id>.jpg, SegmentationClass/<id>.png, ImageSets/Segmentation/<split>.txt.
-
-    item = transform(img uint8 (3,H,W), mask int64 (H,W)); 255 in the mask = ignore.
-    Classes come from root/classes.txt (one per line, line index = id) when present, else VOC's 21.
-    """
+    item = transform(img uint8 (3,H,W), mask int64 (H,W)); 255 in the mask = ignore. Classes come from
+    root/classes.txt (one per line, line index = id) when present, else VOC's 21."""
 
     def __init__(self, root, split="train", transform=None):
         self.root, self.transform, self._bad = _need(root, "folder"), transform, set()
@@ -565,10 +564,8 @@ class VOCSegmentation(_SkipUnreadable, Dataset):
 
 class DAVIS(Dataset):
     """DAVIS-2017 layout: JPEGImages/<res>/<seq>/*.jpg, Annotations/<res>/<seq>/*.png, ImageSets/2017/<split>.txt.
-
-    item = dict(name, frames uint8 (T,3,H,W), masks int64 (T,H,W) instance ids (0 = background,
-    frames without an annotation file are all 255), palette list or None).
-    """
+    item = dict(name, frames uint8 (T,3,H,W), masks int64 (T,H,W) instance ids (0 = background, frames without
+    an annotation file are all 255), palette list or None)."""
 
     def __init__(self, root, split="val", resolution="480p"):
         self.root = _need(root, "folder")
@@ -695,11 +692,8 @@ def _decode_file(path, indices, short_side):
 
 
 def read_frames(path, indices, short_side=None) -> torch.Tensor:
-    """-> uint8 (T, 3, H', W') for the given frame indices (video file or frame folder).
-
-    short_side resizes at decode time (PyAV's swscale, PIL's JPEG draft mode), so a 4K frame is
-    never held at full size; a video file is entered by seeking near indices[0].
-    """
+    """-> uint8 (T, 3, H', W') for the given frame indices (video file or frame folder). short_side resizes at
+    decode time (PyAV's swscale, PIL's JPEG draft mode): a 4K frame is never held at full size."""
     path, indices = _need(path, "video"), [int(i) for i in indices]
     if os.path.isdir(path):
         files = _frame_files(path)
@@ -769,13 +763,10 @@ def video_frames_as_jpeg(path, step=1, short_side=VIDEO_FRAME_SHORT_SIDE) -> tup
 
 
 class VideoClips(_SkipUnreadable, Dataset):
-    """Map-style dataset with one item per clip start: frames 0, step, 2*step, ... of every video.
-
-    A clip is num_frames frames `stride` apart; item i = transform(uint8 (T,3,H,W)).
-    Random start times come from shuffling (RandomSampler / DistributedSampler), so DataLoader
-    workers and DDP ranks split the clips without duplicates. Unreadable or too-short videos
-    among several are skipped with a warning; a single bad video is an error.
-    """
+    """Map-style dataset with one item per clip start: frames 0, step, 2*step, ... of every video. A clip is
+    num_frames frames `stride` apart; item i = transform(uint8 (T,3,H,W)). Random start times come from shuffling
+    (RandomSampler / DistributedSampler), so DataLoader workers and DDP ranks split the clips without duplicates.
+    Unreadable or too-short videos among several are skipped with a warning; a single bad video is an error."""
 
     def __init__(self, root_or_paths, num_frames=8, stride=1, step_between_clips=1, short_side=None,
                  transform=None):
@@ -1086,11 +1077,8 @@ class SyntheticWorld:
                     horizon=rng.uniform(-45, -20), ground_line=rng.uniform(15, 40))
 
     def render(self, height, width, camera, stuff, objects):
-        """Draw one frame. camera = (x, y, zoom in world units per pixel); objects, back to front,
-        are (label, x, y, radius, angle, colours (2,3)).
-
-        -> (uint8 (H,W,3), instances int64 (H,W): k+1 where objects[k] is visible).
-        """
+        """Draw one frame. camera = (x, y, zoom in world units per pixel); objects, back to front, are
+        (label, x, y, radius, angle, colours (2,3)) -> (uint8 (H,W,3), instances int64 (H,W): k+1 where objects[k] shows)."""
         cx, cy, zoom = camera
         X = cx + (np.arange(width)[None, :] - width / 2 + 0.5) * zoom + np.zeros((height, 1))
         Y = cy + (np.arange(height)[:, None] - height / 2 + 0.5) * zoom + np.zeros((1, width))
@@ -1196,11 +1184,9 @@ class SyntheticWorld:
 
 def synth_world(out_dir, seed=0, num_videos=4, num_frames=96, size=128, num_images=(160, 60),
                 crops_per_class=(60, 20), crop_size=64) -> str:
-    """Write the synthetic world under out_dir and return it.
-
-    videos/tour_XX.mp4; davis/ (same frames, instance masks, ImageSets/2017/{train,val}.txt);
-    voc/ (semantic masks, classes.txt); objects/{train,val}/<class>/; world.json (written last).
-    """
+    """Write the synthetic world under out_dir and return it: videos/tour_XX.mp4; davis/ (same frames, instance
+    masks, ImageSets/2017/{train,val}.txt); voc/ (semantic masks, classes.txt); objects/{train,val}/<class>/;
+    world.json (written last)."""
     started, world = time.time(), SyntheticWorld(seed)
     _claim_for_synth(out_dir)
     davis = os.path.join(out_dir, "davis")
@@ -1384,12 +1370,9 @@ def dataset_kind(path) -> str:
             if path.lower().endswith(exts):
                 return kind
         raise DataError(f"{path}: neither a video ({', '.join(VIDEO_EXTS)}) nor an image")
-    if os.path.exists(os.path.join(path, "world.json")):
-        return "synthetic world"
-    if os.path.isdir(os.path.join(path, "ImageSets", "Segmentation")):
-        return "voc"
-    if os.path.isdir(os.path.join(path, "ImageSets", "2017")):
-        return "davis"
+    for kind, marker in (("synthetic world", "world.json"), ("voc", "ImageSets/Segmentation"), ("davis", "ImageSets/2017")):
+        if os.path.exists(os.path.join(path, marker)):
+            return kind
     if _frame_files(path):
         return "frame folder" if _numbered(_frame_files(path)) else "images"
     subfolders = sorted(d.path for d in os.scandir(path) if d.is_dir())
