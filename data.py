@@ -14,6 +14,7 @@ Sections:
   synthetic world SyntheticWorld (in memory), synth_world / ensure_synth (writes the layouts),
                   demo_eval_root (where a --demo evaluates: the world, or a folder laid out like it)
   pictures        labelled_grid: every picture of the repo, with a title strip and row/column names
+  inspect         dataset_kind, what the loaders see at a path (printed, and a contact sheet), --bench
   command line    python data.py synth --out runs/synth [--seed 0]
                   python data.py inspect PATH [--bench] [--sheet sheet.png]
 
@@ -152,9 +153,8 @@ def save_checkpoint(state: dict, path) -> None:
 
 
 def load_checkpoint(path, method: str | None = None, flag: str = "") -> dict:
-    """torch.load on CPU with weights_only=True; anything wrong becomes a one-line CheckpointError
-    naming the file (after `flag`, the option that gave it). method: refuse a checkpoint that is
-    not of that method file, saying what the file holds."""
+    """torch.load on CPU, weights_only; anything wrong is a one-line CheckpointError naming `flag` and
+    the file. method: refuse a checkpoint of another method file, saying what the file holds."""
     path = str(path)
     where = f"{flag} {path}".strip()
     if os.path.isdir(path):
@@ -211,9 +211,8 @@ def vit_shape(weights: dict) -> str:
 
 
 def read_pretrained(path, flag: str = "--pretrained") -> tuple[dict, dict | None]:
-    """-> (ViT state dict in DINO's key names, the stored args of a repo checkpoint or None), from
-    DINO's released weights, DINO's full checkpoints or a checkpoint of this repo whose backbone is a
-    ViT; anything else (a conv net, secat.py's frozen encoder, not a checkpoint) is one CheckpointError."""
+    """-> (ViT state dict in DINO's key names, a repo checkpoint's stored args or None) from DINO's weights or
+    checkpoints or a repo checkpoint with a ViT backbone; anything else is one CheckpointError."""
     state = load_checkpoint(path, flag=flag)
     if state.get("method") == "secat":  # its ViT is the frozen --encoder it was given: nothing learned there
         raise CheckpointError(f"{flag} {path}: holds {describe_checkpoint(state)}, a frozen image encoder plus a "
@@ -259,14 +258,10 @@ def check_output_dir(path, resume=False, overwrite=False, method=None) -> dict |
 
 
 def prepare_output_dir(path, resume=False, overwrite=False, is_main=True, method=None):
-    """Check --output-dir before any work; -> (JsonlLogger of log.jsonl, checkpoint path, the
-    checkpoint to continue from (--resume, checked to be of `method`) or None).
-
-    Refuses in one line (DataError / CheckpointError): a checkpoint already there without --resume
-    or --overwrite (a relaunch that forgot --resume would replace it), --resume with no checkpoint or
-    another method's, a path that is a file or cannot be written. --overwrite starts log.jsonl
-    afresh; --resume drops its records of the epochs that the resumed run replays. Only the main
-    process (is_main) writes; the others check."""
+    """check_output_dir, then make it and check it can be written (main process only); -> (JsonlLogger of
+    log.jsonl, checkpoint path, the checkpoint to continue from or None). A checkpoint there needs --resume
+    or --overwrite (a relaunch that forgot --resume would replace it); --overwrite starts log.jsonl afresh,
+    --resume drops its records of the epochs that the resumed run replays."""
     ckpt = check_output_dir(path, resume, overwrite, method)
     ckpt_path, log_path = os.path.join(str(path), "checkpoint.pth"), os.path.join(str(path), "log.jsonl")
     if is_main:
@@ -295,10 +290,9 @@ def _drop_replayed(log_path, epoch: int) -> None:
 
 
 def cli(main, get_args, argv=None) -> None:
-    """The one entry point of every command line here: `data.cli(main, get_args)`. The user's
-    mistakes (DataError, CheckpointError, OSError on a path, a bad flag, SystemExit with a message)
-    become one line `error: <file or flag>: <what is wrong>` on stderr and exit 1 (2 for a bad
-    flag), Ctrl-C one line and exit 130; any other exception is a bug and keeps its traceback."""
+    """The entry point of every command line here. The user's mistakes (DataError, CheckpointError, OSError
+    on a path, a bad flag, SystemExit with a message) become one line `error: <file or flag>: <what is
+    wrong>` on stderr, exit 1 (2 for a flag, 130 for Ctrl-C); any other exception keeps its traceback."""
     def usage_error(parser, message):  # argparse's own prints the usage block first
         raise _UsageError(message)
 
@@ -409,21 +403,8 @@ def load_mask(path) -> torch.Tensor:
 
 def voc_palette() -> list[int]:
     """The 256-colour palette of Pascal VOC and DAVIS masks, flat [r0, g0, b0, r1, ...]."""
-    return list(_voc_palette())
-
-
-@functools.lru_cache(maxsize=1)
-def _voc_palette() -> tuple[int, ...]:
-    # the bits of each index are spread over R, G, B, most significant first
-    palette = []
-    for index in range(256):
-        rgb, bits = [0, 0, 0], index
-        for level in range(8):
-            for channel in range(3):
-                rgb[channel] |= ((bits >> channel) & 1) << (7 - level)
-            bits >>= 3
-        palette += rgb
-    return tuple(palette)
+    # bit 3 * level + channel of an index is bit 7 - level of that channel: R, G, B, most significant first
+    return [sum(((i >> (3 * level + c)) & 1) << (7 - level) for level in range(8)) for i in range(256) for c in range(3)]
 
 
 def save_mask(path, mask) -> None:
@@ -441,6 +422,33 @@ def _list_images(folder, recursive=True, exts=IMAGE_EXTS) -> list[str]:
         if not recursive:
             break
     return found
+
+
+def _skip_bad(paths, load, single) -> tuple[list, list[str]]:
+    """-> ([(path, load(path)) where load raises no DataError], [the others' errors, each warned about]);
+    with `single` (one path given) its DataError is raised as is."""
+    good, problems = [], []
+    for path in paths:
+        try:
+            good.append((path, load(path)))
+        except DataError as e:
+            if single:
+                raise
+            warnings.warn(f"skipping {e}")
+            problems.append(str(e))
+    return good, problems
+
+
+def _first_problem(problems) -> str:
+    return f"; first problem: {problems[0]}" if problems else ""
+
+
+def _split_ids(list_file) -> list[str]:
+    """The non-empty lines of a VOC / DAVIS split file."""
+    ids = [line.strip() for line in open(_need(list_file, "split file")) if line.strip()]
+    if not ids:
+        raise DataError(f"{list_file}: empty split file")
+    return ids
 
 
 class _SkipUnreadable:
@@ -470,28 +478,20 @@ class UnlabelledImages(_SkipUnreadable, Dataset):
 
     def __init__(self, root, transform=None, frame_step=1):
         root = self.root = _need(root, "image folder or video")
-        self.transform, self._bad, self.skipped_videos, self._jpegs = transform, set(), [], {}
+        self.transform, self._bad, self._jpegs = transform, set(), {}
         listed = _list_images(root, exts=IMAGE_EXTS + VIDEO_EXTS) if os.path.isdir(root) else [root]
         if not all(p.lower().endswith(IMAGE_EXTS + VIDEO_EXTS) for p in listed):
             raise DataError(f"{root}: is a file but neither an image nor a video (by its extension)")
         videos = [p for p in listed if p.lower().endswith(VIDEO_EXTS)]
         self.samples = [(p, -1) for p in listed if p.lower().endswith(IMAGE_EXTS)]
-        for video in videos:
-            try:
-                frames = video_frames_as_jpeg(video, frame_step)
-            except DataError as e:
-                if videos == [root]:
-                    raise
-                warnings.warn(f"skipping {e}")
-                self.skipped_videos.append(str(e))
-                continue
+        decoded, self.skipped_videos = _skip_bad(videos, lambda v: video_frames_as_jpeg(v, frame_step), videos == [root])
+        for video, frames in decoded:
             for t, jpeg in frames:
                 self._jpegs[len(self.samples)] = jpeg
                 self.samples.append((f"{video} frame {t}", -1))
         if not self.samples:
-            first = f"; first problem: {self.skipped_videos[0]}" if self.skipped_videos else ""
             raise DataError(f"{root}: no images ({', '.join(IMAGE_EXTS)}) or readable videos "
-                            f"({', '.join(VIDEO_EXTS)}) found{first}")
+                            f"({', '.join(VIDEO_EXTS)}) found{_first_problem(self.skipped_videos)}")
 
     def __len__(self):
         return len(self.samples)
@@ -535,17 +535,12 @@ VOC_CLASSES = ("background aeroplane bicycle bird boat bottle bus car cat chair 
 
 class VOCSegmentation(_SkipUnreadable, Dataset):
     """Pascal VOC layout: JPEGImages/<id>.jpg, SegmentationClass/<id>.png, ImageSets/Segmentation/<split>.txt.
-
-    item = transform(img uint8 (3,H,W), mask int64 (H,W)); 255 in the mask = ignore.
-    Classes come from root/classes.txt (one per line, line index = id) when present, else VOC's 21.
-    """
+    item = transform(img uint8 (3,H,W), mask int64 (H,W)); 255 in the mask = ignore. Classes come from
+    root/classes.txt (one per line, line index = id) when present, else VOC's 21."""
 
     def __init__(self, root, split="train", transform=None):
         self.root, self.transform, self._bad = _need(root, "folder"), transform, set()
-        list_file = os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt")
-        ids = [line.strip() for line in open(_need(list_file, "split file")) if line.strip()]
-        if not ids:
-            raise DataError(f"{list_file}: empty split file")
+        ids = _split_ids(os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt"))
         self.images = [os.path.join(root, "JPEGImages", i + ".jpg") for i in ids]
         self.masks = [os.path.join(root, "SegmentationClass", i + ".png") for i in ids]
         names_file = os.path.join(root, "classes.txt")
@@ -569,17 +564,12 @@ class VOCSegmentation(_SkipUnreadable, Dataset):
 
 class DAVIS(Dataset):
     """DAVIS-2017 layout: JPEGImages/<res>/<seq>/*.jpg, Annotations/<res>/<seq>/*.png, ImageSets/2017/<split>.txt.
-
-    item = dict(name, frames uint8 (T,3,H,W), masks int64 (T,H,W) instance ids (0 = background,
-    frames without an annotation file are all 255), palette list or None).
-    """
+    item = dict(name, frames uint8 (T,3,H,W), masks int64 (T,H,W) instance ids (0 = background, frames without
+    an annotation file are all 255), palette list or None)."""
 
     def __init__(self, root, split="val", resolution="480p"):
         self.root = _need(root, "folder")
-        list_file = os.path.join(root, "ImageSets", "2017", f"{split}.txt")
-        self.names = [line.strip() for line in open(_need(list_file, "split file")) if line.strip()]
-        if not self.names:
-            raise DataError(f"{list_file}: empty split file")
+        self.names = _split_ids(os.path.join(root, "ImageSets", "2017", f"{split}.txt"))
         self.frame_dirs = [os.path.join(root, "JPEGImages", resolution, n) for n in self.names]
         self.mask_dirs = [os.path.join(root, "Annotations", resolution, n) for n in self.names]
 
@@ -702,11 +692,8 @@ def _decode_file(path, indices, short_side):
 
 
 def read_frames(path, indices, short_side=None) -> torch.Tensor:
-    """-> uint8 (T, 3, H', W') for the given frame indices (video file or frame folder).
-
-    short_side resizes at decode time (PyAV's swscale, PIL's JPEG draft mode), so a 4K frame is
-    never held at full size; a video file is entered by seeking near indices[0].
-    """
+    """-> uint8 (T, 3, H', W') for the given frame indices (video file or frame folder). short_side resizes at
+    decode time (PyAV's swscale, PIL's JPEG draft mode): a 4K frame is never held at full size."""
     path, indices = _need(path, "video"), [int(i) for i in indices]
     if os.path.isdir(path):
         files = _frame_files(path)
@@ -776,13 +763,10 @@ def video_frames_as_jpeg(path, step=1, short_side=VIDEO_FRAME_SHORT_SIDE) -> tup
 
 
 class VideoClips(_SkipUnreadable, Dataset):
-    """Map-style dataset with one item per clip start: frames 0, step, 2*step, ... of every video.
-
-    A clip is num_frames frames `stride` apart; item i = transform(uint8 (T,3,H,W)).
-    Random start times come from shuffling (RandomSampler / DistributedSampler), so DataLoader
-    workers and DDP ranks split the clips without duplicates. Unreadable or too-short videos
-    among several are skipped with a warning; a single bad video is an error.
-    """
+    """Map-style dataset with one item per clip start: frames 0, step, 2*step, ... of every video. A clip is
+    num_frames frames `stride` apart; item i = transform(uint8 (T,3,H,W)). Random start times come from shuffling
+    (RandomSampler / DistributedSampler), so DataLoader workers and DDP ranks split the clips without duplicates.
+    Unreadable or too-short videos among several are skipped with a warning; a single bad video is an error."""
 
     def __init__(self, root_or_paths, num_frames=8, stride=1, step_between_clips=1, short_side=None,
                  transform=None):
@@ -792,27 +776,18 @@ class VideoClips(_SkipUnreadable, Dataset):
         self.num_frames, self.stride, self.step = num_frames, stride, step_between_clips
         self.short_side, self.transform, self._bad = short_side, transform, set()
         span = (num_frames - 1) * stride + 1
-        self.videos, self.infos, counts, problems = [], [], [], []
-        for p in paths:
-            try:
-                info = probe_video(p)
-                if info.num_frames < span:
-                    raise DataError(f"{p}: video has {info.num_frames} frames, shorter than one clip "
-                                    f"({num_frames} frames x stride {stride} = {span})")
-            except DataError as e:
-                if len(paths) == 1:
-                    raise
-                problems.append(str(e))
-                warnings.warn(f"skipping {e}")
-                continue
-            self.videos.append(p)
-            self.infos.append(info)
-            counts.append((info.num_frames - span) // step_between_clips + 1)
-        self.skipped_videos = problems
-        if not self.videos:
-            first = f"; first problem: {problems[0]}" if problems else ""
-            raise DataError(f"{self.root}: no usable video among {len(paths)}{first}")
-        self.cumulative = np.cumsum(counts).tolist()
+
+        def probe(p):
+            info = probe_video(p)
+            if info.num_frames < span:
+                raise DataError(f"{p}: video has {info.num_frames} frames, shorter than one clip "
+                                f"({num_frames} frames x stride {stride} = {span})")
+            return info
+        usable, self.skipped_videos = _skip_bad(paths, probe, len(paths) == 1)
+        if not usable:
+            raise DataError(f"{self.root}: no usable video among {len(paths)}{_first_problem(self.skipped_videos)}")
+        self.videos, self.infos = [p for p, _ in usable], [info for _, info in usable]
+        self.cumulative = np.cumsum([(info.num_frames - span) // step_between_clips + 1 for info in self.infos]).tolist()
 
     def __len__(self):
         return self.cumulative[-1]
@@ -1033,16 +1008,12 @@ def read_hf_folder(folder, flag="") -> tuple[dict, dict]:
 
 
 # ============================================================================ synthetic world
-# A procedural "walking tour": a camera pans and zooms over an endless world of textured
-# stuff (sky with clouds, brick wall, tiled ground) while objects move, scale, spin and
-# occlude each other. Object classes differ in shape and texture only: both colours of
-# every instance are drawn from one palette shared by all classes (and by the stuff), so
-# a colour histogram cannot tell the classes apart. The stuff is hazy (its contrast scaled by
-# STUFF_CONTRAST around its mean colour) so that objects stand out: with full-contrast stuff a
-# small conv net trained *with labels* on the 360 crops reached only 53 % (32 px, 40 epochs),
-# too little for any self-supervised demo to show in CPU minutes; at 0.3 it reached 83 %.
-# Pixels are rendered analytically
-# from world coordinates, so instance masks are exact and everything is vectorised numpy.
+# A procedural "walking tour": a camera pans and zooms over an endless world of textured stuff (sky with
+# clouds, brick wall, tiled ground) while objects move, scale, spin and occlude each other; pixels are rendered
+# analytically from world coordinates (exact instance masks, vectorised numpy). Classes differ in shape and
+# texture only: every colour comes from one palette shared by all classes and the stuff, so a colour histogram
+# cannot tell them apart. The stuff is hazy (contrast STUFF_CONTRAST around its mean) so that objects stand out:
+# a small conv net trained *with labels* on the crops reached 53 % at full contrast, 83 % at 0.3 (32 px, 40 epochs).
 SYNTH_VERSION = 3  # bump whenever the generator's output changes: ensure_synth then rewrites old worlds
 # sorted, so that ImageFolder's label k (folders sorted by name) is VOC/DAVIS class k + 1
 CLASS_NAMES = ("checkered_box", "dotted_ring", "gridded_cross", "hatched_crescent", "striped_star", "wavy_triangle")
@@ -1106,11 +1077,8 @@ class SyntheticWorld:
                     horizon=rng.uniform(-45, -20), ground_line=rng.uniform(15, 40))
 
     def render(self, height, width, camera, stuff, objects):
-        """Draw one frame. camera = (x, y, zoom in world units per pixel); objects, back to front,
-        are (label, x, y, radius, angle, colours (2,3)).
-
-        -> (uint8 (H,W,3), instances int64 (H,W): k+1 where objects[k] is visible).
-        """
+        """Draw one frame. camera = (x, y, zoom in world units per pixel); objects, back to front, are
+        (label, x, y, radius, angle, colours (2,3)) -> (uint8 (H,W,3), instances int64 (H,W): k+1 where objects[k] shows)."""
         cx, cy, zoom = camera
         X = cx + (np.arange(width)[None, :] - width / 2 + 0.5) * zoom + np.zeros((height, 1))
         Y = cy + (np.arange(height)[:, None] - height / 2 + 0.5) * zoom + np.zeros((1, width))
@@ -1216,11 +1184,9 @@ class SyntheticWorld:
 
 def synth_world(out_dir, seed=0, num_videos=4, num_frames=96, size=128, num_images=(160, 60),
                 crops_per_class=(60, 20), crop_size=64) -> str:
-    """Write the synthetic world under out_dir and return it.
-
-    videos/tour_XX.mp4; davis/ (same frames, instance masks, ImageSets/2017/{train,val}.txt);
-    voc/ (semantic masks, classes.txt); objects/{train,val}/<class>/; world.json (written last).
-    """
+    """Write the synthetic world under out_dir and return it: videos/tour_XX.mp4; davis/ (same frames, instance
+    masks, ImageSets/2017/{train,val}.txt); voc/ (semantic masks, classes.txt); objects/{train,val}/<class>/;
+    world.json (written last)."""
     started, world = time.time(), SyntheticWorld(seed)
     _claim_for_synth(out_dir)
     davis = os.path.join(out_dir, "davis")
@@ -1229,12 +1195,11 @@ def synth_world(out_dir, seed=0, num_videos=4, num_frames=96, size=128, num_imag
         tour = world.video(i, num_frames, size)
         write_video(os.path.join(out_dir, "videos", name + ".mp4"), tour["frames"])
         frame_dir, mask_dir = [os.path.join(davis, kind, "480p", name) for kind in ("JPEGImages", "Annotations")]
-        os.makedirs(frame_dir, exist_ok=True)
-        os.makedirs(mask_dir, exist_ok=True)
+        for folder in (frame_dir, mask_dir, os.path.join(davis, "ImageSets", "2017")):
+            os.makedirs(folder, exist_ok=True)
         for t in range(num_frames):
             Image.fromarray(tour["frames"][t]).save(os.path.join(frame_dir, f"{t:05d}.jpg"), quality=95, subsampling=0)
             save_mask(os.path.join(mask_dir, f"{t:05d}.png"), tour["instances"][t])
-    os.makedirs(os.path.join(davis, "ImageSets", "2017"), exist_ok=True)
     for split in ("train", "val"):  # the tours are unlabelled training data and the propagation benchmark
         with open(os.path.join(davis, "ImageSets", "2017", f"{split}.txt"), "w") as f:
             f.write("\n".join(names) + "\n")
@@ -1271,19 +1236,17 @@ def synth_world(out_dir, seed=0, num_videos=4, num_frames=96, size=128, num_imag
 SYNTH_MARKER = "UNFINISHED_SYNTHETIC_WORLD"  # written first by synth_world: its own unfinished world may be replaced
 
 
-def _written_by_synth(root) -> bool:
-    """root was made by synth_world: it holds the world.json or the marker that synth_world writes."""
-    return os.path.exists(os.path.join(root, "world.json")) or os.path.exists(os.path.join(root, SYNTH_MARKER))
+def _refuse_foreign(root, hint) -> None:
+    """Refuse a file, or a folder holding files but neither the world.json nor the marker that synth_world writes."""
+    if os.path.exists(root) and not (os.path.isdir(root) and (not os.listdir(root) or any(
+            os.path.exists(os.path.join(root, f)) for f in ("world.json", SYNTH_MARKER)))):
+        raise DataError(f"{root}: exists and is not a synthetic world (no world.json), {hint}")
 
 
 def _claim_for_synth(out_dir) -> None:
-    """Refuse a file, or a folder with files that synth_world did not write; else create it and mark it ours."""
+    """Refuse what _refuse_foreign refuses; else create out_dir and mark it ours."""
     out_dir = str(out_dir)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise DataError(f"{out_dir}: is a file; the synthetic world needs a folder (another --out)")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not _written_by_synth(out_dir):
-        raise DataError(f"{out_dir}: exists and is not a synthetic world (no world.json); move it away or pick "
-                        "another path")
+    _refuse_foreign(out_dir, "so it is left alone; move it away or pick another --out")
     os.makedirs(out_dir, exist_ok=True)
     open(os.path.join(out_dir, SYNTH_MARKER), "w").close()
 
@@ -1298,20 +1261,15 @@ def _current_world(root, seed) -> bool:
 
 
 def ensure_synth(root="runs/synth", seed=0) -> str:
-    """Write the synthetic world to root unless a current one is there; under torchrun local rank 0 writes, the rest wait.
-
-    The new world is written aside and renamed into place, so demos started side by side never
-    read a half-written world; an older or unfinished world at root is replaced, but only one
-    that synth_world wrote (world.json or its marker): anything else there is the user's.
-    """
+    """Write the synthetic world to root unless a current one is there; under torchrun local rank 0 writes, the rest
+    wait. Written aside and renamed into place, so demos side by side never read a half-written world; an older or
+    unfinished world is replaced, anything else there is the user's (_refuse_foreign)."""
     root = os.path.normpath(str(root))
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     # one writer per machine: torchrun sets LOCAL_RANK, also before the process group exists
     writer = int(os.environ.get("LOCAL_RANK", 0)) == 0
     if not _current_world(root, seed) and writer:
-        if os.path.exists(root) and not (os.path.isdir(root) and (_written_by_synth(root) or not os.listdir(root))):
-            raise DataError(f"{root}: exists and is not a synthetic world (no world.json), so --demo leaves it alone; "
-                            "move it away, or run from another folder")
+        _refuse_foreign(root, "so --demo leaves it alone; move it away, or run from another folder")
         print(f"writing the synthetic world to {root} (seed {seed}) ...", flush=True)
         partial, old = f"{root}.partial{os.getpid()}", f"{root}.old{os.getpid()}"
         synth_world(partial, seed)
@@ -1412,12 +1370,9 @@ def dataset_kind(path) -> str:
             if path.lower().endswith(exts):
                 return kind
         raise DataError(f"{path}: neither a video ({', '.join(VIDEO_EXTS)}) nor an image")
-    if os.path.exists(os.path.join(path, "world.json")):
-        return "synthetic world"
-    if os.path.isdir(os.path.join(path, "ImageSets", "Segmentation")):
-        return "voc"
-    if os.path.isdir(os.path.join(path, "ImageSets", "2017")):
-        return "davis"
+    for kind, marker in (("synthetic world", "world.json"), ("voc", "ImageSets/Segmentation"), ("davis", "ImageSets/2017")):
+        if os.path.exists(os.path.join(path, marker)):
+            return kind
     if _frame_files(path):
         return "frame folder" if _numbered(_frame_files(path)) else "images"
     subfolders = sorted(d.path for d in os.scandir(path) if d.is_dir())

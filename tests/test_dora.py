@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import dora  # noqa: E402
 import evaluate  # noqa: E402
+from conftest import own_video_and_tiny_world, run_demo  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -332,35 +333,11 @@ def test_log_has_teacher_entropy():
 
 
 # ---------------------------------------------------------------------------- the demo on one's own video
-def own_video_and_tiny_world(tmp_path, world="runs/synth"):
-    """tmp_path/mine/walk.mp4 (a square crossing a brightening background; no synthetic world beside it),
-    and a tiny synthetic world in tmp_path/<world> (runs/synth: where the demo looks; kept, it is current)."""
-    frames = np.zeros((24, 48, 64, 3), np.uint8)
-    for t in range(24):
-        frames[t] = 40 + 3 * t
-        frames[t, 10:30, 2 * t:2 * t + 20] = (220, 60, 40)
-    data.write_video(tmp_path / "mine" / "walk.mp4", frames)
-    data.synth_world(str(tmp_path / world), 0, num_videos=1, num_frames=16, size=64, num_images=(12, 6),
-                     crops_per_class=(6, 3), crop_size=32)
-    return str(tmp_path / "mine" / "walk.mp4")
-
-
-def run_demo(tmp_path, *argv):
-    """`python dora.py --demo ...` in tmp_path: exit status 0, then the last line of stdout as JSON."""
-    import json
-    import subprocess
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dora.py")
-    run = subprocess.run([sys.executable, script, "--demo", *argv], cwd=tmp_path, capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
-
-
 def test_demo_trains_on_ones_own_video_and_evaluates_on_the_eval_data_folder(tmp_path):
     # `dora.py --demo --data my_walk.mp4` once crashed after training: it took the video's folder for the world.
     # Here the benchmarks come from --eval-data, a folder laid out like the world: none is written to runs/synth
     video = own_video_and_tiny_world(tmp_path, world="bench")
-    result = run_demo(tmp_path, "--data", video, "--eval-data", "bench", "--output-dir", "out", "--image-size", "32",
+    result = run_demo("dora", tmp_path, "--data", video, "--eval-data", "bench", "--output-dir", "out", "--image-size", "32",
                       "--precrop-size", "40", "--epochs", "1", "--batch-size-per-gpu", "2", "--frames-per-clip", "2",
                       "--step-between-clips", "2", "--clip-start-every", "8", "--num-workers", "0", "--out-dim", "64",
                       "--local-crops-number", "1")

@@ -15,6 +15,7 @@ from torchvision.ops import roi_align
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
 import leopart as L  # noqa: E402
+from conftest import own_video_and_tiny_world, run_demo  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -267,35 +268,10 @@ def test_bf16_autocast_step():
 
 
 # --------------------------------------------------------------------------- the demo on one's own video
-def own_video_and_tiny_world(tmp_path):
-    """tmp_path/mine/walk.mp4 (a square crossing a brightening background; no synthetic world beside it),
-    and a tiny synthetic world in tmp_path/runs/synth, where the demo looks for it (kept: it is current)."""
-    import data
-    frames = np.zeros((24, 48, 64, 3), np.uint8)
-    for t in range(24):
-        frames[t] = 40 + 3 * t
-        frames[t, 10:30, 2 * t:2 * t + 20] = (220, 60, 40)
-    data.write_video(tmp_path / "mine" / "walk.mp4", frames)
-    data.synth_world(str(tmp_path / "runs" / "synth"), 0, num_videos=1, num_frames=16, size=64, num_images=(12, 6),
-                     crops_per_class=(6, 3), crop_size=32)
-    return str(tmp_path / "mine" / "walk.mp4")
-
-
-def run_demo(tmp_path, *argv):
-    """`python leopart.py --demo ...` in tmp_path: exit status 0, then the last line of stdout as JSON."""
-    import json
-    import subprocess
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "leopart.py")
-    run = subprocess.run([sys.executable, script, "--demo", *argv], cwd=tmp_path, capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
-
-
 def test_demo_trains_on_ones_own_video_and_evaluates_on_the_synthetic_world(tmp_path):
     # `leopart.py --demo --data my_walk.mp4`: its frames are the images (once: "1 images is fewer than one batch")
     video = own_video_and_tiny_world(tmp_path)
-    result = run_demo(tmp_path, "--data", video, "--output-dir", "out", "--global-crops-size", "32",
+    result = run_demo("leopart", tmp_path, "--data", video, "--output-dir", "out", "--global-crops-size", "32",
                       "--local-crops-size", "16", "--local-crops-number", "1", "--epochs", "1",
                       "--batch-size-per-gpu", "8", "--num-workers", "0", "--video-frame-step", "1", "--eval-size", "32",
                       "--proj-hidden-dim", "32", "--proj-dim", "16", "--num-prototypes", "10", "--queue-length", "0",
