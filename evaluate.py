@@ -1040,22 +1040,30 @@ def feature_ceiling(features, labels, trials=2000, seed=0) -> float:
     return 100 * hits / trials
 
 
+def named_folder(folder, class_names=None):
+    """data.ImageFolder whose classes are the names an episode writes: through class_names (a wnid file,
+    read_class_names), else the folder names as words ("checkered_box" -> "checkered box", as a folder
+    "house_finch" holds house finches: an LM reads and writes words, not file names)."""
+    import data
+    real = data.ImageFolder(folder)
+    if class_names:
+        mapping = read_class_names(class_names)
+        missing = [c for c in real.classes if c not in mapping]
+        if missing:
+            raise data.DataError(f"{class_names}: no name for the folders {missing[:5]} of {folder}")
+    real.classes = [mapping[c] if class_names else c.replace("_", " ") for c in real.classes]
+    return real
+
+
 def run_icl(generate, folder=None, ways=(2, 5), shots=(1, 3, 5), episodes=100, seed=0, class_names=None,
             task_induction=(False, True), repeats=0, frozen=()) -> dict:
     """The open-ended benchmarks a VLM of this repo reports: on an ImageFolder, `icl` with the real class
     names ("real/..."; wnid folders renamed through class_names, read_class_names) and with Frozen's
     nonsense words ("open/..."); on each of Frozen's released episode folders, icl_frozen
     ("<folder name>/frozen/...": every question of the files, as released)."""
-    import data
     results = {}
     if folder:
-        real = data.ImageFolder(folder)
-        if class_names:
-            mapping = read_class_names(class_names)
-            missing = [c for c in real.classes if c not in mapping]
-            if missing:
-                raise data.DataError(f"{class_names}: no name for the folders {missing[:5]} of {folder}")
-            real.classes = [mapping[c] for c in real.classes]
+        real = named_folder(folder, class_names)
         for kind, open_ended in (("real", False), ("open", True)):
             ok_ways = tuple(n for n in ways if n <= len(real.classes))
             res = icl(generate, real, ok_ways, shots, episodes, seed, task_induction, repeats, open_ended)

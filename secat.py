@@ -261,12 +261,9 @@ def pseudo_name(rng, vocabulary=None) -> str:
     every letter a-z occurs, so that copying a name is learned for any spelling."""
     words = []
     for _ in range(1 if rng.random() < 0.5 else 2):
-        if vocabulary:
-            words.append(vocabulary[rng.integers(len(vocabulary))])
-            continue
-        syllables = rng.integers(1, 4)
-        words.append("".join(ONSETS[rng.integers(len(ONSETS))] + VOWELS[rng.integers(len(VOWELS))] +
-                             CODAS[rng.integers(len(CODAS))] for _ in range(syllables)))
+        words.append(vocabulary[rng.integers(len(vocabulary))] if vocabulary else "".join(
+            ONSETS[rng.integers(len(ONSETS))] + VOWELS[rng.integers(len(VOWELS))] + CODAS[rng.integers(len(CODAS))]
+            for _ in range(rng.integers(1, 4))))
     return " ".join(words)
 
 
@@ -302,11 +299,17 @@ def match_nouns(model, tok, prototypes, vocabulary, seed=0) -> list:
 # ====== Data 3: interleaved N-way K-shot self-context episodes (Frozen's format) and their tokens.
 # Training's wording differs from the evaluation's (Frozen's, evaluate.icl), as in the paper, which does not
 # publish its own: ours keeps Frozen's form and length (relative positions carry over) and changes the words.
-CAPTION, PROMPT = "Here is a {}.", "What is here? Here is a"  # training
+CAPTION, PROMPT = "Here is a {}.", "What is here? Here is a"  # training, with a pretrained LM
 EVAL_CAPTION, EVAL_PROMPT = "This is a {}.", "What is this? This is a"  # evaluation (Frozen's)
 
 
-def sample_episode(members, ways, shots, rng, vocabulary=None, cluster_names=None) -> dict:
+def wording(args) -> tuple:
+    """(caption, prompt) of training: the distinct template with a pretrained LM (the paper); Frozen's own for an LM
+    from scratch, which has read no other text to carry copying over from one wording to the other (measured)."""
+    return (CAPTION, PROMPT) if args.lm else (EVAL_CAPTION, EVAL_PROMPT)
+
+
+def sample_episode(members, ways, shots, rng, vocabulary=None, cluster_names=None, words=(CAPTION, PROMPT)) -> dict:
     """members: list over clusters of image indices. N=ways clusters with their names (cluster_names,
     fixed: matched nouns) or fresh pseudo-names (re-drawn per episode: names must be read from the
     context), K=shots supports per cluster in random order, then a query image from one of the N clusters.
@@ -325,7 +328,7 @@ def sample_episode(members, ways, shots, rng, vocabulary=None, cluster_names=Non
             query = picks.pop()
         support += [(i, c) for i in picks]
     support = [support[j] for j in rng.permutation(len(support))]
-    return dict(images=[i for i, _ in support] + [query], texts=[CAPTION.format(names[c]) for _, c in support] + [PROMPT],
+    return dict(images=[i for i, _ in support] + [query], texts=[words[0].format(names[c]) for _, c in support] + [words[1]],
                 answer=names[query_cluster], clusters=[c for _, c in support] + [query_cluster], names=names)
 
 
@@ -367,20 +370,20 @@ def make_batch(step, members, args, global_batch):
     replays them. N and K vary during training (one draw per step, so lengths match)."""
     rng = np.random.default_rng([args.seed, step])
     ways, shots = int(rng.integers(2, args.max_ways + 1)), int(rng.integers(1, args.max_shots + 1))
-    return [sample_episode(members, ways, shots, rng, args.vocabulary, getattr(args, "cluster_names", None))
+    return [sample_episode(members, ways, shots, rng, args.vocabulary, getattr(args, "cluster_names", None), wording(args))
             for _ in range(global_batch)]
 
 
 def text_batch(step, args, tok, global_batch):
     """Text-only warm-up for an LM from scratch (a stand-in for pretraining, which teaches repeating words
-    seen in the context): lines "Here is a <name>." with names drawn, with repeats, from a few fresh
+    seen in the context): lines "This is a <name>." (the training caption) with names drawn, with repeats, from a few fresh
     pseudo-names, loss on every token; the dense loss grows the copying ("induction") heads that the
     sparse answer-only loss needs many more steps to find. Returns episode-like dicts."""
     rng = np.random.default_rng([args.seed, step, 7])
     batch = []
     for _ in range(global_batch):
         names = pseudo_names(int(rng.integers(2, 5)), rng, args.vocabulary)
-        lines = [CAPTION.format(names[rng.integers(len(names))]) for _ in range(int(rng.integers(4, 8)))]
+        lines = [wording(args)[0].format(names[rng.integers(len(names))]) for _ in range(int(rng.integers(4, 8)))]
         batch.append(dict(images=[], texts=[], text="\n".join(lines)))
     return batch
 
@@ -711,7 +714,7 @@ def selfcontext_accuracy(model, tok, feats, members, args, episodes=100):
     model.eval()
     rng, hits, device = np.random.default_rng([args.seed, 10**9]), 0, next(model.parameters()).device
     for _ in range(episodes):
-        e = sample_episode(members, 2, 1, rng)
+        e = sample_episode(members, 2, 1, rng, words=wording(args))
         ids, slots, _ = encode_episode(tok, e["texts"], None, args.prefix_tokens)
         new = greedy_decode(model, torch.tensor(ids, device=device), torch.tensor(slots, device=device),
                             feats[e["images"]].to(device), tok.eos)
@@ -747,7 +750,7 @@ def main(args):
                                     args.seed, args.class_names, (False, True), args.eval_repeats, args.frozen_episodes))
     print(f"icl on {args.eval_data} ({args.eval_episodes} episodes each, {time.time() - t0:.0f}s)")
     if args.eval_data:
-        answer, truth = evaluate.icl_picture(generate, data.ImageFolder(args.eval_data),
+        answer, truth = evaluate.icl_picture(generate, evaluate.named_folder(args.eval_data, args.class_names),
                                              os.path.join(args.output_dir, "episode.png"), seed=args.seed)
         print(f"picture: {args.output_dir}/episode.png (answer {answer!r}, truth {truth!r})")
     results.update(train_data=args.data, eval_data=args.eval_data)  # selfcontext on the pool, the rest on eval_data

@@ -112,10 +112,15 @@ def test_episode_has_nk_supports_and_a_query_of_one_of_the_n_classes(ways, shots
     assert all(name == f"noun{c}" for c, name in fixed["names"].items())  # matched nouns stay with their cluster
 
 
-def test_training_wording_is_not_the_evaluations(tmp_path):
+def test_training_wording_is_not_the_evaluations_with_a_pretrained_lm(tmp_path):
     assert (secat.CAPTION, secat.PROMPT) == ("Here is a {}.", "What is here? Here is a")
     assert (secat.EVAL_CAPTION, secat.EVAL_PROMPT) == ("This is a {}.", "What is this? This is a")
     assert len(secat.CAPTION) == len(secat.EVAL_CAPTION) and len(secat.PROMPT) == len(secat.EVAL_PROMPT)
+    pretrained, scratch = secat.get_args(["--data", "x", "--lm", "gpt2/"]), secat.get_args(["--data", "x"])
+    assert secat.wording(pretrained) == (secat.CAPTION, secat.PROMPT)
+    assert secat.wording(scratch) == (secat.EVAL_CAPTION, secat.EVAL_PROMPT)  # an LM from scratch: one wording
+    e = secat.make_batch(0, _members(), pretrained, 1)[0]
+    assert e["texts"][0].startswith("Here is a ") and e["texts"][-1] == secat.PROMPT
     seen = []
     evaluate.icl(lambda im, t: seen.append(t) or "", _coded_folder(tmp_path), ways=2, shots=1, episodes=1, task_induction=False)
     assert seen[0][0].startswith("This is a ") and seen[0][-1] == secat.EVAL_PROMPT  # evaluate.icl: Frozen's wording
@@ -179,7 +184,7 @@ def test_text_warmup_batches_are_caption_lists_with_every_token_a_target():
     assert feats.shape == (0, 8) and not slots.any()
     for b, e in enumerate(batch):
         lines = e["text"].split("\n")
-        assert all(line.startswith("Here is a ") and line.endswith(".") for line in lines)  # training's wording
+        assert all(line.startswith("This is a ") and line.endswith(".") for line in lines)  # from scratch: Frozen's
         assert len(set(lines)) < len(lines) or len(lines) <= 4  # names repeat: copying pays off
         assert ids[b][targets[b]].tolist() == tok.encode(e["text"])
 
@@ -355,6 +360,10 @@ def test_wnid_folders_get_names_from_the_users_file_and_open_ended_uses_frozens_
     real, open_ended = seen[:6], seen[12:18]
     assert {t[len("This is a "):-1] for texts in real for t in texts[:-1]} <= {"house finch", "goldfish", "dugong"}
     assert all(sorted(texts[:-1]) == ["This is a blicket.", "This is a dax."] for texts in open_ended)
+    _coded_folder(tmp_path / "words", ("striped_star", "dotted_ring"))  # folder names are written as words
+    seen = []
+    res = evaluate.run_icl(_copier(seen), str(tmp_path / "words"), (2,), (1,), 2, task_induction=False)
+    assert sorted(seen[0][:-1]) == ["This is a dotted ring.", "This is a striped star."] and res["real/icl/2way_1shot"] == 100
     with pytest.raises(secat.data.DataError, match="no name for the folders"):
         (tmp_path / "short.txt").write_text("n01 house finch\n")
         evaluate.run_icl(_copier([]), str(tmp_path / "val"), (2,), (1,), 1, class_names=str(tmp_path / "short.txt"))
