@@ -189,6 +189,23 @@ def test_text_warmup_batches_are_caption_lists_with_every_token_a_target():
         assert ids[b][targets[b]].tolist() == tok.encode(e["text"])
 
 
+def test_alibi_bias_is_minus_slope_times_distance_and_hides_the_future():
+    inf = float("-inf")
+    bias = secat.alibi_bias(3, 2, "cpu")  # slopes 2^(-8*1/2) = 1/16 and 2^(-8*2/2) = 1/256
+    assert torch.equal(bias[0], torch.tensor([[0, inf, inf], [-1 / 16, 0, inf], [-2 / 16, -1 / 16, 0]]))
+    assert torch.equal(bias[1], torch.tensor([[0, inf, inf], [-1 / 256, 0, inf], [-2 / 256, -1 / 256, 0]]))
+    torch.manual_seed(0)
+    attn = secat.CausalSelfAttention(8, 2, "alibi")
+    x = torch.randn(1, 5, 8)
+    q, k, v = attn.c_attn(x)[0].split(8, dim=1)
+    q, k, v = (t.reshape(5, 2, 4).transpose(0, 1) for t in (q, k, v))  # (heads, L, 4)
+    att = (q @ k.transpose(1, 2) / 2 + secat.alibi_bias(5, 2, "cpu")).softmax(-1)  # written out: softmax(qk/sqrt(d) + bias)
+    assert torch.allclose(attn(x)[0], attn.c_proj((att @ v).transpose(0, 1).reshape(5, 8)), atol=1e-6)
+    lm, y = secat.GPT(258, 16, 8, layers=2, heads=2, positions="alibi").eval(), x.clone()
+    y[0, 3:] = torch.randn(2, 8)  # later positions changed: earlier outputs are not
+    assert torch.allclose(lm(x)[0, :3], lm(y)[0, :3], atol=1e-6) and not torch.allclose(lm(x)[0, 3:], lm(y)[0, 3:])
+
+
 # ---------------------------------------------------------------- GPT-2 weights
 def _hf_gpt2_state(vocab=300, context=32, dim=64, layers=2, seed=0):
     """A randomly initialised state dict in HF GPT2LMHeadModel's layout (Conv1D weights (in, out))."""
