@@ -391,10 +391,9 @@ def text_batch(step, args, tok, global_batch):
 # ====== Model 1: a GPT-style decoder (GPT-2's layout and parameter names: pre-norm blocks,
 # learned positions (from scratch: ALiBi), tanh-GELU, causal SDPA attention, output tied to the embedding).
 def alibi_bias(L, heads, device):  # -> (heads, L, L) additive attention bias; -inf on the future
-    """ALiBi (Press et al., 2022): head h adds -2^(-8h/H) * distance to its scores, so "the most recent
-    image before me" is one pattern at every distance. With it the tiny demo LM finds the self-context
-    matching (query image -> support with that image -> its name) within the demo's steps; with rotary
-    positions it copied a context name but picked between them at chance after 1,500 steps (measured)."""
+    """ALiBi (Press et al., 2022): head h adds -2^(-8h/H) * distance to its scores: "the most recent image before
+    me" is one pattern at every distance. Demo, measured: a context name in 100 % of answers (rotary: 72 %), and
+    the matching of query and support images learned once by step 1,500 (rotary: never in 1,500 steps)."""
     i = torch.arange(L, device=device)
     slopes = 2.0 ** (-8.0 * torch.arange(1, heads + 1, device=device) / heads)
     dist = (i[:, None] - i[None, :]).float()
@@ -561,8 +560,7 @@ def greedy_decode(model, ids, image_slots, feats, eos, max_new_tokens=24) -> lis
 def make_generate(model, tok, args, device):
     """generate(images, texts) -> str for evaluate.icl: images = the episode's uint8 (3, H, W) images, texts = the
     text after each (captions, then the prompt). Returns the answer without the caption's final period."""
-    transform = eval_transform(args.image_size)
-    model = model.eval()
+    transform, model = eval_transform(args.image_size), model.eval()
 
     def generate(images, texts):
         pixels = torch.stack([transform(torch.as_tensor(im)) for im in images]).to(device)
@@ -588,6 +586,8 @@ def build_generator(ckpt: dict, device="cpu"):
 def build_model(args, encoder, lm=None):
     """(model, tokenizer): a pretrained GPT-2-family LM and its own BPE from the --lm folder (`lm` if already
     loaded), else a GPT of --lm-dim/--lm-layers/--lm-heads from scratch with the byte tokenizer (258 ids)."""
+    if not args.lm and args.lm_positions not in ("alibi", "learned"):  # "rope": an earlier secat.py's, since dropped
+        raise data.DataError(f"this checkpoint's LM has {args.lm_positions} positions (an earlier secat.py's): train it again")
     tok = load_tokenizer(args.lm)
     if lm is None:
         lm = load_lm(args.lm) if args.lm else GPT(tok.vocab_size, args.context, args.lm_dim, args.lm_layers,
@@ -622,6 +622,9 @@ def train(args, before=None):
     autocast = data.autocast(d.device, args.amp)
     data.seed_everything(args.seed)  # not per rank: the same random encoder / LM init everywhere
     log, ckpt_path, ckpt = data.prepare_output_dir(args.output_dir, args.resume, args.overwrite, d.is_main, METHOD)
+    if ckpt is not None and ckpt["args"].get("lm_positions") != args.lm_positions:  # before any work
+        raise data.DataError(f"{ckpt_path}: its LM has {ckpt['args'].get('lm_positions')} positions, this run "
+                             f"{args.lm_positions}; pass the same --lm-positions, or --overwrite to start over")
     lm = load_lm(args.lm) if args.lm else None  # a wrong --lm fails before the features are extracted
 
     # the frozen encoder and its features of the unlabelled pool (class folders are ignored)
@@ -681,12 +684,9 @@ def train(args, before=None):
                 ddp.train()
             for group in optimizer.param_groups:
                 group["lr"] = float(lr_schedule[step])
-            if step < args.text_warmup_steps:  # LM from scratch: text-only warm-up first
-                episodes = text_batch(step, args, tok, global_batch)
-                num_targets = sum(len(tok.encode(e["text"])) for e in episodes)
-            else:
-                episodes = make_batch(step, members, args, global_batch)
-                num_targets = sum(len(tok.encode(" " + e["answer"] + ".")) + 1 for e in episodes)
+            text = step < args.text_warmup_steps  # LM from scratch: text-only warm-up first
+            episodes = text_batch(step, args, tok, global_batch) if text else make_batch(step, members, args, global_batch)
+            num_targets = sum(len(tok.encode(e["text"] if text else " " + e["answer"] + ".")) + (not text) for e in episodes)
             batch = collate(episodes[d.rank::d.world_size], feats, tok, args.prefix_tokens, d.device)
             loss = train_step(ddp, optimizer, scaler, batch, num_targets, d.world_size, autocast, args.clip_grad)
             step += 1

@@ -508,6 +508,21 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     assert generate(images, texts) == reference(images, texts)
 
 
+def test_a_checkpoint_of_other_lm_positions_is_refused_in_one_line_and_kept(tmp_path):
+    root = _tiny_folder(str(tmp_path / "imgs"))
+    secat.train(_train_args(tmp_path / "run", root, "--lm-positions", "learned", "--epochs", "1"))
+    path = tmp_path / "run" / "checkpoint.pth"
+    before = path.read_bytes()
+    with pytest.raises(secat.data.DataError) as e:  # --resume with the default (alibi), before any features
+        secat.train(_train_args(tmp_path / "run", root, "--resume"))
+    assert "learned positions, this run alibi" in str(e.value) and "\n" not in str(e.value)
+    assert path.read_bytes() == before
+    ckpt = secat.data.load_checkpoint(path)
+    ckpt["args"]["lm_positions"] = "rope"  # what secat.py saved before rotary positions were dropped
+    with pytest.raises(secat.data.DataError, match="rope positions .* train it again"):
+        secat.build_generator(ckpt)
+
+
 def test_encoder_loads_from_dino_weights(tmp_path):
     vit = evaluate.build_arch("vit_demo", 8).eval()
     torch.save(vit.state_dict(), tmp_path / "dino.pth")
