@@ -7,6 +7,19 @@ official script each benchmark follows and what differs, and every JSON printed 
   DAVIS layout: propagate, video-kmeans.    Frozen / SeCAt: icl.      Pictures: viz.
   unsupervised_segmentation (a function; leopart.py calls it): Leopart's CBFE + Infomap community detection.
 All scores are percentages (accuracy, mIoU, J, F, NMI). The last line printed is one JSON object.
+
+Sections (in file order; each opens with a "# ====== <name>" line):
+  backbones           build_arch, load_backbone: DINO weights or any repo checkpoint -> a ViT / conv net
+  transforms          normalisation and feature extraction ([CLS] and patch tokens, cached)
+  classification      k-NN (DINO's weighted vote) and the linear probe
+  clustering          faiss_kmeans (torch), kmeans, match_clusters (Hungarian on IoU), mIoU, NMI
+  segmentation probes seg-linear and seg-cluster on patch tokens
+  unsupervised seg.   Leopart's CBFE + CD (Infomap community detection)
+  DAVIS               J, F and label propagation
+  in-context          icl: Frozen's open-ended episodes (drawn or as released), task induction, repeats
+  pictures            attention maps, k-means overlays, GIFs
+  video k-means       TimeT's clip-wise and dataset-wise video segmentation
+  runners, CLI        dataset-level runners shared by the CLI and run_suite; the command line
   python evaluate.py knn          --ckpt runs/dora/checkpoint.pth --data /data/imagenet
   python evaluate.py linear       --ckpt dino_deitsmall16_pretrain.pth --arch vit_small --patch-size 16 --data ...
   python evaluate.py seg-cluster  --ckpt ... --data /data/VOCdevkit/VOC2012   (VOC layout, data.py)
