@@ -73,7 +73,7 @@ def get_args(argv=None):
     p.add_argument("--context", type=int, default=1024, help="from-scratch LM context length")
     p.add_argument("--lm-positions", default="alibi", choices=["alibi", "learned"], help="from-scratch LM: ALiBi or learned")
     p.add_argument("--text-warmup-steps", type=int, default=0, help="first steps on text only (text_batch), for an LM from scratch")
-    p.add_argument("--prefix-tokens", type=int, default=2, help="visual tokens per image (Frozen: 2)")
+    p.add_argument("--prefix-tokens", type=int, default=2, help="visual tokens per image (Frozen: 2; demo: 8, see README)")
     p.add_argument("--clusters", type=int, default=1000, help="K clusters of the unlabelled pool")
     p.add_argument("--pseudo-names", default=None, choices=["nonsense", "nouns"], help="nouns (default with --lm, the "
                    "paper's): matched one per cluster (match_nouns); nonsense (LM from scratch): re-drawn per episode")
@@ -102,7 +102,7 @@ def get_args(argv=None):
     if args.demo:  # everything small enough for 2 CPU cores in a few minutes
         given = {a.split("=")[0] for a in argv}
         demo = dict(encoder_arch="convnet_demo", image_size=32, lm_dim=128, lm_layers=4, lm_heads=4,
-                    context=512, clusters=12, max_ways=2, max_shots=1, epochs=10, steps_per_epoch=150,
+                    context=512, prefix_tokens=8, clusters=12, max_ways=2, max_shots=1, epochs=10, steps_per_epoch=150,
                     text_warmup_steps=300, batch_size_per_gpu=32, lr=2e-3, min_lr=1e-4, warmup_epochs=1,
                     eval_episodes=100, eval_ways=[2, 5], eval_shots=[1], num_workers=0, log_every=10)
         for k, v in demo.items():  # explicit flags win over the demo's settings
