@@ -8,8 +8,9 @@ Sections:
   run plumbing    distributed set-up, AMP, seeding, cosine schedules, atomic checkpoints (one loader
                   for every checkpoint read), the output folder, JSONL logs, the CLI entry point
   images          load_image / load_mask, ImageFolder, UnlabelledImages (also video frames), VOCSegmentation, DAVIS
-  videos          probe_video, read_frames (PyAV, seeks near the clip, decode-time resize),
-                  find_videos, VideoClips (one item per clip start; DDP/worker safe), ImagesOrFrames
+  videos          probe_video, read_frames (PyAV: decodes only what the frames need, seeking at keyframes;
+                  decode-time resize; decoder threads shared by a node's ranks and workers), extract (a video
+                  to a frame folder), find_videos, VideoClips (one item per clip start; DDP/worker safe), ImagesOrFrames
   LM files        ByteTokenizer, BPETokenizer (GPT-2's byte-level BPE), read_safetensors, read_hf_folder
   synthetic world SyntheticWorld (in memory), synth_world / ensure_synth (writes the layouts),
                   demo_eval_root (where a --demo evaluates: the world, or a folder laid out like it)
@@ -17,6 +18,7 @@ Sections:
   inspect         dataset_kind, what the loaders see at a path (printed, and a contact sheet), --bench
   command line    python data.py synth --out runs/synth [--seed 0]
                   python data.py inspect PATH [--bench] [--sheet sheet.png]
+                  python data.py extract VIDEO --out DIR [--short-side 640] [--workers N]
 
 Bad input raises DataError with one line "<path>: <what is wrong>". Inside a dataset an
 unreadable file is skipped with a warning and counted in `.num_skipped`. `cli(main, get_args)`,
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import concurrent.futures
 import contextlib
 import functools
 import io
@@ -653,39 +656,71 @@ def probe_video(path) -> VideoInfo:
     return VideoInfo(path, int(num_frames), fps, height, width)
 
 
+DECODED = {"frames": 0}  # frames the decoder has handed out in this process: what the tests and --bench count
+
+
+def decoder_threads() -> int:
+    """PyAV threads per decoder: this node's cores shared out over its ranks (LOCAL_WORLD_SIZE) and their workers."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    worker = torch.utils.data.get_worker_info()
+    return max(1, cores // (int(os.environ.get("LOCAL_WORLD_SIZE", "1")) * (worker.num_workers if worker else 1)))
+
+
+_KEYFRAMES: dict = {}
+
+
+def _keyframes(path, stream, fps, start) -> list[int]:
+    """Frame indices of the keyframes in the container's index (mp4: every sample in decode order, so a closed
+    GOP's keyframe at position i shows frame i; mkv: cues, by time); empty without an index."""
+    key = (path, os.stat(path).st_mtime_ns, os.stat(path).st_size)  # a rewritten file is read again
+    if key not in _KEYFRAMES:
+        entries, tb = stream.index_entries, float(stream.time_base)
+        full = len(entries) >= (stream.frames or 1 << 62)
+        _KEYFRAMES[key] = [i if full else round((e.timestamp - start) * tb * fps)
+                           for i, e in enumerate(entries) if e.is_keyframe]
+    return _KEYFRAMES[key]
+
+
 def _decode_file(path, indices, short_side):
-    """Seek to the keyframe at or before indices[0], decode forward, convert only the wanted frames."""
-    wanted, got = set(indices), {}
+    """Decode only what the wanted frames need: keep decoding forward to the next wanted frame unless a keyframe lies
+    between, then seek to that keyframe (decord seeks for every frame, the old loader decoded the whole span)."""
+    wanted, got = sorted(set(indices)), {}
+    need = set(wanted)
     with av.open(path) as container:
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"  # frame + slice threads: decode is the cost, so use the cores
-        worker = torch.utils.data.get_worker_info()
-        if worker is not None:  # DataLoader workers already run in parallel: share the cores out
-            stream.codec_context.thread_count = max(1, (os.cpu_count() or 1) // worker.num_workers)
+        stream.thread_type, stream.codec_context.thread_count = "AUTO", decoder_threads()
         fps = float(stream.average_rate or stream.guessed_rate)
         tb, start = float(stream.time_base), stream.start_time or 0
         height, width = _resized_size(stream.codec_context.height, stream.codec_context.width, short_side)
-        first, last = min(wanted), max(wanted)
-        for target in (start + int(round(first / fps / tb)), start):  # second pass only if the seek overshot
-            container.seek(target, stream=stream, backward=True)
-            overshot = False
-            for frame in container.decode(stream):
+        keys = _keyframes(path, stream, fps, start)
+
+        def seek(frame_index):  # by presentation time: mp4's index holds decode times, which land a GOP early
+            container.seek(start + int(round(frame_index / fps / tb)), stream=stream, backward=True)
+            return container.decode(stream)
+        frames, position, fresh = None, -1, False
+        for f in wanted:
+            k = bisect.bisect_right(keys, f) - 1  # the last keyframe at or before f
+            if frames is None or (k >= 0 and keys[k] > position):
+                frames, fresh = seek(keys[k] if k >= 0 else f), True
+            while position < f:
+                frame = next(frames, None)
+                if frame is None:  # the end: frames past a mis-counted end repeat the last one decoded
+                    break
                 if frame.pts is None:
                     continue
                 index = int(round((frame.pts - start) * tb * fps))
-                if not got and index > first and target != start:
-                    overshot = True
-                    break
-                if index in wanted:  # decode-time resize: the full-size RGB frame never exists
-                    got[index] = frame.to_ndarray(format="rgb24", width=width, height=height)
-                if index >= last:
-                    break
-            if not overshot:
-                break
+                if fresh and index > f:  # the seek overshot (no index, odd timestamps): one keyframe back
+                    k -= 1
+                    frames, fresh, position = seek(keys[k] if k >= 0 else 0), k >= 0, -1
+                    continue
+                fresh, position = False, index
+                DECODED["frames"] += 1
+                if index in need and index not in got:
+                    got[index] = frame.to_ndarray(format="rgb24", width=width, height=height)  # decode-time resize
     if not got:
-        raise Unreadable(f"{path}: no frames decoded at {first}..{last} (corrupt, or shorter than probed)")
+        raise Unreadable(f"{path}: no frames decoded at {wanted[0]}..{wanted[-1]} (corrupt, or shorter than probed)")
     frames, previous = [], got[min(got)]
-    for i in indices:  # frames past a mis-counted end repeat the last one decoded
+    for i in indices:
         previous = got.get(i, previous)
         frames.append(previous)
     return np.stack(frames)
@@ -707,6 +742,43 @@ def read_frames(path, indices, short_side=None) -> torch.Tensor:
             raise Unreadable(f"{path}: corrupt video ({e})") from None
     # numpy's single-threaded copy: torch's threaded one loses to thread contention on small clips
     return torch.from_numpy(np.ascontiguousarray(array.transpose(0, 3, 1, 2)))
+
+
+def _extract_part(path, out, first, stop, short_side, quality) -> int:
+    """Decode frames first..stop-1 (first is a keyframe) into out/<index>.jpg; -> frames written."""
+    written = 0
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        fps, tb, start = float(stream.average_rate or stream.guessed_rate), float(stream.time_base), stream.start_time or 0
+        h, w = stream.codec_context.height, stream.codec_context.width
+        height, width = _resized_size(h, w, min(short_side, h, w))  # never enlarged
+        container.seek(start + int(round(first / fps / tb)), stream=stream, backward=True)
+        for frame in container.decode(stream):
+            index = int(round((frame.pts - start) * tb * fps)) if frame.pts is not None else -1
+            if index >= stop:
+                break
+            if index >= first:
+                image = Image.fromarray(frame.to_ndarray(format="rgb24", width=width, height=height))
+                image.save(os.path.join(out, f"{index:06d}.jpg"), quality=quality)
+                written += 1
+    return written
+
+
+def extract(path, out, short_side=640, workers=None, quality=95) -> int:
+    """Decode a video once into a frame folder out/000000.jpg ... (what VideoClips reads), resized at decode time,
+    split at keyframes over `workers` processes; -> frames written."""
+    info = probe_video(path)
+    with av.open(info.path) as container:
+        stream = container.streams.video[0]
+        keys = _keyframes(info.path, stream, info.fps, stream.start_time or 0) or [0]
+    workers = workers or len(os.sched_getaffinity(0))
+    cuts = [keys[round(i * len(keys) / workers)] for i in range(workers)] + [1 << 62]
+    parts = sorted(set(zip(cuts[:-1], cuts[1:])))
+    os.makedirs(out, exist_ok=True)
+    with concurrent.futures.ProcessPoolExecutor(min(workers, len(parts))) as pool:
+        jobs = [pool.submit(_extract_part, info.path, out, a, b, short_side, quality) for a, b in parts if a < b]
+        return sum(job.result() for job in jobs)
 
 
 def find_videos(root) -> list[str]:
@@ -746,7 +818,7 @@ def video_frames_as_jpeg(path, step=1, short_side=VIDEO_FRAME_SHORT_SIDE) -> tup
     try:
         with av.open(path) as container:
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
+            stream.thread_type, stream.codec_context.thread_count = "AUTO", decoder_threads()
             for t, frame in enumerate(container.decode(stream)):
                 if t % step == 0:
                     buffer = io.BytesIO()
@@ -1551,6 +1623,11 @@ def get_args(argv=None):
     look.add_argument("--num-frames", type=int, default=8)
     look.add_argument("--stride", type=int, default=1)
     look.add_argument("--short-side", type=int, default=None)
+    ex = commands.add_parser("extract", help="decode a video once into a frame folder (in parallel, split at keyframes)")
+    ex.add_argument("video")
+    ex.add_argument("--out", required=True, help="frame folder to write (000000.jpg ...); VideoClips reads it")
+    ex.add_argument("--short-side", type=int, default=640, help="resize at decode time (never enlarged)")
+    ex.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
     return parser.parse_args(argv)
 
 
@@ -1559,6 +1636,12 @@ def main(args):
         started = time.time()
         synth_world(args.out, args.seed)
         print(f"wrote the synthetic world (seed {args.seed}) to {args.out} in {time.time() - started:.1f} s")
+    elif args.command == "extract":
+        if args.short_side < 1 or os.path.isdir(args.video):
+            raise DataError(f"{args.video}: extract needs a video file and --short-side >= 1")
+        started = time.time()
+        count = extract(args.video, args.out, args.short_side, args.workers)
+        print(f"wrote {count} frames of {args.video} to {args.out} in {time.time() - started:.1f} s")
     else:
         inspect(args.path, args.sheet, args.bench, args.num_frames, args.stride, args.short_side)
 

@@ -117,6 +117,55 @@ def test_clips_from_mp4_and_decode_time_resize(tmp_path):
     assert data.find_videos(tmp_path) == [str(tmp_path / "v.mp4")]
 
 
+def gliding_blob_frames(num_frames, height=48, width=64):
+    """uint8 (T,H,W,3): a soft blob gliding 0.4 px a frame (no scene cuts, so x264 keeps the GOP it is given)."""
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([np.stack([np.exp(-((x - 8 - 0.4 * t) ** 2 + (y - 24) ** 2) / 60) * 200 + 30, y * 4.0,
+                               np.full_like(x, 128.0)], -1) for t in range(num_frames)]).astype(np.uint8)
+
+
+def test_a_clip_decodes_only_the_frames_it_needs(tmp_path):
+    frames = gliding_blob_frames(120)
+    data.write_video(tmp_path / "g40.mp4", frames, gop=40)
+    data.write_video(tmp_path / "g1000.mp4", frames, gop=1000)
+    with av.open(str(tmp_path / "g40.mp4")) as container:
+        assert [i for i, f in enumerate(container.decode(video=0)) if f.key_frame] == [0, 40, 80]
+        container.seek(0)
+        everything = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+    def decoded(name, indices):
+        before = data.DECODED["frames"]
+        clip = data.read_frames(tmp_path / name, indices)
+        if name == "g40.mp4":  # the right frames, bit-exact
+            assert np.array_equal(clip.permute(0, 2, 3, 1).numpy(), np.stack([everything[i] for i in indices]))
+        return data.DECODED["frames"] - before
+    assert decoded("g40.mp4", [0, 40, 80]) == 3  # frames decoded == frames asked: a seek to each keyframe
+    assert decoded("g40.mp4", [5, 45, 85]) == 3 * 6  # keyframe .. frame, three times (the old loader: 86)
+    assert decoded("g40.mp4", [10, 70, 110]) == 11 + 31 + 31  # from 40 to 70 no keyframe between: decode on
+    assert decoded("g40.mp4", list(range(50, 58))) == 18  # consecutive frames: one seek, as before
+    assert decoded("g1000.mp4", [10, 70, 110]) == 111  # one GOP: decoding on beats seeking back to frame 0
+
+
+def test_extract_writes_a_frame_folder_that_reads_like_the_video(tmp_path):
+    data.write_video(tmp_path / "v.mp4", gliding_blob_frames(90), gop=20)
+    data.main(data.get_args(["extract", str(tmp_path / "v.mp4"), "--out", str(tmp_path / "f"), "--short-side", "24",
+                             "--workers", "3"]))
+    assert sorted(os.listdir(tmp_path / "f")) == [f"{i:06d}.jpg" for i in range(90)]
+    assert data.dataset_kind(tmp_path / "f") == "frame folder" and data.probe_video(tmp_path / "f").num_frames == 90
+    from_folder = data.VideoClips(tmp_path / "f", num_frames=3, stride=30)[5].float()
+    from_video = data.read_frames(tmp_path / "v.mp4", [5, 35, 65], short_side=24).float()
+    assert from_folder.shape == from_video.shape == (3, 3, 24, 32)
+    assert (from_folder - from_video).abs().mean() < 3  # JPEG quality 95
+
+
+def test_decoder_threads_are_shared_by_the_ranks_of_a_node(monkeypatch):
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert data.decoder_threads() == 2
+    monkeypatch.setattr(data.torch.utils.data, "get_worker_info", lambda: type("W", (), {"num_workers": 4}))
+    assert data.decoder_threads() == 1
+
+
 # ------------------------------------------------------------------------------------- images
 def test_every_image_mode_comes_out_rgb_uint8(tmp_path):
     grey = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
