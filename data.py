@@ -15,7 +15,8 @@ Sections:
   synthetic world SyntheticWorld (in memory), synth_world / ensure_synth (writes the layouts),
                   demo_eval_root (where a --demo evaluates: the world, or a folder laid out like it)
   pictures        labelled_grid: every picture of the repo, with a title strip and row/column names
-  inspect         dataset_kind, what the loaders see at a path (printed, and a contact sheet), --bench
+  inspect         dataset_kind, what the loaders see at a path (printed, and a contact sheet), --bench;
+                  bench_train: a method's --bench N (loader and step rates, memory, MFU, one JSON line)
   command line    python data.py synth --out runs/synth [--seed 0]
                   python data.py inspect PATH [--bench] [--sheet sheet.png]
                   python data.py extract VIDEO --out DIR [--short-side 640] [--workers N]
@@ -1577,6 +1578,52 @@ def bench(path, num_frames=8, stride=1, short_side=None, max_clips=64, rounds=3)
                   plain_clips_per_s=len(order) / best["plain"], ratio=best["plain"] / best["loader"])
     result["loader_frames_per_s"] = result["loader_clips_per_s"] * num_frames
     result["plain_frames_per_s"] = result["plain_clips_per_s"] * num_frames
+    return result
+
+
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12, "A10": 125e12}
+
+
+def bench_train(loader, step, steps, device, images_per_item=1) -> dict:
+    """A method's --bench N: the loader's items/s in one process on one core (N batches; a DataLoader runs without
+    workers, one decoder thread), step(batch)'s time on the device alone (N steps on one batch, after one counted
+    by torch.utils.flop_counter), images/s, peak memory, on CUDA the MFU against the device's dense bf16 peak.
+    Prints them and one JSON line; ratio = loader rate x workers / step rate (below 1: input-bound)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    workers, threads = max(1, getattr(loader, "num_workers", 1)), torch.get_num_threads()
+    if isinstance(loader, torch.utils.data.DataLoader):
+        loader = torch.utils.data.DataLoader(loader.dataset, loader.batch_size, sampler=loader.sampler,
+                                             collate_fn=loader.collate_fn, drop_last=True)
+    torch.set_num_threads(1)
+    os.environ["LOCAL_WORLD_SIZE"] = str(os.cpu_count())  # one decoder thread: the rate of one core
+    batches, started = iter(loader), time.perf_counter()
+    batch = next(batches)
+    items = getattr(loader, "batch_size", None) or len(batch)
+    loaded = 1 + sum(1 for _, _ in zip(range(steps - 1), batches))
+    loader_rate = loaded * items / (time.perf_counter() - started)
+    torch.set_num_threads(threads)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with FlopCounterMode(display=False) as counter:
+        step(batch)  # also the warm-up
+    sync()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step(batch)
+    sync()
+    step_s = (time.perf_counter() - started) / steps
+    peak = PEAK_BF16.get(next((k for k in PEAK_BF16 if k in torch.cuda.get_device_name(device)), ""), 0) \
+        if device.type == "cuda" else 0
+    memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
+        __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss * 1024
+    result = dict(loader_items_per_s_per_worker=loader_rate, workers=workers, step_s=step_s,
+                  images_per_s=items * images_per_item / step_s, peak_memory_gib=memory / 2 ** 30,
+                  flops_per_step=counter.get_total_flops(), mfu=counter.get_total_flops() / step_s / peak if peak else None)
+    result["ratio"] = loader_rate * workers / (items / step_s)
+    print(f"loader {loader_rate:.2f} items/s per worker ({items} a batch, x{images_per_item} images); step "
+          f"{step_s * 1e3:.0f} ms on {device} ({result['images_per_s']:.1f} images/s), peak memory "
+          f"{result['peak_memory_gib']:.2f} GiB, {result['flops_per_step'] / 1e12:.2f} TFLOP/step"
+          + (f", MFU {result['mfu']:.1%}" if peak else "") + f"; loader x {workers} workers / step = {result['ratio']:.2f}")
+    print(json.dumps(result))
     return result
 
 

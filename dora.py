@@ -112,6 +112,7 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pth")
     p.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a checkpoint")
     p.add_argument("--stop-after", type=int, default=0, help="leave after this many epochs of this run (job limits); 0: never")
+    p.add_argument("--bench", type=int, default=0, help="time N loader batches and N steps, print a JSON line, train nothing")
     p.add_argument("--log-every", type=int, default=10, help="steps between JSON log lines")
     args = p.parse_args(argv)
     if args.demo:  # tiny ViT, 64-px crops of the synthetic world's videos: ~5 min on 2 CPU cores
@@ -597,10 +598,11 @@ def train_step(m, crops, it, epoch, args, autocast):
         student_masked = rearrange(out[:masked.shape[0] * B * Tn], "(k b t) o -> k b t o", b=B, t=Tn)
         student_local = rearrange(out[masked.shape[0] * B * Tn:], "(l b t) o -> l b t o", b=B, t=Tn)
         loss, loss_masked, loss_local, entropy = m["loss"](student_masked, student_local, teacher_out, epoch)
-    if not math.isfinite(loss.item()):
-        raise FloatingPointError(f"loss is {loss.item()} at step {it}; try --amp none or a lower --lr")
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    stats = torch.stack([loss, loss_masked, loss_local, entropy]).tolist()  # the step's one host sync, after backward
+    if not math.isfinite(stats[0]):
+        raise FloatingPointError(f"loss is {stats[0]} at step {it}; try --amp none or a lower --lr")
     if args.clip_grad:
         scaler.unscale_(optimizer)
         for p in student.parameters():  # DINO clips each parameter's gradient on its own
@@ -612,12 +614,12 @@ def train_step(m, crops, it, epoch, args, autocast):
                 p.grad = None
     scaler.step(optimizer)
     scaler.update()
-    with torch.no_grad():  # EMA teacher
-        mom = sched["momentum"][it]
-        for ps, pt in zip(student.parameters(), teacher.parameters()):
-            pt.mul_(mom).add_(ps.detach(), alpha=1 - mom)
-    return {"loss": loss.item(), "loss_masked": loss_masked.item(), "loss_local": loss_local.item(),
-            "teacher_entropy": entropy.item(),
+    with torch.no_grad():  # EMA teacher, over the tensors that train, in a few fused kernels
+        mom = float(sched["momentum"][it])
+        pairs = [(pt, ps) for ps, pt in zip(student.parameters(), teacher.parameters()) if ps.requires_grad]
+        torch._foreach_mul_([pt for pt, _ in pairs], mom)
+        torch._foreach_add_([pt for pt, _ in pairs], [ps for _, ps in pairs], alpha=1 - mom)
+    return {**dict(zip(("loss", "loss_masked", "loss_local", "teacher_entropy"), stats)),
             "lr": float(sched["lr"][it]), "wd": float(sched["wd"][it]), "momentum": float(mom)}
 
 
@@ -643,6 +645,9 @@ def train(args):
                          "lower --batch-size-per-gpu, --step-between-clips or --frames-per-clip")
     m = build_models(args, d.device, d.world_size > 1)
     m["schedules"] = make_schedules(args, steps_per_epoch, d.world_size)
+    if args.bench:  # loader and step rates (data.bench_train)
+        step = lambda crops: train_step(m, [c.to(d.device, non_blocking=True) for c in crops], 0, 0, args, autocast)  # noqa: E731
+        return data.bench_train(loader, step, args.bench, d.device, args.frames_per_clip)
     start_epoch = ckpt["epoch"] if ckpt is not None else 0  # --resume
     if ckpt is not None:
         m["student"].load_state_dict(ckpt["model"])
@@ -690,6 +695,8 @@ def eval_clip_transform(size):
 
 
 def main(args):
+    if args.bench:
+        return train(args)
     m, dataset = train(args)
     if int(os.environ.get("RANK", 0)) != 0:
         return

@@ -30,7 +30,6 @@ import math
 import os
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -463,9 +462,8 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.T
 def foreground_mask(attn: torch.Tensor, mass: float = 0.6, sigma: float = 0.6, min_size: int = 3):
     """attn (B, h, w) head-averaged [CLS] attention -> bool (B, h, w): blur (7x7 Gaussian), keep the
     most-attended tokens that together hold `mass` of the blurred attention, then drop connected
-    components (8-neighbourhood) smaller than `min_size` tokens."""
-    from scipy import ndimage
-
+    components (8-neighbourhood) smaller than `min_size` (<= 3) tokens, by neighbour counts on the device
+    (no host sync): a token is in a component of 3 or more if it has 2 neighbours, or 1 neighbour that has 2."""
     B, h, w = attn.shape
     a = TF.gaussian_blur(attn.float()[:, None], kernel_size=[7, 7], sigma=[sigma, sigma]).flatten(1)
     a = a / a.sum(dim=1, keepdim=True)
@@ -473,14 +471,11 @@ def foreground_mask(attn: torch.Tensor, mass: float = 0.6, sigma: float = 0.6, m
     before = values.cumsum(dim=1) - values  # mass of the tokens ranked above this one
     keep_sorted = before < mass  # smallest top set whose mass reaches `mass`
     keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted).reshape(B, h, w)
-    if min_size > 1:
-        out = keep.cpu().numpy()
-        for m in out:
-            labels, n = ndimage.label(m, structure=np.ones((3, 3)))
-            sizes = np.bincount(labels.ravel(), minlength=n + 1)
-            m[(sizes < min_size)[labels] & (labels > 0)] = False
-        keep = torch.from_numpy(out).to(attn.device)
-    return keep
+    if min_size > 3:
+        raise ValueError(f"foreground_mask: min_size {min_size} > 3 (official: 3)")
+    count = lambda x: F.conv2d(x[:, None], x.new_ones(1, 1, 3, 3), padding=1)[:, 0] - x  # noqa: E731  8-neighbours
+    n = count(keep.float()) * keep
+    return keep & [keep, keep, n >= 1, (n >= 2) | ((n == 1) & (count(n) >= 2))][max(min_size, 0)]
 
 
 def foreground_bins(fg: torch.Tensor, boxes: torch.Tensor, patch_size: int, out_size: int = 7):
@@ -504,7 +499,7 @@ class LeopartLoss(nn.Module):
         self.args = args
         n = args.queue_length // world_size if args.queue_length > 0 else 0
         self.register_buffer("queue", torch.zeros(args.global_crops_number, n, args.proj_dim))
-        self.target_entropy = float("nan")
+        self.target_entropy, self.full = float("nan"), [False] * args.global_crops_number
 
     def forward(self, student_scores, teacher_embs, teacher_scores, teacher_attns, boxes, prototypes):
         """student_scores: per crop (B, K, h, w); teacher_*: per global crop (B, h*w, E), (B, K, h, w),
@@ -513,39 +508,41 @@ class LeopartLoss(nn.Module):
         p = a.patch_size
         distributed = dist.is_available() and dist.is_initialized()
         world = dist.get_world_size() if distributed else 1
+        fgs = [None] * G
+        if a.loss_mask != "all":
+            fgs = [foreground_mask(teacher_attns[g], a.fg_mass, a.blur_sigma) for g in range(G)]
+            fgs = [~fg for fg in fgs] if a.loss_mask == "bg" else fgs
+        pairs = [(g, v) for g in range(G) for v in range(C) if v != g]
+        r = a.roi_align_size
+        weights = [foreground_bins(fgs[g], boxes["in_global"][:, g, v], p, r) if fgs[g] is not None else
+                   teacher_scores[g].new_ones(len(teacher_scores[g]), r, r, dtype=torch.float32) for g, v in pairs]
+        counts = torch.stack([weight.sum() for weight in weights]).detach()
+        if distributed:  # normalise by the global counts (one all-reduce): DDP then equals one big batch
+            dist.all_reduce(counts)
+        if self.queue.shape[1] > 0 and not all(self.full):  # one host sync a step, only until the queues are full
+            self.full = (self.queue[:, -1] != 0).any(dim=1).tolist()
         loss, entropy = 0.0, 0.0
         for g in range(G):
             B, K, h, w = teacher_scores[g].shape
-            fg = None
-            if a.loss_mask != "all":
-                fg = foreground_mask(teacher_attns[g], a.fg_mass, a.blur_sigma)
-                fg = ~fg if a.loss_mask == "bg" else fg
             with torch.no_grad():
                 scores = rearrange(teacher_scores[g].float(), "b k h w -> (b h w) k")
                 if self.queue.shape[1] > 0:
-                    if bool((self.queue[g, -1] != 0).any()):  # use the queue once it is full
+                    if self.full[g]:  # use the queue once it is full
                         scores = torch.cat([self.queue[g] @ prototypes.float().t(), scores])
-                    self.push(g, teacher_embs[g], fg)
+                    self.push(g, teacher_embs[g], fgs[g])
                 q = sinkhorn(scores, a.epsilon, a.sinkhorn_iters)[-B * h * w:]
                 q = rearrange(q, "(b h w) k -> b k h w", b=B, h=h, w=w)
             sub, sub_entropy = 0.0, 0.0
-            for v in range(C):
-                if v == g:
+            for (g_, v), weight, count in zip(pairs, weights, counts):
+                if g_ != g:
                     continue
-                target = align(q, boxes["in_global"][:, g, v], p, a.roi_align_size)
-                logits = align(student_scores[v].float(), boxes["in_crop"][:, g, v], p, a.roi_align_size)
+                target = align(q, boxes["in_global"][:, g, v], p, r)
+                logits = align(student_scores[v].float(), boxes["in_crop"][:, g, v], p, r)
                 ce = -(target * F.log_softmax(logits / a.temperature, dim=1)).sum(1)  # (B, 7, 7)
-                if fg is not None:
-                    weight = foreground_bins(fg, boxes["in_global"][:, g, v], p, a.roi_align_size)
-                else:
-                    weight = torch.ones_like(ce)
-                count = weight.sum().detach()
-                if distributed:  # normalise by the global count: DDP then equals one big batch
-                    dist.all_reduce(count)
-                if count > 0:
-                    sub = sub + (ce * weight).sum() / count * world
-                    bin_entropy = -(target * target.clamp_min(1e-12).log()).sum(1)  # CE = this + KL, per bin
-                    sub_entropy = sub_entropy + ((bin_entropy * weight).sum() / count * world).detach()
+                bin_entropy = -(target * target.clamp_min(1e-12).log()).sum(1)  # CE = this + KL, per bin
+                has = count > 0  # no foreground bin: no term (official `if count > 0`, without the host sync)
+                sub = sub + torch.where(has, (ce * weight).sum() / count.clamp_min(1) * world, 0.0)
+                sub_entropy = sub_entropy + torch.where(has, (bin_entropy * weight).sum() / count.clamp_min(1) * world, 0.0)
             loss = loss + sub / (C - 1)
             entropy = entropy + sub_entropy / (C - 1)
         self.target_entropy = entropy / G
@@ -553,15 +550,15 @@ class LeopartLoss(nn.Module):
 
     @torch.no_grad()
     def push(self, g, emb, fg):
-        """Add up to 10 random (foreground) teacher embeddings per image to the front of queue g."""
+        """Add up to 10 random (foreground) teacher embeddings per image to the front of queue g; the count of
+        foreground tokens stays on the device (no host sync): a gather shifts the queue by it."""
         emb = emb.reshape(-1, emb.shape[-1]).float()
-        if fg is not None:
-            emb = emb[fg.flatten()]
-        n = min(self.args.batch_size_per_gpu * 10, self.queue.shape[1], len(emb))
-        if n == 0:
-            return
-        pick = emb[torch.randperm(len(emb), device=emb.device)[:n]]
-        self.queue[g] = torch.cat([pick, self.queue[g, :-n]])
+        size, most = self.queue.shape[1], min(self.args.batch_size_per_gpu * 10, self.queue.shape[1], len(emb))
+        rank = torch.rand(len(emb), device=emb.device) - (0 if fg is None else 2.0 * ~fg.flatten())  # fg first
+        pick = emb[rank.argsort(descending=True)[:most]]  # a random order of the foreground tokens
+        n = torch.clamp(fg.sum(), max=most) if fg is not None else torch.tensor(most, device=emb.device)
+        rows = torch.arange(size, device=emb.device)
+        self.queue[g] = torch.where((rows < n)[:, None], pick[rows.clamp(max=most - 1)], self.queue[g, (rows - n).clamp(min=0)])
 
 
 # ---------------------------------------------------------------------------------------
@@ -676,9 +673,10 @@ def train_step(student, teacher, criterion, optimizer, scaler, autocast, crops, 
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
-    with torch.no_grad():  # EMA teacher (momentum cosine 0.9995 -> 1)
-        for ps, pt in zip(raw.parameters(), teacher.parameters()):
-            pt.mul_(momentum).add_(ps.detach(), alpha=1 - momentum)
+    with torch.no_grad():  # EMA teacher (momentum cosine 0.9995 -> 1), fused over the tensors that train
+        pairs = [(pt, ps.detach()) for ps, pt in zip(raw.parameters(), teacher.parameters()) if ps.requires_grad]
+        torch._foreach_mul_([pt for pt, _ in pairs], momentum)
+        torch._foreach_add_([pt for pt, _ in pairs], [ps for _, ps in pairs], alpha=1 - momentum)
     return loss.item()
 
 

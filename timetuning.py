@@ -529,8 +529,9 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float, paper_em
     EMA teacher <- m·teacher + (1-m)·student. Prototypes re-normalised after (both)."""
     # the paper's prose describes an EMA; the official code swaps m and 1 - m
     keep, take = (momentum, 1 - momentum) if paper_ema else (1 - momentum, momentum)
-    for t, s in zip(teacher.parameters(), student.parameters()):
-        t.mul_(keep).add_(s.detach(), alpha=take)
+    pairs = [(t, s.detach()) for t, s in zip(teacher.parameters(), student.parameters()) if s.requires_grad]
+    torch._foreach_mul_([t for t, _ in pairs], keep)  # frozen blocks are equal in both: nothing to move
+    torch._foreach_add_([t for t, _ in pairs], [s for _, s in pairs], alpha=take)
     teacher.head.normalize_prototypes()
 
 

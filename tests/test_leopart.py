@@ -324,3 +324,16 @@ def test_interrupt_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
     assert torch.equal(a["queue"], b["queue"])
+
+
+def test_fg_mask_drops_small_components_on_the_device_as_scipy_does():
+    from scipy import ndimage
+    torch.manual_seed(0)
+    attn = torch.rand(64, 14, 14) ** 6  # peaky maps: many small components at mass 0.6
+    kept = L.foreground_mask(attn, 0.6, 0.6, min_size=1).numpy()
+    expected = kept.copy()
+    for m in expected:  # the official post-processing: 8-connected components of <= 2 tokens dropped
+        labels, n = ndimage.label(m, structure=np.ones((3, 3)))
+        m[(np.bincount(labels.ravel(), minlength=n + 1) < 3)[labels] & (labels > 0)] = False
+    assert (kept != expected).sum() > 20  # the case matters
+    assert np.array_equal(L.foreground_mask(attn, 0.6, 0.6).numpy(), expected)
