@@ -112,7 +112,7 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pth")
     p.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a checkpoint")
     p.add_argument("--stop-after", type=int, default=0, help="leave after this many epochs of this run (job limits); 0: never")
-    p.add_argument("--bench", type=int, default=0, help="time N loader batches and N steps, print a JSON line, train nothing")
+    p.add_argument("--bench", type=int, default=0, help="time the loader and N steps (JSON line)")
     p.add_argument("--log-every", type=int, default=10, help="steps between JSON log lines")
     args = p.parse_args(argv)
     if args.demo:  # tiny ViT, 64-px crops of the synthetic world's videos: ~5 min on 2 CPU cores
@@ -497,11 +497,11 @@ class DoRALoss(nn.Module):
                                              np.full(args.epochs - warm, args.teacher_temp)])
 
     @staticmethod
-    def object_weights(k, frames):
+    def object_weights(k, frames, device=None):
         """Official DINOLoss: its per-frame sum is never reset between objects, so object j's running
         sum R_j = R_{j-1} / T + (frame mean of object j), loss = mean_j R_j: object i weighs
         (1 + 1/T + ... + 1/T^(k-1-i)) / k (k = 3, T = 8: 0.380, 0.375, 0.333; sum 1.089)."""
-        return torch.tensor([sum(frames ** -m for m in range(k - i)) / k for i in range(k)])
+        return ((float(frames) ** -torch.arange(k, dtype=torch.float64, device=device)).cumsum(0).flip(0) / k).float()
 
     def forward(self, student_masked, student_local, teacher_out, epoch):
         """student_masked (k, B, T, O), student_local (L, B, T, O), teacher_out (B, T, O) -> scalar
@@ -516,7 +516,7 @@ class DoRALoss(nn.Module):
         if self.paper_loss:
             loss = per_object.mean()
         else:  # paper: a plain mean over objects and frames
-            loss = (self.object_weights(masked.shape[0], teacher_out.shape[1]).to(per_object) * per_object).sum()
+            loss = (self.object_weights(masked.shape[0], teacher_out.shape[1], per_object.device).to(per_object) * per_object).sum()
         # DINO's collapse diagnostic (its Fig. 7): ln(out_dim) = a uniform teacher, 0 = one-hot
         entropy = -(target * target.clamp_min(1e-30).log()).sum(-1).mean()
         self.update_center(teacher_out)
@@ -525,7 +525,7 @@ class DoRALoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_out):  # EMA of the teacher's mean output, over all frames of all ranks
         batch_sum = teacher_out.float().flatten(0, 1).sum(0, keepdim=True)
-        count = torch.tensor(teacher_out.shape[0] * teacher_out.shape[1], dtype=torch.float32, device=batch_sum.device)
+        count = batch_sum.new_full((), teacher_out.shape[0] * teacher_out.shape[1])  # a fill, not a host copy (sync)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(batch_sum)
             dist.all_reduce(count)
@@ -646,8 +646,8 @@ def train(args):
     m = build_models(args, d.device, d.world_size > 1)
     m["schedules"] = make_schedules(args, steps_per_epoch, d.world_size)
     if args.bench:  # loader and step rates (data.bench_train)
-        step = lambda crops: train_step(m, [c.to(d.device, non_blocking=True) for c in crops], 0, 0, args, autocast)  # noqa: E731
-        return data.bench_train(loader, step, args.bench, d.device, args.frames_per_clip)
+        return data.bench_train(loader, lambda crops: train_step(m, [c.to(d.device, non_blocking=True) for c in crops],
+                                                                 0, 0, args, autocast), args.bench, d.device, args.frames_per_clip)
     start_epoch = ckpt["epoch"] if ckpt is not None else 0  # --resume
     if ckpt is not None:
         m["student"].load_state_dict(ckpt["model"])

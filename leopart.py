@@ -94,6 +94,7 @@ def get_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--bench", type=int, default=0, help="time the loader and N steps (JSON line)")
     p.add_argument("--demo", action="store_true", help="vit_demo, small crops, short schedule, synthetic world")
     args = p.parse_args(argv)
     args.synth_root = None
@@ -505,15 +506,12 @@ class LeopartLoss(nn.Module):
         """student_scores: per crop (B, K, h, w); teacher_*: per global crop (B, h*w, E), (B, K, h, w),
         (B, h, w) or None; boxes: dict of (B, G, C, 4); prototypes: (K, E) for the queue."""
         a, G, C = self.args, self.args.global_crops_number, len(student_scores)
-        p = a.patch_size
+        p, r = a.patch_size, a.roi_align_size
         distributed = dist.is_available() and dist.is_initialized()
         world = dist.get_world_size() if distributed else 1
-        fgs = [None] * G
-        if a.loss_mask != "all":
-            fgs = [foreground_mask(teacher_attns[g], a.fg_mass, a.blur_sigma) for g in range(G)]
-            fgs = [~fg for fg in fgs] if a.loss_mask == "bg" else fgs
+        fgs = [None if m is None else foreground_mask(m, a.fg_mass, a.blur_sigma) for m in teacher_attns or [None] * G]
+        fgs = [~fg if a.loss_mask == "bg" else fg for fg in fgs]
         pairs = [(g, v) for g in range(G) for v in range(C) if v != g]
-        r = a.roi_align_size
         weights = [foreground_bins(fgs[g], boxes["in_global"][:, g, v], p, r) if fgs[g] is not None else
                    teacher_scores[g].new_ones(len(teacher_scores[g]), r, r, dtype=torch.float32) for g, v in pairs]
         counts = torch.stack([weight.sum() for weight in weights]).detach()
@@ -540,9 +538,9 @@ class LeopartLoss(nn.Module):
                 logits = align(student_scores[v].float(), boxes["in_crop"][:, g, v], p, r)
                 ce = -(target * F.log_softmax(logits / a.temperature, dim=1)).sum(1)  # (B, 7, 7)
                 bin_entropy = -(target * target.clamp_min(1e-12).log()).sum(1)  # CE = this + KL, per bin
-                has = count > 0  # no foreground bin: no term (official `if count > 0`, without the host sync)
-                sub = sub + torch.where(has, (ce * weight).sum() / count.clamp_min(1) * world, 0.0)
-                sub_entropy = sub_entropy + torch.where(has, (bin_entropy * weight).sum() / count.clamp_min(1) * world, 0.0)
+                has, per_bin = count > 0, world / count.clamp_min(1)  # official `if count > 0`, without a host sync
+                sub = sub + torch.where(has, (ce * weight).sum() * per_bin, 0.0)
+                sub_entropy = sub_entropy + torch.where(has, (bin_entropy * weight).sum() * per_bin, 0.0)
             loss = loss + sub / (C - 1)
             entropy = entropy + sub_entropy / (C - 1)
         self.target_entropy = entropy / G
@@ -550,15 +548,15 @@ class LeopartLoss(nn.Module):
 
     @torch.no_grad()
     def push(self, g, emb, fg):
-        """Add up to 10 random (foreground) teacher embeddings per image to the front of queue g; the count of
-        foreground tokens stays on the device (no host sync): a gather shifts the queue by it."""
+        """Add up to 10 random (foreground) teacher embeddings per image to the front of queue g (no host sync)."""
         emb = emb.reshape(-1, emb.shape[-1]).float()
-        size, most = self.queue.shape[1], min(self.args.batch_size_per_gpu * 10, self.queue.shape[1], len(emb))
+        most = min(self.args.batch_size_per_gpu * 10, self.queue.shape[1], len(emb))
         rank = torch.rand(len(emb), device=emb.device) - (0 if fg is None else 2.0 * ~fg.flatten())  # fg first
         pick = emb[rank.argsort(descending=True)[:most]]  # a random order of the foreground tokens
-        n = torch.clamp(fg.sum(), max=most) if fg is not None else torch.tensor(most, device=emb.device)
-        rows = torch.arange(size, device=emb.device)
-        self.queue[g] = torch.where((rows < n)[:, None], pick[rows.clamp(max=most - 1)], self.queue[g, (rows - n).clamp(min=0)])
+        n = fg.sum().clamp(max=most) if fg is not None else most  # stays on the device: a gather shifts the queue
+        rows = torch.arange(self.queue.shape[1], device=emb.device)
+        old = self.queue[g, (rows - n).clamp(min=0)]
+        self.queue[g] = torch.where((rows < n)[:, None], pick[rows.clamp(max=most - 1)], old)
 
 
 # ---------------------------------------------------------------------------------------
@@ -620,6 +618,9 @@ def train(args):
         start_epoch, step = ckpt["epoch"], ckpt["step"]
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[d.device] if d.device.type == "cuda" else None) \
         if d.world_size > 1 else model
+    if args.bench:  # loader and step rates (data.bench_train)
+        return data.bench_train(loader, lambda b: train_step(ddp, teacher, criterion, optimizer, scaler, autocast, *b,
+                                                             float(momentum_sched[0]), d.device), args.bench, d.device)
 
     for epoch in range(start_epoch, args.epochs):
         data.seed_everything(args.seed + epoch, d.rank)  # a resumed run replays the same randomness
@@ -726,7 +727,7 @@ def init_teacher(args, device="cpu", world_size=1):
 
 
 def main(args):
-    if int(os.environ.get("RANK", 0)) != 0:  # other ranks only train
+    if int(os.environ.get("RANK", 0)) != 0 or args.bench:  # other ranks (and --bench) only train
         train(args)
         return
     data.check_output_dir(args.output_dir, args.resume, args.overwrite, METHOD)  # refuse before any work

@@ -78,6 +78,7 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pth")
     p.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a checkpoint")
     p.add_argument("--log-every", type=int, default=20, help="steps between JSON log lines")
+    p.add_argument("--bench", type=int, default=0, help="time the loader and N steps (JSON line)")
     args = p.parse_args(argv)
     if args.demo:  # a small conv net on 64-px crops of the synthetic objects, the official CIFAR
         # config's λ = 10 and crop scale 0.2-1; a conv net because a random-init ViT's [CLS] barely
@@ -506,6 +507,16 @@ def train(args):
     updates = [u for u in updates if u >= step]  # on resume: those before `step` are done
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[d.device] if d.device.type == "cuda" else None) \
         if d.world_size > 1 else model
+    if args.bench:  # loader and step rates (data.bench_train)
+        def bench_step(batch):
+            with autocast:
+                logits = ddp(batch[0].to(d.device, non_blocking=True))
+                loss = torch.stack([F.cross_entropy(z.float(), labels[h, batch[2].to(d.device)]) for h, z in enumerate(logits)]).mean()
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        return data.bench_train(loader, bench_step, args.bench, d.device)
 
     for epoch in range(start_epoch, args.epochs + 1):  # epochs + 1 passes, as official main.py's loop
         data.seed_everything(args.seed + epoch, d.rank)  # per epoch: a resumed run replays the same randomness
@@ -600,6 +611,8 @@ def save_cluster_grid(model, root, size, path, clusters=8, per_cluster=8):
 
 
 def main(args):
+    if args.bench:
+        return train(args)
     model, _, _ = train(args)
     if int(os.environ.get("RANK", 0)) != 0:
         return

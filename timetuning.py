@@ -107,6 +107,7 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pth")
     p.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a checkpoint")
     p.add_argument("--log-every", type=int, default=10, help="steps between JSON log lines")
+    p.add_argument("--bench", type=int, default=0, help="time the loader and N steps (JSON line)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluation after training")
     args = p.parse_args(argv)
     if args.demo:  # vit_demo on 64-px clips of the synthetic walking tours: minutes on 2 CPU cores
@@ -448,7 +449,7 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 10) -> torch.
     top = all_reduce(scores.max().reshape(1), dist.ReduceOp.MAX)  # the same shift on every rank
     Q = torch.exp((scores - top) / eps).t()  # (K, M)
     K = Q.shape[0]
-    M = all_reduce(torch.tensor([float(Q.shape[1])], dtype=Q.dtype, device=Q.device))
+    M = all_reduce(Q.new_full((1,), Q.shape[1]))  # a fill on the device, not a host copy (which syncs)
     Q /= all_reduce(Q.sum().reshape(1))
     for _ in range(iters):
         Q /= all_reduce(Q.sum(dim=1, keepdim=True)) * K  # every prototype: mass 1/K
@@ -589,6 +590,15 @@ def train(args):
         start_epoch, step = ckpt["epoch"], ckpt["step"]
     ddp = nn.parallel.DistributedDataParallel(student, device_ids=[d.device] if d.device.type == "cuda" else None) \
         if d.world_size > 1 else student
+    if args.bench:  # loader and step rates (data.bench_train)
+        def bench_step(batch):
+            loss = timet_step(ddp, teacher, batch.to(d.device, non_blocking=True), args, autocast)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            ema_update(teacher, student, float(momentum_schedule[0]), args.paper_ema)
+        return data.bench_train(loader, bench_step, args.bench, d.device, args.num_frames)
 
     for epoch in range(start_epoch, args.epochs):
         data.seed_everything(args.seed + epoch, d.rank)  # a resumed run replays the same randomness
@@ -676,6 +686,8 @@ def evaluate_backbone(backbone, args, device, tag: str):
 
 
 def main(args):
+    if args.bench:
+        return train(args)
     init = None
     data.check_output_dir(args.output_dir, args.resume, args.overwrite, METHOD)  # refuse before any work
     if args.eval_data and not args.no_eval and int(os.environ.get("RANK", 0)) == 0:
