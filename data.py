@@ -11,6 +11,7 @@ Sections:
   videos          probe_video, read_frames (PyAV: decodes only what the frames need, seeking at keyframes;
                   decode-time resize; decoder threads shared by a node's ranks and workers), extract (a video
                   to a frame folder), find_videos, VideoClips (one item per clip start; DDP/worker safe), ImagesOrFrames
+  augmentation    batched on the training device: color_jitter, random_grayscale, gaussian_blur
   LM files        ByteTokenizer, BPETokenizer (GPT-2's byte-level BPE), read_safetensors, read_hf_folder
   synthetic world SyntheticWorld (in memory), synth_world / ensure_synth (writes the layouts),
                   demo_eval_root (where a --demo evaluates: the world, or a folder laid out like it)
@@ -751,8 +752,8 @@ def _extract_part(path, out, first, stop, short_side, quality) -> int:
     with av.open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        fps, tb, start = float(stream.average_rate or stream.guessed_rate), float(stream.time_base), stream.start_time or 0
-        h, w = stream.codec_context.height, stream.codec_context.width
+        fps, tb, start = float(stream.average_rate or stream.guessed_rate), float(stream.time_base), stream.start_time
+        h, w, start = stream.codec_context.height, stream.codec_context.width, start or 0
         height, width = _resized_size(h, w, min(short_side, h, w))  # never enlarged
         container.seek(start + int(round(first / fps / tb)), stream=stream, backward=True)
         for frame in container.decode(stream):
@@ -910,6 +911,50 @@ def write_video(path, frames, fps=24, crf=18, gop=12) -> None:
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
         container.mux(stream.encode())
+
+
+# =============================================================================== augmentation
+# Batched on the training device: x (B, 3, H, W) float in [0, 1], each image with its own draw, the same
+# distributions as torchvision's per-image ColorJitter, RandomGrayscale and GaussianBlur (tests pin them).
+def _gray(x):  # (B, 1, H, W): ITU-R 601-2 luma, as torchvision
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def color_jitter(x, brightness, contrast, saturation, hue, p=1.0):
+    """ColorJitter with probability p per image: factors uniform in [1-f, 1+f] (hue [-h, h]) applied in a random
+    order per image. -> (B, 3, H, W)"""
+    from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
+    B, dev = len(x), x.device
+    u = lambda f, *shape: torch.empty(B, *shape, device=dev).uniform_(max(0, 1 - f), 1 + f)  # noqa: E731
+    factors = [u(brightness, 1, 1, 1), u(contrast, 1, 1, 1), u(saturation, 1, 1, 1), u(hue, 1, 1) - 1]  # hue: [-h, h]
+    order, apply = torch.rand(B, 4, device=dev).argsort(1), torch.rand(B, device=dev) < p
+    for k in range(4):  # each op at each place, kept where the image's order puts it there
+        for op, f in enumerate(factors):
+            if op == 3:
+                h, s, v = _rgb_to_hsv(x).unbind(1)
+                y = _hsv_to_rgb(torch.stack(((h + f) % 1.0, s, v), 1))
+            else:  # brightness, contrast, saturation: a blend with black, the mean gray, the gray image
+                y = (x * f + [0, _gray(x).mean((1, 2, 3), True), _gray(x)][op] * (1 - f)).clamp(0, 1)
+            x = torch.where(((order[:, k] == op) & apply).view(B, 1, 1, 1), y, x)
+    return x
+
+
+def random_grayscale(x, p):
+    return torch.where((torch.rand(len(x), device=x.device) < p).view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+
+
+def gaussian_blur(x, sigma, kernel_size, p=1.0, max_kernel=None):
+    """Blur image b with probability p by sigma[b] (B,) and its own odd kernel_size[b] (B,) ints (or one int),
+    reflect-padded as torchvision: kernels zero-padded to max_kernel (fixed, so no host sync). -> (B, 3, H, W)"""
+    (B, C, H, W), R = x.shape, (max_kernel or int(kernel_size)) // 2
+    sizes = torch.as_tensor(kernel_size, device=x.device).expand(B)
+    taps = torch.arange(-R, R + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (taps / sigma.view(B, 1).to(x)) ** 2) * (taps.abs() <= (sizes.view(B, 1) - 1) / 2)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B*C, 2R+1)
+    y = torch.nn.functional.pad(x.reshape(1, B * C, H, W), (R, R, R, R), mode="reflect")
+    y = torch.nn.functional.conv2d(y, kernel.view(B * C, 1, -1, 1), groups=B * C)
+    y = torch.nn.functional.conv2d(y, kernel.view(B * C, 1, 1, -1), groups=B * C).view(B, C, H, W)
+    return torch.where((torch.rand(B, device=x.device) < p).view(B, 1, 1, 1), y, x)
 
 
 # ============================================================================ language-model files

@@ -382,8 +382,8 @@ class MultiCropWrapper(nn.Module):
 class ClipAugmentation:
     """uint8 (T, 3, H, W) -> [global clip (T, 3, S, S), local clip 1 (T, 3, S/2, S/2), ...]."""
 
-    def __init__(self, args):
-        self.a = args
+    def __init__(self, args, on_device=False):
+        self.a, self.on_device = args, on_device  # on_device: the loader leaves colour, gray, blur to finish()
         self.jitter = T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8)
         self.gray = T.RandomGrayscale(p=0.2)
 
@@ -393,15 +393,31 @@ class ClipAugmentation:
         return TF.resized_crop(x, i, j, h, w, [size, size], interpolation=interpolation, antialias=antialias).clamp(0, 1)
 
     def photometric(self, frame, blur_p):  # (3, H, W) in [0, 1] -> normalised
+        if self.on_device:
+            return frame
         frame = self.gray(self.jitter(frame))
         if torch.rand(()) < blur_p:  # official utils.GaussianBlur: PIL's radius (= σ) 0.1-2 px at any crop size
             sigma = float(torch.empty(()).uniform_(0.1, 2.0))
             frame = TF.gaussian_blur(frame, 2 * math.ceil(3 * sigma) + 1, sigma)
         return TF.normalize(frame, MEAN, STD)
 
+    def finish(self, crops, device):  # on the device: photometric() batched, the same draws per frame
+        crops = [c.to(device, non_blocking=True) for c in crops]
+        if not self.on_device:
+            return crops
+        out = []
+        for c, blur_p in zip(crops, [0.1] + [0.5] * (len(crops) - 1)):
+            x = data.random_grayscale(data.color_jitter(c.flatten(0, 1), 0.4, 0.4, 0.2, 0.1, p=0.8), 0.2)
+            sigma = torch.empty(len(x), device=device).uniform_(0.1, 2.0)  # kernel 2 ceil(3 sigma) + 1: 13 at most
+            x = data.gaussian_blur(x, sigma, 2 * torch.ceil(3 * sigma).long() + 1, blur_p, max_kernel=13)
+            out.append(TF.normalize(x, MEAN, STD).view_as(c))
+        return out
+
     def __call__(self, frames):
         a = self.a
-        clip = self.crop(frames.float() / 255, a.precrop_size, a.precrop_scale)
+        i, j, h, w = T.RandomResizedCrop.get_params(frames, a.precrop_scale, (3 / 4, 4 / 3))  # uint8 crop, then float
+        clip = TF.resized_crop(frames[..., i:i + h, j:j + w].float() / 255, 0, 0, h, w, [a.precrop_size] * 2,
+                               interpolation=T.InterpolationMode.BILINEAR, antialias=False).clamp(0, 1)
         glob = self.crop(clip, a.image_size, a.global_crops_scale)
         if torch.rand(()) < 0.5:
             glob = glob.flip(-1)
@@ -635,7 +651,7 @@ def train(args):
     videos = [v for path in args.data for v in data.find_videos(path)]
     dataset = data.VideoClips(videos, num_frames=args.frames_per_clip, stride=args.step_between_clips,
                               step_between_clips=args.clip_start_every, short_side=args.short_side,
-                              transform=ClipAugmentation(args))
+                              transform=ClipAugmentation(args, on_device=d.device.type == "cuda"))
     sampler = torch.utils.data.DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=args.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_per_gpu, sampler=sampler, drop_last=True,
                                          num_workers=args.num_workers, pin_memory=d.device.type == "cuda")
@@ -646,8 +662,8 @@ def train(args):
     m = build_models(args, d.device, d.world_size > 1)
     m["schedules"] = make_schedules(args, steps_per_epoch, d.world_size)
     if args.bench:  # loader and step rates (data.bench_train)
-        return data.bench_train(loader, lambda crops: train_step(m, [c.to(d.device, non_blocking=True) for c in crops],
-                                                                 0, 0, args, autocast), args.bench, d.device, args.frames_per_clip)
+        return data.bench_train(loader, lambda crops: train_step(m, dataset.transform.finish(crops, d.device), 0, 0,
+                                                                 args, autocast), args.bench, d.device, args.frames_per_clip)
     start_epoch = ckpt["epoch"] if ckpt is not None else 0  # --resume
     if ckpt is not None:
         m["student"].load_state_dict(ckpt["model"])
@@ -667,7 +683,7 @@ def train(args):
         t0 = time.time()
         for i, crops in enumerate(bar):
             it = epoch * steps_per_epoch + i
-            stats = train_step(m, [c.to(d.device, non_blocking=True) for c in crops], it, epoch, args, autocast)
+            stats = train_step(m, dataset.transform.finish(crops, d.device), it, epoch, args, autocast)
             frames_s = (i + 1) * args.batch_size_per_gpu * args.frames_per_clip * d.world_size / (time.time() - t0)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", img_s=f"{frames_s:.0f}")
             if it % args.log_every == 0:

@@ -507,3 +507,28 @@ def test_schedule_logger_amp_and_seeding(tmp_path):
     assert torch.equal(first, torch.rand(3))  # seed + rank
     dist = data.init_distributed()
     assert dist.world_size == 1 and dist.is_main
+
+
+# ------------------------------------------------------------------------------- augmentation
+def test_batched_blur_is_torchvisions_per_image_blur():
+    import torchvision.transforms.v2.functional as TF
+    x = torch.rand(5, 3, 20, 20)
+    sigma = torch.tensor([0.1, 0.5, 1.0, 1.5, 2.0])
+    sizes = 2 * torch.ceil(3 * sigma).long() + 1  # DoRA's kernel sizes: 3, 5, 7, 11, 13
+    out = data.gaussian_blur(x, sigma, sizes, max_kernel=13)
+    for b in range(5):
+        assert torch.allclose(out[b], TF.gaussian_blur(x[b], [int(sizes[b])] * 2, [float(sigma[b])] * 2), atol=1e-6)
+
+
+def test_batched_colour_ops_draw_torchvisions_distributions():
+    torch.manual_seed(0)
+    x = torch.rand(2000, 3, 4, 4) * 0.5 + 0.25
+    factor = (data.color_jitter(x, 0.4, 0, 0, 0) / x).mean((1, 2, 3))  # brightness alone: uniform [0.6, 1.4]
+    assert factor.min() > 0.6 - 1e-4 and factor.max() < 1.4 + 1e-4 and abs(factor.mean() - 1) < 0.02
+    assert abs(factor.std() - 0.8 / 12 ** 0.5) < 0.01
+    moved = (data.color_jitter(x, 0.4, 0.4, 0.2, 0.1, p=0.8) - x).abs().amax((1, 2, 3)) > 1e-6
+    assert abs(moved.float().mean() - 0.8) < 0.03
+    gray = data.random_grayscale(x, 0.2)
+    is_gray = (gray.std(1).amax((1, 2)) < 1e-6).float()
+    assert abs(is_gray.mean() - 0.2) < 0.03
+    assert torch.allclose(gray[is_gray.bool()][:, 0], (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[is_gray.bool()])

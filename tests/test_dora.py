@@ -376,3 +376,17 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     assert torch.equal(a["center"], b["center"])
     backbone = dora.build_backbone(a["args"])  # what evaluate.py does with a checkpoint
     backbone.load_state_dict({k[9:]: v for k, v in a["teacher"].items() if k.startswith("backbone.")}, strict=True)
+
+
+def test_device_photometric_draws_what_the_cpu_path_draws():
+    args = dora.get_args(["--data", "x"])
+    torch.manual_seed(0)
+    images = torch.nn.functional.interpolate(torch.rand(400, 3, 3, 3), size=(12, 12), mode="bilinear")
+    cpu = torch.stack([dora.ClipAugmentation(args).photometric(x, 0.5) for x in images])
+    device = dora.ClipAugmentation(args, on_device=True).finish([images[None, :1], images[None]], torch.device("cpu"))[1][0]
+    for x in (cpu, device):
+        assert x.shape == (400, 3, 12, 12)
+    stats = [(x.std(1).amax((1, 2)) < 1e-4, x[:, :, 1:] - x[:, :, :-1]) for x in (cpu, device)]
+    assert abs(stats[0][0].float().mean() - stats[1][0].float().mean()) < 0.07  # grayscale p 0.2 (+ jitter's)
+    assert abs(cpu.mean() - device.mean()) < 0.06 and abs(cpu.std() - device.std()) < 0.06
+    assert abs(stats[0][1].abs().mean() / stats[1][1].abs().mean() - 1) < 0.1  # blur p 0.5, sigma 0.1-2
