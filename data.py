@@ -89,6 +89,31 @@ def init_distributed() -> Dist:
     return Dist(rank, world_size, local_rank, device, rank == 0)
 
 
+def broadcast_module(module: torch.nn.Module) -> torch.nn.Module:
+    """Every parameter and buffer of `module` set to rank 0's, in place (a no-op without a process group):
+    what DDP does for the student at construction, for the modules DDP does not wrap (teachers)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for tensor in module.state_dict().values():
+            torch.distributed.broadcast(tensor, 0)
+    return module
+
+
+def finish_distributed() -> None:
+    """The end of train(): every rank waits for the others, then the process group is closed, so that
+    rank 0's evaluation afterwards keeps no other rank waiting in a collective."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def resume_step(ckpt: dict | None, steps_per_epoch: int) -> tuple[int, int]:
+    """(epoch, step) a run starts from: (0, 0), or after the checkpoint's epochs. Checkpoints are saved at
+    epoch ends, so the step is recounted with this run's steps per epoch: a run saved on W processes
+    continues on any other number, with the per-step schedules of the new world size."""
+    epoch = ckpt["epoch"] if ckpt is not None else 0
+    return epoch, epoch * steps_per_epoch
+
+
 def resolve_amp(amp: str | None, device) -> str:
     """None picks the best: bf16 on CUDA that supports it, fp16 on older CUDA, none on CPU."""
     device = torch.device(device)
@@ -257,7 +282,7 @@ def check_output_dir(path, resume=False, overwrite=False, method=None) -> dict |
     return ckpt
 
 
-def prepare_output_dir(path, resume=False, overwrite=False, is_main=True, method=None):
+def prepare_output_dir(path, resume=False, overwrite=False, is_main=True, method=None, world_size=1):
     """check_output_dir, then make it and check it can be written (main process only); -> (JsonlLogger of
     log.jsonl, checkpoint path, the checkpoint to continue from or None). A checkpoint there needs --resume
     or --overwrite (a relaunch that forgot --resume would replace it); --overwrite starts log.jsonl afresh,
@@ -273,7 +298,10 @@ def prepare_output_dir(path, resume=False, overwrite=False, is_main=True, method
             raise DataError(f"--output-dir {path}: cannot be written ({e.strerror}); pick another --output-dir") from None
         if ckpt is not None:
             _drop_replayed(log_path, ckpt["epoch"])
-            print(f"resumed from {ckpt_path} at epoch {ckpt['epoch']}")
+            saved = ckpt.get("world_size", "?")  # checkpoints before the world size was saved say "?"
+            print(f"resumed from {ckpt_path} at epoch {ckpt['epoch']} (saved by {saved} process(es), now {world_size})")
+            JsonlLogger(log_path).log({"resumed_at_epoch": ckpt["epoch"], "saved_world_size": saved,
+                                       "world_size": world_size})
     return JsonlLogger(log_path, is_main), ckpt_path, ckpt
 
 
@@ -319,6 +347,9 @@ def cli(main, get_args, argv=None) -> None:
         if isinstance(e.code, str) and not e.code.startswith("error:"):
             fail(e.code.splitlines()[0])
         raise
+    finally:  # a run that failed before train()'s end leaves its group open
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 class _UsageError(Exception):

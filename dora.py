@@ -625,8 +625,9 @@ def train(args):
     d = data.init_distributed()
     args.amp = data.resolve_amp(args.amp, d.device)
     autocast = data.autocast(d.device, args.amp)
-    data.seed_everything(args.seed, d.rank)
-    log, ckpt_path, ckpt = data.prepare_output_dir(args.output_dir, args.resume, args.overwrite, d.is_main, METHOD)
+    data.seed_everything(args.seed)  # not per rank: the same student and teacher everywhere (per rank: each epoch)
+    log, ckpt_path, ckpt = data.prepare_output_dir(args.output_dir, args.resume, args.overwrite, d.is_main, METHOD,
+                                                   d.world_size)
     if args.pretrained:  # refuse a wrong file before the videos are probed
         data.read_pretrained(args.pretrained)
 
@@ -642,9 +643,10 @@ def train(args):
         raise SystemExit(f"{args.data}: {len(dataset)} clips is fewer than one batch of {args.batch_size_per_gpu} per GPU; "
                          "lower --batch-size-per-gpu, --step-between-clips or --frames-per-clip")
     m = build_models(args, d.device, d.world_size > 1)
+    data.broadcast_module(m["teacher"])  # DDP makes the students equal; the teachers must start equal too
     m["schedules"] = make_schedules(args, steps_per_epoch, d.world_size)
-    start_epoch = ckpt["epoch"] if ckpt is not None else 0  # --resume
-    if ckpt is not None:
+    start_epoch, _ = data.resume_step(ckpt, steps_per_epoch)
+    if ckpt is not None:  # --resume
         m["student"].load_state_dict(ckpt["model"])
         m["teacher"].load_state_dict(ckpt["teacher"])
         m["optimizer"].load_state_dict(ckpt["optimizer"])
@@ -671,12 +673,11 @@ def train(args):
             data.save_checkpoint({"method": METHOD, "args": vars(args), "epoch": epoch + 1, "step": it + 1,
                                   "model": m["student"].state_dict(), "teacher": m["teacher"].state_dict(),
                                   "optimizer": m["optimizer"].state_dict(), "scaler": m["scaler"].state_dict(),
-                                  "center": m["loss"].center.cpu()}, ckpt_path)
+                                  "center": m["loss"].center.cpu(), "world_size": d.world_size}, ckpt_path)
             print(f"epoch {epoch}: loss {stats['loss']:.3f}, {frames_s:.0f} frames/s, saved {ckpt_path}")
         if args.stop_after and epoch + 1 - start_epoch >= args.stop_after:
             break
-    if d.world_size > 1:
-        dist.barrier()
+    data.finish_distributed()
     return m, dataset
 
 

@@ -473,16 +473,16 @@ def faiss_kmeans(x, k, niter=100, nredo=5, seed=1, spherical=False, copies=None,
     copies (N,): row i stands for that many equal rows (a token's pixels). x (N, D) -> (labels, centroids)."""
     x = x.float()
     g = torch.Generator().manual_seed(seed)
-    copies = torch.ones(len(x), dtype=torch.long) if copies is None else copies.long()
+    copies = torch.ones(len(x), dtype=torch.long, device="cpu") if copies is None else copies.long().cpu()
     total, cap = int(copies.sum()), k * max_points_per_centroid
-    rows = torch.arange(total) if total <= cap else torch.randperm(total, generator=g)[:cap]
-    train = x[torch.searchsorted(copies.cumsum(0), rows, right=True)]
+    rows = torch.arange(total) if total <= cap else torch.randperm(total, generator=g)[:cap]  # g draws on the CPU
+    train = x[torch.searchsorted(copies.cumsum(0), rows, right=True).to(x.device)]
     n = len(train)
     if n < k:
         raise ValueError(f"faiss_kmeans: {n} rows for {k} clusters")
     best = None
     for _ in range(nredo):
-        centroids = train[torch.randperm(n, generator=g)[:k]].clone()
+        centroids = train[torch.randperm(n, generator=g)[:k].to(x.device)].clone()
         centroids = F.normalize(centroids, dim=1) if spherical else centroids
         previous = None
         for _ in range(niter):
@@ -498,7 +498,7 @@ def faiss_kmeans(x, k, niter=100, nredo=5, seed=1, spherical=False, copies=None,
                 cj = 0
                 while torch.rand((), generator=g).item() >= (sizes[cj] - 1) / (n - k):
                     cj = (cj + 1) % k
-                sign = torch.tensor([1.0, -1.0]).repeat(x.shape[1] // 2 + 1)[:x.shape[1]] / 1024
+                sign = torch.tensor([1.0, -1.0], device=x.device).repeat(x.shape[1] // 2 + 1)[:x.shape[1]] / 1024
                 centroids[ci] = centroids[cj] * (1 + sign)
                 centroids[cj] = centroids[cj] * (1 - sign)
                 sizes[ci] = sizes[cj] / 2

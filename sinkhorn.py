@@ -471,8 +471,9 @@ def train(args):
     d = data.init_distributed()
     args.amp = data.resolve_amp(args.amp, d.device)
     autocast = data.autocast(d.device, args.amp)
-    data.seed_everything(args.seed, d.rank)
-    log, ckpt_path, ckpt = data.prepare_output_dir(args.output_dir, args.resume, args.overwrite, d.is_main, METHOD)
+    data.seed_everything(args.seed)  # not per rank: the same initial network everywhere (per rank: each epoch)
+    log, ckpt_path, ckpt = data.prepare_output_dir(args.output_dir, args.resume, args.overwrite, d.is_main, METHOD,
+                                                   d.world_size)
 
     dataset = Indexed(make_dataset(args.data, train_transform(args.image_size, args.crop_scale)))
     if args.num_clusters is None:  # demo: K = 3 x the classes when the folder has them (paper: 3000 for 1000)
@@ -492,13 +493,13 @@ def train(args):
     scaler = data.make_scaler(args.amp, d.device)
     updates = label_update_steps(args.num_label_updates, args.epochs, len(dataset),
                                  args.batch_size_per_gpu * d.world_size, steps_per_epoch)
-    labels, start_epoch, step = None, 0, 0
-
+    labels = None
+    start_epoch, step = data.resume_step(ckpt, steps_per_epoch)
     if ckpt is not None:  # --resume
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        labels, start_epoch, step = ckpt["labels"].to(d.device), ckpt["epoch"], ckpt["step"]
+        labels = ckpt["labels"].to(d.device)
     if labels is None:  # start from a random balanced labelling (as the official code)
         g = torch.Generator().manual_seed(args.seed)
         labels = torch.stack([torch.arange(len(dataset))[torch.randperm(len(dataset), generator=g)] % args.num_clusters
@@ -536,10 +537,10 @@ def train(args):
         if d.is_main:
             data.save_checkpoint({"method": METHOD, "args": vars(args), "epoch": epoch + 1, "step": step,
                                   "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                  "scaler": scaler.state_dict(), "labels": labels.cpu()}, ckpt_path)
+                                  "scaler": scaler.state_dict(), "labels": labels.cpu(), "world_size": d.world_size},
+                                 ckpt_path)
             print(f"epoch {epoch}: loss {loss.item():.3f}, {ips:.0f} img/s, saved {ckpt_path}")
-    if d.world_size > 1:
-        dist.barrier()
+    data.finish_distributed()
     return model, labels, dataset
 
 

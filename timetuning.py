@@ -551,14 +551,15 @@ def train(args):
     args.amp = data.resolve_amp(args.amp, d.device)
     autocast = data.autocast(d.device, args.amp)
     data.seed_everything(args.seed, 0)  # the same initial weights on every rank (teacher included)
-    log, ckpt_path, ckpt = data.prepare_output_dir(args.output_dir, args.resume, args.overwrite, d.is_main, METHOD)
+    log, ckpt_path, ckpt = data.prepare_output_dir(args.output_dir, args.resume, args.overwrite, d.is_main, METHOD,
+                                                   d.world_size)
 
     student = build_model(args)
     if args.pretrained:
         load_pretrained(student.backbone, args.pretrained)
     freeze_backbone(student.backbone, args.train_blocks)
     student.to(d.device)
-    teacher = copy.deepcopy(student).requires_grad_(False)
+    teacher = data.broadcast_module(copy.deepcopy(student).requires_grad_(False))
 
     videos = data.VideoClips(args.data, num_frames=1, step_between_clips=2 ** 62,  # one item per video
                              short_side=None,  # official: noise at source resolution, then Resize(224)
@@ -579,13 +580,12 @@ def train(args):
     wd_schedule = data.cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, steps_per_epoch)
     momentum_schedule = data.cosine_schedule(args.momentum_teacher, 1.0, args.epochs, steps_per_epoch)
 
-    start_epoch, step = 0, 0
+    start_epoch, step = data.resume_step(ckpt, steps_per_epoch)
     if ckpt is not None:  # --resume
         student.load_state_dict(ckpt["model"])
         teacher.load_state_dict(ckpt["teacher"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step = ckpt["epoch"], ckpt["step"]
     ddp = nn.parallel.DistributedDataParallel(student, device_ids=[d.device] if d.device.type == "cuda" else None) \
         if d.world_size > 1 else student
 
@@ -616,10 +616,10 @@ def train(args):
         if d.is_main:
             data.save_checkpoint({"method": METHOD, "args": vars(args), "epoch": epoch + 1, "step": step,
                                   "model": student.state_dict(), "teacher": teacher.state_dict(),
-                                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}, ckpt_path)
+                                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                                  "world_size": d.world_size}, ckpt_path)
             print(f"epoch {epoch}: loss {loss.item():.3f}, {clips_s:.1f} clips/s, saved {ckpt_path}")
-    if d.world_size > 1:
-        dist.barrier()
+    data.finish_distributed()
     return student, teacher, d
 
 
@@ -675,18 +675,17 @@ def evaluate_backbone(backbone, args, device, tag: str):
 
 
 def main(args):
-    init = None
     data.check_output_dir(args.output_dir, args.resume, args.overwrite, METHOD)  # refuse before any work
-    if args.eval_data and not args.no_eval and int(os.environ.get("RANK", 0)) == 0:
-        data.seed_everything(args.seed, 0)  # the same initialisation train() starts from
-        model = build_model(args)
-        if args.pretrained:
-            load_pretrained(model.backbone, args.pretrained)
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
-        init = evaluate_backbone(model.backbone.to(device), args, device, "_init")
     student, teacher, d = train(args)
-    if init is None or not d.is_main:
+    if not args.eval_data or args.no_eval or not d.is_main:
         return
+    # the initial weights are evaluated after training, when the other ranks have left the process group:
+    # an evaluation before it (hours at full scale) would keep them waiting past the group's timeout
+    data.seed_everything(args.seed, 0)  # the same initialisation train() starts from
+    model = build_model(args)
+    if args.pretrained:
+        load_pretrained(model.backbone, args.pretrained)
+    init = evaluate_backbone(model.backbone.to(d.device), args, d.device, "_init")
     after = evaluate_backbone(teacher.backbone, args, d.device, "")
     start = f"--pretrained {args.pretrained}" if args.pretrained else "random init (scratch)"
     print(f"\n{'benchmark':<34s}{'init':>10s}{'timet':>10s}   (init = {start}; trained on {args.data}, "

@@ -30,3 +30,63 @@ def run_demo(method, tmp_path, *argv):
                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def _rank_tensors(obj, prefix="") -> dict:
+    """Every tensor a train() returns, by a path name: modules' state dicts, tensors, lists of ints (members)."""
+    import torch
+    if isinstance(obj, torch.nn.Module):
+        return {f"{prefix}{k}": v.detach().cpu() for k, v in obj.state_dict().items()}
+    if isinstance(obj, torch.Tensor):
+        return {prefix.rstrip("."): obj.detach().cpu()}
+    if isinstance(obj, dict):
+        return {k: v for key, item in obj.items() for k, v in _rank_tensors(item, f"{prefix}{key}.").items()}
+    if isinstance(obj, (list, tuple)) and obj and all(isinstance(i, int) for i in obj):
+        return {prefix.rstrip("."): torch.tensor(obj)}
+    if isinstance(obj, (list, tuple)):
+        return {k: v for i, item in enumerate(obj) for k, v in _rank_tensors(item, f"{prefix}{i}.").items()}
+    return {}
+
+
+def _train_rank(rank, world, port, jobs, out):
+    """One torchrun-like process: the environment torchrun sets, then <method>.train(get_args(argv)) for each
+    (method, argv) of jobs in turn (one process for all: importing torch costs seconds)."""
+    import importlib
+    import torch
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    for n, (method, argv) in enumerate(jobs):
+        os.environ["MASTER_PORT"] = str(port + n)
+        module = importlib.import_module(method)
+        result = module.train(module.get_args(argv))
+        assert not torch.distributed.is_initialized(), f"{method}.train() left its process group open"
+        torch.save(_rank_tensors(result), os.path.join(out, f"{method}_rank{rank}.pt"))
+
+
+def train_on_ranks(jobs, world, out) -> dict:
+    """Each (method, argv) of jobs trained on `world` gloo processes, as torchrun would start them
+    -> {method: [each rank's tensors]}."""
+    import socket
+    import torch
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.makedirs(out, exist_ok=True)
+    torch.multiprocessing.spawn(_train_rank, args=(world, port, list(jobs), str(out)), nprocs=world)
+    return {m: [torch.load(os.path.join(out, f"{m}_rank{r}.pt"), weights_only=True) for r in range(world)]
+            for m, _ in jobs}
+
+def assert_ranks_equal(ranks) -> None:
+    """Every rank holds exactly rank 0's tensors (students, teachers, centres, prototypes, labels, clusters)."""
+    import torch
+    for r, tensors in enumerate(ranks[1:], 1):
+        assert tensors.keys() == ranks[0].keys()
+        for k, v in tensors.items():
+            assert torch.equal(v, ranks[0][k]), f"rank {r} differs from rank 0 at {k}"
+
+
+def resume_records(log_path) -> list:
+    """The (saved_world_size, world_size) of each resume that log.jsonl records."""
+    records = [json.loads(line) for line in open(log_path)]
+    return [(r["saved_world_size"], r["world_size"]) for r in records if "resumed_at_epoch" in r]

@@ -164,3 +164,35 @@ def test_unsupervised_segmentation_recovers_classes_from_part_tokens():
     assert (maps == masks[16:]).float().mean() > 0.7
     _, noisy = run(5.0)  # tokens that say nothing
     assert noisy["cbfe_fg_iou"] < 60 and noisy["cd_miou"] < scores["cd_miou"] - 40, noisy
+
+
+def test_faiss_kmeans_splits_empty_clusters_with_tensors_on_the_features_device():
+    """Duplicate rows leave clusters empty, and faiss's split_clusters branch runs; every tensor it makes
+    names the features' device (a CPU-made sign vector met CUDA centroids there)."""
+    import torch.overrides
+    made = []
+
+    class Factories(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.tensor, torch.zeros, torch.ones, torch.full) and "device" not in (kwargs or {}):
+                made.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    x = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]).repeat_interleave(8, 0)  # 3 distinct rows, 24 rows
+    splits = 0
+    real_rand = torch.rand
+
+    def counting_rand(*a, **k):  # the split draws through torch.rand(generator=g) only
+        nonlocal splits
+        splits += 1
+        return real_rand(*a, **k)
+
+    torch.rand = counting_rand
+    try:
+        with Factories():
+            labels, centroids = E.faiss_kmeans(x, 6, niter=5, nredo=2, seed=1)
+    finally:
+        torch.rand = real_rand
+    assert splits > 0 and made == []
+    assert labels.shape == (24,) and torch.isfinite(centroids).all()
+    assert all(len(set(labels[8 * i:8 * i + 8].tolist())) == 1 for i in range(3))  # equal rows, one cluster
