@@ -10,7 +10,7 @@ Sections:
   images          load_image / load_mask, ImageFolder, UnlabelledImages (also video frames), VOCSegmentation, DAVIS
   videos          probe_video, read_frames (PyAV, seeks near the clip, decode-time resize),
                   find_videos, VideoClips (one item per clip start; DDP/worker safe), ImagesOrFrames
-  LM files        ByteTokenizer, BPETokenizer (GPT-2's byte-level BPE), read_safetensors, read_hf_folder
+  LM files        ByteTokenizer, BPETokenizer (GPT-2's byte-level BPE, `tokenizers`), read_hf_folder
   synthetic world SyntheticWorld (in memory), synth_world / ensure_synth (writes the layouts),
                   demo_eval_root (where a --demo evaluates: the world, or a folder laid out like it)
   pictures        labelled_grid: every picture of the repo, with a title strip and row/column names
@@ -871,10 +871,10 @@ def write_video(path, frames, fps=24, crf=18, gop=12) -> None:
 
 
 # ============================================================================ language-model files
-# What secat.py's language side reads, without the transformers / tokenizers / safetensors
-# packages: a byte tokenizer for an LM trained from scratch; GPT-2's byte-level BPE for a
-# pretrained GPT-2-family LM (vocab.json + merges.txt, or tokenizer.json); and the weights and
-# config of a Hugging Face model folder (config.json, model.safetensors or pytorch_model.bin).
+# What secat.py's language side reads: a byte tokenizer for an LM trained from scratch; a pretrained
+# GPT-2-family LM's own byte-level BPE (vocab.json + merges.txt, or tokenizer.json) through the
+# `tokenizers` library; and the weights and config of a Hugging Face model folder (config.json,
+# model.safetensors through `safetensors`, or pytorch_model.bin).
 class ByteTokenizer:
     """Text <-> ids, one id per UTF-8 byte (0-255), <eos> 256, <pad> 257: only for an LM trained from
     scratch (a pretrained LM reads its own BPE ids), which can then spell any name ("Ærø", "狐")."""
@@ -887,135 +887,45 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> character table (encoder.py bytes_to_unicode): the printable
-    Latin-1 bytes stand for themselves, the other 68 bytes, in order, for U+0100 onwards."""
-    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    rest = [b for b in range(256) if b not in keep]
-    return {**{b: chr(b) for b in keep}, **{b: chr(256 + j) for j, b in enumerate(rest)}}
-
-
-# Unicode White_Space, which the reference's \s matches; stdlib \s adds \x1c-\x1f
-_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-
-
-@functools.lru_cache(maxsize=1)
-def gpt2_pattern():
-    """GPT-2's pre-tokenisation regex ('s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|
-    \\s+(?!\\S)|\\s+) for the stdlib `re`, which lacks \\p{..}: the letter (L*) and number (N*) classes
-    are listed from unicodedata's categories (0.5 s, once), so they differ from the reference only
-    where Python's Unicode version differs from the one the reference was built with."""
-    import unicodedata
-    ranges = {"L": [], "N": []}
-    for cp in range(0x110000):
-        kind = unicodedata.category(chr(cp))[0]
-        if kind in ranges:
-            r = ranges[kind]
-            if r and r[-1][1] == cp - 1:
-                r[-1][1] = cp
-            else:
-                r.append([cp, cp])
-    L, N = ("".join(re.escape(chr(a)) + (f"-{re.escape(chr(b))}" if b > a else "") for a, b in ranges[k]) for k in "LN")
-    return re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{_SPACE}{L}{N}]+|[{_SPACE}]+(?![^{_SPACE}])|[{_SPACE}]+")
-
-
 class BPETokenizer:
-    """GPT-2's byte-level BPE (encoder.py Encoder): cut the text with gpt2_pattern, write each piece's
-    UTF-8 bytes as _bytes_to_unicode characters, merge the adjacent pair of lowest merge rank (every
-    occurrence, left to right) until no pair is in the merges, look the pieces up in the vocabulary.
-    <|endoftext|> is <eos> and <pad>; decode drops special tokens."""
+    """A GPT-2-family LM's byte-level BPE through `tokenizers`: GPT-2's vocab.json + merges.txt, else a
+    tokenizer.json; the same ids as GPT-2's encoder.py. <|endoftext|> is <eos> and <pad>, and the same
+    token where the text spells it out; decode drops special tokens."""
 
-    def __init__(self, vocab: dict[str, int], merges: list, specials=("<|endoftext|>",)):
-        self.vocab, self.ranks = vocab, {tuple(m): r for r, m in enumerate(merges)}
-        self.special_ids = {vocab[s] for s in specials if s in vocab}
-        self.inverse = {i: t for t, i in vocab.items() if i not in self.special_ids}
-        present = [re.escape(t) for t in specials if t in vocab]
-        self.special_split = re.compile("(" + "|".join(present) + ")") if present else None
-        self.eos = self.pad = vocab.get("<|endoftext|>", max(vocab.values()))
-        self.vocab_size = max(vocab.values()) + 1
-        self.byte_char = _bytes_to_unicode()
-        self.char_byte = {c: b for b, c in self.byte_char.items()}
-        self.cache = {}
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.eos = self.pad = tokenizer.token_to_id("<|endoftext|>")
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
 
     @classmethod
     def from_folder(cls, folder) -> BPETokenizer:
-        """vocab.json + merges.txt (GPT-2's files), else tokenizer.json (a Hugging Face fast tokenizer)."""
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
         vocab, merges = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
-        if os.path.exists(vocab) and os.path.exists(merges):
-            with open(merges, encoding="utf-8") as f:
-                lines = [line.rstrip("\n") for line in f]
-            pairs = [line.split(" ") for line in lines if line and not line.startswith("#version")]
-            return cls(json.load(open(vocab, encoding="utf-8")), pairs)
         path = os.path.join(folder, "tokenizer.json")
-        if not os.path.exists(path):
+        if os.path.exists(vocab) and os.path.exists(merges):  # GPT-2's own files: its tokenizer, built
+            tok = Tokenizer(models.BPE.from_file(vocab, merges))
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            tok.decoder = decoders.ByteLevel()
+        elif os.path.exists(path):
+            try:
+                tok = Tokenizer.from_file(path)
+            except Exception as e:  # the library's own message names what it could not read
+                raise DataError(f"{path}: not a tokenizer file that `tokenizers` reads ({str(e)[:120]})") from None
+            if type(tok.model).__name__ != "BPE" or "ByteLevel" not in str(tok.pre_tokenizer):
+                raise DataError(f"{path}: not a byte-level BPE tokenizer (GPT-2 family); other tokenizers are not supported")
+        else:
             raise DataError(f"{folder}: no tokenizer files (vocab.json + merges.txt, or tokenizer.json); "
                             "a pretrained LM must read its own tokens, the byte tokenizer is only for an LM from scratch")
-        spec = json.load(open(path, encoding="utf-8"))
-        model, pre = spec.get("model", {}), json.dumps(spec.get("pre_tokenizer"))
-        if model.get("type") != "BPE" or "ByteLevel" not in pre:
-            raise DataError(f"{path}: not a byte-level BPE tokenizer (GPT-2 family); other tokenizers are not supported")
-        vocab = dict(model["vocab"], **{t["content"]: t["id"] for t in spec.get("added_tokens", [])})
-        merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
-        return cls(vocab, merges, [t["content"] for t in spec.get("added_tokens", []) if t.get("special")] + ["<|endoftext|>"])
-
-    def _bpe(self, word: str) -> list[str]:
-        if word in self.cache:
-            return self.cache[word]
-        parts = list(word)
-        while len(parts) > 1:
-            rank, first, second = min((self.ranks.get(p, math.inf), *p) for p in zip(parts, parts[1:]))
-            if rank == math.inf:
-                break
-            merged, i = [], 0
-            while i < len(parts):
-                if i + 1 < len(parts) and parts[i] == first and parts[i + 1] == second:
-                    merged.append(first + second)
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
-        self.cache[word] = parts
-        return parts
+        if tok.token_to_id("<|endoftext|>") is None:
+            raise DataError(f"{folder}: its vocabulary has no <|endoftext|> (GPT-2's end of text)")
+        tok.add_special_tokens([AddedToken("<|endoftext|>", special=True)])  # spelled out, it is that one token
+        return cls(tok)
 
     def encode(self, text: str) -> list[int]:
-        ids = []
-        for j, chunk in enumerate(self.special_split.split(text) if self.special_split else [text]):
-            if j % 2:  # a special token written out in the text is that token, as in the reference
-                ids.append(self.vocab[chunk])
-                continue
-            for piece in gpt2_pattern().findall(chunk):
-                for token in self._bpe("".join(self.byte_char[b] for b in piece.encode("utf-8"))):
-                    if token not in self.vocab:
-                        raise DataError(f"BPE piece {token!r} is not in the vocabulary (the 256 byte tokens must be)")
-                    ids.append(self.vocab[token])
-        return ids
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:  # special tokens dropped; a cut multi-byte character becomes U+FFFD
-        return bytes(self.char_byte[c] for i in ids if i in self.inverse for c in self.inverse[i]).decode(
-            "utf-8", errors="replace")
-
-
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-                      "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def read_safetensors(path) -> dict[str, torch.Tensor]:
-    """A .safetensors file: an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
-    data_offsets}}, then the raw tensor bytes (read once; the tensors are views of that buffer)."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        blob = bytearray(os.path.getsize(path) - 8 - n)
-        f.readinto(blob)
-    out = {}
-    for name, info in header.items():
-        if name != "__metadata__":
-            start, end = info["data_offsets"]
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            out[name] = torch.frombuffer(blob, dtype=dtype, count=(end - start) // dtype.itemsize, offset=start
-                                         ).reshape(info["shape"]) if end > start else torch.empty(info["shape"], dtype=dtype)
-    return out
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
 def read_hf_folder(folder, flag="") -> tuple[dict, dict]:
@@ -1029,9 +939,11 @@ def read_hf_folder(folder, flag="") -> tuple[dict, dict]:
     config = json.load(open(config)) if os.path.exists(config) else {}
     path = os.path.join(folder, "model.safetensors")
     if os.path.exists(path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
         try:
-            return read_safetensors(path), config
-        except (OSError, ValueError, KeyError) as e:  # an empty, truncated or foreign file
+            return load_file(path), config
+        except (OSError, ValueError, KeyError, SafetensorError) as e:  # an empty, truncated or foreign file
             raise CheckpointError(f"{where}: model.safetensors is not readable ({type(e).__name__}: {e})") from None
     if os.path.exists(os.path.join(folder, "pytorch_model.bin")):
         return load_checkpoint(os.path.join(folder, "pytorch_model.bin"), flag=flag), config
