@@ -77,9 +77,10 @@ def test_overwrite_starts_the_log_afresh_and_resume_drops_replayed_records(tmp_p
     log, path, state = data.prepare_output_dir(out, resume=True, method="dora")  # killed in epoch 2
     assert state["epoch"] == 2 and path == str(ckpt) and ckpt.read_bytes() == before
     kept = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert kept == [records[0], records[1], records[3]]  # epoch 2 is replayed and logged again
+    resumed = {"resumed_at_epoch": 2, "saved_world_size": "?", "world_size": 1}  # "?": saved before it was recorded
+    assert kept == [records[0], records[1], records[3], resumed]  # epoch 2 is replayed and logged again
     log.log({"epoch": 2, "step": 15})
-    assert len(open(out / "log.jsonl").readlines()) == 4
+    assert len(open(out / "log.jsonl").readlines()) == 5
     data.prepare_output_dir(out, overwrite=True)
     assert (out / "log.jsonl").read_text() == "" and ckpt.read_bytes() == before  # replaced at the next save
 
