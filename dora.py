@@ -33,7 +33,6 @@ import argparse
 import math
 import os
 import random
-import sys
 import time
 
 import numpy as np
@@ -56,6 +55,13 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Config: the official code's defaults, and the README command's values where it sets
 # them (the run behind the paper's numbers). --demo overrides a few of them in one place.
 # ----------------------------------------------------------------------------------------
+# --demo: a tiny ViT on 64-px crops of the synthetic world's videos, ~5 min on 2 CPU cores; flags given win
+DEMO = dict(arch="vit_demo", patch_size=8, out_dim=1024, norm_last_layer=1, image_size=64, precrop_size=86,
+            frames_per_clip=4, step_between_clips=4, clip_start_every=2, local_crops_number=2, epochs=8,
+            batch_size_per_gpu=8, lr=0.015, min_lr=1e-5, warmup_epochs=1, warmup_teacher_temp_epochs=0,
+            momentum_teacher=0.99, num_workers=2, log_every=5)
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser("DoRA: discover and track objects in one long video")
     p.add_argument("--data", nargs="+", default=None, help="video files (mp4 ...), frame folders, or folders of them")
@@ -113,16 +119,10 @@ def get_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a checkpoint")
     p.add_argument("--stop-after", type=int, default=0, help="leave after this many epochs of this run (job limits); 0: never")
     p.add_argument("--log-every", type=int, default=10, help="steps between JSON log lines")
+    if p.parse_known_args(argv)[0].demo:  # the demo's values as defaults: every flag given (abbreviated too) wins
+        p.set_defaults(**DEMO)
     args = p.parse_args(argv)
-    if args.demo:  # tiny ViT, 64-px crops of the synthetic world's videos: ~5 min on 2 CPU cores
-        given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
-        demo = dict(arch="vit_demo", patch_size=8, out_dim=1024, norm_last_layer=1, image_size=64, precrop_size=86,
-                    frames_per_clip=4, step_between_clips=4, clip_start_every=2, local_crops_number=2,
-                    epochs=8, batch_size_per_gpu=8, lr=0.015, min_lr=1e-5, warmup_epochs=1,
-                    warmup_teacher_temp_epochs=0, momentum_teacher=0.99, num_workers=2, log_every=5)
-        for k, v in demo.items():  # explicit flags win over the demo's settings
-            if "--" + k.replace("_", "-") not in given:
-                setattr(args, k, v)
+    if args.demo:
         args.eval_data = data.demo_eval_root(args.eval_data, ["knn", "seg-cluster", "propagate"])  # default: synthetic
         args.data = args.data or [os.path.join(data.ensure_synth("runs/synth", seed=0), "videos")]
     if args.data is None:

@@ -46,6 +46,14 @@ METHOD = "leopart"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+# --demo: ~300 steps, not ~90k: small batches, lr x10, a faster teacher, eval at 96 px (the 64-px crops of 128-px
+# images); from scratch (no --pretrained) the backbone must move further, and attention means nothing yet
+DEMO = dict(arch="vit_demo", patch_size=8, epochs=15, batch_size_per_gpu=8, num_workers=1, global_crops_size=64,
+            local_crops_size=32, proj_hidden_dim=512, queue_length=2048, lr_backbone=1e-4, lr_heads=1e-3,
+            momentum_teacher=0.99, eval_size=96, log_every=5, k_fg=100, k_community=50)
+DEMO_SCRATCH = dict(lr_backbone=5e-4, lr_heads=5e-4, loss_mask="all")
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser("Leopart", description=__doc__.split("\n")[0])
     p.add_argument("--data", default=None, help="VOC-layout root (train split), image folder (recursive), or a "
@@ -95,20 +103,12 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--demo", action="store_true", help="vit_demo, small crops, short schedule, synthetic world")
+    given = p.parse_known_args(argv)[0]
+    if given.demo:  # the demo's values as defaults: every flag given (abbreviated too) wins
+        p.set_defaults(**{**DEMO, **(DEMO_SCRATCH if given.pretrained is None else {})})
     args = p.parse_args(argv)
     args.synth_root = None
-    if args.demo:  # one place for everything the CPU demo changes; explicit flags win
-        given = {a.split("=")[0] for a in (argv if argv is not None else __import__("sys").argv[1:])}
-        # ~300 steps, not ~90k: small batches, lr x10, a faster teacher; eval at 96 px (64-px crops of 128-px images)
-        d = dict(arch="vit_demo", patch_size=8, epochs=15, batch_size_per_gpu=8, num_workers=1,
-                 global_crops_size=64, local_crops_size=32, proj_hidden_dim=512, queue_length=2048,
-                 lr_backbone=1e-4, lr_heads=1e-3, momentum_teacher=0.99, eval_size=96, log_every=5,
-                 k_fg=100, k_community=50)
-        if args.pretrained is None:  # from scratch: the backbone must move further; attention means nothing yet
-            d.update(lr_backbone=5e-4, lr_heads=5e-4, loss_mask="all")
-        for k, v in d.items():
-            if "--" + k.replace("_", "-") not in given:
-                setattr(args, k, v)
+    if args.demo:
         args.synth_root = data.demo_eval_root(args.eval_data, ["seg-cluster", "seg-linear"])  # or --eval-data, checked
         args.eval_data = os.path.join(args.synth_root, "voc")
         args.data = args.data or os.path.join(data.ensure_synth("runs/synth", seed=0), "voc")  # its train split

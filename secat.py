@@ -33,7 +33,6 @@ import copy
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -52,6 +51,13 @@ METHOD = "secat"
 
 
 # ====== Config. Paper-scale defaults (a ~1B pretrained LM, a DINO ViT-S/16); --demo overrides a few.
+# --demo: everything small enough for 2 CPU cores in minutes; flags given win
+DEMO = dict(encoder_arch="convnet_demo", image_size=32, lm_dim=128, lm_layers=4, lm_heads=4, context=512,
+            prefix_tokens=8, clusters=12, max_ways=2, max_shots=1, epochs=10, steps_per_epoch=150, text_warmup_steps=300,
+            batch_size_per_gpu=32, lr=2e-3, min_lr=1e-4, warmup_epochs=1, eval_episodes=100, eval_ways=[2, 5],
+            eval_shots=[1], num_workers=0, log_every=10)
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser("SeCAt: self-context adaptation")
     p.add_argument("--data", default=None, help="folder of unlabelled images (class folders, if any, are ignored), "
@@ -98,17 +104,10 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pth")
     p.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a checkpoint")
     p.add_argument("--log-every", type=int, default=20)
-    argv = sys.argv[1:] if argv is None else argv
+    if p.parse_known_args(argv)[0].demo:  # the demo's values as defaults: every flag given (abbreviated too) wins
+        p.set_defaults(**DEMO)
     args = p.parse_args(argv)
-    if args.demo:  # everything small enough for 2 CPU cores in a few minutes
-        given = {a.split("=")[0] for a in argv}
-        demo = dict(encoder_arch="convnet_demo", image_size=32, lm_dim=128, lm_layers=4, lm_heads=4,
-                    context=512, prefix_tokens=8, clusters=12, max_ways=2, max_shots=1, epochs=10, steps_per_epoch=150,
-                    text_warmup_steps=300, batch_size_per_gpu=32, lr=2e-3, min_lr=1e-4, warmup_epochs=1,
-                    eval_episodes=100, eval_ways=[2, 5], eval_shots=[1], num_workers=0, log_every=10)
-        for k, v in demo.items():  # explicit flags win over the demo's settings
-            if "--" + k.replace("_", "-") not in given:
-                setattr(args, k, v)
+    if args.demo:
         args.eval_data = os.path.join(data.demo_eval_root(args.eval_data, ["objects"]), "objects", "val")
         args.data = args.data or os.path.join(data.ensure_synth("runs/synth", seed=0), "objects", "train")
     if args.data is None:
@@ -727,23 +726,16 @@ def selfcontext_accuracy(model, tok, feats, members, args, episodes=100):
 def main(args):
     refuse_toy_setup(args)
     import evaluate
-    snapshot = {}  # the weights just before self-context training, scored after training (no rank waits)
-
-    def untrained(model, tok):
-        snapshot.update({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
-
-    model, tok, feats, members = train(args, before=untrained if args.eval_data else None)
+    untrained = []  # a CPU copy of the model just before self-context training, scored after it: no rank waits
+    keep = lambda model, tok: untrained.append(copy.deepcopy(model).cpu())  # noqa: E731
+    model, tok, feats, members = train(args, before=keep if args.eval_data else None)
     if int(os.environ.get("RANK", 0)) != 0 or not (args.eval_data or args.frozen_episodes):
         return
-    device = next(model.parameters()).device
-    before = {}
-    if snapshot:  # the untrained baseline: real names, 2-way 1-shot
-        untrained_model = copy.deepcopy(model)
-        untrained_model.load_state_dict(snapshot)
-        res = evaluate.run_icl(make_generate(untrained_model, tok, args, device), args.eval_data, (2,), (1,),
-                               min(args.eval_episodes, 100), args.seed, args.class_names, False)
-        before.update({f"before/{k}": v for k, v in res.items() if k.startswith("real/")})
-        del untrained_model
+    device, before = next(model.parameters()).device, {}
+    if untrained:  # the untrained baseline: real names, 2-way 1-shot
+        res = evaluate.run_icl(make_generate(untrained.pop().to(device), tok, args, device), args.eval_data, (2,),
+                               (1,), min(args.eval_episodes, 100), args.seed, args.class_names, False)
+        before = {f"before/{k}": v for k, v in res.items() if k.startswith("real/")}
     generate = make_generate(model, tok, args, device)
     t0 = time.time()
     results = {"selfcontext/2way_1shot": selfcontext_accuracy(model, tok, feats, members, args)}

@@ -47,6 +47,13 @@ METHOD = "sinkhorn"
 # ----------------------------------------------------------------------------------------
 # Config: the paper's ImageNet defaults; --demo overrides a few of them in one place.
 # ----------------------------------------------------------------------------------------
+# --demo: a small conv net on 64-px crops of the synthetic objects, the official CIFAR config's λ = 10 and crop
+# scale 0.2-1 (a random-init ViT's [CLS] barely depends on the image, so its first labels are noise); no workers:
+# restarted every 5-step epoch and label pass, they cost more than they gave. Flags given on the command line win.
+DEMO = dict(arch="convnet_demo", image_size=64, crop_scale=(0.2, 1.0), lam=10.0, num_heads=3, num_clusters=None,
+            epochs=32, batch_size_per_gpu=64, lr_milestones=[24], num_label_updates=16, num_workers=0, log_every=5)
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser("SeLa: self-labelling with Sinkhorn-Knopp", add_help=True)
     p.add_argument("--data", default=None, help="image folder (ImageFolder with train/, or any folder of images), "
@@ -78,18 +85,10 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pth")
     p.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a checkpoint")
     p.add_argument("--log-every", type=int, default=20, help="steps between JSON log lines")
+    if p.parse_known_args(argv)[0].demo:  # the demo's values as defaults: every flag given (abbreviated too) wins
+        p.set_defaults(**DEMO)
     args = p.parse_args(argv)
-    if args.demo:  # a small conv net on 64-px crops of the synthetic objects, the official CIFAR
-        # config's λ = 10 and crop scale 0.2-1; a conv net because a random-init ViT's [CLS] barely
-        # depends on the image, so its first labels are noise and a few-minute run never leaves them
-        # num_workers 0: workers restarted every 5-step epoch and label pass cost more than they gave
-        given = {a.split("=")[0] for a in (argv if argv is not None else __import__("sys").argv[1:])}
-        demo = dict(arch="convnet_demo", image_size=64, crop_scale=(0.2, 1.0), lam=10.0, num_heads=3,
-                    num_clusters=None, epochs=32, batch_size_per_gpu=64, lr_milestones=[24],
-                    num_label_updates=16, num_workers=0, log_every=5)
-        for k, v in demo.items():  # explicit flags win over the demo's settings
-            if "--" + k.replace("_", "-") not in given:
-                setattr(args, k, v)
+    if args.demo:
         args.eval_data = os.path.join(data.demo_eval_root(args.eval_data, ["knn", "linear"]), "objects")
         args.data = args.data or os.path.join(data.ensure_synth("runs/synth", seed=0), "objects", "train")
     args.optimizer = args.optimizer or ("adamw" if args.arch.startswith("vit") else "sgd")

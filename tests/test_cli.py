@@ -249,3 +249,16 @@ def test_every_rank_trains_one_model_and_resumes_on_any_number_of_ranks(tmp_path
             assert ckpt["epoch"] == epochs + (m == "sinkhorn") and ckpt["world_size"] == world, m
     for m in METHODS:
         assert resume_records(tmp_path / m / "log.jsonl") == [(2, 1), (1, 3)], m
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_demo_settings_are_defaults_that_every_given_flag_beats_abbreviated_too(method, monkeypatch, tmp_path):
+    """argparse takes `--epoch 3` for `--epochs 3`; the demo's own epochs must not put theirs back."""
+    monkeypatch.setattr(data, "ensure_synth", lambda root="runs/synth", seed=0: str(tmp_path))
+    monkeypatch.setattr(data, "demo_eval_root", lambda eval_data=None, needs=(), seed=0: str(tmp_path))
+    module = importlib.import_module(method)
+    demo = module.get_args(["--demo"])
+    assert demo.epochs == module.DEMO["epochs"] != 3
+    assert module.get_args(["--demo", "--epoch", "3"]).epochs == 3
+    assert module.get_args(["--demo", "--epochs=3"]).epochs == 3
+    assert module.get_args(["--epoch", "3", "--demo", "--data", "x"]).epochs == 3
