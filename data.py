@@ -38,7 +38,6 @@ import sys
 import tempfile
 import textwrap
 import time
-import unittest.mock
 import warnings
 from dataclasses import dataclass
 
@@ -320,17 +319,22 @@ def cli(main, get_args, argv=None) -> None:
     """The entry point of every command line here. The user's mistakes (DataError, CheckpointError, OSError
     on a path, a bad flag, SystemExit with a message) become one line `error: <file or flag>: <what is
     wrong>` on stderr, exit 1 (2 for a flag, 130 for Ctrl-C); any other exception keeps its traceback."""
-    def usage_error(parser, message):  # argparse's own prints the usage block first
-        raise _UsageError(message)
-
     def fail(message, code=1):
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(code)
 
     program = os.path.basename(sys.argv[0])
     try:
-        with unittest.mock.patch.object(argparse.ArgumentParser, "error", usage_error):
-            args = get_args(argv)
+        captured = io.StringIO()  # argparse prints its usage block, then "prog: error: message", and exits 2
+        try:
+            with contextlib.redirect_stderr(captured):
+                args = get_args(argv)
+        except SystemExit as e:
+            if e.code == 2 and "error: " in captured.getvalue():
+                raise _UsageError(captured.getvalue().strip().splitlines()[-1].split("error: ", 1)[1]) from None
+            raise
+        finally:
+            sys.stderr.write(captured.getvalue() if "error: " not in captured.getvalue() else "")
         main(args)
     except _UsageError as e:
         fail(f"{program}: {e} (see {program} --help)", 2)
