@@ -34,7 +34,8 @@ def run_demo(method, tmp_path, *argv):
 
 # COCO-Stuff / panoptic ids and supercategories as the official JSON files have them (one per supercategory)
 STUFF_CATS = [(92, "banner", "textile"), (94, "branch", "plant"), (95, "bridge", "building"),
-              (98, "cabinet", "furniture"), (99, "cage", "structural"), (100, "cardboard", "raw-material"), (101, "carpet", "floor"),
+              (98, "cabinet", "furniture"), (99, "cage", "structural"), (100, "cardboard", "raw-material"),
+              (101, "carpet", "floor"),
               (102, "ceiling-other", "ceiling"), (106, "clouds", "sky"), (111, "dirt", "ground"),
               (121, "food-other", "food"), (127, "hill", "solid"), (148, "river", "water"),
               (171, "wall-brick", "wall"), (180, "window-blind", "window"), (183, "other", "other")]
@@ -71,8 +72,9 @@ def write_coco(root, stuff_maps, thing_maps, layout="leopart"):
     return root
 
 
-def write_ytvos(root, videos, size=8, frames=3):
-    """A YouTube-VOS train/ root: videos {name: ({instance id: category}, (frames, size, size) instance maps)}."""
+def write_ytvos(root, videos):
+    """A YouTube-VOS train/ root: videos {name: ({instance id: category}, (T, H, W) instance maps)}; frames show
+    instance i in grey 60 * i."""
     from PIL import Image
     meta = {"videos": {}}
     for name, (objects, masks) in videos.items():
@@ -80,7 +82,7 @@ def write_ytvos(root, videos, size=8, frames=3):
         for sub in ("JPEGImages", "Annotations"):
             os.makedirs(os.path.join(root, sub, name), exist_ok=True)
         for t in range(len(masks)):
-            frame = Image.fromarray(np.full((size, size, 3), 30 * t, np.uint8))
+            frame = Image.fromarray(np.repeat(60 * np.asarray(masks[t], np.uint8)[..., None], 3, 2))  # objects seen
             frame.save(os.path.join(root, "JPEGImages", name, f"{5 * t:05d}.jpg"))
             data.save_mask(os.path.join(root, "Annotations", name, f"{5 * t:05d}.png"), np.asarray(masks[t]))
     json.dump(meta, open(os.path.join(root, "meta.json"), "w"))
