@@ -47,7 +47,7 @@ THING_CATS = [(1, "person", "person", 1), (2, "bicycle", "vehicle", 1), (10, "tr
 
 
 def write_coco(root, stuff_maps, thing_maps, layout="leopart"):
-    """A COCO root with val2017 images (4x4) and the given (4, 4) id maps, one per image: Leopart's layout
+    """A COCO root with val2017 images and the given (H, W) id maps, one per image: Leopart's layout
     (annotations/annotations/stuff_annotations, annotations/panoptic_annotations, coco/images) or cocostuff's
     stuffthingmaps (values id - 1) beside val2017/."""
     from PIL import Image
@@ -66,7 +66,7 @@ def write_coco(root, stuff_maps, thing_maps, layout="leopart"):
               open(os.path.join(pan, "panoptic_val2017.json"), "w"))
     for k, (s, t) in enumerate(zip(stuff_maps, thing_maps)):
         name = f"{k:012d}"
-        Image.fromarray(np.full((4, 4, 3), 40 * k, np.uint8)).save(os.path.join(images, name + ".jpg"))
+        Image.fromarray(np.full((*np.shape(s), 3), 40 * k % 250, np.uint8)).save(os.path.join(images, name + ".jpg"))
         Image.fromarray(np.asarray(s, np.uint8)).save(os.path.join(folders[2], name + ".png"))
         Image.fromarray(np.asarray(t, np.uint8)).save(os.path.join(folders[3], name + ".png"))
     return root
