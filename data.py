@@ -7,7 +7,8 @@ on a laptop with no downloads.
 Sections:
   run plumbing    distributed set-up, AMP, seeding, cosine schedules, atomic checkpoints (one loader
                   for every checkpoint read), the output folder, JSONL logs, the CLI entry point
-  images          load_image / load_mask, ImageFolder, UnlabelledImages (also video frames), VOCSegmentation, DAVIS
+  images          load_image / load_mask, ImageFolder, UnlabelledImages (also video frames), VOCSegmentation, DAVIS,
+                  COCOSegmentation (COCO-Stuff / -Thing), YouTubeVOS
   videos          probe_video, read_frames (PyAV, seeks near the clip, decode-time resize),
                   find_videos, VideoClips (one item per clip start; DDP/worker safe), ImagesOrFrames
   LM files        ByteTokenizer, BPETokenizer (GPT-2's byte-level BPE), read_safetensors, read_hf_folder
@@ -453,11 +454,11 @@ def _split_ids(list_file) -> list[str]:
 
 
 def _first(root, *names, what="folder") -> str:
-    """The first of root/<name> that exists (names may hold '*'), else a DataError naming them all."""
+    """The first root/<name> that exists (names may hold '*'), else a DataError naming them all."""
     for name in names:
         found = sorted(glob.glob(os.path.join(glob.escape(root), name)))
         if found:
-            return os.path.relpath(found[0], root)
+            return found[0]
     raise DataError(f"{root}: no {what} {' or '.join(names)}")
 
 
@@ -553,10 +554,10 @@ class VOCSegmentation(_SkipUnreadable, Dataset):
         self.root, self.transform, self._bad = _need(root, "folder"), transform, set()
         ids = _split_ids(os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt"))
         self.images = [os.path.join(root, "JPEGImages", i + ".jpg") for i in ids]
-        masks = "SegmentationClass"
+        masks = os.path.join(root, "SegmentationClass")
         if split == "trainaug":  # Leopart's linear probe: SBD's masks, in root or beside it (VOCdevkit/)
             masks = _first(root, "SegmentationClassAug", os.path.join("..", "SegmentationClassAug"))
-        self.masks = [os.path.join(root, masks, i + ".png") for i in ids]
+        self.masks = [os.path.join(masks, i + ".png") for i in ids]
         names_file = os.path.join(root, "classes.txt")
         self.class_names = ([n.strip() for n in open(names_file) if n.strip()] if os.path.exists(names_file)
                             else list(VOC_CLASSES))
@@ -623,19 +624,17 @@ class COCOSegmentation(VOCSegmentation):
         names = ((f"stuff_{split}2017_pixelmaps", f"stuffthingmaps*/{split}2017", "stuff_val2017.json") if labels
                  == "stuff" else (f"semantic_segm*_{split}2017", "panoptic_val2017.json"))
         maps = _first(root, *[d + n for n in names[:-1] for d in deep], what=f"{labels} maps")
-        found = os.path.join(root, _first(root, *[d + names[-1] for d in deep], what="file"))
-        categories = json.load(open(found))["categories"]
+        categories = json.load(open(_first(root, *[d + names[-1] for d in deep], what="file")))["categories"]
         keep = [c for c in categories if (c["supercategory"] != "other" if labels == "stuff" else c["isthing"])]
         self.class_names = sorted({c["supercategory"] for c in keep})
         self.num_classes = len(self.class_names)
         self.lut = torch.full((257,), 255, dtype=torch.int64)  # Leopart's cat_id_map
         self.lut[[c["id"] for c in keep]] = torch.tensor([self.class_names.index(c["supercategory"]) for c in keep])
         self.offset = int("stuffthingmaps" in maps)  # stuffthingmaps hold id - 1, 255 = unlabelled
-        images = _list_images(os.path.join(root, _first(root, f"{split}2017", f"images/{split}2017",
-                                                        f"coco/images/{split}2017")), recursive=False)
+        images = _list_images(_first(root, f"{split}2017", f"images/{split}2017", f"coco/images/{split}2017"), False)
         keep = sorted(random.Random(seed).sample(range(len(images)), int(len(images) * fraction)))
         self.images = images if fraction >= 1 else [images[i] for i in keep]
-        self.masks = [os.path.join(root, maps, os.path.splitext(os.path.basename(p))[0] + ".png") for p in self.images]
+        self.masks = [os.path.join(maps, os.path.splitext(os.path.basename(p))[0] + ".png") for p in self.images]
 
     def _load(self, j):
         img, mask = super()._load(j)

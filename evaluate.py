@@ -383,11 +383,11 @@ def seg_linear(train_features, train_masks, val_features, val_masks, num_classes
 
 def seg_augment(img, mask, size: int, scale=(0.8, 1.0)):
     """Leopart's linear_finetuning_transforms: one RandomResizedCrop (scale 0.8-1) of the image (bilinear) and mask
-    (nearest) to size x size, then a flip with p 0.5. uint8 (3, H, W), (H, W) -> normalised (3, S, S), uint8 (S, S)."""
+    (PIL's nearest) to size x size, then a flip with p 0.5. uint8 (3, H, W), (H, W) -> normalised (3, S, S), uint8 (S, S)."""
     import torchvision.transforms as T1
     top, left, h, w = T1.RandomResizedCrop.get_params(img, list(scale), [3 / 4, 4 / 3])
     img = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
-    mask = TF.resized_crop(mask[None].to(torch.uint8), top, left, h, w, [size, size], TF.InterpolationMode.NEAREST)
+    mask = TF.resized_crop(mask[None].byte(), top, left, h, w, [size, size], TF.InterpolationMode.NEAREST_EXACT)
     flip = torch.rand(()) < 0.5
     return normalize(TF.horizontal_flip(img) if flip else img), (TF.horizontal_flip(mask) if flip else mask)[0]
 

@@ -497,3 +497,15 @@ def test_youtube_vos_split_and_timet_category_maps(tmp_path):
     assert item["frames"].shape == (2, 3, 8, 8) and item["masks"][0, ::4, ::4].tolist() == [[0, 1], [2, 3]]
     # map_instances: 1 -> person (3), then 3 -> ape (1) also rewrites the former instance 1 (as officially)
     assert val.category_map(item["masks"], item["objects"])[0, ::4, ::4].tolist() == [[0, 1], [2, 1]]
+
+
+def test_voc_trainaug_reads_segmentation_class_aug_beside_voc2012(tmp_path, monkeypatch):
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        os.makedirs(voc / sub)
+    os.makedirs(tmp_path / "VOCdevkit" / "SegmentationClassAug")
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(voc / "JPEGImages" / "a.jpg")
+    data.save_mask(tmp_path / "VOCdevkit" / "SegmentationClassAug" / "a.png", np.full((4, 4), 7))
+    (voc / "ImageSets/Segmentation/trainaug.txt").write_text("a\n")
+    monkeypatch.chdir(tmp_path)  # a relative root
+    assert data.VOCSegmentation("VOCdevkit/VOC2012", "trainaug")[0][1].unique().tolist() == [7]
