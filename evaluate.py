@@ -383,7 +383,7 @@ def seg_linear(train_features, train_masks, val_features, val_masks, num_classes
 
 def seg_augment(img, mask, size: int, scale=(0.8, 1.0)):
     """Leopart's linear_finetuning_transforms: one RandomResizedCrop (scale 0.8-1) of the image (bilinear) and mask
-    (PIL's nearest) to size x size, then a flip with p 0.5. uint8 (3, H, W), (H, W) -> normalised (3, S, S), uint8 (S, S)."""
+    (PIL's nearest) to size, a flip with p 0.5. uint8 (3, H, W), (H, W) -> normalised (3, S, S), uint8 (S, S)."""
     import torchvision.transforms as T1
     top, left, h, w = T1.RandomResizedCrop.get_params(img, list(scale), [3 / 4, 4 / 3])
     img = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
@@ -1407,8 +1407,8 @@ PROTOCOLS = {
     "seg-linear": "Leopart linear_finetune.py + eval_linear.py: trainaug (VOC; COCO: 10 % of train), random "
                   "resized crops 0.8-1 + flips on the fly, tokens bilinear to 100x100, 1x1 conv, SGD 0.01 momentum "
                   "0.9 wd 1e-4, 25 epochs x 0.1 at 20, batch 120; scored at 448, mIoU over all classes, 255 ignored",
-    "seg-linear-cached": "1x1-conv probe on cached patch tokens of the train split (ours: no augmentation, AdamW + "
-                         "cosine), logits upsampled bilinearly to the mask; mIoU over all classes (Leopart PredsmIoU)",
+    "seg-linear-cached": "1x1-conv probe on cached patch tokens of train (trainaug if present; ours: no augmentation, "
+                         "AdamW + cosine), logits upsampled bilinearly to the mask; mIoU over all classes (PredsmIoU)",
     "seg-fcn": "Leopart linear_finetune.py with fcn_head.py (configs/pascal/fcn: 10 epochs, batch 64, lr 0.01) as "
                "seg-linear; eval_linear.py: tokens bilinear to 448 before the head",
     "seg-cluster": "Leopart sup_overcluster.py: standardise + PCA50, k-means as faiss (100 it, 5 restarts) with "
@@ -1523,7 +1523,8 @@ def get_args(argv=None):
     p.add_argument("--short-side", type=int, default=480, help="propagate/viz: frame short side (DINO: 480)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--epochs", type=int, default=None, help="probe epochs (default: 100 linear, 20 seg-linear)")
+    p.add_argument("--epochs", type=int, default=None, help="probe epochs (default: 100 linear; seg-linear 25, "
+                   "cached 20; seg-fcn 10)")
     p.add_argument("--restarts", type=int, default=5, help="seg-cluster: k-means restarts (best kept; Leopart: 5)")
     p.add_argument("--clip-frames", type=int, default=16, help="video-kmeans: frames per clip (TimeT: 16)")
     p.add_argument("--episodes", type=int, default=100, help="icl episodes per (ways, shots)")
