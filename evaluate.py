@@ -13,12 +13,12 @@ Sections (in file order; each opens with a "# ====== <name>" line):
   transforms          normalisation and feature extraction ([CLS] and patch tokens, cached)
   classification      k-NN (DINO's weighted vote) and the linear probe
   clustering          faiss_kmeans (torch), kmeans, match_clusters (Hungarian on IoU), mIoU, NMI
-  segmentation probes seg-linear and seg-cluster on patch tokens
-  unsupervised seg.   Leopart's CBFE + CD (Infomap community detection)
+  segmentation probes seg-linear (Leopart's recipe, or cached tokens), seg-fcn, seg-cluster on patch tokens
+  unsupervised seg.   Leopart's CBFE + CD (Infomap community detection), the attention foregrounds
   DAVIS               J, F and label propagation
   in-context          icl: Frozen's open-ended episodes (drawn or as released), task induction, repeats
   pictures            attention maps, k-means overlays, GIFs
-  video k-means       TimeT's clip-wise and dataset-wise video segmentation
+  video k-means       TimeT's frame-, clip- and dataset-wise video segmentation (DAVIS, YouTube-VOS)
   runners, CLI        dataset-level runners shared by the CLI and run_suite; the command line
   python evaluate.py knn          --ckpt runs/dora/checkpoint.pth --data /data/imagenet
   python evaluate.py linear       --ckpt dino_deitsmall16_pretrain.pth --arch vit_small --patch-size 16 --data ...
@@ -357,7 +357,7 @@ def cluster_accuracy(pred, true) -> float:
     return 100 * conf[rows, cols].sum().item() / len(true)
 
 
-# ====== Segmentation probes on cached patch tokens (N, D, h, w) and masks (N, H, W), 255 ignored =====
+# ====== Segmentation probes on patch tokens (N, D, h, w) and masks (N, H, W), 255 ignored ============
 def seg_linear(train_features, train_masks, val_features, val_masks, num_classes, epochs=20, lr=1e-2,
                batch_size=16, device="cpu", seed=0) -> dict:
     """A 1x1 conv on frozen patch tokens, logits bilinearly upsampled to the mask, cross-entropy with
@@ -1280,7 +1280,7 @@ def tracking_picture(track, backbone, clip, path, heads=(0, 1, 2)) -> tuple:
     return mask_overlap(masks_plain), mask_overlap(masks)
 
 
-# ====== Video k-means (TimeT's unsupervised video segmentation): clip-wise and dataset-wise ========
+# ====== Video k-means (TimeT's unsupervised video segmentation): frame-, clip- and dataset-wise =====
 def cluster_miou(pred: torch.Tensor, truth: torch.Tensor, many_to_one=False) -> float:
     """mIoU (%) as TimeT's PredsmIoU(involve_bg=True) (metrics.py): the ids present in pred and truth (255 dropped)
     matched by Hungarian IoU, the unmatched clusters -> 0, or many_to_one (precision_based): each cluster to its
