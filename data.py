@@ -1516,7 +1516,7 @@ def _describe(path, kind, num_frames, stride):
         return [ds[i][0] for i in firsts]
     if kind == "voc":
         shown = []
-        for split in ("train", "val"):
+        for split in ("train", "trainaug", "val"):
             if not os.path.exists(os.path.join(path, "ImageSets", "Segmentation", f"{split}.txt")):
                 continue
             ds = VOCSegmentation(path, split)
