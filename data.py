@@ -7,7 +7,8 @@ on a laptop with no downloads.
 Sections:
   run plumbing    distributed set-up, AMP, seeding, cosine schedules, atomic checkpoints (one loader
                   for every checkpoint read), the output folder, JSONL logs, the CLI entry point
-  images          load_image / load_mask, ImageFolder, UnlabelledImages (also video frames), VOCSegmentation, DAVIS
+  images          load_image / load_mask, ImageFolder, UnlabelledImages (also video frames), VOCSegmentation, DAVIS,
+                  COCOSegmentation (COCO-Stuff / -Thing), YouTubeVOS
   videos          probe_video, read_frames (PyAV, seeks near the clip, decode-time resize),
                   find_videos, VideoClips (one item per clip start; DDP/worker safe), ImagesOrFrames
   LM files        ByteTokenizer, BPETokenizer (GPT-2's byte-level BPE, `tokenizers`), read_hf_folder
@@ -28,6 +29,7 @@ import argparse
 import bisect
 import contextlib
 import functools
+import glob
 import io
 import json
 import math
@@ -485,6 +487,15 @@ def _split_ids(list_file) -> list[str]:
     return ids
 
 
+def _first(root, *names, what="folder") -> str:
+    """The first root/<name> that exists (names may hold '*'), else a DataError naming them all."""
+    for name in names:
+        found = sorted(glob.glob(os.path.join(glob.escape(root), name)))
+        if found:
+            return found[0]
+    raise DataError(f"{root}: no {what} {' or '.join(names)}")
+
+
 class _SkipUnreadable:
     """Mixin: on an unreadable file, warn once, count it, and serve the next readable sample."""
 
@@ -568,7 +579,8 @@ VOC_CLASSES = ("background aeroplane bicycle bird boat bottle bus car cat chair 
 
 
 class VOCSegmentation(_SkipUnreadable, Dataset):
-    """Pascal VOC layout: JPEGImages/<id>.jpg, SegmentationClass/<id>.png, ImageSets/Segmentation/<split>.txt.
+    """Pascal VOC layout: JPEGImages/<id>.jpg, SegmentationClass/<id>.png, ImageSets/Segmentation/<split>.txt;
+    split "trainaug" (10,582 ids) reads SegmentationClassAug/ in root or beside it.
     item = transform(img uint8 (3,H,W), mask int64 (H,W)); 255 in the mask = ignore. Classes come from
     root/classes.txt (one per line, line index = id) when present, else VOC's 21."""
 
@@ -576,7 +588,10 @@ class VOCSegmentation(_SkipUnreadable, Dataset):
         self.root, self.transform, self._bad = _need(root, "folder"), transform, set()
         ids = _split_ids(os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt"))
         self.images = [os.path.join(root, "JPEGImages", i + ".jpg") for i in ids]
-        self.masks = [os.path.join(root, "SegmentationClass", i + ".png") for i in ids]
+        masks = os.path.join(root, "SegmentationClass")
+        if split == "trainaug":  # Leopart's linear probe: SBD's masks, in root or beside it (VOCdevkit/)
+            masks = _first(root, "SegmentationClassAug", os.path.join("..", "SegmentationClassAug"))
+        self.masks = [os.path.join(masks, i + ".png") for i in ids]
         names_file = os.path.join(root, "classes.txt")
         self.class_names = ([n.strip() for n in open(names_file) if n.strip()] if os.path.exists(names_file)
                             else list(VOC_CLASSES))
@@ -629,6 +644,65 @@ class DAVIS(Dataset):
                     with Image.open(mask_path) as img:
                         palette = img.getpalette()
         return dict(name=self.names[i], frames=frames, masks=masks, palette=palette)
+
+
+class COCOSegmentation(VOCSegmentation):
+    """COCO 2017 as Leopart's COCOSegmentation (coco_data_module.py), classes = supercategories sorted by name.
+    labels "stuff": 15, of stuff_<split>2017_pixelmaps (0 = things, 183 = "other" -> 255) or of cocostuff's
+    stuffthingmaps*/<split>2017 (id - 1); "thing": 12, of panopticapi's semantic_segmentation_<split>2017 (stuff
+    -> 255). Images <split>2017/ in root, images/ or coco/images/; fraction: a seeded sample (Leopart: 10 %)."""
+
+    def __init__(self, root, split="val", transform=None, labels="stuff", fraction=1.0, seed=0):
+        self.root, self.transform, self._bad = _need(root, "folder"), transform, set()
+        deep = ["", "*/", "*/*/", "*/*/*/"]
+        names = ((f"stuff_{split}2017_pixelmaps", f"stuffthingmaps*/{split}2017", "stuff_val2017.json") if labels
+                 == "stuff" else (f"semantic_segm*_{split}2017", "panoptic_val2017.json"))
+        maps = _first(root, *[d + n for n in names[:-1] for d in deep], what=f"{labels} maps")
+        categories = json.load(open(_first(root, *[d + names[-1] for d in deep], what="file")))["categories"]
+        keep = [c for c in categories if (c["supercategory"] != "other" if labels == "stuff" else c["isthing"])]
+        self.class_names = sorted({c["supercategory"] for c in keep})
+        self.num_classes = len(self.class_names)
+        self.lut = torch.full((257,), 255, dtype=torch.int64)  # Leopart's cat_id_map
+        self.lut[[c["id"] for c in keep]] = torch.tensor([self.class_names.index(c["supercategory"]) for c in keep])
+        self.offset = int("stuffthingmaps" in maps)  # stuffthingmaps hold id - 1, 255 = unlabelled
+        images = _list_images(_first(root, f"{split}2017", f"images/{split}2017", f"coco/images/{split}2017"), False)
+        keep = sorted(random.Random(seed).sample(range(len(images)), int(len(images) * fraction)))
+        self.images = images if fraction >= 1 else [images[i] for i in keep]
+        self.masks = [os.path.join(maps, os.path.splitext(os.path.basename(p))[0] + ".png") for p in self.images]
+
+    def _load(self, j):
+        img, mask = super()._load(j)
+        return img, self.lut[(mask + self.offset).clamp(0, 256)]
+
+
+class YouTubeVOS(DAVIS):
+    """YouTube-VOS train/ layout (JPEGImages/<video>/*.jpg, Annotations/<video>/*.png, meta.json), split 80/20
+    into TimeT's train1/val1 (data_loader.split_directory_to_train_val, unseeded there): here the sorted
+    names shuffled by random.Random(seed). Items as DAVIS's plus `objects` (meta.json: id -> category)."""
+
+    def __init__(self, root, split="val", seed=0, train_fraction=0.8):
+        self.root = _need(root, "folder")
+        self.meta = json.load(open(_need(os.path.join(root, "meta.json"), "file")))["videos"]
+        names = sorted(d.name for d in os.scandir(_need(os.path.join(root, "JPEGImages"), "folder")) if d.is_dir())
+        random.Random(seed).shuffle(names)
+        self.split = {"train": sorted(names[:(cut := int(len(names) * train_fraction))]), "val": sorted(names[cut:])}
+        self.names = self.split[split]
+        self.frame_dirs = [os.path.join(root, "JPEGImages", n) for n in self.names]
+        self.mask_dirs = [os.path.join(root, "Annotations", n) for n in self.names]
+        # make_categories_dict: every category of meta.json, sorted, 1-based (0 = background)
+        self.categories = sorted({o["category"] for v in self.meta.values() for o in v["objects"].values()})
+
+    def __getitem__(self, i):
+        return dict(super().__getitem__(i), objects=self.meta.get(self.names[i], {}).get("objects", {}))
+
+    def category_map(self, masks, objects) -> torch.Tensor:
+        """TimeT's map_instances on one clip (T, H, W): the clip's instance ids, ascending, each replaced in
+        place by its category's index, so that an index equal to a later id is replaced again (as officially)."""
+        out = masks.clone()
+        for obj in out.unique().tolist():
+            if obj not in (0, 255):
+                out[out == obj] = self.categories.index(objects[str(obj)]["category"]) + 1
+        return out
 
 
 # ===================================================================================== videos
@@ -1309,15 +1383,18 @@ def _numbered(files) -> bool:
 
 
 def dataset_kind(path) -> str:
-    """Which loader fits path: video, image, frame folder, videos, images, image folder, voc, davis, synthetic world."""
+    """Which loader fits path: video, image, frame folder, videos, images, image folder, voc, davis, synthetic world,
+    coco, youtube-vos."""
     path = _need(path)
     if os.path.isfile(path):
         for kind, exts in (("video", VIDEO_EXTS), ("image", IMAGE_EXTS)):
             if path.lower().endswith(exts):
                 return kind
         raise DataError(f"{path}: neither a video ({', '.join(VIDEO_EXTS)}) nor an image")
-    for kind, marker in (("synthetic world", "world.json"), ("voc", "ImageSets/Segmentation"), ("davis", "ImageSets/2017")):
-        if os.path.exists(os.path.join(path, marker)):
+    for kind, marker in (("synthetic world", "world.json"), ("voc", "ImageSets/Segmentation"),
+                         ("davis", "ImageSets/2017"), ("coco", "annotations/panoptic_annotations"),
+                         ("coco", "annotations/*_val2017.json"), ("youtube-vos", "meta.json")):
+        if glob.glob(os.path.join(glob.escape(path), marker)):
             return kind
     if _frame_files(path):
         return "frame folder" if _numbered(_frame_files(path)) else "images"
@@ -1385,7 +1462,7 @@ def _describe(path, kind, num_frames, stride):
         return [ds[i][0] for i in firsts]
     if kind == "voc":
         shown = []
-        for split in ("train", "val"):
+        for split in ("train", "trainaug", "val"):
             if not os.path.exists(os.path.join(path, "ImageSets", "Segmentation", f"{split}.txt")):
                 continue
             ds = VOCSegmentation(path, split)
@@ -1395,6 +1472,19 @@ def _describe(path, kind, num_frames, stride):
                   f"first {img.shape[2]}x{img.shape[1]}, ids in the first 20 masks: {ids}")
             shown += [_overlay(*ds[i]) for i in range(min(6, len(ds)))]
         return shown
+    if kind == "coco":  # val only: listing train2017 is slow
+        shown = []
+        for labels in ("stuff", "thing"):
+            ds = COCOSegmentation(path, "val", labels=labels)
+            print(f"{path} [val]: coco-{labels}, {len(ds)} images, {ds.num_classes} classes: {ds.class_names}")
+            shown += [_overlay(*ds[i]) for i in range(min(3, len(ds)))]
+        return shown
+    if kind == "youtube-vos":
+        ds = YouTubeVOS(path)
+        print(f"{path}: youtube-vos, {len(ds.meta)} videos in meta.json, {len(ds.categories)} categories; "
+              f"split (seed 0) {len(ds.split['train'])} train / {len(ds.split['val'])} val videos")
+        seq = ds[0]
+        return [_overlay(seq["frames"][t], ds.category_map(seq["masks"], seq["objects"])[t]) for t in (0, -1)]
     if kind == "davis":
         ds = DAVIS(path)
         shown = []

@@ -90,3 +90,60 @@ def resume_records(log_path) -> list:
     """The (saved_world_size, world_size) of each resume that log.jsonl records."""
     records = [json.loads(line) for line in open(log_path)]
     return [(r["saved_world_size"], r["world_size"]) for r in records if "resumed_at_epoch" in r]
+
+
+# COCO-Stuff / panoptic ids and supercategories as the official JSON files have them (one per supercategory)
+STUFF_CATS = [(92, "banner", "textile"), (94, "branch", "plant"), (95, "bridge", "building"),
+              (98, "cabinet", "furniture"), (99, "cage", "structural"), (100, "cardboard", "raw-material"),
+              (101, "carpet", "floor"),
+              (102, "ceiling-other", "ceiling"), (106, "clouds", "sky"), (111, "dirt", "ground"),
+              (121, "food-other", "food"), (127, "hill", "solid"), (148, "river", "water"),
+              (171, "wall-brick", "wall"), (180, "window-blind", "window"), (183, "other", "other")]
+THING_CATS = [(1, "person", "person", 1), (2, "bicycle", "vehicle", 1), (10, "traffic light", "outdoor", 1),
+              (16, "bird", "animal", 1), (27, "backpack", "accessory", 1), (35, "skis", "sports", 1),
+              (44, "bottle", "kitchen", 1), (52, "banana", "food", 1), (62, "chair", "furniture", 1),
+              (72, "tv", "electronic", 1), (78, "microwave", "appliance", 1), (84, "book", "indoor", 1),
+              (92, "banner", "textile", 0), (184, "tree-merged", "plant", 0), (200, "rug-merged", "textile", 0)]
+
+
+def write_coco(root, stuff_maps, thing_maps, layout="leopart"):
+    """A COCO root with val2017 images and the given (H, W) id maps, one per image: Leopart's layout
+    (annotations/annotations/stuff_annotations, annotations/panoptic_annotations, coco/images) or cocostuff's
+    stuffthingmaps (values id - 1) beside val2017/."""
+    from PIL import Image
+    leopart = layout == "leopart"
+    images = os.path.join(root, "coco/images/val2017" if leopart else "val2017")
+    stuff = os.path.join(root, "annotations/annotations/stuff_annotations" if leopart else "annotations")
+    pan = os.path.join(root, "annotations/panoptic_annotations")
+    folders = [images, stuff, os.path.join(stuff, "stuff_val2017_pixelmaps") if leopart else
+               os.path.join(root, "stuffthingmaps_trainval2017/val2017"),
+               os.path.join(pan, "semantic_segmentation_val2017")]
+    for f in folders:
+        os.makedirs(f, exist_ok=True)
+    json.dump({"categories": [dict(id=i, name=n, supercategory=s) for i, n, s in STUFF_CATS]},
+              open(os.path.join(stuff, "stuff_val2017.json"), "w"))
+    json.dump({"categories": [dict(id=i, name=n, supercategory=s, isthing=t) for i, n, s, t in THING_CATS]},
+              open(os.path.join(pan, "panoptic_val2017.json"), "w"))
+    for k, (s, t) in enumerate(zip(stuff_maps, thing_maps)):
+        name = f"{k:012d}"
+        Image.fromarray(np.full((*np.shape(s), 3), 40 * k % 250, np.uint8)).save(os.path.join(images, name + ".jpg"))
+        Image.fromarray(np.asarray(s, np.uint8)).save(os.path.join(folders[2], name + ".png"))
+        Image.fromarray(np.asarray(t, np.uint8)).save(os.path.join(folders[3], name + ".png"))
+    return root
+
+
+def write_ytvos(root, videos):
+    """A YouTube-VOS train/ root: videos {name: ({instance id: category}, (T, H, W) instance maps)}; frames show
+    instance i in grey 60 * i."""
+    from PIL import Image
+    meta = {"videos": {}}
+    for name, (objects, masks) in videos.items():
+        meta["videos"][name] = {"objects": {str(i): {"category": c, "frames": []} for i, c in objects.items()}}
+        for sub in ("JPEGImages", "Annotations"):
+            os.makedirs(os.path.join(root, sub, name), exist_ok=True)
+        for t in range(len(masks)):
+            frame = Image.fromarray(np.repeat(60 * np.asarray(masks[t], np.uint8)[..., None], 3, 2))  # objects seen
+            frame.save(os.path.join(root, "JPEGImages", name, f"{5 * t:05d}.jpg"))
+            data.save_mask(os.path.join(root, "Annotations", name, f"{5 * t:05d}.png"), np.asarray(masks[t]))
+    json.dump(meta, open(os.path.join(root, "meta.json"), "w"))
+    return root
