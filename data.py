@@ -7,12 +7,13 @@ on a laptop with no downloads.
 Sections:
   run plumbing    distributed set-up, AMP, seeding, cosine schedules, atomic checkpoints (one loader
                   for every checkpoint read), the output folder, JSONL logs, the CLI entry point
-  images          load_image / load_mask, ImageFolder, UnlabelledImages (also video frames), VOCSegmentation, DAVIS
+  images          load_image / load_mask, ImageFolder, UnlabelledImages (also video frames), VOCSegmentation, DAVIS,
+                  COCOSegmentation (COCO-Stuff / -Thing), YouTubeVOS
   videos          probe_video, read_frames (PyAV: decodes only what the frames need, seeking at keyframes;
                   decode-time resize; decoder threads shared by a node's ranks and workers), extract (a video
                   to a frame folder), find_videos, VideoClips (one item per clip start; DDP/worker safe), ImagesOrFrames
   augmentation    batched on the training device: color_jitter, random_grayscale, gaussian_blur
-  LM files        ByteTokenizer, BPETokenizer (GPT-2's byte-level BPE), read_safetensors, read_hf_folder
+  LM files        ByteTokenizer, BPETokenizer (GPT-2's byte-level BPE, `tokenizers`), read_hf_folder
   synthetic world SyntheticWorld (in memory), synth_world / ensure_synth (writes the layouts),
                   demo_eval_root (where a --demo evaluates: the world, or a folder laid out like it)
   pictures        labelled_grid: every picture of the repo, with a title strip and row/column names
@@ -33,18 +34,17 @@ import bisect
 import concurrent.futures
 import contextlib
 import functools
+import glob
 import io
 import json
 import math
 import os
 import random
-import re
 import shutil
 import sys
 import tempfile
 import textwrap
 import time
-import unittest.mock
 import warnings
 from dataclasses import dataclass
 
@@ -92,6 +92,31 @@ def init_distributed() -> Dist:
     if world_size > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(rank, world_size, local_rank, device, rank == 0)
+
+
+def broadcast_module(module: torch.nn.Module) -> torch.nn.Module:
+    """Every parameter and buffer of `module` set to rank 0's, in place (a no-op without a process group):
+    what DDP does for the student at construction, for the modules DDP does not wrap (teachers)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for tensor in module.state_dict().values():
+            torch.distributed.broadcast(tensor, 0)
+    return module
+
+
+def finish_distributed() -> None:
+    """The end of train(): every rank waits for the others, then the process group is closed, so that
+    rank 0's evaluation afterwards keeps no other rank waiting in a collective."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def resume_step(ckpt: dict | None, steps_per_epoch: int) -> tuple[int, int]:
+    """(epoch, step) a run starts from: (0, 0), or after the checkpoint's epochs. Checkpoints are saved at
+    epoch ends, so the step is recounted with this run's steps per epoch: a run saved on W processes
+    continues on any other number, with the per-step schedules of the new world size."""
+    epoch = ckpt["epoch"] if ckpt is not None else 0
+    return epoch, epoch * steps_per_epoch
 
 
 def resolve_amp(amp: str | None, device) -> str:
@@ -262,7 +287,7 @@ def check_output_dir(path, resume=False, overwrite=False, method=None) -> dict |
     return ckpt
 
 
-def prepare_output_dir(path, resume=False, overwrite=False, is_main=True, method=None):
+def prepare_output_dir(path, resume=False, overwrite=False, is_main=True, method=None, world_size=1):
     """check_output_dir, then make it and check it can be written (main process only); -> (JsonlLogger of
     log.jsonl, checkpoint path, the checkpoint to continue from or None). A checkpoint there needs --resume
     or --overwrite (a relaunch that forgot --resume would replace it); --overwrite starts log.jsonl afresh,
@@ -278,7 +303,10 @@ def prepare_output_dir(path, resume=False, overwrite=False, is_main=True, method
             raise DataError(f"--output-dir {path}: cannot be written ({e.strerror}); pick another --output-dir") from None
         if ckpt is not None:
             _drop_replayed(log_path, ckpt["epoch"])
-            print(f"resumed from {ckpt_path} at epoch {ckpt['epoch']}")
+            saved = ckpt.get("world_size", "?")  # checkpoints before the world size was saved say "?"
+            print(f"resumed from {ckpt_path} at epoch {ckpt['epoch']} (saved by {saved} process(es), now {world_size})")
+            JsonlLogger(log_path).log({"resumed_at_epoch": ckpt["epoch"], "saved_world_size": saved,
+                                       "world_size": world_size})
     return JsonlLogger(log_path, is_main), ckpt_path, ckpt
 
 
@@ -298,17 +326,22 @@ def cli(main, get_args, argv=None) -> None:
     """The entry point of every command line here. The user's mistakes (DataError, CheckpointError, OSError
     on a path, a bad flag, SystemExit with a message) become one line `error: <file or flag>: <what is
     wrong>` on stderr, exit 1 (2 for a flag, 130 for Ctrl-C); any other exception keeps its traceback."""
-    def usage_error(parser, message):  # argparse's own prints the usage block first
-        raise _UsageError(message)
-
     def fail(message, code=1):
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(code)
 
     program = os.path.basename(sys.argv[0])
     try:
-        with unittest.mock.patch.object(argparse.ArgumentParser, "error", usage_error):
-            args = get_args(argv)
+        captured = io.StringIO()  # argparse prints its usage block, then "prog: error: message", and exits 2
+        try:
+            with contextlib.redirect_stderr(captured):
+                args = get_args(argv)
+        except SystemExit as e:
+            if e.code == 2 and "error: " in captured.getvalue():
+                raise _UsageError(captured.getvalue().strip().splitlines()[-1].split("error: ", 1)[1]) from None
+            raise
+        finally:
+            sys.stderr.write(captured.getvalue() if "error: " not in captured.getvalue() else "")
         main(args)
     except _UsageError as e:
         fail(f"{program}: {e} (see {program} --help)", 2)
@@ -324,6 +357,9 @@ def cli(main, get_args, argv=None) -> None:
         if isinstance(e.code, str) and not e.code.startswith("error:"):
             fail(e.code.splitlines()[0])
         raise
+    finally:  # a run that failed before train()'s end leaves its group open
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 class _UsageError(Exception):
@@ -456,6 +492,15 @@ def _split_ids(list_file) -> list[str]:
     return ids
 
 
+def _first(root, *names, what="folder") -> str:
+    """The first root/<name> that exists (names may hold '*'), else a DataError naming them all."""
+    for name in names:
+        found = sorted(glob.glob(os.path.join(glob.escape(root), name)))
+        if found:
+            return found[0]
+    raise DataError(f"{root}: no {what} {' or '.join(names)}")
+
+
 class _SkipUnreadable:
     """Mixin: on an unreadable file, warn once, count it, and serve the next readable sample."""
 
@@ -539,7 +584,8 @@ VOC_CLASSES = ("background aeroplane bicycle bird boat bottle bus car cat chair 
 
 
 class VOCSegmentation(_SkipUnreadable, Dataset):
-    """Pascal VOC layout: JPEGImages/<id>.jpg, SegmentationClass/<id>.png, ImageSets/Segmentation/<split>.txt.
+    """Pascal VOC layout: JPEGImages/<id>.jpg, SegmentationClass/<id>.png, ImageSets/Segmentation/<split>.txt;
+    split "trainaug" (10,582 ids) reads SegmentationClassAug/ in root or beside it.
     item = transform(img uint8 (3,H,W), mask int64 (H,W)); 255 in the mask = ignore. Classes come from
     root/classes.txt (one per line, line index = id) when present, else VOC's 21."""
 
@@ -547,7 +593,10 @@ class VOCSegmentation(_SkipUnreadable, Dataset):
         self.root, self.transform, self._bad = _need(root, "folder"), transform, set()
         ids = _split_ids(os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt"))
         self.images = [os.path.join(root, "JPEGImages", i + ".jpg") for i in ids]
-        self.masks = [os.path.join(root, "SegmentationClass", i + ".png") for i in ids]
+        masks = os.path.join(root, "SegmentationClass")
+        if split == "trainaug":  # Leopart's linear probe: SBD's masks, in root or beside it (VOCdevkit/)
+            masks = _first(root, "SegmentationClassAug", os.path.join("..", "SegmentationClassAug"))
+        self.masks = [os.path.join(masks, i + ".png") for i in ids]
         names_file = os.path.join(root, "classes.txt")
         self.class_names = ([n.strip() for n in open(names_file) if n.strip()] if os.path.exists(names_file)
                             else list(VOC_CLASSES))
@@ -600,6 +649,65 @@ class DAVIS(Dataset):
                     with Image.open(mask_path) as img:
                         palette = img.getpalette()
         return dict(name=self.names[i], frames=frames, masks=masks, palette=palette)
+
+
+class COCOSegmentation(VOCSegmentation):
+    """COCO 2017 as Leopart's COCOSegmentation (coco_data_module.py), classes = supercategories sorted by name.
+    labels "stuff": 15, of stuff_<split>2017_pixelmaps (0 = things, 183 = "other" -> 255) or of cocostuff's
+    stuffthingmaps*/<split>2017 (id - 1); "thing": 12, of panopticapi's semantic_segmentation_<split>2017 (stuff
+    -> 255). Images <split>2017/ in root, images/ or coco/images/; fraction: a seeded sample (Leopart: 10 %)."""
+
+    def __init__(self, root, split="val", transform=None, labels="stuff", fraction=1.0, seed=0):
+        self.root, self.transform, self._bad = _need(root, "folder"), transform, set()
+        deep = ["", "*/", "*/*/", "*/*/*/"]
+        names = ((f"stuff_{split}2017_pixelmaps", f"stuffthingmaps*/{split}2017", "stuff_val2017.json") if labels
+                 == "stuff" else (f"semantic_segm*_{split}2017", "panoptic_val2017.json"))
+        maps = _first(root, *[d + n for n in names[:-1] for d in deep], what=f"{labels} maps")
+        categories = json.load(open(_first(root, *[d + names[-1] for d in deep], what="file")))["categories"]
+        keep = [c for c in categories if (c["supercategory"] != "other" if labels == "stuff" else c["isthing"])]
+        self.class_names = sorted({c["supercategory"] for c in keep})
+        self.num_classes = len(self.class_names)
+        self.lut = torch.full((257,), 255, dtype=torch.int64)  # Leopart's cat_id_map
+        self.lut[[c["id"] for c in keep]] = torch.tensor([self.class_names.index(c["supercategory"]) for c in keep])
+        self.offset = int("stuffthingmaps" in maps)  # stuffthingmaps hold id - 1, 255 = unlabelled
+        images = _list_images(_first(root, f"{split}2017", f"images/{split}2017", f"coco/images/{split}2017"), False)
+        keep = sorted(random.Random(seed).sample(range(len(images)), int(len(images) * fraction)))
+        self.images = images if fraction >= 1 else [images[i] for i in keep]
+        self.masks = [os.path.join(maps, os.path.splitext(os.path.basename(p))[0] + ".png") for p in self.images]
+
+    def _load(self, j):
+        img, mask = super()._load(j)
+        return img, self.lut[(mask + self.offset).clamp(0, 256)]
+
+
+class YouTubeVOS(DAVIS):
+    """YouTube-VOS train/ layout (JPEGImages/<video>/*.jpg, Annotations/<video>/*.png, meta.json), split 80/20
+    into TimeT's train1/val1 (data_loader.split_directory_to_train_val, unseeded there): here the sorted
+    names shuffled by random.Random(seed). Items as DAVIS's plus `objects` (meta.json: id -> category)."""
+
+    def __init__(self, root, split="val", seed=0, train_fraction=0.8):
+        self.root = _need(root, "folder")
+        self.meta = json.load(open(_need(os.path.join(root, "meta.json"), "file")))["videos"]
+        names = sorted(d.name for d in os.scandir(_need(os.path.join(root, "JPEGImages"), "folder")) if d.is_dir())
+        random.Random(seed).shuffle(names)
+        self.split = {"train": sorted(names[:(cut := int(len(names) * train_fraction))]), "val": sorted(names[cut:])}
+        self.names = self.split[split]
+        self.frame_dirs = [os.path.join(root, "JPEGImages", n) for n in self.names]
+        self.mask_dirs = [os.path.join(root, "Annotations", n) for n in self.names]
+        # make_categories_dict: every category of meta.json, sorted, 1-based (0 = background)
+        self.categories = sorted({o["category"] for v in self.meta.values() for o in v["objects"].values()})
+
+    def __getitem__(self, i):
+        return dict(super().__getitem__(i), objects=self.meta.get(self.names[i], {}).get("objects", {}))
+
+    def category_map(self, masks, objects) -> torch.Tensor:
+        """TimeT's map_instances on one clip (T, H, W): the clip's instance ids, ascending, each replaced in
+        place by its category's index, so that an index equal to a later id is replaced again (as officially)."""
+        out = masks.clone()
+        for obj in out.unique().tolist():
+            if obj not in (0, 255):
+                out[out == obj] = self.categories.index(objects[str(obj)]["category"]) + 1
+        return out
 
 
 # ===================================================================================== videos
@@ -958,10 +1066,10 @@ def gaussian_blur(x, sigma, kernel_size, p=1.0, max_kernel=None):
 
 
 # ============================================================================ language-model files
-# What secat.py's language side reads, without the transformers / tokenizers / safetensors
-# packages: a byte tokenizer for an LM trained from scratch; GPT-2's byte-level BPE for a
-# pretrained GPT-2-family LM (vocab.json + merges.txt, or tokenizer.json); and the weights and
-# config of a Hugging Face model folder (config.json, model.safetensors or pytorch_model.bin).
+# What secat.py's language side reads: a byte tokenizer for an LM trained from scratch; a pretrained
+# GPT-2-family LM's own byte-level BPE (vocab.json + merges.txt, or tokenizer.json) through the
+# `tokenizers` library; and the weights and config of a Hugging Face model folder (config.json,
+# model.safetensors through `safetensors`, or pytorch_model.bin).
 class ByteTokenizer:
     """Text <-> ids, one id per UTF-8 byte (0-255), <eos> 256, <pad> 257: only for an LM trained from
     scratch (a pretrained LM reads its own BPE ids), which can then spell any name ("Ærø", "狐")."""
@@ -974,135 +1082,45 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> character table (encoder.py bytes_to_unicode): the printable
-    Latin-1 bytes stand for themselves, the other 68 bytes, in order, for U+0100 onwards."""
-    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    rest = [b for b in range(256) if b not in keep]
-    return {**{b: chr(b) for b in keep}, **{b: chr(256 + j) for j, b in enumerate(rest)}}
-
-
-# Unicode White_Space, which the reference's \s matches; stdlib \s adds \x1c-\x1f
-_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-
-
-@functools.lru_cache(maxsize=1)
-def gpt2_pattern():
-    """GPT-2's pre-tokenisation regex ('s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|
-    \\s+(?!\\S)|\\s+) for the stdlib `re`, which lacks \\p{..}: the letter (L*) and number (N*) classes
-    are listed from unicodedata's categories (0.5 s, once), so they differ from the reference only
-    where Python's Unicode version differs from the one the reference was built with."""
-    import unicodedata
-    ranges = {"L": [], "N": []}
-    for cp in range(0x110000):
-        kind = unicodedata.category(chr(cp))[0]
-        if kind in ranges:
-            r = ranges[kind]
-            if r and r[-1][1] == cp - 1:
-                r[-1][1] = cp
-            else:
-                r.append([cp, cp])
-    L, N = ("".join(re.escape(chr(a)) + (f"-{re.escape(chr(b))}" if b > a else "") for a, b in ranges[k]) for k in "LN")
-    return re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{_SPACE}{L}{N}]+|[{_SPACE}]+(?![^{_SPACE}])|[{_SPACE}]+")
-
-
 class BPETokenizer:
-    """GPT-2's byte-level BPE (encoder.py Encoder): cut the text with gpt2_pattern, write each piece's
-    UTF-8 bytes as _bytes_to_unicode characters, merge the adjacent pair of lowest merge rank (every
-    occurrence, left to right) until no pair is in the merges, look the pieces up in the vocabulary.
-    <|endoftext|> is <eos> and <pad>; decode drops special tokens."""
+    """A GPT-2-family LM's byte-level BPE through `tokenizers`: GPT-2's vocab.json + merges.txt, else a
+    tokenizer.json; the same ids as GPT-2's encoder.py. <|endoftext|> is <eos> and <pad>, and the same
+    token where the text spells it out; decode drops special tokens."""
 
-    def __init__(self, vocab: dict[str, int], merges: list, specials=("<|endoftext|>",)):
-        self.vocab, self.ranks = vocab, {tuple(m): r for r, m in enumerate(merges)}
-        self.special_ids = {vocab[s] for s in specials if s in vocab}
-        self.inverse = {i: t for t, i in vocab.items() if i not in self.special_ids}
-        present = [re.escape(t) for t in specials if t in vocab]
-        self.special_split = re.compile("(" + "|".join(present) + ")") if present else None
-        self.eos = self.pad = vocab.get("<|endoftext|>", max(vocab.values()))
-        self.vocab_size = max(vocab.values()) + 1
-        self.byte_char = _bytes_to_unicode()
-        self.char_byte = {c: b for b, c in self.byte_char.items()}
-        self.cache = {}
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.eos = self.pad = tokenizer.token_to_id("<|endoftext|>")
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
 
     @classmethod
     def from_folder(cls, folder) -> BPETokenizer:
-        """vocab.json + merges.txt (GPT-2's files), else tokenizer.json (a Hugging Face fast tokenizer)."""
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
         vocab, merges = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
-        if os.path.exists(vocab) and os.path.exists(merges):
-            with open(merges, encoding="utf-8") as f:
-                lines = [line.rstrip("\n") for line in f]
-            pairs = [line.split(" ") for line in lines if line and not line.startswith("#version")]
-            return cls(json.load(open(vocab, encoding="utf-8")), pairs)
         path = os.path.join(folder, "tokenizer.json")
-        if not os.path.exists(path):
+        if os.path.exists(vocab) and os.path.exists(merges):  # GPT-2's own files: its tokenizer, built
+            tok = Tokenizer(models.BPE.from_file(vocab, merges))
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            tok.decoder = decoders.ByteLevel()
+        elif os.path.exists(path):
+            try:
+                tok = Tokenizer.from_file(path)
+            except Exception as e:  # the library's own message names what it could not read
+                raise DataError(f"{path}: not a tokenizer file that `tokenizers` reads ({str(e)[:120]})") from None
+            if type(tok.model).__name__ != "BPE" or "ByteLevel" not in str(tok.pre_tokenizer):
+                raise DataError(f"{path}: not a byte-level BPE tokenizer (GPT-2 family); other tokenizers are not supported")
+        else:
             raise DataError(f"{folder}: no tokenizer files (vocab.json + merges.txt, or tokenizer.json); "
                             "a pretrained LM must read its own tokens, the byte tokenizer is only for an LM from scratch")
-        spec = json.load(open(path, encoding="utf-8"))
-        model, pre = spec.get("model", {}), json.dumps(spec.get("pre_tokenizer"))
-        if model.get("type") != "BPE" or "ByteLevel" not in pre:
-            raise DataError(f"{path}: not a byte-level BPE tokenizer (GPT-2 family); other tokenizers are not supported")
-        vocab = dict(model["vocab"], **{t["content"]: t["id"] for t in spec.get("added_tokens", [])})
-        merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
-        return cls(vocab, merges, [t["content"] for t in spec.get("added_tokens", []) if t.get("special")] + ["<|endoftext|>"])
-
-    def _bpe(self, word: str) -> list[str]:
-        if word in self.cache:
-            return self.cache[word]
-        parts = list(word)
-        while len(parts) > 1:
-            rank, first, second = min((self.ranks.get(p, math.inf), *p) for p in zip(parts, parts[1:]))
-            if rank == math.inf:
-                break
-            merged, i = [], 0
-            while i < len(parts):
-                if i + 1 < len(parts) and parts[i] == first and parts[i + 1] == second:
-                    merged.append(first + second)
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
-        self.cache[word] = parts
-        return parts
+        if tok.token_to_id("<|endoftext|>") is None:
+            raise DataError(f"{folder}: its vocabulary has no <|endoftext|> (GPT-2's end of text)")
+        tok.add_special_tokens([AddedToken("<|endoftext|>", special=True)])  # spelled out, it is that one token
+        return cls(tok)
 
     def encode(self, text: str) -> list[int]:
-        ids = []
-        for j, chunk in enumerate(self.special_split.split(text) if self.special_split else [text]):
-            if j % 2:  # a special token written out in the text is that token, as in the reference
-                ids.append(self.vocab[chunk])
-                continue
-            for piece in gpt2_pattern().findall(chunk):
-                for token in self._bpe("".join(self.byte_char[b] for b in piece.encode("utf-8"))):
-                    if token not in self.vocab:
-                        raise DataError(f"BPE piece {token!r} is not in the vocabulary (the 256 byte tokens must be)")
-                    ids.append(self.vocab[token])
-        return ids
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:  # special tokens dropped; a cut multi-byte character becomes U+FFFD
-        return bytes(self.char_byte[c] for i in ids if i in self.inverse for c in self.inverse[i]).decode(
-            "utf-8", errors="replace")
-
-
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-                      "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def read_safetensors(path) -> dict[str, torch.Tensor]:
-    """A .safetensors file: an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
-    data_offsets}}, then the raw tensor bytes (read once; the tensors are views of that buffer)."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        blob = bytearray(os.path.getsize(path) - 8 - n)
-        f.readinto(blob)
-    out = {}
-    for name, info in header.items():
-        if name != "__metadata__":
-            start, end = info["data_offsets"]
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            out[name] = torch.frombuffer(blob, dtype=dtype, count=(end - start) // dtype.itemsize, offset=start
-                                         ).reshape(info["shape"]) if end > start else torch.empty(info["shape"], dtype=dtype)
-    return out
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
 def read_hf_folder(folder, flag="") -> tuple[dict, dict]:
@@ -1116,9 +1134,11 @@ def read_hf_folder(folder, flag="") -> tuple[dict, dict]:
     config = json.load(open(config)) if os.path.exists(config) else {}
     path = os.path.join(folder, "model.safetensors")
     if os.path.exists(path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
         try:
-            return read_safetensors(path), config
-        except (OSError, ValueError, KeyError) as e:  # an empty, truncated or foreign file
+            return load_file(path), config
+        except (OSError, ValueError, KeyError, SafetensorError) as e:  # an empty, truncated or foreign file
             raise CheckpointError(f"{where}: model.safetensors is not readable ({type(e).__name__}: {e})") from None
     if os.path.exists(os.path.join(folder, "pytorch_model.bin")):
         return load_checkpoint(os.path.join(folder, "pytorch_model.bin"), flag=flag), config
@@ -1481,15 +1501,18 @@ def _numbered(files) -> bool:
 
 
 def dataset_kind(path) -> str:
-    """Which loader fits path: video, image, frame folder, videos, images, image folder, voc, davis, synthetic world."""
+    """Which loader fits path: video, image, frame folder, videos, images, image folder, voc, davis, synthetic world,
+    coco, youtube-vos."""
     path = _need(path)
     if os.path.isfile(path):
         for kind, exts in (("video", VIDEO_EXTS), ("image", IMAGE_EXTS)):
             if path.lower().endswith(exts):
                 return kind
         raise DataError(f"{path}: neither a video ({', '.join(VIDEO_EXTS)}) nor an image")
-    for kind, marker in (("synthetic world", "world.json"), ("voc", "ImageSets/Segmentation"), ("davis", "ImageSets/2017")):
-        if os.path.exists(os.path.join(path, marker)):
+    for kind, marker in (("synthetic world", "world.json"), ("voc", "ImageSets/Segmentation"),
+                         ("davis", "ImageSets/2017"), ("coco", "annotations/panoptic_annotations"),
+                         ("coco", "annotations/*_val2017.json"), ("youtube-vos", "meta.json")):
+        if glob.glob(os.path.join(glob.escape(path), marker)):
             return kind
     if _frame_files(path):
         return "frame folder" if _numbered(_frame_files(path)) else "images"
@@ -1557,7 +1580,7 @@ def _describe(path, kind, num_frames, stride):
         return [ds[i][0] for i in firsts]
     if kind == "voc":
         shown = []
-        for split in ("train", "val"):
+        for split in ("train", "trainaug", "val"):
             if not os.path.exists(os.path.join(path, "ImageSets", "Segmentation", f"{split}.txt")):
                 continue
             ds = VOCSegmentation(path, split)
@@ -1567,6 +1590,19 @@ def _describe(path, kind, num_frames, stride):
                   f"first {img.shape[2]}x{img.shape[1]}, ids in the first 20 masks: {ids}")
             shown += [_overlay(*ds[i]) for i in range(min(6, len(ds)))]
         return shown
+    if kind == "coco":  # val only: listing train2017 is slow
+        shown = []
+        for labels in ("stuff", "thing"):
+            ds = COCOSegmentation(path, "val", labels=labels)
+            print(f"{path} [val]: coco-{labels}, {len(ds)} images, {ds.num_classes} classes: {ds.class_names}")
+            shown += [_overlay(*ds[i]) for i in range(min(3, len(ds)))]
+        return shown
+    if kind == "youtube-vos":
+        ds = YouTubeVOS(path)
+        print(f"{path}: youtube-vos, {len(ds.meta)} videos in meta.json, {len(ds.categories)} categories; "
+              f"split (seed 0) {len(ds.split['train'])} train / {len(ds.split['val'])} val videos")
+        seq = ds[0]
+        return [_overlay(seq["frames"][t], ds.category_map(seq["masks"], seq["objects"])[t]) for t in (0, -1)]
     if kind == "davis":
         ds = DAVIS(path)
         shown = []

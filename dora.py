@@ -33,7 +33,6 @@ import argparse
 import math
 import os
 import random
-import sys
 import time
 
 import numpy as np
@@ -56,6 +55,13 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Config: the official code's defaults, and the README command's values where it sets
 # them (the run behind the paper's numbers). --demo overrides a few of them in one place.
 # ----------------------------------------------------------------------------------------
+# --demo: a tiny ViT on 64-px crops of the synthetic world's videos, ~5 min on 2 CPU cores; flags given win
+DEMO = dict(arch="vit_demo", patch_size=8, out_dim=1024, norm_last_layer=1, image_size=64, precrop_size=86,
+            frames_per_clip=4, step_between_clips=4, clip_start_every=2, local_crops_number=2, epochs=8,
+            batch_size_per_gpu=8, lr=0.015, min_lr=1e-5, warmup_epochs=1, warmup_teacher_temp_epochs=0,
+            momentum_teacher=0.99, num_workers=2, log_every=5)
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser("DoRA: discover and track objects in one long video")
     p.add_argument("--data", nargs="+", default=None, help="video files (mp4 ...), frame folders, or folders of them")
@@ -114,16 +120,10 @@ def get_args(argv=None):
     p.add_argument("--stop-after", type=int, default=0, help="leave after this many epochs of this run (job limits); 0: never")
     p.add_argument("--bench", type=int, default=0, help="time the loader and N steps (JSON line)")
     p.add_argument("--log-every", type=int, default=10, help="steps between JSON log lines")
+    if p.parse_known_args(argv)[0].demo:  # the demo's values as defaults: every flag given (abbreviated too) wins
+        p.set_defaults(**DEMO)
     args = p.parse_args(argv)
-    if args.demo:  # tiny ViT, 64-px crops of the synthetic world's videos: ~5 min on 2 CPU cores
-        given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
-        demo = dict(arch="vit_demo", patch_size=8, out_dim=1024, norm_last_layer=1, image_size=64, precrop_size=86,
-                    frames_per_clip=4, step_between_clips=4, clip_start_every=2, local_crops_number=2,
-                    epochs=8, batch_size_per_gpu=8, lr=0.015, min_lr=1e-5, warmup_epochs=1,
-                    warmup_teacher_temp_epochs=0, momentum_teacher=0.99, num_workers=2, log_every=5)
-        for k, v in demo.items():  # explicit flags win over the demo's settings
-            if "--" + k.replace("_", "-") not in given:
-                setattr(args, k, v)
+    if args.demo:
         args.eval_data = data.demo_eval_root(args.eval_data, ["knn", "seg-cluster", "propagate"])  # default: synthetic
         args.data = args.data or [os.path.join(data.ensure_synth("runs/synth", seed=0), "videos")]
     if args.data is None:
@@ -643,8 +643,9 @@ def train(args):
     d = data.init_distributed()
     args.amp = data.resolve_amp(args.amp, d.device)
     autocast = data.autocast(d.device, args.amp)
-    data.seed_everything(args.seed, d.rank)
-    log, ckpt_path, ckpt = data.prepare_output_dir(args.output_dir, args.resume, args.overwrite, d.is_main, METHOD)
+    data.seed_everything(args.seed)  # not per rank: the same student and teacher everywhere (per rank: each epoch)
+    log, ckpt_path, ckpt = data.prepare_output_dir(args.output_dir, args.resume, args.overwrite, d.is_main, METHOD,
+                                                   d.world_size)
     if args.pretrained:  # refuse a wrong file before the videos are probed
         data.read_pretrained(args.pretrained)
 
@@ -660,12 +661,13 @@ def train(args):
         raise SystemExit(f"{args.data}: {len(dataset)} clips is fewer than one batch of {args.batch_size_per_gpu} per GPU; "
                          "lower --batch-size-per-gpu, --step-between-clips or --frames-per-clip")
     m = build_models(args, d.device, d.world_size > 1)
+    data.broadcast_module(m["teacher"])  # DDP makes the students equal; the teachers must start equal too
     m["schedules"] = make_schedules(args, steps_per_epoch, d.world_size)
     if args.bench:  # loader and step rates (data.bench_train)
         return data.bench_train(loader, lambda crops: train_step(m, dataset.transform.finish(crops, d.device), 0, 0,
                                                                  args, autocast), args.bench, d.device, args.frames_per_clip)
-    start_epoch = ckpt["epoch"] if ckpt is not None else 0  # --resume
-    if ckpt is not None:
+    start_epoch, _ = data.resume_step(ckpt, steps_per_epoch)
+    if ckpt is not None:  # --resume
         m["student"].load_state_dict(ckpt["model"])
         m["teacher"].load_state_dict(ckpt["teacher"])
         m["optimizer"].load_state_dict(ckpt["optimizer"])
@@ -692,12 +694,11 @@ def train(args):
             data.save_checkpoint({"method": METHOD, "args": vars(args), "epoch": epoch + 1, "step": it + 1,
                                   "model": m["student"].state_dict(), "teacher": m["teacher"].state_dict(),
                                   "optimizer": m["optimizer"].state_dict(), "scaler": m["scaler"].state_dict(),
-                                  "center": m["loss"].center.cpu()}, ckpt_path)
+                                  "center": m["loss"].center.cpu(), "world_size": d.world_size}, ckpt_path)
             print(f"epoch {epoch}: loss {stats['loss']:.3f}, {frames_s:.0f} frames/s, saved {ckpt_path}")
         if args.stop_after and epoch + 1 - start_epoch >= args.stop_after:
             break
-    if d.world_size > 1:
-        dist.barrier()
+    data.finish_distributed()
     return m, dataset
 
 

@@ -3,9 +3,9 @@
 One shared implementation, so that every method of this repo (and the official DINO weights, the baseline)
 is measured the same way, as the papers' official evaluation code measures it: PROTOCOLS (below) names the
 official script each benchmark follows and what differs, and every JSON printed carries it.
-  ImageNet-style folders: knn, linear.      VOC layout: seg-linear, seg-cluster.
-  DAVIS layout: propagate, video-kmeans.    Frozen / SeCAt: icl.      Pictures: viz.
-  unsupervised_segmentation (a function; leopart.py calls it): Leopart's CBFE + Infomap community detection.
+  ImageNet-style folders: knn, linear.      VOC or COCO (--labels stuff|thing): seg-linear, seg-fcn, seg-cluster.
+  DAVIS: propagate, video-kmeans.    YouTube-VOS: video-kmeans.    Frozen / SeCAt: icl.      Pictures: viz.
+  unsup-seg (VOC; unsupervised_segmentation, which leopart.py calls): Leopart's CBFE + Infomap community detection.
 All scores are percentages (accuracy, mIoU, J, F, NMI). The last line printed is one JSON object.
 
 Sections (in file order; each opens with a "# ====== <name>" line):
@@ -13,18 +13,19 @@ Sections (in file order; each opens with a "# ====== <name>" line):
   transforms          normalisation and feature extraction ([CLS] and patch tokens, cached)
   classification      k-NN (DINO's weighted vote) and the linear probe
   clustering          faiss_kmeans (torch), kmeans, match_clusters (Hungarian on IoU), mIoU, NMI
-  segmentation probes seg-linear and seg-cluster on patch tokens
-  unsupervised seg.   Leopart's CBFE + CD (Infomap community detection)
+  segmentation probes seg-linear (Leopart's recipe, or cached tokens), seg-fcn, seg-cluster on patch tokens
+  unsupervised seg.   Leopart's CBFE + CD (Infomap community detection), the attention foregrounds
   DAVIS               J, F and label propagation
   in-context          icl: Frozen's open-ended episodes (drawn or as released), task induction, repeats
   pictures            attention maps, k-means overlays, GIFs
-  video k-means       TimeT's clip-wise and dataset-wise video segmentation
+  video k-means       TimeT's frame-, clip- and dataset-wise video segmentation (DAVIS, YouTube-VOS)
   runners, CLI        dataset-level runners shared by the CLI and run_suite; the command line
   python evaluate.py knn          --ckpt runs/dora/checkpoint.pth --data /data/imagenet
   python evaluate.py linear       --ckpt dino_deitsmall16_pretrain.pth --arch vit_small --patch-size 16 --data ...
   python evaluate.py seg-cluster  --ckpt ... --data /data/VOCdevkit/VOC2012   (VOC layout, data.py)
   python evaluate.py propagate    --ckpt ... --data /data/DAVIS --output-dir runs/davis
-  python evaluate.py video-kmeans --ckpt ... --data /data/DAVIS --image-size 224
+  python evaluate.py video-kmeans --ckpt ... --data /data/youtube-vos/train --mode frame --k 10 --sampling timet
+  python evaluate.py unsup-seg    --ckpt ... --data /data/VOCdevkit/VOC2012 --attention <folder of attn_dino_*.pt>
   python evaluate.py suite        --random-init --arch vit_demo --patch-size 8 --data runs/synth
   python evaluate.py suite        --arch pixels --patch-size 8 --data runs/synth    (raw-pixel floor)
 """
@@ -39,7 +40,7 @@ import random
 import re
 import string
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 
 import numpy as np
 import torch
@@ -356,7 +357,7 @@ def cluster_accuracy(pred, true) -> float:
     return 100 * conf[rows, cols].sum().item() / len(true)
 
 
-# ====== Segmentation probes on cached patch tokens (N, D, h, w) and masks (N, H, W), 255 ignored =====
+# ====== Segmentation probes on patch tokens (N, D, h, w) and masks (N, H, W), 255 ignored ============
 def seg_linear(train_features, train_masks, val_features, val_masks, num_classes, epochs=20, lr=1e-2,
                batch_size=16, device="cpu", seed=0) -> dict:
     """A 1x1 conv on frozen patch tokens, logits bilinearly upsampled to the mask, cross-entropy with
@@ -378,6 +379,75 @@ def seg_linear(train_features, train_masks, val_features, val_masks, num_classes
             conf += confusion(logits.argmax(1).cpu(), m, num_classes, num_classes)
     pixel_acc = 100 * conf.diagonal().sum().item() / conf.sum().item()
     return {"seg_linear/miou": miou(conf), "seg_linear/pixel_acc": pixel_acc}
+
+
+def seg_augment(img, mask, size: int, scale=(0.8, 1.0)):
+    """Leopart's linear_finetuning_transforms: one RandomResizedCrop (scale 0.8-1) of the image (bilinear) and mask
+    (PIL's nearest) to size, a flip with p 0.5. uint8 (3, H, W), (H, W) -> normalised (3, S, S), uint8 (S, S)."""
+    import torchvision.transforms as T1
+    top, left, h, w = T1.RandomResizedCrop.get_params(img, list(scale), [3 / 4, 4 / 3])
+    img = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
+    mask = TF.resized_crop(mask[None].byte(), top, left, h, w, [size, size], TF.InterpolationMode.NEAREST_EXACT)
+    flip = torch.rand(()) < 0.5
+    return normalize(TF.horizontal_flip(img) if flip else img), (TF.horizontal_flip(mask) if flip else mask)[0]
+
+
+class FCNHead(nn.Module):
+    """Leopart's fcn/fcn_head.py (mmseg's FCNHead: 2 convs 3x3, concat_input, no norm, ReLU, 512 channels,
+    Dropout2d 0.1, 1x1 conv_seg), its parameter names; mmcv ConvModule's init (kaiming normal fan_out, bias 0)."""
+
+    def __init__(self, dim, num_classes, channels=512, dropout=0.1):
+        super().__init__()
+        def block(i):  # mmcv's ConvModule: .conv, .activate
+            return nn.Sequential(OrderedDict(conv=nn.Conv2d(i, channels, 3, padding=1), activate=nn.ReLU()))
+        self.convs, self.conv_cat = nn.Sequential(block(dim), block(channels)), block(dim + channels)
+        self.dropout, self.conv_seg = nn.Dropout2d(dropout), nn.Conv2d(channels, num_classes, 1)
+        for conv in (self.convs[0].conv, self.convs[1].conv, self.conv_cat.conv):
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x):  # (B, dim, h, w) -> (B, num_classes, h, w)
+        return self.conv_seg(self.dropout(self.conv_cat(torch.cat([x, self.convs(x)], dim=1))))
+
+
+def seg_linear_leopart(backbone, train_set, val_features, val_masks, num_classes, device="cpu", head="linear",
+                       epochs=25, drop_at=20, lr=0.01, batch_size=120, train_size=100, eval_size=448, num_workers=0,
+                       seed=0) -> dict:
+    """Leopart's linear_finetune.py on the fly: train_set items (image, mask) augmented (seg_augment), frozen patch
+    tokens upsampled bilinearly to train_size, a 1x1 conv (head "fcn": FCNHead) against masks nearest at train_size,
+    255 ignored; SGD momentum 0.9, wd 1e-4, lr x 0.1 every drop_at epochs (StepLR), drop_last (60 x 2 GPUs officially).
+    Scored as eval_linear.py: val tokens (N, D, h, w) upsampled to eval_size, mIoU over all classes of masks (N, S, S).
+    -> {"seg_<head>/miou", "seg_<head>/pixel_acc"}."""
+    torch.manual_seed(seed)
+    dim = val_features.shape[1]
+    probe = (FCNHead(dim, num_classes) if head == "fcn" else nn.Conv2d(dim, num_classes, 1)).to(device)
+    opt = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.StepLR(opt, drop_at, gamma=0.1)
+    loader = torch.utils.data.DataLoader(train_set, batch_size, shuffle=True, num_workers=num_workers,
+                                         drop_last=len(train_set) > batch_size)
+    for _ in range(epochs):
+        probe.train()
+        for images, masks in loader:
+            with torch.no_grad():
+                tokens = backbone.get_intermediate_layers(images.to(device), 1)[0][:, 1:]
+                h, w = token_grid(tokens.shape[1], *images.shape[-2:])
+                tokens = F.interpolate(rearrange(tokens.float(), "b (h w) d -> b d h w", h=h, w=w), size=train_size,
+                                       mode="bilinear")
+            loss = F.cross_entropy(probe(tokens), resize_ids(masks.to(device), train_size), ignore_index=255)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()  # Lightning steps StepLR once an epoch
+    probe.eval()
+    up = lambda x: F.interpolate(x, size=eval_size, mode="bilinear")  # noqa: E731
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    with torch.no_grad():  # the linear head commutes with the upsampling: logits are upsampled instead of tokens
+        for f, m in zip(val_features.split(4), val_masks.split(4)):
+            f = f.to(device).float()
+            logits = probe(up(f)) if head == "fcn" else up(probe(f))
+            conf += confusion(logits.argmax(1).cpu(), resize_ids(m, eval_size), num_classes, num_classes)
+    pixel_acc = 100 * conf.diagonal().sum().item() / conf.sum().item()
+    return {f"seg_{head}/miou": miou(conf), f"seg_{head}/pixel_acc": pixel_acc}
 
 
 def _cluster_confusion(labels, masks, k, num_classes, chunk=64):
@@ -473,16 +543,16 @@ def faiss_kmeans(x, k, niter=100, nredo=5, seed=1, spherical=False, copies=None,
     copies (N,): row i stands for that many equal rows (a token's pixels). x (N, D) -> (labels, centroids)."""
     x = x.float()
     g = torch.Generator().manual_seed(seed)
-    copies = torch.ones(len(x), dtype=torch.long) if copies is None else copies.long()
+    copies = torch.ones(len(x), dtype=torch.long, device="cpu") if copies is None else copies.long().cpu()
     total, cap = int(copies.sum()), k * max_points_per_centroid
-    rows = torch.arange(total) if total <= cap else torch.randperm(total, generator=g)[:cap]
-    train = x[torch.searchsorted(copies.cumsum(0), rows, right=True)]
+    rows = torch.arange(total) if total <= cap else torch.randperm(total, generator=g)[:cap]  # g draws on the CPU
+    train = x[torch.searchsorted(copies.cumsum(0), rows, right=True).to(x.device)]
     n = len(train)
     if n < k:
         raise ValueError(f"faiss_kmeans: {n} rows for {k} clusters")
     best = None
     for _ in range(nredo):
-        centroids = train[torch.randperm(n, generator=g)[:k]].clone()
+        centroids = train[torch.randperm(n, generator=g)[:k].to(x.device)].clone()
         centroids = F.normalize(centroids, dim=1) if spherical else centroids
         previous = None
         for _ in range(niter):
@@ -498,7 +568,7 @@ def faiss_kmeans(x, k, niter=100, nredo=5, seed=1, spherical=False, copies=None,
                 cj = 0
                 while torch.rand((), generator=g).item() >= (sizes[cj] - 1) / (n - k):
                     cj = (cj + 1) % k
-                sign = torch.tensor([1.0, -1.0]).repeat(x.shape[1] // 2 + 1)[:x.shape[1]] / 1024
+                sign = torch.tensor([1.0, -1.0], device=x.device).repeat(x.shape[1] // 2 + 1)[:x.shape[1]] / 1024
                 centroids[ci] = centroids[cj] * (1 + sign)
                 centroids[cj] = centroids[cj] * (1 - sign)
                 sizes[ci] = sizes[cj] / 2
@@ -715,6 +785,35 @@ def unsupervised_segmentation_voc(backbone, root, size, foreground, k_fg, k_comm
         save_cluster_maps(backbone, val_x, val_y, maps, num_classes, picture, name)
         print(f"wrote {picture}")
     return scores
+
+
+def attention_foreground(attn, mass=0.65, sigma=0.6):
+    """Leopart's utils.process_attentions as fully_unsup_seg.py stores DINO's (threshold 0.65): 7x7 Gaussian blur,
+    the tokens over 1 - mass of the ascending cumulative mass, 8-connected components of <= 2 tokens dropped.
+    attn (N, h, w) head-averaged [CLS] attention -> bool (N, h, w)."""
+    from scipy import ndimage
+    a = TF.gaussian_blur(attn.float()[:, None], [7, 7], [sigma, sigma]).flatten(1)
+    values, order = a.sort(dim=1)
+    keep = torch.zeros_like(a, dtype=torch.bool).scatter(1, order, (values / values.sum(1, keepdim=True)).cumsum(1)
+                                                           > 1 - mass).view(attn.shape).numpy()
+    for m in keep:
+        labels, n = ndimage.label(m, structure=np.ones((3, 3)))
+        m[(np.bincount(labels.ravel(), minlength=n + 1) <= 2)[labels] & (labels > 0)] = False
+    return torch.from_numpy(keep)
+
+
+def saved_foreground(folder):
+    """foreground(attn) from Leopart's saved DINO maps, folder/attn_dino_{train,val}.pt ((N, 1, h', w') 0/1, as
+    fully_unsup_seg.py loads them), brought to the tokens' (h, w) by nearest interpolation as it does."""
+    def foreground(attn):
+        paths = [os.path.join(folder, f"attn_dino_{split}.pt") for split in ("train", "val")]
+        maps = [torch.load(data._need(p, "file"), map_location="cpu", weights_only=True).float() for p in paths]
+        maps = torch.cat([m.reshape(-1, 1, *m.shape[-2:]) for m in maps])
+        if len(maps) != len(attn):
+            raise data.DataError(f"{folder}: attn_dino_train.pt + attn_dino_val.pt hold {len(maps)} maps for "
+                                 f"{len(attn)} train + val images")
+        return F.interpolate(maps, size=attn.shape[-2:], mode="nearest")[:, 0] > 0
+    return foreground
 
 
 @torch.no_grad()
@@ -1181,11 +1280,17 @@ def tracking_picture(track, backbone, clip, path, heads=(0, 1, 2)) -> tuple:
     return mask_overlap(masks_plain), mask_overlap(masks)
 
 
-# ====== Video k-means (TimeT's unsupervised video segmentation): clip-wise and dataset-wise ========
-def cluster_miou(pred: torch.Tensor, truth: torch.Tensor, k: int, num_classes: int) -> float:
-    """mIoU (%) as TimeT's PredsmIoU (metrics.py, involve_bg): Hungarian IoU, over the classes in `truth`."""
-    conf = confusion(pred, truth, k, num_classes)
-    return miou(conf, match_clusters(conf), gt_classes_only=True)
+# ====== Video k-means (TimeT's unsupervised video segmentation): frame-, clip- and dataset-wise =====
+def cluster_miou(pred: torch.Tensor, truth: torch.Tensor, many_to_one=False) -> float:
+    """mIoU (%) as TimeT's PredsmIoU(involve_bg=True) (metrics.py): the ids present in pred and truth (255 dropped)
+    matched by Hungarian IoU, the unmatched clusters -> 0, or many_to_one (precision_based): each cluster to its
+    highest-precision class; the mean over the classes present."""
+    keep = truth != 255
+    pred_ids, pred = pred[keep].unique(return_inverse=True)
+    true_ids, true = truth[keep].unique(return_inverse=True)
+    conf = confusion(pred, true, len(pred_ids), len(true_ids), ignore=-1)
+    background = int((true_ids == 0).nonzero()[0]) if (true_ids == 0).any() else -1
+    return miou(conf, match_clusters(conf, many_to_one, unmatched=background), gt_classes_only=True)
 
 
 @torch.no_grad()
@@ -1238,47 +1343,59 @@ def synthetic_classes(root: str, name: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def video_kmeans_miou(backbone, davis_root: str, size: int, device, clip_frames: int = 16, world_root=None,
-                      pca_batch: int = 16, pca_dim: int = 50):
-    """TimeT's evaluation.py + clustering.py on consecutive clips of clip_frames at size: standardise + PCA
-    (per batch of pca_batch clips clip-wise, all clips dataset-wise), pixel_kmeans, cluster_miou. Clip-wise:
-    K = the clip's instance ids (use_annotations), mean per batch then over batches; dataset-wise: K = the
-    classes (a synthetic world's from its generator, else DAVIS ids), scored at size // 2 (official 112)."""
+def video_kmeans_miou(backbone, root: str, size: int, device, clip_frames: int = 16, world_root=None,
+                      pca_batch: int = 16, pca_dim: int = 50, modes=("clip", "dataset"), k=None, many_to_one=False,
+                      sampling="consecutive", seed=0, split_file=None):
+    """TimeT's evaluation.py + clustering.py: standardise + PCA (per pca_batch clips; dataset: all), pixel_kmeans
+    per frame (frame-wise), clip (its sample-wise) or on all clips (dataset-wise, at size // 2: official 112),
+    cluster_miou. k: fixed (TimeT's default 10) or the labels present (< 2: skipped). sampling: back-to-back clips,
+    or "timet": one clip of random sorted frames a video (SamplingMode.UNIFORM, seeded). Labels: DAVIS ids, a
+    synthetic world's classes (dataset-wise), YouTube-VOS's category maps (data.YouTubeVOS val; split_file)."""
     backbone.eval()
-    videos = data.DAVIS(davis_root, split="val")
-    clips = []  # (features (T, h, w, D), instance masks, semantic masks) at size
+    ytvos = data.dataset_kind(root) == "youtube-vos"
+    videos = data.YouTubeVOS(root, "val", seed) if ytvos else data.DAVIS(root, split="val")
+    if ytvos and split_file:
+        os.makedirs(os.path.dirname(os.path.abspath(split_file)), exist_ok=True)
+        json.dump(dict(seed=seed, **videos.split), open(split_file, "w"))
+    rng, clips = random.Random(seed), []  # (features (T, h, w, D), masks, semantic masks) at size
     for item in videos:
-        frames, masks = item["frames"], item["masks"]
-        semantic = synthetic_classes(world_root, item["name"])[masks] if world_root else masks
-        feats = clip_features(backbone, frames, size, device)
-        masks, semantic = (resize_ids(m, size, "nearest-exact") for m in (masks, semantic))  # TimeT's PIL NEAREST
-        for s in range(0, len(frames) - clip_frames + 1, clip_frames):
-            clips.append((feats[s:s + clip_frames], masks[s:s + clip_frames], semantic[s:s + clip_frames]))
+        frames, masks, n = item["frames"], item["masks"], len(item["frames"])
+        timet = sorted(rng.sample(range(n), clip_frames) if n >= clip_frames else rng.choices(range(n), k=clip_frames))
+        consecutive = [list(range(s, s + clip_frames)) for s in range(0, n - clip_frames + 1, clip_frames)]
+        for idx in [timet] if sampling == "timet" else consecutive:
+            m = videos.category_map(masks[idx], item["objects"]) if ytvos else masks[idx]
+            semantic = synthetic_classes(world_root, item["name"])[m] if world_root else m
+            clips.append((clip_features(backbone, frames[idx], size, device), *(resize_ids(x, size, "nearest-exact")
+                                                                                 for x in (m, semantic))))
     if not clips:
-        raise data.DataError(f"{davis_root}: no val video has {clip_frames} frames (the clip length, --clip-frames)")
-    batch_scores = []
+        raise data.DataError(f"{root}: no val video has {clip_frames} frames (the clip length, --clip-frames)")
+    k_of = lambda m: k or len(m[m != 255].unique())  # noqa: E731
+    batch_scores = {mode: [] for mode in ("frame", "clip")}
     for b in range(0, len(clips), pca_batch):
         batch = clips[b:b + pca_batch]
         flat = torch.cat([f.reshape(-1, f.shape[-1]) for f, _, _ in batch])
         reduced = standardise_and_pca(flat, pca_dim).split([f[..., 0].numel() for f, _, _ in batch])
-        scores = []
+        scores = {mode: [] for mode in ("frame", "clip")}
         for (f, m, _), x in zip(batch, reduced):
-            ids = m[m != 255].unique()
-            if len(ids) < 2:
-                continue
-            lut = torch.full((256,), 255, dtype=torch.long)
-            lut[ids] = torch.arange(len(ids))
-            pred = pixel_kmeans(x.view(*f.shape[:3], -1), len(ids), size)
-            scores.append(cluster_miou(pred, lut[m], len(ids), len(ids)))
-        if scores:
-            batch_scores.append(float(np.mean(scores)))
-    feats = torch.cat([f for f, _, _ in clips])
-    truth = resize_ids(torch.cat([t for _, _, t in clips]), size // 2)
-    num_classes = int(truth[truth != 255].max()) + 1
-    reduced = standardise_and_pca(feats.reshape(-1, feats.shape[-1]), pca_dim).view(*feats.shape[:3], -1)
-    pred = pixel_kmeans(reduced, num_classes, size // 2)
-    return {"video_kmeans/clip_wise_miou": float(np.mean(batch_scores)),
-            "video_kmeans/dataset_wise_miou": cluster_miou(pred, truth, num_classes, num_classes)}
+            x = x.view(*f.shape[:3], -1)
+            if "clip" in modes and k_of(m) > 1:
+                scores["clip"].append(cluster_miou(pixel_kmeans(x, k_of(m), size), m, many_to_one))
+            for t in range(len(x)) if "frame" in modes else ():
+                if k_of(m[t]) > 1:
+                    scores["frame"].append(cluster_miou(pixel_kmeans(x[t:t + 1], k_of(m[t]), size), m[t:t + 1],
+                                                        many_to_one))
+        for mode, values in scores.items():
+            batch_scores[mode] += [float(np.mean(values))] if values else []
+    suffix = "_many_to_one" if many_to_one else ""
+    out = {f"video_kmeans/{mode}_wise_miou{suffix}": float(np.mean(batch_scores[mode])) for mode in ("frame", "clip")
+           if mode in modes}
+    if "dataset" in modes:
+        feats = torch.cat([f for f, _, _ in clips])
+        truth = resize_ids(torch.cat([t for _, _, t in clips]), size // 2)
+        reduced = standardise_and_pca(feats.reshape(-1, feats.shape[-1]), pca_dim).view(*feats.shape[:3], -1)
+        pred = pixel_kmeans(reduced, k or int(truth[truth != 255].max()) + 1, size // 2)
+        out[f"video_kmeans/dataset_wise_miou{suffix}"] = cluster_miou(pred, truth, many_to_one)
+    return out
 
 
 # ====== Dataset-level runners (CLI and run_suite share them) ========================================
@@ -1287,8 +1404,13 @@ PROTOCOLS = {
     "knn": "DINO eval_knn.py: weighted k-NN on L2-normalised [CLS], k = 10/20/100/200, T = 0.07, top-1/top-5",
     "linear": "DINO eval_linear.py's head and schedule (SGD 0.9, wd 0, cosine, lr x batch/256) on cached [CLS] of "
               "the last 4 blocks; lr picked on a 10 % held-out split; no augmentation (ours)",
-    "seg-linear": "1x1-conv probe on frozen patch tokens (ours: AdamW + cosine, cached), logits upsampled "
-                  "bilinearly to the mask; mIoU over all classes (absent = 0, Leopart PredsmIoU), 255 ignored",
+    "seg-linear": "Leopart linear_finetune.py + eval_linear.py: trainaug (VOC; COCO: 10 % of train), random "
+                  "resized crops 0.8-1 + flips on the fly, tokens bilinear to 100x100, 1x1 conv, SGD 0.01 momentum "
+                  "0.9 wd 1e-4, 25 epochs x 0.1 at 20, batch 120; scored at 448, mIoU over all classes, 255 ignored",
+    "seg-linear-cached": "1x1-conv probe on cached patch tokens of train (trainaug if present; ours: no augmentation, "
+                         "AdamW + cosine), logits upsampled bilinearly to the mask; mIoU over all classes (PredsmIoU)",
+    "seg-fcn": "Leopart linear_finetune.py with fcn_head.py (configs/pascal/fcn: 10 epochs, batch 64, lr 0.01) as "
+               "seg-linear; eval_linear.py: tokens bilinear to 448 before the head",
     "seg-cluster": "Leopart sup_overcluster.py: standardise + PCA50, k-means as faiss (100 it, 5 restarts) with "
                    "5 seeds averaged, nearest to 100x100; K = #classes Hungarian IoU, K = 100/300/500 "
                    "many-to-one (precision); fg_k variant ours",
@@ -1321,13 +1443,26 @@ def classification(backbone, root, device, benches=("knn", "linear"), image_size
 
 
 def segmentation(backbone, root, device, benches=("seg-linear", "seg-cluster"), image_size=448, batch_size=16,
-                 num_workers=0, epochs=20, ks=(100, 300, 500), restarts=5, seeds=5) -> dict:
-    """seg-linear (train -> val) and/or seg-cluster (val) on a VOC-layout root."""
-    val = data.VOCSegmentation(root, "val", functools.partial(seg_transform, size=image_size))
+                 num_workers=0, epochs=20, ks=(100, 300, 500), restarts=5, seeds=5, recipe="cached", labels="stuff",
+                 eval_size=448, seed=0) -> dict:
+    """seg-linear / seg-fcn (train -> val; recipe "leopart": seg_linear_leopart, "cached": seg_linear) and/or
+    seg-cluster (val) on a VOC root (trainaug when present) or a COCO root (labels stuff / thing, 10 % of train)."""
+    coco, aug = data.dataset_kind(root) == "coco", os.path.exists(f"{root}/ImageSets/Segmentation/trainaug.txt")
+
+    def sets(split, transform):
+        if coco:
+            return data.COCOSegmentation(root, split, transform, labels, 0.1 if split == "train" else 1, seed)
+        return data.VOCSegmentation(root, "trainaug" if split == "train" and aug else split, transform)
+    val = sets("val", functools.partial(seg_transform, size=image_size))
     val_x, val_y = extract(backbone, _loader(val, batch_size, num_workers), device, patch_tokens=True)
     out = {}
-    if "seg-linear" in benches:
-        train = data.VOCSegmentation(root, "train", functools.partial(seg_transform, size=image_size))
+    for head in [h for h in ("linear", "fcn") if f"seg-{h}" in benches and recipe == "leopart"]:
+        train = sets("train", functools.partial(seg_augment, size=image_size))
+        out.update(seg_linear_leopart(backbone, train, val_x, val_y, val.num_classes, device, head, epochs=epochs,
+                                      batch_size=(120, 64)[head == "fcn"], eval_size=eval_size,
+                                      num_workers=num_workers, seed=seed))
+    if "seg-linear" in benches and recipe == "cached":
+        train = sets("train", functools.partial(seg_transform, size=image_size))
         train_x, train_y = extract(backbone, _loader(train, batch_size, num_workers), device, patch_tokens=True)
         out.update(seg_linear(train_x, train_y, val_x, val_y, val.num_classes, epochs=epochs, device=device))
     if "seg-cluster" in benches:
@@ -1368,7 +1503,8 @@ def print_table(results: dict, title=None):
 
 
 # ====== Command line ================================================================================
-BENCHES = ("knn", "linear", "seg-linear", "seg-cluster", "propagate", "video-kmeans", "icl", "viz", "suite")
+BENCHES = ("knn", "linear", "seg-linear", "seg-cluster", "propagate", "video-kmeans", "icl", "viz", "suite", "seg-fcn",
+           "unsup-seg")
 
 
 def get_args(argv=None):
@@ -1387,7 +1523,8 @@ def get_args(argv=None):
     p.add_argument("--short-side", type=int, default=480, help="propagate/viz: frame short side (DINO: 480)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--epochs", type=int, default=None, help="probe epochs (default: 100 linear, 20 seg-linear)")
+    p.add_argument("--epochs", type=int, default=None, help="probe epochs (default: 100 linear; seg-linear 25, "
+                   "cached 20; seg-fcn 10)")
     p.add_argument("--restarts", type=int, default=5, help="seg-cluster: k-means restarts (best kept; Leopart: 5)")
     p.add_argument("--clip-frames", type=int, default=16, help="video-kmeans: frames per clip (TimeT: 16)")
     p.add_argument("--episodes", type=int, default=100, help="icl episodes per (ways, shots)")
@@ -1401,6 +1538,18 @@ def get_args(argv=None):
     p.add_argument("--max-videos", type=int, default=3, help="viz: pictures for this many videos")
     p.add_argument("--frames", type=int, default=8, help="viz: frames per video")
     p.add_argument("--output-dir", default="runs/eval", help="propagate: palette PNGs; viz: pictures")
+    p.add_argument("--recipe", choices=["leopart", "cached"], default=None, help="seg-linear: Leopart's augmented "
+                   "on-the-fly probe or ours on cached tokens (default: leopart on CUDA, cached on CPU)")
+    p.add_argument("--labels", choices=["stuff", "thing"], default="stuff", help="COCO: Leopart's 15 / 12 classes")
+    p.add_argument("--mask-eval-size", type=int, default=448, help="seg-linear/fcn leopart: scored at (official 448)")
+    p.add_argument("--mode", nargs="+", choices=["frame", "clip", "dataset"], default=["clip", "dataset"],
+                   help="video-kmeans: a k-means per frame (TimeT's default), per clip, on the whole dataset")
+    p.add_argument("--k", type=int, default=None, help="video-kmeans: clusters (TimeT's default 10); default: labels")
+    p.add_argument("--many-to-one", action="store_true", help="video-kmeans: overclustering, precision-based")
+    p.add_argument("--sampling", choices=["consecutive", "timet"], default="consecutive", help="video-kmeans: clips "
+                   "back to back, or TimeT's one clip of --clip-frames random sorted frames per video (its: 4)")
+    p.add_argument("--attention", default=None, help="unsup-seg: folder of Leopart's attn_dino_{train,val}.pt "
+                   "(official); default: the evaluated backbone's attention")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -1415,15 +1564,25 @@ def main(args):
     if args.bench in ("knn", "linear"):
         results = classification(backbone, args.data, device, (args.bench,), size or 224, args.batch_size, workers,
                                  epochs=args.epochs or 100)
-    elif args.bench in ("seg-linear", "seg-cluster"):
+    elif args.bench in ("seg-linear", "seg-cluster", "seg-fcn"):
+        recipe = "leopart" if args.bench == "seg-fcn" else args.recipe or ("cached" if device == "cpu" else "leopart")
         results = segmentation(backbone, args.data, device, (args.bench,), size or 448, args.batch_size, workers,
-                               epochs=args.epochs or 20, restarts=args.restarts)
+                               args.epochs or (20 if recipe == "cached" else 10 if args.bench == "seg-fcn" else 25),
+                               restarts=args.restarts, recipe=recipe, labels=args.labels,
+                               eval_size=args.mask_eval_size, seed=args.seed)
+        args.bench += "-cached" if recipe == "cached" and args.bench == "seg-linear" else ""
+    elif args.bench == "unsup-seg":
+        foreground = saved_foreground(args.attention) if args.attention else attention_foreground
+        results = unsupervised_segmentation_voc(backbone, args.data, size or 448, foreground, 200, 149, args.seed)
+        results["foreground"] = args.attention or "the evaluated backbone's [CLS] attention (attention_foreground)"
     elif args.bench == "propagate":
         results = propagate(backbone, data.DAVIS(args.data), device, args.output_dir, short_side=args.short_side)
     elif args.bench == "video-kmeans":  # a synthetic world's davis/ is scored on its semantic classes
         world = os.path.dirname(os.path.abspath(args.data))
         world = world if os.path.exists(os.path.join(world, "world.json")) else None
-        results = video_kmeans_miou(backbone, args.data, size or 224, device, args.clip_frames, world_root=world)
+        results = video_kmeans_miou(backbone, args.data, size or 224, device, args.clip_frames, world, modes=args.mode,
+                                    k=args.k, many_to_one=args.many_to_one, sampling=args.sampling, seed=args.seed,
+                                    split_file=os.path.join(args.output_dir, "ytvos_split.json"))
     elif args.bench == "icl":  # the checkpoint's module turns it into a generate(images, texts) -> str
         state = data.load_checkpoint(args.ckpt, flag="--ckpt")
         module = importlib.import_module(state["method"]) if "method" in state else None
@@ -1447,9 +1606,13 @@ def main(args):
         results = run_suite(backbone, args.data, device=device, image_size=size or 64, out_dir=args.output_dir)
     if args.bench != "suite":
         print_table(results, f"{args.bench}: {args.ckpt or ('random ' if args.random_init else '') + args.arch}")
-        results["protocol"] = PROTOCOLS.get(args.bench, "ours")
+        results["protocol"] = results.get("protocol", PROTOCOLS.get(args.bench, "ours"))
+        if args.bench == "video-kmeans" and (args.k, args.many_to_one, args.sampling, args.mode) != (
+                None, False, "consecutive", ["clip", "dataset"]):
+            results["protocol"] += f"; --mode {args.mode} --k {args.k} many-to-one {args.many_to_one} {args.sampling}"
     else:
-        results["protocol"] = {b: PROTOCOLS[b] for b in ("knn", "linear", "seg-linear", "seg-cluster", "propagate")}
+        results["protocol"] = {b: PROTOCOLS.get(b + "-cached", PROTOCOLS[b]) for b in
+                               ("knn", "linear", "seg-linear", "seg-cluster", "propagate")}
     print(json.dumps(results))
 
 

@@ -45,6 +45,14 @@ METHOD = "leopart"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+# --demo: ~300 steps, not ~90k: small batches, lr x10, a faster teacher, eval at 96 px (the 64-px crops of 128-px
+# images); from scratch (no --pretrained) the backbone must move further, and attention means nothing yet
+DEMO = dict(arch="vit_demo", patch_size=8, epochs=15, batch_size_per_gpu=8, num_workers=1, global_crops_size=64,
+            local_crops_size=32, proj_hidden_dim=512, queue_length=2048, lr_backbone=1e-4, lr_heads=1e-3,
+            momentum_teacher=0.99, eval_size=96, log_every=5, k_fg=100, k_community=50)
+DEMO_SCRATCH = dict(lr_backbone=5e-4, lr_heads=5e-4, loss_mask="all")
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser("Leopart", description=__doc__.split("\n")[0])
     p.add_argument("--data", default=None, help="VOC-layout root (train split), image folder (recursive), or a "
@@ -83,8 +91,7 @@ def get_args(argv=None):
     p.add_argument("--loss-mask", default="fg", choices=["fg", "all", "bg"])
     p.add_argument("--fg-mass", type=float, default=0.6, help="share of [CLS]-attention mass kept as foreground")
     p.add_argument("--blur-sigma", type=float, default=0.6)
-    p.add_argument("--eval-data", default=None, help="VOC-layout root: fully unsupervised segmentation + pictures after "
-                   "training (--demo: a root laid out like the synthetic world, with voc/; default: the synthetic world)")
+    p.add_argument("--eval-data", default=None, help="VOC-layout root: unsupervised seg. (--demo: like runs/synth)")
     p.add_argument("--eval-size", type=int, default=448, help="validation image size (paper: 448)")
     p.add_argument("--k-fg", type=int, default=200, help="clusters for cluster-based foreground extraction")
     p.add_argument("--k-community", type=int, default=149, help="foreground clusters merged by community detection")
@@ -96,22 +103,12 @@ def get_args(argv=None):
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--bench", type=int, default=0, help="time the loader and N steps (JSON line)")
     p.add_argument("--demo", action="store_true", help="vit_demo, small crops, short schedule, synthetic world")
+    given = p.parse_known_args(argv)[0]
+    if given.demo:  # the demo's values as defaults: every flag given (abbreviated too) wins
+        p.set_defaults(**{**DEMO, **(DEMO_SCRATCH if given.pretrained is None else {})})
     args = p.parse_args(argv)
     args.synth_root = None
-    if args.demo:  # one place for everything the CPU demo changes; explicit flags win
-        given = {a.split("=")[0] for a in (argv if argv is not None else __import__("sys").argv[1:])}
-        # ~300 steps instead of ~90k: small batches for more steps (the queue keeps Sinkhorn fed),
-        # learning rates x10 (same backbone/head ratio), a faster teacher. Eval at 96 px: the middle
-        # of the zoom at which the 64-px crops of the 128-px images are seen in training.
-        d = dict(arch="vit_demo", patch_size=8, epochs=15, batch_size_per_gpu=8, num_workers=1,
-                 global_crops_size=64, local_crops_size=32, proj_hidden_dim=512, queue_length=2048,
-                 lr_backbone=1e-4, lr_heads=1e-3, momentum_teacher=0.99, eval_size=96, log_every=5,
-                 k_fg=100, k_community=50)
-        if args.pretrained is None:  # from scratch: the backbone must move further; attention means nothing yet
-            d.update(lr_backbone=5e-4, lr_heads=5e-4, loss_mask="all")
-        for k, v in d.items():
-            if "--" + k.replace("_", "-") not in given:
-                setattr(args, k, v)
+    if args.demo:
         args.synth_root = data.demo_eval_root(args.eval_data, ["seg-cluster", "seg-linear"])  # or --eval-data, checked
         args.eval_data = os.path.join(args.synth_root, "voc")
         args.data = args.data or os.path.join(data.ensure_synth("runs/synth", seed=0), "voc")  # its train split
@@ -579,15 +576,15 @@ def train(args):
     d = data.init_distributed()
     args.amp = data.resolve_amp(args.amp, d.device)
     autocast = data.autocast(d.device, args.amp)
-    data.seed_everything(args.seed, d.rank)
-    log, ckpt_path, ckpt = data.prepare_output_dir(args.output_dir, args.resume, args.overwrite, d.is_main, METHOD)
+    data.seed_everything(args.seed)  # not per rank: the same initial networks everywhere (per rank: each epoch)
+    log, ckpt_path, ckpt = data.prepare_output_dir(args.output_dir, args.resume, args.overwrite, d.is_main, METHOD,
+                                                   d.world_size)
 
     backbone = init_backbone(args)  # first, right after seeding: main() rebuilds the same for "before"
     crops = LeopartCrops(args.global_crops_size, args.local_crops_size, args.global_crops_number,
                          args.local_crops_number, args.global_crops_scale, args.local_crops_scale, args.min_intersection)
     dataset = data.ImagesOrFrames(args.data, crops, args.video_frame_step)
-    sampler = torch.utils.data.DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=args.seed,
-                                                  drop_last=True)
+    sampler = torch.utils.data.DistributedSampler(dataset, d.world_size, d.rank, seed=args.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_per_gpu, sampler=sampler,
                                          num_workers=args.num_workers, drop_last=True, pin_memory=d.device.type == "cuda")
     steps_per_epoch = len(loader)
@@ -597,7 +594,7 @@ def train(args):
     # Student and EMA teacher; the teacher sees only the global crops.
     head = LeopartHead(backbone.embed_dim, args.proj_hidden_dim, args.proj_dim, args.proj_layers, args.num_prototypes)
     model = LeopartNet(backbone, head).to(d.device)
-    teacher = init_teacher(args, d.device, d.world_size)
+    teacher = init_teacher(args, d.device)
     criterion = LeopartLoss(args, d.world_size).to(d.device)
 
     optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr_backbone, weight_decay=args.weight_decay)
@@ -608,14 +605,13 @@ def train(args):
     wd_sched = data.cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, steps_per_epoch)
     momentum_sched = data.cosine_schedule(args.momentum_teacher, 1.0, args.epochs, steps_per_epoch)
 
-    start_epoch, step = 0, 0
+    start_epoch, step = data.resume_step(ckpt, steps_per_epoch)
     if ckpt is not None:  # --resume
         model.load_state_dict(ckpt["model"])
         teacher.load_state_dict(ckpt["teacher"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        criterion.queue.copy_(ckpt["queue"][d.rank])
-        start_epoch, step = ckpt["epoch"], ckpt["step"]
+        criterion.queue.copy_(queue_share(ckpt["queue"], d.rank, d.world_size, criterion.queue.shape[1]))
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[d.device] if d.device.type == "cuda" else None) \
         if d.world_size > 1 else model
     if args.bench:  # loader and step rates (data.bench_train)
@@ -642,18 +638,31 @@ def train(args):
                 log.log({"epoch": epoch, "step": step, "loss": loss, "target_entropy": float(criterion.target_entropy),
                          "lr_backbone": float(lr_sched["backbone"][step - 1]), "lr_heads": float(lr_sched["head"][step - 1]),
                          "wd": float(wd_sched[step - 1]), "momentum": float(momentum_sched[step - 1]), "img_s": ips})
-        queues = [criterion.queue.clone() for _ in range(d.world_size)]
-        if d.world_size > 1:  # every rank's queue goes into the checkpoint (exact resume)
-            dist.all_gather(queues, criterion.queue)
+        queue = gather_queue(criterion.queue, d.world_size)
         if d.is_main:
             data.save_checkpoint({"method": METHOD, "args": vars(args), "epoch": epoch + 1, "step": step,
                                   "model": model.state_dict(), "teacher": teacher.state_dict(),
                                   "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                                  "queue": torch.stack(queues).cpu()}, ckpt_path)
+                                  "queue": queue.cpu(), "world_size": d.world_size}, ckpt_path)
             print(f"epoch {epoch}: loss {loss:.3f}, {ips:.0f} img/s, saved {ckpt_path}")
-    if d.world_size > 1:
-        dist.barrier()
+    data.finish_distributed()
     return model, teacher
+
+
+def gather_queue(queue, world_size):
+    """Every rank's queue (G, n, E), newest first, interleaved -> (G, world_size * n, E), newest first."""
+    queues = [torch.empty_like(queue) for _ in range(world_size)] if world_size > 1 else [queue]
+    if world_size > 1:
+        dist.all_gather(queues, queue)
+    return rearrange(torch.stack(queues), "w g n e -> g (n w) e")
+
+
+def queue_share(saved, rank, world_size, n):
+    """This rank's (G, n, E) of a gather_queue (an older checkpoint's: (W, G, n, E)): every world_size-th entry,
+    so the same world size gets its queue back exactly, another one a share of the newest (zero-padded)."""
+    saved = rearrange(saved, "w g n e -> g (n w) e") if saved.dim() == 4 else saved
+    share = saved[:, rank::world_size][:, :n]
+    return torch.cat([share, share.new_zeros(share.shape[0], n - share.shape[1], share.shape[2])], dim=1)
 
 
 def train_step(student, teacher, criterion, optimizer, scaler, autocast, crops, boxes, momentum, device):
@@ -713,17 +722,13 @@ def init_backbone(args, drop_path=None):
     return backbone
 
 
-def init_teacher(args, device="cpu", world_size=1):
+def init_teacher(args, device="cpu"):
     """The teacher as official src/leopart.py `init_model` builds it: its own random draw, no drop-path;
-    --pretrained loads into its backbone too (finetune_with_leopart.py), the head stays independent.
-    Under DDP rank 0's draw is broadcast (the official seeds every rank alike)."""
+    --pretrained loads into its backbone too (finetune_with_leopart.py); rank 0's on every rank."""
     backbone = init_backbone(args, drop_path=0.0)
     head = LeopartHead(backbone.embed_dim, args.proj_hidden_dim, args.proj_dim, args.proj_layers, args.num_prototypes)
     teacher = LeopartNet(backbone, head).to(device).requires_grad_(False).eval()
-    if world_size > 1:
-        for t in teacher.state_dict().values():
-            dist.broadcast(t, 0)
-    return teacher
+    return data.broadcast_module(teacher)
 
 
 def main(args):
@@ -731,12 +736,11 @@ def main(args):
         train(args)
         return
     data.check_output_dir(args.output_dir, args.resume, args.overwrite, METHOD)  # refuse before any work
-    os.makedirs(args.output_dir, exist_ok=True)
-    before = {}
-    if args.demo:
-        data.seed_everything(args.seed)
-        before = evaluate_backbone(init_backbone(args), args, "before", pictures=True)  # train() starts from this
     _, teacher = train(args)
+    before, device = {}, next(teacher.parameters()).device
+    if args.demo:  # after training, when the other ranks have left: none waits for rank 0's evaluation
+        data.seed_everything(args.seed)  # init_backbone: what train() started from
+        before = evaluate_backbone(init_backbone(args).to(device), args, "before", pictures=True)
     after = evaluate_backbone(teacher.backbone, args, "after", pictures=True)
     start = "--pretrained " + args.pretrained if args.pretrained else "random initialisation (from scratch)"
     print(f"\nLeopart {args.arch}/{args.patch_size}, {args.epochs} epochs, started from {start}, trained on "

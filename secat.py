@@ -29,10 +29,10 @@ Contents: config; data (frozen encoder and features, k-means, names matched to c
 and tokens); model (GPT, GPT-2 loading, mapper); answer-only loss; generation; training; evaluation.
 """
 import argparse
+import copy
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -51,6 +51,13 @@ METHOD = "secat"
 
 
 # ====== Config. Paper-scale defaults (a ~1B pretrained LM, a DINO ViT-S/16); --demo overrides a few.
+# --demo: everything small enough for 2 CPU cores in minutes; flags given win
+DEMO = dict(encoder_arch="convnet_demo", image_size=32, lm_dim=128, lm_layers=4, lm_heads=4, context=512,
+            prefix_tokens=8, clusters=12, max_ways=2, max_shots=1, epochs=10, steps_per_epoch=150, text_warmup_steps=300,
+            batch_size_per_gpu=32, lr=2e-3, min_lr=1e-4, warmup_epochs=1, eval_episodes=100, eval_ways=[2, 5],
+            eval_shots=[1], num_workers=0, log_every=10)
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser("SeCAt: self-context adaptation")
     p.add_argument("--data", default=None, help="folder of unlabelled images (class folders, if any, are ignored), "
@@ -97,17 +104,10 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pth")
     p.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a checkpoint")
     p.add_argument("--log-every", type=int, default=20)
-    argv = sys.argv[1:] if argv is None else argv
+    if p.parse_known_args(argv)[0].demo:  # the demo's values as defaults: every flag given (abbreviated too) wins
+        p.set_defaults(**DEMO)
     args = p.parse_args(argv)
-    if args.demo:  # everything small enough for 2 CPU cores in a few minutes
-        given = {a.split("=")[0] for a in argv}
-        demo = dict(encoder_arch="convnet_demo", image_size=32, lm_dim=128, lm_layers=4, lm_heads=4,
-                    context=512, prefix_tokens=8, clusters=12, max_ways=2, max_shots=1, epochs=10, steps_per_epoch=150,
-                    text_warmup_steps=300, batch_size_per_gpu=32, lr=2e-3, min_lr=1e-4, warmup_epochs=1,
-                    eval_episodes=100, eval_ways=[2, 5], eval_shots=[1], num_workers=0, log_every=10)
-        for k, v in demo.items():  # explicit flags win over the demo's settings
-            if "--" + k.replace("_", "-") not in given:
-                setattr(args, k, v)
+    if args.demo:
         args.eval_data = os.path.join(data.demo_eval_root(args.eval_data, ["objects"]), "objects", "val")
         args.data = args.data or os.path.join(data.ensure_synth("runs/synth", seed=0), "objects", "train")
     if args.data is None:
@@ -616,12 +616,14 @@ def train_step(model, optimizer, scaler, batch, num_targets, world_size, autocas
 
 def train(args, before=None):
     """Returns (model, tokenizer, pool features, cluster members). before(model, tok), if given, runs on
-    rank 0 just before the first self-context step (after any text warm-up): the untrained baseline."""
+    rank 0 just before the first self-context step (after any text warm-up): keep it to seconds (a copy of
+    the weights), since the other ranks wait for it in the next step's all-reduce."""
     d = data.init_distributed()
     args.amp = data.resolve_amp(args.amp, d.device)
     autocast = data.autocast(d.device, args.amp)
     data.seed_everything(args.seed)  # not per rank: the same random encoder / LM init everywhere
-    log, ckpt_path, ckpt = data.prepare_output_dir(args.output_dir, args.resume, args.overwrite, d.is_main, METHOD)
+    log, ckpt_path, ckpt = data.prepare_output_dir(args.output_dir, args.resume, args.overwrite, d.is_main, METHOD,
+                                                   d.world_size)
     if ckpt is not None and ckpt["args"].get("lm_positions") != args.lm_positions:  # before any work
         raise data.DataError(f"{ckpt_path}: its LM has {ckpt['args'].get('lm_positions')} positions, this run "
                              f"{args.lm_positions}; pass the same --lm-positions, or --overwrite to start over")
@@ -661,12 +663,11 @@ def train(args, before=None):
                                   lr=args.lr, betas=(0.9, 0.95))
     scaler = data.make_scaler(args.amp, d.device)
     lr_schedule = data.cosine_schedule(args.lr, args.min_lr, args.epochs, args.steps_per_epoch, args.warmup_epochs)
-    start_epoch, step = 0, 0
+    start_epoch, step = data.resume_step(ckpt, args.steps_per_epoch)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step = ckpt["epoch"], ckpt["step"]
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[d.device] if d.device.type == "cuda" else None) \
         if d.world_size > 1 else model
     global_batch = args.batch_size_per_gpu * d.world_size
@@ -697,10 +698,10 @@ def train(args, before=None):
         if d.is_main:
             data.save_checkpoint({"method": METHOD, "args": vars(args), "epoch": epoch + 1, "step": step,
                                   "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                  "scaler": scaler.state_dict(), "clusters": clusters}, ckpt_path)
+                                  "scaler": scaler.state_dict(), "clusters": clusters, "world_size": d.world_size},
+                                 ckpt_path)
             print(f"epoch {epoch}: loss {loss.item():.3f}, {eps:.0f} episodes/s, saved {ckpt_path}")
-    if d.world_size > 1:
-        dist.barrier()
+    data.finish_distributed()
     return model, tok, feats, members
 
 
@@ -725,18 +726,16 @@ def selfcontext_accuracy(model, tok, feats, members, args, episodes=100):
 def main(args):
     refuse_toy_setup(args)
     import evaluate
-    before = {}
-
-    def untrained(model, tok):  # the same model just before self-context training, real names, 2-way 1-shot
-        generate = make_generate(model, tok, args, next(model.parameters()).device)
-        res = evaluate.run_icl(generate, args.eval_data, (2,), (1,), min(args.eval_episodes, 100), args.seed,
-                               args.class_names, False)
-        before.update({f"before/{k}": v for k, v in res.items() if k.startswith("real/")})
-
-    model, tok, feats, members = train(args, before=untrained if args.eval_data else None)
+    untrained = []  # a CPU copy of the model just before self-context training, scored after it: no rank waits
+    keep = lambda model, tok: untrained.append(copy.deepcopy(model).cpu())  # noqa: E731
+    model, tok, feats, members = train(args, before=keep if args.eval_data else None)
     if int(os.environ.get("RANK", 0)) != 0 or not (args.eval_data or args.frozen_episodes):
         return
-    device = next(model.parameters()).device
+    device, before = next(model.parameters()).device, {}
+    if untrained:  # the untrained baseline: real names, 2-way 1-shot
+        res = evaluate.run_icl(make_generate(untrained.pop().to(device), tok, args, device), args.eval_data, (2,),
+                               (1,), min(args.eval_episodes, 100), args.seed, args.class_names, False)
+        before = {f"before/{k}": v for k, v in res.items() if k.startswith("real/")}
     generate = make_generate(model, tok, args, device)
     t0 = time.time()
     results = {"selfcontext/2way_1shot": selfcontext_accuracy(model, tok, feats, members, args)}

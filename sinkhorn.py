@@ -47,6 +47,13 @@ METHOD = "sinkhorn"
 # ----------------------------------------------------------------------------------------
 # Config: the paper's ImageNet defaults; --demo overrides a few of them in one place.
 # ----------------------------------------------------------------------------------------
+# --demo: a small conv net on 64-px crops of the synthetic objects, the official CIFAR config's λ = 10 and crop
+# scale 0.2-1 (a random-init ViT's [CLS] barely depends on the image, so its first labels are noise); no workers:
+# restarted every 5-step epoch and label pass, they cost more than they gave. Flags given on the command line win.
+DEMO = dict(arch="convnet_demo", image_size=64, crop_scale=(0.2, 1.0), lam=10.0, num_heads=3, num_clusters=None,
+            epochs=32, batch_size_per_gpu=64, lr_milestones=[24], num_label_updates=16, num_workers=0, log_every=5)
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser("SeLa: self-labelling with Sinkhorn-Knopp", add_help=True)
     p.add_argument("--data", default=None, help="image folder (ImageFolder with train/, or any folder of images), "
@@ -79,18 +86,10 @@ def get_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a checkpoint")
     p.add_argument("--log-every", type=int, default=20, help="steps between JSON log lines")
     p.add_argument("--bench", type=int, default=0, help="time the loader and N steps (JSON line)")
+    if p.parse_known_args(argv)[0].demo:  # the demo's values as defaults: every flag given (abbreviated too) wins
+        p.set_defaults(**DEMO)
     args = p.parse_args(argv)
-    if args.demo:  # a small conv net on 64-px crops of the synthetic objects, the official CIFAR
-        # config's λ = 10 and crop scale 0.2-1; a conv net because a random-init ViT's [CLS] barely
-        # depends on the image, so its first labels are noise and a few-minute run never leaves them
-        # num_workers 0: workers restarted every 5-step epoch and label pass cost more than they gave
-        given = {a.split("=")[0] for a in (argv if argv is not None else __import__("sys").argv[1:])}
-        demo = dict(arch="convnet_demo", image_size=64, crop_scale=(0.2, 1.0), lam=10.0, num_heads=3,
-                    num_clusters=None, epochs=32, batch_size_per_gpu=64, lr_milestones=[24],
-                    num_label_updates=16, num_workers=0, log_every=5)
-        for k, v in demo.items():  # explicit flags win over the demo's settings
-            if "--" + k.replace("_", "-") not in given:
-                setattr(args, k, v)
+    if args.demo:
         args.eval_data = os.path.join(data.demo_eval_root(args.eval_data, ["knn", "linear"]), "objects")
         args.data = args.data or os.path.join(data.ensure_synth("runs/synth", seed=0), "objects", "train")
     args.optimizer = args.optimizer or ("adamw" if args.arch.startswith("vit") else "sgd")
@@ -472,8 +471,9 @@ def train(args):
     d = data.init_distributed()
     args.amp = data.resolve_amp(args.amp, d.device)
     autocast = data.autocast(d.device, args.amp)
-    data.seed_everything(args.seed, d.rank)
-    log, ckpt_path, ckpt = data.prepare_output_dir(args.output_dir, args.resume, args.overwrite, d.is_main, METHOD)
+    data.seed_everything(args.seed)  # not per rank: the same initial network everywhere (per rank: each epoch)
+    log, ckpt_path, ckpt = data.prepare_output_dir(args.output_dir, args.resume, args.overwrite, d.is_main, METHOD,
+                                                   d.world_size)
 
     dataset = Indexed(make_dataset(args.data, train_transform(args.image_size, args.crop_scale)))
     if args.num_clusters is None:  # demo: K = 3 x the classes when the folder has them (paper: 3000 for 1000)
@@ -493,13 +493,13 @@ def train(args):
     scaler = data.make_scaler(args.amp, d.device)
     updates = label_update_steps(args.num_label_updates, args.epochs, len(dataset),
                                  args.batch_size_per_gpu * d.world_size, steps_per_epoch)
-    labels, start_epoch, step = None, 0, 0
-
+    labels = None
+    start_epoch, step = data.resume_step(ckpt, steps_per_epoch)
     if ckpt is not None:  # --resume
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        labels, start_epoch, step = ckpt["labels"].to(d.device), ckpt["epoch"], ckpt["step"]
+        labels = ckpt["labels"].to(d.device)
     if labels is None:  # start from a random balanced labelling (as the official code)
         g = torch.Generator().manual_seed(args.seed)
         labels = torch.stack([torch.arange(len(dataset))[torch.randperm(len(dataset), generator=g)] % args.num_clusters
@@ -547,10 +547,10 @@ def train(args):
         if d.is_main:
             data.save_checkpoint({"method": METHOD, "args": vars(args), "epoch": epoch + 1, "step": step,
                                   "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                  "scaler": scaler.state_dict(), "labels": labels.cpu()}, ckpt_path)
+                                  "scaler": scaler.state_dict(), "labels": labels.cpu(), "world_size": d.world_size},
+                                 ckpt_path)
             print(f"epoch {epoch}: loss {loss.item():.3f}, {ips:.0f} img/s, saved {ckpt_path}")
-    if d.world_size > 1:
-        dist.barrier()
+    data.finish_distributed()
     return model, labels, dataset
 
 

@@ -42,7 +42,6 @@ import copy
 import math
 import os
 import random
-import sys
 import time
 
 import torch
@@ -63,6 +62,14 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.228, 0.224, 0.225)  # of
 # ----------------------------------------------------------------------------------------
 # Config: the official time_tuning.py defaults; --demo overrides a few in one place.
 # ----------------------------------------------------------------------------------------
+# --demo: vit_demo on 64-px clips of the synthetic walking tours, minutes on 2 CPU cores. From scratch there is no
+# DINO to preserve: all blocks train, at the heads' pace x3 (lr 1e-3 / 3e-4, not 1e-4 / 1e-5, for 150 steps, not
+# ~2700), and --paper-ema's horizon shrinks with the schedule (momentum 0.91). Flags given win.
+DEMO = dict(arch="vit_demo", patch_size=8, image_size=64, train_blocks=-1, epochs=6, batch_size_per_gpu=16,
+            clips_per_video=100, num_workers=2, proj_dims=[384, 384, 128], num_prototypes=50, log_every=5,
+            lr_heads=1e-3, lr_backbone=3e-4, momentum_teacher=0.995, eval_benches=["propagate", "seg-cluster"])
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser("TimeT", description=__doc__.split("\n")[0])
     p.add_argument("--data", default=None, help="videos: mp4 files, a frame folder, or a folder of either (YouTube-VOS JPEGImages/)")
@@ -109,19 +116,11 @@ def get_args(argv=None):
     p.add_argument("--log-every", type=int, default=10, help="steps between JSON log lines")
     p.add_argument("--bench", type=int, default=0, help="time the loader and N steps (JSON line)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluation after training")
+    given = p.parse_known_args(argv)[0]
+    if given.demo:  # the demo's values as defaults: every flag given (abbreviated too) wins
+        p.set_defaults(**{**DEMO, **({"momentum_teacher": 0.91} if given.paper_ema else {})})
     args = p.parse_args(argv)
-    if args.demo:  # vit_demo on 64-px clips of the synthetic walking tours: minutes on 2 CPU cores
-        # From scratch (no --pretrained) there is no DINO to preserve: all blocks train, at the
-        # heads' pace x3 (lr 1e-3 / 3e-4 instead of 1e-4 / 1e-5 for 150 instead of ~2700
-        # steps), and --paper-ema's horizon shrinks with the schedule (1 - 0.995 -> x18 shorter).
-        given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
-        demo = dict(arch="vit_demo", patch_size=8, image_size=64, train_blocks=-1, epochs=6, batch_size_per_gpu=16,
-                    clips_per_video=100, num_workers=2, proj_dims=[384, 384, 128], num_prototypes=50, log_every=5,
-                    lr_heads=1e-3, lr_backbone=3e-4, momentum_teacher=0.91 if args.paper_ema else 0.995,
-                    eval_benches=["propagate", "seg-cluster"])
-        for k, v in demo.items():  # explicit flags win over the demo's settings
-            if "--" + k.replace("_", "-") not in given:
-                setattr(args, k, v)
+    if args.demo:
         if not args.no_eval:  # the synthetic world, or --eval-data after checking its layout
             args.eval_data = data.demo_eval_root(args.eval_data, ["davis", *args.eval_benches])
         args.data = args.data or os.path.join(data.ensure_synth("runs/synth", seed=0), "videos")
@@ -553,14 +552,15 @@ def train(args):
     args.amp = data.resolve_amp(args.amp, d.device)
     autocast = data.autocast(d.device, args.amp)
     data.seed_everything(args.seed, 0)  # the same initial weights on every rank (teacher included)
-    log, ckpt_path, ckpt = data.prepare_output_dir(args.output_dir, args.resume, args.overwrite, d.is_main, METHOD)
+    log, ckpt_path, ckpt = data.prepare_output_dir(args.output_dir, args.resume, args.overwrite, d.is_main, METHOD,
+                                                   d.world_size)
 
     student = build_model(args)
     if args.pretrained:
         load_pretrained(student.backbone, args.pretrained)
     freeze_backbone(student.backbone, args.train_blocks)
     student.to(d.device)
-    teacher = copy.deepcopy(student).requires_grad_(False)
+    teacher = data.broadcast_module(copy.deepcopy(student).requires_grad_(False))
 
     videos = data.VideoClips(args.data, num_frames=1, step_between_clips=2 ** 62,  # one item per video
                              short_side=None,  # official: noise at source resolution, then Resize(224)
@@ -581,13 +581,12 @@ def train(args):
     wd_schedule = data.cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, steps_per_epoch)
     momentum_schedule = data.cosine_schedule(args.momentum_teacher, 1.0, args.epochs, steps_per_epoch)
 
-    start_epoch, step = 0, 0
+    start_epoch, step = data.resume_step(ckpt, steps_per_epoch)
     if ckpt is not None:  # --resume
         student.load_state_dict(ckpt["model"])
         teacher.load_state_dict(ckpt["teacher"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step = ckpt["epoch"], ckpt["step"]
     ddp = nn.parallel.DistributedDataParallel(student, device_ids=[d.device] if d.device.type == "cuda" else None) \
         if d.world_size > 1 else student
     if args.bench:  # loader and step rates (data.bench_train)
@@ -627,10 +626,10 @@ def train(args):
         if d.is_main:
             data.save_checkpoint({"method": METHOD, "args": vars(args), "epoch": epoch + 1, "step": step,
                                   "model": student.state_dict(), "teacher": teacher.state_dict(),
-                                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}, ckpt_path)
+                                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                                  "world_size": d.world_size}, ckpt_path)
             print(f"epoch {epoch}: loss {loss.item():.3f}, {clips_s:.1f} clips/s, saved {ckpt_path}")
-    if d.world_size > 1:
-        dist.barrier()
+    data.finish_distributed()
     return student, teacher, d
 
 
@@ -688,18 +687,17 @@ def evaluate_backbone(backbone, args, device, tag: str):
 def main(args):
     if args.bench:
         return train(args)
-    init = None
     data.check_output_dir(args.output_dir, args.resume, args.overwrite, METHOD)  # refuse before any work
-    if args.eval_data and not args.no_eval and int(os.environ.get("RANK", 0)) == 0:
-        data.seed_everything(args.seed, 0)  # the same initialisation train() starts from
-        model = build_model(args)
-        if args.pretrained:
-            load_pretrained(model.backbone, args.pretrained)
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
-        init = evaluate_backbone(model.backbone.to(device), args, device, "_init")
     student, teacher, d = train(args)
-    if init is None or not d.is_main:
+    if not args.eval_data or args.no_eval or not d.is_main:
         return
+    # the initial weights are evaluated after training, when the other ranks have left the process group:
+    # an evaluation before it (hours at full scale) would keep them waiting past the group's timeout
+    data.seed_everything(args.seed, 0)  # the same initialisation train() starts from
+    model = build_model(args)
+    if args.pretrained:
+        load_pretrained(model.backbone, args.pretrained)
+    init = evaluate_backbone(model.backbone.to(d.device), args, d.device, "_init")
     after = evaluate_backbone(teacher.backbone, args, d.device, "")
     start = f"--pretrained {args.pretrained}" if args.pretrained else "random init (scratch)"
     print(f"\n{'benchmark':<34s}{'init':>10s}{'timet':>10s}   (init = {start}; trained on {args.data}, "

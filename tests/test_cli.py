@@ -77,9 +77,10 @@ def test_overwrite_starts_the_log_afresh_and_resume_drops_replayed_records(tmp_p
     log, path, state = data.prepare_output_dir(out, resume=True, method="dora")  # killed in epoch 2
     assert state["epoch"] == 2 and path == str(ckpt) and ckpt.read_bytes() == before
     kept = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert kept == [records[0], records[1], records[3]]  # epoch 2 is replayed and logged again
+    resumed = {"resumed_at_epoch": 2, "saved_world_size": "?", "world_size": 1}  # "?": saved before it was recorded
+    assert kept == [records[0], records[1], records[3], resumed]  # epoch 2 is replayed and logged again
     log.log({"epoch": 2, "step": 15})
-    assert len(open(out / "log.jsonl").readlines()) == 4
+    assert len(open(out / "log.jsonl").readlines()) == 5
     data.prepare_output_dir(out, overwrite=True)
     assert (out / "log.jsonl").read_text() == "" and ckpt.read_bytes() == before  # replaced at the next save
 
@@ -191,3 +192,73 @@ def test_secat_checks_lm_before_extracting_features(tmp_path, capsys):
     code, err = run_cli(capsys, "secat", ["--data", tmp_path / "no-images", "--output-dir", tmp_path / "out",
                                           "--lm", tmp_path / "lm", "--encoder", tmp_path / "no-encoder.pth"])
     assert_one_line_error(code, err, "--lm", "lm", "model.safetensors")
+
+
+def _classes_and_videos(root):
+    """root/images/class_<c>/<i>.png (3 classes x 6) and root/videos/vid<v>/<t>.png (3 panning videos x 12)."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        os.makedirs(root / "images" / f"class_{c}")
+        for i in range(6):
+            img = np.clip(rng.normal(80 * c, 40, (40, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / "images" / f"class_{c}" / f"{i}.png")
+    for v in range(3):
+        os.makedirs(root / "videos" / f"vid{v}")
+        scene = rng.integers(0, 256, (40, 64, 3), dtype=np.uint8)
+        for t in range(12):
+            Image.fromarray(scene[:, 2 * t:2 * t + 40]).save(root / "videos" / f"vid{v}" / f"{t:05d}.png")
+    return str(root / "images"), str(root / "videos")
+
+
+TINY = {  # each method at toy size: one step or a few per epoch on 1, 2 or 3 processes
+    "sinkhorn": "--arch vit_demo --patch-size 8 --image-size 24 --num-heads 2 --num-clusters 3 --batch-size-per-gpu 4 "
+                "--num-label-updates 3 --optimizer sgd --lr 0.05",
+    "leopart": "--arch vit_demo --patch-size 8 --global-crops-size 32 --local-crops-size 16 --proj-hidden-dim 64 "
+               "--proj-dim 32 --num-prototypes 20 --queue-length 48 --drop-path 0 --batch-size-per-gpu 2",
+    "timetuning": "--arch vit_demo --patch-size 8 --image-size 32 --proj-dims 32 16 --num-prototypes 10 "
+                  "--batch-size-per-gpu 2 --clips-per-video 2 --no-eval",
+    "dora": "--arch vit_demo --patch-size 8 --out-dim 256 --image-size 32 --precrop-size 40 --frames-per-clip 3 "
+            "--step-between-clips 1 --clip-start-every 4 --local-crops-number 2 --batch-size-per-gpu 2 "
+            "--warmup-epochs 1 --warmup-teacher-temp-epochs 1 --drop-path 0",
+    "secat": "--encoder-arch vit_demo --patch-size 8 --image-size 16 --lm-dim 32 --lm-layers 1 --lm-heads 2 "
+             "--context 256 --clusters 3 --max-ways 2 --max-shots 1 --steps-per-epoch 1 --batch-size-per-gpu 2 "
+             "--warmup-epochs 1 --lr 1e-3",
+}
+SHARED = {  # what each rank must hold alike, beside the student: the teachers, DoRA's centre, labels, clusters
+    "sinkhorn": ("1",), "leopart": ("1.head.",), "timetuning": ("1.head.",), "dora": ("0.teacher.", "0.loss.center"),
+    "secat": ("2", "3.0")}
+
+
+def test_every_rank_trains_one_model_and_resumes_on_any_number_of_ranks(tmp_path):
+    """All five methods as torchrun starts them (gloo): 2 processes, then --resume on 1, then on 3. In every run
+    each rank holds the same student and teacher (DoRA's teachers differed from step 0 when each rank seeded its
+    own), each train() closes its process group, and the log records each resume with both world sizes."""
+    from conftest import assert_ranks_equal, resume_records, train_on_ranks
+    images, videos = _classes_and_videos(tmp_path)
+    for world, epochs in ((2, 1), (1, 2), (3, 3)):
+        jobs = [(m, ["--data", videos if m in ("dora", "timetuning") else images, *TINY[m].split(),
+                     "--output-dir", str(tmp_path / m), "--epochs", str(epochs), "--num-workers", "0",
+                     "--amp", "none", "--log-every", "1", *(["--resume"] if epochs > 1 else [])]) for m in METHODS]
+        ranks = train_on_ranks(jobs, world, tmp_path / f"ranks{world}")
+        for m in METHODS:
+            assert all(any(k.startswith(s) for k in ranks[m][0]) for s in SHARED[m]), (m, list(ranks[m][0])[:9])
+            assert_ranks_equal(ranks[m])
+            ckpt = data.load_checkpoint(tmp_path / m / "checkpoint.pth")
+            assert ckpt["epoch"] == epochs + (m == "sinkhorn") and ckpt["world_size"] == world, m
+    for m in METHODS:
+        assert resume_records(tmp_path / m / "log.jsonl") == [(2, 1), (1, 3)], m
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_demo_settings_are_defaults_that_every_given_flag_beats_abbreviated_too(method, monkeypatch, tmp_path):
+    """argparse takes `--epoch 3` for `--epochs 3`; the demo's own epochs must not put theirs back."""
+    monkeypatch.setattr(data, "ensure_synth", lambda root="runs/synth", seed=0: str(tmp_path))
+    monkeypatch.setattr(data, "demo_eval_root", lambda eval_data=None, needs=(), seed=0: str(tmp_path))
+    module = importlib.import_module(method)
+    demo = module.get_args(["--demo"])
+    assert demo.epochs == module.DEMO["epochs"] != 3
+    assert module.get_args(["--demo", "--epoch", "3"]).epochs == 3
+    assert module.get_args(["--demo", "--epochs=3"]).epochs == 3
+    assert module.get_args(["--epoch", "3", "--demo", "--data", "x"]).epochs == 3

@@ -509,6 +509,57 @@ def test_schedule_logger_amp_and_seeding(tmp_path):
     assert dist.world_size == 1 and dist.is_main
 
 
+# ------------------------------------------------------------------ COCO-Stuff / COCO-Thing, YouTube-VOS (#28)
+def test_coco_stuff_and_thing_are_leopart_supercategories(tmp_path):
+    from conftest import write_coco
+    stuff = [[[0, 92, 106, 183]] * 4, [[180, 95, 148, 111]] * 4]  # things (0) and "other" (183) -> 255
+    thing = [[[0, 1, 2, 62]] * 4, [[200, 92, 84, 78]] * 4]  # unlabelled (0) and stuff (92, 200) -> 255
+    root = write_coco(str(tmp_path / "coco"), stuff, thing)
+    assert data.dataset_kind(root) == "coco"
+    s, t = data.COCOSegmentation(root, "val", labels="stuff"), data.COCOSegmentation(root, "val", labels="thing")
+    assert s.num_classes == 15 and s.class_names[:3] == ["building", "ceiling", "floor"]
+    assert "other" not in s.class_names
+    assert t.num_classes == 12 and t.class_names == ["accessory", "animal", "appliance", "electronic", "food",
+                                                     "furniture", "indoor", "kitchen", "outdoor", "person", "sports",
+                                                     "vehicle"]
+    assert s[0][1][0].tolist() == [255, 11, 8, 255] and s[1][1][0].tolist() == [14, 0, 13, 5]
+    assert t[0][1][0].tolist() == [255, 9, 11, 5] and t[1][1][0].tolist() == [255, 255, 6, 2]
+    # cocostuff's stuffthingmaps (id - 1, 255 unlabelled) give the same classes
+    other = write_coco(str(tmp_path / "cocostuff"), [[[255, 91, 105, 0]] * 4], thing[:1], layout="stuffthingmaps")
+    assert data.COCOSegmentation(other, "val", labels="stuff")[0][1][0].tolist() == [255, 11, 8, 255]
+    assert len(data.COCOSegmentation(root, "val", labels="stuff", fraction=0.5, seed=3)) == 1
+    with pytest.raises(data.DataError, match="thing maps"):
+        data.COCOSegmentation(other, "train", labels="thing")
+
+
+def test_youtube_vos_split_and_timet_category_maps(tmp_path):
+    from conftest import write_ytvos
+    m = torch.tensor([[[0, 1], [2, 3]]]).repeat_interleave(4, 1).repeat_interleave(4, 2)  # (1, 8, 8)
+    videos = {f"v{i}": ({1: "person", 2: "dog", 3: "ape"}, m.repeat(2, 1, 1)) for i in range(10)}
+    root = write_ytvos(str(tmp_path / "train"), videos)
+    assert data.dataset_kind(root) == "youtube-vos"
+    val, train = data.YouTubeVOS(root, "val", seed=1), data.YouTubeVOS(root, "train", seed=1)
+    assert len(val) == 2 and len(train) == 8 and not set(val.names) & set(train.names)
+    assert data.YouTubeVOS(root, "val", seed=1).names == val.names != data.YouTubeVOS(root, "val", seed=2).names
+    assert val.categories == ["ape", "dog", "person"]  # make_categories_dict: sorted, 1-based
+    item = val[0]
+    assert item["frames"].shape == (2, 3, 8, 8) and item["masks"][0, ::4, ::4].tolist() == [[0, 1], [2, 3]]
+    # map_instances: 1 -> person (3), then 3 -> ape (1) also rewrites the former instance 1 (as officially)
+    assert val.category_map(item["masks"], item["objects"])[0, ::4, ::4].tolist() == [[0, 1], [2, 1]]
+
+
+def test_voc_trainaug_reads_segmentation_class_aug_beside_voc2012(tmp_path, monkeypatch):
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        os.makedirs(voc / sub)
+    os.makedirs(tmp_path / "VOCdevkit" / "SegmentationClassAug")
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(voc / "JPEGImages" / "a.jpg")
+    data.save_mask(tmp_path / "VOCdevkit" / "SegmentationClassAug" / "a.png", np.full((4, 4), 7))
+    (voc / "ImageSets/Segmentation/trainaug.txt").write_text("a\n")
+    monkeypatch.chdir(tmp_path)  # a relative root
+    assert data.VOCSegmentation("VOCdevkit/VOC2012", "trainaug")[0][1].unique().tolist() == [7]
+
+
 # ------------------------------------------------------------------------------- augmentation
 def test_batched_blur_is_torchvisions_per_image_blur():
     import torchvision.transforms.v2.functional as TF

@@ -492,3 +492,91 @@ def test_cli_video_kmeans_names_timets_protocol(small_world, tmp_path, capsys, r
     assert 0 < printed["video_kmeans/dataset_wise_miou"] <= 100
     with pytest.raises(data.DataError, match="no val video has 16 frames"):  # TimeT's 16-frame clips
         E.main(E.get_args(args))
+
+
+# ------------------------------------------------------------------ Leopart's and TimeT's other tables (#28)
+def test_cluster_miou_is_timets_predsmiou():
+    """Only the ids present compete (255 dropped); Hungarian 7 -> 0, 2 -> 5, the unmatched 9 -> background:
+    IoU 4/5 and 3/4; many-to-one (precision) sends 9 to class 5: perfect."""
+    truth = torch.tensor([0, 0, 0, 0, 5, 5, 5, 5, 255])
+    pred = torch.tensor([7, 7, 7, 7, 2, 2, 2, 9, 3])
+    assert abs(E.cluster_miou(pred, truth) - 77.5) < 1e-9
+    assert E.cluster_miou(pred, truth, many_to_one=True) == 100.0
+    assert E.cluster_miou(torch.tensor([1, 1, 2, 2]), torch.tensor([3, 3, 4, 4])) == 100.0  # no background
+
+
+def test_video_kmeans_frame_clip_dataset_on_youtube_vos(tmp_path, capsys, reference_vits):
+    """TimeT's modes on a YouTube-VOS root whose frames show the instances: raw pixels recover them; the split
+    is written beside the results and is data.YouTubeVOS's; category maps score dataset-wise."""
+    from conftest import write_ytvos
+    quads = torch.tensor([[0, 1], [2, 0]]).repeat_interleave(32, 0).repeat_interleave(32, 1)
+    videos = {f"v{i}": ({1: "ant", 2: ("bee", "cow")[i % 2]}, torch.stack([quads, quads.flip(1), quads, quads]))
+              for i in range(10)}  # ant = 1, bee = 2, cow = 3: no id is rewritten twice (data's test has that)
+    root = write_ytvos(str(tmp_path / "train"), videos)
+    args = ["video-kmeans", "--data", root, "--arch", "pixels", "--patch-size", "8", "--image-size", "64",
+            "--clip-frames", "2", "--sampling", "timet", "--mode", "frame", "clip", "dataset", "--output-dir",
+            str(tmp_path / "out"), "--seed", "3"]
+    E.main(E.get_args(args))
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {f"video_kmeans/{m}_wise_miou" for m in ("frame", "clip", "dataset")} < set(printed)
+    assert printed["video_kmeans/frame_wise_miou"] > 85 and printed["video_kmeans/clip_wise_miou"] > 85  # edges blur
+    split = json.load(open(tmp_path / "out" / "ytvos_split.json"))
+    assert split["seed"] == 3 and split["val"] == data.YouTubeVOS(root, "val", seed=3).names and len(split["val"]) == 2
+    E.main(E.get_args(args + ["--k", "10", "--many-to-one"]))  # TimeT's fixed K, overclustering
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["video_kmeans/frame_wise_miou_many_to_one"] > 85 and "--k 10" in printed["protocol"]
+
+
+def test_fcn_head_is_leopart_s():
+    head = E.FCNHead(384, 21)
+    assert [k for k in head.state_dict()] == ["convs.0.conv.weight", "convs.0.conv.bias", "convs.1.conv.weight",
+                                              "convs.1.conv.bias", "conv_cat.conv.weight", "conv_cat.conv.bias",
+                                              "conv_seg.weight", "conv_seg.bias"]
+    assert head.conv_cat.conv.weight.shape == (512, 384 + 512, 3, 3) and not head.convs[0].conv.bias.any()
+    assert abs(head.convs[1].conv.weight.std().item() - (2 / (512 * 9)) ** 0.5) < 1e-3  # kaiming fan_out
+    assert head.eval()(torch.randn(2, 384, 5, 5)).shape == (2, 21, 5, 5)
+
+
+def test_seg_augment_crops_image_and_mask_alike():
+    torch.manual_seed(0)
+    mask = torch.arange(4).repeat_interleave(16)[None].expand(64, 64)  # 4 vertical stripes
+    img = (60 * mask).to(torch.uint8)[None].expand(3, 64, 64)
+    flips = set()
+    for _ in range(8):
+        x, m = E.seg_augment(img, mask, 32)
+        assert x.shape == (3, 32, 32) and m.shape == (32, 32) and m.dtype == torch.uint8
+        grey = ((x[0] * E.STD[0] + E.MEAN[0]) * 255 / 60).round()
+        assert (grey == m).float().mean() > 0.9  # one crop for both (bilinear vs nearest at the edges)
+        flips.add(int(m[0, 0]) > int(m[0, -1]))
+    assert flips == {True, False}
+
+
+def test_seg_linear_leopart_recipe_learns_and_steps_at_drop_at(monkeypatch):
+    """Class-coded tokens are linearly decodable; SGD(0.01, momentum 0.9, wd 1e-4) and StepLR x 0.1 at drop_at."""
+    from test_evaluate_unsup import ClassTokens
+    seen = []
+    real_step = torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a: seen.append(dict(self.defaults,
+                        lr=self.param_groups[0]["lr"])) or real_step(self, *a))
+    g = torch.Generator().manual_seed(0)
+    masks = torch.randint(0, 3, (24, 4, 4), generator=g).repeat_interleave(8, 1).repeat_interleave(8, 2)
+    images = torch.stack([masks + 1, torch.zeros_like(masks), torch.zeros_like(masks)], 1)
+    net, train = ClassTokens(3, 1, 0.05), list(zip(images.float(), masks))  # it reads the codes painted
+    val_x, val_y = E.extract(net, [(images.float(), masks)], "cpu", patch_tokens=True)
+    res = E.seg_linear_leopart(net, train, val_x, val_y, 3, epochs=3, drop_at=2, lr=1.0, batch_size=8,
+                               train_size=32, eval_size=32)
+    assert res["seg_linear/miou"] > 85  # tokens upsampled bilinearly blur the 8-pixel squares' edges
+    assert [s["lr"] for s in seen[::3]] == [1.0, 1.0, 0.1] and seen[0]["momentum"] == 0.9
+    assert seen[0]["weight_decay"] == 1e-4
+
+
+def test_segmentation_reads_coco_stuff_and_thing(tmp_path):
+    from conftest import write_coco
+    g = torch.Generator().manual_seed(0)
+    stuff = [torch.tensor([92, 106, 183, 0])[torch.randint(0, 4, (4, 4), generator=g)] for _ in range(6)]
+    thing = [torch.tensor([0, 1, 2, 62])[torch.randint(0, 4, (4, 4), generator=g)] for _ in range(6)]
+    root = write_coco(str(tmp_path / "coco"), stuff, thing)
+    for labels, classes in (("stuff", 15), ("thing", 12)):
+        res = E.segmentation(E.RawPixels(8), root, "cpu", ("seg-cluster",), image_size=16, ks=(4,), restarts=1,
+                             seeds=1, labels=labels)
+        assert f"seg_cluster/k{classes}_hungarian" in res and "seg_cluster/k4_many_to_one" in res

@@ -164,3 +164,69 @@ def test_unsupervised_segmentation_recovers_classes_from_part_tokens():
     assert (maps == masks[16:]).float().mean() > 0.7
     _, noisy = run(5.0)  # tokens that say nothing
     assert noisy["cbfe_fg_iou"] < 60 and noisy["cd_miou"] < scores["cd_miou"] - 40, noisy
+
+
+def test_faiss_kmeans_splits_empty_clusters_with_tensors_on_the_features_device():
+    """Duplicate rows leave clusters empty, and faiss's split_clusters branch runs; every tensor it makes
+    names the features' device (a CPU-made sign vector met CUDA centroids there)."""
+    import torch.overrides
+    made = []
+
+    class Factories(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.tensor, torch.zeros, torch.ones, torch.full) and "device" not in (kwargs or {}):
+                made.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    x = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]).repeat_interleave(8, 0)  # 3 distinct rows, 24 rows
+    splits = 0
+    real_rand = torch.rand
+
+    def counting_rand(*a, **k):  # the split draws through torch.rand(generator=g) only
+        nonlocal splits
+        splits += 1
+        return real_rand(*a, **k)
+
+    torch.rand = counting_rand
+    try:
+        with Factories():
+            labels, centroids = E.faiss_kmeans(x, 6, niter=5, nredo=2, seed=1)
+    finally:
+        torch.rand = real_rand
+    assert splits > 0 and made == []
+    assert labels.shape == (24,) and torch.isfinite(centroids).all()
+    assert all(len(set(labels[8 * i:8 * i + 8].tolist())) == 1 for i in range(3))  # equal rows, one cluster
+
+
+# ------------------------------------------------------------------ unsup-seg on the command line (#28)
+def test_attention_foreground_is_leopart_s_official_rule():
+    """The official process_attentions (ascending cumulative mass > 1 - 0.65, components <= 2 dropped) equals
+    leopart.py's foreground_mask at the CBFE's mass."""
+    import leopart
+    attn = torch.rand(6, 9, 9) ** 4
+    assert torch.equal(E.attention_foreground(attn), leopart.foreground_mask(attn, 0.65, 0.6))
+    lone = torch.zeros(1, 9, 9)
+    lone[0, 0, 0], lone[0, 4:7, 4:7] = 5.0, 1.0  # a 1-token peak is dropped, the 3x3 block kept
+    fg = E.attention_foreground(lone, mass=0.99, sigma=0.01)
+    assert not fg[0, 0, 0] and fg[0, 4:7, 4:7].all()
+
+
+def test_unsup_seg_cli_reads_dinos_saved_maps(tmp_path, capsys):
+    import json
+    import pytest
+    import data
+    world = data.synth_world(str(tmp_path / "w"), num_videos=1, num_frames=4, size=64, num_images=(12, 6),
+                             crops_per_class=(2, 1), crop_size=32)
+    voc = os.path.join(world, "voc")
+    n_train, n_val = (len(data.VOCSegmentation(voc, s)) for s in ("train", "val"))
+    for split, n in (("train", n_train), ("val", n_val)):  # all foreground: every cluster is kept by CBFE
+        torch.save(torch.ones(n, 1, 4, 4), tmp_path / f"attn_dino_{split}.pt")
+    args = ["unsup-seg", "--data", voc, "--arch", "vit_demo", "--random-init", "--patch-size", "8",
+            "--image-size", "32"]
+    E.main(E.get_args(args + ["--attention", str(tmp_path)]))
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["foreground"] == str(tmp_path) and printed["cbfe_fg_fraction"] == 100.0
+    assert 0 <= printed["cd_miou"] <= 100 and printed["protocol"].startswith("leopart fully_unsup_seg.py")
+    torch.save(torch.ones(n_val + 1, 1, 4, 4), tmp_path / "attn_dino_val.pt")
+    with pytest.raises(data.DataError, match="hold"):
+        E.main(E.get_args(args + ["--attention", str(tmp_path)]))

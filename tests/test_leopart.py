@@ -230,7 +230,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
     ddp = torch.nn.parallel.DistributedDataParallel(student)
     loss = one_step(args, [c[half] for c in crops], {k: v[half] for k, v in boxes.items()}, ddp, teacher)
     torch.manual_seed(rank)  # per-rank seeds, as train(): the teacher's draw must still be rank 0's everywhere
-    drawn = L.init_teacher(args, world_size=world).state_dict()
+    drawn = L.init_teacher(args).state_dict()
     torch.save({"loss": loss, "student": student.state_dict(), "teacher": teacher.state_dict(), "drawn": drawn},
                os.path.join(out_dir, f"rank{rank}.pth"))
     torch.distributed.destroy_process_group()
@@ -324,6 +324,22 @@ def test_interrupt_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
     assert torch.equal(a["queue"], b["queue"])
+
+
+def test_initial_weights_are_evaluated_after_training_so_no_rank_waits(tmp_path, monkeypatch):
+    """Under torchrun, rank 0's demo evaluation of the initial weights before train() kept the other ranks
+    waiting in the rendezvous: both evaluations now follow train(), and "before" is what train() started from."""
+    write_images(tmp_path / "images", n=4)
+    events, train = [], L.train
+    monkeypatch.setattr(L, "train", lambda args: (events.append(("train", None)), train(args))[1])
+    monkeypatch.setattr(L, "evaluate_backbone", lambda backbone, args, tag, pictures=False: events.append(
+        (tag, backbone.state_dict()["pos_embed"].clone())) or {})
+    args = tiny_args("--data", str(tmp_path / "images"), "--epochs", "1", "--output-dir", str(tmp_path / "out"))
+    args.demo = True
+    L.main(args)
+    assert [tag for tag, _ in events] == ["train", "before", "after"]
+    torch.manual_seed(args.seed)
+    assert torch.equal(events[1][1], L.init_backbone(args).state_dict()["pos_embed"])
 
 
 def test_fg_mask_drops_small_components_on_the_device_as_scipy_does():

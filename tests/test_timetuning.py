@@ -391,3 +391,16 @@ def test_interrupt_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
         for k in a[name]:
             assert torch.equal(a[name][k], b[name][k]), f"{name}.{k}"
     assert len(open(tmp_path / "a" / "out" / "log.jsonl").read().splitlines()) == 4
+
+
+def test_initial_weights_are_evaluated_after_training_so_no_rank_waits(tmp_path, monkeypatch):
+    """Under torchrun, rank 0's evaluation of the initial weights before train() kept the other ranks waiting in
+    the rendezvous (hours at full scale, past the group's timeout): both evaluations now follow train()."""
+    root = _frame_folders(tmp_path / "frames", videos=1, frames=8)
+    events, train = [], tt.train
+    monkeypatch.setattr(tt, "train", lambda args: (events.append("train"), train(args))[1])
+    monkeypatch.setattr(tt, "evaluate_backbone", lambda backbone, args, device, tag: events.append(tag) or {})
+    args = _args(tmp_path, root, epochs=1, clips_per_video=2)
+    args.no_eval, args.eval_data = False, str(tmp_path)
+    tt.main(args)
+    assert events == ["train", "_init", ""]
