@@ -509,3 +509,18 @@ def test_voc_trainaug_reads_segmentation_class_aug_beside_voc2012(tmp_path, monk
     (voc / "ImageSets/Segmentation/trainaug.txt").write_text("a\n")
     monkeypatch.chdir(tmp_path)  # a relative root
     assert data.VOCSegmentation("VOCdevkit/VOC2012", "trainaug")[0][1].unique().tolist() == [7]
+
+
+def test_youtube_vos_meta_json_mistakes_are_one_line_errors_naming_it(tmp_path):
+    from conftest import write_ytvos
+    m = torch.tensor([[[0, 1], [2, 0]]]).repeat_interleave(4, 1).repeat_interleave(4, 2)  # (1, 8, 8), objects 1, 2
+    root = write_ytvos(str(tmp_path / "train"), {"v0": ({1: "person"}, m)})  # object 2 missing from meta.json
+    meta = os.path.join(root, "meta.json")
+    with pytest.raises(data.DataError, match=f"{meta}: no object 2 under video v0"):
+        data.YouTubeVOS(root, "val", train_fraction=0)[0]
+    open(meta, "w").write('{"videos": ')
+    with pytest.raises(data.DataError, match=f"{meta}: not a JSON file with 'videos'"):
+        data.YouTubeVOS(root)
+    os.remove(meta)  # still named a YouTube-VOS root, so that the error names the missing meta.json
+    with pytest.raises(data.DataError, match=f"{meta}: no such file"):
+        data.inspect(root)
