@@ -805,10 +805,17 @@ def attention_foreground(attn, mass=0.65, sigma=0.6):
 def saved_foreground(folder):
     """foreground(attn) from Leopart's saved DINO maps, folder/attn_dino_{train,val}.pt ((N, 1, h', w') 0/1, as
     fully_unsup_seg.py loads them), brought to the tokens' (h, w) by nearest interpolation as it does."""
+    maps = []  # read before any feature is computed: a wrong folder fails at once
+    for path in [os.path.join(folder, f"attn_dino_{split}.pt") for split in ("train", "val")]:
+        try:
+            maps.append(torch.load(data._need(path, "file"), map_location="cpu", weights_only=True).float())
+        except data.DataError:
+            raise
+        except Exception as e:  # pickle garbage, a truncated zip, a dict: all not a saved tensor to the user
+            raise data.DataError(f"{path}: not a tensor saved by torch.save ({type(e).__name__})") from None
+    maps = torch.cat([m.reshape(-1, 1, *m.shape[-2:]) for m in maps])
+
     def foreground(attn):
-        paths = [os.path.join(folder, f"attn_dino_{split}.pt") for split in ("train", "val")]
-        maps = [torch.load(data._need(p, "file"), map_location="cpu", weights_only=True).float() for p in paths]
-        maps = torch.cat([m.reshape(-1, 1, *m.shape[-2:]) for m in maps])
         if len(maps) != len(attn):
             raise data.DataError(f"{folder}: attn_dino_train.pt + attn_dino_val.pt hold {len(maps)} maps for "
                                  f"{len(attn)} train + val images")
