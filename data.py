@@ -674,8 +674,10 @@ class COCOSegmentation(VOCSegmentation):
         self.lut = torch.full((257,), 255, dtype=torch.int64)  # Leopart's cat_id_map
         self.lut[[c["id"] for c in keep]] = torch.tensor([self.class_names.index(c["supercategory"]) for c in keep])
         self.offset = int("stuffthingmaps" in maps)  # stuffthingmaps hold id - 1, 255 = unlabelled
-        images = _list_images(_first(root, f"{split}2017", f"images/{split}2017", f"coco/images/{split}2017"), False)
-        keep = sorted(random.Random(seed).sample(range(len(images)), int(len(images) * fraction)))
+        folder = _first(root, f"{split}2017", f"images/{split}2017", f"coco/images/{split}2017")
+        if not (images := _list_images(folder, False)):
+            raise DataError(f"{folder}: no images")
+        keep = sorted(random.Random(seed).sample(range(len(images)), max(1, int(len(images) * fraction))))
         self.images = images if fraction >= 1 else [images[i] for i in keep]
         self.masks = [os.path.join(maps, os.path.splitext(os.path.basename(p))[0] + ".png") for p in self.images]
 

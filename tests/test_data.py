@@ -524,3 +524,13 @@ def test_youtube_vos_meta_json_mistakes_are_one_line_errors_naming_it(tmp_path):
     os.remove(meta)  # still named a YouTube-VOS root, so that the error names the missing meta.json
     with pytest.raises(data.DataError, match=f"{meta}: no such file"):
         data.inspect(root)
+
+
+def test_coco_ten_percent_of_a_few_images_keeps_one_and_an_empty_folder_is_an_error(tmp_path):
+    from conftest import write_coco
+    root = write_coco(str(tmp_path / "coco"), [[[92, 94]]] * 3, [[[1, 2]]] * 3)
+    assert len(data.COCOSegmentation(root, "val", fraction=0.1)) == 1  # int(0.3) = 0 would leave nothing to train on
+    for f in os.listdir(os.path.join(root, "coco/images/val2017")):
+        os.remove(os.path.join(root, "coco/images/val2017", f))
+    with pytest.raises(data.DataError, match="val2017: no images"):
+        data.COCOSegmentation(root, "val")
