@@ -1559,7 +1559,10 @@ def get_args(argv=None):
                    "(official); default: the evaluated backbone's attention")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.k is not None and args.k < 2:  # a k-means of one cluster scores nothing (NaN)
+        p.error(f"--k {args.k}: video-kmeans needs at least 2 clusters")
+    return args
 
 
 def main(args):

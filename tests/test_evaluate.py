@@ -595,3 +595,11 @@ def test_saved_foreground_reads_the_folder_at_once_and_names_a_file_that_is_no_t
     torch.save(torch.zeros(1, 1, 4, 4), tmp_path / "attn_dino_train.pt")
     fg = E.saved_foreground(str(tmp_path))(torch.rand(3, 2, 2))  # train's map, then val's two
     assert fg.tolist() == [[[False] * 2] * 2] + [[[True] * 2] * 2] * 2
+
+
+def test_video_kmeans_k_below_two_is_a_usage_error(capsys):
+    for k in ("0", "1"):
+        with pytest.raises(SystemExit):
+            E.get_args(["video-kmeans", "--data", "x", "--k", k])
+        assert "--k " + k + ": video-kmeans needs at least 2 clusters" in capsys.readouterr().err
+    assert E.get_args(["video-kmeans", "--data", "x", "--k", "2"]).k == 2
