@@ -777,6 +777,7 @@ def load_segmentation(root, split, size):
 def unsupervised_segmentation_voc(backbone, root, size, foreground, k_fg, k_community, seed=0, picture=None,
                                   name="") -> dict:
     """unsupervised_segmentation on a VOC-layout root's train + val at size x size; picture: save_cluster_maps."""
+    expect_kind(root, ("voc",), "unsup-seg")
     train_x, train_y, num_classes = load_segmentation(root, "train", size)
     val_x, val_y, _ = load_segmentation(root, "val", size)
     maps, scores = unsupervised_segmentation(backbone, train_x, val_x, num_classes, foreground, train_y, val_y,
@@ -1359,7 +1360,7 @@ def video_kmeans_miou(backbone, root: str, size: int, device, clip_frames: int =
     or "timet": one clip of random sorted frames a video (SamplingMode.UNIFORM, seeded). Labels: DAVIS ids, a
     synthetic world's classes (dataset-wise), YouTube-VOS's category maps (data.YouTubeVOS val; split_file)."""
     backbone.eval()
-    ytvos = data.dataset_kind(root) == "youtube-vos"
+    ytvos = expect_kind(root, ("davis", "youtube-vos"), "video-kmeans") == "youtube-vos"
     videos = data.YouTubeVOS(root, "val", seed) if ytvos else data.DAVIS(root, split="val")
     if ytvos and split_file:
         os.makedirs(os.path.dirname(os.path.abspath(split_file)), exist_ok=True)
@@ -1429,6 +1430,12 @@ PROTOCOLS = {
 }
 
 
+def expect_kind(root, kinds, bench) -> str:  # root's data.dataset_kind, else a DataError saying what bench reads
+    if (kind := data.dataset_kind(root)) not in kinds:
+        raise data.DataError(f"{root}: laid out as {kind} (see data.py inspect); {bench} reads {' or '.join(kinds)}")
+    return kind
+
+
 def _loader(dataset, batch_size, num_workers):
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
 
@@ -1454,7 +1461,8 @@ def segmentation(backbone, root, device, benches=("seg-linear", "seg-cluster"), 
                  eval_size=448, seed=0) -> dict:
     """seg-linear / seg-fcn (train -> val; recipe "leopart": seg_linear_leopart, "cached": seg_linear) and/or
     seg-cluster (val) on a VOC root (trainaug when present) or a COCO root (labels stuff / thing, 10 % of train)."""
-    coco, aug = data.dataset_kind(root) == "coco", os.path.exists(f"{root}/ImageSets/Segmentation/trainaug.txt")
+    coco = expect_kind(root, ("voc", "coco"), "seg-*") == "coco"
+    aug = os.path.exists(f"{root}/ImageSets/Segmentation/trainaug.txt")
 
     def sets(split, transform):
         if coco:

@@ -603,3 +603,15 @@ def test_video_kmeans_k_below_two_is_a_usage_error(capsys):
             E.get_args(["video-kmeans", "--data", "x", "--k", k])
         assert "--k " + k + ": video-kmeans needs at least 2 clusters" in capsys.readouterr().err
     assert E.get_args(["video-kmeans", "--data", "x", "--k", "2"]).k == 2
+
+
+def test_a_root_of_another_layout_names_its_kind_and_what_the_benchmark_reads(tmp_path):
+    from conftest import write_ytvos
+    root = write_ytvos(str(tmp_path / "train"), {"v0": ({1: "person"}, torch.ones(2, 8, 8, dtype=torch.long))})
+    with pytest.raises(data.DataError, match="train: laid out as youtube-vos .*; seg-\\* reads voc or coco"):
+        E.segmentation(E.RawPixels(8), root, "cpu", ("seg-cluster",), image_size=16)
+    with pytest.raises(data.DataError, match="laid out as youtube-vos .*; unsup-seg reads voc"):
+        E.unsupervised_segmentation_voc(E.RawPixels(8), root, 16, E.attention_foreground, 2, 2)
+    os.makedirs(tmp_path / "voc" / "ImageSets" / "Segmentation")
+    with pytest.raises(data.DataError, match="laid out as voc .*; video-kmeans reads davis or youtube-vos"):
+        E.video_kmeans_miou(E.RawPixels(8), str(tmp_path / "voc"), 16, "cpu")
