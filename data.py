@@ -492,6 +492,15 @@ def _split_ids(list_file) -> list[str]:
     return ids
 
 
+def read_json(path, key):
+    """path's JSON object's `key` entry, or a DataError naming the file."""
+    with open(_need(path, "file")) as f:
+        try:
+            return json.load(f)[key]
+        except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise DataError(f"{path}: not a JSON file with {key!r} ({type(e).__name__}: {str(e)[:100]})") from None
+
+
 def _first(root, *names, what="folder") -> str:
     """The first root/<name> that exists (names may hold '*'), else a DataError naming them all."""
     for name in names:
@@ -663,15 +672,17 @@ class COCOSegmentation(VOCSegmentation):
         names = ((f"stuff_{split}2017_pixelmaps", f"stuffthingmaps*/{split}2017", "stuff_val2017.json") if labels
                  == "stuff" else (f"semantic_segm*_{split}2017", "panoptic_val2017.json"))
         maps = _first(root, *[d + n for n in names[:-1] for d in deep], what=f"{labels} maps")
-        categories = json.load(open(_first(root, *[d + names[-1] for d in deep], what="file")))["categories"]
+        categories = read_json(_first(root, *[d + names[-1] for d in deep], what="file"), "categories")
         keep = [c for c in categories if (c["supercategory"] != "other" if labels == "stuff" else c["isthing"])]
         self.class_names = sorted({c["supercategory"] for c in keep})
         self.num_classes = len(self.class_names)
         self.lut = torch.full((257,), 255, dtype=torch.int64)  # Leopart's cat_id_map
         self.lut[[c["id"] for c in keep]] = torch.tensor([self.class_names.index(c["supercategory"]) for c in keep])
         self.offset = int("stuffthingmaps" in maps)  # stuffthingmaps hold id - 1, 255 = unlabelled
-        images = _list_images(_first(root, f"{split}2017", f"images/{split}2017", f"coco/images/{split}2017"), False)
-        keep = sorted(random.Random(seed).sample(range(len(images)), int(len(images) * fraction)))
+        folder = _first(root, f"{split}2017", f"images/{split}2017", f"coco/images/{split}2017")
+        if not (images := _list_images(folder, False)):
+            raise DataError(f"{folder}: no images")
+        keep = sorted(random.Random(seed).sample(range(len(images)), max(1, int(len(images) * fraction))))
         self.images = images if fraction >= 1 else [images[i] for i in keep]
         self.masks = [os.path.join(maps, os.path.splitext(os.path.basename(p))[0] + ".png") for p in self.images]
 
@@ -687,7 +698,7 @@ class YouTubeVOS(DAVIS):
 
     def __init__(self, root, split="val", seed=0, train_fraction=0.8):
         self.root = _need(root, "folder")
-        self.meta = json.load(open(_need(os.path.join(root, "meta.json"), "file")))["videos"]
+        self.meta = read_json(os.path.join(root, "meta.json"), "videos")
         names = sorted(d.name for d in os.scandir(_need(os.path.join(root, "JPEGImages"), "folder")) if d.is_dir())
         random.Random(seed).shuffle(names)
         self.split = {"train": sorted(names[:(cut := int(len(names) * train_fraction))]), "val": sorted(names[cut:])}
@@ -698,7 +709,12 @@ class YouTubeVOS(DAVIS):
         self.categories = sorted({o["category"] for v in self.meta.values() for o in v["objects"].values()})
 
     def __getitem__(self, i):
-        return dict(super().__getitem__(i), objects=self.meta.get(self.names[i], {}).get("objects", {}))
+        item, objects = super().__getitem__(i), self.meta.get(self.names[i], {}).get("objects", {})
+        missing = set(item["masks"].unique().tolist()) - {0, 255} - {int(k) for k in objects}
+        if missing:  # TimeT's map_instances would fail with a KeyError
+            raise DataError(f"{os.path.join(self.root, 'meta.json')}: no object {min(missing)} under video "
+                            f"{self.names[i]}, whose masks hold it")
+        return dict(item, objects=objects)
 
     def category_map(self, masks, objects) -> torch.Tensor:
         """TimeT's map_instances on one clip (T, H, W): the clip's instance ids, ascending, each replaced in
@@ -1511,7 +1527,8 @@ def dataset_kind(path) -> str:
         raise DataError(f"{path}: neither a video ({', '.join(VIDEO_EXTS)}) nor an image")
     for kind, marker in (("synthetic world", "world.json"), ("voc", "ImageSets/Segmentation"),
                          ("davis", "ImageSets/2017"), ("coco", "annotations/panoptic_annotations"),
-                         ("coco", "annotations/*_val2017.json"), ("youtube-vos", "meta.json")):
+                         ("coco", "annotations/*_val2017.json"), ("youtube-vos", "meta.json"),
+                         ("youtube-vos", "Annotations/*/*.png")):  # meta.json missing: YouTubeVOS says so
         if glob.glob(os.path.join(glob.escape(path), marker)):
             return kind
     if _frame_files(path):

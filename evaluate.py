@@ -777,6 +777,7 @@ def load_segmentation(root, split, size):
 def unsupervised_segmentation_voc(backbone, root, size, foreground, k_fg, k_community, seed=0, picture=None,
                                   name="") -> dict:
     """unsupervised_segmentation on a VOC-layout root's train + val at size x size; picture: save_cluster_maps."""
+    expect_kind(root, ("voc",), "unsup-seg")
     train_x, train_y, num_classes = load_segmentation(root, "train", size)
     val_x, val_y, _ = load_segmentation(root, "val", size)
     maps, scores = unsupervised_segmentation(backbone, train_x, val_x, num_classes, foreground, train_y, val_y,
@@ -805,10 +806,17 @@ def attention_foreground(attn, mass=0.65, sigma=0.6):
 def saved_foreground(folder):
     """foreground(attn) from Leopart's saved DINO maps, folder/attn_dino_{train,val}.pt ((N, 1, h', w') 0/1, as
     fully_unsup_seg.py loads them), brought to the tokens' (h, w) by nearest interpolation as it does."""
+    maps = []  # read before any feature is computed: a wrong folder fails at once
+    for path in [os.path.join(folder, f"attn_dino_{split}.pt") for split in ("train", "val")]:
+        try:
+            maps.append(torch.load(data._need(path, "file"), map_location="cpu", weights_only=True).float())
+        except data.DataError:
+            raise
+        except Exception as e:  # pickle garbage, a truncated zip, a dict: all not a saved tensor to the user
+            raise data.DataError(f"{path}: not a tensor saved by torch.save ({type(e).__name__})") from None
+    maps = torch.cat([m.reshape(-1, 1, *m.shape[-2:]) for m in maps])
+
     def foreground(attn):
-        paths = [os.path.join(folder, f"attn_dino_{split}.pt") for split in ("train", "val")]
-        maps = [torch.load(data._need(p, "file"), map_location="cpu", weights_only=True).float() for p in paths]
-        maps = torch.cat([m.reshape(-1, 1, *m.shape[-2:]) for m in maps])
         if len(maps) != len(attn):
             raise data.DataError(f"{folder}: attn_dino_train.pt + attn_dino_val.pt hold {len(maps)} maps for "
                                  f"{len(attn)} train + val images")
@@ -1352,7 +1360,7 @@ def video_kmeans_miou(backbone, root: str, size: int, device, clip_frames: int =
     or "timet": one clip of random sorted frames a video (SamplingMode.UNIFORM, seeded). Labels: DAVIS ids, a
     synthetic world's classes (dataset-wise), YouTube-VOS's category maps (data.YouTubeVOS val; split_file)."""
     backbone.eval()
-    ytvos = data.dataset_kind(root) == "youtube-vos"
+    ytvos = expect_kind(root, ("davis", "youtube-vos"), "video-kmeans") == "youtube-vos"
     videos = data.YouTubeVOS(root, "val", seed) if ytvos else data.DAVIS(root, split="val")
     if ytvos and split_file:
         os.makedirs(os.path.dirname(os.path.abspath(split_file)), exist_ok=True)
@@ -1422,6 +1430,12 @@ PROTOCOLS = {
 }
 
 
+def expect_kind(root, kinds, bench) -> str:  # root's data.dataset_kind, else a DataError saying what bench reads
+    if (kind := data.dataset_kind(root)) not in kinds:
+        raise data.DataError(f"{root}: laid out as {kind} (see data.py inspect); {bench} reads {' or '.join(kinds)}")
+    return kind
+
+
 def _loader(dataset, batch_size, num_workers):
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
 
@@ -1447,7 +1461,8 @@ def segmentation(backbone, root, device, benches=("seg-linear", "seg-cluster"), 
                  eval_size=448, seed=0) -> dict:
     """seg-linear / seg-fcn (train -> val; recipe "leopart": seg_linear_leopart, "cached": seg_linear) and/or
     seg-cluster (val) on a VOC root (trainaug when present) or a COCO root (labels stuff / thing, 10 % of train)."""
-    coco, aug = data.dataset_kind(root) == "coco", os.path.exists(f"{root}/ImageSets/Segmentation/trainaug.txt")
+    coco = expect_kind(root, ("voc", "coco"), "seg-*") == "coco"
+    aug = os.path.exists(f"{root}/ImageSets/Segmentation/trainaug.txt")
 
     def sets(split, transform):
         if coco:
@@ -1552,7 +1567,10 @@ def get_args(argv=None):
                    "(official); default: the evaluated backbone's attention")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.k is not None and args.k < 2:  # a k-means of one cluster scores nothing (NaN)
+        p.error(f"--k {args.k}: video-kmeans needs at least 2 clusters")
+    return args
 
 
 def main(args):

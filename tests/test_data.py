@@ -583,3 +583,28 @@ def test_batched_colour_ops_draw_torchvisions_distributions():
     is_gray = (gray.std(1).amax((1, 2)) < 1e-6).float()
     assert abs(is_gray.mean() - 0.2) < 0.03
     assert torch.allclose(gray[is_gray.bool()][:, 0], (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[is_gray.bool()])
+
+
+def test_youtube_vos_meta_json_mistakes_are_one_line_errors_naming_it(tmp_path):
+    from conftest import write_ytvos
+    m = torch.tensor([[[0, 1], [2, 0]]]).repeat_interleave(4, 1).repeat_interleave(4, 2)  # (1, 8, 8), objects 1, 2
+    root = write_ytvos(str(tmp_path / "train"), {"v0": ({1: "person"}, m)})  # object 2 missing from meta.json
+    meta = os.path.join(root, "meta.json")
+    with pytest.raises(data.DataError, match=f"{meta}: no object 2 under video v0"):
+        data.YouTubeVOS(root, "val", train_fraction=0)[0]
+    open(meta, "w").write('{"videos": ')
+    with pytest.raises(data.DataError, match=f"{meta}: not a JSON file with 'videos'"):
+        data.YouTubeVOS(root)
+    os.remove(meta)  # still named a YouTube-VOS root, so that the error names the missing meta.json
+    with pytest.raises(data.DataError, match=f"{meta}: no such file"):
+        data.inspect(root)
+
+
+def test_coco_ten_percent_of_a_few_images_keeps_one_and_an_empty_folder_is_an_error(tmp_path):
+    from conftest import write_coco
+    root = write_coco(str(tmp_path / "coco"), [[[92, 94]]] * 3, [[[1, 2]]] * 3)
+    assert len(data.COCOSegmentation(root, "val", fraction=0.1)) == 1  # int(0.3) = 0 would leave nothing to train on
+    for f in os.listdir(os.path.join(root, "coco/images/val2017")):
+        os.remove(os.path.join(root, "coco/images/val2017", f))
+    with pytest.raises(data.DataError, match="val2017: no images"):
+        data.COCOSegmentation(root, "val")

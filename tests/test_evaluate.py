@@ -580,3 +580,38 @@ def test_segmentation_reads_coco_stuff_and_thing(tmp_path):
         res = E.segmentation(E.RawPixels(8), root, "cpu", ("seg-cluster",), image_size=16, ks=(4,), restarts=1,
                              seeds=1, labels=labels)
         assert f"seg_cluster/k{classes}_hungarian" in res and "seg_cluster/k4_many_to_one" in res
+
+
+def test_saved_foreground_reads_the_folder_at_once_and_names_a_file_that_is_no_tensor(tmp_path):
+    (tmp_path / "attn_dino_train.pt").write_text("not a tensor")
+    torch.save(torch.ones(2, 1, 4, 4), tmp_path / "attn_dino_val.pt")
+    with pytest.raises(data.DataError, match="attn_dino_train.pt: not a tensor saved by torch.save"):
+        E.saved_foreground(str(tmp_path))  # before any feature is computed
+    torch.save({"maps": 1}, tmp_path / "attn_dino_train.pt")
+    with pytest.raises(data.DataError, match="attn_dino_train.pt: not a tensor"):
+        E.saved_foreground(str(tmp_path))
+    with pytest.raises(data.DataError, match="no such file"):
+        E.saved_foreground(str(tmp_path / "nope"))
+    torch.save(torch.zeros(1, 1, 4, 4), tmp_path / "attn_dino_train.pt")
+    fg = E.saved_foreground(str(tmp_path))(torch.rand(3, 2, 2))  # train's map, then val's two
+    assert fg.tolist() == [[[False] * 2] * 2] + [[[True] * 2] * 2] * 2
+
+
+def test_video_kmeans_k_below_two_is_a_usage_error(capsys):
+    for k in ("0", "1"):
+        with pytest.raises(SystemExit):
+            E.get_args(["video-kmeans", "--data", "x", "--k", k])
+        assert "--k " + k + ": video-kmeans needs at least 2 clusters" in capsys.readouterr().err
+    assert E.get_args(["video-kmeans", "--data", "x", "--k", "2"]).k == 2
+
+
+def test_a_root_of_another_layout_names_its_kind_and_what_the_benchmark_reads(tmp_path):
+    from conftest import write_ytvos
+    root = write_ytvos(str(tmp_path / "train"), {"v0": ({1: "person"}, torch.ones(2, 8, 8, dtype=torch.long))})
+    with pytest.raises(data.DataError, match="train: laid out as youtube-vos .*; seg-\\* reads voc or coco"):
+        E.segmentation(E.RawPixels(8), root, "cpu", ("seg-cluster",), image_size=16)
+    with pytest.raises(data.DataError, match="laid out as youtube-vos .*; unsup-seg reads voc"):
+        E.unsupervised_segmentation_voc(E.RawPixels(8), root, 16, E.attention_foreground, 2, 2)
+    os.makedirs(tmp_path / "voc" / "ImageSets" / "Segmentation")
+    with pytest.raises(data.DataError, match="laid out as voc .*; video-kmeans reads davis or youtube-vos"):
+        E.video_kmeans_miou(E.RawPixels(8), str(tmp_path / "voc"), 16, "cpu")
