@@ -51,10 +51,8 @@ METHOD = "dora"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-# ----------------------------------------------------------------------------------------
-# Config: the official code's defaults, and the README command's values where it sets
+# ====== Config: the official code's defaults, and the README command's values where it sets
 # them (the run behind the paper's numbers). --demo overrides a few of them in one place.
-# ----------------------------------------------------------------------------------------
 # --demo: a tiny ViT on 64-px crops of the synthetic world's videos, ~5 min on 2 CPU cores; flags given win
 DEMO = dict(arch="vit_demo", patch_size=8, out_dim=1024, norm_last_layer=1, image_size=64, precrop_size=86,
             frames_per_clip=4, step_between_clips=4, clip_start_every=2, local_crops_number=2, epochs=8,
@@ -131,13 +129,11 @@ def get_args(argv=None):
     return args
 
 
-# ----------------------------------------------------------------------------------------
-# A DINO-compatible Vision Transformer. Each method file carries its own copy so that it
+# ====== Model: a DINO-compatible Vision Transformer. Each method file carries its own copy so that it
 # reads alone (house style); parameter names follow the official DINO checkpoints, so
 #   model.load_state_dict(torch.load("dino_deitsmall16_pretrain.pth"), strict=True)
 # works and gives the same outputs as DINO's vision_transformer.py. DoRA's addition: the
 # last block can also hand out its attention, queries and keys (`forward_track`).
-# ----------------------------------------------------------------------------------------
 class DropPath(nn.Module):
     """Stochastic depth: drop the whole residual branch of a sample with probability p."""
 
@@ -323,10 +319,8 @@ def build_backbone(args: dict, drop_path: float = 0.0) -> nn.Module:
     return ARCHS[args["arch"]](patch_size=args["patch_size"], drop_path_rate=drop_path)
 
 
-# ----------------------------------------------------------------------------------------
-# DINO's projection head and multi-crop wrapper (same parameter names as DINO, so that its
+# ====== Model: DINO's projection head and multi-crop wrapper (same parameter names as DINO, so that its
 # eval scripts read our checkpoints with --checkpoint_key teacher).
-# ----------------------------------------------------------------------------------------
 class WeightNormLinear(nn.Module):
     """Bias-free linear layer with weight = g * v / ||v|| per output row, i.e. what
     nn.utils.weight_norm builds, with its parameter names weight_g and weight_v."""
@@ -373,12 +367,10 @@ class MultiCropWrapper(nn.Module):
         return self.head(torch.cat([self.backbone(c) for c in crops]))
 
 
-# ----------------------------------------------------------------------------------------
-# Data: a clip of T frames, `step_between_clips` frames apart. One aggressive crop shared by the
+# ====== Data: a clip of T frames, `step_between_clips` frames apart. One aggressive crop shared by the
 # clip (300 px, scale 0.2-1), then a shared 224 global crop (scale 0.4-1) and flip, both resized as
 # torchvision's RandomResizedCropVideo (F.interpolate: bilinear, no antialiasing). Local crops (112 px,
 # scale 0.05-0.4, PIL bicubic: antialiased) per frame from the 300-px crop; colour, gray, blur per frame.
-# ----------------------------------------------------------------------------------------
 class ClipAugmentation:
     """uint8 (T, 3, H, W) -> [global clip (T, 3, S, S), local clip 1 (T, 3, S/2, S/2), ...]."""
 
@@ -428,11 +420,9 @@ class ClipAugmentation:
         return crops
 
 
-# ----------------------------------------------------------------------------------------
-# The tracker (paper Sec. 3, official utils.MOT): discover k objects on the first frame,
+# ====== Tracker (paper Sec. 3, official utils.MOT): discover k objects on the first frame,
 # make them distinct with Sinkhorn-Knopp, follow them through the clip by cross-attention.
 # Everything here runs without gradients and in float32.
-# ----------------------------------------------------------------------------------------
 @torch.no_grad()
 def sinkhorn_knopp(scores: torch.Tensor, eps: float = 0.05, iters: int = 30) -> torch.Tensor:
     """(B, N, K) patch-to-prototype similarities -> (B, N, K) soft assignment: each patch's row
@@ -497,11 +487,9 @@ def mask_clip(clip, masks):
     return clip[None] * up
 
 
-# ----------------------------------------------------------------------------------------
-# The loss: DINO's cross-entropy between the sharpened, centred teacher on the unmasked
+# ====== Loss: DINO's cross-entropy between the sharpened, centred teacher on the unmasked
 # frame and the student on (a) each object's masked frame and (b) the local crops of that
 # frame; ½ (a) + ½ (b), over objects and frames as the official DINOLoss sums them (paper Eq. 5).
-# ----------------------------------------------------------------------------------------
 class DoRALoss(nn.Module):
     def __init__(self, args):
         super().__init__()
@@ -548,9 +536,7 @@ class DoRALoss(nn.Module):
         self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)
 
 
-# ----------------------------------------------------------------------------------------
-# Training: student and EMA teacher, AdamW with per-iteration schedules, one step below.
-# ----------------------------------------------------------------------------------------
+# ====== Training: student and EMA teacher, AdamW with per-iteration schedules, one step below.
 def load_pretrained(backbone, path):
     """Load DINO weights into `backbone`, strictly: a backbone state dict (DINO's releases) or a
     full checkpoint (ours or DINO's: the teacher's `backbone.` keys); data.py refuses anything else."""
@@ -702,9 +688,7 @@ def train(args):
     return m, dataset
 
 
-# ----------------------------------------------------------------------------------------
-# Pictures (the talk's slide) and evaluation through evaluate.py.
-# ----------------------------------------------------------------------------------------
+# ====== Evaluation and pictures (the talk's slide) through evaluate.py.
 def eval_clip_transform(size):
     """uint8 (T, 3, H, W) -> normalised (T, 3, size, size): resize the short side, centre crop."""
     return T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size),

@@ -45,6 +45,7 @@ METHOD = "leopart"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+# ====== Config: the official train_coco_config.yml's values; --demo overrides a few in one place.
 # --demo: ~300 steps, not ~90k: small batches, lr x10, a faster teacher, eval at 96 px (the 64-px crops of 128-px
 # images); from scratch (no --pretrained) the backbone must move further, and attention means nothing yet
 DEMO = dict(arch="vit_demo", patch_size=8, epochs=15, batch_size_per_gpu=8, num_workers=1, global_crops_size=64,
@@ -117,12 +118,10 @@ def get_args(argv=None):
     return args
 
 
-# ---------------------------------------------------------------------------------------
-# A DINO-compatible Vision Transformer. Each method file carries its own copy so that it
+# ====== Model: a DINO-compatible Vision Transformer. Each method file carries its own copy so that it
 # reads alone (house style); parameter names follow the official DINO checkpoints, so
 #   model.load_state_dict(torch.load("dino_deitsmall16_pretrain.pth"), strict=True)
 # works and gives the same outputs as DINO's vision_transformer.py.
-# ---------------------------------------------------------------------------------------
 class DropPath(nn.Module):
     """Stochastic depth: drop the whole residual branch of a sample with probability p."""
 
@@ -303,9 +302,7 @@ def build_backbone(args) -> VisionTransformer:
     return ARCHS[args["arch"]](patch_size=args["patch_size"])
 
 
-# ---------------------------------------------------------------------------------------
-# Projection head with prototypes, and the student/teacher wrapper
-# ---------------------------------------------------------------------------------------
+# ====== Model: projection head with prototypes, and the student/teacher wrapper
 class LeopartHead(nn.Module):
     """3-layer MLP (GELU) to an L2-normalised 256-d embedding, scored against the prototypes
     (a bias-free linear layer whose rows are re-normalised every step, so scores are cosines)."""
@@ -357,10 +354,8 @@ class LeopartNet(nn.Module):
         return embs, scores, (attns if with_attention else None)
 
 
-# ---------------------------------------------------------------------------------------
-# Multi-crop with kept boxes (paper Sec. 3.2): every crop overlaps the global crops, and for each
+# ====== Data: multi-crop with kept boxes (paper Sec. 3.2): every crop overlaps the global crops, and for each
 # (global crop g, crop v) pair we keep their shared region in g's pixels and in v's pixels.
-# ---------------------------------------------------------------------------------------
 def pair_boxes(abs_boxes: torch.Tensor, sizes: list, num_global: int):
     """abs_boxes: (C, 4) crop boxes x1 y1 x2 y2 in the image; sizes: output side of each crop.
     -> in_global (G, C, 4): box of g ∩ v in crop g's pixels; in_crop (G, C, 4): in crop v's pixels."""
@@ -426,10 +421,8 @@ def align(maps: torch.Tensor, boxes: torch.Tensor, patch_size: int, out_size: in
     return roi_align(maps, rois, out_size, spatial_scale=1.0, aligned=True)
 
 
-# ---------------------------------------------------------------------------------------
-# Online Sinkhorn-Knopp (SwAV's, as Leopart runs it): balanced soft assignments of the batch
+# ====== Online Sinkhorn-Knopp (SwAV's, as Leopart runs it): balanced soft assignments of the batch
 # tokens (+ queue) to the prototypes; under DDP only sums cross devices.
-# ---------------------------------------------------------------------------------------
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
     """scores (N, K) cosines of this rank's tokens -> Q (N, K), rows sum to 1, every prototype
@@ -453,9 +446,7 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.T
     return (Q / Q.sum(dim=0, keepdim=True)).t()
 
 
-# ---------------------------------------------------------------------------------------
-# Foreground from the teacher's [CLS] attention (paper Sec. 3.3)
-# ---------------------------------------------------------------------------------------
+# ====== Foreground from the teacher's [CLS] attention (paper Sec. 3.3)
 @torch.no_grad()
 def foreground_mask(attn: torch.Tensor, mass: float = 0.6, sigma: float = 0.6, min_size: int = 3):
     """attn (B, h, w) head-averaged [CLS] attention -> bool (B, h, w): blur (7x7 Gaussian), keep the
@@ -482,10 +473,8 @@ def foreground_bins(fg: torch.Tensor, boxes: torch.Tensor, patch_size: int, out_
     return (align(fg[:, None].float(), boxes, patch_size, out_size)[:, 0] >= 1.0).float()
 
 
-# ---------------------------------------------------------------------------------------
-# The loss (paper eq. 4): cross-entropy between the teacher's aligned Sinkhorn assignments of
+# ====== Loss (paper eq. 4): cross-entropy between the teacher's aligned Sinkhorn assignments of
 # each global crop and the student's aligned predictions from every other crop, on foreground.
-# ---------------------------------------------------------------------------------------
 class LeopartLoss(nn.Module):
     """Holds the queue of past teacher embeddings (one per global crop, this rank's share). After
     each call, `target_entropy` (a detached scalar, read when logging: no GPU sync per step) is the
@@ -556,9 +545,7 @@ class LeopartLoss(nn.Module):
         self.queue[g] = torch.where((rows < n)[:, None], pick[rows.clamp(max=most - 1)], old)
 
 
-# ---------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------
+# ====== Training
 def param_groups(model: LeopartNet, args):
     """Backbone and head groups, each split into decayed weights and (no-decay) norms and biases."""
     groups = []
@@ -690,9 +677,7 @@ def train_step(student, teacher, criterion, optimizer, scaler, autocast, crops, 
     return loss.item()
 
 
-# ---------------------------------------------------------------------------------------
-# Evaluation (and its pictures) through evaluate.py
-# ---------------------------------------------------------------------------------------
+# ====== Evaluation, and its pictures, through evaluate.py
 def evaluate_backbone(backbone, args, tag, pictures=False):
     """Demo/after-training evaluation: evaluate.run_suite's dense benchmarks (seg-cluster, seg-linear) on
     the synthetic world, and the paper's fully unsupervised segmentation (evaluate.py's, with this

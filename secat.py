@@ -50,7 +50,7 @@ import data
 METHOD = "secat"
 
 
-# ====== Config. Paper-scale defaults (a ~1B pretrained LM, a DINO ViT-S/16); --demo overrides a few.
+# ====== Config: paper-scale defaults (a ~1B pretrained LM, a DINO ViT-S/16); --demo overrides a few.
 # --demo: everything small enough for 2 CPU cores in minutes; flags given win
 DEMO = dict(encoder_arch="convnet_demo", image_size=32, lm_dim=128, lm_layers=4, lm_heads=4, context=512,
             prefix_tokens=8, clusters=12, max_ways=2, max_shots=1, epochs=10, steps_per_epoch=150, text_warmup_steps=300,
@@ -581,7 +581,7 @@ def build_generator(ckpt: dict, device="cpu"):
     return make_generate(model.to(device), tok, args, device)
 
 
-# ====== Training. The encoder is frozen, so its features are computed once and cached; a step
+# ====== Training: the encoder is frozen, so its features are computed once and cached; a step
 # builds the global batch of episodes, takes this rank's share and updates mapper + LM.
 def build_model(args, encoder, lm=None):
     """(model, tokenizer): a pretrained GPT-2-family LM and its own BPE from the --lm folder (`lm` if already

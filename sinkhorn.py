@@ -44,9 +44,7 @@ import data
 METHOD = "sinkhorn"
 
 
-# ----------------------------------------------------------------------------------------
-# Config: the paper's ImageNet defaults; --demo overrides a few of them in one place.
-# ----------------------------------------------------------------------------------------
+# ====== Config: the paper's ImageNet defaults; --demo overrides a few of them in one place.
 # --demo: a small conv net on 64-px crops of the synthetic objects, the official CIFAR config's λ = 10 and crop
 # scale 0.2-1 (a random-init ViT's [CLS] barely depends on the image, so its first labels are noise); no workers:
 # restarted every 5-step epoch and label pass, they cost more than they gave. Flags given on the command line win.
@@ -100,11 +98,9 @@ def get_args(argv=None):
     return args
 
 
-# ----------------------------------------------------------------------------------------
-# Backbones. SeLa used AlexNet (BN variant, RGB input) and ResNet-50. Every backbone here
+# ====== Model: SeLa used AlexNet (BN variant, RGB input) and ResNet-50. Every backbone here
 # exposes DINO's interface (forward -> embedding, get_intermediate_layers, patch_embed.
 # patch_size) so that evaluate.py measures all of them the same way.
-# ----------------------------------------------------------------------------------------
 class _PatchSize:  # stands in for a ViT's patch_embed: evaluate.py reads .patch_size
     def __init__(self, patch_size):
         self.patch_size = patch_size
@@ -302,9 +298,7 @@ class SeLaNet(nn.Module):
         return [h(z) for h in self.heads]
 
 
-# ----------------------------------------------------------------------------------------
-# Sinkhorn-Knopp: the label step.
-# ----------------------------------------------------------------------------------------
+# ====== Sinkhorn-Knopp: the label step.
 def _all_reduce(t, world_size):
     if world_size > 1:
         dist.all_reduce(t)
@@ -423,9 +417,7 @@ def label_update_steps(num_updates, epochs, num_images, batch_size, steps_per_ep
     return steps
 
 
-# ----------------------------------------------------------------------------------------
-# Data: SeLa's augmentation level 3, and the dataset with the index of each image.
-# ----------------------------------------------------------------------------------------
+# ====== Data: SeLa's augmentation level 3, and the dataset with the index of each image.
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -460,9 +452,7 @@ def make_dataset(root, transform):
         return data.UnlabelledImages(root, transform=transform)
 
 
-# ----------------------------------------------------------------------------------------
-# Training.
-# ----------------------------------------------------------------------------------------
+# ====== Training
 def lr_at(epoch, args):  # step schedule of the paper: x0.1 at each milestone
     return args.lr * 0.1 ** sum(epoch >= m for m in args.lr_milestones)
 
@@ -554,9 +544,7 @@ def train(args):
     return model, labels, dataset
 
 
-# ----------------------------------------------------------------------------------------
-# Evaluation: how well do the clusters match the true classes, and how good are the features.
-# ----------------------------------------------------------------------------------------
+# ====== Evaluation: how well do the clusters match the true classes, and how good are the features.
 def eval_transform(size):
     return T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size),
                       T.ToDtype(torch.float32, scale=True), T.Normalize(MEAN, STD)])

@@ -59,9 +59,7 @@ METHOD = "timetuning"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.228, 0.224, 0.225)  # official ClipToTensor: 0.228 (sic)
 
 
-# ----------------------------------------------------------------------------------------
-# Config: the official time_tuning.py defaults; --demo overrides a few in one place.
-# ----------------------------------------------------------------------------------------
+# ====== Config: the official time_tuning.py defaults; --demo overrides a few in one place.
 # --demo: vit_demo on 64-px clips of the synthetic walking tours, minutes on 2 CPU cores. From scratch there is no
 # DINO to preserve: all blocks train, at the heads' pace x3 (lr 1e-3 / 3e-4, not 1e-4 / 1e-5, for 150 steps, not
 # ~2700), and --paper-ema's horizon shrinks with the schedule (momentum 0.91). Flags given win.
@@ -134,12 +132,10 @@ def get_args(argv=None):
     return args
 
 
-# ----------------------------------------------------------------------------------------
-# A DINO-compatible Vision Transformer. Each method file carries its own copy so that it
+# ====== Model: a DINO-compatible Vision Transformer. Each method file carries its own copy so that it
 # reads alone (house style); parameter names follow the official DINO checkpoints, so
 #   model.load_state_dict(torch.load("dino_deitsmall16_pretrain.pth"), strict=True)
 # works and gives the same outputs as DINO's vision_transformer.py.
-# ----------------------------------------------------------------------------------------
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -300,9 +296,7 @@ def build_backbone(args) -> VisionTransformer:
     return ARCHS[args["arch"]](patch_size=args.get("patch_size", 16))
 
 
-# ----------------------------------------------------------------------------------------
-# The trained network: backbone, projection head on every patch token, prototypes.
-# ----------------------------------------------------------------------------------------
+# ====== Model: the trained network: backbone, projection head on every patch token, prototypes.
 class TimeTHead(nn.Module):
     """MLP on patch tokens (Linear-GELU..., no norm layers, as the official head) and K
     prototypes on the unit sphere. forward: tokens (..., D) -> scores (..., K) = cosines."""
@@ -359,13 +353,11 @@ def load_pretrained(backbone: VisionTransformer, path: str):
     data.load_pretrained(backbone, path)
 
 
-# ----------------------------------------------------------------------------------------
-# Clips as the official training pipeline (time_tuning.py, `frame_transform` then
+# ====== Data: clips as the official training pipeline (time_tuning.py, `frame_transform` then
 # `video_transform`): photometric noise on the source-resolution frames, drawn once per clip
 # (jitter (0.8, 0.8, 0.8, 0.2) p 0.8, grayscale p 0.2, blur p 0.5 with σ in [0.1, 2] px per
 # frame), then Resize(short side 224), one crop and flip for all frames (so patches correspond
 # across time up to the motion), normalised with the official std 0.228 (sic, not 0.229).
-# ----------------------------------------------------------------------------------------
 class ClipAugmentation:
     """uint8 clip (T, 3, H, W) at source resolution -> normalised float clip (T, 3, size, size)."""
 
@@ -429,10 +421,8 @@ class RandomClipPerVideo(torch.utils.data.Dataset):
         return self.videos.transform(frames) if self.videos.transform else frames
 
 
-# ----------------------------------------------------------------------------------------
-# Sinkhorn-Knopp (SwAV's online form): balanced soft assignments of a batch of patches.
+# ====== Sinkhorn-Knopp (SwAV's online form): balanced soft assignments of a batch of patches.
 # Under DDP the batch is every rank's patches; only sums and the max cross ranks.
-# ----------------------------------------------------------------------------------------
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 10) -> torch.Tensor:
     """scores: (M, K) patch-prototype cosines -> Q: (M, K), rows sum to 1, and over all ranks
@@ -456,10 +446,8 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 10) -> torch.
     return (Q * M).t().float()
 
 
-# ----------------------------------------------------------------------------------------
-# The Feature-Forwarder (Sec. 3.2): label propagation of the first frame's cluster
+# ====== Feature-Forwarder (Sec. 3.2): label propagation of the first frame's cluster
 # assignments through the clip, with the backbone's own (head-less) patch features.
-# ----------------------------------------------------------------------------------------
 def neighborhood_mask(h: int, w: int, radius: int, device=None) -> torch.Tensor:
     """(h*w, h*w) bool: target patch i may copy from source patch j when both row and column
     differ by at most `radius` patches (a local window; motion between frames is small)."""
@@ -493,9 +481,7 @@ def feature_forwarder(features: torch.Tensor, first_labels: torch.Tensor, grid: 
     return torch.stack(labels, dim=1)
 
 
-# ----------------------------------------------------------------------------------------
-# The loss and one training step.
-# ----------------------------------------------------------------------------------------
+# ====== Loss, one training step, and training
 def timet_loss(student_scores: torch.Tensor, forwarded: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
     """student_scores: (B, N, K) cosines of the last frame's patches to the prototypes;
     forwarded: (B, N, K) cluster map carried from frame 0. CE against its argmax (Eq. 3)."""
@@ -633,9 +619,7 @@ def train(args):
     return student, teacher, d
 
 
-# ----------------------------------------------------------------------------------------
-# Pictures: k-means on a whole video's patch features, one colour per cluster over time.
-# ----------------------------------------------------------------------------------------
+# ====== Evaluation and pictures: k-means on a whole video's patch features, one colour per cluster over time.
 @torch.no_grad()
 def save_cluster_pictures(backbone, davis_root: str, out_dir: str, size: int, device, k: int = 6,
                           num_videos: int = 2, columns: int = 8, tag: str = ""):
