@@ -42,7 +42,7 @@ from torchvision.transforms.v2 import functional as TF
 import data
 
 METHOD = "leopart"
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 # ====== Config: the official train_coco_config.yml's values; --demo overrides a few in one place.
@@ -408,7 +408,7 @@ class LeopartCrops:
             x1, y1, x2, y2 = boxes[i].tolist()
             crop = TF.resized_crop(img, int(y1), int(x1), int(y2 - y1), int(x2 - x1), [size, size], antialias=True)
             crop = self.colour(crop).float() / 255
-            crops.append(TF.normalize(crop, IMAGENET_MEAN, IMAGENET_STD))
+            crops.append(TF.normalize(crop, MEAN, STD))
         in_global, in_crop = pair_boxes(boxes, self.sizes, self.num_global)
         return crops, {"in_global": in_global, "in_crop": in_crop}
 

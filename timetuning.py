@@ -56,7 +56,7 @@ from tqdm import tqdm
 import data
 
 METHOD = "timetuning"
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.228, 0.224, 0.225)  # official ClipToTensor: 0.228 (sic)
+MEAN, STD = (0.485, 0.456, 0.406), (0.228, 0.224, 0.225)  # official ClipToTensor: 0.228 (sic)
 
 
 # ====== Config: the official time_tuning.py defaults; --demo overrides a few in one place.
@@ -384,7 +384,7 @@ class ClipAugmentation:
         if random.random() < 0.5:
             clip = TF.horizontal_flip(clip)
         clip = TF.to_dtype(clip, torch.float32, scale=True)
-        return TF.normalize(clip, IMAGENET_MEAN, IMAGENET_STD)
+        return TF.normalize(clip, MEAN, STD)
 
 
 def sample_frame_indices(video_frames: int, num_frames: int = 4, step=None, rng=random) -> list:

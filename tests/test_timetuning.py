@@ -81,7 +81,7 @@ def test_clip_crop_identical_across_frames():
 
 def _pixels(out):
     """Normalised clip -> 0..255 values, undoing the official std 0.228 normalisation."""
-    mean, std = torch.tensor(tt.IMAGENET_MEAN)[:, None, None], torch.tensor((0.228, 0.224, 0.225))[:, None, None]
+    mean, std = torch.tensor(tt.MEAN)[:, None, None], torch.tensor((0.228, 0.224, 0.225))[:, None, None]
     return (out * std + mean) * 255
 
 
