@@ -424,7 +424,7 @@ class ClipAugmentation:
 # make them distinct with Sinkhorn-Knopp, follow them through the clip by cross-attention.
 # Everything here runs without gradients and in float32.
 @torch.no_grad()
-def sinkhorn_knopp(scores: torch.Tensor, eps: float = 0.05, iters: int = 30) -> torch.Tensor:
+def sinkhorn_online(scores: torch.Tensor, eps: float = 0.05, iters: int = 30) -> torch.Tensor:
     """(B, N, K) patch-to-prototype similarities -> (B, N, K) soft assignment: each patch's row
     sums to 1 and each prototype receives N/K patches in total (equipartition). Same
     alternating row/column scaling of exp(scores / ε) as SwAV, done in log space."""
@@ -445,7 +445,7 @@ def discover_objects(cls_attn, queries, features, use_sinkhorn=True, eps=0.05, i
     if not use_sinkhorn:
         return prototypes
     features = F.normalize(features.float(), dim=-1)
-    assignment = sinkhorn_knopp(features @ prototypes.transpose(1, 2), eps, iters)  # (B, N, k)
+    assignment = sinkhorn_online(features @ prototypes.transpose(1, 2), eps, iters)  # (B, N, k)
     return assignment.transpose(1, 2) @ features  # refined: each object = its share of the patches
 
 

@@ -85,8 +85,8 @@ def get_args(argv=None):
     p.add_argument("--proj-layers", type=int, default=3)
     p.add_argument("--num-prototypes", type=int, default=300)
     p.add_argument("--temperature", type=float, default=0.1, help="student softmax")
-    p.add_argument("--epsilon", type=float, default=0.05, help="Sinkhorn entropy weight")
-    p.add_argument("--sinkhorn-iters", type=int, default=3)
+    p.add_argument("--sk-eps", "--epsilon", type=float, default=0.05, help="Sinkhorn-Knopp entropy weight ε")
+    p.add_argument("--sk-iters", "--sinkhorn-iters", type=int, default=3)
     p.add_argument("--queue-length", type=int, default=8192, help="0 disables the queue")
     p.add_argument("--roi-align-size", type=int, default=7)
     p.add_argument("--loss-mask", default="fg", choices=["fg", "all", "bg"])
@@ -424,7 +424,7 @@ def align(maps: torch.Tensor, boxes: torch.Tensor, patch_size: int, out_size: in
 # ====== Online Sinkhorn-Knopp (SwAV's, as Leopart runs it): balanced soft assignments of the batch
 # tokens (+ queue) to the prototypes; under DDP only sums cross devices.
 @torch.no_grad()
-def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
+def sinkhorn_online(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
     """scores (N, K) cosines of this rank's tokens -> Q (N, K), rows sum to 1, every prototype
     getting an equal share of the tokens of all ranks. Q = exp(scores / eps) rescaled (eq. 3)."""
     distributed = dist.is_available() and dist.is_initialized()
@@ -514,7 +514,7 @@ class LeopartLoss(nn.Module):
                     if self.full[g]:  # use the queue once it is full
                         scores = torch.cat([self.queue[g] @ prototypes.float().t(), scores])
                     self.push(g, teacher_embs[g], fgs[g])
-                q = sinkhorn(scores, a.epsilon, a.sinkhorn_iters)[-B * h * w:]
+                q = sinkhorn_online(scores, a.sk_eps, a.sk_iters)[-B * h * w:]
                 q = rearrange(q, "(b h w) k -> b k h w", b=B, h=h, w=w)
             sub, sub_entropy = 0.0, 0.0
             for (g_, v), weight, count in zip(pairs, weights, counts):

@@ -96,8 +96,8 @@ def get_args(argv=None):
     p.add_argument("--proj-dims", type=int, nargs="+", default=[1024, 1024, 512, 256], help="projection head widths")
     p.add_argument("--num-prototypes", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.1, help="student softmax temperature")
-    p.add_argument("--epsilon", type=float, default=0.05, help="Sinkhorn-Knopp entropy weight ε")
-    p.add_argument("--sinkhorn-iters", type=int, default=10, help="official: get_loss's default 10 (the CLI's 3 never reaches it)")
+    p.add_argument("--sk-eps", "--epsilon", type=float, default=0.05, help="Sinkhorn-Knopp entropy weight ε")
+    p.add_argument("--sk-iters", "--sinkhorn-iters", type=int, default=10, help="official: get_loss's default 10 (the CLI's 3 never reaches it)")
     p.add_argument("--topk", type=int, default=5, help="Feature-Forwarder: source patches per target patch")
     p.add_argument("--neighborhood", type=int, default=6, help="Feature-Forwarder: radius in patches of the local window")
     p.add_argument("--context-frames", type=int, default=7, help="Feature-Forwarder: previous frames kept besides the first")
@@ -424,7 +424,7 @@ class RandomClipPerVideo(torch.utils.data.Dataset):
 # ====== Sinkhorn-Knopp (SwAV's online form): balanced soft assignments of a batch of patches.
 # Under DDP the batch is every rank's patches; only sums and the max cross ranks.
 @torch.no_grad()
-def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 10) -> torch.Tensor:
+def sinkhorn_online(scores: torch.Tensor, eps: float = 0.05, iters: int = 10) -> torch.Tensor:
     """scores: (M, K) patch-prototype cosines -> Q: (M, K), rows sum to 1, and over all ranks
     each prototype receives ~M_total/K patches. Q = diag(u) exp(scores/ε) diag(v)."""
     distributed = dist.is_available() and dist.is_initialized()
@@ -502,7 +502,7 @@ def timet_step(student, teacher: TimeTNet, clips: torch.Tensor, args, autocast):
     tokens_before = rearrange(tokens_before, "(b t) n d -> b t n d", b=B)
     features = torch.cat([tokens_before, tokens_last.detach()[:, None]], dim=1)  # (B, T, N, D)
     K = teacher_scores.shape[-1]
-    first_labels = sinkhorn(teacher_scores.reshape(-1, K), args.epsilon, args.sinkhorn_iters).view(B, -1, K)
+    first_labels = sinkhorn_online(teacher_scores.reshape(-1, K), args.sk_eps, args.sk_iters).view(B, -1, K)
     forwarded = feature_forwarder(features, first_labels, (H // p, W // p), args.topk, args.neighborhood,
                                   args.context_frames, args.prop_temperature)[:, -1]
     return timet_loss(scores_last, forwarded, args.temperature)

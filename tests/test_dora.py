@@ -91,8 +91,8 @@ def head_attention(labels0, regions, seed=0):
     return (attn / attn.sum(-1, keepdim=True))[None]
 
 
-def test_sinkhorn_knopp_equipartition():
-    q = dora.sinkhorn_knopp(torch.randn(2, 50, 5), eps=0.5, iters=50)
+def test_sinkhorn_online_equipartition():
+    q = dora.sinkhorn_online(torch.randn(2, 50, 5), eps=0.5, iters=50)
     assert torch.allclose(q.sum(-1), torch.ones(2, 50), atol=1e-4)  # each patch fully assigned
     assert torch.allclose(q.sum(1), torch.full((2, 5), 10.0), atol=1e-2)  # each object gets N/K patches
 

@@ -161,7 +161,7 @@ def test_clip_dataset_reads_the_sampled_frames(tmp_path):
 
 def test_sinkhorn_runs_the_official_ten_iterations():
     """The official training call leaves get_loss at sinkhorn_iterations=10 (my_utils.sinkhorn)."""
-    assert _args().sinkhorn_iters == 10
+    assert _args().sk_iters == 10
     scores = F.normalize(torch.randn(60, 8), dim=1) @ F.normalize(torch.randn(5, 8), dim=1).t()
     Q = torch.exp(scores.double() / 0.05).t()  # my_utils.sinkhorn, written out: (K, B)
     Q /= Q.sum()
@@ -169,13 +169,13 @@ def test_sinkhorn_runs_the_official_ten_iterations():
         Q *= (1 / 5 / Q.sum(dim=1)).unsqueeze(1)
         Q *= (1 / 60 / Q.sum(dim=0)).unsqueeze(0)
     official = (Q * 60).t().float()
-    assert torch.allclose(tt.sinkhorn(scores, 0.05), official, atol=1e-5)
-    assert not torch.allclose(tt.sinkhorn(scores, 0.05, iters=3), official, atol=1e-3)
+    assert torch.allclose(tt.sinkhorn_online(scores, 0.05), official, atol=1e-5)
+    assert not torch.allclose(tt.sinkhorn_online(scores, 0.05, iters=3), official, atol=1e-3)
 
 
 def test_sinkhorn_balances_patches_over_prototypes():
     scores = F.normalize(torch.randn(600, 384), dim=1) @ F.normalize(torch.randn(30, 384), dim=1).t()
-    q = tt.sinkhorn(scores + 0.5 * torch.arange(30) / 30, eps=0.05, iters=3)  # skewed towards high ids
+    q = tt.sinkhorn_online(scores + 0.5 * torch.arange(30) / 30, eps=0.05, iters=3)  # skewed towards high ids
     assert torch.allclose(q.sum(1), torch.ones(600), atol=1e-5)
     assert (q.sum(0) - 20).abs().max() < 4  # ~600/30 per prototype despite the skew
 
