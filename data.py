@@ -961,31 +961,32 @@ def video_frames_as_jpeg(path, step=1, short_side=VIDEO_FRAME_SHORT_SIDE) -> tup
 
 
 class VideoClips(_SkipUnreadable, Dataset):
-    """Map-style dataset with one item per clip start: frames 0, step, 2*step, ... of every video. A clip is
-    num_frames frames `stride` apart; item i = transform(uint8 (T,3,H,W)). Random start times come from shuffling
-    (RandomSampler / DistributedSampler), so DataLoader workers and DDP ranks split the clips without duplicates.
+    """Map-style dataset with one item per clip start: frames 0, s, 2s, ... of every video (s = clip_start_every;
+    None: one item per video, at frame 0). A clip is num_frames frames `frame_gap` apart; item i = transform(uint8
+    (T,3,H,W)). Random start times come from shuffling (RandomSampler / DistributedSampler), so DataLoader workers
+    and DDP ranks split the clips without duplicates. `read(v, indices)` reads any frames of video v.
     Unreadable or too-short videos among several are skipped with a warning; a single bad video is an error."""
 
-    def __init__(self, root_or_paths, num_frames=8, stride=1, step_between_clips=1, short_side=None,
+    def __init__(self, root_or_paths, num_frames=8, frame_gap=1, clip_start_every=1, short_side=None,
                  transform=None):
         given = [root_or_paths] if isinstance(root_or_paths, (str, os.PathLike)) else list(root_or_paths)
         paths = [video for path in given for video in find_videos(path)]  # entries may be folders of videos
         self.root = str(given[0]) if len(given) == 1 else f"<{len(given)} video paths>"
-        self.num_frames, self.stride, self.step = num_frames, stride, step_between_clips
+        self.num_frames, self.frame_gap, self.step = num_frames, frame_gap, clip_start_every or 2 ** 62
         self.short_side, self.transform, self._bad = short_side, transform, set()
-        span = (num_frames - 1) * stride + 1
+        span = (num_frames - 1) * frame_gap + 1
 
         def probe(p):
             info = probe_video(p)
             if info.num_frames < span:
                 raise DataError(f"{p}: video has {info.num_frames} frames, shorter than one clip "
-                                f"({num_frames} frames x stride {stride} = {span})")
+                                f"({num_frames} frames, {frame_gap} apart: {span})")
             return info
         usable, self.skipped_videos = _skip_bad(paths, probe, len(paths) == 1)
         if not usable:
             raise DataError(f"{self.root}: no usable video among {len(paths)}{_first_problem(self.skipped_videos)}")
         self.videos, self.infos = [p for p, _ in usable], [info for _, info in usable]
-        self.cumulative = np.cumsum([(info.num_frames - span) // step_between_clips + 1 for info in self.infos]).tolist()
+        self.cumulative = np.cumsum([(info.num_frames - span) // self.step + 1 for info in self.infos]).tolist()
 
     def __len__(self):
         return self.cumulative[-1]
@@ -998,11 +999,18 @@ class VideoClips(_SkipUnreadable, Dataset):
 
     def _load(self, i):
         video, start = self.clip_index(i)
-        indices = range(start, start + self.num_frames * self.stride, self.stride)
+        indices = range(start, start + self.num_frames * self.frame_gap, self.frame_gap)
         return read_frames(self.videos[video], indices, self.short_side)
 
     def __getitem__(self, i):
         frames = self._robust(i, self._load)
+        return self.transform(frames) if self.transform else frames
+
+    def read(self, video: int, pick) -> torch.Tensor:
+        """transform(the frames pick(number of frames) of video `video`), with clip_start_every=None (an item per
+        video); an unreadable video is skipped for the next readable one, which picks its own frames."""
+        frames = self._robust(video, lambda v: read_frames(self.videos[v], pick(self.infos[v].num_frames),
+                                                           self.short_side))
         return self.transform(frames) if self.transform else frames
 
 
@@ -1568,7 +1576,7 @@ def contact_sheet(groups, path, title="", height=96, columns=6) -> None:
 def _describe(path, kind, num_frames, stride):
     """Print what the loaders see at path; return a few images for the contact sheet."""
     if kind in ("video", "frame folder", "videos"):
-        clips = VideoClips(path, num_frames, stride, step_between_clips=num_frames * stride)
+        clips = VideoClips(path, num_frames, stride, clip_start_every=num_frames * stride)
         total = sum(i.num_frames for i in clips.infos)
         print(f"{path}: {kind}, {len(clips.videos)} video(s), {total} frames, {len(clips)} clips of "
               f"{num_frames} frames (stride {stride}) back to back, {len(clips.skipped_videos)} skipped")
@@ -1652,7 +1660,7 @@ def _plain_decode(path, indices, height, width):
 
 def bench(path, num_frames=8, stride=1, short_side=None, max_clips=64, rounds=3) -> dict:
     """Clips/s and frames/s of VideoClips against plain PyAV decoding the same clips (random order)."""
-    clips = VideoClips(path, num_frames, stride, step_between_clips=num_frames * stride, short_side=short_side)
+    clips = VideoClips(path, num_frames, stride, clip_start_every=num_frames * stride, short_side=short_side)
     if any(os.path.isdir(v) for v in clips.videos):
         raise DataError(f"{path}: --bench compares against PyAV, so it needs video files, not frame folders")
     order = np.random.default_rng(0).permutation(len(clips))[:max_clips]

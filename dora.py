@@ -636,8 +636,8 @@ def train(args):
         data.read_pretrained(args.pretrained)
 
     videos = [v for path in args.data for v in data.find_videos(path)]
-    dataset = data.VideoClips(videos, num_frames=args.frames_per_clip, stride=args.step_between_clips,
-                              step_between_clips=args.clip_start_every, short_side=args.short_side,
+    dataset = data.VideoClips(videos, num_frames=args.frames_per_clip, frame_gap=args.step_between_clips,
+                              clip_start_every=args.clip_start_every, short_side=args.short_side,
                               transform=ClipAugmentation(args, on_device=d.device.type == "cuda"))
     sampler = torch.utils.data.DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=args.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_per_gpu, sampler=sampler, drop_last=True,

@@ -404,7 +404,7 @@ def sample_frame_indices(video_frames: int, num_frames: int = 4, step=None, rng=
 class RandomClipPerVideo(torch.utils.data.Dataset):
     """Official sampling: an epoch visits every video `clips_per_video` times, each time reading
     the frames sample_frame_indices picks. `videos`: data.VideoClips with one item per video
-    (num_frames=1, a huge step_between_clips); a video file decodes from the first pick to the last."""
+    (clip_start_every=None), whose read() decodes only the picked frames."""
 
     def __init__(self, videos: "data.VideoClips", num_frames=4, frame_step=None, clips_per_video=1):
         self.videos, self.num_frames, self.frame_step, self.clips_per_video = videos, num_frames, frame_step, clips_per_video
@@ -412,13 +412,8 @@ class RandomClipPerVideo(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.videos) * self.clips_per_video
 
-    def _load(self, v):
-        indices = sample_frame_indices(self.videos.infos[v].num_frames, self.num_frames, self.frame_step)
-        return data.read_frames(self.videos.videos[v], indices, self.videos.short_side)
-
     def __getitem__(self, i):
-        frames = self.videos._robust(i % len(self.videos), self._load)  # an unreadable video: the next one
-        return self.videos.transform(frames) if self.videos.transform else frames
+        return self.videos.read(i % len(self.videos), lambda n: sample_frame_indices(n, self.num_frames, self.frame_step))
 
 
 # ====== Sinkhorn-Knopp (SwAV's online form): balanced soft assignments of a batch of patches.
@@ -548,7 +543,7 @@ def train(args):
     student.to(d.device)
     teacher = data.broadcast_module(copy.deepcopy(student).requires_grad_(False))
 
-    videos = data.VideoClips(args.data, num_frames=1, step_between_clips=2 ** 62,  # one item per video
+    videos = data.VideoClips(args.data, num_frames=1, clip_start_every=None,  # one item per video
                              short_side=None,  # official: noise at source resolution, then Resize(224)
                              transform=ClipAugmentation(args.image_size, args.crop_scale))
     dataset = RandomClipPerVideo(videos, args.num_frames, args.frame_step, args.clips_per_video)

@@ -93,7 +93,7 @@ def test_read_frames_seeks_instead_of_decoding_from_the_start(tmp_path, monkeypa
 def test_clips_cover_videos_and_split_over_workers_and_ranks_without_overlap(tmp_path):
     write_frame_folder(tmp_path / "a", range(22))  # frame value = (video, frame) identity
     write_frame_folder(tmp_path / "b", range(100, 116))
-    clips = data.VideoClips(tmp_path, num_frames=4, stride=2, step_between_clips=1)
+    clips = data.VideoClips(tmp_path, num_frames=4, frame_gap=2, clip_start_every=1)
     assert len(clips) == 16 + 10  # (22 - 7 + 1) + (16 - 7 + 1) clip starts
     assert clips.clip_index(0) == (0, 0) and clips.clip_index(15) == (0, 15) and clips.clip_index(16) == (1, 0)
     assert clips[17][:, 0, 0, 0].tolist() == [101, 103, 105, 107]
@@ -111,7 +111,7 @@ def test_clips_cover_videos_and_split_over_workers_and_ranks_without_overlap(tmp
 
 def test_clips_from_mp4_and_decode_time_resize(tmp_path):
     write_mp4(tmp_path / "v.mp4", moving_square_frames(20))
-    clips = data.VideoClips(tmp_path / "v.mp4", num_frames=4, stride=2, step_between_clips=3, short_side=24)
+    clips = data.VideoClips(tmp_path / "v.mp4", num_frames=4, frame_gap=2, clip_start_every=3, short_side=24)
     assert len(clips) == 5 and clips.clip_index(4) == (0, 12)
     assert clips[4].shape == (4, 3, 24, 32)
     assert data.find_videos(tmp_path) == [str(tmp_path / "v.mp4")]
@@ -152,7 +152,7 @@ def test_extract_writes_a_frame_folder_that_reads_like_the_video(tmp_path):
                              "--workers", "3"]))
     assert sorted(os.listdir(tmp_path / "f")) == [f"{i:06d}.jpg" for i in range(90)]
     assert data.dataset_kind(tmp_path / "f") == "frame folder" and data.probe_video(tmp_path / "f").num_frames == 90
-    from_folder = data.VideoClips(tmp_path / "f", num_frames=3, stride=30)[5].float()
+    from_folder = data.VideoClips(tmp_path / "f", num_frames=3, frame_gap=30)[5].float()
     from_video = data.read_frames(tmp_path / "v.mp4", [5, 35, 65], short_side=24).float()
     assert from_folder.shape == from_video.shape == (3, 3, 24, 32)
     assert (from_folder - from_video).abs().mean() < 3  # JPEG quality 95
@@ -239,7 +239,7 @@ def test_davis_and_videos_round_trip(world):
     assert torch.equal(seq["masks"], torch.from_numpy(tour["instances"]))
     assert set(seq["masks"][0].unique().tolist()) == set(range(len(tour["labels"]) + 1))  # all objects in frame 0
     assert seq["palette"][3:6] == [128, 0, 0]
-    clips = data.VideoClips(os.path.join(world, "videos"), num_frames=8, stride=1, step_between_clips=8)
+    clips = data.VideoClips(os.path.join(world, "videos"), num_frames=8, frame_gap=1, clip_start_every=8)
     assert len(clips) == 2 * 3
     decoded = clips[4].float()  # tour_01 frames 8..15
     original = torch.from_numpy(tour["frames"]).permute(0, 3, 1, 2).float()
