@@ -304,7 +304,9 @@ def prepare_output_dir(path, resume=False, overwrite=False, is_main=True, method
         if ckpt is not None:
             _drop_replayed(log_path, ckpt["epoch"])
             saved = ckpt.get("world_size", "?")  # checkpoints before the world size was saved say "?"
-            print(f"resumed from {ckpt_path} at epoch {ckpt['epoch']} (saved by {saved} process(es), now {world_size})")
+            epochs = ckpt.get("args", {}).get("epochs", "?")  # the schedules span it
+            print(f"resumed from {ckpt_path} at epoch {ckpt['epoch']} of --epochs {epochs} (saved by {saved} "
+                  f"process(es), now {world_size}; another --epochs is no single run's, --stop-after N splits one)")
             JsonlLogger(log_path).log({"resumed_at_epoch": ckpt["epoch"], "saved_world_size": saved,
                                        "world_size": world_size})
     return JsonlLogger(log_path, is_main), ckpt_path, ckpt

@@ -100,6 +100,7 @@ def get_args(argv=None):
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"])
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a checkpoint")
+    p.add_argument("--stop-after", type=int, default=0, help="leave after N epochs; --resume ends as one run would")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--bench", type=int, default=0, help="time the loader and N steps (JSON line)")
@@ -605,7 +606,7 @@ def train(args):
         return data.bench_train(loader, lambda b: train_step(ddp, teacher, criterion, optimizer, scaler, autocast, *b,
                                                              float(momentum_sched[0]), d.device), args.bench, d.device)
 
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(start_epoch, min(args.epochs, start_epoch + (args.stop_after or args.epochs))):
         data.seed_everything(args.seed + epoch, d.rank)  # a resumed run replays the same randomness
         sampler.set_epoch(epoch)
         ddp.train()

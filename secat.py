@@ -103,6 +103,7 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pth")
     p.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a checkpoint")
+    p.add_argument("--stop-after", type=int, default=0, help="leave after N epochs; --resume ends as one run would")
     p.add_argument("--log-every", type=int, default=20)
     if p.parse_known_args(argv)[0].demo:  # the demo's values as defaults: every flag given (abbreviated too) wins
         p.set_defaults(**DEMO)
@@ -674,7 +675,7 @@ def train(args, before=None):
     if d.is_main:
         print(f"trainable (mapper + LM): {sum(p.numel() for _, p in trainable) / 1e6:.2f}M; frozen encoder: {feats.shape[1]}-dim")
 
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(start_epoch, min(args.epochs, start_epoch + (args.stop_after or args.epochs))):
         data.seed_everything(args.seed + epoch, d.rank)
         ddp.train()
         bar = tqdm(range(args.steps_per_epoch), disable=not d.is_main, desc=f"epoch {epoch}", leave=False)

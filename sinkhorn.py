@@ -82,6 +82,7 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pth")
     p.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a checkpoint")
+    p.add_argument("--stop-after", type=int, default=0, help="leave after N epochs; --resume ends as one run would")
     p.add_argument("--log-every", type=int, default=20, help="steps between JSON log lines")
     p.add_argument("--bench", type=int, default=0, help="time the loader and N steps (JSON line)")
     if p.parse_known_args(argv)[0].demo:  # the demo's values as defaults: every flag given (abbreviated too) wins
@@ -508,7 +509,8 @@ def train(args):
             scaler.update()
         return data.bench_train(loader, bench_step, args.bench, d.device)
 
-    for epoch in range(start_epoch, args.epochs + 1):  # epochs + 1 passes, as official main.py's loop
+    # epochs + 1 passes, as official main.py's loop (fewer with --stop-after)
+    for epoch in range(start_epoch, min(args.epochs + 1, start_epoch + (args.stop_after or args.epochs + 1))):
         data.seed_everything(args.seed + epoch, d.rank)  # per epoch: a resumed run replays the same randomness
         sampler.set_epoch(epoch)
         for group in optimizer.param_groups:

@@ -111,6 +111,7 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pth")
     p.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a checkpoint")
+    p.add_argument("--stop-after", type=int, default=0, help="leave after N epochs; --resume ends as one run would")
     p.add_argument("--log-every", type=int, default=10, help="steps between JSON log lines")
     p.add_argument("--bench", type=int, default=0, help="time the loader and N steps (JSON line)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluation after training")
@@ -580,7 +581,7 @@ def train(args):
             ema_update(teacher, student, float(momentum_schedule[0]), args.paper_ema)
         return data.bench_train(loader, bench_step, args.bench, d.device, args.num_frames)
 
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(start_epoch, min(args.epochs, start_epoch + (args.stop_after or args.epochs))):
         data.seed_everything(args.seed + epoch, d.rank)  # a resumed run replays the same randomness
         sampler.set_epoch(epoch)
         ddp.train()

@@ -147,3 +147,41 @@ def write_ytvos(root, videos):
             data.save_mask(os.path.join(root, "Annotations", name, f"{5 * t:05d}.png"), np.asarray(masks[t]))
     json.dump(meta, open(os.path.join(root, "meta.json"), "w"))
     return root
+
+
+def own_photos(folder, n=16, h=48, w=64):
+    """n PNGs unlike the synthetic world (colour gradients under noise), as a user's folder of photographs."""
+    from PIL import Image
+    os.makedirs(folder, exist_ok=True)
+    rng, y, x = np.random.default_rng(1), *np.mgrid[0:h, 0:w]
+    for i in range(n):
+        base = np.stack([x * (i + 1) % 256, (3 * y + 7 * i) % 256, 2 * (x + y) % 256], -1)
+        Image.fromarray(np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)).save(f"{folder}/{i}.png")
+    return str(folder)
+
+
+def own_noisy_video(path, num_frames=32, h=48, w=64):
+    """An mp4 unlike the synthetic world: a drifting colour gradient under noise (data.write_video)."""
+    rng, y, x = np.random.default_rng(2), *np.mgrid[0:h, 0:w]
+    frames = [np.stack([(x + 3 * t) % 256, (2 * y + t) % 256, (2 * (x - y) + 5 * t) % 256], -1) for t in range(num_frames)]
+    data.write_video(path, np.clip(np.stack(frames) + rng.normal(0, 20, (num_frames, h, w, 3)), 0, 255).astype(np.uint8))
+    return str(path)
+
+
+def draw_from_every_stream(*args, **kwargs):
+    """Stands in for a demo's evaluation: it draws from python's, numpy's and torch's global streams, as one may."""
+    import random
+
+    import torch
+    random.random(), np.random.rand(), torch.rand(3)
+    return {}
+
+
+def one_run_and_two_pieces(module, tmp_path, *argv):
+    """`<method>.py --demo --epochs 2 ARGV` through the command line's entry point (data.cli(main)), once straight and
+    once in two pieces (--stop-after 1, then --resume) -> the two final checkpoints."""
+    for out, pieces in (("straight", [[]]), ("pieces", [["--stop-after", "1"], ["--resume"]])):
+        for extra in pieces:
+            data.cli(module.main, module.get_args, ["--demo", *argv, "--epochs", "2", "--output-dir", str(tmp_path / out),
+                                                    *extra])
+    return [data.load_checkpoint(tmp_path / out / "checkpoint.pth") for out in ("straight", "pieces")]

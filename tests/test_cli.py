@@ -85,6 +85,14 @@ def test_overwrite_starts_the_log_afresh_and_resume_drops_replayed_records(tmp_p
     assert (out / "log.jsonl").read_text() == "" and ckpt.read_bytes() == before  # replaced at the next save
 
 
+def test_resume_names_the_epochs_its_schedules_span(tmp_path, capsys):
+    # `--epochs 1`, then `--epochs 2 --resume` is not one run (the schedules span --epochs): the line says so
+    torch.save({"method": "dora", "args": {"epochs": 1}, "epoch": 1, "step": 4}, tmp_path / "checkpoint.pth")
+    data.prepare_output_dir(tmp_path, resume=True, method="dora")
+    out = capsys.readouterr().out
+    assert "at epoch 1 of --epochs 1" in out and "--stop-after" in out and len(out.splitlines()) == 1
+
+
 # --------------------------------------------- 2. the synthetic world never replaces a user's folder
 def test_demo_leaves_a_users_runs_synth_alone(tmp_path, monkeypatch, capsys):
     mine = tmp_path / "runs" / "synth" / "videos" / "my.mp4"

@@ -16,7 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import dora  # noqa: E402
 import evaluate  # noqa: E402
-from conftest import own_video_and_tiny_world, run_demo  # noqa: E402
+from conftest import (draw_from_every_stream, one_run_and_two_pieces, own_noisy_video,  # noqa: E402
+                      own_video_and_tiny_world, run_demo)
 
 torch.set_num_threads(1)
 
@@ -390,3 +391,20 @@ def test_device_photometric_draws_what_the_cpu_path_draws():
     assert abs(stats[0][0].float().mean() - stats[1][0].float().mean()) < 0.07  # grayscale p 0.2 (+ jitter's)
     assert abs(cpu.mean() - device.mean()) < 0.06 and abs(cpu.std() - device.std()) < 0.06
     assert abs(stats[0][1].abs().mean() / stats[1][1].abs().mean() - 1) < 0.1  # blur p 0.5, sigma 0.1-2
+
+
+def test_demo_on_ones_own_video_in_two_pieces_equals_one_run(tmp_path, monkeypatch):
+    # `dora.py --demo --data my_walk.mp4 --epochs 2` vs `--stop-after 1` then `--resume`, through main: the demo's 2
+    # DataLoader workers and their per-clip draws, and the pictures and evaluation after each piece; equal weights
+    monkeypatch.setattr(data, "demo_eval_root", lambda *a, **k: str(tmp_path))  # the evaluation is stubbed below
+    monkeypatch.setattr(evaluate, "run_suite", draw_from_every_stream)
+    monkeypatch.setattr(evaluate, "tracking_picture", lambda *a: draw_from_every_stream() or (0.0, 0.0))
+    straight, pieces = one_run_and_two_pieces(dora, tmp_path, "--data", own_noisy_video(tmp_path / "walk.mp4"),
+                                              "--image-size", "32", "--precrop-size", "40", "--frames-per-clip", "2",
+                                              "--step-between-clips", "2", "--clip-start-every", "8",
+                                              "--batch-size-per-gpu", "2", "--out-dim", "64", "--local-crops-number", "1")
+    assert straight["step"] == pieces["step"] == 4
+    for part in ("model", "teacher"):
+        for k, v in straight[part].items():
+            assert torch.equal(v, pieces[part][k]), (part, k)
+    assert torch.equal(straight["center"], pieces["center"])

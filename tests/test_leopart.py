@@ -15,7 +15,8 @@ from torchvision.ops import roi_align
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
 import leopart as L  # noqa: E402
-from conftest import own_video_and_tiny_world, run_demo  # noqa: E402
+from conftest import (draw_from_every_stream, one_run_and_two_pieces, own_photos,  # noqa: E402
+                      own_video_and_tiny_world, run_demo)
 
 torch.set_num_threads(1)
 
@@ -353,3 +354,19 @@ def test_fg_mask_drops_small_components_on_the_device_as_scipy_does():
         m[(np.bincount(labels.ravel(), minlength=n + 1) < 3)[labels] & (labels > 0)] = False
     assert (kept != expected).sum() > 20  # the case matters
     assert np.array_equal(L.foreground_mask(attn, 0.6, 0.6).numpy(), expected)
+
+
+def test_demo_on_ones_own_photos_in_two_pieces_equals_one_run(tmp_path, monkeypatch):
+    # `leopart.py --demo --data my_photos --epochs 2` vs `--stop-after 1` then `--resume`, through main: the demo's
+    # DataLoader worker, the evaluations after each piece (stubbed: they draw from every stream); equal weights
+    monkeypatch.setattr(data, "demo_eval_root", lambda *a, **k: str(tmp_path))  # the evaluation is stubbed below
+    monkeypatch.setattr(L, "evaluate_backbone", draw_from_every_stream)
+    straight, pieces = one_run_and_two_pieces(
+        L, tmp_path, "--data", own_photos(tmp_path / "photos", n=8), "--global-crops-size", "32", "--local-crops-size", "16",
+        "--local-crops-number", "1", "--batch-size-per-gpu", "4", "--proj-hidden-dim", "32", "--proj-dim", "16",
+        "--num-prototypes", "10", "--queue-length", "16")
+    assert straight["step"] == pieces["step"] == 4
+    for part in ("model", "teacher"):
+        for k, v in straight[part].items():
+            assert torch.equal(v, pieces[part][k]), (part, k)
+    assert torch.equal(straight["queue"], pieces["queue"])

@@ -16,7 +16,8 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaluate  # noqa: E402
 import secat  # noqa: E402
-from conftest import own_video_and_tiny_world, run_demo  # noqa: E402
+from conftest import (draw_from_every_stream, one_run_and_two_pieces, own_photos,  # noqa: E402
+                      own_video_and_tiny_world, run_demo)
 
 
 # ---------------------------------------------------------------- tokenizers
@@ -510,6 +511,24 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     texts = ["This is a blicket.", "This is a dax.", "What is this? This is a"]
     assert isinstance(generate(images, texts), str)
     assert generate(images, texts) == reference(images, texts)
+
+
+def test_demo_on_ones_own_photos_in_two_pieces_equals_one_run(tmp_path, monkeypatch):
+    # `secat.py --demo --data my_photos --epochs 2` vs `--stop-after 1` then `--resume`, through main: the untrained
+    # baseline's evaluation runs mid-epoch 1 (after the text warm-up), the final one after each piece; equal weights
+    own_video_and_tiny_world(tmp_path)  # the tiny world at runs/synth, where the demo evaluates
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(secat, "train_demo_encoder", lambda encoder, args: encoder.eval())  # seconds, not a minute
+    monkeypatch.setattr(secat, "selfcontext_accuracy", lambda *a: draw_from_every_stream() or 0.0)
+    monkeypatch.setattr(evaluate, "run_icl", draw_from_every_stream)
+    monkeypatch.setattr(evaluate, "icl_picture", lambda *a, **k: draw_from_every_stream() or ("", ""))
+    straight, pieces = one_run_and_two_pieces(
+        secat, tmp_path, "--data", own_photos(tmp_path / "photos"), "--image-size", "32", "--lm-dim", "32",
+        "--lm-layers", "1", "--lm-heads", "2", "--context", "128", "--clusters", "3", "--steps-per-epoch", "2",
+        "--text-warmup-steps", "3", "--batch-size-per-gpu", "2", "--eval-episodes", "2", "--eval-ways", "2")
+    assert straight["step"] == pieces["step"] == 4
+    for k, v in straight["model"].items():
+        assert torch.equal(v, pieces["model"][k]), k
 
 
 def test_a_checkpoint_of_other_lm_positions_is_refused_in_one_line_and_kept(tmp_path):

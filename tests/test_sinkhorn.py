@@ -12,7 +12,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sinkhorn  # noqa: E402
-from conftest import own_video_and_tiny_world, run_demo  # noqa: E402
+from conftest import (draw_from_every_stream, one_run_and_two_pieces, own_photos,  # noqa: E402
+                      own_video_and_tiny_world, run_demo)
 
 
 # ---------------------------------------------------------------- initialisation
@@ -205,6 +206,21 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     resumed, _, _ = sinkhorn.train(_args(tmp_path / "cut", root, epochs=3, resume=""))
     for k, v in full.state_dict().items():
         assert torch.allclose(v, resumed.state_dict()[k]), k
+
+
+def test_demo_on_ones_own_photos_in_two_pieces_equals_one_run(tmp_path, monkeypatch):
+    # `sinkhorn.py --demo --data my_photos --epochs 2` vs `--stop-after 1` then `--resume`, through main: the
+    # label steps of the second piece and the evaluation after each piece must not change a weight
+    monkeypatch.setattr(sinkhorn.data, "demo_eval_root", lambda *a, **k: str(tmp_path))  # evaluation stubbed below
+    import evaluate
+    monkeypatch.setattr(evaluate, "classification", draw_from_every_stream)
+    straight, pieces = one_run_and_two_pieces(sinkhorn, tmp_path, "--data", own_photos(tmp_path / "photos"),
+                                              "--image-size", "16", "--batch-size-per-gpu", "4", "--num-heads", "2",
+                                              "--num-label-updates", "6")
+    assert straight["step"] == pieces["step"] == 12
+    for k, v in straight["model"].items():
+        assert torch.equal(v, pieces["model"][k]), k
+    assert torch.equal(straight["labels"], pieces["labels"])
 
 
 def test_resume_refuses_a_damaged_checkpoint(tmp_path):

@@ -16,7 +16,8 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import timetuning as tt  # noqa: E402
-from conftest import own_video_and_tiny_world, run_demo  # noqa: E402
+from conftest import (draw_from_every_stream, one_run_and_two_pieces, own_noisy_video,  # noqa: E402
+                      own_video_and_tiny_world, run_demo)
 
 
 # ----------------------------------------------------------------------------- Feature-Forwarder
@@ -404,3 +405,17 @@ def test_initial_weights_are_evaluated_after_training_so_no_rank_waits(tmp_path,
     args.no_eval, args.eval_data = False, str(tmp_path)
     tt.main(args)
     assert events == ["train", "_init", ""]
+
+
+def test_demo_on_ones_own_video_in_two_pieces_equals_one_run(tmp_path, monkeypatch):
+    # `timetuning.py --demo --data my_walk.mp4 --epochs 2` vs `--stop-after 1` then `--resume`, through main: the
+    # demo's 2 DataLoader workers and their per-clip draws, the evaluations after each piece; equal weights
+    monkeypatch.setattr(data, "demo_eval_root", lambda *a, **k: str(tmp_path))  # the evaluation is stubbed below
+    monkeypatch.setattr(tt, "evaluate_backbone", draw_from_every_stream)
+    straight, pieces = one_run_and_two_pieces(tt, tmp_path, "--data", own_noisy_video(tmp_path / "walk.mp4"),
+                                              "--image-size", "32", "--batch-size-per-gpu", "2", "--clips-per-video", "4",
+                                              "--proj-dims", "32", "16", "--num-prototypes", "10")
+    assert straight["step"] == pieces["step"] == 4
+    for part in ("model", "teacher"):
+        for k, v in straight[part].items():
+            assert torch.equal(v, pieces[part][k]), (part, k)
