@@ -101,10 +101,26 @@ def build_arch(arch: str, patch_size: int) -> nn.Module:
     return archs[arch](patch_size=patch_size)
 
 
+def conv_weights(weights: dict) -> tuple:
+    """(sinkhorn.py's --arch, the weights under its ConvBackbone names: trunk.*, mlp.*) of SeLa's AlexNet
+    (features.*, classifier.*, top_layer*) or a torchvision ResNet; (None, weights) for anything else."""
+    if "classifier.1.weight" in weights:
+        return "alexnet", {k.replace("features.", "trunk.", 1).replace("classifier.", "mlp.", 1): v
+                           for k, v in weights.items() if not k.startswith("top_layer")}
+    if "layer1.0.conv1.weight" not in weights:
+        return None, weights
+    trunk = dict(conv1="trunk.0", bn1="trunk.1", layer1="trunk.4", layer2="trunk.5", layer3="trunk.6", layer4="trunk.7")
+    blocks = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("layer3."))
+    depth = {2: 18, 6: 50 if "layer1.0.conv3.weight" in weights else 34, 23: 101, 36: 152}[blocks]
+    return f"resnet{depth}", {trunk[k.split(".")[0]] + k[k.index("."):]: v for k, v in weights.items()
+                              if k.split(".")[0] in trunk}
+
+
 def load_backbone(ckpt=None, arch="vit_small", patch_size=16, random_init=False) -> nn.Module:
     """A frozen backbone in eval mode. A ckpt of this repo (has "method") is built by its method's
-    build_backbone and loads the `backbone.` keys of its teacher (else model); any other is an official
-    DINO file (data.load_pretrained), built as arch / patch_size. random_init skips the loading."""
+    build_backbone and loads the `backbone.` keys of its teacher (else model); SeLa's AlexNet or a torchvision
+    ResNet (data.backbone_weights) is built by sinkhorn.py; any other release (DINO's, DoRA's, Leopart's,
+    TimeT's) is a ViT of arch / patch_size (data.load_pretrained). random_init skips the loading."""
     if ckpt is None:
         if not random_init and arch != "pixels":
             raise data.DataError("no --ckpt given: pass one, or --random-init (or --arch pixels) for a floor")
@@ -116,9 +132,17 @@ def load_backbone(ckpt=None, arch="vit_small", patch_size=16, random_init=False)
             weights = state.get("teacher") or state["model"]
             net.load_state_dict({k[len("backbone."):]: v for k, v in weights.items() if k.startswith("backbone.")})
         return net.eval()
-    net = build_arch(arch, patch_size)
-    if not random_init:
+    conv, weights = conv_weights(data.backbone_weights(state)[1])  # SeLa's AlexNet, a ResNet: sinkhorn.py's
+    net = importlib.import_module("sinkhorn").build_backbone({"arch": conv}) if conv else build_arch(arch, patch_size)
+    if random_init:
+        return net.eval()
+    if not conv:
         data.load_pretrained(net, ckpt, flag="--ckpt")
+        return net.eval()
+    missing, unexpected = net.load_state_dict(weights, strict=False)
+    if unexpected or [k for k in missing if not k.endswith("num_batches_tracked")]:  # older torch saved none
+        raise data.CheckpointError(f"--ckpt {ckpt}: holds {data.describe_checkpoint(state)}, whose tensors do not "
+                                   f"fit sinkhorn.py's {conv}: {(unexpected + missing)[:3]}")
     return net.eval()
 
 

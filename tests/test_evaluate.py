@@ -580,3 +580,57 @@ def test_segmentation_reads_coco_stuff_and_thing(tmp_path):
         res = E.segmentation(E.RawPixels(8), root, "cpu", ("seg-cluster",), image_size=16, ks=(4,), restarts=1,
                              seeds=1, labels=labels)
         assert f"seg_cluster/k{classes}_hungarian" in res and "seg_cluster/k4_many_to_one" in res
+
+
+# ------------------------------------------------------------------ released weights as the papers' code reads them
+def test_released_vit_layouts_load_like_dinos_file(tmp_path, reference_vits):
+    """Key layouts of each official saving/loading code: Leopart's README strips 1 level (model.* after
+    teacher.*), TimeT's 2 (teacher.backbone.* after the student's); DoRA's main.py saves DINO's dict."""
+    import argparse
+    torch.manual_seed(0)
+    vit, decoy = vit_demo(patch_size=8).eval(), vit_demo(patch_size=8)
+    x = torch.randn(1, 3, 32, 32)
+    plain, other = vit.state_dict(), decoy.state_dict()
+    leopart = {**{"teacher." + k: v for k, v in other.items()}, **{"model." + k: v for k, v in plain.items()},
+               "model.head.0.weight": torch.ones(2), "model.prototypes.weight": torch.ones(3, 2)}
+    timet = {"prototypes": torch.ones(3, 2), **{"feature_extractor.backbone." + k: v for k, v in other.items()},
+             "feature_extractor.head.0.weight": torch.ones(2), **{"teacher.backbone." + k: v for k, v in plain.items()}}
+    full = {"student": {"module.backbone." + k: v for k, v in other.items()}, "epoch": 100, "dino_loss": {},
+            "teacher": {**{"backbone." + k: v for k, v in plain.items()}, "head.last_layer.weight_g": torch.ones(2)}}
+    dora = {**full, "args": argparse.Namespace(arch="vit_small", frame_per_clip=8)}
+    for name, state, what in [("leopart", leopart, "Leopart's release"), ("timet", timet, "TimeT's release"),
+                              ("dino", full, "DINO's full checkpoint"), ("dora", dora, "DoRA's checkpoint"),
+                              ("plain", plain, "DINO-style weights")]:
+        torch.save(state, tmp_path / f"{name}.pth")
+        assert data.describe_checkpoint(state).startswith(what) and "width 192, 4 blocks, patch 8" in \
+            data.describe_checkpoint(state)
+        assert torch.equal(E.load_backbone(str(tmp_path / f"{name}.pth"), "vit_demo", 8)(x), vit(x))
+        assert data.read_pretrained(str(tmp_path / f"{name}.pth"))[0].keys() == plain.keys()  # --pretrained too
+
+
+def test_sela_releases_load_into_sinkhorns_backbones(tmp_path):
+    """SeLa's AlexNet (models/alexnet.py: features.*, classifier.*, top_layer{i}) and torchvision ResNets
+    ({'state_dict', 'labels'}: *_pp.pth; DINO's ResNet-50 without fc) give the official network's features."""
+    import torchvision
+    import sinkhorn
+    torch.manual_seed(0)
+    ours = sinkhorn.alexnet_bn()
+    ours.train()(torch.randn(4, 3, 64, 64))  # non-trivial BN statistics
+    official = {k.replace("trunk.", "features.").replace("mlp.", "classifier."): v
+                for k, v in ours.state_dict().items()}
+    official.update({f"top_layer{i}.{p}": torch.zeros(3) for i in range(10) for p in ("weight", "bias")})
+    torch.save(official, tmp_path / "alexnet-10x3k-wRot.pth")
+    x = torch.randn(2, 3, 64, 64)
+    net = E.load_backbone(str(tmp_path / "alexnet-10x3k-wRot.pth"))
+    assert torch.equal(net(x), ours.eval()(x)) and net(x).shape == (2, 4096)  # fc7, as SeLa's kNN reads it
+    assert data.describe_checkpoint(official) == "SeLa's AlexNet release"
+    tv = torchvision.models.resnet18(num_classes=30)
+    tv.train()(torch.randn(4, 3, 64, 64))
+    torch.save({"state_dict": tv.state_dict(), "labels": torch.zeros(5, dtype=torch.long)}, tmp_path / "r18.pth")
+    tv.fc = torch.nn.Identity()
+    assert torch.allclose(E.load_backbone(str(tmp_path / "r18.pth"))(x), tv.eval()(x), atol=1e-6)
+    assert data.describe_checkpoint(torch.load(tmp_path / "r18.pth")) == "SeLa's ResNet release"
+    torch.save({"features.0.weight": torch.ones(64, 3, 7, 7), "features.2.0.bn1.weight": torch.ones(64)},
+               tmp_path / "resnet-10x3k.pth")
+    with pytest.raises(data.CheckpointError, match="pre-activation"):
+        E.load_backbone(str(tmp_path / "resnet-10x3k.pth"))
