@@ -634,3 +634,89 @@ def test_sela_releases_load_into_sinkhorns_backbones(tmp_path):
                tmp_path / "resnet-10x3k.pth")
     with pytest.raises(data.CheckpointError, match="pre-activation"):
         E.load_backbone(str(tmp_path / "resnet-10x3k.pth"))
+
+
+# ------------------------------------------------------------------ SeLa's and DINO's remaining protocols
+def test_adjusted_nmi_and_ari_by_hand():
+    """[0,1,0,1] vs [0,0,1,1]: MI 0, E[MI] = log(2)/3 (n_ij = 2 w.p. 1/6 in each of 4 cells), H = log 2 each:
+    AMI = -(1/3)/(2/3); ARI: no pair together in both, expected 2/3 of (1+1)/2 = 1 -> -0.5 (sklearn agrees)."""
+    assert E.adjusted_nmi([0, 1, 0, 1], [0, 0, 1, 1]) == pytest.approx(-50)
+    assert E.ari([0, 1, 0, 1], [0, 0, 1, 1]) == pytest.approx(-50)
+    assert E.ari([0, 0, 1, 2], [0, 0, 0, 1]) == pytest.approx(100 / 3)  # pairs 1, rows 1, cols 3 of 6: (1-.5)/(2-.5)
+    assert E.adjusted_nmi([3, 3, 7, 7], [1, 1, 0, 0]) == E.ari([3, 3, 7, 7], [1, 1, 0, 0]) == 100  # same partition
+    assert E.adjusted_nmi([0, 0, 0], [1, 1, 1]) == E.ari([0, 0, 0], [1, 1, 1]) == 100  # sklearn's one-cluster cases
+    assert E.nmi([0, 0, 1, 2], [0, 0, 0, 1]) == pytest.approx(70.201688, abs=1e-5)  # sklearn 1.9
+
+
+def test_sela_knn_cifar_and_cluster_heads(tmp_path, capsys):
+    """SeLa's kNN (cifar.py: K 10, sigma 0.1) on CIFAR-10's python files, its CIFAR transform, JSON naming it."""
+    import pickle
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    colours = torch.tensor([[250, 10, 10], [10, 250, 10]], dtype=torch.uint8)
+    for i, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        labels = [j % 2 for j in range(4)]
+        noise = torch.randint(0, 5, (4, 3, 1024), generator=g, dtype=torch.uint8)
+        rows = colours[labels][:, :, None].expand(4, 3, 1024) + noise
+        (folder / name).write_bytes(pickle.dumps({"data": rows.reshape(4, -1).numpy(), "labels": labels}))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": ["red", "green"] + list("cdefghij")}))
+    E.main(E.get_args(["knn", "--data", str(folder), "--arch", "pixels", "--patch-size", "8", "--knn-protocol", "sela",
+                       "--image-size", "32", "--num-workers", "0", "--device", "cpu"]))
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["knn/k10/top1"] == 100 and "k20" not in str(out) and out["protocol"].startswith("SeLa cifar_utils.kNN")
+    x = E.sela_cifar_transform(torch.full((3, 32, 32), 255, dtype=torch.uint8), 224)
+    assert x.shape == (3, 224, 224) and x[0, 0, 0].item() == pytest.approx((1 - 0.4914) / 0.2023)
+    torch.save({"model": {"backbone.x": torch.ones(1), "heads.0.weight": torch.ones(3, 2),
+                          "heads.0.bias": torch.zeros(3), "heads.1.weight": torch.ones(4, 2),
+                          "heads.1.bias": torch.zeros(4)}}, tmp_path / "sela.pth")
+    assert [w.shape[0] for w, _ in E.cluster_heads(str(tmp_path / "sela.pth"))] == [3, 4]
+    torch.save({"features.0.weight": torch.ones(1), "top_layer0.weight": torch.ones(2, 1),
+                "top_layer0.bias": torch.ones(2)}, tmp_path / "alexnet.pth")
+    assert len(E.cluster_heads(str(tmp_path / "alexnet.pth"))) == 1
+    with pytest.raises(data.CheckpointError, match="no clustering heads"):
+        E.cluster_heads(None)  # nmi without --ckpt
+
+
+def test_linear_probes_and_augmented_linear_run_as_specified(tmp_path):
+    """SeLa's AlexNet probes: 5 probes of conv1-conv5 pooled to 9600/9216/9600/9600/9216 dims; DINO's augmented probe
+    on a ViT: per-epoch cosine from lr x batch / 256, best of the per-epoch val scores."""
+    import sinkhorn
+    torch.manual_seed(0)
+    net = sinkhorn.alexnet_bn().eval()
+    images = torch.randint(0, 255, (4, 3, 40, 40), dtype=torch.uint8)
+
+    class Set(torch.utils.data.Dataset):
+        classes = ["a", "b"]
+
+        def __init__(self, transform):
+            self.transform = transform
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return self.transform(images[i]), i % 2
+    train, val = Set(lambda x: E.random_crop_transform(x, 224)), Set(lambda x: E.ten_crop_transform(x, 224))
+    seen = []
+    real = E._train_probes
+    E._train_probes = lambda probes, *a, **k: seen.append([sum(p.numel() for p in m[2].parameters()) for m in probes]) \
+        or real(probes, *a, **k)
+    try:
+        out = E.linear_probes(net, train, val, "cpu", epochs=1, batch_size=2, num_workers=0)
+    finally:
+        E._train_probes = real
+    assert seen == [[2 * d + 2 for d in (9600, 9216, 9600, 9600, 9216)]]  # the official sizes, 2 classes
+    assert list(out) == [f"probe/conv{i}/top1" for i in range(1, 6)] and all(0 <= v <= 100 for v in out.values())
+    vit = vit_demo(patch_size=8).eval()
+    train, val = Set(lambda x: E.random_crop_transform(x, 32)), Set(lambda x: E.classify_transform(x, 32))
+    lrs = []
+    real_sgd = torch.optim.SGD.step
+    torch.optim.SGD.step = lambda self, *a, **k: lrs.append(self.param_groups[0]["lr"]) or real_sgd(self, *a, **k)
+    try:
+        out = E.linear_augmented(vit, train, val, "cpu", epochs=3, lr=0.01, batch_size=2, num_workers=0)
+    finally:
+        torch.optim.SGD.step = real_sgd
+    base = 0.01 * 2 / 256
+    assert lrs == pytest.approx([base] * 2 + [base * 0.75] * 2 + [base * 0.25] * 2)  # CosineAnnealingLR(3) per epoch
+    assert out["linear/top1"] >= out["linear/top1_last"]
