@@ -39,6 +39,7 @@ import io
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -215,22 +216,38 @@ def describe_checkpoint(state: dict) -> str:
         args = state.get("args") or {}
         arch = args.get("arch") or "encoder " + str(args.get("encoder_arch", "?"))  # secat.py: a frozen encoder
         return f"a {state['method']}.py checkpoint ({arch}/{args.get('patch_size', '?')}, epoch {state.get('epoch', '?')})"
-    weights = backbone_weights(state)
-    return f"ViT weights ({vit_shape(weights)})" if "cls_token" in weights else f"a dict of {len(state)} entries"
+    what, weights = backbone_weights(state)
+    return (f"{what} (ViT {vit_shape(weights)})" if "cls_token" in weights else what if "ResNet" in what or
+            "AlexNet" in what else f"a dict of {len(state)} entries")
 
 
-def backbone_weights(state: dict) -> dict:
-    """The backbone's tensors in a checkpoint under DINO's key names: a repo checkpoint's `backbone.`
-    keys (of teacher, else model), a DINO full checkpoint's teacher (else student / model), or a
-    plain state dict (DINO's released weights); `module.` (DDP) stripped, DINO's `head.` dropped."""
+# (release, its backbone's key prefix): READMEs strip 1 (Leopart) or 2 (TimeT) levels, the last duplicate winning
+RELEASES = (("TimeT's release", "teacher.backbone."), ("TimeT's release", "feature_extractor.backbone."),
+            ("Leopart's release", "model."), ("a DINO-style checkpoint", "backbone."), ("DINO-style weights", ""))
+
+
+def backbone_weights(state: dict) -> tuple[str, dict]:
+    """(which release, its backbone's tensors): a ViT under DINO's names (of teacher, else student / model), SeLa's
+    AlexNet, torchvision ResNets under their own names; `module.` (DDP) and heads dropped."""
+    top = state
     for key in ("teacher", "student", "model", "state_dict"):
         if isinstance(state.get(key), dict) and state[key]:
             state = state[key]
             break
     state = {str(k).removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if any(k.startswith("backbone.") for k in state):
-        return {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-    return {k: v for k, v in state.items() if not k.startswith("head.")}
+    for what, prefix in RELEASES:
+        weights = {k[len(prefix):]: v for k, v in state.items()
+                   if k.startswith(prefix) and not k[len(prefix):].startswith(("head.", "prototypes"))}
+        if {"cls_token", "conv1.weight", "features.0.weight"} & set(weights) or not prefix:
+            break
+    if "dino_loss" in top:  # DoRA's main.py saves DINO's checkpoint dict; its args have the clip options
+        what = "DoRA's checkpoint" if hasattr(top.get("args"), "frame_per_clip") else "DINO's full checkpoint"
+    conv = ("SeLa's AlexNet release" if "classifier.1.weight" in weights else  # named as models/alexnet.py
+            "SeLa's pre-activation ResNet-50 (resnetv2, not built here; its torchvision release *_pp.pth is)"
+            if "features.2.0.bn1.weight" in weights else ("SeLa's ResNet release" if "labels" in top else
+                                                          "a torchvision ResNet (DINO's ResNet-50)")
+            if "layer1.0.conv1.weight" in weights else None)  # evaluate.conv_weights renames them for sinkhorn.py
+    return conv or what, weights
 
 
 def vit_shape(weights: dict) -> str:
@@ -247,7 +264,7 @@ def read_pretrained(path, flag: str = "--pretrained") -> tuple[dict, dict | None
     if state.get("method") == "secat":  # its ViT is the frozen --encoder it was given: nothing learned there
         raise CheckpointError(f"{flag} {path}: holds {describe_checkpoint(state)}, a frozen image encoder plus a "
                               "language model; pass the file it took as --encoder instead")
-    weights = backbone_weights(state)
+    weights = backbone_weights(state)[1]
     if "cls_token" not in weights:
         raise CheckpointError(f"{flag} {path}: holds {describe_checkpoint(state)}, not ViT weights "
                               "(DINO's key names: cls_token, blocks.*)")
@@ -588,6 +605,67 @@ class ImageFolder(_SkipUnreadable, Dataset):
     def __getitem__(self, i):
         img, label = self._robust(i, lambda j: (load_image(self.samples[j][0]), self.samples[j][1]))
         return (self.transform(img) if self.transform else img), label
+
+
+def _unpickle_numpy(path) -> dict:
+    """A pickled dict of numpy arrays and lists (CIFAR's batches); any other class is refused, not run."""
+    class NumpyOnly(pickle.Unpickler):
+        def find_class(self, module, name):
+            if module.split(".")[0] != "numpy":
+                raise pickle.UnpicklingError(f"holds {module}.{name}")
+            return super().find_class(module, name)
+    with open(_need(path, "file"), "rb") as f:
+        try:
+            return NumpyOnly(f, encoding="latin1").load()
+        except (pickle.UnpicklingError, EOFError) as e:
+            raise DataError(f"{path}: not a CIFAR python batch ({e})") from None
+
+
+class SmallImages(Dataset):
+    """CIFAR-10/100 as downloaded (the folders cifar-10-batches-py, cifar-100-python) or SVHN's *_32x32.mat
+    (label 10 = digit 0, as torchvision); split train or test (val). item = (transform(uint8 (3, 32, 32)), label)."""
+
+    def __init__(self, root, split="train", transform=None):
+        root, self.transform, split = _need(root, "folder"), transform, "train" if split == "train" else "test"
+        if os.path.exists(os.path.join(root, f"{split}_32x32.mat")):
+            mat = __import__("scipy.io").io.loadmat(os.path.join(root, f"{split}_32x32.mat"))
+            self.images, self.classes = torch.from_numpy(mat["X"].transpose(3, 2, 0, 1).copy()), list("0123456789")
+            self.targets = [int(y) % 10 for y in mat["y"].flatten()]
+            return
+        ten = os.path.exists(os.path.join(root, "batches.meta"))
+        names = ([f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]) if ten else [split]
+        *batches, meta = [_unpickle_numpy(os.path.join(root, n)) for n in names + ["batches.meta" if ten else "meta"]]
+        self.images = torch.from_numpy(np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32))
+        self.targets = [int(y) for b in batches for y in b["labels" if ten else "fine_labels"]]
+        self.classes = meta["label_names" if ten else "fine_label_names"]
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return (self.transform(self.images[i]) if self.transform else self.images[i]), self.targets[i]
+
+
+class ADE20K(_SkipUnreadable, Dataset):
+    """ADEChallengeData2016: images/{training,validation}/*.jpg, annotations/<same>/*.png; ids 0 -> 255 (ignored),
+    1..150 -> 0..149 (mmseg's reduce_zero_label, as iBOT runs ADE20K). Splits and items as VOCSegmentation's."""
+
+    def __init__(self, root, split="train", transform=None):
+        self.root, self.transform, self._bad = _need(root, "folder"), transform, set()
+        sub = "training" if split == "train" else "validation"
+        self.images = _list_images(_need(os.path.join(root, "images", sub), "folder"), recursive=False)
+        self.masks = [os.path.join(root, "annotations", sub, os.path.basename(p)[:-4] + ".png") for p in self.images]
+        self.class_names, self.num_classes = [str(i) for i in range(1, 151)], 150  # objectInfo150.txt's ids
+
+    def __len__(self):
+        return len(self.images)
+
+    def _load(self, j):
+        return load_image(self.images[j]), (load_mask(self.masks[j]) - 1) % 256  # 0 ('other') -> 255
+
+    def __getitem__(self, i):
+        img, mask = self._robust(i, self._load)
+        return self.transform(img, mask) if self.transform else (img, mask)
 
 
 VOC_CLASSES = ("background aeroplane bicycle bird boat bottle bus car cat chair cow diningtable dog horse "
@@ -1528,14 +1606,15 @@ def _numbered(files) -> bool:
 
 def dataset_kind(path) -> str:
     """Which loader fits path: video, image, frame folder, videos, images, image folder, voc, davis, synthetic world,
-    coco, youtube-vos."""
+    ade20k, cifar, svhn, coco, youtube-vos."""
     path = _need(path)
     if os.path.isfile(path):
         for kind, exts in (("video", VIDEO_EXTS), ("image", IMAGE_EXTS)):
             if path.lower().endswith(exts):
                 return kind
         raise DataError(f"{path}: neither a video ({', '.join(VIDEO_EXTS)}) nor an image")
-    for kind, marker in (("synthetic world", "world.json"), ("voc", "ImageSets/Segmentation"),
+    for kind, marker in (("ade20k", "annotations/validation"), ("svhn", "test_32x32.mat"), ("cifar", "batches.meta"),
+                         ("cifar", "meta"), ("synthetic world", "world.json"), ("voc", "ImageSets/Segmentation"),
                          ("davis", "ImageSets/2017"), ("coco", "annotations/panoptic_annotations"),
                          ("coco", "annotations/*_val2017.json"), ("youtube-vos", "meta.json"),
                          ("youtube-vos", "Annotations/*/*.png")):  # meta.json missing: YouTubeVOS says so
@@ -1641,6 +1720,10 @@ def _describe(path, kind, num_frames, stride):
             shown += [_overlay(seq["frames"][t], seq["masks"][t]) for t in (0, len(seq["frames"]) // 2, -1)]
         print(f"{path}: davis, {len(ds)} sequences in val")
         return shown
+    if kind in ("cifar", "svhn", "ade20k"):
+        ds = ADE20K(path, "val") if kind == "ade20k" else SmallImages(path, "test")
+        print(f"{path}: {kind}, {len(ds)} test/val images, {len(getattr(ds, 'classes', ds.class_names))} classes")
+        return [_overlay(*ds[i]) if kind == "ade20k" else ds[i][0] for i in range(min(12, len(ds)))]
     raise DataError(f"{path}: cannot describe kind {kind}")
 
 

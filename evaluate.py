@@ -3,16 +3,16 @@
 One shared implementation, so that every method of this repo (and the official DINO weights, the baseline)
 is measured the same way, as the papers' official evaluation code measures it: PROTOCOLS (below) names the
 official script each benchmark follows and what differs, and every JSON printed carries it.
-  ImageNet-style folders: knn, linear.      VOC or COCO (--labels stuff|thing): seg-linear, seg-fcn, seg-cluster.
+  ImageNet-style, CIFAR, SVHN: knn, linear, linear-probes, nmi.   VOC, ADE20K, COCO: seg-linear, seg-fcn, seg-cluster.
   DAVIS: propagate, video-kmeans.    YouTube-VOS: video-kmeans.    Frozen / SeCAt: icl.      Pictures: viz.
   unsup-seg (VOC; unsupervised_segmentation, which leopart.py calls): Leopart's CBFE + Infomap community detection.
 All scores are percentages (accuracy, mIoU, J, F, NMI). The last line printed is one JSON object.
 
 Sections (in file order; each opens with a "# ====== <name>" line):
-  backbones           build_arch, load_backbone: DINO weights or any repo checkpoint -> a ViT / conv net
+  backbones           build_arch, load_backbone: released weights (DINO, DoRA, Leopart, TimeT, SeLa), repo checkpoints
   transforms          normalisation and feature extraction ([CLS] and patch tokens, cached)
-  classification      k-NN (DINO's weighted vote) and the linear probe
-  clustering          faiss_kmeans (torch), kmeans, match_clusters (Hungarian on IoU), mIoU, NMI
+  classification      k-NN (DINO's, SeLa's), linear probes (cached, DINO's crops on the fly, SeLa's per layer)
+  clustering          faiss_kmeans (torch), kmeans, match_clusters (Hungarian on IoU), mIoU, NMI, aNMI, ARI
   segmentation probes seg-linear (Leopart's recipe, or cached tokens), seg-fcn, seg-cluster on patch tokens
   unsupervised seg.   Leopart's CBFE + CD (Infomap community detection), the attention foregrounds
   DAVIS               J, F and label propagation
@@ -33,6 +33,7 @@ import argparse
 import functools
 import glob
 import importlib
+import itertools
 import json
 import math
 import os
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from einops import rearrange
 from scipy.optimize import linear_sum_assignment
@@ -101,10 +103,21 @@ def build_arch(arch: str, patch_size: int) -> nn.Module:
     return archs[arch](patch_size=patch_size)
 
 
+def conv_weights(weights: dict) -> tuple:
+    """SeLa's AlexNet / a torchvision ResNet -> (sinkhorn.py's arch, weights under its names); else (None, weights)"""
+    if "classifier.1.weight" in weights:
+        return "alexnet", {k.replace("features.", "trunk.", 1).replace("classifier.", "mlp.", 1): v
+                           for k, v in weights.items() if not k.startswith("top_layer")}
+    trunk = dict(conv1=0, bn1=1, layer1=4, layer2=5, layer3=6, layer4=7)
+    depth = (50 if "layer1.0.conv3.weight" in weights else 18) if "layer1.0.conv1.weight" in weights else None
+    return (f"resnet{depth}", {f"trunk.{trunk[k.split('.')[0]]}{k[k.index('.'):]}": v for k, v in weights.items()
+                               if k.split(".")[0] in trunk}) if depth else (None, weights)
+
+
 def load_backbone(ckpt=None, arch="vit_small", patch_size=16, random_init=False) -> nn.Module:
     """A frozen backbone in eval mode. A ckpt of this repo (has "method") is built by its method's
-    build_backbone and loads the `backbone.` keys of its teacher (else model); any other is an official
-    DINO file (data.load_pretrained), built as arch / patch_size. random_init skips the loading."""
+    build_backbone and loads the `backbone.` keys of its teacher (else model); SeLa's AlexNet or a ResNet is built by
+    sinkhorn.py; any other release is a ViT of arch / patch_size (data.load_pretrained). random_init: no loading."""
     if ckpt is None:
         if not random_init and arch != "pixels":
             raise data.DataError("no --ckpt given: pass one, or --random-init (or --arch pixels) for a floor")
@@ -116,9 +129,13 @@ def load_backbone(ckpt=None, arch="vit_small", patch_size=16, random_init=False)
             weights = state.get("teacher") or state["model"]
             net.load_state_dict({k[len("backbone."):]: v for k, v in weights.items() if k.startswith("backbone.")})
         return net.eval()
-    net = build_arch(arch, patch_size)
-    if not random_init:
+    conv, weights = conv_weights(data.backbone_weights(state)[1])  # SeLa's AlexNet, a ResNet: sinkhorn.py's
+    net = importlib.import_module("sinkhorn").build_backbone({"arch": conv}) if conv else build_arch(arch, patch_size)
+    if not random_init and not conv:
         data.load_pretrained(net, ckpt, flag="--ckpt")
+    elif not random_init and [k for k in net.load_state_dict(weights, strict=False).missing_keys  # older torch: no
+                              if "num_batches" not in k]:  # num_batches_tracked
+        raise data.CheckpointError(f"--ckpt {ckpt}: holds {data.describe_checkpoint(state)}, not all of {conv}")
     return net.eval()
 
 
@@ -134,6 +151,19 @@ def normalize(img: torch.Tensor) -> torch.Tensor:  # uint8 (..., 3, H, W) -> flo
 def classify_transform(img, size: int):  # DINO's eval transform: bicubic resize to size * 256 / 224, centre crop
     img = TF.resize(img, int(size * 256 / 224), interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
     return normalize(TF.center_crop(img, size))
+
+
+def random_crop_transform(img, size: int):  # DINO eval_linear.py's, SeLa's probes' train: RandomResizedCrop, flip
+    return normalize(T.RandomHorizontalFlip()(T.RandomResizedCrop(size, antialias=True)(img)))
+
+
+def ten_crop_transform(img, size: int):  # SeLa's probes' val: Resize(256) (bilinear), TenCrop(224) -> (10, 3, S, S)
+    return normalize(torch.stack(TF.ten_crop(TF.resize(img, int(size * 256 / 224), antialias=True), size)))
+
+
+def sela_cifar_transform(img, size: int):  # SeLa cifar.py's test: Resize(256) (bilinear), CenterCrop, CIFAR mean/std
+    img = TF.center_crop(TF.resize(img, int(size * 256 / 224), antialias=True), size).float() / 255
+    return TF.normalize(img, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
 
 
 def seg_transform(img, mask, size: int):  # image bilinear, mask nearest to size x size (Leopart's linear probe)
@@ -156,11 +186,13 @@ def token_grid(n: int, height: int, width: int) -> tuple:
 
 @torch.no_grad()
 def extract(backbone, loader, device, n_last_blocks=1, patch_tokens=False):
-    """(features, targets) of a loader: [CLS] of the last n blocks (N, n, D) float32, or with patch_tokens
-    the last block's patch tokens (N, D, h, w) float16 (the segmentation probes' cache)."""
+    """(features, targets) of a loader: [CLS] of the last n blocks (N, n, D) float32 (a conv net: forward() (N, 1, D),
+    as DINO's eval_knn.py takes it), or with patch_tokens the last block's patch tokens (N, D, h, w) float16."""
     feats, targets = [], []
     for images, y in loader:
-        layers = backbone.get_intermediate_layers(images.to(device), n_last_blocks)
+        x = images.to(device)
+        vit = patch_tokens or hasattr(backbone, "blocks")
+        layers = backbone.get_intermediate_layers(x, n_last_blocks) if vit else [backbone(x)[:, None]]
         if patch_tokens:
             h, w = token_grid(layers[-1].shape[1] - 1, *images.shape[-2:])
             feats.append(rearrange(layers[-1][:, 1:], "b (h w) d -> b d h w", h=h, w=w).half().cpu())
@@ -237,6 +269,87 @@ def linear(train_features, train_labels, test_features, test_labels, epochs=100,
     best = max(lrs, key=lambda lr: scores[lr])
     head = _train_linear(x, y, num_classes, best, epochs, batch_size, seed)
     return {"linear/top1": _top1(head, test_features.float(), test_labels), "linear/lr": best}
+
+
+def _train_probes(probes, inputs, train_set, device, epochs, lr_at, batch_size, weight_decay=0.0, num_workers=4,
+                  seed=0, after_epoch=lambda: None):
+    """probes[i] on inputs(x)[i], summed cross-entropy, SGD 0.9 at lr_at(epoch), DistributedSampler's order."""
+    opt = torch.optim.SGD(probes.parameters(), lr_at(0), momentum=0.9, weight_decay=weight_decay)
+    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=1, rank=0, seed=seed)
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(epoch)
+        probes.train()
+        for x, y in torch.utils.data.DataLoader(train_set, batch_size, sampler=sampler, num_workers=num_workers):
+            with torch.no_grad():
+                feats = inputs(x.to(device))
+            loss = sum(F.cross_entropy(probe(f), y.to(device)) for probe, f in zip(probes, feats))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        after_epoch()
+
+
+@torch.no_grad()
+def _probe_top1(probes, inputs, val_set, device, batch_size=32) -> list:
+    """Top-1 (%) of each probe; items of several crops (B, V, 3, S, S) are scored on their mean logits."""
+    probes.eval()
+    hits = [0] * len(probes)
+    for x, y in _loader(val_set, batch_size, 0):
+        views = x.shape[1] if x.dim() == 5 else 1
+        for i, (probe, f) in enumerate(zip(probes, inputs(x.flatten(0, x.dim() - 4).to(device)))):
+            hits[i] += (probe(f).view(len(x), views, -1).mean(1).argmax(1).cpu() == y).sum().item()
+    return [100 * h / len(val_set) for h in hits]
+
+
+def linear_augmented(backbone, train_set, val_set, device, epochs=100, lr=0.001, batch_size=1024, num_workers=4,
+                     seed=0) -> dict:
+    """DINO's eval_linear.py: crops afresh each epoch (random_crop_transform); nn.Linear N(0, 0.01), lr x batch / 256,
+    no wd, cosine per epoch; val each epoch, the best reported as DINO's log. DoRA's 512 x 4 GPUs = batch 2048."""
+    n, avgpool = (1, True) if getattr(backbone, "embed_dim", 0) >= 768 else (4, False)
+
+    def inputs(x):  # [CLS] of the last n blocks, ViT-B's mean patch token interleaved (cat + reshape); else forward()
+        if not hasattr(backbone, "blocks"):
+            return [backbone(x)]
+        layers = backbone.get_intermediate_layers(x, n)
+        out = torch.cat([t[:, 0] for t in layers], dim=-1)
+        return [torch.stack([out, layers[-1][:, 1:].mean(1)], dim=-1).flatten(1) if avgpool else out]
+    with torch.no_grad():
+        head = nn.Linear(inputs(val_set[0][0][None].to(device))[0].shape[1], len(train_set.classes))
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
+    probes, accs, base = nn.ModuleList([head]).to(device), [], lr * batch_size / 256
+    cosine = lambda e: base * (1 + math.cos(math.pi * e / epochs)) / 2  # noqa: E731  CosineAnnealingLR per epoch
+    _train_probes(probes, inputs, train_set, device, epochs, cosine, batch_size, 0.0, num_workers, seed,
+                  lambda: accs.append(_probe_top1(probes, inputs, val_set, device)[0]))
+    return {"linear/top1": max(accs), "linear/top1_last": accs[-1], "linear/lr": lr}
+
+
+def linear_probes(backbone, train_set, val_set, device, epochs=None, batch_size=None, num_workers=4, seed=0) -> dict:
+    """SeLa's eval_linear_probes.py Probes (AlexNet: conv1-5 max-pooled to ~9k dims, BN without affine, a conv over the
+    map; 36 epochs) or eval_resnet.py (ResNet: 146 epochs, its BN in train mode as officially); sets: random_crop /
+    ten_crop_transform. -> {"probe/conv1/top1": %, ...} or {"probe/top1": %}, after the last epoch."""
+    if not hasattr(backbone, "trunk"):
+        raise data.DataError("linear-probes: SeLa's probes are for its conv nets (AlexNet, ResNet); a ViT: linear")
+    alexnet, num_classes = getattr(backbone, "mlp", None) is not None, len(train_set.classes)
+    taps = (2, 6, 10, 13, 16)  # sinkhorn.py's alexnet_bn trunk: the ReLUs after conv1-conv5 (official: BN absorbed)
+    inputs = lambda x: [h for i, h in enumerate(itertools.accumulate(  # noqa: E731
+        backbone.trunk[:17], lambda h, layer: layer(h), initial=x)) if i - 1 in taps] if alexnet else [backbone(x)]
+    pools = [nn.MaxPool2d(6, 6, 3), nn.MaxPool2d(4, 4), nn.MaxPool2d(3, 3, 1), nn.MaxPool2d(3, 3, 1), nn.MaxPool2d(2)]
+    with torch.no_grad():  # the probes' sizes from a 224 input, as Probes.__init__
+        maps = [pool(m) for pool, m in zip(pools, inputs(torch.zeros(2, 3, 224, 224, device=device)) * alexnet)]
+    xavier = lambda conv: (nn.init.xavier_uniform_(conv.weight), nn.init.zeros_(conv.bias), conv)[2]  # noqa: E731
+    probes = nn.ModuleList([nn.Sequential(pool, nn.BatchNorm2d(m.shape[1], affine=False), xavier(nn.Conv2d(
+        m.shape[1], num_classes, m.shape[2:])), nn.Flatten()) for pool, m in zip(pools, maps)] if alexnet else
+        [nn.Linear(backbone.out_dim, num_classes)]).to(device)
+    lr_at = (lambda e: 1e-2 * 0.1 ** min(e // 10, 3)) if alexnet else (lambda e: 0.1 * 0.1 ** ((e >= 85) + (e >= 128)))
+    backbone.train(not alexnet)
+    _train_probes(probes, inputs, train_set, device, epochs or (36 if alexnet else 146), lr_at,
+                  batch_size or (192 if alexnet else 1024), 1e-5 if alexnet else 0.0, num_workers, seed)
+    backbone.eval()
+    top1 = _probe_top1(probes, inputs, val_set, device, batch_size=19 if alexnet else 102)  # SeLa: batch / 10
+    return dict(zip([f"probe/conv{i + 1}/top1" for i in range(5)] if alexnet else ["probe/top1"], top1))
 
 
 # ====== Clustering: k-means, matching, mIoU, NMI, Hungarian accuracy ================================
@@ -335,26 +448,66 @@ def miou(conf, mapping=None, gt_classes_only=False) -> float:
     return 100 * (iou[conf.sum(0) > 0] if gt_classes_only else iou).mean().item()
 
 
+def _contingency(pred, true) -> torch.Tensor:
+    """(clusters, classes) float64 counts of two labellings, ids relabelled 0..n-1 (sklearn's contingency_matrix)."""
+    pred, true = [torch.as_tensor(v).flatten().long().unique(return_inverse=True)[1] for v in (pred, true)]
+    return confusion(pred, true, int(pred.max()) + 1, int(true.max()) + 1, ignore=-1).double()
+
+
+def _mi_and_entropies(c) -> tuple:  # contingency -> (mutual information, H(pred), H(true)), natural log
+    p = c / c.sum()
+    rows, cols, nz = p.sum(1), p.sum(0), p > 0
+    mi = (p[nz] * (p[nz] / (rows[:, None] * cols[None, :])[nz]).log()).sum().clamp_min(0)
+    return mi, -(rows[rows > 0] * rows[rows > 0].log()).sum(), -(cols[cols > 0] * cols[cols > 0].log()).sum()
+
+
 def nmi(pred, true) -> float:
     """Normalised mutual information (%) with the arithmetic-mean normaliser (sklearn's default)."""
-    pred, true = torch.as_tensor(pred).flatten().long(), torch.as_tensor(true).flatten().long()
-    _, pred = pred.unique(return_inverse=True)
-    _, true = true.unique(return_inverse=True)
-    joint = confusion(pred, true, int(pred.max()) + 1, int(true.max()) + 1, ignore=-1).double()
-    joint /= joint.sum()
-    p, t = joint.sum(1), joint.sum(0)
-    nz = joint > 0
-    mi = (joint[nz] * (joint[nz] / (p[:, None] * t[None, :])[nz]).log()).sum()
-    h_p, h_t = -(p[p > 0] * p[p > 0].log()).sum(), -(t[t > 0] * t[t > 0].log()).sum()
+    mi, h_p, h_t = _mi_and_entropies(_contingency(pred, true))
     return 100.0 if h_p + h_t == 0 else (100 * mi / ((h_p + h_t) / 2)).item()
+
+
+def adjusted_nmi(pred, true) -> float:
+    """Adjusted MI (%) as sklearn's: (MI - E[MI]) / (mean entropy - E[MI]), E[MI] exact under the hypergeometric."""
+    c = _contingency(pred, true)
+    if c.shape == (1, 1):
+        return 100.0
+    (mi, h_p, h_t), lg = _mi_and_entropies(c), torch.lgamma
+    n, a, b, emi = c.sum().item(), c.sum(1), c.sum(0), 0.0
+    for k in range(1, int(min(a.max(), b.max())) + 1):  # sklearn's expected_mutual_information, a term per n_ij = k
+        A, B = a[a >= k][:, None], b[b >= k][None, :]
+        log_p = lg(A + 1) + lg(B + 1) + lg(n - A + 1) + lg(n - B + 1) - math.lgamma(n + 1) - math.lgamma(k + 1) \
+            - lg(A - k + 1) - lg(B - k + 1) - lg((n - A - B + k).clamp_min(0) + 1)
+        emi += torch.where(n - A - B + k >= 0, k / n * (math.log(n * k) - A.log() - B.log()) * log_p.exp(), 0).sum()
+    denominator = ((h_p + h_t) / 2 - emi).item()  # sklearn keeps it at least eps from 0, its sign kept
+    return 100 * (mi - emi).item() / math.copysign(max(abs(denominator), np.finfo(np.float64).eps), denominator)
+
+
+def ari(pred, true) -> float:
+    """Adjusted Rand index (%) as sklearn's adjusted_rand_score: pairs grouped alike by both, against chance."""
+    c = _contingency(pred, true)
+    pairs = lambda x: (x * (x - 1) / 2).sum()  # noqa: E731
+    both, rows, cols = pairs(c), pairs(c.sum(1)), pairs(c.sum(0))
+    expected, best = rows * cols / pairs(c.sum()), (rows + cols) / 2
+    return 100.0 if both == rows == cols else (100 * (both - expected) / (best - expected)).item()  # alike: 1
+
+
+def cluster_heads(ckpt) -> list:
+    """(weight, bias) of each clustering head in a file: sinkhorn.py's heads.{h}, SeLa's top_layer{h} or fc (*_pp)."""
+    state = data.load_checkpoint(ckpt, flag="--ckpt") if ckpt else {}
+    w = {k.removeprefix("module."): v for k, v in (state.get("model") or state.get("state_dict") or state).items()}
+    heads = [(w[k].float(), w[k[:-6] + "bias"].float()) for k in w
+             if re.fullmatch(r"(heads\.\d+|top_layer\d*|fc)\.weight", k)]
+    if not heads:
+        raise data.CheckpointError(f"--ckpt {ckpt}: no clustering heads (heads.*, top_layer*, fc) to score")
+    return heads
 
 
 def cluster_accuracy(pred, true) -> float:
     """Accuracy (%) after the best one-to-one cluster -> class map (Hungarian)."""
-    pred, true = torch.as_tensor(pred).flatten().long(), torch.as_tensor(true).flatten().long()
-    conf = confusion(pred, true, int(pred.max()) + 1, int(true.max()) + 1, ignore=-1)
+    conf = _contingency(pred, true)
     rows, cols = linear_sum_assignment(conf.numpy(), maximize=True)
-    return 100 * conf[rows, cols].sum().item() / len(true)
+    return 100 * conf[rows, cols].sum().item() / conf.sum().item()
 
 
 # ====== Segmentation probes on patch tokens (N, D, h, w) and masks (N, H, W), 255 ignored ============
@@ -1410,8 +1563,11 @@ def video_kmeans_miou(backbone, root: str, size: int, device, clip_frames: int =
 # The protocol each benchmark runs, named in evaluate.py's JSON (official file: what is followed).
 PROTOCOLS = {
     "knn": "DINO eval_knn.py: weighted k-NN on L2-normalised [CLS], k = 10/20/100/200, T = 0.07, top-1/top-5",
-    "linear": "DINO eval_linear.py's head and schedule (SGD 0.9, wd 0, cosine, lr x batch/256) on cached [CLS] of "
-              "the last 4 blocks; lr picked on a 10 % held-out split; no augmentation (ours)",
+    "knn-sela": "SeLa cifar_utils.kNN: K = 10, sigma 0.1 on forward() (AlexNet fc7); CIFAR: cifar.py's test transform",
+    "linear": "DINO eval_linear.py: crops on the fly, last 4 [CLS] (ViT-B: 1 + mean patch), cosine, best epoch",
+    "linear-cached": "DINO eval_linear.py's head on cached centre-crop [CLS], lr held out (ours: for CPU and demos)",
+    "linear-probes": "SeLa eval_linear_probes.py Probes (AlexNet) / eval_resnet.py (ResNet); ten-crop val, last epoch",
+    "nmi": "each clustering head's argmax on val vs labels: NMI, adjusted NMI, ARI as sklearn's; mean over heads",
     "seg-linear": "Leopart linear_finetune.py + eval_linear.py: trainaug (VOC; COCO: 10 % of train), random "
                   "resized crops 0.8-1 + flips on the fly, tokens bilinear to 100x100, 1x1 conv, SGD 0.01 momentum "
                   "0.9 wd 1e-4, 25 epochs x 0.1 at 20, batch 120; scored at 448, mIoU over all classes, 255 ignored",
@@ -1440,18 +1596,36 @@ def _loader(dataset, batch_size, num_workers):
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
 
 
-def classification(backbone, root, device, benches=("knn", "linear"), image_size=224, batch_size=64,
-                   num_workers=0, epochs=100) -> dict:
-    """knn and/or linear on an ImageFolder root with train/ and val/ (features extracted once)."""
-    sets = [data.ImageFolder(os.path.join(root, s), functools.partial(classify_transform, size=image_size))
-            for s in ("train", "val")]
-    (train_x, train_y), (val_x, val_y) = [extract(backbone, _loader(s, batch_size, num_workers), device, 4)
-                                          for s in sets]
+def classification_sets(root, transform) -> tuple:
+    """(train, val) of an ImageFolder root with train/ and val/, or of CIFAR / SVHN as downloaded (test as val)."""
+    if any(os.path.exists(os.path.join(root, f)) for f in ("batches.meta", "meta", "test_32x32.mat")):
+        return data.SmallImages(root, "train", transform), data.SmallImages(root, "test", transform)
+    return tuple(data.ImageFolder(os.path.join(root, s), transform) for s in ("train", "val"))
+
+
+def classification(backbone, root, device, benches=("knn", "linear"), image_size=224, batch_size=64, num_workers=0,
+                   epochs=100, knn_protocol="dino", linear_protocol="cached", lr=0.001, linear_batch_size=1024) -> dict:
+    """knn (DINO's, or SeLa's: K 10, sigma 0.1) and/or linear (cached features, or DINO's linear_augmented)."""
+    sela = knn_protocol == "sela" and "knn" in benches
+    sets = classification_sets(root, functools.partial(classify_transform, size=image_size))
+    for s in sets if sela and isinstance(sets[0], data.SmallImages) else ():  # SeLa cifar.py's own test transform
+        s.transform = functools.partial(sela_cifar_transform, size=image_size)
     out = {}
-    train_y, val_y = train_y.to(device), val_y.to(device)
-    if "knn" in benches:  # the last block's [CLS]: a DINO ViT's forward output
-        out.update(knn(train_x[:, -1].to(device), train_y, val_x[:, -1].to(device), val_y))
-    if "linear" in benches:  # DINO: the [CLS] of the last 4 blocks, concatenated
+    if "knn" in benches or "linear" in benches and linear_protocol == "cached":
+        (train_x, train_y), (val_x, val_y) = [extract(backbone, _loader(s, batch_size, num_workers), device, 4)
+                                              for s in sets]
+        train_y, val_y = train_y.to(device), val_y.to(device)
+    if sela and len(train_x) % 64:  # cifar_utils.kNN stores its last batch of r < 64 at (n // 64) * r: kept
+        n, r = len(train_x), len(train_x) % 64
+        last, train_x = train_x[n - r:], torch.cat([train_x[:n - r], torch.zeros_like(train_x[n - r:])])
+        train_x[n // 64 * r:n // 64 * r + r] = last
+    if "knn" in benches:  # the last block's [CLS] or a conv net's forward(), as DINO's eval_knn.py
+        out.update(knn(train_x[:, -1].to(device), train_y, val_x[:, -1].to(device), val_y,
+                       **(dict(ks=(10,), temperature=0.1) if sela else {})))
+    if "linear" in benches and linear_protocol == "dino":
+        train = classification_sets(root, functools.partial(random_crop_transform, size=image_size))[0]
+        out.update(linear_augmented(backbone, train, sets[1], device, epochs, lr, linear_batch_size, num_workers))
+    elif "linear" in benches:  # DINO: the [CLS] of the last 4 blocks, concatenated
         out.update(linear(train_x.flatten(1).to(device), train_y, val_x.flatten(1).to(device), val_y, epochs=epochs))
     return out
 
@@ -1460,11 +1634,13 @@ def segmentation(backbone, root, device, benches=("seg-linear", "seg-cluster"), 
                  num_workers=0, epochs=20, ks=(100, 300, 500), restarts=5, seeds=5, recipe="cached", labels="stuff",
                  eval_size=448, seed=0) -> dict:
     """seg-linear / seg-fcn (train -> val; recipe "leopart": seg_linear_leopart, "cached": seg_linear) and/or
-    seg-cluster (val) on a VOC root (trainaug when present) or a COCO root (labels stuff / thing, 10 % of train)."""
-    coco = expect_kind(root, ("voc", "coco"), "seg-*") == "coco"
-    aug = os.path.exists(f"{root}/ImageSets/Segmentation/trainaug.txt")
+    seg-cluster (val) on a VOC root (trainaug when present), ADE20K or COCO (labels stuff / thing, 10 % of train)."""
+    kind = expect_kind(root, ("voc", "coco", "ade20k"), "seg-*")
+    coco, aug = kind == "coco", os.path.exists(f"{root}/ImageSets/Segmentation/trainaug.txt")
 
     def sets(split, transform):
+        if kind == "ade20k":
+            return data.ADE20K(root, split, transform)
         if coco:
             return data.COCOSegmentation(root, split, transform, labels, 0.1 if split == "train" else 1, seed)
         return data.VOCSegmentation(root, "trainaug" if split == "train" and aug else split, transform)
@@ -1518,8 +1694,8 @@ def print_table(results: dict, title=None):
 
 
 # ====== Command line ================================================================================
-BENCHES = ("knn", "linear", "seg-linear", "seg-cluster", "propagate", "video-kmeans", "icl", "viz", "suite", "seg-fcn",
-           "unsup-seg")
+BENCHES = ("knn", "linear", "linear-probes", "nmi", "seg-linear", "seg-cluster", "propagate", "video-kmeans", "icl",
+           "viz", "suite", "seg-fcn", "unsup-seg")
 
 
 def get_args(argv=None):
@@ -1540,6 +1716,10 @@ def get_args(argv=None):
     p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--epochs", type=int, default=None, help="probe epochs (default: 100 linear; seg-linear 25, "
                    "cached 20; seg-fcn 10)")
+    p.add_argument("--knn-protocol", default="dino", choices=["dino", "sela"], help="sela: cifar.py's K 10, sigma 0.1")
+    p.add_argument("--linear-protocol", choices=["dino", "cached"], help="default: dino (crops on the fly) on CUDA")
+    p.add_argument("--lr", type=float, default=0.001, help="linear (dino) lr per 256 images (DINO 0.001, DoRA 0.01)")
+    p.add_argument("--probe-batch-size", type=int, help="linear: 1024 (DoRA 2048); linear-probes: 192 / 1024")
     p.add_argument("--restarts", type=int, default=5, help="seg-cluster: k-means restarts (best kept; Leopart: 5)")
     p.add_argument("--clip-frames", type=int, default=16, help="video-kmeans: frames per clip (TimeT: 16)")
     p.add_argument("--episodes", type=int, default=100, help="icl episodes per (ways, shots)")
@@ -1579,9 +1759,22 @@ def main(args):
     for param in backbone.parameters():
         param.requires_grad_(False)
     device, size, workers = args.device, args.image_size, args.num_workers
+    linear = args.linear_protocol or ("dino" if torch.device(device).type == "cuda" else "cached")
     if args.bench in ("knn", "linear"):
         results = classification(backbone, args.data, device, (args.bench,), size or 224, args.batch_size, workers,
-                                 epochs=args.epochs or 100)
+                                 args.epochs or 100, args.knn_protocol, linear, args.lr, args.probe_batch_size or 1024)
+        args.bench += {"knn": "-sela" * (args.knn_protocol == "sela"), "linear": "-cached" * (linear == "cached")}[
+            args.bench]
+    elif args.bench == "linear-probes":  # SeLa's crops: random for training, ten per val image
+        train, val = classification_sets(args.data, functools.partial(random_crop_transform, size=224))
+        val.transform = functools.partial(ten_crop_transform, size=224)
+        results = linear_probes(backbone, train, val, device, args.epochs, args.probe_batch_size, workers, args.seed)
+    elif args.bench == "nmi":  # each clustering head's argmax on val against the labels
+        heads = cluster_heads(args.ckpt)
+        val = classification_sets(args.data, functools.partial(classify_transform, size=size or 224))[1]
+        x, y = extract(backbone, _loader(val, args.batch_size, workers), device)
+        results = {key: float(np.mean([score((x[:, -1] @ w.T + b).argmax(1), y) for w, b in heads]))
+                   for key, score in [("nmi", nmi), ("anmi", adjusted_nmi), ("ari", ari)]}
     elif args.bench in ("seg-linear", "seg-cluster", "seg-fcn"):
         recipe = "leopart" if args.bench == "seg-fcn" else args.recipe or ("cached" if device == "cpu" else "leopart")
         results = segmentation(backbone, args.data, device, (args.bench,), size or 448, args.batch_size, workers,

@@ -608,3 +608,45 @@ def test_coco_ten_percent_of_a_few_images_keeps_one_and_an_empty_folder_is_an_er
         os.remove(os.path.join(root, "coco/images/val2017", f))
     with pytest.raises(data.DataError, match="val2017: no images"):
         data.COCOSegmentation(root, "val")
+
+
+# ------------------------------------------------------------------ CIFAR, SVHN, ADE20K as downloaded
+def test_cifar_svhn_ade20k_readers(tmp_path):
+    import pickle
+    import scipy.io
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    ten = tmp_path / "cifar-10-batches-py"  # torchvision's layout: pickled dicts, rows of 3 x 32 x 32 (R, G, B planes)
+    ten.mkdir()
+    rows = rng.integers(0, 256, (7, 3072), dtype=np.uint8)
+    for i in range(1, 6):
+        (ten / f"data_batch_{i}").write_bytes(pickle.dumps({"data": rows[i - 1:i], "labels": [i], "filenames": []}))
+    (ten / "test_batch").write_bytes(pickle.dumps({"data": rows[5:7], "labels": [3, 9]}))
+    (ten / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+    train, test = data.SmallImages(str(ten), "train"), data.SmallImages(str(ten), "val")
+    assert (len(train), train.targets, test.targets, train.classes[9]) == (5, [1, 2, 3, 4, 5], [3, 9], "c9")
+    assert torch.equal(test[1][0][2, 0, :4], torch.from_numpy(rows[6, 2048:2052]))  # blue plane, first row
+    hundred = tmp_path / "cifar-100-python"
+    hundred.mkdir()
+    (hundred / "test").write_bytes(pickle.dumps({"data": rows[:2], "fine_labels": [42, 7], "coarse_labels": [1, 2]}))
+    (hundred / "meta").write_bytes(pickle.dumps({"fine_label_names": [str(i) for i in range(100)]}))
+    assert data.SmallImages(str(hundred), "test").targets == [42, 7] and data.dataset_kind(str(hundred)) == "cifar"
+    (hundred / "train").write_bytes(b"\x80\x04cos\nsystem\n.")  # a pickle naming os.system is refused, not run
+    with pytest.raises(data.DataError, match="train: not a CIFAR python batch"):
+        data.SmallImages(str(hundred), "train")
+    svhn = tmp_path / "svhn"
+    svhn.mkdir()
+    x = rng.integers(0, 256, (32, 32, 3, 2), dtype=np.uint8)
+    scipy.io.savemat(svhn / "test_32x32.mat", {"X": x, "y": np.array([[10], [4]], np.uint8)})
+    ds = data.SmallImages(str(svhn), "test")
+    assert ds.targets == [0, 4] and torch.equal(ds[1][0], torch.from_numpy(x[..., 1]).permute(2, 0, 1))
+    assert data.dataset_kind(str(svhn)) == "svhn"
+    ade = tmp_path / "ADEChallengeData2016"
+    for sub in ("images/validation", "annotations/validation"):
+        (ade / sub).mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(ade / "images/validation/ADE_val_00000001.jpg")
+    ids = np.array([[0, 1, 150, 7, 7, 7]] * 4, np.uint8)
+    Image.fromarray(ids).save(ade / "annotations/validation/ADE_val_00000001.png")
+    assert data.dataset_kind(str(ade)) == "ade20k"
+    img, mask = data.ADE20K(str(ade), "val")[0]
+    assert img.shape == (3, 4, 6) and mask[0].tolist() == [255, 0, 149, 6, 6, 6]  # 0 = 'other' -> ignored

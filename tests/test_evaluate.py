@@ -615,3 +615,143 @@ def test_a_root_of_another_layout_names_its_kind_and_what_the_benchmark_reads(tm
     os.makedirs(tmp_path / "voc" / "ImageSets" / "Segmentation")
     with pytest.raises(data.DataError, match="laid out as voc .*; video-kmeans reads davis or youtube-vos"):
         E.video_kmeans_miou(E.RawPixels(8), str(tmp_path / "voc"), 16, "cpu")
+
+
+# ------------------------------------------------------------------ released weights as the papers' code reads them
+def test_released_vit_layouts_load_like_dinos_file(tmp_path, reference_vits):
+    """Key layouts of each official saving/loading code: Leopart's README strips 1 level (model.* after
+    teacher.*), TimeT's 2 (teacher.backbone.* after the student's); DoRA's main.py saves DINO's dict."""
+    import argparse
+    torch.manual_seed(0)
+    vit, decoy = vit_demo(patch_size=8).eval(), vit_demo(patch_size=8)
+    x = torch.randn(1, 3, 32, 32)
+    plain, other = vit.state_dict(), decoy.state_dict()
+    leopart = {**{"teacher." + k: v for k, v in other.items()}, **{"model." + k: v for k, v in plain.items()},
+               "model.head.0.weight": torch.ones(2), "model.prototypes.weight": torch.ones(3, 2)}
+    timet = {"prototypes": torch.ones(3, 2), **{"feature_extractor.backbone." + k: v for k, v in other.items()},
+             "feature_extractor.head.0.weight": torch.ones(2), **{"teacher.backbone." + k: v for k, v in plain.items()}}
+    full = {"student": {"module.backbone." + k: v for k, v in other.items()}, "epoch": 100, "dino_loss": {},
+            "teacher": {**{"backbone." + k: v for k, v in plain.items()}, "head.last_layer.weight_g": torch.ones(2)}}
+    dora = {**full, "args": argparse.Namespace(arch="vit_small", frame_per_clip=8)}
+    for name, state, what in [("leopart", leopart, "Leopart's release"), ("timet", timet, "TimeT's release"),
+                              ("dino", full, "DINO's full checkpoint"), ("dora", dora, "DoRA's checkpoint"),
+                              ("plain", plain, "DINO-style weights")]:
+        torch.save(state, tmp_path / f"{name}.pth")
+        assert data.describe_checkpoint(state).startswith(what) and "width 192, 4 blocks, patch 8" in \
+            data.describe_checkpoint(state)
+        assert torch.equal(E.load_backbone(str(tmp_path / f"{name}.pth"), "vit_demo", 8)(x), vit(x))
+        assert data.read_pretrained(str(tmp_path / f"{name}.pth"))[0].keys() == plain.keys()  # --pretrained too
+
+
+def test_sela_releases_load_into_sinkhorns_backbones(tmp_path):
+    """SeLa's AlexNet (models/alexnet.py: features.*, classifier.*, top_layer{i}) and torchvision ResNets
+    ({'state_dict', 'labels'}: *_pp.pth; DINO's ResNet-50 without fc) give the official network's features."""
+    import torchvision
+    import sinkhorn
+    torch.manual_seed(0)
+    ours = sinkhorn.alexnet_bn()
+    ours.train()(torch.randn(4, 3, 64, 64))  # non-trivial BN statistics
+    official = {k.replace("trunk.", "features.").replace("mlp.", "classifier."): v
+                for k, v in ours.state_dict().items()}
+    official.update({f"top_layer{i}.{p}": torch.zeros(3) for i in range(10) for p in ("weight", "bias")})
+    torch.save(official, tmp_path / "alexnet-10x3k-wRot.pth")
+    x = torch.randn(2, 3, 64, 64)
+    net = E.load_backbone(str(tmp_path / "alexnet-10x3k-wRot.pth"))
+    assert torch.equal(net(x), ours.eval()(x)) and net(x).shape == (2, 4096)  # fc7, as SeLa's kNN reads it
+    assert data.describe_checkpoint(official) == "SeLa's AlexNet release"
+    tv = torchvision.models.resnet18(num_classes=30)
+    tv.train()(torch.randn(4, 3, 64, 64))
+    torch.save({"state_dict": tv.state_dict(), "labels": torch.zeros(5, dtype=torch.long)}, tmp_path / "r18.pth")
+    tv.fc = torch.nn.Identity()
+    assert torch.allclose(E.load_backbone(str(tmp_path / "r18.pth"))(x), tv.eval()(x), atol=1e-6)
+    assert data.describe_checkpoint(torch.load(tmp_path / "r18.pth")) == "SeLa's ResNet release"
+    torch.save({"features.0.weight": torch.ones(64, 3, 7, 7), "features.2.0.bn1.weight": torch.ones(64)},
+               tmp_path / "resnet-10x3k.pth")
+    with pytest.raises(data.CheckpointError, match="pre-activation"):
+        E.load_backbone(str(tmp_path / "resnet-10x3k.pth"))
+
+
+# ------------------------------------------------------------------ SeLa's and DINO's remaining protocols
+def test_adjusted_nmi_and_ari_by_hand():
+    """[0,1,0,1] vs [0,0,1,1]: MI 0, E[MI] = log(2)/3 (n_ij = 2 w.p. 1/6 in each of 4 cells), H = log 2 each:
+    AMI = -(1/3)/(2/3); ARI: no pair together in both, expected 2/3 of (1+1)/2 = 1 -> -0.5 (sklearn agrees)."""
+    assert E.adjusted_nmi([0, 1, 0, 1], [0, 0, 1, 1]) == pytest.approx(-50)
+    assert E.ari([0, 1, 0, 1], [0, 0, 1, 1]) == pytest.approx(-50)
+    assert E.ari([0, 0, 1, 2], [0, 0, 0, 1]) == pytest.approx(100 / 3)  # pairs 1, rows 1, cols 3 of 6: (1-.5)/(2-.5)
+    assert E.adjusted_nmi([3, 3, 7, 7], [1, 1, 0, 0]) == E.ari([3, 3, 7, 7], [1, 1, 0, 0]) == 100  # same partition
+    assert E.adjusted_nmi([0, 0, 0], [1, 1, 1]) == E.ari([0, 0, 0], [1, 1, 1]) == 100  # sklearn's one-cluster cases
+    assert E.nmi([0, 0, 1, 2], [0, 0, 0, 1]) == pytest.approx(70.201688, abs=1e-5)  # sklearn 1.9
+
+
+def test_sela_knn_cifar_and_cluster_heads(tmp_path, capsys):
+    """SeLa's kNN (cifar.py: K 10, sigma 0.1) on CIFAR-10's python files, its CIFAR transform, JSON naming it."""
+    import pickle
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    colours = torch.tensor([[250, 10, 10], [10, 250, 10]], dtype=torch.uint8)
+    for i, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        labels = [j % 2 for j in range(4)]
+        noise = torch.randint(0, 5, (4, 3, 1024), generator=g, dtype=torch.uint8)
+        rows = colours[labels][:, :, None].expand(4, 3, 1024) + noise
+        (folder / name).write_bytes(pickle.dumps({"data": rows.reshape(4, -1).numpy(), "labels": labels}))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": ["red", "green"] + list("cdefghij")}))
+    E.main(E.get_args(["knn", "--data", str(folder), "--arch", "pixels", "--patch-size", "8", "--knn-protocol", "sela",
+                       "--image-size", "32", "--num-workers", "0", "--device", "cpu"]))
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["knn/k10/top1"] == 100 and "k20" not in str(out) and out["protocol"].startswith("SeLa cifar_utils.kNN")
+    x = E.sela_cifar_transform(torch.full((3, 32, 32), 255, dtype=torch.uint8), 224)
+    assert x.shape == (3, 224, 224) and x[0, 0, 0].item() == pytest.approx((1 - 0.4914) / 0.2023)
+    torch.save({"model": {"backbone.x": torch.ones(1), "heads.0.weight": torch.ones(3, 2),
+                          "heads.0.bias": torch.zeros(3), "heads.1.weight": torch.ones(4, 2),
+                          "heads.1.bias": torch.zeros(4)}}, tmp_path / "sela.pth")
+    assert [w.shape[0] for w, _ in E.cluster_heads(str(tmp_path / "sela.pth"))] == [3, 4]
+    torch.save({"features.0.weight": torch.ones(1), "top_layer0.weight": torch.ones(2, 1),
+                "top_layer0.bias": torch.ones(2)}, tmp_path / "alexnet.pth")
+    assert len(E.cluster_heads(str(tmp_path / "alexnet.pth"))) == 1
+    with pytest.raises(data.CheckpointError, match="no clustering heads"):
+        E.cluster_heads(None)  # nmi without --ckpt
+
+
+def test_linear_probes_and_augmented_linear_run_as_specified(tmp_path):
+    """SeLa's AlexNet probes: 5 probes of conv1-conv5 pooled to 9600/9216/9600/9600/9216 dims; DINO's augmented probe
+    on a ViT: per-epoch cosine from lr x batch / 256, best of the per-epoch val scores."""
+    import sinkhorn
+    torch.manual_seed(0)
+    net = sinkhorn.alexnet_bn().eval()
+    images = torch.randint(0, 255, (4, 3, 40, 40), dtype=torch.uint8)
+
+    class Set(torch.utils.data.Dataset):
+        classes = ["a", "b"]
+
+        def __init__(self, transform):
+            self.transform = transform
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return self.transform(images[i]), i % 2
+    train, val = Set(lambda x: E.random_crop_transform(x, 224)), Set(lambda x: E.ten_crop_transform(x, 224))
+    seen = []
+    real = E._train_probes
+    E._train_probes = lambda probes, *a, **k: seen.append([sum(p.numel() for p in m[2].parameters()) for m in probes]) \
+        or real(probes, *a, **k)
+    try:
+        out = E.linear_probes(net, train, val, "cpu", epochs=1, batch_size=2, num_workers=0)
+    finally:
+        E._train_probes = real
+    assert seen == [[2 * d + 2 for d in (9600, 9216, 9600, 9600, 9216)]]  # the official sizes, 2 classes
+    assert list(out) == [f"probe/conv{i}/top1" for i in range(1, 6)] and all(0 <= v <= 100 for v in out.values())
+    vit = vit_demo(patch_size=8).eval()
+    train, val = Set(lambda x: E.random_crop_transform(x, 32)), Set(lambda x: E.classify_transform(x, 32))
+    lrs = []
+    real_sgd = torch.optim.SGD.step
+    torch.optim.SGD.step = lambda self, *a, **k: lrs.append(self.param_groups[0]["lr"]) or real_sgd(self, *a, **k)
+    try:
+        out = E.linear_augmented(vit, train, val, "cpu", epochs=3, lr=0.01, batch_size=2, num_workers=0)
+    finally:
+        torch.optim.SGD.step = real_sgd
+    base = 0.01 * 2 / 256
+    assert lrs == pytest.approx([base] * 2 + [base * 0.75] * 2 + [base * 0.25] * 2)  # CosineAnnealingLR(3) per epoch
+    assert out["linear/top1"] >= out["linear/top1_last"]
