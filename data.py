@@ -1,8 +1,7 @@
 """Data for every method and benchmark in this repo, plus the run plumbing they share.
 
-Everything a method file reads (videos, image folders, labelled segmentation sets) comes
-through here, and so does the built-in synthetic world that lets the demos and tests run
-on a laptop with no downloads.
+Everything a method file reads comes through here, and so does the built-in synthetic world that lets the
+demos and tests run on a laptop with no downloads.
 
 Sections:
   run plumbing    distributed set-up, AMP, seeding, cosine schedules, atomic checkpoints (one loader
@@ -23,9 +22,8 @@ Sections:
                   python data.py inspect PATH [--bench] [--sheet sheet.png]
                   python data.py extract VIDEO --out DIR [--short-side 640] [--workers N]
 
-Bad input raises DataError with one line "<path>: <what is wrong>". Inside a dataset an
-unreadable file is skipped with a warning and counted in `.num_skipped`. `cli(main, get_args)`,
-the entry point of every command line here, prints such errors as one line `error: ...`.
+Bad input raises DataError with one line "<path>: <what is wrong>"; inside a dataset an unreadable file is
+skipped with a warning and counted in `.num_skipped`. `cli(main, get_args)` prints them as one line `error: ...`.
 """
 from __future__ import annotations
 
@@ -350,20 +348,12 @@ def cli(main, get_args, argv=None) -> None:
         sys.exit(code)
 
     program = os.path.basename(sys.argv[0])
+    captured = io.StringIO()  # argparse prints its usage block, then "prog: error: message", and exits 2
     try:
-        captured = io.StringIO()  # argparse prints its usage block, then "prog: error: message", and exits 2
-        try:
-            with contextlib.redirect_stderr(captured):
-                args = get_args(argv)
-        except SystemExit as e:
-            if e.code == 2 and "error: " in captured.getvalue():
-                raise _UsageError(captured.getvalue().strip().splitlines()[-1].split("error: ", 1)[1]) from None
-            raise
-        finally:
-            sys.stderr.write(captured.getvalue() if "error: " not in captured.getvalue() else "")
+        with contextlib.redirect_stderr(captured):
+            args = get_args(argv)
+        sys.stderr.write(captured.getvalue())
         main(args)
-    except _UsageError as e:
-        fail(f"{program}: {e} (see {program} --help)", 2)
     except (DataError, CheckpointError) as e:
         fail(str(e))
     except OSError as e:
@@ -373,16 +363,15 @@ def cli(main, get_args, argv=None) -> None:
     except KeyboardInterrupt:
         fail(f"{program}: interrupted; a training run continues from its last checkpoint with --resume", 130)
     except SystemExit as e:
+        usage = captured.getvalue().strip().splitlines()[-1:]
+        if e.code == 2 and usage and "error: " in usage[0]:
+            fail(f"{program}: {usage[0].split('error: ', 1)[1]} (see {program} --help)", 2)
         if isinstance(e.code, str) and not e.code.startswith("error:"):
             fail(e.code.splitlines()[0])
         raise
     finally:  # a run that failed before train()'s end leaves its group open
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-
-class _UsageError(Exception):
-    """A bad command-line flag (argparse's error(), made one line by cli)."""
 
 
 class JsonlLogger:
@@ -1668,10 +1657,9 @@ def _describe(path, kind, num_frames, stride):
                  for t in np.linspace(0, info.num_frames - 1, 6)]
         return [read_frames(clips.videos[v], [t], short_side=128)[0] for v, t in picks]
     if kind == "image":
-        img = load_image(path)
         with Image.open(path) as pil:
-            print(f"{path}: image, {img.shape[2]}x{img.shape[1]}, mode {pil.mode}")
-        return [img]
+            print(f"{path}: image, {pil.width}x{pil.height}, mode {pil.mode}")
+        return [load_image(path)]
     if kind == "images":
         ds = UnlabelledImages(path)
         print(f"{path}: unlabelled images, {len(ds)} files; first is {tuple(ds[0][0].shape)}")
@@ -1682,18 +1670,16 @@ def _describe(path, kind, num_frames, stride):
         print(f"{path}: image folder, {len(ds.classes)} classes, {len(ds)} images "
               f"({counts.min()}-{counts.max()} per class), first {tuple(ds[0][0].shape)}: "
               f"{', '.join(ds.classes[:8])}")
-        firsts = [ds.targets.index(c) for c in range(len(ds.classes))][:12]
-        return [ds[i][0] for i in firsts]
+        return [ds[ds.targets.index(c)][0] for c in range(min(12, len(ds.classes)))]
     if kind == "voc":
         shown = []
         for split in ("train", "trainaug", "val"):
             if not os.path.exists(os.path.join(path, "ImageSets", "Segmentation", f"{split}.txt")):
                 continue
             ds = VOCSegmentation(path, split)
-            img, mask = ds[0]
             ids = torch.cat([ds[i][1].unique() for i in range(min(20, len(ds)))]).unique().tolist()
             print(f"{path} [{split}]: voc segmentation, {len(ds)} images, {ds.num_classes} classes, "
-                  f"first {img.shape[2]}x{img.shape[1]}, ids in the first 20 masks: {ids}")
+                  f"first {ds[0][0].shape[2]}x{ds[0][0].shape[1]}, ids in the first 20 masks: {ids}")
             shown += [_overlay(*ds[i]) for i in range(min(6, len(ds)))]
         return shown
     if kind == "coco":  # val only: listing train2017 is slow
@@ -1712,11 +1698,9 @@ def _describe(path, kind, num_frames, stride):
     if kind == "davis":
         ds = DAVIS(path)
         shown = []
-        for i in range(min(4, len(ds))):
-            seq = ds[i]
-            ids = seq["masks"][0].unique().tolist()
+        for seq in (ds[i] for i in range(min(4, len(ds)))):
             print(f"{path} [{seq['name']}]: davis, {len(seq['frames'])} frames {seq['frames'].shape[3]}x"
-                  f"{seq['frames'].shape[2]}, ids in frame 0: {ids}")
+                  f"{seq['frames'].shape[2]}, ids in frame 0: {seq['masks'][0].unique().tolist()}")
             shown += [_overlay(seq["frames"][t], seq["masks"][t]) for t in (0, len(seq["frames"]) // 2, -1)]
         print(f"{path}: davis, {len(ds)} sequences in val")
         return shown
