@@ -1,5 +1,6 @@
 """Tests for dora.py (CPU, small tensors): the tracker, DINO weights, DDP, bf16, resume."""
 import argparse
+import json
 import math
 import os
 import sys
@@ -408,3 +409,20 @@ def test_demo_on_ones_own_video_in_two_pieces_equals_one_run(tmp_path, monkeypat
         for k, v in straight[part].items():
             assert torch.equal(v, pieces[part][k]), (part, k)
     assert torch.equal(straight["center"], pieces["center"])
+
+
+def test_bench_prints_the_loader_and_step_rates_and_their_ratio(tmp_path, capsys, monkeypatch):
+    """--bench N (data.bench_train): one JSON line whose ratio is the loader's rate x workers over the step's rate;
+    no checkpoint, no training."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    write_frames(tmp_path / "video")
+    args = tiny_args("--data", str(tmp_path / "video"), "--clip-start-every", "3", "--output-dir", str(tmp_path / "out"),
+                     "--bench", "2")
+    dora.main(args)
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"loader_items_per_s_per_worker", "workers", "step_s", "images_per_s", "peak_memory_gib", "ratio"} <= set(result)
+    assert result["step_s"] > 0 and result["loader_items_per_s_per_worker"] > 0
+    items_per_s = result["images_per_s"] / args.frames_per_clip
+    assert math.isclose(result["ratio"], result["loader_items_per_s_per_worker"] * result["workers"] / items_per_s,
+                        rel_tol=1e-6)
+    assert not (tmp_path / "out" / "checkpoint.pth").exists()
