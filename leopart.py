@@ -639,9 +639,11 @@ def train(args):
 
 def gather_queue(queue, world_size):
     """Every rank's queue (G, n, E), newest first, interleaved -> (G, world_size * n, E), newest first."""
-    queues = [torch.empty_like(queue) for _ in range(world_size)] if world_size > 1 else [queue]
+    queues = [torch.empty_like(queue) for _ in range(world_size)]
     if world_size > 1:
         dist.all_gather(queues, queue)
+    else:
+        queues[0].copy_(queue)
     return rearrange(torch.stack(queues), "w g n e -> g (n w) e")
 
 
