@@ -122,9 +122,7 @@ def resolve_amp(amp: str | None, device) -> str:
     """None picks the best: bf16 on CUDA that supports it, fp16 on older CUDA, none on CPU."""
     device = torch.device(device)
     if amp is None:
-        if device.type != "cuda":
-            return "none"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "none" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if amp not in ("bf16", "fp16", "none"):
         raise DataError(f"--amp {amp!r}: expected bf16, fp16 or none")
     if amp == "fp16" and device.type != "cuda":
@@ -132,24 +130,37 @@ def resolve_amp(amp: str | None, device) -> str:
     return amp
 
 
-def autocast(device, amp: str):
-    """The one-line AMP context (nanoGPT style): a no-op for 'none'."""
+def autocast(device, amp: str):  # the one-line AMP context (nanoGPT style): a no-op for 'none'
     if amp == "none":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
-def make_scaler(amp: str, device):
-    """A GradScaler that only scales for fp16 (bf16 has fp32's range and needs none)."""
+def make_scaler(amp: str, device):  # scales only for fp16 (bf16 has fp32's range and needs none)
     return torch.amp.GradScaler(torch.device(device).type, enabled=(amp == "fp16"))
 
 
-def seed_everything(seed: int, rank: int = 0) -> None:
-    """Seed python, numpy and torch with seed + rank (per-rank streams, reproducible)."""
+def seed_everything(seed: int, rank: int = 0) -> None:  # python, numpy and torch: per-rank streams, reproducible
     random.seed(seed + rank)
     np.random.seed((seed + rank) % 2**32)
     torch.manual_seed(seed + rank)
+
+
+def host_stats(stats: dict) -> dict:
+    """{name: 0-d tensor} -> {name: float}: the step's one host sync; a non-finite "loss" stops the run."""
+    values = dict(zip(stats, torch.stack([v.detach().float() for v in stats.values()]).tolist()))
+    if not math.isfinite(values["loss"]):
+        raise FloatingPointError(f"loss is {values['loss']}; try --amp none or a lower --lr")
+    return values
+
+
+@torch.no_grad()
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, over the student's tensors that train (DINO)."""
+    pairs = [(t, s) for s, t in zip(student.parameters(), teacher.parameters()) if s.requires_grad]
+    torch._foreach_mul_([t for t, _ in pairs], momentum)
+    torch._foreach_add_([t for t, _ in pairs], [s for _, s in pairs], alpha=1 - momentum)
 
 
 def cosine_schedule(base, final, epochs, steps_per_epoch, warmup_epochs=0, start_warmup=0.0) -> np.ndarray:
@@ -492,16 +503,14 @@ def _first_problem(problems) -> str:
     return f"; first problem: {problems[0]}" if problems else ""
 
 
-def _split_ids(list_file) -> list[str]:
-    """The non-empty lines of a VOC / DAVIS split file."""
+def _split_ids(list_file) -> list[str]:  # the non-empty lines of a VOC / DAVIS split file
     ids = [line.strip() for line in open(_need(list_file, "split file")) if line.strip()]
     if not ids:
         raise DataError(f"{list_file}: empty split file")
     return ids
 
 
-def read_json(path, key):
-    """path's JSON object's `key` entry, or a DataError naming the file."""
+def read_json(path, key):  # path's JSON object's `key` entry, or a DataError naming the file
     with open(_need(path, "file")) as f:
         try:
             return json.load(f)[key]
@@ -1588,8 +1597,7 @@ def labelled_grid(rows, path=None, title="", row_names=None, col_names=None, pad
 
 
 # ==================================================================================== inspect
-def _numbered(files) -> bool:
-    """Frame folders name their images by number (00000.jpg); class folders usually do not."""
+def _numbered(files) -> bool:  # frame folders name their images by number (00000.jpg); class folders do not
     return all(os.path.splitext(os.path.basename(f))[0].isdigit() for f in files[:5])
 
 
@@ -1598,9 +1606,8 @@ def dataset_kind(path) -> str:
     ade20k, cifar, svhn, coco, youtube-vos."""
     path = _need(path)
     if os.path.isfile(path):
-        for kind, exts in (("video", VIDEO_EXTS), ("image", IMAGE_EXTS)):
-            if path.lower().endswith(exts):
-                return kind
+        if path.lower().endswith(VIDEO_EXTS + IMAGE_EXTS):
+            return "video" if path.lower().endswith(VIDEO_EXTS) else "image"
         raise DataError(f"{path}: neither a video ({', '.join(VIDEO_EXTS)}) nor an image")
     for kind, marker in (("ade20k", "annotations/validation"), ("svhn", "test_32x32.mat"), ("cifar", "batches.meta"),
                          ("cifar", "meta"), ("synthetic world", "world.json"), ("voc", "ImageSets/Segmentation"),
@@ -1751,8 +1758,6 @@ def bench(path, num_frames=8, stride=1, short_side=None, max_clips=64, rounds=3)
         best["plain"] = min(best["plain"], time.perf_counter() - started)
     result = dict(clips=len(order), loader_clips_per_s=len(order) / best["loader"],
                   plain_clips_per_s=len(order) / best["plain"], ratio=best["plain"] / best["loader"])
-    result["loader_frames_per_s"] = result["loader_clips_per_s"] * num_frames
-    result["plain_frames_per_s"] = result["plain_clips_per_s"] * num_frames
     return result
 
 
@@ -1827,7 +1832,7 @@ def inspect(path, sheet=None, do_bench=False, num_frames=8, stride=1, short_side
         print(f"bench {target} ({result['clips']} random clips of {num_frames} frames, stride {stride}, "
               f"short side {short_side or 'native'}, PyAV threads auto on {os.cpu_count()} cores):")
         for name, key in (("VideoClips", "loader"), ("plain PyAV", "plain")):
-            print(f"  {name}  {result[key + '_clips_per_s']:8.1f} clips/s {result[key + '_frames_per_s']:8.1f} frames/s")
+            print(f"  {name}  {result[key + '_clips_per_s']:8.1f} clips/s {result[key + '_clips_per_s'] * num_frames:8.1f} frames/s")
         print(f"  ratio loader / plain = {result['ratio']:.2f} (target >= 0.8)")
 
 

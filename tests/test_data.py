@@ -650,3 +650,14 @@ def test_cifar_svhn_ade20k_readers(tmp_path):
     assert data.dataset_kind(str(ade)) == "ade20k"
     img, mask = data.ADE20K(str(ade), "val")[0]
     assert img.shape == (3, 4, 6) and mask[0].tolist() == [255, 0, 149, 6, 6, 6]  # 0 = 'other' -> ignored
+
+
+def test_ema_update_moves_only_what_trains_and_host_stats_stops_a_nan_loss():
+    student, teacher = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    student.bias.requires_grad_(False)  # a frozen tensor: the teacher's copy stays where it is
+    weight, bias = teacher.weight.clone(), teacher.bias.clone()
+    data.ema_update(teacher, student, 0.9)
+    assert torch.allclose(teacher.weight, 0.9 * weight + 0.1 * student.weight) and torch.equal(teacher.bias, bias)
+    assert data.host_stats({"loss": torch.tensor(1.5), "n": torch.tensor(2)}) == {"loss": 1.5, "n": 2.0}
+    with pytest.raises(FloatingPointError, match="loss is nan"):
+        data.host_stats({"loss": torch.tensor(float("nan"))})
