@@ -350,6 +350,23 @@ def _drop_replayed(log_path, epoch: int) -> None:
     os.replace(log_path + ".tmp", log_path)
 
 
+def parse_args(p: argparse.ArgumentParser, argv, demo, workers=8, log_every=10) -> argparse.Namespace:
+    """The run flags every method shares, added to p; then argv parsed with the demo's values (a dict, or a function
+    of the flags given) as the defaults when --demo is given: every flag the user gives, abbreviated too, still wins."""
+    p.add_argument("--num-workers", type=int, default=workers, help="loader processes per GPU")
+    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"], help="default: bf16 on capable GPUs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pth")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a checkpoint")
+    p.add_argument("--stop-after", type=int, default=0, help="leave after N epochs; --resume ends as one run would")
+    p.add_argument("--log-every", type=int, default=log_every, help="steps between JSON log lines")
+    p.add_argument("--bench", type=int, default=0, help="time the loader and N steps (JSON line), train nothing")
+    given = p.parse_known_args(argv)[0]
+    if given.demo:
+        p.set_defaults(**(demo(given) if callable(demo) else demo))
+    return p.parse_args(argv)
+
+
 def cli(main, get_args, argv=None) -> None:
     """The entry point of every command line here. The user's mistakes (DataError, CheckpointError, OSError
     on a path, a bad flag, SystemExit with a message) become one line `error: <file or flag>: <what is

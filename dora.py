@@ -109,18 +109,7 @@ def get_args(argv=None):
     p.add_argument("--weight-decay-end", type=float, default=0.4)
     p.add_argument("--clip-grad", type=float, default=3.0, help="per-parameter gradient norm clip (0: off)")
     p.add_argument("--freeze-last-layer", type=int, default=1, help="epochs with the head's last layer fixed")
-    # run
-    p.add_argument("--num-workers", type=int, default=10)
-    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"], help="default: bf16 on capable GPUs, none on CPU")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pth")
-    p.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a checkpoint")
-    p.add_argument("--stop-after", type=int, default=0, help="leave after this many epochs of this run (job limits); 0: never")
-    p.add_argument("--bench", type=int, default=0, help="time the loader and N steps (JSON line)")
-    p.add_argument("--log-every", type=int, default=10, help="steps between JSON log lines")
-    if p.parse_known_args(argv)[0].demo:  # the demo's values as defaults: every flag given (abbreviated too) wins
-        p.set_defaults(**DEMO)
-    args = p.parse_args(argv)
+    args = data.parse_args(p, argv, DEMO, workers=10, log_every=10)  # + the run flags all share
     if args.demo:
         args.eval_data = data.demo_eval_root(args.eval_data, ["knn", "seg-cluster", "propagate"])  # default: synthetic
         args.data = args.data or [os.path.join(data.ensure_synth("runs/synth", seed=0), "videos")]

@@ -65,7 +65,6 @@ def get_args(argv=None):
                    help="DINO weights (plain or full checkpoint) or a checkpoint of another method file")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--batch-size-per-gpu", type=int, default=32)
-    p.add_argument("--num-workers", type=int, default=8)
     p.add_argument("--lr-backbone", type=float, default=1e-5, help="small: the DINO features are already good")
     p.add_argument("--lr-heads", type=float, default=1e-4)
     p.add_argument("--final-lr", type=float, default=0.0, help="both learning rates decay by cosine to this")
@@ -97,18 +96,9 @@ def get_args(argv=None):
     p.add_argument("--k-fg", type=int, default=200, help="clusters for cluster-based foreground extraction")
     p.add_argument("--k-community", type=int, default=149, help="foreground clusters merged by community detection")
     p.add_argument("--video-frame-step", type=int, default=30, help="one training frame every N frames of a video")
-    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"])
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a checkpoint")
-    p.add_argument("--stop-after", type=int, default=0, help="leave after N epochs; --resume ends as one run would")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--bench", type=int, default=0, help="time the loader and N steps (JSON line)")
     p.add_argument("--demo", action="store_true", help="vit_demo, small crops, short schedule, synthetic world")
-    given = p.parse_known_args(argv)[0]
-    if given.demo:  # the demo's values as defaults: every flag given (abbreviated too) wins
-        p.set_defaults(**{**DEMO, **(DEMO_SCRATCH if given.pretrained is None else {})})
-    args = p.parse_args(argv)
+    demo = lambda given: {**DEMO, **(DEMO_SCRATCH if given.pretrained is None else {})}  # noqa: E731
+    args = data.parse_args(p, argv, demo, workers=8, log_every=10)  # + the run flags all share
     args.synth_root = None
     if args.demo:
         args.synth_root = data.demo_eval_root(args.eval_data, ["seg-cluster", "seg-linear"])  # or --eval-data, checked

@@ -98,16 +98,7 @@ def get_args(argv=None):
     p.add_argument("--eval-ways", type=int, nargs="+", default=[2, 5])
     p.add_argument("--eval-shots", type=int, nargs="+", default=[1, 3, 5])
     p.add_argument("--eval-repeats", type=int, nargs="+", default=[0], help="extra times the support is shown (Frozen)")
-    p.add_argument("--num-workers", type=int, default=8)
-    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"], help="default: bf16 on capable GPUs")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pth")
-    p.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a checkpoint")
-    p.add_argument("--stop-after", type=int, default=0, help="leave after N epochs; --resume ends as one run would")
-    p.add_argument("--log-every", type=int, default=20)
-    if p.parse_known_args(argv)[0].demo:  # the demo's values as defaults: every flag given (abbreviated too) wins
-        p.set_defaults(**DEMO)
-    args = p.parse_args(argv)
+    args = data.parse_args(p, argv, DEMO, workers=8, log_every=20)  # + the run flags all share
     if args.demo:
         args.eval_data = os.path.join(data.demo_eval_root(args.eval_data, ["objects"]), "objects", "val")
         args.data = args.data or os.path.join(data.ensure_synth("runs/synth", seed=0), "objects", "train")

@@ -80,7 +80,6 @@ def get_args(argv=None):
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch-size-per-gpu", type=int, default=128, help="clips per GPU (official: 128 on one GPU)")
     p.add_argument("--clips-per-video", type=int, default=1, help="random clips drawn from each video per epoch (official: 1)")
-    p.add_argument("--num-workers", type=int, default=8)
     p.add_argument("--num-frames", type=int, default=4, help="frames per clip")
     p.add_argument("--frame-step", type=int, default=None,
                    help="default: sorted random frames of the whole video (official); N: frames N apart (the paper's wording)")
@@ -107,18 +106,9 @@ def get_args(argv=None):
                    "training (--demo: default the synthetic world)")
     p.add_argument("--eval-benches", nargs="*", default=["propagate", "seg-cluster", "seg-linear"],
                    help="evaluate.run_suite benchmarks after the video k-means")
-    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"], help="default: bf16 on capable GPUs")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint.pth")
-    p.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a checkpoint")
-    p.add_argument("--stop-after", type=int, default=0, help="leave after N epochs; --resume ends as one run would")
-    p.add_argument("--log-every", type=int, default=10, help="steps between JSON log lines")
-    p.add_argument("--bench", type=int, default=0, help="time the loader and N steps (JSON line)")
     p.add_argument("--no-eval", action="store_true", help="skip evaluation after training")
-    given = p.parse_known_args(argv)[0]
-    if given.demo:  # the demo's values as defaults: every flag given (abbreviated too) wins
-        p.set_defaults(**{**DEMO, **({"momentum_teacher": 0.91} if given.paper_ema else {})})
-    args = p.parse_args(argv)
+    demo = lambda given: {**DEMO, **({"momentum_teacher": 0.91} if given.paper_ema else {})}  # noqa: E731
+    args = data.parse_args(p, argv, demo, workers=8, log_every=10)  # + the run flags all share
     if args.demo:
         if not args.no_eval:  # the synthetic world, or --eval-data after checking its layout
             args.eval_data = data.demo_eval_root(args.eval_data, ["davis", *args.eval_benches])
