@@ -135,18 +135,18 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, return_attention: bool = False):
-        """x: (B, N, D) -> (B, N, D), and the attention (B, heads, N, N) if asked."""
+    def _qkv(self, x):  # (B, N, D) -> q, k, v: (B, heads, N, D/heads) each
         B, N, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        if return_attention:  # the explicit path: the weights are needed (viz)
-            attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
-            out = attn @ v
-        else:  # fused kernel (flash / memory-efficient) when no weights are needed
-            attn = None
-            out = F.scaled_dot_product_attention(q, k, v)
-        out = self.proj(out.transpose(1, 2).reshape(B, N, D))
-        return (out, attn) if return_attention else out
+        return self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+
+    def forward(self, x):  # (B, N, D) -> (B, N, D); a fused kernel (flash / memory-efficient) on GPUs
+        B, N, D = x.shape
+        out = F.scaled_dot_product_attention(*self._qkv(x))
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+    def weights(self, x):  # (B, N, D) -> (B, heads, N, N): the softmax attention, for pictures
+        q, k, _ = self._qkv(x)
+        return (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
 
 
 class Mlp(nn.Module):
@@ -168,14 +168,9 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x, return_attention: bool = False):
-        if return_attention:
-            y, attn = self.attn(self.norm1(x), return_attention=True)
-        else:
-            y, attn = self.attn(self.norm1(x)), None
-        x = x + y
-        x = x + self.mlp(self.norm2(x))
-        return (x, attn) if return_attention else x
+    def forward(self, x):  # (B, N, D) -> (B, N, D)
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
 
 
 class PatchEmbed(nn.Module):
@@ -247,7 +242,7 @@ class VisionTransformer(nn.Module):
         x = self.prepare_tokens(x)
         for blk in self.blocks[:-1]:
             x = blk(x)
-        return self.blocks[-1](x, return_attention=True)[1]
+        return self.blocks[-1].attn.weights(self.blocks[-1].norm1(x))
 
     def get_intermediate_layers(self, x, n: int = 1):  # -> list of n tensors (B, 1+N, D), normed
         x = self.prepare_tokens(x)

@@ -213,6 +213,24 @@ def test_dino_weights_load_strict(tmp_path):
         tt.load_pretrained(tt.vit_demo(), str(plain))
 
 
+def test_attention_weights_are_the_ones_forward_mixes_with():
+    """Attention.forward (the fused kernel) and Attention.weights (the explicit softmax, for pictures) are one
+    attention; get_last_selfattention is the last block's, on its normed input."""
+    torch.manual_seed(0)
+    vit, x = tt.vit_demo(), torch.randn(2, 3, 32, 32)
+    attn, tokens = vit.blocks[-1].attn, torch.randn(2, 17, 192)
+    values = attn.qkv(tokens).reshape(2, 17, 3, 3, 64).permute(2, 0, 3, 1, 4)[2]
+    mixed = attn.proj((attn.weights(tokens) @ values).transpose(1, 2).reshape(2, 17, 192))
+    assert torch.allclose(attn(tokens), mixed, atol=1e-5)
+    last = vit.get_last_selfattention(x)
+    assert last.shape == (2, 3, 17, 17) and torch.allclose(last.sum(-1), torch.ones(2, 3, 17))
+    before_last = vit.prepare_tokens(x)
+    for blk in vit.blocks[:-1]:
+        before_last = blk(before_last)
+    assert torch.equal(last, attn.weights(vit.blocks[-1].norm1(before_last)))
+
+
+
 # ----------------------------------------------------------------------------- training steps
 def test_teacher_update_is_the_official_one():
     """time_tuning.py, update_momentum_teacher: teacher <- (1 - m) teacher + m student."""
