@@ -75,7 +75,8 @@ def get_args(argv=None):
     p.add_argument("--demo", action="store_true", help="vit_demo, small frames, short schedule on the synthetic world")
     p.add_argument("--arch", default="vit_small", choices=["vit_demo", "vit_tiny", "vit_small", "vit_base"])
     p.add_argument("--patch-size", type=int, default=16)
-    p.add_argument("--pretrained", default=None, help="DINO weights (plain or full checkpoint) or a checkpoint of another method file")
+    p.add_argument("--pretrained", default=None, help="DINO weights (plain or full checkpoint) or a checkpoint of "
+                   "another method file (whose --arch and --patch-size it brings)")
     p.add_argument("--train-blocks", type=int, default=2, help="last ViT blocks that are trained (official: 2); -1: all of the backbone")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch-size-per-gpu", type=int, default=128, help="clips per GPU (official: 128 on one GPU)")
@@ -115,10 +116,6 @@ def get_args(argv=None):
         args.data = args.data or os.path.join(data.ensure_synth("runs/synth", seed=0), "videos")
     if args.data is None:
         p.error("--data is required (or --demo to use the synthetic world)")
-    stored = data.read_pretrained(args.pretrained)[1] if args.pretrained else None
-    if stored and (stored["arch"], stored.get("patch_size", 16)) != (args.arch, args.patch_size):
-        args.arch, args.patch_size = stored["arch"], stored.get("patch_size", 16)  # demo chaining
-        print(f"--pretrained {args.pretrained}: using its architecture {args.arch}/{args.patch_size}")
     args.eval_size = args.eval_size or args.image_size
     return args
 
@@ -318,9 +315,24 @@ class TimeTNet(nn.Module):
         return tokens, self.head(tokens)
 
 
+def pretrained_arch(args) -> tuple:
+    """(arch, patch_size) of the run: those of a repo checkpoint given as --pretrained (chaining the demos), else
+    the flags'. Reads the file, so a wrong --pretrained fails here, before the videos are probed."""
+    stored = data.read_pretrained(args.pretrained)[1] if args.pretrained else None
+    arch = (stored["arch"], stored.get("patch_size", 16)) if stored else (args.arch, args.patch_size)
+    if arch != (args.arch, args.patch_size):
+        print(f"--pretrained {args.pretrained}: using its architecture {arch[0]}/{arch[1]}")
+    return arch
+
+
 def build_model(args) -> TimeTNet:
+    """The network training starts from (the caller seeds it): a fresh head on a backbone with --pretrained's weights
+    (strictly: DINO's release, a full DINO checkpoint, or a repo checkpoint's ViT) or random ones."""
     backbone = build_backbone(args)
-    return TimeTNet(backbone, TimeTHead(backbone.embed_dim, args.proj_dims, args.num_prototypes))
+    model = TimeTNet(backbone, TimeTHead(backbone.embed_dim, args.proj_dims, args.num_prototypes))
+    if args.pretrained:
+        data.load_pretrained(backbone, args.pretrained)
+    return model
 
 
 def freeze_backbone(backbone: VisionTransformer, train_blocks: int):
@@ -331,12 +343,6 @@ def freeze_backbone(backbone: VisionTransformer, train_blocks: int):
     first = len(backbone.blocks) - train_blocks
     for name, param in backbone.named_parameters():
         param.requires_grad = name.startswith("blocks.") and int(name.split(".")[1]) >= first
-
-
-def load_pretrained(backbone: VisionTransformer, path: str):
-    """Strict: DINO's released weights (plain), a full DINO checkpoint (teacher/student with
-    `module.backbone.` keys) or a repo checkpoint holding a ViT; data.py refuses anything else."""
-    data.load_pretrained(backbone, path)
 
 
 # ====== Data: clips as the official training pipeline (time_tuning.py, `frame_transform` then
@@ -519,12 +525,11 @@ def train(args):
     args.amp = data.resolve_amp(args.amp, d.device)
     autocast = data.autocast(d.device, args.amp)
     data.seed_everything(args.seed, 0)  # the same initial weights on every rank (teacher included)
+    args.arch, args.patch_size = pretrained_arch(args)  # before the output dir is touched; the checkpoint keeps them
     log, ckpt_path, ckpt = data.prepare_output_dir(args.output_dir, args.resume, args.overwrite, d.is_main, METHOD,
                                                    d.world_size)
 
     student = build_model(args)
-    if args.pretrained:
-        load_pretrained(student.backbone, args.pretrained)
     freeze_backbone(student.backbone, args.train_blocks)
     student.to(d.device)
     teacher = data.broadcast_module(copy.deepcopy(student).requires_grad_(False))
@@ -659,10 +664,7 @@ def main(args):
     # the initial weights are evaluated after training, when the other ranks have left the process group:
     # an evaluation before it (hours at full scale) would keep them waiting past the group's timeout
     data.seed_everything(args.seed, 0)  # the same initialisation train() starts from
-    model = build_model(args)
-    if args.pretrained:
-        load_pretrained(model.backbone, args.pretrained)
-    init = evaluate_backbone(model.backbone.to(d.device), args, d.device, "_init")
+    init = evaluate_backbone(build_model(args).backbone.to(d.device), args, d.device, "_init")
     after = evaluate_backbone(teacher.backbone, args, d.device, "")
     start = f"--pretrained {args.pretrained}" if args.pretrained else "random init (scratch)"
     print(f"\n{'benchmark':<34s}{'init':>10s}{'timet':>10s}   (init = {start}; trained on {args.data}, "

@@ -204,13 +204,13 @@ def test_dino_weights_load_strict(tmp_path):
     torch.save({"teacher": {**{"backbone." + k: v for k, v in state.items()}, "head.mlp.0.weight": torch.randn(4, 4)},
                 "student": {"module.backbone." + k: v for k, v in state.items()}, "epoch": 100}, full)
     torch.save({"method": "dora", "args": {"arch": "vit_small", "patch_size": 16},
-                "model": {"backbone." + k: v for k, v in state.items()}, "head.last_layer.weight": torch.randn(2)}, repo)
+                "model": {"backbone." + k: v for k, v in state.items()}, "head.last_layer.weight": torch.randn(2)},
+               repo)
     for path in (plain, full, repo):
-        vit = tt.vit_small()
-        tt.load_pretrained(vit, str(path))  # strict
+        vit = tt.build_model(_args(arch="vit_small", patch_size=16, pretrained=path)).backbone  # strict
         assert all(torch.equal(vit.state_dict()[k], v) for k, v in state.items())
     with pytest.raises(data.CheckpointError, match="does not fit"):
-        tt.load_pretrained(tt.vit_demo(), str(plain))
+        tt.build_model(_args(pretrained=plain))  # vit_demo/8
 
 
 def test_attention_weights_are_the_ones_forward_mixes_with():
@@ -229,6 +229,23 @@ def test_attention_weights_are_the_ones_forward_mixes_with():
         before_last = blk(before_last)
     assert torch.equal(last, attn.weights(vit.blocks[-1].norm1(before_last)))
 
+
+def test_pretrained_checkpoint_of_another_run_brings_its_architecture(tmp_path, capsys):
+    """Chaining the demos (`--demo --pretrained runs/dora/checkpoint.pth`): get_args only parses; train() builds the
+    checkpoint's ViT, says so, loads its weights and records the architecture for evaluate.py."""
+    torch.manual_seed(1)
+    vit = tt.vit_demo(patch_size=8)
+    torch.save({"method": "dora", "args": {"arch": "vit_demo", "patch_size": 8},
+                "model": {"backbone." + k: v for k, v in vit.state_dict().items()}}, tmp_path / "demo.pth")
+    root = _frame_folders(tmp_path / "frames", videos=1, frames=8)
+    args = _args(tmp_path, root, epochs=1, arch="vit_small", patch_size=16, pretrained=tmp_path / "demo.pth")
+    assert (args.arch, args.patch_size) == ("vit_small", 16)
+    student = tt.train(args)[0]
+    assert f"--pretrained {tmp_path / 'demo.pth'}: using its architecture vit_demo/8" in capsys.readouterr().out
+    assert all(torch.equal(v, student.backbone.state_dict()[k]) for k, v in vit.state_dict().items()
+               if not k.startswith(("blocks.2", "blocks.3")))  # the last two blocks trained
+    saved = data.load_checkpoint(tmp_path / "out" / "checkpoint.pth")["args"]
+    assert (saved["arch"], saved["patch_size"]) == ("vit_demo", 8)
 
 
 # ----------------------------------------------------------------------------- training steps
