@@ -29,7 +29,7 @@ Official-code facts that differ from a plain reading (time_tuning.py), followed 
 training call leaves get_loss at its default of 10 Sinkhorn iterations and 7 context frames
 (the CLI's 3 and 6 are never passed); clips are 4 sorted random frames of the whole video
 (data_loader.py; `regular_step` only acts in another sampling mode: --frame-step); the
-teacher update swaps m and 1 - m (see `ema_update`; --paper-ema); photometric noise is drawn
+teacher update swaps m and 1 - m (see `train_step`; --paper-ema); photometric noise is drawn
 once per clip on source-resolution frames, and only one of the four jitter adjustments acts
 (see `ClipAugmentation`).
 
@@ -39,6 +39,7 @@ the loss; one training step; train(); video k-means evaluation; pictures; main()
 """
 import argparse
 import copy
+import json
 import math
 import os
 import random
@@ -90,7 +91,7 @@ def get_args(argv=None):
     p.add_argument("--lr-backbone", type=float, default=1e-5, help="the trained ViT blocks; cosine to 0")
     p.add_argument("--weight-decay", type=float, default=0.04)
     p.add_argument("--weight-decay-end", type=float, default=0.4)
-    p.add_argument("--momentum-teacher", type=float, default=0.995, help="teacher momentum m, cosine to 1 (see ema_update)")
+    p.add_argument("--momentum-teacher", type=float, default=0.995, help="teacher momentum m, cosine to 1 (see --paper-ema)")
     p.add_argument("--paper-ema", action="store_true", help="the paper's EMA teacher <- m*teacher + (1-m)*student "
                    "instead of the official (1-m)*teacher + m*student")
     p.add_argument("--proj-dims", type=int, nargs="+", default=[1024, 1024, 512, 256], help="projection head widths")
@@ -468,16 +469,11 @@ def feature_forwarder(features: torch.Tensor, first_labels: torch.Tensor, grid: 
     return torch.stack(labels, dim=1)
 
 
-# ====== Loss, one training step, and training
-def timet_loss(student_scores: torch.Tensor, forwarded: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-    """student_scores: (B, N, K) cosines of the last frame's patches to the prototypes;
-    forwarded: (B, N, K) cluster map carried from frame 0. CE against its argmax (Eq. 3)."""
-    target = forwarded.argmax(dim=-1)
-    return F.cross_entropy(rearrange(student_scores.float() / temperature, "b n k -> (b n) k"), target.flatten())
-
-
-def timet_step(student, teacher: TimeTNet, clips: torch.Tensor, args, autocast):
-    """clips: (B, T, 3, H, W) -> loss. `student` may be DDP-wrapped; `teacher` is plain."""
+# ====== Loss
+def timet_loss(student, teacher: TimeTNet, clips: torch.Tensor, args, autocast) -> tuple:
+    """clips: (B, T, 3, H, W) -> (loss, {"loss"}): the teacher's Sinkhorn-Knopp clusters of frame 0, carried to the
+    last frame by the Feature-Forwarder, are the student's cross-entropy target there (Eq. 3: the carried map's
+    argmax, student scores at temperature 0.1). `student` may be DDP-wrapped; `teacher` is plain."""
     raw = student.module if isinstance(student, nn.parallel.DistributedDataParallel) else student
     B, T_, _, H, W = clips.shape
     p = raw.backbone.patch_embed.patch_size
@@ -491,23 +487,13 @@ def timet_step(student, teacher: TimeTNet, clips: torch.Tensor, args, autocast):
     K = teacher_scores.shape[-1]
     first_labels = sinkhorn_online(teacher_scores.reshape(-1, K), args.sk_eps, args.sk_iters).view(B, -1, K)
     forwarded = feature_forwarder(features, first_labels, (H // p, W // p), args.topk, args.neighborhood,
-                                  args.context_frames, args.prop_temperature)[:, -1]
-    return timet_loss(scores_last, forwarded, args.temperature)
+                                  args.context_frames, args.prop_temperature)[:, -1]  # (B, N, K)
+    logits = rearrange(scores_last.float() / args.temperature, "b n k -> (b n) k")
+    loss = F.cross_entropy(logits, forwarded.argmax(dim=-1).flatten())
+    return loss, {"loss": loss.detach()}
 
 
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float, paper_ema: bool = False):
-    """Official (time_tuning.py, TimeT.update_momentum_teacher): teacher <- (1-m)·teacher + m·student,
-    so with m 0.995 -> 1 the teacher is the student up to 0.5 % of its last step. paper_ema: the
-    EMA teacher <- m·teacher + (1-m)·student. Prototypes re-normalised after (both)."""
-    # the paper's prose describes an EMA; the official code swaps m and 1 - m
-    keep, take = (momentum, 1 - momentum) if paper_ema else (1 - momentum, momentum)
-    pairs = [(t, s.detach()) for t, s in zip(teacher.parameters(), student.parameters()) if s.requires_grad]
-    torch._foreach_mul_([t for t, _ in pairs], keep)  # frozen blocks are equal in both: nothing to move
-    torch._foreach_add_([t for t, _ in pairs], [s for _, s in pairs], alpha=take)
-    teacher.head.normalize_prototypes()
-
-
+# ====== Training
 def param_groups(model: TimeTNet, args):
     """AdamW groups: heads (lr_heads) and trained blocks (lr_backbone), each split into decayed
     weights and undecayed biases/norms; 'base_lr' and 'decay' drive the schedules."""
@@ -518,6 +504,25 @@ def param_groups(model: TimeTNet, args):
         no_decay = [q for n, q in params if q.ndim <= 1]
         groups += [dict(params=decay, base_lr=lr, decay=True), dict(params=no_decay, base_lr=lr, decay=False)]
     return [g for g in groups if g["params"]]
+
+
+def train_step(student, teacher: TimeTNet, clips: torch.Tensor, optimizer, scaler, momentum: float, args,
+               autocast) -> dict:
+    """One update on clips (B, T, 3, H, W) -> {name: float}; `student` may be DDP-wrapped. The teacher takes
+    1 - m of itself and m of the student (official: with m 0.995 -> 1 it stays next to the student); --paper-ema:
+    the paper's EMA, m of itself."""
+    raw = student.module if isinstance(student, nn.parallel.DistributedDataParallel) else student
+    loss, stats = timet_loss(student, teacher, clips, args, autocast)
+    # ------ update (the same block in every method file)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    stats = data.host_stats(stats)  # the step's one host sync; raises on a non-finite loss
+    scaler.step(optimizer)
+    scaler.update()
+    raw.head.normalize_prototypes()  # TimeT: back on the sphere before the teacher takes them (official)
+    data.ema_update(teacher, raw, momentum if args.paper_ema else 1 - momentum)
+    teacher.head.normalize_prototypes()  # TimeT: the mixed prototypes too
+    return stats
 
 
 def train(args):
@@ -563,12 +568,8 @@ def train(args):
         if d.world_size > 1 else student
     if args.bench:  # loader and step rates (data.bench_train)
         def bench_step(batch):
-            loss = timet_step(ddp, teacher, batch.to(d.device, non_blocking=True), args, autocast)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            ema_update(teacher, student, float(momentum_schedule[0]), args.paper_ema)
+            return train_step(ddp, teacher, batch.to(d.device, non_blocking=True), optimizer, scaler,
+                              float(momentum_schedule[0]), args, autocast)
         return data.bench_train(loader, bench_step, args.bench, d.device, args.num_frames)
 
     for epoch in range(start_epoch, min(args.epochs, start_epoch + (args.stop_after or args.epochs))):
@@ -581,18 +582,13 @@ def train(args):
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * float(lr_factor[step])  # python floats: weights_only checkpoints
                 g["weight_decay"] = float(wd_schedule[step]) if g["decay"] else 0.0
-            loss = timet_step(ddp, teacher, batch.to(d.device, non_blocking=True), args, autocast)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            student.head.normalize_prototypes()
-            ema_update(teacher, student, float(momentum_schedule[step]), args.paper_ema)
+            stats = train_step(ddp, teacher, batch.to(d.device, non_blocking=True), optimizer, scaler,
+                               float(momentum_schedule[step]), args, autocast)
             step += 1
             clips_s = len(batch) * d.world_size * (bar.n + 1) / (time.time() - t0)
-            bar.set_postfix(loss=f"{loss.item():.3f}", clips_s=f"{clips_s:.1f}")
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", clips_s=f"{clips_s:.1f}")
             if step % args.log_every == 0 or step == total:
-                log.log({"epoch": epoch, "step": step, "loss": loss.item(), "lr_heads": args.lr_heads * float(lr_factor[step - 1]),
+                log.log({"epoch": epoch, "step": step, **stats, "lr_heads": args.lr_heads * float(lr_factor[step - 1]),
                          "wd": float(wd_schedule[step - 1]), "momentum": float(momentum_schedule[step - 1]),
                          "clips_s": clips_s, "img_s": clips_s * args.num_frames})
         if d.is_main:
@@ -600,7 +596,7 @@ def train(args):
                                   "model": student.state_dict(), "teacher": teacher.state_dict(),
                                   "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                                   "world_size": d.world_size}, ckpt_path)
-            print(f"epoch {epoch}: loss {loss.item():.3f}, {clips_s:.1f} clips/s, saved {ckpt_path}")
+            print(f"epoch {epoch}: loss {stats['loss']:.3f}, {clips_s:.1f} clips/s, saved {ckpt_path}")
     data.finish_distributed()
     return student, teacher, d
 
@@ -646,12 +642,13 @@ def evaluate_backbone(backbone, args, device, tag: str):
     os.makedirs(args.output_dir, exist_ok=True)
     start = time.time()
     world = root if os.path.exists(os.path.join(root, "world.json")) else None
-    results = evaluate.video_kmeans_miou(backbone, os.path.join(root, "davis"), args.eval_size, device, world_root=world)
-    save_cluster_pictures(backbone, os.path.join(root, "davis"), args.output_dir, args.eval_size, device, tag=tag)
-    print(f"[{tag.strip('_') or 'timet'}] " + ", ".join(f"{k} {v:.2f}" for k, v in results.items()), flush=True)
-    results["time/video_kmeans+pictures"] = time.time() - start
-    results.update(evaluate.run_suite(backbone.eval(), root, args.eval_benches, device, image_size=args.eval_size))
-    return results
+    davis = os.path.join(root, "davis")
+    kmeans = evaluate.video_kmeans_miou(backbone, davis, args.eval_size, device, world_root=world)
+    save_cluster_pictures(backbone, davis, args.output_dir, args.eval_size, device, tag=tag)
+    print(f"[{tag.strip('_') or 'timet'}] " + ", ".join(f"{k} {v:.2f}" for k, v in kmeans.items()), flush=True)
+    seconds = time.time() - start
+    suite = evaluate.run_suite(backbone.eval(), root, args.eval_benches, device, image_size=args.eval_size)
+    return {**kmeans, "time/video_kmeans+pictures": seconds, **suite}
 
 
 def main(args):
@@ -673,7 +670,7 @@ def main(args):
         print(f"{key:<34s}{init.get(key, float('nan')):>10.4f}{after[key]:>10.4f}")
     record = {"eval": "final", "init": init, "timet": after, "start": start, "train_data": args.data, "eval_data": args.eval_data}
     data.JsonlLogger(os.path.join(args.output_dir, "log.jsonl"), True).log(record)
-    print(__import__("json").dumps(record))
+    print(json.dumps(record))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Tests for timetuning.py (CPU, small tensors): Feature-Forwarder, clip crops, DINO weights,
 DDP equality, bf16, resume."""
+import argparse
 import copy
 import os
 import random
@@ -250,20 +251,27 @@ def test_pretrained_checkpoint_of_another_run_brings_its_architecture(tmp_path, 
 
 # ----------------------------------------------------------------------------- training steps
 def test_teacher_update_is_the_official_one():
-    """time_tuning.py, update_momentum_teacher: teacher <- (1 - m) teacher + m student."""
-    teacher, student = torch.nn.Module(), torch.nn.Module()
-    teacher.head, student.head = tt.TimeTHead(2, dims=(2,), num_prototypes=2), tt.TimeTHead(2, dims=(2,), num_prototypes=2)
+    """time_tuning.py, update_momentum_teacher: teacher <- (1 - m) teacher + m student. train_step at m 0.995 with a
+    zero learning rate (the student stays put): the teacher's head moves 99.5 % of the way to the student's."""
+    args = _args(proj_dims=2, num_prototypes=2)
+    student, teacher = _models(args)
     with torch.no_grad():
         for net, w, protos in ((teacher, 1.0, [[1.0, 0.0], [0.0, 1.0]]), (student, 3.0, [[0.0, 1.0], [1.0, 0.0]])):
             net.head.mlp[0].weight.fill_(w)
             net.head.mlp[0].bias.fill_(w)
             net.head.prototypes.copy_(torch.tensor(protos))
     official, paper = copy.deepcopy(teacher), copy.deepcopy(teacher)
-    tt.ema_update(official, student, 0.995)
-    assert torch.allclose(official.head.mlp[0].weight, torch.full((2, 2), 0.005 * 1 + 0.995 * 3))  # 2.99
+
+    def step(teacher, paper_ema):
+        optimizer = torch.optim.SGD(tt.param_groups(student, args), lr=0.0)
+        tt.train_step(student, teacher, _batch(2), optimizer, data.make_scaler("none", "cpu"), 0.995,
+                      argparse.Namespace(**{**vars(args), "paper_ema": paper_ema}), nullcontext())
+
+    step(official, paper_ema=False)
+    assert torch.allclose(official.head.mlp[0].weight, torch.full((2, 192), 0.005 * 1 + 0.995 * 3))  # 2.99
     n = (0.005 ** 2 + 0.995 ** 2) ** 0.5  # prototypes mixed, then re-normalised
     assert torch.allclose(official.head.prototypes, torch.tensor([[0.005, 0.995], [0.995, 0.005]]) / n)
-    tt.ema_update(paper, student, 0.995, paper_ema=True)  # --paper-ema
+    step(paper, paper_ema=True)  # --paper-ema
     assert torch.allclose(paper.head.mlp[0].bias, torch.full((2,), 0.995 * 1 + 0.005 * 3))  # 1.01
     assert torch.allclose(paper.head.prototypes, torch.tensor([[0.995, 0.005], [0.005, 0.995]]) / n)
 
@@ -287,20 +295,17 @@ def _models(args, seed=0):
 
 
 def _one_step(student, teacher, clips, args, autocast=nullcontext(), sgd=False):
-    """The loop body of train(): loss, backward, step, prototype re-normalisation, EMA.
-    -> (loss, gradients). (SGD for exact comparisons: Adam's first step is lr*sign(g), which
+    """The loop body of train() (tt.train_step: loss, backward, step, prototype re-normalisation, teacher update at
+    m 0.9) -> (loss, the gradients stepped with). (SGD for exact comparisons: Adam's first step is lr*sign(g), which
     turns float noise in zero gradients, e.g. of the key biases, into lr-sized differences.)"""
     raw = student.module if isinstance(student, torch.nn.parallel.DistributedDataParallel) else student
     groups = tt.param_groups(raw, args)
     optimizer = torch.optim.SGD(groups, lr=0.5) if sgd else torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.04)
-    loss = tt.timet_step(student, teacher, clips, args, autocast)
-    optimizer.zero_grad()
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in raw.named_parameters() if p.grad is not None}
-    optimizer.step()
-    raw.head.normalize_prototypes()
-    tt.ema_update(teacher, raw, 0.9)
-    return loss, grads
+    grads = {}
+    optimizer.register_step_pre_hook(lambda *_: grads.update(
+        {n: p.grad.clone() for n, p in raw.named_parameters() if p.grad is not None}))
+    stats = tt.train_step(student, teacher, clips, optimizer, data.make_scaler("none", "cpu"), 0.9, args, autocast)
+    return torch.tensor(stats["loss"]), grads
 
 
 def _batch(n=4):
