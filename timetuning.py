@@ -25,17 +25,16 @@ Commands:
       --pretrained dino_deitsmall16_pretrain.pth --batch-size-per-gpu 32
   python timetuning.py --data DIR --resume                      # continue <output-dir>/checkpoint.pth
 
-Official-code facts that differ from a plain reading (time_tuning.py), followed here: the
-training call leaves get_loss at its default of 10 Sinkhorn iterations and 7 context frames
-(the CLI's 3 and 6 are never passed); clips are 4 sorted random frames of the whole video
-(data_loader.py; `regular_step` only acts in another sampling mode: --frame-step); the
-teacher update swaps m and 1 - m (see `train_step`; --paper-ema); photometric noise is drawn
-once per clip on source-resolution frames, and only one of the four jitter adjustments acts
-(see `ClipAugmentation`).
+Official-code facts that differ from a plain reading (time_tuning.py), followed here: 10
+Sinkhorn iterations and 7 context frames (get_loss's defaults, which the training call keeps);
+clips are 4 sorted random frames of the whole video (data_loader.py; --frame-step: frames N
+apart); the teacher update swaps m and 1 - m (see `train_step`; --paper-ema); photometric noise
+is drawn once per clip on source-resolution frames, and only one of the four jitter adjustments
+acts (see `ClipAugmentation`).
 
-Contents: args; the ViT (a copy of DINO's, as in every method file); projection head and
-prototypes; pretrained loading; the clip augmentation; Sinkhorn-Knopp; the Feature-Forwarder;
-the loss; one training step; train(); video k-means evaluation; pictures; main().
+Contents: config; model (the ViT, a copy of DINO's as in every method file; projection head and
+prototypes); data (the clip augmentation, clip sampling); Sinkhorn-Knopp; the Feature-Forwarder;
+loss; training (one step, train()); evaluation (video k-means, pictures); main().
 """
 import argparse
 import copy
@@ -60,10 +59,8 @@ METHOD = "timetuning"
 MEAN, STD = (0.485, 0.456, 0.406), (0.228, 0.224, 0.225)  # official ClipToTensor: 0.228 (sic)
 
 
-# ====== Config: the official time_tuning.py defaults; --demo overrides a few in one place.
-# --demo: vit_demo on 64-px clips of the synthetic walking tours, minutes on 2 CPU cores. From scratch there is no
-# DINO to preserve: all blocks train, at the heads' pace x3 (lr 1e-3 / 3e-4, not 1e-4 / 1e-5, for 150 steps, not
-# ~2700), and --paper-ema's horizon shrinks with the schedule (momentum 0.91). Flags given win.
+# ====== Config: the official time_tuning.py defaults; --demo overrides a few in one place (flags given win).
+# --demo: vit_demo on 64-px clips of the synthetic world from scratch: no DINO to preserve, so all blocks train, faster
 DEMO = dict(arch="vit_demo", patch_size=8, image_size=64, train_blocks=-1, epochs=6, batch_size_per_gpu=16,
             clips_per_video=100, num_workers=2, proj_dims=[384, 384, 128], num_prototypes=50, log_every=5,
             lr_heads=1e-3, lr_backbone=3e-4, momentum_teacher=0.995, eval_benches=["propagate", "seg-cluster"])
@@ -71,44 +68,54 @@ DEMO = dict(arch="vit_demo", patch_size=8, image_size=64, train_blocks=-1, epoch
 
 def get_args(argv=None):
     p = argparse.ArgumentParser("TimeT", description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=None, help="videos: mp4 files, a frame folder, or a folder of either (YouTube-VOS JPEGImages/)")
+    p.add_argument("--data", default=None,
+                   help="videos: mp4 files, a frame folder, or a folder of either (YouTube-VOS JPEGImages/)")
     p.add_argument("--output-dir", default="runs/timetuning")
     p.add_argument("--demo", action="store_true", help="vit_demo, small frames, short schedule on the synthetic world")
     p.add_argument("--arch", default="vit_small", choices=["vit_demo", "vit_tiny", "vit_small", "vit_base"])
     p.add_argument("--patch-size", type=int, default=16)
     p.add_argument("--pretrained", default=None, help="DINO weights (plain or full checkpoint) or a checkpoint of "
                    "another method file (whose --arch and --patch-size it brings)")
-    p.add_argument("--train-blocks", type=int, default=2, help="last ViT blocks that are trained (official: 2); -1: all of the backbone")
+    p.add_argument("--train-blocks", type=int, default=2,
+                   help="last ViT blocks that are trained (official: 2); -1: all of the backbone")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch-size-per-gpu", type=int, default=128, help="clips per GPU (official: 128 on one GPU)")
-    p.add_argument("--clips-per-video", type=int, default=1, help="random clips drawn from each video per epoch (official: 1)")
+    p.add_argument("--clips-per-video", type=int, default=1,
+                   help="random clips drawn from each video per epoch (official: 1)")
     p.add_argument("--num-frames", type=int, default=4, help="frames per clip")
     p.add_argument("--frame-step", type=int, default=None,
-                   help="default: sorted random frames of the whole video (official); N: frames N apart (the paper's wording)")
+                   help="default: sorted random frames of the whole video (official); N: frames N apart (paper)")
     p.add_argument("--image-size", type=int, default=224, help="side of the clip crop")
-    p.add_argument("--crop-scale", type=float, nargs=2, default=(0.4, 1.0), help="area range of the clip's RandomResizedCrop")
+    p.add_argument("--crop-scale", type=float, nargs=2, default=(0.4, 1.0),
+                   help="area range of the clip's RandomResizedCrop")
     p.add_argument("--lr-heads", type=float, default=1e-4, help="head and prototypes; cosine to 0")
     p.add_argument("--lr-backbone", type=float, default=1e-5, help="the trained ViT blocks; cosine to 0")
     p.add_argument("--weight-decay", type=float, default=0.04)
     p.add_argument("--weight-decay-end", type=float, default=0.4)
-    p.add_argument("--momentum-teacher", type=float, default=0.995, help="teacher momentum m, cosine to 1 (see --paper-ema)")
+    p.add_argument("--momentum-teacher", type=float, default=0.995,
+                   help="teacher momentum m, cosine to 1 (see --paper-ema)")
     p.add_argument("--paper-ema", action="store_true", help="the paper's EMA teacher <- m*teacher + (1-m)*student "
                    "instead of the official (1-m)*teacher + m*student")
     p.add_argument("--proj-dims", type=int, nargs="+", default=[1024, 1024, 512, 256], help="projection head widths")
     p.add_argument("--num-prototypes", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.1, help="student softmax temperature")
     p.add_argument("--sk-eps", "--epsilon", type=float, default=0.05, help="Sinkhorn-Knopp entropy weight ε")
-    p.add_argument("--sk-iters", "--sinkhorn-iters", type=int, default=10, help="official: get_loss's default 10 (the CLI's 3 never reaches it)")
+    p.add_argument("--sk-iters", "--sinkhorn-iters", type=int, default=10,
+                   help="Sinkhorn-Knopp iterations (official: get_loss's default)")
     p.add_argument("--topk", type=int, default=5, help="Feature-Forwarder: source patches per target patch")
-    p.add_argument("--neighborhood", type=int, default=6, help="Feature-Forwarder: radius in patches of the local window")
-    p.add_argument("--context-frames", type=int, default=7, help="Feature-Forwarder: previous frames kept besides the first")
+    p.add_argument("--neighborhood", type=int, default=6,
+                   help="Feature-Forwarder: radius in patches of the local window")
+    p.add_argument("--context-frames", type=int, default=7,
+                   help="Feature-Forwarder: previous frames kept besides the first")
     p.add_argument("--prop-temperature", type=float, default=0.1, help="Feature-Forwarder: affinity temperature")
-    p.add_argument("--eval-size", type=int, default=None, help="short side of frames for evaluation (default: --image-size)")
+    p.add_argument("--eval-size", type=int, default=None,
+                   help="short side of frames for evaluation (default: --image-size)")
     p.add_argument("--eval-data", default=None, help="synthetic-world-style root (davis/, voc/) to evaluate on after "
                    "training (--demo: default the synthetic world)")
     p.add_argument("--eval-benches", nargs="*", default=["propagate", "seg-cluster", "seg-linear"],
                    help="evaluate.run_suite benchmarks after the video k-means")
     p.add_argument("--no-eval", action="store_true", help="skip evaluation after training")
+    # --demo --paper-ema: an EMA horizon as short as the demo's schedule
     demo = lambda given: {**DEMO, **({"momentum_teacher": 0.91} if given.paper_ema else {})}  # noqa: E731
     args = data.parse_args(p, argv, demo, workers=8, log_every=10)  # + the run flags all share
     if args.demo:
@@ -121,10 +128,8 @@ def get_args(argv=None):
     return args
 
 
-# ====== Model: a DINO-compatible Vision Transformer. Each method file carries its own copy so that it
-# reads alone (house style); parameter names follow the official DINO checkpoints, so
-#   model.load_state_dict(torch.load("dino_deitsmall16_pretrain.pth"), strict=True)
-# works and gives the same outputs as DINO's vision_transformer.py.
+# ====== Model: DINO's Vision Transformer, copied into each method file so that it reads alone
+# DINO's parameter names: its released weights load strictly and give DINO's outputs.
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -193,7 +198,8 @@ class VisionTransformer(nn.Module):
         num_patches = (img_size // patch_size) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])  # no drop-path: fine-tuning
+        # no drop-path: TimeT fine-tunes
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Identity()  # DINO keeps a (unused) head slot; no parameters
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -280,7 +286,7 @@ def build_backbone(args) -> VisionTransformer:
     return ARCHS[args["arch"]](patch_size=args.get("patch_size", 16))
 
 
-# ====== Model: the trained network: backbone, projection head on every patch token, prototypes.
+# ====== Model: the trained network: backbone, projection head on every patch token, prototypes
 class TimeTHead(nn.Module):
     """MLP on patch tokens (Linear-GELU..., no norm layers, as the official head) and K
     prototypes on the unit sphere. forward: tokens (..., D) -> scores (..., K) = cosines."""
@@ -400,21 +406,23 @@ class RandomClipPerVideo(torch.utils.data.Dataset):
     (clip_start_every=None), whose read() decodes only the picked frames."""
 
     def __init__(self, videos: "data.VideoClips", num_frames=4, frame_step=None, clips_per_video=1):
-        self.videos, self.num_frames, self.frame_step, self.clips_per_video = videos, num_frames, frame_step, clips_per_video
+        self.videos, self.num_frames, self.frame_step = videos, num_frames, frame_step
+        self.clips_per_video = clips_per_video
 
     def __len__(self):
         return len(self.videos) * self.clips_per_video
 
     def __getitem__(self, i):
-        return self.videos.read(i % len(self.videos), lambda n: sample_frame_indices(n, self.num_frames, self.frame_step))
+        video = i % len(self.videos)
+        return self.videos.read(video, lambda n: sample_frame_indices(n, self.num_frames, self.frame_step))
 
 
-# ====== Sinkhorn-Knopp (SwAV's online form): balanced soft assignments of a batch of patches.
-# Under DDP the batch is every rank's patches; only sums and the max cross ranks.
+# ====== Sinkhorn-Knopp (SwAV's online form): balanced soft assignments of a batch of patches
 @torch.no_grad()
 def sinkhorn_online(scores: torch.Tensor, eps: float = 0.05, iters: int = 10) -> torch.Tensor:
     """scores: (M, K) patch-prototype cosines -> Q: (M, K), rows sum to 1, and over all ranks
-    each prototype receives ~M_total/K patches. Q = diag(u) exp(scores/ε) diag(v)."""
+    each prototype receives ~M_total/K patches. Q = diag(u) exp(scores/ε) diag(v). Under DDP
+    the batch is every rank's patches; only sums and the max cross ranks."""
     distributed = dist.is_available() and dist.is_initialized()
 
     def all_reduce(t, op=dist.ReduceOp.SUM):
@@ -434,8 +442,7 @@ def sinkhorn_online(scores: torch.Tensor, eps: float = 0.05, iters: int = 10) ->
     return (Q * M).t().float()
 
 
-# ====== Feature-Forwarder (Sec. 3.2): label propagation of the first frame's cluster
-# assignments through the clip, with the backbone's own (head-less) patch features.
+# ====== Feature-Forwarder (Sec. 3.2): the first frame's clusters carried through the clip by label propagation
 def neighborhood_mask(h: int, w: int, radius: int, device=None) -> torch.Tensor:
     """(h*w, h*w) bool: target patch i may copy from source patch j when both row and column
     differ by at most `radius` patches (a local window; motion between frames is small)."""
@@ -543,9 +550,10 @@ def train(args):
                              short_side=None,  # official: noise at source resolution, then Resize(224)
                              transform=ClipAugmentation(args.image_size, args.crop_scale))
     dataset = RandomClipPerVideo(videos, args.num_frames, args.frame_step, args.clips_per_video)
-    sampler = torch.utils.data.DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_per_gpu, sampler=sampler,
-                                         num_workers=args.num_workers, drop_last=True, pin_memory=d.device.type == "cuda")
+    sampler = torch.utils.data.DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=args.seed,
+                                                  drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_per_gpu, sampler=sampler, drop_last=True,
+                                         num_workers=args.num_workers, pin_memory=d.device.type == "cuda")
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise SystemExit(f"--data {args.data}: {len(dataset)} clips per epoch is fewer than one batch of "
@@ -620,13 +628,15 @@ def save_cluster_pictures(backbone, davis_root: str, out_dir: str, size: int, de
         frames = TF.resize(item["frames"], [size, size], antialias=True)
         feats = F.normalize(evaluate.clip_features(backbone, item["frames"], size, device), dim=-1)
         sample = feats.reshape(-1, feats.shape[-1])
-        centroids = evaluate.kmeans(sample[torch.randperm(len(sample), generator=torch.Generator().manual_seed(0))[:20000]], k)[1]
-        clusters = evaluate.pixel_clusters(feats, centroids, size)
-        overlay = (0.4 * frames.float() + 0.6 * rearrange(colours[clusters % len(colours)], "t h w c -> t c h w").float()).byte()
+        subset = torch.randperm(len(sample), generator=torch.Generator().manual_seed(0))[:20000]
+        clusters = evaluate.pixel_clusters(feats, evaluate.kmeans(sample[subset], k)[1], size)
+        painted = rearrange(colours[clusters % len(colours)], "t h w c -> t c h w").float()
+        overlay = (0.4 * frames.float() + 0.6 * painted).byte()
         picks.append(torch.linspace(0, len(frames) - 1, columns).long().tolist())
         rows += [list(frames[picks[-1]]), list(overlay[picks[-1]])]
         names += [f"{item['name']}:\nframes", f"{item['name']}:\nclusters"]
-        gif = [data.labelled_grid([[f, o]], None, f"{name}, {item['name']}", col_names=[f"frame {t}", f"k-means, k={k}"])
+        gif = [data.labelled_grid([[f, o]], None, f"{name}, {item['name']}",
+                                  col_names=[f"frame {t}", f"k-means, k={k}"])
                for t, (f, o) in enumerate(zip(frames, overlay))]
         gif[0].save(os.path.join(out_dir, f"clusters{tag}_{item['name']}.gif"), save_all=True, append_images=gif[1:],
                     duration=80, loop=0)
@@ -658,8 +668,7 @@ def main(args):
     student, teacher, d = train(args)
     if not args.eval_data or args.no_eval or not d.is_main:
         return
-    # the initial weights are evaluated after training, when the other ranks have left the process group:
-    # an evaluation before it (hours at full scale) would keep them waiting past the group's timeout
+    # the initial weights are evaluated after training: before it, the other ranks would wait for rank 0 (hours)
     data.seed_everything(args.seed, 0)  # the same initialisation train() starts from
     init = evaluate_backbone(build_model(args).backbone.to(d.device), args, d.device, "_init")
     after = evaluate_backbone(teacher.backbone, args, d.device, "")
@@ -668,7 +677,8 @@ def main(args):
           f"evaluated on {args.eval_data})")
     for key in after:
         print(f"{key:<34s}{init.get(key, float('nan')):>10.4f}{after[key]:>10.4f}")
-    record = {"eval": "final", "init": init, "timet": after, "start": start, "train_data": args.data, "eval_data": args.eval_data}
+    record = {"eval": "final", "init": init, "timet": after, "start": start, "train_data": args.data,
+              "eval_data": args.eval_data}
     data.JsonlLogger(os.path.join(args.output_dir, "log.jsonl"), True).log(record)
     print(json.dumps(record))
 
