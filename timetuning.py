@@ -76,24 +76,20 @@ def get_args(argv=None):
     p.add_argument("--patch-size", type=int, default=16)
     p.add_argument("--pretrained", default=None, help="DINO weights (plain or full checkpoint) or a checkpoint of "
                    "another method file (whose --arch and --patch-size it brings)")
-    p.add_argument("--train-blocks", type=int, default=2,
-                   help="last ViT blocks that are trained (official: 2); -1: all of the backbone")
+    p.add_argument("--train-blocks", type=int, default=2, help="last ViT blocks trained (official: 2); -1: all")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch-size-per-gpu", type=int, default=128, help="clips per GPU (official: 128 on one GPU)")
-    p.add_argument("--clips-per-video", type=int, default=1,
-                   help="random clips drawn from each video per epoch (official: 1)")
+    p.add_argument("--clips-per-video", type=int, default=1, help="random clips per video per epoch (official: 1)")
     p.add_argument("--num-frames", type=int, default=4, help="frames per clip")
     p.add_argument("--frame-step", type=int, default=None,
                    help="default: sorted random frames of the whole video (official); N: frames N apart (paper)")
     p.add_argument("--image-size", type=int, default=224, help="side of the clip crop")
-    p.add_argument("--crop-scale", type=float, nargs=2, default=(0.4, 1.0),
-                   help="area range of the clip's RandomResizedCrop")
+    p.add_argument("--crop-scale", type=float, nargs=2, default=(0.4, 1.0), help="area range of the clip's crop")
     p.add_argument("--lr-heads", type=float, default=1e-4, help="head and prototypes; cosine to 0")
     p.add_argument("--lr-backbone", type=float, default=1e-5, help="the trained ViT blocks; cosine to 0")
     p.add_argument("--weight-decay", type=float, default=0.04)
     p.add_argument("--weight-decay-end", type=float, default=0.4)
-    p.add_argument("--momentum-teacher", type=float, default=0.995,
-                   help="teacher momentum m, cosine to 1 (see --paper-ema)")
+    p.add_argument("--momentum-teacher", type=float, default=0.995, help="teacher momentum m, cosine to 1")
     p.add_argument("--paper-ema", action="store_true", help="the paper's EMA teacher <- m*teacher + (1-m)*student "
                    "instead of the official (1-m)*teacher + m*student")
     p.add_argument("--proj-dims", type=int, nargs="+", default=[1024, 1024, 512, 256], help="projection head widths")
@@ -103,13 +99,10 @@ def get_args(argv=None):
     p.add_argument("--sk-iters", "--sinkhorn-iters", type=int, default=10,
                    help="Sinkhorn-Knopp iterations (official: get_loss's default)")
     p.add_argument("--topk", type=int, default=5, help="Feature-Forwarder: source patches per target patch")
-    p.add_argument("--neighborhood", type=int, default=6,
-                   help="Feature-Forwarder: radius in patches of the local window")
-    p.add_argument("--context-frames", type=int, default=7,
-                   help="Feature-Forwarder: previous frames kept besides the first")
+    p.add_argument("--neighborhood", type=int, default=6, help="Feature-Forwarder: window radius in patches")
+    p.add_argument("--context-frames", type=int, default=7, help="Feature-Forwarder: previous frames besides the first")
     p.add_argument("--prop-temperature", type=float, default=0.1, help="Feature-Forwarder: affinity temperature")
-    p.add_argument("--eval-size", type=int, default=None,
-                   help="short side of frames for evaluation (default: --image-size)")
+    p.add_argument("--eval-size", type=int, default=None, help="short side of eval frames (default: --image-size)")
     p.add_argument("--eval-data", default=None, help="synthetic-world-style root (davis/, voc/) to evaluate on after "
                    "training (--demo: default the synthetic world)")
     p.add_argument("--eval-benches", nargs="*", default=["propagate", "seg-cluster", "seg-linear"],
