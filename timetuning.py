@@ -25,20 +25,20 @@ Commands:
       --pretrained dino_deitsmall16_pretrain.pth --batch-size-per-gpu 32
   python timetuning.py --data DIR --resume                      # continue <output-dir>/checkpoint.pth
 
-Official-code facts that differ from a plain reading (time_tuning.py), followed here: the
-training call leaves get_loss at its default of 10 Sinkhorn iterations and 7 context frames
-(the CLI's 3 and 6 are never passed); clips are 4 sorted random frames of the whole video
-(data_loader.py; `regular_step` only acts in another sampling mode: --frame-step); the
-teacher update swaps m and 1 - m (see `ema_update`; --paper-ema); photometric noise is drawn
-once per clip on source-resolution frames, and only one of the four jitter adjustments acts
-(see `ClipAugmentation`).
+Official-code facts that differ from a plain reading (time_tuning.py), followed here: 10
+Sinkhorn iterations and 7 context frames (get_loss's defaults, which the training call keeps);
+clips are 4 sorted random frames of the whole video (data_loader.py; --frame-step: frames N
+apart); the teacher update swaps m and 1 - m (see `train_step`; --paper-ema); photometric noise
+is drawn once per clip on source-resolution frames, and only one of the four jitter adjustments
+acts (see `ClipAugmentation`).
 
-Contents: args; the ViT (a copy of DINO's, as in every method file); projection head and
-prototypes; pretrained loading; the clip augmentation; Sinkhorn-Knopp; the Feature-Forwarder;
-the loss; one training step; train(); video k-means evaluation; pictures; main().
+Contents: config; model (the ViT, a copy of DINO's as in every method file; projection head and
+prototypes); data (the clip augmentation, clip sampling); Sinkhorn-Knopp; the Feature-Forwarder;
+loss; training (one step, train()); evaluation (video k-means, pictures); main().
 """
 import argparse
 import copy
+import json
 import math
 import os
 import random
@@ -59,10 +59,8 @@ METHOD = "timetuning"
 MEAN, STD = (0.485, 0.456, 0.406), (0.228, 0.224, 0.225)  # official ClipToTensor: 0.228 (sic)
 
 
-# ====== Config: the official time_tuning.py defaults; --demo overrides a few in one place.
-# --demo: vit_demo on 64-px clips of the synthetic walking tours, minutes on 2 CPU cores. From scratch there is no
-# DINO to preserve: all blocks train, at the heads' pace x3 (lr 1e-3 / 3e-4, not 1e-4 / 1e-5, for 150 steps, not
-# ~2700), and --paper-ema's horizon shrinks with the schedule (momentum 0.91). Flags given win.
+# ====== Config: the official time_tuning.py defaults; --demo overrides a few in one place (flags given win).
+# --demo: vit_demo on 64-px clips of the synthetic world from scratch: no DINO to preserve, so all blocks train, faster
 DEMO = dict(arch="vit_demo", patch_size=8, image_size=64, train_blocks=-1, epochs=6, batch_size_per_gpu=16,
             clips_per_video=100, num_workers=2, proj_dims=[384, 384, 128], num_prototypes=50, log_every=5,
             lr_heads=1e-3, lr_backbone=3e-4, momentum_teacher=0.995, eval_benches=["propagate", "seg-cluster"])
@@ -70,43 +68,47 @@ DEMO = dict(arch="vit_demo", patch_size=8, image_size=64, train_blocks=-1, epoch
 
 def get_args(argv=None):
     p = argparse.ArgumentParser("TimeT", description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=None, help="videos: mp4 files, a frame folder, or a folder of either (YouTube-VOS JPEGImages/)")
+    p.add_argument("--data", default=None,
+                   help="videos: mp4 files, a frame folder, or a folder of either (YouTube-VOS JPEGImages/)")
     p.add_argument("--output-dir", default="runs/timetuning")
     p.add_argument("--demo", action="store_true", help="vit_demo, small frames, short schedule on the synthetic world")
     p.add_argument("--arch", default="vit_small", choices=["vit_demo", "vit_tiny", "vit_small", "vit_base"])
     p.add_argument("--patch-size", type=int, default=16)
-    p.add_argument("--pretrained", default=None, help="DINO weights (plain or full checkpoint) or a checkpoint of another method file")
-    p.add_argument("--train-blocks", type=int, default=2, help="last ViT blocks that are trained (official: 2); -1: all of the backbone")
+    p.add_argument("--pretrained", default=None, help="DINO weights (plain or full checkpoint) or a checkpoint of "
+                   "another method file (whose --arch and --patch-size it brings)")
+    p.add_argument("--train-blocks", type=int, default=2, help="last ViT blocks trained (official: 2); -1: all")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch-size-per-gpu", type=int, default=128, help="clips per GPU (official: 128 on one GPU)")
-    p.add_argument("--clips-per-video", type=int, default=1, help="random clips drawn from each video per epoch (official: 1)")
+    p.add_argument("--clips-per-video", type=int, default=1, help="random clips per video per epoch (official: 1)")
     p.add_argument("--num-frames", type=int, default=4, help="frames per clip")
     p.add_argument("--frame-step", type=int, default=None,
-                   help="default: sorted random frames of the whole video (official); N: frames N apart (the paper's wording)")
+                   help="default: sorted random frames of the whole video (official); N: frames N apart (paper)")
     p.add_argument("--image-size", type=int, default=224, help="side of the clip crop")
-    p.add_argument("--crop-scale", type=float, nargs=2, default=(0.4, 1.0), help="area range of the clip's RandomResizedCrop")
+    p.add_argument("--crop-scale", type=float, nargs=2, default=(0.4, 1.0), help="area range of the clip's crop")
     p.add_argument("--lr-heads", type=float, default=1e-4, help="head and prototypes; cosine to 0")
     p.add_argument("--lr-backbone", type=float, default=1e-5, help="the trained ViT blocks; cosine to 0")
     p.add_argument("--weight-decay", type=float, default=0.04)
     p.add_argument("--weight-decay-end", type=float, default=0.4)
-    p.add_argument("--momentum-teacher", type=float, default=0.995, help="teacher momentum m, cosine to 1 (see ema_update)")
+    p.add_argument("--momentum-teacher", type=float, default=0.995, help="teacher momentum m, cosine to 1")
     p.add_argument("--paper-ema", action="store_true", help="the paper's EMA teacher <- m*teacher + (1-m)*student "
                    "instead of the official (1-m)*teacher + m*student")
     p.add_argument("--proj-dims", type=int, nargs="+", default=[1024, 1024, 512, 256], help="projection head widths")
     p.add_argument("--num-prototypes", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.1, help="student softmax temperature")
     p.add_argument("--sk-eps", "--epsilon", type=float, default=0.05, help="Sinkhorn-Knopp entropy weight ε")
-    p.add_argument("--sk-iters", "--sinkhorn-iters", type=int, default=10, help="official: get_loss's default 10 (the CLI's 3 never reaches it)")
+    p.add_argument("--sk-iters", "--sinkhorn-iters", type=int, default=10,
+                   help="Sinkhorn-Knopp iterations (official: get_loss's default)")
     p.add_argument("--topk", type=int, default=5, help="Feature-Forwarder: source patches per target patch")
-    p.add_argument("--neighborhood", type=int, default=6, help="Feature-Forwarder: radius in patches of the local window")
-    p.add_argument("--context-frames", type=int, default=7, help="Feature-Forwarder: previous frames kept besides the first")
+    p.add_argument("--neighborhood", type=int, default=6, help="Feature-Forwarder: window radius in patches")
+    p.add_argument("--context-frames", type=int, default=7, help="Feature-Forwarder: previous frames besides the first")
     p.add_argument("--prop-temperature", type=float, default=0.1, help="Feature-Forwarder: affinity temperature")
-    p.add_argument("--eval-size", type=int, default=None, help="short side of frames for evaluation (default: --image-size)")
+    p.add_argument("--eval-size", type=int, default=None, help="short side of eval frames (default: --image-size)")
     p.add_argument("--eval-data", default=None, help="synthetic-world-style root (davis/, voc/) to evaluate on after "
                    "training (--demo: default the synthetic world)")
     p.add_argument("--eval-benches", nargs="*", default=["propagate", "seg-cluster", "seg-linear"],
                    help="evaluate.run_suite benchmarks after the video k-means")
     p.add_argument("--no-eval", action="store_true", help="skip evaluation after training")
+    # --demo --paper-ema: an EMA horizon as short as the demo's schedule
     demo = lambda given: {**DEMO, **({"momentum_teacher": 0.91} if given.paper_ema else {})}  # noqa: E731
     args = data.parse_args(p, argv, demo, workers=8, log_every=10)  # + the run flags all share
     if args.demo:
@@ -115,18 +117,12 @@ def get_args(argv=None):
         args.data = args.data or os.path.join(data.ensure_synth("runs/synth", seed=0), "videos")
     if args.data is None:
         p.error("--data is required (or --demo to use the synthetic world)")
-    stored = data.read_pretrained(args.pretrained)[1] if args.pretrained else None
-    if stored and (stored["arch"], stored.get("patch_size", 16)) != (args.arch, args.patch_size):
-        args.arch, args.patch_size = stored["arch"], stored.get("patch_size", 16)  # demo chaining
-        print(f"--pretrained {args.pretrained}: using its architecture {args.arch}/{args.patch_size}")
     args.eval_size = args.eval_size or args.image_size
     return args
 
 
-# ====== Model: a DINO-compatible Vision Transformer. Each method file carries its own copy so that it
-# reads alone (house style); parameter names follow the official DINO checkpoints, so
-#   model.load_state_dict(torch.load("dino_deitsmall16_pretrain.pth"), strict=True)
-# works and gives the same outputs as DINO's vision_transformer.py.
+# ====== Model: DINO's Vision Transformer, copied into each method file so that it reads alone
+# DINO's parameter names: its released weights load strictly and give DINO's outputs.
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -135,18 +131,18 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, return_attention: bool = False):
-        """x: (B, N, D) -> (B, N, D), and the attention (B, heads, N, N) if asked."""
+    def _qkv(self, x):  # (B, N, D) -> q, k, v: (B, heads, N, D/heads) each
         B, N, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        if return_attention:  # the explicit path: the weights are needed (viz)
-            attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
-            out = attn @ v
-        else:  # fused kernel (flash / memory-efficient) when no weights are needed
-            attn = None
-            out = F.scaled_dot_product_attention(q, k, v)
-        out = self.proj(out.transpose(1, 2).reshape(B, N, D))
-        return (out, attn) if return_attention else out
+        return self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+
+    def forward(self, x):  # (B, N, D) -> (B, N, D); a fused kernel (flash / memory-efficient) on GPUs
+        B, N, D = x.shape
+        out = F.scaled_dot_product_attention(*self._qkv(x))
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+    def weights(self, x):  # (B, N, D) -> (B, heads, N, N): the softmax attention, for pictures
+        q, k, _ = self._qkv(x)
+        return (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
 
 
 class Mlp(nn.Module):
@@ -168,14 +164,9 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x, return_attention: bool = False):
-        if return_attention:
-            y, attn = self.attn(self.norm1(x), return_attention=True)
-        else:
-            y, attn = self.attn(self.norm1(x)), None
-        x = x + y
-        x = x + self.mlp(self.norm2(x))
-        return (x, attn) if return_attention else x
+    def forward(self, x):  # (B, N, D) -> (B, N, D)
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
 
 
 class PatchEmbed(nn.Module):
@@ -200,7 +191,8 @@ class VisionTransformer(nn.Module):
         num_patches = (img_size // patch_size) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])  # no drop-path: fine-tuning
+        # no drop-path: TimeT fine-tunes
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Identity()  # DINO keeps a (unused) head slot; no parameters
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -247,7 +239,7 @@ class VisionTransformer(nn.Module):
         x = self.prepare_tokens(x)
         for blk in self.blocks[:-1]:
             x = blk(x)
-        return self.blocks[-1](x, return_attention=True)[1]
+        return self.blocks[-1].attn.weights(self.blocks[-1].norm1(x))
 
     def get_intermediate_layers(self, x, n: int = 1):  # -> list of n tensors (B, 1+N, D), normed
         x = self.prepare_tokens(x)
@@ -287,7 +279,7 @@ def build_backbone(args) -> VisionTransformer:
     return ARCHS[args["arch"]](patch_size=args.get("patch_size", 16))
 
 
-# ====== Model: the trained network: backbone, projection head on every patch token, prototypes.
+# ====== Model: the trained network: backbone, projection head on every patch token, prototypes
 class TimeTHead(nn.Module):
     """MLP on patch tokens (Linear-GELU..., no norm layers, as the official head) and K
     prototypes on the unit sphere. forward: tokens (..., D) -> scores (..., K) = cosines."""
@@ -323,9 +315,24 @@ class TimeTNet(nn.Module):
         return tokens, self.head(tokens)
 
 
+def pretrained_arch(args) -> tuple:
+    """(arch, patch_size) of the run: those of a repo checkpoint given as --pretrained (chaining the demos), else
+    the flags'. Reads the file, so a wrong --pretrained fails here, before the videos are probed."""
+    stored = data.read_pretrained(args.pretrained)[1] if args.pretrained else None
+    arch = (stored["arch"], stored.get("patch_size", 16)) if stored else (args.arch, args.patch_size)
+    if arch != (args.arch, args.patch_size):
+        print(f"--pretrained {args.pretrained}: using its architecture {arch[0]}/{arch[1]}")
+    return arch
+
+
 def build_model(args) -> TimeTNet:
+    """The network training starts from (the caller seeds it): a fresh head on a backbone with --pretrained's weights
+    (strictly: DINO's release, a full DINO checkpoint, or a repo checkpoint's ViT) or random ones."""
     backbone = build_backbone(args)
-    return TimeTNet(backbone, TimeTHead(backbone.embed_dim, args.proj_dims, args.num_prototypes))
+    model = TimeTNet(backbone, TimeTHead(backbone.embed_dim, args.proj_dims, args.num_prototypes))
+    if args.pretrained:
+        data.load_pretrained(backbone, args.pretrained)
+    return model
 
 
 def freeze_backbone(backbone: VisionTransformer, train_blocks: int):
@@ -336,12 +343,6 @@ def freeze_backbone(backbone: VisionTransformer, train_blocks: int):
     first = len(backbone.blocks) - train_blocks
     for name, param in backbone.named_parameters():
         param.requires_grad = name.startswith("blocks.") and int(name.split(".")[1]) >= first
-
-
-def load_pretrained(backbone: VisionTransformer, path: str):
-    """Strict: DINO's released weights (plain), a full DINO checkpoint (teacher/student with
-    `module.backbone.` keys) or a repo checkpoint holding a ViT; data.py refuses anything else."""
-    data.load_pretrained(backbone, path)
 
 
 # ====== Data: clips as the official training pipeline (time_tuning.py, `frame_transform` then
@@ -398,21 +399,23 @@ class RandomClipPerVideo(torch.utils.data.Dataset):
     (clip_start_every=None), whose read() decodes only the picked frames."""
 
     def __init__(self, videos: "data.VideoClips", num_frames=4, frame_step=None, clips_per_video=1):
-        self.videos, self.num_frames, self.frame_step, self.clips_per_video = videos, num_frames, frame_step, clips_per_video
+        self.videos, self.num_frames, self.frame_step = videos, num_frames, frame_step
+        self.clips_per_video = clips_per_video
 
     def __len__(self):
         return len(self.videos) * self.clips_per_video
 
     def __getitem__(self, i):
-        return self.videos.read(i % len(self.videos), lambda n: sample_frame_indices(n, self.num_frames, self.frame_step))
+        video = i % len(self.videos)
+        return self.videos.read(video, lambda n: sample_frame_indices(n, self.num_frames, self.frame_step))
 
 
-# ====== Sinkhorn-Knopp (SwAV's online form): balanced soft assignments of a batch of patches.
-# Under DDP the batch is every rank's patches; only sums and the max cross ranks.
+# ====== Sinkhorn-Knopp (SwAV's online form): balanced soft assignments of a batch of patches
 @torch.no_grad()
 def sinkhorn_online(scores: torch.Tensor, eps: float = 0.05, iters: int = 10) -> torch.Tensor:
     """scores: (M, K) patch-prototype cosines -> Q: (M, K), rows sum to 1, and over all ranks
-    each prototype receives ~M_total/K patches. Q = diag(u) exp(scores/ε) diag(v)."""
+    each prototype receives ~M_total/K patches. Q = diag(u) exp(scores/ε) diag(v). Under DDP
+    the batch is every rank's patches; only sums and the max cross ranks."""
     distributed = dist.is_available() and dist.is_initialized()
 
     def all_reduce(t, op=dist.ReduceOp.SUM):
@@ -432,8 +435,7 @@ def sinkhorn_online(scores: torch.Tensor, eps: float = 0.05, iters: int = 10) ->
     return (Q * M).t().float()
 
 
-# ====== Feature-Forwarder (Sec. 3.2): label propagation of the first frame's cluster
-# assignments through the clip, with the backbone's own (head-less) patch features.
+# ====== Feature-Forwarder (Sec. 3.2): the first frame's clusters carried through the clip by label propagation
 def neighborhood_mask(h: int, w: int, radius: int, device=None) -> torch.Tensor:
     """(h*w, h*w) bool: target patch i may copy from source patch j when both row and column
     differ by at most `radius` patches (a local window; motion between frames is small)."""
@@ -467,16 +469,11 @@ def feature_forwarder(features: torch.Tensor, first_labels: torch.Tensor, grid: 
     return torch.stack(labels, dim=1)
 
 
-# ====== Loss, one training step, and training
-def timet_loss(student_scores: torch.Tensor, forwarded: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-    """student_scores: (B, N, K) cosines of the last frame's patches to the prototypes;
-    forwarded: (B, N, K) cluster map carried from frame 0. CE against its argmax (Eq. 3)."""
-    target = forwarded.argmax(dim=-1)
-    return F.cross_entropy(rearrange(student_scores.float() / temperature, "b n k -> (b n) k"), target.flatten())
-
-
-def timet_step(student, teacher: TimeTNet, clips: torch.Tensor, args, autocast):
-    """clips: (B, T, 3, H, W) -> loss. `student` may be DDP-wrapped; `teacher` is plain."""
+# ====== Loss
+def timet_loss(student, teacher: TimeTNet, clips: torch.Tensor, args, autocast) -> tuple:
+    """clips: (B, T, 3, H, W) -> (loss, {"loss"}): the teacher's Sinkhorn-Knopp clusters of frame 0, carried to the
+    last frame by the Feature-Forwarder, are the student's cross-entropy target there (Eq. 3: the carried map's
+    argmax, student scores at temperature 0.1). `student` may be DDP-wrapped; `teacher` is plain."""
     raw = student.module if isinstance(student, nn.parallel.DistributedDataParallel) else student
     B, T_, _, H, W = clips.shape
     p = raw.backbone.patch_embed.patch_size
@@ -490,23 +487,13 @@ def timet_step(student, teacher: TimeTNet, clips: torch.Tensor, args, autocast):
     K = teacher_scores.shape[-1]
     first_labels = sinkhorn_online(teacher_scores.reshape(-1, K), args.sk_eps, args.sk_iters).view(B, -1, K)
     forwarded = feature_forwarder(features, first_labels, (H // p, W // p), args.topk, args.neighborhood,
-                                  args.context_frames, args.prop_temperature)[:, -1]
-    return timet_loss(scores_last, forwarded, args.temperature)
+                                  args.context_frames, args.prop_temperature)[:, -1]  # (B, N, K)
+    logits = rearrange(scores_last.float() / args.temperature, "b n k -> (b n) k")
+    loss = F.cross_entropy(logits, forwarded.argmax(dim=-1).flatten())
+    return loss, {"loss": loss.detach()}
 
 
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float, paper_ema: bool = False):
-    """Official (time_tuning.py, TimeT.update_momentum_teacher): teacher <- (1-m)·teacher + m·student,
-    so with m 0.995 -> 1 the teacher is the student up to 0.5 % of its last step. paper_ema: the
-    EMA teacher <- m·teacher + (1-m)·student. Prototypes re-normalised after (both)."""
-    # the paper's prose describes an EMA; the official code swaps m and 1 - m
-    keep, take = (momentum, 1 - momentum) if paper_ema else (1 - momentum, momentum)
-    pairs = [(t, s.detach()) for t, s in zip(teacher.parameters(), student.parameters()) if s.requires_grad]
-    torch._foreach_mul_([t for t, _ in pairs], keep)  # frozen blocks are equal in both: nothing to move
-    torch._foreach_add_([t for t, _ in pairs], [s for _, s in pairs], alpha=take)
-    teacher.head.normalize_prototypes()
-
-
+# ====== Training
 def param_groups(model: TimeTNet, args):
     """AdamW groups: heads (lr_heads) and trained blocks (lr_backbone), each split into decayed
     weights and undecayed biases/norms; 'base_lr' and 'decay' drive the schedules."""
@@ -519,17 +506,35 @@ def param_groups(model: TimeTNet, args):
     return [g for g in groups if g["params"]]
 
 
+def train_step(student, teacher: TimeTNet, clips: torch.Tensor, optimizer, scaler, momentum: float, args,
+               autocast) -> dict:
+    """One update on clips (B, T, 3, H, W) -> {name: float}; `student` may be DDP-wrapped. The teacher takes
+    1 - m of itself and m of the student (official: with m 0.995 -> 1 it stays next to the student); --paper-ema:
+    the paper's EMA, m of itself."""
+    raw = student.module if isinstance(student, nn.parallel.DistributedDataParallel) else student
+    loss, stats = timet_loss(student, teacher, clips, args, autocast)
+    # ------ update (the same block in every method file)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    stats = data.host_stats(stats)  # the step's one host sync; raises on a non-finite loss
+    scaler.step(optimizer)
+    scaler.update()
+    raw.head.normalize_prototypes()  # TimeT: back on the sphere before the teacher takes them (official)
+    data.ema_update(teacher, raw, momentum if args.paper_ema else 1 - momentum)
+    teacher.head.normalize_prototypes()  # TimeT: the mixed prototypes too
+    return stats
+
+
 def train(args):
     d = data.init_distributed()
     args.amp = data.resolve_amp(args.amp, d.device)
     autocast = data.autocast(d.device, args.amp)
     data.seed_everything(args.seed, 0)  # the same initial weights on every rank (teacher included)
+    args.arch, args.patch_size = pretrained_arch(args)  # before the output dir is touched; the checkpoint keeps them
     log, ckpt_path, ckpt = data.prepare_output_dir(args.output_dir, args.resume, args.overwrite, d.is_main, METHOD,
                                                    d.world_size)
 
     student = build_model(args)
-    if args.pretrained:
-        load_pretrained(student.backbone, args.pretrained)
     freeze_backbone(student.backbone, args.train_blocks)
     student.to(d.device)
     teacher = data.broadcast_module(copy.deepcopy(student).requires_grad_(False))
@@ -538,9 +543,10 @@ def train(args):
                              short_side=None,  # official: noise at source resolution, then Resize(224)
                              transform=ClipAugmentation(args.image_size, args.crop_scale))
     dataset = RandomClipPerVideo(videos, args.num_frames, args.frame_step, args.clips_per_video)
-    sampler = torch.utils.data.DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_per_gpu, sampler=sampler,
-                                         num_workers=args.num_workers, drop_last=True, pin_memory=d.device.type == "cuda")
+    sampler = torch.utils.data.DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=args.seed,
+                                                  drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_per_gpu, sampler=sampler, drop_last=True,
+                                         num_workers=args.num_workers, pin_memory=d.device.type == "cuda")
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise SystemExit(f"--data {args.data}: {len(dataset)} clips per epoch is fewer than one batch of "
@@ -563,12 +569,8 @@ def train(args):
         if d.world_size > 1 else student
     if args.bench:  # loader and step rates (data.bench_train)
         def bench_step(batch):
-            loss = timet_step(ddp, teacher, batch.to(d.device, non_blocking=True), args, autocast)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            ema_update(teacher, student, float(momentum_schedule[0]), args.paper_ema)
+            return train_step(ddp, teacher, batch.to(d.device, non_blocking=True), optimizer, scaler,
+                              float(momentum_schedule[0]), args, autocast)
         return data.bench_train(loader, bench_step, args.bench, d.device, args.num_frames)
 
     for epoch in range(start_epoch, min(args.epochs, start_epoch + (args.stop_after or args.epochs))):
@@ -581,18 +583,13 @@ def train(args):
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * float(lr_factor[step])  # python floats: weights_only checkpoints
                 g["weight_decay"] = float(wd_schedule[step]) if g["decay"] else 0.0
-            loss = timet_step(ddp, teacher, batch.to(d.device, non_blocking=True), args, autocast)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            student.head.normalize_prototypes()
-            ema_update(teacher, student, float(momentum_schedule[step]), args.paper_ema)
+            stats = train_step(ddp, teacher, batch.to(d.device, non_blocking=True), optimizer, scaler,
+                               float(momentum_schedule[step]), args, autocast)
             step += 1
             clips_s = len(batch) * d.world_size * (bar.n + 1) / (time.time() - t0)
-            bar.set_postfix(loss=f"{loss.item():.3f}", clips_s=f"{clips_s:.1f}")
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", clips_s=f"{clips_s:.1f}")
             if step % args.log_every == 0 or step == total:
-                log.log({"epoch": epoch, "step": step, "loss": loss.item(), "lr_heads": args.lr_heads * float(lr_factor[step - 1]),
+                log.log({"epoch": epoch, "step": step, **stats, "lr_heads": args.lr_heads * float(lr_factor[step - 1]),
                          "wd": float(wd_schedule[step - 1]), "momentum": float(momentum_schedule[step - 1]),
                          "clips_s": clips_s, "img_s": clips_s * args.num_frames})
         if d.is_main:
@@ -600,7 +597,7 @@ def train(args):
                                   "model": student.state_dict(), "teacher": teacher.state_dict(),
                                   "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                                   "world_size": d.world_size}, ckpt_path)
-            print(f"epoch {epoch}: loss {loss.item():.3f}, {clips_s:.1f} clips/s, saved {ckpt_path}")
+            print(f"epoch {epoch}: loss {stats['loss']:.3f}, {clips_s:.1f} clips/s, saved {ckpt_path}")
     data.finish_distributed()
     return student, teacher, d
 
@@ -624,13 +621,15 @@ def save_cluster_pictures(backbone, davis_root: str, out_dir: str, size: int, de
         frames = TF.resize(item["frames"], [size, size], antialias=True)
         feats = F.normalize(evaluate.clip_features(backbone, item["frames"], size, device), dim=-1)
         sample = feats.reshape(-1, feats.shape[-1])
-        centroids = evaluate.kmeans(sample[torch.randperm(len(sample), generator=torch.Generator().manual_seed(0))[:20000]], k)[1]
-        clusters = evaluate.pixel_clusters(feats, centroids, size)
-        overlay = (0.4 * frames.float() + 0.6 * rearrange(colours[clusters % len(colours)], "t h w c -> t c h w").float()).byte()
+        subset = torch.randperm(len(sample), generator=torch.Generator().manual_seed(0))[:20000]
+        clusters = evaluate.pixel_clusters(feats, evaluate.kmeans(sample[subset], k)[1], size)
+        painted = rearrange(colours[clusters % len(colours)], "t h w c -> t c h w").float()
+        overlay = (0.4 * frames.float() + 0.6 * painted).byte()
         picks.append(torch.linspace(0, len(frames) - 1, columns).long().tolist())
         rows += [list(frames[picks[-1]]), list(overlay[picks[-1]])]
         names += [f"{item['name']}:\nframes", f"{item['name']}:\nclusters"]
-        gif = [data.labelled_grid([[f, o]], None, f"{name}, {item['name']}", col_names=[f"frame {t}", f"k-means, k={k}"])
+        gif = [data.labelled_grid([[f, o]], None, f"{name}, {item['name']}",
+                                  col_names=[f"frame {t}", f"k-means, k={k}"])
                for t, (f, o) in enumerate(zip(frames, overlay))]
         gif[0].save(os.path.join(out_dir, f"clusters{tag}_{item['name']}.gif"), save_all=True, append_images=gif[1:],
                     duration=80, loop=0)
@@ -646,12 +645,13 @@ def evaluate_backbone(backbone, args, device, tag: str):
     os.makedirs(args.output_dir, exist_ok=True)
     start = time.time()
     world = root if os.path.exists(os.path.join(root, "world.json")) else None
-    results = evaluate.video_kmeans_miou(backbone, os.path.join(root, "davis"), args.eval_size, device, world_root=world)
-    save_cluster_pictures(backbone, os.path.join(root, "davis"), args.output_dir, args.eval_size, device, tag=tag)
-    print(f"[{tag.strip('_') or 'timet'}] " + ", ".join(f"{k} {v:.2f}" for k, v in results.items()), flush=True)
-    results["time/video_kmeans+pictures"] = time.time() - start
-    results.update(evaluate.run_suite(backbone.eval(), root, args.eval_benches, device, image_size=args.eval_size))
-    return results
+    davis = os.path.join(root, "davis")
+    kmeans = evaluate.video_kmeans_miou(backbone, davis, args.eval_size, device, world_root=world)
+    save_cluster_pictures(backbone, davis, args.output_dir, args.eval_size, device, tag=tag)
+    print(f"[{tag.strip('_') or 'timet'}] " + ", ".join(f"{k} {v:.2f}" for k, v in kmeans.items()), flush=True)
+    seconds = time.time() - start
+    suite = evaluate.run_suite(backbone.eval(), root, args.eval_benches, device, image_size=args.eval_size)
+    return {**kmeans, "time/video_kmeans+pictures": seconds, **suite}
 
 
 def main(args):
@@ -661,22 +661,19 @@ def main(args):
     student, teacher, d = train(args)
     if not args.eval_data or args.no_eval or not d.is_main:
         return
-    # the initial weights are evaluated after training, when the other ranks have left the process group:
-    # an evaluation before it (hours at full scale) would keep them waiting past the group's timeout
+    # the initial weights are evaluated after training: before it, the other ranks would wait for rank 0 (hours)
     data.seed_everything(args.seed, 0)  # the same initialisation train() starts from
-    model = build_model(args)
-    if args.pretrained:
-        load_pretrained(model.backbone, args.pretrained)
-    init = evaluate_backbone(model.backbone.to(d.device), args, d.device, "_init")
+    init = evaluate_backbone(build_model(args).backbone.to(d.device), args, d.device, "_init")
     after = evaluate_backbone(teacher.backbone, args, d.device, "")
     start = f"--pretrained {args.pretrained}" if args.pretrained else "random init (scratch)"
     print(f"\n{'benchmark':<34s}{'init':>10s}{'timet':>10s}   (init = {start}; trained on {args.data}, "
           f"evaluated on {args.eval_data})")
     for key in after:
         print(f"{key:<34s}{init.get(key, float('nan')):>10.4f}{after[key]:>10.4f}")
-    record = {"eval": "final", "init": init, "timet": after, "start": start, "train_data": args.data, "eval_data": args.eval_data}
+    record = {"eval": "final", "init": init, "timet": after, "start": start, "train_data": args.data,
+              "eval_data": args.eval_data}
     data.JsonlLogger(os.path.join(args.output_dir, "log.jsonl"), True).log(record)
-    print(__import__("json").dumps(record))
+    print(json.dumps(record))
 
 
 if __name__ == "__main__":

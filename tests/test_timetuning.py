@@ -1,5 +1,6 @@
 """Tests for timetuning.py (CPU, small tensors): Feature-Forwarder, clip crops, DINO weights,
 DDP equality, bf16, resume."""
+import argparse
 import copy
 import os
 import random
@@ -75,8 +76,8 @@ def test_clip_crop_identical_across_frames():
         assert all(torch.equal(out[0], out[t]) for t in range(1, 4))
     colours = torch.tensor([[200, 100, 50], [10, 220, 90], [90, 30, 240], [250, 250, 0]], dtype=torch.uint8)
     grey = tt.ClipAugmentation(8, jitter_p=0, gray_p=0.5, blur_p=0)
-    counts = {int(_pixels(grey(colours[:, :, None, None].expand(4, 3, 8, 8))).std(dim=1).amax(dim=(1, 2)).lt(1e-3).sum())
-              for _ in range(20)}
+    flat = colours[:, :, None, None].expand(4, 3, 8, 8)
+    counts = {int(_pixels(grey(flat)).std(dim=1).amax(dim=(1, 2)).lt(1e-3).sum()) for _ in range(20)}
     assert counts == {0, 4}  # official RandomGrayscale(per_frame=False): all frames grey or none
 
 
@@ -115,9 +116,11 @@ def test_clip_jitter_applies_only_the_last_shuffled_adjustment(monkeypatch):
     for name, (shuffle, rgb) in expected.items():
         monkeypatch.setattr(tt, "random", _Draws(shuffle))
         out = _pixels(tt.ClipAugmentation(8, jitter_p=0.8, gray_p=0, blur_p=0)(clip))
-        assert torch.allclose(out, torch.tensor(rgb, dtype=torch.float32)[None, :, None, None].expand_as(out), atol=1.0), name
+        expected_rgb = torch.tensor(rgb, dtype=torch.float32)[None, :, None, None].expand_as(out)
+        assert torch.allclose(out, expected_rgb, atol=1.0), name
     black = tt.ClipAugmentation(8, jitter_p=0, gray_p=0, blur_p=0)(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
-    assert torch.allclose(black[0, :, 0, 0], torch.tensor([-0.485 / 0.228, -0.456 / 0.224, -0.406 / 0.225]))  # official std
+    official_std = torch.tensor([-0.485 / 0.228, -0.456 / 0.224, -0.406 / 0.225])
+    assert torch.allclose(black[0, :, 0, 0], official_std)
 
 
 def test_clip_jitter_acts_at_source_resolution_before_the_resize(monkeypatch):
@@ -204,31 +207,73 @@ def test_dino_weights_load_strict(tmp_path):
     torch.save({"teacher": {**{"backbone." + k: v for k, v in state.items()}, "head.mlp.0.weight": torch.randn(4, 4)},
                 "student": {"module.backbone." + k: v for k, v in state.items()}, "epoch": 100}, full)
     torch.save({"method": "dora", "args": {"arch": "vit_small", "patch_size": 16},
-                "model": {"backbone." + k: v for k, v in state.items()}, "head.last_layer.weight": torch.randn(2)}, repo)
+                "model": {"backbone." + k: v for k, v in state.items()}, "head.last_layer.weight": torch.randn(2)},
+               repo)
     for path in (plain, full, repo):
-        vit = tt.vit_small()
-        tt.load_pretrained(vit, str(path))  # strict
+        vit = tt.build_model(_args(arch="vit_small", patch_size=16, pretrained=path)).backbone  # strict
         assert all(torch.equal(vit.state_dict()[k], v) for k, v in state.items())
     with pytest.raises(data.CheckpointError, match="does not fit"):
-        tt.load_pretrained(tt.vit_demo(), str(plain))
+        tt.build_model(_args(pretrained=plain))  # vit_demo/8
+
+
+def test_attention_weights_are_the_ones_forward_mixes_with():
+    """Attention.forward (the fused kernel) and Attention.weights (the explicit softmax, for pictures) are one
+    attention; get_last_selfattention is the last block's, on its normed input."""
+    torch.manual_seed(0)
+    vit, x = tt.vit_demo(), torch.randn(2, 3, 32, 32)
+    attn, tokens = vit.blocks[-1].attn, torch.randn(2, 17, 192)
+    values = attn.qkv(tokens).reshape(2, 17, 3, 3, 64).permute(2, 0, 3, 1, 4)[2]
+    mixed = attn.proj((attn.weights(tokens) @ values).transpose(1, 2).reshape(2, 17, 192))
+    assert torch.allclose(attn(tokens), mixed, atol=1e-5)
+    last = vit.get_last_selfattention(x)
+    assert last.shape == (2, 3, 17, 17) and torch.allclose(last.sum(-1), torch.ones(2, 3, 17))
+    before_last = vit.prepare_tokens(x)
+    for blk in vit.blocks[:-1]:
+        before_last = blk(before_last)
+    assert torch.equal(last, attn.weights(vit.blocks[-1].norm1(before_last)))
+
+
+def test_pretrained_checkpoint_of_another_run_brings_its_architecture(tmp_path, capsys):
+    """Chaining the demos (`--demo --pretrained runs/dora/checkpoint.pth`): get_args only parses; train() builds the
+    checkpoint's ViT, says so, loads its weights and records the architecture for evaluate.py."""
+    torch.manual_seed(1)
+    vit = tt.vit_demo(patch_size=8)
+    torch.save({"method": "dora", "args": {"arch": "vit_demo", "patch_size": 8},
+                "model": {"backbone." + k: v for k, v in vit.state_dict().items()}}, tmp_path / "demo.pth")
+    root = _frame_folders(tmp_path / "frames", videos=1, frames=8)
+    args = _args(tmp_path, root, epochs=1, arch="vit_small", patch_size=16, pretrained=tmp_path / "demo.pth")
+    assert (args.arch, args.patch_size) == ("vit_small", 16)
+    student = tt.train(args)[0]
+    assert f"--pretrained {tmp_path / 'demo.pth'}: using its architecture vit_demo/8" in capsys.readouterr().out
+    assert all(torch.equal(v, student.backbone.state_dict()[k]) for k, v in vit.state_dict().items()
+               if not k.startswith(("blocks.2", "blocks.3")))  # the last two blocks trained
+    saved = data.load_checkpoint(tmp_path / "out" / "checkpoint.pth")["args"]
+    assert (saved["arch"], saved["patch_size"]) == ("vit_demo", 8)
 
 
 # ----------------------------------------------------------------------------- training steps
 def test_teacher_update_is_the_official_one():
-    """time_tuning.py, update_momentum_teacher: teacher <- (1 - m) teacher + m student."""
-    teacher, student = torch.nn.Module(), torch.nn.Module()
-    teacher.head, student.head = tt.TimeTHead(2, dims=(2,), num_prototypes=2), tt.TimeTHead(2, dims=(2,), num_prototypes=2)
+    """time_tuning.py, update_momentum_teacher: teacher <- (1 - m) teacher + m student. train_step at m 0.995 with a
+    zero learning rate (the student stays put): the teacher's head moves 99.5 % of the way to the student's."""
+    args = _args(proj_dims=2, num_prototypes=2)
+    student, teacher = _models(args)
     with torch.no_grad():
         for net, w, protos in ((teacher, 1.0, [[1.0, 0.0], [0.0, 1.0]]), (student, 3.0, [[0.0, 1.0], [1.0, 0.0]])):
             net.head.mlp[0].weight.fill_(w)
             net.head.mlp[0].bias.fill_(w)
             net.head.prototypes.copy_(torch.tensor(protos))
     official, paper = copy.deepcopy(teacher), copy.deepcopy(teacher)
-    tt.ema_update(official, student, 0.995)
-    assert torch.allclose(official.head.mlp[0].weight, torch.full((2, 2), 0.005 * 1 + 0.995 * 3))  # 2.99
+
+    def step(teacher, paper_ema):
+        optimizer = torch.optim.SGD(tt.param_groups(student, args), lr=0.0)
+        tt.train_step(student, teacher, _batch(2), optimizer, data.make_scaler("none", "cpu"), 0.995,
+                      argparse.Namespace(**{**vars(args), "paper_ema": paper_ema}), nullcontext())
+
+    step(official, paper_ema=False)
+    assert torch.allclose(official.head.mlp[0].weight, torch.full((2, 192), 0.005 * 1 + 0.995 * 3))  # 2.99
     n = (0.005 ** 2 + 0.995 ** 2) ** 0.5  # prototypes mixed, then re-normalised
     assert torch.allclose(official.head.prototypes, torch.tensor([[0.005, 0.995], [0.995, 0.005]]) / n)
-    tt.ema_update(paper, student, 0.995, paper_ema=True)  # --paper-ema
+    step(paper, paper_ema=True)  # --paper-ema
     assert torch.allclose(paper.head.mlp[0].bias, torch.full((2,), 0.995 * 1 + 0.005 * 3))  # 1.01
     assert torch.allclose(paper.head.prototypes, torch.tensor([[0.995, 0.005], [0.005, 0.995]]) / n)
 
@@ -252,20 +297,17 @@ def _models(args, seed=0):
 
 
 def _one_step(student, teacher, clips, args, autocast=nullcontext(), sgd=False):
-    """The loop body of train(): loss, backward, step, prototype re-normalisation, EMA.
-    -> (loss, gradients). (SGD for exact comparisons: Adam's first step is lr*sign(g), which
+    """The loop body of train() (tt.train_step: loss, backward, step, prototype re-normalisation, teacher update at
+    m 0.9) -> (loss, the gradients stepped with). (SGD for exact comparisons: Adam's first step is lr*sign(g), which
     turns float noise in zero gradients, e.g. of the key biases, into lr-sized differences.)"""
     raw = student.module if isinstance(student, torch.nn.parallel.DistributedDataParallel) else student
     groups = tt.param_groups(raw, args)
     optimizer = torch.optim.SGD(groups, lr=0.5) if sgd else torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.04)
-    loss = tt.timet_step(student, teacher, clips, args, autocast)
-    optimizer.zero_grad()
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in raw.named_parameters() if p.grad is not None}
-    optimizer.step()
-    raw.head.normalize_prototypes()
-    tt.ema_update(teacher, raw, 0.9)
-    return loss, grads
+    grads = {}
+    optimizer.register_step_pre_hook(lambda *_: grads.update(
+        {n: p.grad.clone() for n, p in raw.named_parameters() if p.grad is not None}))
+    stats = tt.train_step(student, teacher, clips, optimizer, data.make_scaler("none", "cpu"), 0.9, args, autocast)
+    return torch.tensor(stats["loss"]), grads
 
 
 def _batch(n=4):
@@ -336,8 +378,9 @@ def test_bf16_autocast_step():
 def test_demo_trains_on_ones_own_video_and_evaluates_on_the_synthetic_world(tmp_path):
     # `timetuning.py --demo --data my_walk.mp4` once trained and then skipped its evaluation silently
     video = own_video_and_tiny_world(tmp_path)
-    result = run_demo("timetuning", tmp_path, "--data", video, "--output-dir", "out", "--image-size", "32", "--epochs", "1",
-                      "--batch-size-per-gpu", "2", "--clips-per-video", "2", "--num-frames", "2", "--num-workers", "0",
+    result = run_demo("timetuning", tmp_path, "--data", video, "--output-dir", "out", "--image-size", "32",
+                      "--epochs", "1", "--batch-size-per-gpu", "2", "--clips-per-video", "2", "--num-frames", "2",
+                      "--num-workers", "0",
                       "--proj-dims", "32", "16", "--num-prototypes", "10", "--eval-benches", "propagate")
     assert (tmp_path / "out" / "checkpoint.pth").exists()
     assert result["train_data"] == video and result["eval_data"] == os.path.join("runs", "synth")
@@ -412,9 +455,8 @@ def test_demo_on_ones_own_video_in_two_pieces_equals_one_run(tmp_path, monkeypat
     # demo's 2 DataLoader workers and their per-clip draws, the evaluations after each piece; equal weights
     monkeypatch.setattr(data, "demo_eval_root", lambda *a, **k: str(tmp_path))  # the evaluation is stubbed below
     monkeypatch.setattr(tt, "evaluate_backbone", draw_from_every_stream)
-    straight, pieces = one_run_and_two_pieces(tt, tmp_path, "--data", own_noisy_video(tmp_path / "walk.mp4"),
-                                              "--image-size", "32", "--batch-size-per-gpu", "2", "--clips-per-video", "4",
-                                              "--proj-dims", "32", "16", "--num-prototypes", "10")
+    tiny = "--image-size 32 --batch-size-per-gpu 2 --clips-per-video 4 --proj-dims 32 16 --num-prototypes 10".split()
+    straight, pieces = one_run_and_two_pieces(tt, tmp_path, "--data", own_noisy_video(tmp_path / "walk.mp4"), *tiny)
     assert straight["step"] == pieces["step"] == 4
     for part in ("model", "teacher"):
         for k, v in straight[part].items():
