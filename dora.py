@@ -25,9 +25,8 @@ Commands:
     torchrun --nproc_per_node=8 dora.py --data venice.mp4    # the paper's run (README command)
     python dora.py --data venice.mp4 --resume                # continue <output-dir>/checkpoint.pth
 
-Contents: config; a DINO-compatible ViT whose last block also hands out its queries and keys; the DINO head and
-multi-crop wrapper; the clip augmentation; the tracker (Sinkhorn-Knopp, discovery, tracking, masking); the loss;
-training; evaluation and the tracker's picture.
+Contents: config; a DINO-compatible ViT (its last block's queries and keys too), DINO's head; the clip augmentation;
+the tracker (Sinkhorn-Knopp, discovery, tracking, masking); the loss; training; evaluation and the tracker's picture.
 """
 import argparse
 import json
@@ -603,12 +602,10 @@ def train(args):
     if args.pretrained:  # refuse a wrong file before the videos are probed
         data.read_pretrained(args.pretrained)
 
-    videos = [v for path in args.data for v in data.find_videos(path)]
-    dataset = data.VideoClips(videos, num_frames=args.frames_per_clip, frame_gap=args.step_between_clips,
+    dataset = data.VideoClips(args.data, num_frames=args.frames_per_clip, frame_gap=args.step_between_clips,
                               clip_start_every=args.clip_start_every, short_side=args.short_side,
                               transform=ClipAugmentation(args, on_device=d.device.type == "cuda"))
-    sampler = torch.utils.data.DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=args.seed,
-                                                  drop_last=True)
+    sampler = torch.utils.data.DistributedSampler(dataset, d.world_size, d.rank, seed=args.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_per_gpu, sampler=sampler, drop_last=True,
                                          num_workers=args.num_workers, pin_memory=d.device.type == "cuda")
     steps_per_epoch = len(loader)
@@ -628,7 +625,7 @@ def train(args):
         m["scaler"].load_state_dict(ckpt["scaler"])
         m["loss"].center.copy_(ckpt["center"])
     if d.is_main:
-        print(f"{len(videos)} video(s), {len(dataset)} clips of {args.frames_per_clip} frames, "
+        print(f"{len(dataset.videos)} video(s), {len(dataset)} clips of {args.frames_per_clip} frames, "
               f"{steps_per_epoch} steps/epoch x {args.epochs} epochs, {args.arch}/{args.patch_size}, amp {args.amp}")
 
     for epoch in range(start_epoch, args.epochs):
