@@ -278,7 +278,7 @@ ARCHS = {"vit_demo": vit_demo, "vit_tiny": vit_tiny, "vit_small": vit_small, "vi
 
 
 def build_backbone(args: dict, drop_path: float = 0.0) -> nn.Module:
-    """Fresh backbone from a checkpoint's stored args (evaluate.py calls this)."""
+    """Fresh backbone from args (a dict: a checkpoint's stored args too)."""
     return ARCHS[args["arch"]](patch_size=args["patch_size"], drop_path_rate=drop_path)
 
 
@@ -714,8 +714,8 @@ def main(args):
     overlaps = []
     for n, i in enumerate(np.linspace(0, len(clips) - 1, 4).astype(int).tolist()):  # where the tracker looks
         heads = choose_heads(args, teacher.num_heads, i)
-        overlaps.append(tracking_picture(teacher, clips[i].to(device), os.path.join(args.output_dir,
-                                                                                    f"tracking_{n}.png"), heads))
+        path = os.path.join(args.output_dir, f"tracking_{n}.png")
+        overlaps.append(tracking_picture(teacher, clips[i].to(device), path, heads))
     print(f"tracking pictures: {args.output_dir}/tracking_*.png; mean pairwise IoU of the object masks without "
           f"Sinkhorn-Knopp {np.mean([o[0] for o in overlaps]):.3f}, with {np.mean([o[1] for o in overlaps]):.3f}")
     if not args.demo:
