@@ -614,9 +614,10 @@ def train(args):
                          "per GPU; lower --batch-size-per-gpu, --step-between-clips or --frames-per-clip")
     m = build_models(args, d.device, steps_per_epoch, d.world_size)
     data.broadcast_module(m["teacher"])  # DDP makes the students equal; the teachers must start equal too
-    if args.bench:  # loader and step rates (data.bench_train)
+    if args.bench:  # loader and step rates (data.bench_train) instead of training
         step = lambda crops: train_step(m, dataset.transform.finish(crops, d.device), 0, 0, args, autocast)
-        return data.bench_train(loader, step, args.bench, d.device, args.frames_per_clip)
+        data.bench_train(loader, step, args.bench, d.device, args.frames_per_clip)
+        return m, dataset
     start_epoch, _ = data.resume_step(ckpt, steps_per_epoch)
     if ckpt is not None:  # --resume
         m["student"].load_state_dict(ckpt["model"])
@@ -701,10 +702,8 @@ def tracking_picture(backbone, clip, path, heads=(0, 1, 2)) -> tuple:
 
 
 def main(args):
-    if args.bench:
-        return train(args)
     m, dataset = train(args)
-    if int(os.environ.get("RANK", 0)) != 0:
+    if args.bench or int(os.environ.get("RANK", 0)) != 0:
         return
     device = next(m["teacher"].parameters()).device
     teacher = m["teacher"].backbone.eval()
