@@ -25,15 +25,17 @@ Commands:
     torchrun --nproc_per_node=8 dora.py --data venice.mp4    # the paper's run (README command)
     python dora.py --data venice.mp4 --resume                # continue <output-dir>/checkpoint.pth
 
-Contents: config; a DINO-compatible ViT whose last block also returns its attention,
-queries and keys; the DINO head and multi-crop wrapper; the clip augmentation; the
-tracker (Sinkhorn-Knopp, discovery, tracking, masking); the loss; training; pictures (drawn by evaluate.py).
+Contents: config; a DINO-compatible ViT (its last block's queries and keys too), DINO's head; the clip augmentation;
+the tracker (Sinkhorn-Knopp, discovery, tracking, masking); the loss; training; evaluation and the tracker's picture.
 """
 import argparse
+import json
 import math
 import os
 import random
 import time
+from collections import OrderedDict
+from functools import partial
 
 import numpy as np
 import torch
@@ -51,9 +53,8 @@ METHOD = "dora"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-# ====== Config: the official code's defaults, and the README command's values where it sets
-# them (the run behind the paper's numbers). --demo overrides a few of them in one place.
-# --demo: a tiny ViT on 64-px crops of the synthetic world's videos, ~5 min on 2 CPU cores; flags given win
+# ====== Config: the official code's defaults, and the README command's values where it sets them
+# --demo: a tiny ViT on 64-px crops of the synthetic world's videos, on CPU; flags given win
 DEMO = dict(arch="vit_demo", patch_size=8, out_dim=1024, norm_last_layer=1, image_size=64, precrop_size=86,
             frames_per_clip=4, step_between_clips=4, clip_start_every=2, local_crops_number=2, epochs=8,
             batch_size_per_gpu=8, lr=0.015, min_lr=1e-5, warmup_epochs=1, warmup_teacher_temp_epochs=0,
@@ -64,7 +65,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser("DoRA: discover and track objects in one long video")
     p.add_argument("--data", nargs="+", default=None, help="video files (mp4 ...), frame folders, or folders of them")
     p.add_argument("--output-dir", default="runs/dora")
-    p.add_argument("--demo", action="store_true", help="tiny ViT and short schedule on the synthetic world (CPU, minutes)")
+    p.add_argument("--demo", action="store_true", help="tiny ViT, short schedule, synthetic world (CPU, minutes)")
     p.add_argument("--eval-data", default=None, help="--demo: evaluate on this root laid out like the synthetic world")
     p.add_argument("--pretrained", default=None, help="start from DINO weights (backbone or full checkpoint)")
     # model
@@ -78,8 +79,8 @@ def get_args(argv=None):
     p.add_argument("--frames-per-clip", type=int, default=8)
     p.add_argument("--step-between-clips", type=int, default=60,
                    help="frames between consecutive frames of a clip (official name and meaning; README: 60)")
-    p.add_argument("--clip-start-every", type=int, default=1, help="start frames of clips this far apart (official: every frame)")
-    p.add_argument("--short-side", type=int, default=None, help="decode frames resized to this short side (official: full size)")
+    p.add_argument("--clip-start-every", type=int, default=1, help="clips start this many frames apart (official: 1)")
+    p.add_argument("--short-side", type=int, default=None, help="decode at this short side (official: full size)")
     p.add_argument("--precrop-size", type=int, default=300, help="clip-consistent first crop, scale --precrop-scale")
     p.add_argument("--precrop-scale", type=float, nargs=2, default=(0.2, 1.0))
     p.add_argument("--image-size", type=int, default=224, help="global crop; local crops are half of it (112)")
@@ -97,7 +98,7 @@ def get_args(argv=None):
     p.add_argument("--student-temp", type=float, default=0.1)
     p.add_argument("--center-momentum", type=float, default=0.9)
     p.add_argument("--paper-loss", type=int, default=0, choices=[0, 1], help="1: the paper's plain mean over objects "
-                   "and all local crops (official: skips local crop 0, weighs earlier objects more; +9 %% at 8 frames)")
+                   "and all local crops (official: skips local crop 0, weighs earlier objects more)")
     p.add_argument("--momentum-teacher", type=float, default=0.996, help="EMA, cosine to 1")
     # optimisation
     p.add_argument("--epochs", type=int, default=100)
@@ -118,11 +119,8 @@ def get_args(argv=None):
     return args
 
 
-# ====== Model: a DINO-compatible Vision Transformer. Each method file carries its own copy so that it
-# reads alone (house style); parameter names follow the official DINO checkpoints, so
-#   model.load_state_dict(torch.load("dino_deitsmall16_pretrain.pth"), strict=True)
-# works and gives the same outputs as DINO's vision_transformer.py. DoRA's addition: the
-# last block can also hand out its attention, queries and keys (`forward_track`).
+# ====== Model: a DINO-compatible ViT, DINO's head and multi-crop wrapper
+# Each method file carries its own copy (house style), with DINO's parameter names: its released weights load strictly.
 class DropPath(nn.Module):
     """Stochastic depth: drop the whole residual branch of a sample with probability p."""
 
@@ -145,32 +143,21 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, return_attention: bool = False, return_qk: bool = False):
-        """x: (B, N, D) -> (B, N, D); return_attention adds the attention (B, heads, N, N);
-        return_qk adds it and the queries and keys (B, heads, N, D/heads) as well."""
+    def qkv_heads(self, x):  # (B, N, D) -> queries, keys, values stacked: (3, B, heads, N, D/heads)
         B, N, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        if return_attention or return_qk:  # the explicit path: the weights are needed (viz, tracking)
-            attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
-            out = attn @ v
-        else:  # fused kernel (flash / memory-efficient) when no weights are needed
-            attn = None
-            out = F.scaled_dot_product_attention(q, k, v)
-        out = self.proj(out.transpose(1, 2).reshape(B, N, D))
-        if return_qk:
-            return out, attn, q, k
-        return (out, attn) if return_attention else out
+        return self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
 
+    def forward(self, x):  # (B, N, D) -> (B, N, D), by the fused kernel (flash / memory-efficient)
+        q, k, v = self.qkv_heads(x)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
 
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
+    def queries_keys(self, x):  # (B, N, D) -> queries, keys (B, heads, N, D/heads): the tracker's inputs
+        q, k, _ = self.qkv_heads(x)
+        return q, k
 
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+    def weights(self, x):  # (B, N, D) -> softmax attention (B, heads, N, N), for pictures
+        q, k = self.queries_keys(x)
+        return (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
 
 
 class Block(nn.Module):
@@ -180,17 +167,12 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
 
-    def forward(self, x, return_attention: bool = False, return_qk: bool = False):
-        extra = ()
-        if return_attention or return_qk:
-            y, *extra = self.attn(self.norm1(x), return_attention=True, return_qk=return_qk)
-        else:
-            y = self.attn(self.norm1(x))
-        x = x + self.drop_path(y)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return (x, *extra) if extra else x
+    def forward(self, x):  # (B, N, D) -> (B, N, D)
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class PatchEmbed(nn.Module):
@@ -262,17 +244,19 @@ class VisionTransformer(nn.Module):
         return self.norm(x)[:, 0]
 
     def forward_track(self, x):
-        """(B, 3, H, W) -> [CLS] (B, D), patch tokens (B, N, D) after the final norm, and the last
-        block's attention (B, heads, 1+N, 1+N), queries and keys (B, heads, 1+N, D/heads)."""
+        """(B, 3, H, W) -> tokens (B, 1+N, D) after the final norm, and the last block's queries and keys
+        (B, heads, 1+N, D/heads)."""
         x = self.prepare_tokens(x)
         for blk in self.blocks[:-1]:
             x = blk(x)
-        x, attn, q, k = self.blocks[-1](x, return_qk=True)
-        x = self.norm(x)
-        return x[:, 0], x[:, 1:], attn, q, k
+        q, k = self.blocks[-1].attn.queries_keys(self.blocks[-1].norm1(x))
+        return self.norm(self.blocks[-1](x)), q, k
 
     def get_last_selfattention(self, x):  # -> (B, heads, 1+N, 1+N)
-        return self.forward_track(x)[2]
+        x = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        return self.blocks[-1].attn.weights(self.blocks[-1].norm1(x))
 
     def get_intermediate_layers(self, x, n: int = 1):  # -> list of n tensors (B, 1+N, D), normed
         x = self.prepare_tokens(x)
@@ -284,32 +268,21 @@ class VisionTransformer(nn.Module):
         return out
 
 
-def vit_demo(patch_size=8, **kw):  # for the CPU demos: ViT-Tiny width, 4 blocks
-    return VisionTransformer(patch_size, embed_dim=192, depth=4, num_heads=3, **kw)
-
-
-def vit_tiny(patch_size=16, **kw):
-    return VisionTransformer(patch_size, embed_dim=192, depth=12, num_heads=3, **kw)
-
-
-def vit_small(patch_size=16, **kw):  # the paper's model
-    return VisionTransformer(patch_size, embed_dim=384, depth=12, num_heads=6, **kw)
-
-
-def vit_base(patch_size=16, **kw):
-    return VisionTransformer(patch_size, embed_dim=768, depth=12, num_heads=12, **kw)
+vit_demo = partial(VisionTransformer, patch_size=8, embed_dim=192, depth=4, num_heads=3)  # CPU demos: ViT-Ti, 4 blocks
+vit_tiny = partial(VisionTransformer, patch_size=16, embed_dim=192, depth=12, num_heads=3)
+vit_small = partial(VisionTransformer, patch_size=16, embed_dim=384, depth=12, num_heads=6)  # the paper's model
+vit_base = partial(VisionTransformer, patch_size=16, embed_dim=768, depth=12, num_heads=12)
 
 
 ARCHS = {"vit_demo": vit_demo, "vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}
 
 
 def build_backbone(args: dict, drop_path: float = 0.0) -> nn.Module:
-    """Fresh backbone from a checkpoint's stored args (evaluate.py calls this)."""
+    """Fresh backbone from args (a dict: a checkpoint's stored args too)."""
     return ARCHS[args["arch"]](patch_size=args["patch_size"], drop_path_rate=drop_path)
 
 
-# ====== Model: DINO's projection head and multi-crop wrapper (same parameter names as DINO, so that its
-# eval scripts read our checkpoints with --checkpoint_key teacher).
+# DINO's projection head and multi-crop wrapper: DINO's eval scripts read our checkpoints with --checkpoint_key teacher
 class WeightNormLinear(nn.Module):
     """Bias-free linear layer with weight = g * v / ||v|| per output row, i.e. what
     nn.utils.weight_norm builds, with its parameter names weight_g and weight_v."""
@@ -409,9 +382,9 @@ class ClipAugmentation:
         return crops
 
 
-# ====== Tracker (paper Sec. 3, official utils.MOT): discover k objects on the first frame,
-# make them distinct with Sinkhorn-Knopp, follow them through the clip by cross-attention.
-# Everything here runs without gradients and in float32.
+
+# ====== Discover and track (paper Sec. 3, official utils.MOT): k objects on the first frame, followed through the clip
+# Everything here runs without gradients; the tracker's arithmetic in float32.
 @torch.no_grad()
 def sinkhorn_online(scores: torch.Tensor, eps: float = 0.05, iters: int = 30) -> torch.Tensor:
     """(B, N, K) patch-to-prototype similarities -> (B, N, K) soft assignment: each patch's row
@@ -447,25 +420,33 @@ def track_objects(prototypes, keys):
     logits = torch.einsum("bkd,btnd->bktn", prototypes.float(), keys.float()) * prototypes.shape[-1] ** -0.5
     maps = logits.softmax(dim=-1)
     unit = maps / maps.norm(dim=-1, keepdim=True)
-    return maps, unit > unit.mean(dim=(0, 3), keepdim=True)  # paper's text: each map at its own mean
+    # the official threshold, the batch mean; the paper's text puts each map at its own mean
+    return maps, unit > unit.mean(dim=(0, 3), keepdim=True)
+
+
+@torch.no_grad()
+def tracker_inputs(teacher_backbone, clip, heads):
+    """clip (B, T, 3, H, W) normalised frames -> the teacher's tokens (B, T, 1+N, D) after the final norm, the chosen
+    heads' [CLS]-to-patch attention (B, k, T, N) in float32, and the last block's patch queries and keys
+    (B, T, N, D), heads concatenated."""
+    B = clip.shape[0]
+    tokens, q, k = teacher_backbone.forward_track(clip.flatten(0, 1))
+    attn = (q[:, heads] @ k[:, heads].transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)  # as Attention.weights
+    patches = lambda t: rearrange(t[:, :, 1:], "(b t) h n d -> b t n (h d)", b=B)
+    return (rearrange(tokens, "(b t) n d -> b t n d", b=B),
+            rearrange(attn[:, :, 0, 1:], "(b t) k n -> b k t n", b=B).float(), patches(q), patches(k))
 
 
 @torch.no_grad()
 def track(teacher_backbone, clip, heads, use_sinkhorn=True, eps=0.05, iters=30):
-    """clip (B, T, 3, H, W) normalised frames -> the teacher's [CLS] (B, T, D) and, per chosen head
-    (object), masks (B, k, T, H/p, W/p) and maps (B, k, T, H/p, W/p), plus the heads' own [CLS]
-    attention (B, k, T, H/p, W/p) for pictures."""
-    B, Tn, _, H, W = clip.shape
-    p = teacher_backbone.patch_embed.patch_size
-    cls, patches, attn, q, k = teacher_backbone.forward_track(clip.flatten(0, 1))
+    """clip (B, T, 3, H, W) normalised frames -> the teacher's [CLS] (B, T, D) and the masks (B, k, T, H/p, W/p)
+    of the k objects, one per chosen head: discovered on the first frame, tracked through the clip."""
+    tokens, cls_attn, queries, keys = tracker_inputs(teacher_backbone, clip, heads)
     with torch.autocast(clip.device.type, enabled=False):
-        q, k = (rearrange(t[:, :, 1:], "(b t) h n d -> b t n (h d)", b=B) for t in (q, k))
-        head_attn = rearrange(attn[:, heads, 0, 1:], "(b t) k n -> b k t n", b=B).float()
-        first_patches = rearrange(patches, "(b t) n d -> b t n d", b=B)[:, 0]
-        prototypes = discover_objects(head_attn[:, :, 0], q[:, 0], first_patches, use_sinkhorn, eps, iters)
-        maps, masks = track_objects(prototypes, k)
-    grid = lambda t: rearrange(t, "b k t (h w) -> b k t h w", h=H // p)
-    return rearrange(cls, "(b t) d -> b t d", b=B), grid(masks), grid(maps), grid(head_attn)
+        prototypes = discover_objects(cls_attn[:, :, 0], queries[:, 0], tokens[:, 0, 1:], use_sinkhorn, eps, iters)
+        masks = track_objects(prototypes, keys)[1]
+    h = clip.shape[-2] // teacher_backbone.patch_embed.patch_size
+    return tokens[:, :, 0], rearrange(masks, "b k t (h w) -> b k t h w", h=h)
 
 
 def mask_clip(clip, masks):
@@ -476,10 +457,12 @@ def mask_clip(clip, masks):
     return clip[None] * up
 
 
-# ====== Loss: DINO's cross-entropy between the sharpened, centred teacher on the unmasked
-# frame and the student on (a) each object's masked frame and (b) the local crops of that
-# frame; ½ (a) + ½ (b), over objects and frames as the official DINOLoss sums them (paper Eq. 5).
+# ====== Loss: DINO's cross-entropy, teacher on the unmasked frame, student on masked frames and local crops
 class DoRALoss(nn.Module):
+    """The sharpened, centred teacher on the unmasked frame against the student on (a) each object's masked frame
+    and (b) the local crops of that frame; ½ (a) + ½ (b), over objects and frames as the official DINOLoss sums
+    them (paper Eq. 5)."""
+
     def __init__(self, args):
         super().__init__()
         self.student_temp, self.center_momentum = args.student_temp, args.center_momentum
@@ -493,7 +476,7 @@ class DoRALoss(nn.Module):
     def object_weights(k, frames, device=None):
         """Official DINOLoss: its per-frame sum is never reset between objects, so object j's running
         sum R_j = R_{j-1} / T + (frame mean of object j), loss = mean_j R_j: object i weighs
-        (1 + 1/T + ... + 1/T^(k-1-i)) / k (k = 3, T = 8: 0.380, 0.375, 0.333; sum 1.089)."""
+        (1 + 1/T + ... + 1/T^(k-1-i)) / k."""
         return ((float(frames) ** -torch.arange(k, dtype=torch.float64, device=device)).cumsum(0).flip(0) / k).float()
 
     def forward(self, student_masked, student_local, teacher_out, epoch):
@@ -504,12 +487,13 @@ class DoRALoss(nn.Module):
         ce = lambda s: -(target * F.log_softmax(s.float() / self.student_temp, dim=-1)).sum(-1).flatten(1).mean(1)
         masked = ce(student_masked)  # (k,): each object's mean over clips and frames
         used = student_local if self.paper_loss else student_local[1:]  # official: DINO's same-view skip; paper: all
-        local = ce(used).mean() if len(used) else masked.new_zeros(())  # official: ZeroDivisionError below 2 crops
+        local = ce(used).mean() if len(used) else masked.new_zeros(())  # no local crop left: no local term
         per_object = 0.5 * masked + 0.5 * local
-        if self.paper_loss:
+        if self.paper_loss:  # the paper: a plain mean over objects
             loss = per_object.mean()
-        else:  # paper: a plain mean over objects and frames
-            loss = (self.object_weights(masked.shape[0], teacher_out.shape[1], per_object.device).to(per_object) * per_object).sum()
+        else:
+            weights = self.object_weights(masked.shape[0], teacher_out.shape[1], per_object.device)
+            loss = (weights.to(per_object) * per_object).sum()
         # DINO's collapse diagnostic (its Fig. 7): ln(out_dim) = a uniform teacher, 0 = one-hot
         entropy = -(target * target.clamp_min(1e-30).log()).sum(-1).mean()
         self.update_center(teacher_out)
@@ -525,40 +509,48 @@ class DoRALoss(nn.Module):
         self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)
 
 
-# ====== Training: student and EMA teacher, AdamW with per-iteration schedules, one step below.
-def load_pretrained(backbone, path):
-    """Load DINO weights into `backbone`, strictly: a backbone state dict (DINO's releases) or a
-    full checkpoint (ours or DINO's: the teacher's `backbone.` keys); data.py refuses anything else."""
-    data.load_pretrained(backbone, path)
+def dora_loss(student, teacher, criterion, crops, heads, epoch, args):
+    """The forward of one step on crops = [global clips (B, T, 3, S, S), local clips (B, T, 3, S/2, S/2) x L]:
+    the teacher tracks the chosen heads' objects, the student sees them masked -> loss, stats (0-d tensors)."""
+    clip, local = crops[0], crops[1:]
+    B, Tn = clip.shape[:2]
+    with torch.no_grad():  # the teacher sees the unmasked clip, and finds and tracks the objects in it
+        cls, masks = track(teacher.backbone, clip, heads, True, args.sk_eps, args.sk_iters)
+        teacher_out = rearrange(teacher.head(cls.flatten(0, 1)), "(b t) o -> b t o", b=B)
+    masked = mask_clip(clip, masks)  # (k, B, T, 3, S, S)
+    views = [masked.flatten(0, 2)] + ([torch.stack(local).flatten(0, 2)] if local else [])
+    out = student(views)  # one (DDP) forward: masked clips at S, local crops at S/2
+    student_masked = rearrange(out[:masked.shape[0] * B * Tn], "(k b t) o -> k b t o", b=B, t=Tn)
+    student_local = rearrange(out[masked.shape[0] * B * Tn:], "(l b t) o -> l b t o", b=B, t=Tn)
+    loss, loss_masked, loss_local, entropy = criterion(student_masked, student_local, teacher_out, epoch)
+    return loss, dict(loss=loss, loss_masked=loss_masked, loss_local=loss_local, teacher_entropy=entropy)
 
 
-def build_models(args, device, distributed=False):
-    """Student (stochastic depth; DDP when distributed), EMA teacher with the same weights and no
-    gradients, the loss with its centre, AdamW over DINO's two parameter groups, the scaler."""
+# ====== Training: student and EMA teacher, AdamW with per-iteration schedules, one step below
+def build_models(args, device, steps_per_epoch, world_size=1):
+    """Student (stochastic depth; DDP on several processes), EMA teacher with the same weights and no gradients,
+    the loss with its centre, AdamW over DINO's two parameter groups, the scaler, and the per-iteration schedules
+    (DINO): lr warm-up then cosine, weight decay and EMA momentum cosine."""
     backbone = build_backbone(vars(args), args.drop_path)
-    if args.pretrained:
-        load_pretrained(backbone, args.pretrained)
+    if args.pretrained:  # DINO's weights, strictly: a backbone (DINO's releases) or a full checkpoint's teacher
+        data.load_pretrained(backbone, args.pretrained)
     student = MultiCropWrapper(backbone, DINOHead(backbone.embed_dim, args.out_dim, bool(args.norm_last_layer)))
     teacher = MultiCropWrapper(build_backbone(vars(args)), DINOHead(backbone.embed_dim, args.out_dim))
     student, teacher = student.to(device), teacher.to(device)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
     ddp = nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None) \
-        if distributed else student
+        if world_size > 1 else student
     decay = [p for n, p in student.named_parameters() if p.requires_grad and not (n.endswith(".bias") or p.ndim == 1)]
     no_decay = [p for n, p in student.named_parameters() if p.requires_grad and (n.endswith(".bias") or p.ndim == 1)]
     optimizer = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])  # lr, wd: schedules
-    return dict(student=student, ddp=ddp, teacher=teacher, loss=DoRALoss(args).to(device), optimizer=optimizer,
-                scaler=data.make_scaler(args.amp, device))
-
-
-def make_schedules(args, steps_per_epoch, world_size):
-    """Per-iteration values (DINO): lr warm-up then cosine, weight decay and EMA momentum cosine."""
     base_lr = args.lr * args.batch_size_per_gpu * world_size / 256  # linear scaling rule
-    return dict(lr=data.cosine_schedule(base_lr, args.min_lr, args.epochs, steps_per_epoch,
-                                         min(args.warmup_epochs, args.epochs)),
-                wd=data.cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, steps_per_epoch),
-                momentum=data.cosine_schedule(args.momentum_teacher, 1.0, args.epochs, steps_per_epoch))
+    schedules = dict(lr=data.cosine_schedule(base_lr, args.min_lr, args.epochs, steps_per_epoch,
+                                              min(args.warmup_epochs, args.epochs)),
+                     wd=data.cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, steps_per_epoch),
+                     momentum=data.cosine_schedule(args.momentum_teacher, 1.0, args.epochs, steps_per_epoch))
+    return dict(student=student, ddp=ddp, teacher=teacher, loss=DoRALoss(args).to(device), optimizer=optimizer,
+                scaler=data.make_scaler(args.amp, device), schedules=schedules)
 
 
 def choose_heads(args, num_heads, it):
@@ -569,49 +561,35 @@ def choose_heads(args, num_heads, it):
 
 
 def train_step(m, crops, it, epoch, args, autocast):
-    """One DoRA step on crops = [global clips (B, T, 3, S, S), local clips (B, T, 3, S/2, S/2) x L]."""
+    """One DoRA step at iteration `it` on crops (see dora_loss) -> the logged values (python floats)."""
     student, teacher, optimizer, scaler = m["student"], m["teacher"], m["optimizer"], m["scaler"]
-    sched = m["schedules"]
+    # python floats: the optimizer state must load with weights_only
+    lr, wd, momentum = (float(m["schedules"][name][it]) for name in ("lr", "wd", "momentum"))
     for i, group in enumerate(optimizer.param_groups):
-        group["lr"] = float(sched["lr"][it])  # python floats: the optimizer state must load with weights_only
+        group["lr"] = lr
         if i == 0:  # only the first group is regularised
-            group["weight_decay"] = float(sched["wd"][it])
-    clip, local = crops[0], crops[1:]
-    B, Tn = clip.shape[:2]
-    heads = choose_heads(args, teacher.backbone.num_heads, it)
+            group["weight_decay"] = wd
     with autocast:
-        with torch.no_grad():  # the teacher sees the unmasked clip, and finds and tracks the objects in it
-            cls, masks, _, _ = track(teacher.backbone, clip, heads, True, args.sk_eps, args.sk_iters)
-            teacher_out = rearrange(teacher.head(cls.flatten(0, 1)), "(b t) o -> b t o", b=B)
-        masked = mask_clip(clip, masks)  # (k, B, T, 3, S, S)
-        views = [masked.flatten(0, 2)] + ([torch.stack(local).flatten(0, 2)] if local else [])
-        out = m["ddp"](views)  # one DDP forward: masked clips at S, local crops at S/2
-        student_masked = rearrange(out[:masked.shape[0] * B * Tn], "(k b t) o -> k b t o", b=B, t=Tn)
-        student_local = rearrange(out[masked.shape[0] * B * Tn:], "(l b t) o -> l b t o", b=B, t=Tn)
-        loss, loss_masked, loss_local, entropy = m["loss"](student_masked, student_local, teacher_out, epoch)
+        loss, stats = dora_loss(m["ddp"], teacher, m["loss"], crops, choose_heads(args, teacher.backbone.num_heads, it),
+                                epoch, args)
+
+    # ------ update (the same block in every method file)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    stats = torch.stack([loss, loss_masked, loss_local, entropy]).tolist()  # the step's one host sync, after backward
-    if not math.isfinite(stats[0]):
-        raise FloatingPointError(f"loss is {stats[0]} at step {it}; try --amp none or a lower --lr")
-    if args.clip_grad:
+    stats = data.host_stats(stats)  # the step's one host sync; raises on a non-finite loss
+    if args.clip_grad:  # DINO: each parameter's gradient clipped on its own
         scaler.unscale_(optimizer)
-        for p in student.parameters():  # DINO clips each parameter's gradient on its own
+        for p in student.parameters():
             if p.grad is not None:
                 p.grad.mul_((args.clip_grad / (p.grad.norm() + 1e-6)).clamp(max=1.0))
-    if epoch < args.freeze_last_layer:  # a fixed output layer in the first epoch helps training start
+    if epoch < args.freeze_last_layer:  # DINO: a fixed output layer in the first epoch helps training start
         for n, p in student.named_parameters():
             if "last_layer" in n:
                 p.grad = None
     scaler.step(optimizer)
     scaler.update()
-    with torch.no_grad():  # EMA teacher, over the tensors that train, in a few fused kernels
-        mom = float(sched["momentum"][it])
-        pairs = [(pt, ps) for ps, pt in zip(student.parameters(), teacher.parameters()) if ps.requires_grad]
-        torch._foreach_mul_([pt for pt, _ in pairs], mom)
-        torch._foreach_add_([pt for pt, _ in pairs], [ps for _, ps in pairs], alpha=1 - mom)
-    return {**dict(zip(("loss", "loss_masked", "loss_local", "teacher_entropy"), stats)),
-            "lr": float(sched["lr"][it]), "wd": float(sched["wd"][it]), "momentum": float(mom)}
+    data.ema_update(teacher, student, momentum)
+    return {**stats, "lr": lr, "wd": wd, "momentum": momentum}
 
 
 def train(args):
@@ -624,23 +602,22 @@ def train(args):
     if args.pretrained:  # refuse a wrong file before the videos are probed
         data.read_pretrained(args.pretrained)
 
-    videos = [v for path in args.data for v in data.find_videos(path)]
-    dataset = data.VideoClips(videos, num_frames=args.frames_per_clip, frame_gap=args.step_between_clips,
+    dataset = data.VideoClips(args.data, num_frames=args.frames_per_clip, frame_gap=args.step_between_clips,
                               clip_start_every=args.clip_start_every, short_side=args.short_side,
                               transform=ClipAugmentation(args, on_device=d.device.type == "cuda"))
-    sampler = torch.utils.data.DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=args.seed, drop_last=True)
+    sampler = torch.utils.data.DistributedSampler(dataset, d.world_size, d.rank, seed=args.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_per_gpu, sampler=sampler, drop_last=True,
                                          num_workers=args.num_workers, pin_memory=d.device.type == "cuda")
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
-        raise SystemExit(f"{args.data}: {len(dataset)} clips is fewer than one batch of {args.batch_size_per_gpu} per GPU; "
-                         "lower --batch-size-per-gpu, --step-between-clips or --frames-per-clip")
-    m = build_models(args, d.device, d.world_size > 1)
+        raise SystemExit(f"{args.data}: {len(dataset)} clips is fewer than one batch of {args.batch_size_per_gpu} "
+                         "per GPU; lower --batch-size-per-gpu, --step-between-clips or --frames-per-clip")
+    m = build_models(args, d.device, steps_per_epoch, d.world_size)
     data.broadcast_module(m["teacher"])  # DDP makes the students equal; the teachers must start equal too
-    m["schedules"] = make_schedules(args, steps_per_epoch, d.world_size)
-    if args.bench:  # loader and step rates (data.bench_train)
-        return data.bench_train(loader, lambda crops: train_step(m, dataset.transform.finish(crops, d.device), 0, 0,
-                                                                 args, autocast), args.bench, d.device, args.frames_per_clip)
+    if args.bench:  # loader and step rates (data.bench_train) instead of training
+        step = lambda crops: train_step(m, dataset.transform.finish(crops, d.device), 0, 0, args, autocast)
+        data.bench_train(loader, step, args.bench, d.device, args.frames_per_clip)
+        return m, dataset
     start_epoch, _ = data.resume_step(ckpt, steps_per_epoch)
     if ckpt is not None:  # --resume
         m["student"].load_state_dict(ckpt["model"])
@@ -649,7 +626,7 @@ def train(args):
         m["scaler"].load_state_dict(ckpt["scaler"])
         m["loss"].center.copy_(ckpt["center"])
     if d.is_main:
-        print(f"{len(videos)} video(s), {len(dataset)} clips of {args.frames_per_clip} frames, "
+        print(f"{len(dataset.videos)} video(s), {len(dataset)} clips of {args.frames_per_clip} frames, "
               f"{steps_per_epoch} steps/epoch x {args.epochs} epochs, {args.arch}/{args.patch_size}, amp {args.amp}")
 
     for epoch in range(start_epoch, args.epochs):
@@ -677,47 +654,86 @@ def train(args):
     return m, dataset
 
 
-# ====== Evaluation and pictures (the talk's slide) through evaluate.py.
+# ====== Evaluation: the tracker's picture, then (--demo) the benchmarks through evaluate.py, before and after
 def eval_clip_transform(size):
     """uint8 (T, 3, H, W) -> normalised (T, 3, size, size): resize the short side, centre crop."""
     return T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size),
                       T.ToDtype(torch.float32, scale=True), T.Normalize(MEAN, STD)])
 
 
+def mask_overlap(masks) -> float:
+    """Mean pairwise IoU between the k objects' masks (B, k, T, h, w): 1 = all the same object."""
+    m = masks.flatten(3).float()
+    k = m.shape[1]
+    ious = [((m[:, i] * m[:, j]).sum(-1) / ((m[:, i] + m[:, j]).clamp(max=1).sum(-1)).clamp(min=1)).mean()
+            for i in range(k) for j in range(i + 1, k)]
+    return float(torch.stack(ious).mean()) if ious else 0.0
+
+
+@torch.no_grad()
+def tracking_picture(backbone, clip, path, heads=(0, 1, 2)) -> tuple:
+    """The tracker on clip (T, 3, H, W) normalised -> a png at path (columns: frames; rows named in it); returns the
+    tracked masks' mask_overlap without and with Sinkhorn-Knopp."""
+    heads = list(heads)[:3]  # one colour channel per object
+    tokens, cls_attn, queries, keys = tracker_inputs(backbone, clip[None], heads)
+    grid = lambda t: rearrange(t, "b k t (h w) -> b k t h w", h=clip.shape[-2] // backbone.patch_embed.patch_size)
+    maps, masks = {}, {}
+    for sk in (False, True):
+        prototypes = discover_objects(cls_attn[:, :, 0], queries[:, 0], tokens[:, 0, 1:], use_sinkhorn=sk)
+        maps[sk], masks[sk] = (grid(t) for t in track_objects(prototypes, keys))
+    size = [max(192, s) for s in clip.shape[-2:]]  # small demo frames are enlarged to be seen
+
+    def rgb(x):  # (1, k, T, h, w) -> (T, 3, H, W): object i in colour channel i, each map min-max scaled
+        x = x[0].float()
+        low, high = x.flatten(2).amin(-1)[..., None, None], x.flatten(2).amax(-1)[..., None, None]
+        x = torch.cat([(x - low) / (high - low).clamp(min=1e-8), x.new_zeros(3 - x.shape[0], *x.shape[1:])])
+        return F.interpolate(x.transpose(0, 1), size=size, mode="nearest").cpu()
+
+    mean, std = (torch.tensor(v, device=clip.device)[:, None, None] for v in (MEAN, STD))
+    frames = F.interpolate((clip * std + mean).clamp(0, 1), size=size, mode="bilinear").cpu()
+    rows = [frames, rgb(grid(cls_attn)), rgb(maps[False]), rgb(maps[True]), 0.4 * frames + 0.6 * rgb(masks[True])]
+    objects = ", ".join(f"{c} = head {h}" for c, h in zip("RGB", heads))
+    data.labelled_grid([list(r) for r in rows], path, f"DoRA's tracker on a clip of {len(clip)} frames (columns): "
+                       f"one object a chosen head, one colour channel an object ({objects})",
+                       ["frame", "[CLS] attention\nof the heads", "object attention\nwithout\nSinkhorn-Knopp",
+                        "object attention\nwith\nSinkhorn-Knopp", "tracked masks\n(with SK)\nover the frame"],
+                       [f"frame {t}" for t in range(len(clip))])
+    return mask_overlap(masks[False]), mask_overlap(masks[True])
+
+
 def main(args):
-    if args.bench:
-        return train(args)
     m, dataset = train(args)
-    if int(os.environ.get("RANK", 0)) != 0:
+    if args.bench or int(os.environ.get("RANK", 0)) != 0:
         return
     device = next(m["teacher"].parameters()).device
     teacher = m["teacher"].backbone.eval()
-    clips = data.VideoClips(dataset.videos, args.frames_per_clip, args.step_between_clips, args.clip_start_every,
-                            args.short_side, eval_clip_transform(args.image_size))
-    import evaluate  # the tracking pictures
+    clips = data.VideoClips(dataset.videos, num_frames=args.frames_per_clip, frame_gap=args.step_between_clips,
+                            clip_start_every=args.clip_start_every, short_side=args.short_side,
+                            transform=eval_clip_transform(args.image_size))
     overlaps = []
     for n, i in enumerate(np.linspace(0, len(clips) - 1, 4).astype(int).tolist()):  # where the tracker looks
         heads = choose_heads(args, teacher.num_heads, i)
         path = os.path.join(args.output_dir, f"tracking_{n}.png")
-        overlaps.append(evaluate.tracking_picture(track, teacher, clips[i].to(device), path, heads))
-    print(f"tracking pictures: {args.output_dir}/tracking_*.png; mean pairwise IoU of the object masks "
-          f"without Sinkhorn-Knopp {np.mean([o[0] for o in overlaps]):.3f}, with {np.mean([o[1] for o in overlaps]):.3f}")
+        overlaps.append(tracking_picture(teacher, clips[i].to(device), path, heads))
+    print(f"tracking pictures: {args.output_dir}/tracking_*.png; mean pairwise IoU of the object masks without "
+          f"Sinkhorn-Knopp {np.mean([o[0] for o in overlaps]):.3f}, with {np.mean([o[1] for o in overlaps]):.3f}")
     if not args.demo:
         return
-    import evaluate  # k-NN, seg-cluster and label propagation on the synthetic world (or --eval-data), before and after
+    import evaluate  # k-NN, seg-cluster and label propagation on the synthetic world (or --eval-data)
     torch.manual_seed(args.seed)  # the student's own initialisation, rebuilt
     init = build_backbone(vars(args))
     if args.pretrained:
-        load_pretrained(init, args.pretrained)
+        data.load_pretrained(init, args.pretrained)
     init = init.to(device).eval()
     results = {}
     for name, net in (("init", init), ("dora", teacher)):
         print(f"--- {name} ---")
-        res = evaluate.run_suite(net, args.eval_data, ["knn", "seg-cluster", "propagate"], device, image_size=args.image_size)
+        res = evaluate.run_suite(net, args.eval_data, ["knn", "seg-cluster", "propagate"], device,
+                                 image_size=args.image_size)
         results.update({f"{name}/{k}": v for k, v in res.items()})
     print(f"trained on {' '.join(args.data)}, evaluated on {args.eval_data}")
     print("\n".join(f"{k:>32s}  {v:.4f}" for k, v in results.items()))
-    print(__import__("json").dumps({**results, "train_data": args.data, "eval_data": args.eval_data}))
+    print(json.dumps({**results, "train_data": args.data, "eval_data": args.eval_data}))
 
 
 if __name__ == "__main__":

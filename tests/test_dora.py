@@ -89,7 +89,8 @@ def scene(T=5, S=12, D=24, seed=0):
 def head_attention(labels0, regions, seed=0):
     """[CLS] attention (1, k, N) of k heads, head i mostly on region regions[i] of the first frame."""
     g = torch.Generator().manual_seed(seed)
-    attn = torch.stack([(labels0.flatten() == r).float() * 20 + torch.rand(labels0.numel(), generator=g) for r in regions])
+    attn = torch.stack([(labels0.flatten() == r).float() * 20 + torch.rand(labels0.numel(), generator=g)
+                        for r in regions])
     return (attn / attn.sum(-1, keepdim=True))[None]
 
 
@@ -103,10 +104,14 @@ def test_track_gives_k_masks_per_frame():
     torch.manual_seed(0)
     vit = dora.VisionTransformer(patch_size=8, embed_dim=48, depth=2, num_heads=4).eval()
     clip = torch.randn(2, 5, 3, 32, 48)
-    cls, masks, maps, head_attn = dora.track(vit, clip, heads=[0, 2, 3])
+    cls, masks = dora.track(vit, clip, heads=[0, 2, 3])
     assert cls.shape == (2, 5, 48)
-    assert masks.shape == maps.shape == head_attn.shape == (2, 3, 5, 4, 6) and masks.dtype == torch.bool
-    assert torch.allclose(maps.flatten(3).sum(-1), torch.ones(2, 3, 5))  # softmax over the patches
+    assert masks.shape == (2, 3, 5, 4, 6) and masks.dtype == torch.bool
+    tokens, head_attn, queries, keys = dora.tracker_inputs(vit, clip, [0, 2, 3])  # what track and the picture use
+    assert torch.equal(tokens[:, :, 0], cls) and queries.shape == keys.shape == (2, 5, 24, 48)
+    maps, again = dora.track_objects(dora.discover_objects(head_attn[:, :, 0], queries[:, 0], tokens[:, 0, 1:]), keys)
+    assert maps.shape == head_attn.shape == (2, 3, 5, 24) and torch.equal(again.view(2, 3, 5, 4, 6), masks)
+    assert torch.allclose(maps.sum(-1), torch.ones(2, 3, 5))  # softmax over the patches
     assert masks.flatten(3).any(-1).all() and not masks.flatten(3).all(-1).any()  # above the mean: some, not all
     masked = dora.mask_clip(clip, masks)
     assert masked.shape == (3, 2, 5, 3, 32, 48)
@@ -121,7 +126,7 @@ def test_sinkhorn_makes_objects_distinct():
     for sk in (False, True):
         prototypes = dora.discover_objects(attn, feats[:1], feats[:1], use_sinkhorn=sk)
         _, masks = dora.track_objects(prototypes, feats[None])
-        overlap[sk] = evaluate.mask_overlap(masks.reshape(1, 3, 5, 12, 12))
+        overlap[sk] = dora.mask_overlap(masks.reshape(1, 3, 5, 12, 12))
     assert overlap[False] > 0.9  # without SK: three copies of one object
     assert overlap[True] < overlap[False] - 0.3
 
@@ -142,6 +147,25 @@ def test_tracker_follows_translating_object(use_sinkhorn):
         centres.append((obj.float() * cols).sum() / obj.sum())
     moves = np.diff(centres)
     assert (moves > 0).all() and abs(moves.mean() - 1.0) < 0.5  # one patch right per frame, like the object
+
+
+def test_tracking_picture_rows_and_overlap(tmp_path, monkeypatch):
+    grids, labelled_grid = [], data.labelled_grid  # what the picture hands data.labelled_grid: tile sizes and labels
+    monkeypatch.setattr(data, "labelled_grid", lambda rows, path, title, row_names, col_names: grids.append(dict(
+        sizes=[[data._as_pil(t).size for t in r] for r in rows], title=title, row_names=row_names,
+        col_names=col_names)) or labelled_grid(rows, path, title, row_names, col_names))
+    torch.manual_seed(0)
+    vit = dora.VisionTransformer(patch_size=8, embed_dim=48, depth=2, num_heads=4).eval()
+    clip = torch.randn(3, 3, 32, 40)
+    overlaps = dora.tracking_picture(vit, clip, str(tmp_path / "t.png"), heads=[0, 2, 3])
+    (grid,) = grids
+    assert grid["sizes"] == [[(192, 192)] * 3] * 5  # frames, heads, objects without / with SK, masks; enlarged
+    assert grid["col_names"] == ["frame 0", "frame 1", "frame 2"] and "Sinkhorn" in grid["row_names"][2]
+    assert "B = head 3" in grid["title"] and all(0 <= o <= 1 for o in overlaps)
+    assert os.path.getsize(tmp_path / "t.png") > 0
+    masks = torch.zeros(1, 2, 1, 2, 2)
+    masks[0, 0, 0, 0] = masks[0, 1, 0, :, 0] = 1  # a row and a column of a 2 x 2 grid: IoU 1/3
+    assert dora.mask_overlap(masks) == pytest.approx(1 / 3)
 
 
 # ---------------------------------------------------------------------------- DINO weights
@@ -166,6 +190,7 @@ def dino_reference_forward(sd, x, patch, heads, depth):
 
 
 def test_dino_weights_load_strict_and_match(tmp_path):
+    """DINO's released weights (e.g. dino_deitsmall16_pretrain.pth) load strictly and give DINO's outputs."""
     torch.manual_seed(0)
     # a DINO checkpoint's backbone: DINO's names and shapes, random values (ViT-S/16 layout, 2 blocks)
     D, heads, depth, patch = 384, 6, 2, 16
@@ -193,13 +218,14 @@ def test_dino_weights_load_strict_and_match(tmp_path):
         assert torch.allclose(vit(x), ref_cls, atol=1e-4)
         assert torch.allclose(vit.get_last_selfattention(x), ref_attn, atol=1e-5)
         assert torch.allclose(vit.get_intermediate_layers(x, 1)[0][:, 0], ref_cls, atol=1e-4)
-        cls, patches, attn, q, k = vit.forward_track(x)
-        assert torch.allclose(cls, ref_cls, atol=1e-4) and torch.allclose(attn, ref_attn, atol=1e-5)
-        assert patches.shape == (2, 196, D) and q.shape == k.shape == (2, heads, 197, D // heads)
+        tokens, q, k = vit.forward_track(x)  # the tracker's: the last block's queries and keys give its attention
+        attn = (q @ k.transpose(-2, -1) * (D // heads) ** -0.5).softmax(-1)
+        assert torch.allclose(tokens[:, 0], ref_cls, atol=1e-4) and torch.allclose(attn, ref_attn, atol=1e-5)
+        assert tokens.shape == (2, 197, D) and q.shape == k.shape == (2, heads, 197, D // heads)
         assert vit(torch.randn(1, 3, 160, 96)).shape == (1, D)  # pos-embed interpolation
 
     other = dora.VisionTransformer(patch, D, depth, heads)
-    dora.load_pretrained(other, str(tmp_path / "dino_full.pth"))  # weights_only, strict
+    data.load_pretrained(other, str(tmp_path / "dino_full.pth"))  # weights_only, strict
     assert all(torch.equal(other.state_dict()[k], v) for k, v in sd.items())
     wrapper = dora.MultiCropWrapper(dora.VisionTransformer(patch, D, depth, heads), dora.DINOHead(D, 512)).eval()
     wrapper.load_state_dict(full, strict=True)  # the DINO head's names too (weight_g, weight_v)
@@ -210,10 +236,9 @@ def test_dino_weights_load_strict_and_match(tmp_path):
 
 
 # ---------------------------------------------------------------------------- training steps
-def one_step(args, crops, distributed=False, rank=0, world=1, amp="none"):
+def one_step(args, crops, world=1, amp="none"):
     torch.manual_seed(0)
-    m = dora.build_models(args, torch.device("cpu"), distributed)
-    m["schedules"] = dora.make_schedules(args, steps_per_epoch=4, world_size=world)
+    m = dora.build_models(args, torch.device("cpu"), steps_per_epoch=4, world_size=world)
     it = 5  # epoch 1: past the frozen last layer and the lr warm-up
     stats = dora.train_step(m, crops, it, 1, args, data.autocast("cpu", amp))
     return m, stats
@@ -224,7 +249,7 @@ def _ddp_worker(rank, init_file, out_file):
     torch.set_num_threads(1)
     args = tiny_args("--batch-size-per-gpu", "2")
     crops = [c[2 * rank:2 * rank + 2] for c in random_crops(4, args)]  # this rank's half of the global batch
-    m, _ = one_step(args, crops, distributed=True, rank=rank, world=2)
+    m, _ = one_step(args, crops, world=2)
     if rank == 0:
         torch.save({"student": m["student"].state_dict(), "teacher": m["teacher"].state_dict(),
                     "center": m["loss"].center}, out_file)
@@ -253,7 +278,7 @@ def test_bf16_step_on_cpu():
     args = tiny_args("--amp", "bf16")
     crops = random_crops(2, args)
     torch.manual_seed(0)
-    before = [p.detach().clone() for p in dora.build_models(args, torch.device("cpu"))["student"].parameters()]
+    before = [p.detach().clone() for p in dora.build_models(args, torch.device("cpu"), 4)["student"].parameters()]
     m, stats = one_step(args, crops, amp="bf16")
     _, ref_stats = one_step(tiny_args(), crops)  # the same step in float32
     assert np.isfinite(stats["loss"]) and abs(stats["loss"] - ref_stats["loss"]) < 0.05 * ref_stats["loss"]
@@ -266,7 +291,8 @@ def test_loss_halves_and_center():
     loss_fn = dora.DoRALoss(args)
     teacher = torch.randn(2, 3, 256)
     same = teacher * 2.5  # student logits / 0.1 = teacher logits / 0.04: the target itself
-    loss, masked, local, teacher_entropy = loss_fn(same.expand(3, -1, -1, -1), torch.randn(2, 2, 3, 256), teacher, epoch=1)
+    loss, masked, local, teacher_entropy = loss_fn(same.expand(3, -1, -1, -1), torch.randn(2, 2, 3, 256), teacher,
+                                                   epoch=1)
     target = F.softmax(teacher / 0.04, -1)
     entropy = -(target * target.clamp(min=1e-30).log()).sum(-1).mean()
     assert torch.allclose(masked, entropy, atol=1e-4) and local > masked
@@ -304,6 +330,8 @@ def test_official_loss_skips_local_crop_0_by_hand():
 
 
 def test_official_loss_carries_the_frame_sum_across_objects_by_hand():
+    """Object i weighs (1 + 1/T + ... + 1/T^(k-1-i)) / k; at the paper's k = 3, T = 8: 0.380, 0.375, 0.333, sum 1.089,
+    so the official loss is 9 % above the paper's plain mean (--paper-loss 1)."""
     ln2, ce3 = math.log(2), 0.5 * math.log(16 / 3)
     # 2 objects over 2 frames, local terms ln 2: object 0's frame mean F0 = ln 2, object 1's F1 = ½ (ce3 + ln 2)
     local, masked = [[0, 0, 0, 0]] * 2, [[0, 0, 0, 0], [math.log(3), 0, math.log(3), 0]]
@@ -341,10 +369,10 @@ def test_demo_trains_on_ones_own_video_and_evaluates_on_the_eval_data_folder(tmp
     # `dora.py --demo --data my_walk.mp4` once crashed after training: it took the video's folder for the world.
     # Here the benchmarks come from --eval-data, a folder laid out like the world: none is written to runs/synth
     video = own_video_and_tiny_world(tmp_path, world="bench")
-    result = run_demo("dora", tmp_path, "--data", video, "--eval-data", "bench", "--output-dir", "out", "--image-size", "32",
-                      "--precrop-size", "40", "--epochs", "1", "--batch-size-per-gpu", "2", "--frames-per-clip", "2",
-                      "--step-between-clips", "2", "--clip-start-every", "8", "--num-workers", "0", "--out-dim", "64",
-                      "--local-crops-number", "1")
+    result = run_demo("dora", tmp_path, "--data", video, "--eval-data", "bench", "--output-dir", "out",
+                      "--image-size", "32", "--precrop-size", "40", "--epochs", "1", "--batch-size-per-gpu", "2",
+                      "--frames-per-clip", "2", "--step-between-clips", "2", "--clip-start-every", "8",
+                      "--num-workers", "0", "--out-dim", "64", "--local-crops-number", "1")
     assert (tmp_path / "out" / "checkpoint.pth").exists() and (tmp_path / "out" / "tracking_0.png").exists()
     assert result["train_data"] == [video] and result["eval_data"] == "bench" and not (tmp_path / "runs").exists()
     assert {"init/knn/k20/top1", "dora/knn/k20/top1", "dora/seg_cluster/k7_hungarian", "dora/davis/J&F"} <= set(result)
@@ -385,7 +413,8 @@ def test_device_photometric_draws_what_the_cpu_path_draws():
     torch.manual_seed(0)
     images = torch.nn.functional.interpolate(torch.rand(400, 3, 3, 3), size=(12, 12), mode="bilinear")
     cpu = torch.stack([dora.ClipAugmentation(args).photometric(x, 0.5) for x in images])
-    device = dora.ClipAugmentation(args, on_device=True).finish([images[None, :1], images[None]], torch.device("cpu"))[1][0]
+    device = dora.ClipAugmentation(args, on_device=True).finish([images[None, :1], images[None]],
+                                                                torch.device("cpu"))[1][0]
     for x in (cpu, device):
         assert x.shape == (400, 3, 12, 12)
     stats = [(x.std(1).amax((1, 2)) < 1e-4, x[:, :, 1:] - x[:, :, :-1]) for x in (cpu, device)]
@@ -399,11 +428,12 @@ def test_demo_on_ones_own_video_in_two_pieces_equals_one_run(tmp_path, monkeypat
     # DataLoader workers and their per-clip draws, and the pictures and evaluation after each piece; equal weights
     monkeypatch.setattr(data, "demo_eval_root", lambda *a, **k: str(tmp_path))  # the evaluation is stubbed below
     monkeypatch.setattr(evaluate, "run_suite", draw_from_every_stream)
-    monkeypatch.setattr(evaluate, "tracking_picture", lambda *a: draw_from_every_stream() or (0.0, 0.0))
+    monkeypatch.setattr(dora, "tracking_picture", lambda *a: draw_from_every_stream() or (0.0, 0.0))
     straight, pieces = one_run_and_two_pieces(dora, tmp_path, "--data", own_noisy_video(tmp_path / "walk.mp4"),
                                               "--image-size", "32", "--precrop-size", "40", "--frames-per-clip", "2",
                                               "--step-between-clips", "2", "--clip-start-every", "8",
-                                              "--batch-size-per-gpu", "2", "--out-dim", "64", "--local-crops-number", "1")
+                                              "--batch-size-per-gpu", "2", "--out-dim", "64",
+                                              "--local-crops-number", "1")
     assert straight["step"] == pieces["step"] == 4
     for part in ("model", "teacher"):
         for k, v in straight[part].items():
@@ -416,11 +446,12 @@ def test_bench_prints_the_loader_and_step_rates_and_their_ratio(tmp_path, capsys
     no checkpoint, no training."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     write_frames(tmp_path / "video")
-    args = tiny_args("--data", str(tmp_path / "video"), "--clip-start-every", "3", "--output-dir", str(tmp_path / "out"),
-                     "--bench", "2")
+    args = tiny_args("--data", str(tmp_path / "video"), "--clip-start-every", "3", "--output-dir",
+                     str(tmp_path / "out"), "--bench", "2")
     dora.main(args)
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert {"loader_items_per_s_per_worker", "workers", "step_s", "images_per_s", "peak_memory_gib", "ratio"} <= set(result)
+    assert {"loader_items_per_s_per_worker", "workers", "step_s", "images_per_s", "peak_memory_gib",
+            "ratio"} <= set(result)
     assert result["step_s"] > 0 and result["loader_items_per_s_per_worker"] > 0
     items_per_s = result["images_per_s"] / args.frames_per_clip
     assert math.isclose(result["ratio"], result["loader_items_per_s_per_worker"] * result["workers"] / items_per_s,
