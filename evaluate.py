@@ -32,7 +32,6 @@ Sections (in file order; each opens with a "# ====== <name>" line):
 import argparse
 import functools
 import glob
-import importlib
 import itertools
 import json
 import math
@@ -47,19 +46,160 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from einops import rearrange
+from PIL import Image
+from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
 import data
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-METHOD_MODULES = ("dora", "leopart", "timetuning", "sinkhorn")  # searched for a ViT definition
-VIT_ARCHS = {}  # arch name -> constructor(patch_size=...); filled from a method module (or a test)
 
 
-# ====== Backbones ===================================================================================
+# ====== Backbones: DINO's ViT, SeLa's conv nets, raw pixels ===========================================
+# This file's own ViT (so that it imports no method file) under DINO's parameter names: DINO's releases and every
+# ViT of this repo load into it; the conv nets under sinkhorn.py's names.
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5
+        self.qkv, self.proj = nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
+
+    def _qkv(self, x):  # (B, N, D) -> (3, B, heads, N, D / heads)
+        B, N, D = x.shape
+        return self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+
+    def forward(self, x):  # (B, N, D) -> (B, N, D), the fused kernel
+        q, k, v = self._qkv(x)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+    def weights(self, x):  # (B, N, D) -> softmax attention (B, heads, N, N), for pictures
+        q, k, _ = self._qkv(x)
+        return (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, num_heads)
+        hidden = int(dim * mlp_ratio)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), nn.Sequential(OrderedDict(
+            fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))  # DINO's Mlp's names
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """DINO's ViT with a [CLS] token: forward -> [CLS] (B, D) after the final norm, get_intermediate_layers(x, n) ->
+    n x (B, 1+N, D) normed, get_last_selfattention -> (B, heads, 1+N, 1+N). Built and initialised in the method
+    files' order, so one seed gives the same weights."""
+
+    def __init__(self, patch_size=16, embed_dim=384, depth=12, num_heads=6, img_size=224):
+        super().__init__()
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.patch_embed = nn.Module()
+        self.patch_embed.patch_size = patch_size
+        self.patch_embed.proj = nn.Conv2d(3, embed_dim, patch_size, patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, (img_size // patch_size) ** 2 + 1, embed_dim))
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def prepare_tokens(self, x):  # (B, 3, H, W) -> (B, 1+N, D); DINO's bicubic resize of the positions (+0.1)
+        B, _, H, W = x.shape
+        p, n = self.patch_embed.patch_size, self.pos_embed.shape[1] - 1
+        x, pos = self.patch_embed.proj(x).flatten(2).transpose(1, 2), self.pos_embed
+        if x.shape[1] != n or H != W:
+            side = int(math.sqrt(n))
+            grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+            grid = F.interpolate(grid, scale_factor=((H // p + 0.1) / side, (W // p + 0.1) / side), mode="bicubic")
+            pos = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, self.embed_dim)], dim=1)
+        return torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + pos
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, D)
+        return self.get_intermediate_layers(x, 1)[0][:, 0]
+
+    def get_intermediate_layers(self, x, n: int = 1):  # -> n x (B, 1+N, D), each normed
+        x, out = self.prepare_tokens(x), []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i >= len(self.blocks) - n:
+                out.append(self.norm(x))
+        return out
+
+    def get_last_selfattention(self, x):  # -> (B, heads, 1+N, 1+N)
+        x = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        return self.blocks[-1].attn.weights(self.blocks[-1].norm1(x))
+
+
+VIT_SIZES = {"vit_demo": (192, 4, 3), "vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6),
+             "vit_base": (768, 12, 12)}  # (width, blocks, heads) as in the method files
+
+
+class ConvBackbone(nn.Module):
+    """sinkhorn.py's: a conv trunk (B, 3, H, W) -> (B, C, h, w), an optional MLP on the map max-pooled to 6 x 6.
+    forward -> (B, out_dim); get_intermediate_layers -> [(B, 1+h*w, C)], the mean token in the [CLS] slot."""
+
+    def __init__(self, trunk, stride, map_dim, mlp=None, out_dim=None):
+        super().__init__()
+        self.trunk, self.mlp = trunk, mlp
+        self.patch_embed = nn.Module()
+        self.patch_embed.patch_size = stride
+        self.embed_dim, self.out_dim = map_dim, out_dim or map_dim
+
+    def forward(self, x):
+        fmap = self.trunk(x)
+        return fmap.mean(dim=(2, 3)) if self.mlp is None else self.mlp(F.adaptive_max_pool2d(fmap, 6).flatten(1))
+
+    def get_intermediate_layers(self, x, n=1):  # one conv stage only, whatever n
+        tokens = self.trunk(x).flatten(2).transpose(1, 2)
+        return [torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1)]
+
+
+def conv_stages(widths) -> list:  # conv 3x3 + BN + ReLU per width, a 2x2 max-pool between stages
+    layers, c = [], 3
+    for i, w in enumerate(widths):
+        layers += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(True)]
+        layers += [nn.MaxPool2d(2)] if i < len(widths) - 1 else []
+        c = w
+    return layers
+
+
+@torch.no_grad()
+def alexnet_bn() -> ConvBackbone:
+    """SeLa's AlexNet with BN (RGB input), fc7 (4096) as output; its init (models/alexnet.py): conv weights
+    N(0, sqrt(2 / (k * k * out))) a channel at a time, linear weights N(0, 0.01), biases 0."""
+    layers, c = [], 3
+    for v in [(96, 11, 4, 2), "M", (256, 5, 1, 2), "M", (384, 3, 1, 1), (384, 3, 1, 1), (256, 3, 1, 1), "M"]:
+        layers += [nn.MaxPool2d(3, 2)] if v == "M" else [nn.Conv2d(c, *v), nn.BatchNorm2d(v[0]), nn.ReLU(True)]
+        c = c if v == "M" else v[0]
+    mlp = nn.Sequential(nn.Dropout(0.5), nn.Linear(256 * 6 * 6, 4096), nn.ReLU(True), nn.Dropout(0.5),
+                        nn.Linear(4096, 4096), nn.ReLU(True))
+    net = ConvBackbone(nn.Sequential(*layers), stride=32, map_dim=256, mlp=mlp, out_dim=4096)
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            for w in m.weight:  # one draw per output channel, as the official loop
+                w.normal_(0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
+        elif isinstance(m, nn.Linear):
+            m.weight.normal_(0, 0.01)
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.bias.zero_()
+    return net
+
+
 class RawPixels(nn.Module):
     """The floor: patchified, normalised RGB as 'features' with DINO's interface.
     Patch tokens are the 3*p*p pixel values of a patch; the [CLS] slot holds their mean."""
@@ -78,29 +218,32 @@ class RawPixels(nn.Module):
         return self.get_intermediate_layers(x)[0][:, 0]
 
 
-def vit_archs() -> dict:
-    """ViT constructors: VIT_ARCHS if set, else those of the first method module defining vit_small/vit_base."""
-    if not VIT_ARCHS:
-        for name in METHOD_MODULES:
-            try:
-                module = importlib.import_module(name)
-            except ImportError:
-                continue
-            if hasattr(module, "vit_small") and hasattr(module, "vit_base"):
-                VIT_ARCHS.update({a: getattr(module, a) for a in ("vit_demo", "vit_tiny", "vit_small", "vit_base")
-                                  if hasattr(module, a)})
-                break
-    return VIT_ARCHS
+def build_arch(arch: str, patch_size: int = 16) -> nn.Module:
+    """A fresh backbone: a ViT of VIT_SIZES, sinkhorn.py's alexnet / resnet18 / resnet50 / convnet_demo, or pixels."""
+    if arch in VIT_SIZES:
+        return VisionTransformer(patch_size, *VIT_SIZES[arch])
+    if arch in ("resnet18", "resnet50"):  # torchvision's, without avgpool and fc
+        net = getattr(torchvision.models, arch)(weights=None)  # never downloads
+        return ConvBackbone(nn.Sequential(*list(net.children())[:-2]), stride=32, map_dim=net.fc.in_features)
+    if arch == "convnet_demo":  # sinkhorn.py's CPU demo: 4 stages, stride 8
+        return ConvBackbone(nn.Sequential(*conv_stages((64, 128, 256, 256))), stride=8, map_dim=256)
+    if arch in ("alexnet", "pixels"):
+        return alexnet_bn() if arch == "alexnet" else RawPixels(patch_size)
+    raise data.DataError(f"--arch {arch}: unknown; available: "
+                         f"{sorted(VIT_SIZES) + ['pixels', 'alexnet', 'resnet18', 'resnet50', 'convnet_demo']}")
 
 
-def build_arch(arch: str, patch_size: int) -> nn.Module:
-    if arch == "pixels":
-        return RawPixels(patch_size)
-    archs = vit_archs()
-    if arch not in archs:
-        raise data.DataError(f"--arch {arch}: unknown; available: {sorted(archs) + ['pixels']} "
-                         f"(ViTs come from the first importable of {METHOD_MODULES})")
-    return archs[arch](patch_size=patch_size)
+def stored_backbone(method: str, args: dict) -> nn.Module:
+    """A fresh backbone from a repo checkpoint's stored args (arch, patch_size); secat.py's: its frozen encoder
+    (another checkpoint's backbone, a ViT, or its demo's conv net, average-pooled)."""
+    if method == "secat" and args.get("encoder_method"):
+        return stored_backbone(args["encoder_method"], args["encoder_args"])
+    if method == "secat" and args["encoder_arch"] == "convnet_demo":
+        net = nn.Sequential(*conv_stages((32, 64, 128, 128)), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        net.out_dim = 128
+        return net
+    arch = args["encoder_arch"] if method == "secat" else args["arch"]
+    return build_arch(arch, args.get("patch_size", 16))
 
 
 def conv_weights(weights: dict) -> tuple:
@@ -115,22 +258,23 @@ def conv_weights(weights: dict) -> tuple:
 
 
 def load_backbone(ckpt=None, arch="vit_small", patch_size=16, random_init=False) -> nn.Module:
-    """A frozen backbone in eval mode. A ckpt of this repo (has "method") is built by its method's
-    build_backbone and loads the `backbone.` keys of its teacher (else model); SeLa's AlexNet or a ResNet is built by
-    sinkhorn.py; any other release is a ViT of arch / patch_size (data.load_pretrained). random_init: no loading."""
+    """A frozen backbone in eval mode. A ckpt of this repo (has "method") is built from its stored args
+    (stored_backbone) and loads the `backbone.` keys of its teacher (else model); SeLa's AlexNet or a torchvision
+    ResNet loads under sinkhorn.py's names; any other release is a ViT of arch / patch_size (data.load_pretrained).
+    random_init: no loading."""
     if ckpt is None:
         if not random_init and arch != "pixels":
             raise data.DataError("no --ckpt given: pass one, or --random-init (or --arch pixels) for a floor")
         return build_arch(arch, patch_size).eval()
     state = data.load_checkpoint(ckpt, flag="--ckpt")  # one line for a missing, empty or damaged file
     if "method" in state:
-        net = importlib.import_module(state["method"]).build_backbone(state["args"])
+        net = stored_backbone(state["method"], state["args"])
         if not random_init:
             weights = state.get("teacher") or state["model"]
             net.load_state_dict({k[len("backbone."):]: v for k, v in weights.items() if k.startswith("backbone.")})
         return net.eval()
-    conv, weights = conv_weights(data.backbone_weights(state)[1])  # SeLa's AlexNet, a ResNet: sinkhorn.py's
-    net = importlib.import_module("sinkhorn").build_backbone({"arch": conv}) if conv else build_arch(arch, patch_size)
+    conv, weights = conv_weights(data.backbone_weights(state)[1])  # SeLa's AlexNet, a ResNet: sinkhorn.py's names
+    net = build_arch(conv or arch, patch_size)
     if not random_init and not conv:
         data.load_pretrained(net, ckpt, flag="--ckpt")
     elif not random_init and [k for k in net.load_state_dict(weights, strict=False).missing_keys  # older torch: no
@@ -537,8 +681,7 @@ def seg_linear(train_features, train_masks, val_features, val_masks, num_classes
 def seg_augment(img, mask, size: int, scale=(0.8, 1.0)):
     """Leopart's linear_finetuning_transforms: one RandomResizedCrop (scale 0.8-1) of the image (bilinear) and mask
     (PIL's nearest) to size, a flip with p 0.5. uint8 (3, H, W), (H, W) -> normalised (3, S, S), uint8 (S, S)."""
-    import torchvision.transforms as T1
-    top, left, h, w = T1.RandomResizedCrop.get_params(img, list(scale), [3 / 4, 4 / 3])
+    top, left, h, w = torchvision.transforms.RandomResizedCrop.get_params(img, list(scale), [3 / 4, 4 / 3])
     img = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
     mask = TF.resized_crop(mask[None].byte(), top, left, h, w, [size, size], TF.InterpolationMode.NEAREST_EXACT)
     flip = torch.rand(()) < 0.5
@@ -945,7 +1088,6 @@ def attention_foreground(attn, mass=0.65, sigma=0.6):
     """Leopart's utils.process_attentions as fully_unsup_seg.py stores DINO's (threshold 0.65): 7x7 Gaussian blur,
     the tokens over 1 - mass of the ascending cumulative mass, 8-connected components of <= 2 tokens dropped.
     attn (N, h, w) head-averaged [CLS] attention -> bool (N, h, w)."""
-    from scipy import ndimage
     a = TF.gaussian_blur(attn.float()[:, None], [7, 7], [sigma, sigma]).flatten(1)
     values, order = a.sort(dim=1)
     keep = torch.zeros_like(a, dtype=torch.bool).scatter(1, order, (values / values.sum(1, keepdim=True)).cumsum(1)
@@ -1119,7 +1261,6 @@ def propagate_video(backbone, frames, first_mask, device="cpu", short_side=480, 
 
 
 def save_palette_png(path, mask, palette=None):
-    from PIL import Image
     img = Image.fromarray(mask.to(torch.uint8).numpy(), mode="P")
     if palette is None:
             palette = data.voc_palette()
@@ -1177,10 +1318,8 @@ def icl_episode(dataset, by_class, n, k, seed, task_induction=False, open_ended=
     (images, texts, the n classes, the query's class)."""
     eligible = sorted(c for c, idx in by_class.items() if len(idx) > k)
     if len(eligible) < n:
-        import data
         raise data.DataError(f"icl: {n}-way {k}-shot needs {n} classes with > {k} images, have {len(eligible)}")
     if open_ended and n > len(FROZEN_WORDS):
-        import data
         raise data.DataError(f"icl: open-ended {n}-way needs {n} nonsense words, Frozen's list has {len(FROZEN_WORDS)}")
     rng = random.Random(seed)
     classes = rng.sample(eligible, n)
@@ -1255,7 +1394,6 @@ def frozen_episodes(folder, ways, shots) -> list:
     public loaders of these files; not confirmed against the files here). Returns those dicts."""
     files = sorted(glob.glob(os.path.join(folder, f"*_shots_{shots}_ways_{ways}_all_questions.json")))
     if not files:
-        import data
         raise data.DataError(f"{folder}: no *_shots_{shots}_ways_{ways}_all_questions.json (Frozen's episode files)")
     with open(files[0]) as f:
         return json.load(f)
@@ -1267,7 +1405,6 @@ def icl_frozen(generate, folder, ways=(2, 5), shots=(1, 3, 5), task_induction=(F
     followed by " This is a" as the prompt (our assumption of Frozen's "Q: What is this? A: This is a"),
     "Answer with a or b." (names read off the captions) before it with task induction, the support
     repeated as in `icl`. Keys "frozen/2way_1shot" and the rest as in `icl`. episodes: the first so many."""
-    import data
     out = {}
     for n in ([ways] if isinstance(ways, int) else ways):
         for k in ([shots] if isinstance(shots, int) else shots):
@@ -1317,7 +1454,6 @@ def named_folder(folder, class_names=None):
     """data.ImageFolder whose classes are the names an episode writes: through class_names (a wnid file,
     read_class_names), else the folder names as words ("checkered_box" -> "checkered box", as a folder
     "house_finch" holds house finches: an LM reads and writes words, not file names)."""
-    import data
     real = data.ImageFolder(folder)
     if class_names:
         mapping = read_class_names(class_names)
@@ -1350,8 +1486,6 @@ def run_icl(generate, folder=None, ways=(2, 5), shots=(1, 3, 5), episodes=100, s
 def icl_picture(generate, dataset, path, ways=3, shots=1, seed=0, size=96) -> tuple:
     """One `icl` episode answered by generate, drawn as a strip: each support image with its caption
     over it, then the query with the answer. Returns (answer, the query's true name)."""
-    import data
-    from PIL import Image
     n = min(ways, len(dataset.classes))
     images, texts, _, target = icl_episode(dataset, _by_class(dataset), n, shots, f"icl-picture-{seed}")
     answer = generate(images, texts)
@@ -1411,34 +1545,6 @@ def mask_overlap(masks) -> float:
     ious = [((m[:, i] * m[:, j]).sum(-1) / ((m[:, i] + m[:, j]).clamp(max=1).sum(-1)).clamp(min=1)).mean()
             for i in range(k) for j in range(i + 1, k)]
     return float(torch.stack(ious).mean()) if ious else 0.0
-
-
-@torch.no_grad()
-def tracking_picture(track, backbone, clip, path, heads=(0, 1, 2)) -> tuple:
-    """DoRA's tracker (dora.track, passed in) on clip (T, 3, H, W) normalised -> a png (columns: frames; rows
-    named in it). Returns the tracked masks' mask_overlap without and with Sinkhorn-Knopp."""
-    heads = list(heads)[:3]
-    _, masks_plain, maps_plain, head_attn = track(backbone, clip[None], heads, use_sinkhorn=False)
-    _, masks, maps, _ = track(backbone, clip[None], heads, use_sinkhorn=True)
-
-    size = [max(192, s) for s in clip.shape[-2:]]  # small demo frames are enlarged to be seen
-
-    def rgb(x):  # (1, k, T, h, w) -> (T, 3, H, W): object i in colour channel i, each map min-max scaled
-        x = x[0].float()
-        low, high = x.flatten(2).amin(-1)[..., None, None], x.flatten(2).amax(-1)[..., None, None]
-        x = torch.cat([(x - low) / (high - low).clamp(min=1e-8), x.new_zeros(3 - x.shape[0], *x.shape[1:])])
-        return F.interpolate(x.transpose(0, 1), size=size, mode="nearest").cpu()
-
-    mean, std = (torch.tensor(v, device=clip.device)[:, None, None] for v in (MEAN, STD))
-    frames = F.interpolate((clip * std + mean).clamp(0, 1), size=size, mode="bilinear").cpu()
-    rows = [frames, rgb(head_attn), rgb(maps_plain), rgb(maps), 0.4 * frames + 0.6 * rgb(masks)]
-    objects = ", ".join(f"{c} = head {h}" for c, h in zip("RGB", heads))
-    data.labelled_grid([list(r) for r in rows], path, f"DoRA's tracker on a clip of {len(clip)} frames (columns): "
-                       f"one object a chosen head, one colour channel an object ({objects})",
-                       ["frame", "[CLS] attention\nof the heads", "object attention\nwithout\nSinkhorn-Knopp",
-                        "object attention\nwith\nSinkhorn-Knopp", "tracked masks\n(with SK)\nover the frame"],
-                       [f"frame {t}" for t in range(len(clip))])
-    return mask_overlap(masks_plain), mask_overlap(masks)
 
 
 # ====== Video k-means (TimeT's unsupervised video segmentation): frame-, clip- and dataset-wise =====
@@ -1701,8 +1807,9 @@ BENCHES = ("knn", "linear", "linear-probes", "nmi", "seg-linear", "seg-cluster",
 def get_args(argv=None):
     p = argparse.ArgumentParser("evaluate.py: DINO-style benchmarks for a frozen backbone",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("bench", choices=BENCHES, help="which benchmark; suite = all on a synthetic-world root")
-    p.add_argument("--data", required=True, help="ImageFolder root with train/ val/ (knn, linear, icl: val/ only), "
+    p.add_argument("bench", choices=BENCHES, help="which benchmark; suite = all on a synthetic-world root; icl: "
+                   "secat.py --eval-only scores its checkpoints")
+    p.add_argument("--data", help="(required) ImageFolder root with train/ val/ (knn, linear), "
                    "VOC-layout root (seg-*), DAVIS-layout root (propagate, video-kmeans), videos (viz), synth root")
     p.add_argument("--ckpt", default=None, help="checkpoint of a method of this repo, or an official DINO one")
     p.add_argument("--arch", default="vit_small", help="vit_demo|vit_tiny|vit_small|vit_base|pixels, for "
@@ -1722,14 +1829,6 @@ def get_args(argv=None):
     p.add_argument("--probe-batch-size", type=int, help="linear: 1024 (DoRA 2048); linear-probes: 192 / 1024")
     p.add_argument("--restarts", type=int, default=5, help="seg-cluster: k-means restarts (best kept; Leopart: 5)")
     p.add_argument("--clip-frames", type=int, default=16, help="video-kmeans: frames per clip (TimeT: 16)")
-    p.add_argument("--episodes", type=int, default=100, help="icl episodes per (ways, shots)")
-    p.add_argument("--task-induction", nargs="?", const="with", default="both", choices=["without", "with", "both"],
-                   help="icl: 'Answer with a or b.' before the question; default: report without and with")
-    p.add_argument("--repeats", type=int, nargs="+", default=[0], help="icl: extra times the support is shown (Frozen)")
-    p.add_argument("--class-names", default=None, help="icl: file mapping wnid folders to names (JSON, or "
-                   "ImageNet's LOC_synset_mapping.txt lines 'n01532829 house finch, linnet')")
-    p.add_argument("--frozen", nargs="+", default=[], help="icl: folders of Frozen's released episodes "
-                   "(open_ended_mi, real_name_mi from https://fh295.github.io/frozen.html), evaluated as released")
     p.add_argument("--max-videos", type=int, default=3, help="viz: pictures for this many videos")
     p.add_argument("--frames", type=int, default=8, help="viz: frames per video")
     p.add_argument("--output-dir", default="runs/eval", help="propagate: palette PNGs; viz: pictures")
@@ -1747,13 +1846,25 @@ def get_args(argv=None):
                    "(official); default: the evaluated backbone's attention")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    args, unknown = p.parse_known_args(argv)  # icl: any old flags still reach the pointer to secat.py
+    if args.bench != "icl" and (unknown or args.data is None):
+        p.error(f"unrecognized arguments: {' '.join(unknown)}" if unknown else "the following arguments are required: "
+                "--data")
     if args.k is not None and args.k < 2:  # a k-means of one cluster scores nothing (NaN)
         p.error(f"--k {args.k}: video-kmeans needs at least 2 clusters")
     return args
 
 
 def main(args):
+    if args.bench == "icl":  # answering needs the method's language model: secat.py scores its own checkpoints
+        if not args.ckpt:
+            raise data.DataError("icl: needs --ckpt, a secat.py checkpoint (secat.py --eval-only scores it)")
+        state = data.load_checkpoint(args.ckpt, flag="--ckpt")
+        if state.get("method") == "secat":
+            raise data.DataError(f"--ckpt {args.ckpt}: a SeCAt checkpoint; score it with: python secat.py --eval-only "
+                                 f"{args.ckpt} --eval-data DIR")
+        raise data.CheckpointError(f"--ckpt {args.ckpt}: holds {data.describe_checkpoint(state)}; icl needs a "
+                                   "checkpoint of a method with a language model (secat.py)")
     torch.manual_seed(args.seed)  # --random-init draws its weights from this seed
     backbone = load_backbone(args.ckpt, args.arch, args.patch_size, args.random_init).to(args.device)
     for param in backbone.parameters():
@@ -1794,16 +1905,6 @@ def main(args):
         results = video_kmeans_miou(backbone, args.data, size or 224, device, args.clip_frames, world, modes=args.mode,
                                     k=args.k, many_to_one=args.many_to_one, sampling=args.sampling, seed=args.seed,
                                     split_file=os.path.join(args.output_dir, "ytvos_split.json"))
-    elif args.bench == "icl":  # the checkpoint's module turns it into a generate(images, texts) -> str
-        state = data.load_checkpoint(args.ckpt, flag="--ckpt")
-        module = importlib.import_module(state["method"]) if "method" in state else None
-        if not hasattr(module, "build_generator"):
-            raise data.CheckpointError(f"--ckpt {args.ckpt}: holds {data.describe_checkpoint(state)}; icl needs a "
-                                       "checkpoint of a method with a language model (secat.py)")
-        folder = os.path.join(args.data, "val") if os.path.isdir(os.path.join(args.data, "val")) else args.data
-        ti = {"without": False, "with": True, "both": (False, True)}[args.task_induction]
-        results = run_icl(module.build_generator(state, device), folder, episodes=args.episodes, seed=args.seed,
-                          class_names=args.class_names, task_induction=ti, repeats=args.repeats, frozen=args.frozen)
     elif args.bench == "viz":
         paths = []
         for i, video in enumerate(data.find_videos(args.data)[:args.max_videos]):
