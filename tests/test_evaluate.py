@@ -348,7 +348,7 @@ def test_icl_on_the_command_line_points_a_secat_checkpoint_to_secat_py(tmp_path,
                tmp_path / "secat.pth")
     torch.save({"method": "dora", "args": {"arch": "vit_demo", "patch_size": 8}, "model": {}}, tmp_path / "dora.pth")
     ckpt = str(tmp_path / "secat.pth")
-    for argv in (["icl", "--ckpt", ckpt], ["icl", "--ckpt", ckpt, "--data", "d", "--episodes", "5"]):
+    for argv in (["icl", "--ckpt", ckpt], ["icl", "--ckpt", ckpt, "--data", "d"]):
         with pytest.raises(SystemExit) as e:
             data.cli(E.main, E.get_args, argv)
         assert e.value.code == 1 and capsys.readouterr().err == (
@@ -356,8 +356,8 @@ def test_icl_on_the_command_line_points_a_secat_checkpoint_to_secat_py(tmp_path,
             "--eval-data DIR\n")
     with pytest.raises(data.CheckpointError, match="a dora.py checkpoint .*icl needs .*language model"):
         E.main(E.get_args(["icl", "--ckpt", str(tmp_path / "dora.pth")]))
-    with pytest.raises(SystemExit):  # other benchmarks still need --data and known flags
-        E.get_args(["knn", "--ckpt", ckpt, "--data", "d", "--episodes", "5"])
+    with pytest.raises(SystemExit):  # the other benchmarks need --data
+        E.get_args(["knn", "--ckpt", ckpt])
 
 
 def test_icl_answer_normalisation():
@@ -452,12 +452,6 @@ def test_viz_writes_grid_and_gif(tmp_path, grids):
     assert gif.n_frames == 3 and grids[1]["sizes"] == [[(40, 32)] * 4] and grids[1]["col_names"][0] == "frame 0"
     paths = E.viz(E.RawPixels(8), frames, str(tmp_path), name="pix", ks=(2,))  # no attention row
     assert grids[4]["sizes"] == [[(40, 32)] * 3] * 2 and grids[4]["row_names"][0] == "frame"
-
-
-def test_mask_overlap_is_the_mean_pairwise_iou():
-    masks = torch.zeros(1, 2, 1, 2, 2)
-    masks[0, 0, 0, 0] = masks[0, 1, 0, :, 0] = 1  # a row and a column of a 2 x 2 grid: IoU 1/3
-    assert E.mask_overlap(masks) == pytest.approx(1 / 3)
 
 
 def test_save_cluster_maps_columns(tmp_path, grids):
