@@ -398,9 +398,10 @@ def test_repo_checkpoints_are_built_from_their_stored_args(tmp_path):
     (another checkpoint's backbone, or its demo's own conv net), from the `backbone.` keys of its model."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)
-    for method, args, net in [("sinkhorn", {"arch": "vit_demo", "patch_size": 8}, vit_demo(8)),
+    dora_args = {"arch": "vit_demo", "patch_size": 8}
+    for method, args, net in [("sinkhorn", dora_args, vit_demo(8)),
                               ("sinkhorn", {"arch": "convnet_demo"}, E.build_arch("convnet_demo")),
-                              ("secat", {"encoder_method": "dora", "encoder_args": {"arch": "vit_demo", "patch_size": 8},
+                              ("secat", {"encoder_method": "dora", "encoder_args": dora_args,
                                          "encoder_arch": "vit_small", "patch_size": 16}, vit_demo(8)),
                               ("secat", {"encoder_arch": "convnet_demo", "patch_size": 16},
                                E.stored_backbone("secat", {"encoder_arch": "convnet_demo"}))]:
