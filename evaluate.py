@@ -4,19 +4,19 @@ One shared implementation, so that every method of this repo (and the official D
 is measured the same way, as the papers' official evaluation code measures it: PROTOCOLS (below) names the
 official script each benchmark follows and what differs, and every JSON printed carries it.
   ImageNet-style, CIFAR, SVHN: knn, linear, linear-probes, nmi.   VOC, ADE20K, COCO: seg-linear, seg-fcn, seg-cluster.
-  DAVIS: propagate, video-kmeans.    YouTube-VOS: video-kmeans.    Frozen / SeCAt: icl.      Pictures: viz.
+  DAVIS: propagate, video-kmeans.    YouTube-VOS: video-kmeans.    Pictures: viz.    Frozen's icl: run_icl (secat.py).
   unsup-seg (VOC; unsupervised_segmentation, which leopart.py calls): Leopart's CBFE + Infomap community detection.
 All scores are percentages (accuracy, mIoU, J, F, NMI). The last line printed is one JSON object.
 
 Sections (in file order; each opens with a "# ====== <name>" line):
-  backbones           build_arch, load_backbone: released weights (DINO, DoRA, Leopart, TimeT, SeLa), repo checkpoints
+  backbones           its own DINO ViT and SeLa's conv nets; load_backbone: released weights, repo checkpoints
   transforms          normalisation and feature extraction ([CLS] and patch tokens, cached)
   classification      k-NN (DINO's, SeLa's), linear probes (cached, DINO's crops on the fly, SeLa's per layer)
   clustering          faiss_kmeans (torch), kmeans, match_clusters (Hungarian on IoU), mIoU, NMI, aNMI, ARI
   segmentation probes seg-linear (Leopart's recipe, or cached tokens), seg-fcn, seg-cluster on patch tokens
   unsupervised seg.   Leopart's CBFE + CD (Infomap community detection), the attention foregrounds
   DAVIS               J, F and label propagation
-  in-context          icl: Frozen's open-ended episodes (drawn or as released), task induction, repeats
+  in-context          Frozen's open-ended episodes (drawn or as released), task induction, repeats
   pictures            attention maps, k-means overlays, GIFs
   video k-means       TimeT's frame-, clip- and dataset-wise video segmentation (DAVIS, YouTube-VOS)
   runners, CLI        dataset-level runners shared by the CLI and run_suite; the command line
@@ -26,13 +26,11 @@ Sections (in file order; each opens with a "# ====== <name>" line):
   python evaluate.py propagate    --ckpt ... --data /data/DAVIS --output-dir runs/davis
   python evaluate.py video-kmeans --ckpt ... --data /data/youtube-vos/train --mode frame --k 10 --sampling timet
   python evaluate.py unsup-seg    --ckpt ... --data /data/VOCdevkit/VOC2012 --attention <folder of attn_dino_*.pt>
-  python evaluate.py suite        --random-init --arch vit_demo --patch-size 8 --data runs/synth
-  python evaluate.py suite        --arch pixels --patch-size 8 --data runs/synth    (raw-pixel floor)
+  python evaluate.py suite        --arch vit_demo --random-init --patch-size 8 --data runs/synth  (or --arch pixels)
 """
 import argparse
 import functools
 import glob
-import importlib
 import itertools
 import json
 import math
@@ -47,22 +45,158 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from einops import rearrange
+from PIL import Image
+from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
 import data
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-METHOD_MODULES = ("dora", "leopart", "timetuning", "sinkhorn")  # searched for a ViT definition
-VIT_ARCHS = {}  # arch name -> constructor(patch_size=...); filled from a method module (or a test)
 
 
-# ====== Backbones ===================================================================================
+# ====== Backbones: DINO's ViT, SeLa's conv nets, raw pixels ===========================================
+# This file's own ViT (so that it imports no method file) under DINO's parameter names: DINO's releases and every
+# ViT of this repo load into it; the conv nets under sinkhorn.py's names.
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5
+        self.qkv, self.proj = nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
+
+    def _qkv(self, x):  # (B, N, D) -> (3, B, heads, N, D / heads)
+        return rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+
+    def forward(self, x):  # (B, N, D) -> (B, N, D), the fused kernel
+        return self.proj(rearrange(F.scaled_dot_product_attention(*self._qkv(x)), "b h n d -> b n (h d)"))
+
+    def weights(self, x):  # (B, N, D) -> softmax attention (B, heads, N, N), for pictures
+        q, k, _ = self._qkv(x)
+        return (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, num_heads)
+        hidden = int(dim * mlp_ratio)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), nn.Sequential(OrderedDict(
+            fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))  # DINO's Mlp's names
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """DINO's ViT, built and initialised in the method files' order (one seed, the same weights)."""
+
+    def __init__(self, patch_size=16, embed_dim=384, depth=12, num_heads=6, img_size=224):
+        super().__init__()
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.patch_embed = nn.Module()
+        self.patch_embed.patch_size = patch_size
+        self.patch_embed.proj = nn.Conv2d(3, embed_dim, patch_size, patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, (img_size // patch_size) ** 2 + 1, embed_dim))
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def prepare_tokens(self, x):  # (B, 3, H, W) -> (B, 1+N, D); DINO's bicubic resize of the positions (+0.1)
+        B, _, H, W = x.shape
+        p, n = self.patch_embed.patch_size, self.pos_embed.shape[1] - 1
+        x, pos = self.patch_embed.proj(x).flatten(2).transpose(1, 2), self.pos_embed
+        if x.shape[1] != n or H != W:
+            side = int(math.sqrt(n))
+            grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+            grid = F.interpolate(grid, scale_factor=((H // p + 0.1) / side, (W // p + 0.1) / side), mode="bicubic")
+            pos = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, self.embed_dim)], dim=1)
+        return torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + pos
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, D)
+        return self.get_intermediate_layers(x, 1)[0][:, 0]
+
+    def get_intermediate_layers(self, x, n: int = 1):  # -> n x (B, 1+N, D), each normed
+        x, out = self.prepare_tokens(x), []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i >= len(self.blocks) - n:
+                out.append(self.norm(x))
+        return out
+
+    def get_last_selfattention(self, x):  # -> (B, heads, 1+N, 1+N)
+        x = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        return self.blocks[-1].attn.weights(self.blocks[-1].norm1(x))
+
+
+VIT_SIZES = {"vit_demo": (192, 4, 3), "vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6),
+             "vit_base": (768, 12, 12)}  # (width, blocks, heads) as in the method files
+
+
+class ConvBackbone(nn.Module):
+    """sinkhorn.py's: a conv trunk (B, 3, H, W) -> (B, C, h, w), an optional MLP on the map max-pooled to 6 x 6.
+    forward -> (B, out_dim); get_intermediate_layers -> [(B, 1+h*w, C)], the mean token in the [CLS] slot."""
+
+    def __init__(self, trunk, stride, map_dim, mlp=None, out_dim=None):
+        super().__init__()
+        self.trunk, self.mlp = trunk, mlp
+        self.patch_embed = nn.Module()
+        self.patch_embed.patch_size = stride
+        self.embed_dim, self.out_dim = map_dim, out_dim or map_dim
+
+    def forward(self, x):
+        fmap = self.trunk(x)
+        return fmap.mean(dim=(2, 3)) if self.mlp is None else self.mlp(F.adaptive_max_pool2d(fmap, 6).flatten(1))
+
+    def get_intermediate_layers(self, x, n=1):  # one conv stage only, whatever n
+        tokens = self.trunk(x).flatten(2).transpose(1, 2)
+        return [torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1)]
+
+
+def conv_stages(widths) -> list:  # conv 3x3 + BN + ReLU per width, a 2x2 max-pool between stages
+    layers, c = [], 3
+    for i, w in enumerate(widths):
+        layers += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(True)]
+        layers += [nn.MaxPool2d(2)] if i < len(widths) - 1 else []
+        c = w
+    return layers
+
+
+@torch.no_grad()
+def alexnet_bn() -> ConvBackbone:
+    """SeLa's AlexNet with BN (RGB input), fc7 (4096) as output; its init (models/alexnet.py): conv weights
+    N(0, sqrt(2 / (k * k * out))) a channel at a time, linear weights N(0, 0.01), biases 0."""
+    layers, c = [], 3
+    for v in [(96, 11, 4, 2), "M", (256, 5, 1, 2), "M", (384, 3, 1, 1), (384, 3, 1, 1), (256, 3, 1, 1), "M"]:
+        layers += [nn.MaxPool2d(3, 2)] if v == "M" else [nn.Conv2d(c, *v), nn.BatchNorm2d(v[0]), nn.ReLU(True)]
+        c = c if v == "M" else v[0]
+    mlp = nn.Sequential(nn.Dropout(0.5), nn.Linear(256 * 6 * 6, 4096), nn.ReLU(True), nn.Dropout(0.5),
+                        nn.Linear(4096, 4096), nn.ReLU(True))
+    net = ConvBackbone(nn.Sequential(*layers), stride=32, map_dim=256, mlp=mlp, out_dim=4096)
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            for w in m.weight:  # one draw per output channel, as the official loop
+                w.normal_(0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
+        elif isinstance(m, nn.Linear):
+            m.weight.normal_(0, 0.01)
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.bias.zero_()
+    return net
+
+
 class RawPixels(nn.Module):
-    """The floor: patchified, normalised RGB as 'features' with DINO's interface.
-    Patch tokens are the 3*p*p pixel values of a patch; the [CLS] slot holds their mean."""
+    """The floor, with DINO's interface: a patch token is the patch's 3*p*p normalised values, the [CLS] their mean."""
 
     def __init__(self, patch_size: int = 16):
         super().__init__()
@@ -78,29 +212,32 @@ class RawPixels(nn.Module):
         return self.get_intermediate_layers(x)[0][:, 0]
 
 
-def vit_archs() -> dict:
-    """ViT constructors: VIT_ARCHS if set, else those of the first method module defining vit_small/vit_base."""
-    if not VIT_ARCHS:
-        for name in METHOD_MODULES:
-            try:
-                module = importlib.import_module(name)
-            except ImportError:
-                continue
-            if hasattr(module, "vit_small") and hasattr(module, "vit_base"):
-                VIT_ARCHS.update({a: getattr(module, a) for a in ("vit_demo", "vit_tiny", "vit_small", "vit_base")
-                                  if hasattr(module, a)})
-                break
-    return VIT_ARCHS
+def build_arch(arch: str, patch_size: int = 16) -> nn.Module:
+    """A fresh backbone: a ViT of VIT_SIZES, sinkhorn.py's alexnet / resnet18 / resnet50 / convnet_demo, or pixels."""
+    if arch in VIT_SIZES:
+        return VisionTransformer(patch_size, *VIT_SIZES[arch])
+    if arch in ("resnet18", "resnet50"):  # torchvision's, without avgpool and fc
+        net = getattr(torchvision.models, arch)(weights=None)  # never downloads
+        return ConvBackbone(nn.Sequential(*list(net.children())[:-2]), stride=32, map_dim=net.fc.in_features)
+    if arch == "convnet_demo":  # sinkhorn.py's CPU demo: 4 stages, stride 8
+        return ConvBackbone(nn.Sequential(*conv_stages((64, 128, 256, 256))), stride=8, map_dim=256)
+    if arch in ("alexnet", "pixels"):
+        return alexnet_bn() if arch == "alexnet" else RawPixels(patch_size)
+    raise data.DataError(f"--arch {arch}: unknown; available: "
+                         f"{sorted(VIT_SIZES) + ['pixels', 'alexnet', 'resnet18', 'resnet50', 'convnet_demo']}")
 
 
-def build_arch(arch: str, patch_size: int) -> nn.Module:
-    if arch == "pixels":
-        return RawPixels(patch_size)
-    archs = vit_archs()
-    if arch not in archs:
-        raise data.DataError(f"--arch {arch}: unknown; available: {sorted(archs) + ['pixels']} "
-                         f"(ViTs come from the first importable of {METHOD_MODULES})")
-    return archs[arch](patch_size=patch_size)
+def stored_backbone(method: str, args: dict) -> nn.Module:
+    """A fresh backbone from a repo checkpoint's stored args (arch, patch_size); secat.py's: its frozen encoder
+    (another checkpoint's backbone, a ViT, or its demo's conv net, average-pooled)."""
+    if method == "secat" and args.get("encoder_method"):
+        return stored_backbone(args["encoder_method"], args["encoder_args"])
+    if method == "secat" and args["encoder_arch"] == "convnet_demo":
+        net = nn.Sequential(*conv_stages((32, 64, 128, 128)), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        net.out_dim = 128
+        return net
+    arch = args["encoder_arch"] if method == "secat" else args["arch"]
+    return build_arch(arch, args.get("patch_size", 16))
 
 
 def conv_weights(weights: dict) -> tuple:
@@ -115,22 +252,23 @@ def conv_weights(weights: dict) -> tuple:
 
 
 def load_backbone(ckpt=None, arch="vit_small", patch_size=16, random_init=False) -> nn.Module:
-    """A frozen backbone in eval mode. A ckpt of this repo (has "method") is built by its method's
-    build_backbone and loads the `backbone.` keys of its teacher (else model); SeLa's AlexNet or a ResNet is built by
-    sinkhorn.py; any other release is a ViT of arch / patch_size (data.load_pretrained). random_init: no loading."""
+    """A frozen backbone in eval mode. A ckpt of this repo (has "method") is built from its stored args
+    (stored_backbone) and loads the `backbone.` keys of its teacher (else model); SeLa's AlexNet or a torchvision
+    ResNet loads under sinkhorn.py's names; any other release is a ViT of arch / patch_size (data.load_pretrained).
+    random_init: no loading."""
     if ckpt is None:
         if not random_init and arch != "pixels":
             raise data.DataError("no --ckpt given: pass one, or --random-init (or --arch pixels) for a floor")
         return build_arch(arch, patch_size).eval()
     state = data.load_checkpoint(ckpt, flag="--ckpt")  # one line for a missing, empty or damaged file
     if "method" in state:
-        net = importlib.import_module(state["method"]).build_backbone(state["args"])
+        net = stored_backbone(state["method"], state["args"])
         if not random_init:
             weights = state.get("teacher") or state["model"]
             net.load_state_dict({k[len("backbone."):]: v for k, v in weights.items() if k.startswith("backbone.")})
         return net.eval()
-    conv, weights = conv_weights(data.backbone_weights(state)[1])  # SeLa's AlexNet, a ResNet: sinkhorn.py's
-    net = importlib.import_module("sinkhorn").build_backbone({"arch": conv}) if conv else build_arch(arch, patch_size)
+    conv, weights = conv_weights(data.backbone_weights(state)[1])  # SeLa's AlexNet, a ResNet: sinkhorn.py's names
+    net = build_arch(conv or arch, patch_size)
     if not random_init and not conv:
         data.load_pretrained(net, ckpt, flag="--ckpt")
     elif not random_init and [k for k in net.load_state_dict(weights, strict=False).missing_keys  # older torch: no
@@ -190,8 +328,7 @@ def extract(backbone, loader, device, n_last_blocks=1, patch_tokens=False):
     as DINO's eval_knn.py takes it), or with patch_tokens the last block's patch tokens (N, D, h, w) float16."""
     feats, targets = [], []
     for images, y in loader:
-        x = images.to(device)
-        vit = patch_tokens or hasattr(backbone, "blocks")
+        x, vit = images.to(device), patch_tokens or hasattr(backbone, "blocks")
         layers = backbone.get_intermediate_layers(x, n_last_blocks) if vit else [backbone(x)[:, None]]
         if patch_tokens:
             h, w = token_grid(layers[-1].shape[1] - 1, *images.shape[-2:])
@@ -208,13 +345,10 @@ def knn(train_features, train_labels, test_features, test_labels, ks=(10, 20, 10
         chunk=256) -> dict:
     """DINO's weighted k-NN: the k most cosine-similar train samples vote with weight exp(sim / T).
     features (N, D) any scale (L2-normalised here). Returns {"knn/k20/top1": %, "knn/k20/top5": %, ...}."""
-    train = F.normalize(train_features.float(), dim=1)
-    test = F.normalize(test_features.float(), dim=1)
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    out = {}
+    train, test = F.normalize(train_features.float(), dim=1), F.normalize(test_features.float(), dim=1)
+    num_classes, out = int(max(train_labels.max(), test_labels.max())) + 1, {}
     for k in ks:
-        kk = min(k, len(train))
-        top1 = top5 = 0
+        kk, top1, top5 = min(k, len(train)), 0, 0
         for i in range(0, len(test), chunk):
             sim, idx = (test[i:i + chunk] @ train.T).topk(kk, dim=1)
             votes = torch.zeros(len(sim), num_classes, device=sim.device)
@@ -223,8 +357,7 @@ def knn(train_features, train_labels, test_features, test_labels, ks=(10, 20, 10
             hit = ranked == test_labels[i:i + chunk, None]
             top1 += hit[:, :1].sum().item()
             top5 += hit[:, :min(5, kk)].sum().item()  # DINO: top-5 counts min(5, k) guesses
-        out[f"knn/k{k}/top1"] = 100 * top1 / len(test)
-        out[f"knn/k{k}/top5"] = 100 * top5 / len(test)
+        out[f"knn/k{k}/top1"], out[f"knn/k{k}/top5"] = 100 * top1 / len(test), 100 * top5 / len(test)
     return out
 
 
@@ -359,10 +492,8 @@ def _assign(x, centroids, spherical, chunk=65536):
     c_sq = (centroids * centroids).sum(1)
     scores, labels = [], []
     for xb in x.split(chunk):
-        if spherical:
-            s, a = (xb @ centroids.T).max(1)
-        else:
-            s, a = ((xb * xb).sum(1, keepdim=True) - 2 * (xb @ centroids.T) + c_sq).min(1)
+        s, a = ((xb @ centroids.T).max(1) if spherical
+                else ((xb * xb).sum(1, keepdim=True) - 2 * (xb @ centroids.T) + c_sq).min(1))
         scores.append(s)
         labels.append(a)
     return torch.cat(scores), torch.cat(labels)
@@ -385,18 +516,14 @@ def _kmeans_pp(x, k, g):
 def kmeans(x, k, iters=100, restarts=3, seed=0, tol=1e-4):
     """Lloyd's k-means on x's device, k-means++ init, best of `restarts` (secat.py's, viz's; the official
     protocols use faiss_kmeans). x (N, D) -> (labels (N,) int64, centroids (k, D))."""
-    x = x.float()
-    k = min(k, len(x))
-    g = torch.Generator(device=x.device).manual_seed(seed)
-    best = None
+    x, k = x.float(), min(k, len(x))
+    g, best = torch.Generator(device=x.device).manual_seed(seed), None
     for _ in range(restarts):
-        centroids = _kmeans_pp(x, k, g)
-        previous = float("inf")
+        centroids, previous = _kmeans_pp(x, k, g), float("inf")
         for _ in range(iters):
             dists, labels = _assign(x, centroids, False, chunk=16384)
             dists = dists.clamp_min(0)
-            inertia = dists.sum().item()
-            counts = torch.bincount(labels, minlength=k)
+            inertia, counts = dists.sum().item(), torch.bincount(labels, minlength=k)
             centroids = torch.zeros_like(centroids).index_add_(0, labels, x) / counts.clamp_min(1)[:, None].float()
             empty = (counts == 0).nonzero().flatten()
             if len(empty):  # re-seed empty clusters at the worst-fitted points
@@ -537,8 +664,7 @@ def seg_linear(train_features, train_masks, val_features, val_masks, num_classes
 def seg_augment(img, mask, size: int, scale=(0.8, 1.0)):
     """Leopart's linear_finetuning_transforms: one RandomResizedCrop (scale 0.8-1) of the image (bilinear) and mask
     (PIL's nearest) to size, a flip with p 0.5. uint8 (3, H, W), (H, W) -> normalised (3, S, S), uint8 (S, S)."""
-    import torchvision.transforms as T1
-    top, left, h, w = T1.RandomResizedCrop.get_params(img, list(scale), [3 / 4, 4 / 3])
+    top, left, h, w = torchvision.transforms.RandomResizedCrop.get_params(img, list(scale), [3 / 4, 4 / 3])
     img = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
     mask = TF.resized_crop(mask[None].byte(), top, left, h, w, [size, size], TF.InterpolationMode.NEAREST_EXACT)
     flip = torch.rand(()) < 0.5
@@ -652,17 +778,12 @@ def seg_cluster(features, masks, num_classes, ks=(100, 300, 500), restarts=5, se
 # ====== Fully unsupervised segmentation (Leopart, Ziegler & Asano, CVPR 2022, Sec. 4.4) ============
 @torch.no_grad()
 def dense_features(backbone, images, batch_size=32):
-    """images (N, 3, S, S) normalised -> last-block patch tokens (N, h, w, D), head-averaged [CLS]
-    attention (N, h, w); one pass where the ViT has leopart.py's forward_tokens."""
-    p = patch_size_of(backbone)
-    device = next(backbone.parameters()).device
+    """images (N, 3, S, S) normalised -> last-block patch tokens (N, h, w, D), mean [CLS] attention (N, h, w)."""
+    p, device = patch_size_of(backbone), next(backbone.parameters()).device
     tokens, attns = [], []
     for x in images.split(batch_size):
         h, w, x = x.shape[-2] // p, x.shape[-1] // p, x.to(device)
-        if hasattr(backbone, "forward_tokens"):
-            t, a = backbone.forward_tokens(x, return_attention=True)
-        else:
-            t, a = backbone.get_intermediate_layers(x, 1)[0], backbone.get_last_selfattention(x)
+        t, a = backbone.get_intermediate_layers(x, 1)[0], backbone.get_last_selfattention(x)
         tokens.append(rearrange(t[:, 1:], "b (h w) d -> b h w d", h=h, w=w).float().cpu())
         attns.append(rearrange(a[:, :, 0, 1:].mean(1), "b (h w) -> b h w", h=h, w=w).float().cpu())
     return torch.cat(tokens), torch.cat(attns)
@@ -694,8 +815,7 @@ def faiss_kmeans(x, k, niter=100, nredo=5, seed=1, spherical=False, copies=None,
     Trains on a random k * 256 rows, each run from k random rows, niter Lloyd steps (an empty cluster
     splits a big one, faiss split_clusters), best objective kept; spherical: unit centroids, inner product.
     copies (N,): row i stands for that many equal rows (a token's pixels). x (N, D) -> (labels, centroids)."""
-    x = x.float()
-    g = torch.Generator().manual_seed(seed)
+    x, g = x.float(), torch.Generator().manual_seed(seed)
     copies = torch.ones(len(x), dtype=torch.long, device="cpu") if copies is None else copies.long().cpu()
     total, cap = int(copies.sum()), k * max_points_per_centroid
     rows = torch.arange(total) if total <= cap else torch.randperm(total, generator=g)[:cap]  # g draws on the CPU
@@ -706,12 +826,10 @@ def faiss_kmeans(x, k, niter=100, nredo=5, seed=1, spherical=False, copies=None,
     best = None
     for _ in range(nredo):
         centroids = train[torch.randperm(n, generator=g)[:k].to(x.device)].clone()
-        centroids = F.normalize(centroids, dim=1) if spherical else centroids
-        previous = None
+        centroids, previous = F.normalize(centroids, dim=1) if spherical else centroids, None
         for _ in range(niter):
             score, assign = _assign(train, centroids, spherical)
-            objective = score.double().sum().item()
-            counts = torch.bincount(assign, minlength=k)
+            objective, counts = score.double().sum().item(), torch.bincount(assign, minlength=k)
             if previous is not None and torch.equal(assign, previous) and bool((counts > 0).all()):
                 break  # a fixed point with no empty cluster: the remaining iterations would change nothing
             previous = assign
@@ -748,8 +866,7 @@ def cooccurrence(clusters, n, offsets=None, chunk=64):
     total, appear = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     for c in clusters.long().split(chunk):
         B, H, W = c.shape
-        base = torch.arange(B)[:, None, None] * n * n
-        counts = torch.zeros(B * n * n, dtype=torch.float64)
+        base, counts = torch.arange(B)[:, None, None] * n * n, torch.zeros(B * n * n, dtype=torch.float64)
         for dy, dx in offsets:
             a = c[:, max(0, -dy):H - max(0, dy), max(0, -dx):W - max(0, dx)]
             b = c[:, max(0, dy):H - max(0, -dy), max(0, dx):W - max(0, -dx)]
@@ -770,7 +887,7 @@ def infomap_communities(co, edge_threshold=0.09, markov_time=2.0, modules=20, se
              if co[i, j] >= edge_threshold and co[j, i] >= edge_threshold]
     im = Infomap(directed=False, two_level=True, seed=seed, markov_time=markov_time, silent=True,
                  preferred_number_of_modules=modules)
-    if not links:  # infomap >= 2.x refuses an empty network (2.2.0's left every node unlinked)
+    if not links:  # infomap >= 2.x refuses an empty network
         return {}
     im.add_links(links)
     im.run()
@@ -813,8 +930,7 @@ def _cluster_precision(clusters, noisy_fg, sizes, k) -> np.ndarray:
     """Leopart's get_cluster_precs: per cluster, the share of its pixels in the noisy foreground averaged
     over the images it occurs in (0 if none: the official asserts). clusters, noisy_fg (N, T), sizes (T,)."""
     N = len(clusters)
-    idx = (torch.arange(N)[:, None] * k + clusters).flatten()
-    w = sizes.repeat(N)
+    idx, w = (torch.arange(N)[:, None] * k + clusters).flatten(), sizes.repeat(N)
     hits = torch.bincount(idx, weights=w * noisy_fg.flatten(), minlength=N * k).reshape(N, k).numpy()
     size = torch.bincount(idx, weights=w, minlength=N * k).reshape(N, k).numpy()
     precision = np.divide(hits, size, out=np.zeros_like(hits), where=size > 0).sum(0)  # rows in image order
@@ -827,8 +943,7 @@ def cbfe_cd(tokens, noisy_fg, n_train, num_classes, train_masks=None, val_masks=
     255 = boundary. -> (val maps (N_val, S, S) of the first Infomap run, matched to classes; scores)."""
     N, h, w, D = tokens.shape
     T, E = h * w, eval_size
-    feats = standardise_and_pca(tokens.reshape(-1, D), pca_dim)
-    noisy_fg = noisy_fg.reshape(N, T)
+    feats, noisy_fg = standardise_and_pca(tokens.reshape(-1, D), pca_dim), noisy_fg.reshape(N, T)
     tok_e = torch.bincount(_pixel_tokens(h, w, E), minlength=T).double()  # pixels per token at E x E
     split = (slice(0, n_train), slice(n_train, N))
 
@@ -870,8 +985,7 @@ def cbfe_cd(tokens, noisy_fg, n_train, num_classes, train_masks=None, val_masks=
         full[fg] = ids
         return full.reshape(N, T)[s][:, _pixel_tokens(h, w, E)].reshape(-1, E, E)
 
-    fine = faiss_kmeans(feats[fg], k_community, seed=seed, copies=copies)[0]
-    val_gt = None
+    fine, val_gt = faiss_kmeans(feats[fg], k_community, seed=seed, copies=copies)[0], None
     if val_masks is not None:
         val_gt = resize_ids(val_masks, E)
         # CBFE alone (evaluate_cbfe): k-means with one cluster per object class, seeds 0..cbfe_runs-1
@@ -918,8 +1032,7 @@ def unsupervised_segmentation(backbone, train_images, val_images, num_classes, f
 
 def load_segmentation(root, split, size):
     """VOC-layout split -> images (N, 3, size, size) normalised, masks (N, size, size) by torchvision's nearest."""
-    ds = data.VOCSegmentation(root, split)
-    images, masks = [], []
+    ds, images, masks = data.VOCSegmentation(root, split), [], []
     for i in range(len(ds)):
         img, mask = ds[i]
         images.append(normalize(TF.resize(img, [size, size], antialias=True)))
@@ -945,7 +1058,6 @@ def attention_foreground(attn, mass=0.65, sigma=0.6):
     """Leopart's utils.process_attentions as fully_unsup_seg.py stores DINO's (threshold 0.65): 7x7 Gaussian blur,
     the tokens over 1 - mass of the ascending cumulative mass, 8-connected components of <= 2 tokens dropped.
     attn (N, h, w) head-averaged [CLS] attention -> bool (N, h, w)."""
-    from scipy import ndimage
     a = TF.gaussian_blur(attn.float()[:, None], [7, 7], [sigma, sigma]).flatten(1)
     values, order = a.sort(dim=1)
     keep = torch.zeros_like(a, dtype=torch.bool).scatter(1, order, (values / values.sum(1, keepdim=True)).cumsum(1)
@@ -961,10 +1073,9 @@ def saved_foreground(folder):
     fully_unsup_seg.py loads them), brought to the tokens' (h, w) by nearest interpolation as it does."""
     maps = []  # read before any feature is computed: a wrong folder fails at once
     for path in [os.path.join(folder, f"attn_dino_{split}.pt") for split in ("train", "val")]:
+        data._need(path, "file")
         try:
-            maps.append(torch.load(data._need(path, "file"), map_location="cpu", weights_only=True).float())
-        except data.DataError:
-            raise
+            maps.append(torch.load(path, map_location="cpu", weights_only=True).float())
         except Exception as e:  # pickle garbage, a truncated zip, a dict: all not a saved tensor to the user
             raise data.DataError(f"{path}: not a tensor saved by torch.save ({type(e).__name__})") from None
     maps = torch.cat([m.reshape(-1, 1, *m.shape[-2:]) for m in maps])
@@ -985,9 +1096,8 @@ def save_cluster_maps(backbone, images, masks, unsup_maps, num_classes, path, na
     images, masks, unsup_maps = images[:rows], masks[:rows], unsup_maps[:rows]
     tokens, _ = dense_features(backbone, images)
     N, h, w, D = tokens.shape
-    clusters = kmeans(F.normalize(tokens.reshape(-1, D), dim=1), num_classes, seed=0)[0].reshape(N, 1, h, w)
-    S = images.shape[-1]
-    clusters = resize_ids(clusters[:, 0], S)
+    clusters = resize_ids(kmeans(F.normalize(tokens.reshape(-1, D), dim=1), num_classes)[0].reshape(N, h, w),
+                          images.shape[-1])
     mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
     colour = lambda ids: palette[ids.clamp(0, len(palette) - 1).numpy()]  # noqa: E731  (H, W) -> (H, W, 3)
     tiles = [[((images[i] * std + mean).clamp(0, 1) * 255).byte(), colour(clusters[i] + 1), colour(unsup_maps[i]),
@@ -1061,8 +1171,7 @@ def _cv2_taps(src: int, dst: int) -> tuple:
 
 
 def cv2_resize(img, size) -> torch.Tensor:
-    """cv2.resize INTER_LINEAR (no antialiasing) in integers as cv2's SIMD path rounds: bit-exact against
-    opencv 4.10 and 5.0 when shrinking (upscaling: off by 1 on ~0.1 % of pixels). uint8 (C, H, W) -> (C, h, w)."""
+    """cv2.resize INTER_LINEAR (no antialiasing) in integers as cv2's SIMD path rounds. uint8 (C, H, W) -> (C, h, w)."""
     (x0, x1, a0, a1), (y0, y1, b0, b1) = _cv2_taps(img.shape[-1], size[1]), _cv2_taps(img.shape[-2], size[0])
     v = img.long()[..., x0] * a0 + img.long()[..., x1] * a1
     out = ((((v[..., y0, :] >> 4) * b0[:, None]) >> 16) + (((v[..., y1, :] >> 4) * b1[:, None]) >> 16) + 2) >> 2
@@ -1089,8 +1198,7 @@ def propagate_video(backbone, frames, first_mask, device="cpu", short_side=480, 
     # nearest-exact samples pixel centres like PIL's NEAREST, which DINO's read_seg uses
     small = F.interpolate(first_mask[None, None].float(), size=(h, w), mode="nearest-exact")[0, 0].long()
     first_seg = F.one_hot(small.flatten(), num_ids).T.float().to(device)  # (C, h*w)
-    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    yy, xx = yy.flatten(), xx.flatten()
+    yy, xx = (t.flatten() for t in torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"))
     window = ((yy[:, None] - yy[None]).abs() <= neighbourhood) & ((xx[:, None] - xx[None]).abs() <= neighbourhood)
     window = window.to(device).float()  # (queries, sources)
 
@@ -1098,8 +1206,7 @@ def propagate_video(backbone, frames, first_mask, device="cpu", short_side=480, 
         x = davis_frame(frames[t], (th, tw))[None].to(device)
         return F.normalize(backbone.get_intermediate_layers(x, 1)[0][0, 1:], dim=1)
 
-    first_feat, context = features(0), []
-    preds = [first_mask]
+    first_feat, context, preds = features(0), [], [first_mask]
     for t in range(1, T):
         feat = features(t)
         src_feats = torch.stack([first_feat] + [f for f, _ in context])  # (n, h*w, D)
@@ -1119,11 +1226,8 @@ def propagate_video(backbone, frames, first_mask, device="cpu", short_side=480, 
 
 
 def save_palette_png(path, mask, palette=None):
-    from PIL import Image
     img = Image.fromarray(mask.to(torch.uint8).numpy(), mode="P")
-    if palette is None:
-            palette = data.voc_palette()
-    img.putpalette(list(palette))
+    img.putpalette(list(data.voc_palette() if palette is None else palette))
     img.save(path)
 
 
@@ -1164,34 +1268,27 @@ def _by_class(dataset) -> dict:  # class -> indices of its images
     return by_class
 
 
-# Nonsense class words for the open-ended setting, by position in the episode: Frozen (Tsimpoukelli et al. 2021)
-# names "dax" and "blicket"; the other three are as we recall its 5-way files, not verified here
+# Frozen's (Tsimpoukelli et al. 2021) nonsense class words of the open-ended setting, by position in the episode
 FROZEN_WORDS = ("dax", "blicket", "slation", "perpo", "shously")
 
 
 def icl_episode(dataset, by_class, n, k, seed, task_induction=False, open_ended=False, repeats=0) -> tuple:
-    """One episode of `icl` from its seed (any hashable): n classes, k support images each in shuffled
-    order (the whole support shown 1 + repeats times: Frozen's "repeats"), then a query of one of them.
-    open_ended: the n classes are called FROZEN_WORDS[:n] instead of their names (Frozen's Open-Ended
-    miniImageNet, episode_names); task_induction: "Answer with a or b." before the question. Returns
-    (images, texts, the n classes, the query's class)."""
+    """One episode of `icl` from its seed (any hashable): n classes, k support images each in shuffled order (the
+    whole support shown 1 + repeats times: Frozen's "repeats"), then a query of one of them. open_ended: the n classes
+    are called FROZEN_WORDS[:n] (Frozen's Open-Ended miniImageNet, episode_names); task_induction: "Answer with a or
+    b." before the question. Returns (images, texts, the n classes, the query's class)."""
     eligible = sorted(c for c, idx in by_class.items() if len(idx) > k)
     if len(eligible) < n:
-        import data
         raise data.DataError(f"icl: {n}-way {k}-shot needs {n} classes with > {k} images, have {len(eligible)}")
     if open_ended and n > len(FROZEN_WORDS):
-        import data
         raise data.DataError(f"icl: open-ended {n}-way needs {n} nonsense words, Frozen's list has {len(FROZEN_WORDS)}")
     rng = random.Random(seed)
     classes = rng.sample(eligible, n)
-    names = episode_names(dataset, classes, open_ended)
-    target = rng.choice(classes)
+    names, target = episode_names(dataset, classes, open_ended), rng.choice(classes)
     picks = {c: rng.sample(by_class[c], k + (c == target)) for c in classes}
-    query = picks[target].pop()
-    support = [(i, c) for c in classes for i in picks[c]]
+    query, support = picks[target].pop(), [(i, c) for c in classes for i in picks[c]]
     rng.shuffle(support)
-    support = support * (1 + repeats)
-    prompt = "What is this? This is a"
+    support, prompt = support * (1 + repeats), "What is this? This is a"
     if task_induction:
         prompt = f"Answer with {' or '.join(names[c] for c in rng.sample(classes, n))}. " + prompt
     images = [dataset[i][0] for i, _ in support] + [dataset[query][0]]
@@ -1211,51 +1308,42 @@ def _icl_scores(key, answers, truths, context_names, n) -> dict:
             key + "_chance": 100 / n, key + "_in_context": 100 * in_context}
 
 
-def _settings(task_induction, repeats):  # (task induction?, repeats, key suffix) for every combination asked
-    tis = [task_induction] if isinstance(task_induction, bool) else task_induction
-    reps = [repeats] if isinstance(repeats, int) else repeats
-    return [(ti, r, ("_induction" if ti else "") + (f"_{r}repeats" if r else "")) for ti in tis for r in reps]
+def _settings(ways, shots, task_induction, repeats) -> list:  # (n, k, task induction?, repeats, key) of each asked
+    listed = lambda v, kind: [v] if isinstance(v, kind) else v  # noqa: E731
+    return [(n, k, ti, r, f"{n}way_{k}shot" + ("_induction" if ti else "") + (f"_{r}repeats" if r else ""))
+            for n in listed(ways, int) for k in listed(shots, int) for ti in listed(task_induction, bool)
+            for r in listed(repeats, int)]
 
 
 def icl(generate, dataset, ways=(2, 5), shots=(1, 3, 5), episodes=100, seed=0, task_induction=(False, True),
         repeats=0, open_ended=False) -> dict:
-    """Open-ended N-way K-shot classification, exact match (Frozen's protocol), with the classes' real
-    names, or with Frozen's fixed nonsense words (open_ended: "dax", "blicket", ... by position).
-    An episode draws N classes, K support images each and one query from one of them (fixed seed per
-    episode, so every model sees the same episodes, with and without task induction). generate(images,
-    texts) gets the support images in shuffled order and the query, with texts[i] the text after
-    images[i]: "This is a <name>." for supports and "What is this? This is a" (preceded by "Answer with
-    a or b." with task induction) after the query. Keys "icl/2way_1shot" (+ "_induction", "_3repeats"):
-    accuracy, its 95% interval (normal approximation) and chance, in %, and `_in_context`: how often
-    the answer is one of the episode's names, right or wrong. With features that cannot tell the
-    classes apart, accuracy is at most about in_context / N."""
-    by_class = _by_class(dataset)
-    out = {}
-    for n in ([ways] if isinstance(ways, int) else ways):
-        for k in ([shots] if isinstance(shots, int) else shots):
-            for ti, r, suffix in _settings(task_induction, repeats):
-                answers, truths, context = [], [], []
-                for e in range(episodes):
-                    images, texts, classes, target = icl_episode(
-                        dataset, by_class, n, k, f"icl-{seed}-{n}-{k}-{e}", ti, open_ended, r)
-                    names = episode_names(dataset, classes, open_ended)
-                    answers.append(generate(images, texts))
-                    truths.append(names[target])
-                    context.append(names.values())
-                out.update(_icl_scores(f"icl/{n}way_{k}shot{suffix}", answers, truths, context, n))
+    """Frozen's open-ended N-way K-shot classification, exact match, with the classes' real names or (open_ended)
+    Frozen's nonsense words by position; the same episodes for every model (a seed per episode). generate(images,
+    texts): the shuffled supports then the query, texts[i] after images[i] ("This is a <name>." / "What is this?
+    This is a", after "Answer with a or b." with task induction). Keys "icl/2way_1shot" (+ "_induction",
+    "_3repeats"): accuracy, 95 % interval, chance and `_in_context` (the answer is one of the episode's names,
+    right or wrong; features that cannot tell the classes apart score at most about in_context / N), in %."""
+    by_class, out = _by_class(dataset), {}
+    for n, k, ti, r, key in _settings(ways, shots, task_induction, repeats):
+        answers, truths, context = [], [], []
+        for e in range(episodes):
+            images, texts, classes, target = icl_episode(dataset, by_class, n, k, f"icl-{seed}-{n}-{k}-{e}", ti,
+                                                         open_ended, r)
+            names = episode_names(dataset, classes, open_ended)
+            answers.append(generate(images, texts))
+            truths.append(names[target])
+            context.append(names.values())
+        out.update(_icl_scores(f"icl/{key}", answers, truths, context, n))
     return out
 
 
 def frozen_episodes(folder, ways, shots) -> list:
-    """Frozen's released episodes (Tsimpoukelli et al. 2021; https://fh295.github.io/frozen.html:
-    open_ended_mi.tar.gz = Open-Ended miniImageNet, real_name_mi.tar.gz = Real-Name miniImageNet; extract
-    with tar -xzf). Layout as documented there: folder/<task>_shots_<k>_ways_<n>_all_questions.json, a
-    JSON list with one dict per question: image_1 .. image_<n*k> (jpg file names in folder, in support
-    order), caption_1 .. ("This is a dax."), question_image, question, answer (the key names as read by
-    public loaders of these files; not confirmed against the files here). Returns those dicts."""
+    """Frozen's released episodes (https://fh295.github.io/frozen.html: open_ended_mi.tar.gz, real_name_mi.tar.gz,
+    extracted): folder/<task>_shots_<k>_ways_<n>_all_questions.json, a JSON list of one dict per question: image_1
+    .. image_<n*k> (jpg names in folder, support order), caption_1 .. ("This is a dax."), question_image, question,
+    answer. Returns those dicts."""
     files = sorted(glob.glob(os.path.join(folder, f"*_shots_{shots}_ways_{ways}_all_questions.json")))
     if not files:
-        import data
         raise data.DataError(f"{folder}: no *_shots_{shots}_ways_{ways}_all_questions.json (Frozen's episode files)")
     with open(files[0]) as f:
         return json.load(f)
@@ -1267,25 +1355,22 @@ def icl_frozen(generate, folder, ways=(2, 5), shots=(1, 3, 5), task_induction=(F
     followed by " This is a" as the prompt (our assumption of Frozen's "Q: What is this? A: This is a"),
     "Answer with a or b." (names read off the captions) before it with task induction, the support
     repeated as in `icl`. Keys "frozen/2way_1shot" and the rest as in `icl`. episodes: the first so many."""
-    import data
     out = {}
-    for n in ([ways] if isinstance(ways, int) else ways):
-        for k in ([shots] if isinstance(shots, int) else shots):
-            questions = frozen_episodes(folder, n, k)[:episodes]
-            for ti, r, suffix in _settings(task_induction, repeats):
-                answers, truths, context = [], [], []
-                for q in questions:
-                    captions = [q[f"caption_{i}"] for i in range(1, n * k + 1)]
-                    names = sorted({re.sub(r"^this is an? ", "", c.strip().rstrip(".").lower()) for c in captions})
-                    prompt = (q.get("question") or "What is this?").strip() + " This is a"
-                    if ti:
-                        prompt = f"Answer with {' or '.join(random.Random(str(q.get('question_id'))).sample(names, len(names)))}. " + prompt
-                    files = [q[f"image_{i}"] for i in range(1, n * k + 1)] * (1 + r) + [q["question_image"]]
-                    answers.append(generate([data.load_image(os.path.join(folder, f)) for f in files],
-                                            captions * (1 + r) + [prompt]))
-                    truths.append(q["answer"])
-                    context.append(names)
-                out.update(_icl_scores(f"frozen/{n}way_{k}shot{suffix}", answers, truths, context, n))
+    for n, k, ti, r, key in _settings(ways, shots, task_induction, repeats):
+        answers, truths, context = [], [], []
+        for q in frozen_episodes(folder, n, k)[:episodes]:
+            captions = [q[f"caption_{i}"] for i in range(1, n * k + 1)]
+            names = sorted({re.sub(r"^this is an? ", "", c.strip().rstrip(".").lower()) for c in captions})
+            prompt = (q.get("question") or "What is this?").strip() + " This is a"
+            if ti:
+                order = random.Random(str(q.get("question_id"))).sample(names, len(names))
+                prompt = f"Answer with {' or '.join(order)}. " + prompt
+            files = [q[f"image_{i}"] for i in range(1, n * k + 1)] * (1 + r) + [q["question_image"]]
+            answers.append(generate([data.load_image(os.path.join(folder, f)) for f in files],
+                                    captions * (1 + r) + [prompt]))
+            truths.append(q["answer"])
+            context.append(names)
+        out.update(_icl_scores(f"frozen/{key}", answers, truths, context, n))
     return out
 
 
@@ -1317,7 +1402,6 @@ def named_folder(folder, class_names=None):
     """data.ImageFolder whose classes are the names an episode writes: through class_names (a wnid file,
     read_class_names), else the folder names as words ("checkered_box" -> "checkered box", as a folder
     "house_finch" holds house finches: an LM reads and writes words, not file names)."""
-    import data
     real = data.ImageFolder(folder)
     if class_names:
         mapping = read_class_names(class_names)
@@ -1350,8 +1434,6 @@ def run_icl(generate, folder=None, ways=(2, 5), shots=(1, 3, 5), episodes=100, s
 def icl_picture(generate, dataset, path, ways=3, shots=1, seed=0, size=96) -> tuple:
     """One `icl` episode answered by generate, drawn as a strip: each support image with its caption
     over it, then the query with the answer. Returns (answer, the query's true name)."""
-    import data
-    from PIL import Image
     n = min(ways, len(dataset.classes))
     images, texts, _, target = icl_episode(dataset, _by_class(dataset), n, shots, f"icl-picture-{seed}")
     answer = generate(images, texts)
@@ -1404,43 +1486,6 @@ def viz(backbone, frames, out_dir, name="video", device="cpu", heads=(0, 1, 2), 
     return [grid_path, gif_path]
 
 
-def mask_overlap(masks) -> float:
-    """Mean pairwise IoU between the k objects' masks (B, k, T, h, w): 1 = all the same object."""
-    m = masks.flatten(3).float()
-    k = m.shape[1]
-    ious = [((m[:, i] * m[:, j]).sum(-1) / ((m[:, i] + m[:, j]).clamp(max=1).sum(-1)).clamp(min=1)).mean()
-            for i in range(k) for j in range(i + 1, k)]
-    return float(torch.stack(ious).mean()) if ious else 0.0
-
-
-@torch.no_grad()
-def tracking_picture(track, backbone, clip, path, heads=(0, 1, 2)) -> tuple:
-    """DoRA's tracker (dora.track, passed in) on clip (T, 3, H, W) normalised -> a png (columns: frames; rows
-    named in it). Returns the tracked masks' mask_overlap without and with Sinkhorn-Knopp."""
-    heads = list(heads)[:3]
-    _, masks_plain, maps_plain, head_attn = track(backbone, clip[None], heads, use_sinkhorn=False)
-    _, masks, maps, _ = track(backbone, clip[None], heads, use_sinkhorn=True)
-
-    size = [max(192, s) for s in clip.shape[-2:]]  # small demo frames are enlarged to be seen
-
-    def rgb(x):  # (1, k, T, h, w) -> (T, 3, H, W): object i in colour channel i, each map min-max scaled
-        x = x[0].float()
-        low, high = x.flatten(2).amin(-1)[..., None, None], x.flatten(2).amax(-1)[..., None, None]
-        x = torch.cat([(x - low) / (high - low).clamp(min=1e-8), x.new_zeros(3 - x.shape[0], *x.shape[1:])])
-        return F.interpolate(x.transpose(0, 1), size=size, mode="nearest").cpu()
-
-    mean, std = (torch.tensor(v, device=clip.device)[:, None, None] for v in (MEAN, STD))
-    frames = F.interpolate((clip * std + mean).clamp(0, 1), size=size, mode="bilinear").cpu()
-    rows = [frames, rgb(head_attn), rgb(maps_plain), rgb(maps), 0.4 * frames + 0.6 * rgb(masks)]
-    objects = ", ".join(f"{c} = head {h}" for c, h in zip("RGB", heads))
-    data.labelled_grid([list(r) for r in rows], path, f"DoRA's tracker on a clip of {len(clip)} frames (columns): "
-                       f"one object a chosen head, one colour channel an object ({objects})",
-                       ["frame", "[CLS] attention\nof the heads", "object attention\nwithout\nSinkhorn-Knopp",
-                        "object attention\nwith\nSinkhorn-Knopp", "tracked masks\n(with SK)\nover the frame"],
-                       [f"frame {t}" for t in range(len(clip))])
-    return mask_overlap(masks_plain), mask_overlap(masks)
-
-
 # ====== Video k-means (TimeT's unsupervised video segmentation): frame-, clip- and dataset-wise =====
 def cluster_miou(pred: torch.Tensor, truth: torch.Tensor, many_to_one=False) -> float:
     """mIoU (%) as TimeT's PredsmIoU(involve_bg=True) (metrics.py): the ids present in pred and truth (255 dropped)
@@ -1460,9 +1505,9 @@ def clip_features(backbone, frames: torch.Tensor, size: int, device, batch: int 
     x = TF.resize(frames, [size, size], antialias=True)
     std = (0.228, 0.224, 0.225)  # TimeT evaluation.py's ClipToTensor (sic)
     x = TF.normalize(TF.to_dtype(x, torch.float32, scale=True), MEAN, std)
-    p = backbone.patch_embed.patch_size
-    feats = torch.cat([backbone.get_intermediate_layers(x[i:i + batch].to(device), 1)[0][:, 1:].float().cpu() for i in range(0, len(x), batch)])
-    return rearrange(feats, "t (h w) d -> t h w d", h=size // p)
+    feats = torch.cat([backbone.get_intermediate_layers(x[i:i + batch].to(device), 1)[0][:, 1:].float().cpu()
+                       for i in range(0, len(x), batch)])
+    return rearrange(feats, "t (h w) d -> t h w d", h=size // patch_size_of(backbone))
 
 
 def pixel_clusters(feats: torch.Tensor, centroids: torch.Tensor, size: int) -> torch.Tensor:
@@ -1482,14 +1527,13 @@ def _upsample(feats, size) -> torch.Tensor:  # (T, h, w, d) -> (T * size * size,
 def pixel_kmeans(feats, k, size, niter=50, nredo=5, seed=1, chunk=16) -> torch.Tensor:
     """TimeT's clustering.cluster_features after its PCA: (T, h, w, d) upsampled bilinearly to size, faiss
     k-means on the pixels -> (T, size, size); faiss's k * 256 sample drawn chunk by chunk (memory)."""
-    n, per_frame = len(feats) * size * size, size * size
-    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k * 256]
-    first = lambda t: t * per_frame  # noqa: E731  the first pixel index of frame t
-    sample = torch.cat([_upsample(feats[t:t + chunk], size)[idx[(idx >= first(t)) & (idx < first(t + chunk))] - first(t)]
-                        for t in range(0, len(feats), chunk)])
+    n = size * size  # pixels per frame
+    idx = torch.randperm(len(feats) * n, generator=torch.Generator().manual_seed(seed))[:k * 256]
+    starts = range(0, len(feats), chunk)
+    sample = torch.cat([_upsample(feats[t:t + chunk], size)[idx[(idx >= t * n) & (idx < (t + chunk) * n)] - t * n]
+                        for t in starts])
     centroids = faiss_kmeans(sample, k, niter, nredo, seed, max_points_per_centroid=256)[1]
-    labels = [_assign(_upsample(feats[t:t + chunk], size), centroids, False, 16384)[1]
-              for t in range(0, len(feats), chunk)]
+    labels = [_assign(_upsample(feats[t:t + chunk], size), centroids, False, 16384)[1] for t in starts]
     return torch.cat(labels).view(len(feats), size, size)
 
 
@@ -1551,8 +1595,7 @@ def video_kmeans_miou(backbone, root: str, size: int, device, clip_frames: int =
     out = {f"video_kmeans/{mode}_wise_miou{suffix}": float(np.mean(batch_scores[mode])) for mode in ("frame", "clip")
            if mode in modes}
     if "dataset" in modes:
-        feats = torch.cat([f for f, _, _ in clips])
-        truth = resize_ids(torch.cat([t for _, _, t in clips]), size // 2)
+        feats, truth = torch.cat([f for f, _, _ in clips]), resize_ids(torch.cat([t for _, _, t in clips]), size // 2)
         reduced = standardise_and_pca(feats.reshape(-1, feats.shape[-1]), pca_dim).view(*feats.shape[:3], -1)
         pred = pixel_kmeans(reduced, k or int(truth[truth != 255].max()) + 1, size // 2)
         out[f"video_kmeans/dataset_wise_miou{suffix}"] = cluster_miou(pred, truth, many_to_one)
@@ -1665,8 +1708,7 @@ def run_suite(backbone, root, benches=("knn", "linear", "seg-linear", "seg-clust
               image_size=64, out_dir=None) -> dict:
     """The demos' before/after table on a synthetic-world root (objects/, voc/, davis/): images at image_size,
     frames at short side 2 * image_size, first 24 frames. Prints it; -> numbers and "time/<bench>" (s)."""
-    backbone = backbone.to(device).eval()
-    out = {}
+    backbone, out = backbone.to(device).eval(), {}
     for group, names in [("cls", ("knn", "linear")), ("seg", ("seg-linear", "seg-cluster")), ("vid", ("propagate",))]:
         chosen = tuple(b for b in benches if b in names)
         if not chosen:
@@ -1701,35 +1743,25 @@ BENCHES = ("knn", "linear", "linear-probes", "nmi", "seg-linear", "seg-cluster",
 def get_args(argv=None):
     p = argparse.ArgumentParser("evaluate.py: DINO-style benchmarks for a frozen backbone",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("bench", choices=BENCHES, help="which benchmark; suite = all on a synthetic-world root")
-    p.add_argument("--data", required=True, help="ImageFolder root with train/ val/ (knn, linear, icl: val/ only), "
+    p.add_argument("bench", choices=BENCHES, help="suite: all on a synthetic-world root; icl: secat.py")
+    p.add_argument("--data", help="(required) ImageFolder root with train/ val/ (knn, linear), "
                    "VOC-layout root (seg-*), DAVIS-layout root (propagate, video-kmeans), videos (viz), synth root")
     p.add_argument("--ckpt", default=None, help="checkpoint of a method of this repo, or an official DINO one")
     p.add_argument("--arch", default="vit_small", help="vit_demo|vit_tiny|vit_small|vit_base|pixels, for "
                    "official DINO weights and --random-init without --ckpt; pixels = the raw-RGB floor")
     p.add_argument("--patch-size", type=int, default=16)
     p.add_argument("--random-init", action="store_true", help="fresh weights of the same architecture")
-    p.add_argument("--image-size", type=int, default=None, help="input size (default: 224 knn/linear/video-kmeans, "
-                   "448 seg-*, 64 suite); propagate uses --short-side")
+    p.add_argument("--image-size", type=int, help="224 (knn, linear, video-kmeans), 448 (seg-*), 64 (suite)")
     p.add_argument("--short-side", type=int, default=480, help="propagate/viz: frame short side (DINO: 480)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--epochs", type=int, default=None, help="probe epochs (default: 100 linear; seg-linear 25, "
-                   "cached 20; seg-fcn 10)")
+    p.add_argument("--epochs", type=int, help="probes' (default: 100 linear; seg-linear 25, cached 20; seg-fcn 10)")
     p.add_argument("--knn-protocol", default="dino", choices=["dino", "sela"], help="sela: cifar.py's K 10, sigma 0.1")
     p.add_argument("--linear-protocol", choices=["dino", "cached"], help="default: dino (crops on the fly) on CUDA")
     p.add_argument("--lr", type=float, default=0.001, help="linear (dino) lr per 256 images (DINO 0.001, DoRA 0.01)")
     p.add_argument("--probe-batch-size", type=int, help="linear: 1024 (DoRA 2048); linear-probes: 192 / 1024")
     p.add_argument("--restarts", type=int, default=5, help="seg-cluster: k-means restarts (best kept; Leopart: 5)")
     p.add_argument("--clip-frames", type=int, default=16, help="video-kmeans: frames per clip (TimeT: 16)")
-    p.add_argument("--episodes", type=int, default=100, help="icl episodes per (ways, shots)")
-    p.add_argument("--task-induction", nargs="?", const="with", default="both", choices=["without", "with", "both"],
-                   help="icl: 'Answer with a or b.' before the question; default: report without and with")
-    p.add_argument("--repeats", type=int, nargs="+", default=[0], help="icl: extra times the support is shown (Frozen)")
-    p.add_argument("--class-names", default=None, help="icl: file mapping wnid folders to names (JSON, or "
-                   "ImageNet's LOC_synset_mapping.txt lines 'n01532829 house finch, linnet')")
-    p.add_argument("--frozen", nargs="+", default=[], help="icl: folders of Frozen's released episodes "
-                   "(open_ended_mi, real_name_mi from https://fh295.github.io/frozen.html), evaluated as released")
     p.add_argument("--max-videos", type=int, default=3, help="viz: pictures for this many videos")
     p.add_argument("--frames", type=int, default=8, help="viz: frames per video")
     p.add_argument("--output-dir", default="runs/eval", help="propagate: palette PNGs; viz: pictures")
@@ -1743,28 +1775,37 @@ def get_args(argv=None):
     p.add_argument("--many-to-one", action="store_true", help="video-kmeans: overclustering, precision-based")
     p.add_argument("--sampling", choices=["consecutive", "timet"], default="consecutive", help="video-kmeans: clips "
                    "back to back, or TimeT's one clip of --clip-frames random sorted frames per video (its: 4)")
-    p.add_argument("--attention", default=None, help="unsup-seg: folder of Leopart's attn_dino_{train,val}.pt "
-                   "(official); default: the evaluated backbone's attention")
+    p.add_argument("--attention", help="unsup-seg: a folder of Leopart's attn_dino_{train,val}.pt, else ours")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.data is None and args.bench != "icl":  # icl only points to secat.py
+        p.error("the following arguments are required: --data")
     if args.k is not None and args.k < 2:  # a k-means of one cluster scores nothing (NaN)
         p.error(f"--k {args.k}: video-kmeans needs at least 2 clusters")
     return args
 
 
 def main(args):
+    if args.bench == "icl":  # answering needs the method's language model: secat.py scores its own checkpoints
+        if not args.ckpt:
+            raise data.DataError("icl: needs --ckpt, a secat.py checkpoint (secat.py --eval-only scores it)")
+        state = data.load_checkpoint(args.ckpt, flag="--ckpt")
+        if state.get("method") == "secat":
+            raise data.DataError(f"--ckpt {args.ckpt}: a SeCAt checkpoint; score it with: python secat.py --eval-only "
+                                 f"{args.ckpt} --eval-data DIR")
+        raise data.CheckpointError(f"--ckpt {args.ckpt}: holds {data.describe_checkpoint(state)}; icl needs a "
+                                   "checkpoint of a method with a language model (secat.py)")
     torch.manual_seed(args.seed)  # --random-init draws its weights from this seed
     backbone = load_backbone(args.ckpt, args.arch, args.patch_size, args.random_init).to(args.device)
-    for param in backbone.parameters():
-        param.requires_grad_(False)
+    backbone.requires_grad_(False)
     device, size, workers = args.device, args.image_size, args.num_workers
     linear = args.linear_protocol or ("dino" if torch.device(device).type == "cuda" else "cached")
     if args.bench in ("knn", "linear"):
         results = classification(backbone, args.data, device, (args.bench,), size or 224, args.batch_size, workers,
                                  args.epochs or 100, args.knn_protocol, linear, args.lr, args.probe_batch_size or 1024)
-        args.bench += {"knn": "-sela" * (args.knn_protocol == "sela"), "linear": "-cached" * (linear == "cached")}[
-            args.bench]
+        suffix = {"knn": "-sela" * (args.knn_protocol == "sela"), "linear": "-cached" * (linear == "cached")}
+        args.bench += suffix[args.bench]
     elif args.bench == "linear-probes":  # SeLa's crops: random for training, ten per val image
         train, val = classification_sets(args.data, functools.partial(random_crop_transform, size=224))
         val.transform = functools.partial(ten_crop_transform, size=224)
@@ -1794,16 +1835,6 @@ def main(args):
         results = video_kmeans_miou(backbone, args.data, size or 224, device, args.clip_frames, world, modes=args.mode,
                                     k=args.k, many_to_one=args.many_to_one, sampling=args.sampling, seed=args.seed,
                                     split_file=os.path.join(args.output_dir, "ytvos_split.json"))
-    elif args.bench == "icl":  # the checkpoint's module turns it into a generate(images, texts) -> str
-        state = data.load_checkpoint(args.ckpt, flag="--ckpt")
-        module = importlib.import_module(state["method"]) if "method" in state else None
-        if not hasattr(module, "build_generator"):
-            raise data.CheckpointError(f"--ckpt {args.ckpt}: holds {data.describe_checkpoint(state)}; icl needs a "
-                                       "checkpoint of a method with a language model (secat.py)")
-        folder = os.path.join(args.data, "val") if os.path.isdir(os.path.join(args.data, "val")) else args.data
-        ti = {"without": False, "with": True, "both": (False, True)}[args.task_induction]
-        results = run_icl(module.build_generator(state, device), folder, episodes=args.episodes, seed=args.seed,
-                          class_names=args.class_names, task_induction=ti, repeats=args.repeats, frozen=args.frozen)
     elif args.bench == "viz":
         paths = []
         for i, video in enumerate(data.find_videos(args.data)[:args.max_videos]):
@@ -1813,17 +1844,16 @@ def main(args):
             paths += viz(backbone, frames, args.output_dir, name=f"video{i}", device=device, seed=args.seed)
         print("\n".join(paths))
         results = {"viz/pictures": len(paths)}
-    else:
+    else:  # suite: it prints its own table; the JSON names each benchmark's protocol
         results = run_suite(backbone, args.data, device=device, image_size=size or 64, out_dir=args.output_dir)
+        results["protocol"] = {b: PROTOCOLS.get(b + "-cached", PROTOCOLS[b]) for b in
+                               ("knn", "linear", "seg-linear", "seg-cluster", "propagate")}
     if args.bench != "suite":
         print_table(results, f"{args.bench}: {args.ckpt or ('random ' if args.random_init else '') + args.arch}")
         results["protocol"] = results.get("protocol", PROTOCOLS.get(args.bench, "ours"))
         if args.bench == "video-kmeans" and (args.k, args.many_to_one, args.sampling, args.mode) != (
                 None, False, "consecutive", ["clip", "dataset"]):
             results["protocol"] += f"; --mode {args.mode} --k {args.k} many-to-one {args.many_to_one} {args.sampling}"
-    else:
-        results["protocol"] = {b: PROTOCOLS.get(b + "-cached", PROTOCOLS[b]) for b in
-                               ("knn", "linear", "seg-linear", "seg-cluster", "propagate")}
     print(json.dumps(results))
 
 

@@ -4,7 +4,6 @@ import json
 import os
 import sys
 import time
-import types
 
 import pytest
 import torch
@@ -16,8 +15,10 @@ import evaluate as E  # noqa: E402
 
 torch.set_num_threads(1)
 
-# a DINO-compatible ViT from a method file (dora.py: the first that evaluate.py itself searches)
-from dora import vit_base, vit_demo, vit_small, vit_tiny  # noqa: E402
+
+
+def vit_demo(patch_size=8):  # evaluate.py's own DINO ViT
+    return E.build_arch("vit_demo", patch_size)
 
 
 # ------------------------------------------------------------------ helpers
@@ -41,12 +42,6 @@ def grids(monkeypatch):
 
     monkeypatch.setattr(data, "labelled_grid", spy)
     return calls
-
-
-@pytest.fixture
-def reference_vits(monkeypatch):
-    monkeypatch.setattr(E, "VIT_ARCHS", dict(vit_demo=vit_demo, vit_tiny=vit_tiny, vit_small=vit_small,
-                                             vit_base=vit_base))
 
 
 # ------------------------------------------------------------------ matching, mIoU, NMI, accuracy
@@ -347,6 +342,24 @@ def test_icl_picture_draws_one_strip_and_answers_truthfully(tmp_path, grids):
     assert w >= 4 * 16 + 5 * 2 and h > 16 + 2 * 14  # the tiles under a title and the captions
 
 
+def test_icl_on_the_command_line_points_a_secat_checkpoint_to_secat_py(tmp_path, capsys):
+    """Answering needs secat.py's model, which evaluate.py does not import: one error line says what scores it."""
+    torch.save({"method": "secat", "args": {"encoder_arch": "convnet_demo", "patch_size": 16}, "model": {}},
+               tmp_path / "secat.pth")
+    torch.save({"method": "dora", "args": {"arch": "vit_demo", "patch_size": 8}, "model": {}}, tmp_path / "dora.pth")
+    ckpt = str(tmp_path / "secat.pth")
+    for argv in (["icl", "--ckpt", ckpt], ["icl", "--ckpt", ckpt, "--data", "d"]):
+        with pytest.raises(SystemExit) as e:
+            data.cli(E.main, E.get_args, argv)
+        assert e.value.code == 1 and capsys.readouterr().err == (
+            f"error: --ckpt {ckpt}: a SeCAt checkpoint; score it with: python secat.py --eval-only {ckpt} "
+            "--eval-data DIR\n")
+    with pytest.raises(data.CheckpointError, match="a dora.py checkpoint .*icl needs .*language model"):
+        E.main(E.get_args(["icl", "--ckpt", str(tmp_path / "dora.pth")]))
+    with pytest.raises(SystemExit):  # the other benchmarks need --data
+        E.get_args(["knn", "--ckpt", ckpt])
+
+
 def test_icl_answer_normalisation():
     assert E.normalise_answer("  Striped-Ring!\nmore") == "stripedring"
     assert E.normalise_answer("striped  ring. This is") == "striped ring"
@@ -362,14 +375,10 @@ def test_raw_pixels_backbone_has_dinos_interface():
     assert torch.allclose(net(x), tokens[:, 1:].mean(1))
 
 
-def test_load_backbone_repo_checkpoint_round_trip(tmp_path, monkeypatch):
-    module = types.ModuleType("fake_method")
-    module.METHOD = "fake_method"
-    module.build_backbone = lambda args: vit_demo(patch_size=args["patch_size"])
-    monkeypatch.setitem(sys.modules, "fake_method", module)
+def test_load_backbone_repo_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     teacher, student = vit_demo(patch_size=8), vit_demo(patch_size=8)
-    ckpt = {"method": "fake_method", "args": {"arch": "vit_demo", "patch_size": 8}, "epoch": 1, "step": 3,
+    ckpt = {"method": "dora", "args": {"arch": "vit_demo", "patch_size": 8}, "epoch": 1, "step": 3,
             "teacher": {**{"backbone." + k: v for k, v in teacher.state_dict().items()}, "head.w": torch.ones(2)},
             "model": {"backbone." + k: v for k, v in student.state_dict().items()}}
     torch.save(ckpt, tmp_path / "checkpoint.pth")
@@ -384,7 +393,33 @@ def test_load_backbone_repo_checkpoint_round_trip(tmp_path, monkeypatch):
     assert not torch.allclose(fresh(x), teacher(x), atol=1e-3)
 
 
-def test_load_backbone_official_dino_files(tmp_path, reference_vits):
+def test_repo_checkpoints_are_built_from_their_stored_args(tmp_path):
+    """sinkhorn.py's: a ViT arch takes the ViT path, convnet_demo its conv net; secat.py's: its frozen encoder
+    (another checkpoint's backbone, or its demo's own conv net), from the `backbone.` keys of its model."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    dora_args = {"arch": "vit_demo", "patch_size": 8}
+    for method, args, net in [("sinkhorn", dora_args, vit_demo(8)),
+                              ("sinkhorn", {"arch": "convnet_demo"}, E.build_arch("convnet_demo")),
+                              ("secat", {"encoder_method": "dora", "encoder_args": dora_args,
+                                         "encoder_arch": "vit_small", "patch_size": 16}, vit_demo(8)),
+                              ("secat", {"encoder_arch": "convnet_demo", "patch_size": 16},
+                               E.stored_backbone("secat", {"encoder_arch": "convnet_demo"}))]:
+        torch.save({"method": method, "args": args, "model": {"backbone." + k: v for k, v in net.state_dict().items()}},
+                   tmp_path / "c.pth")
+        loaded = E.load_backbone(str(tmp_path / "c.pth"))
+        assert type(loaded) is type(net) and torch.equal(loaded(x), net.eval()(x)), (method, args)
+    assert E.stored_backbone("secat", {"encoder_arch": "convnet_demo"}).out_dim == 128
+
+
+def test_evaluate_imports_no_method_file():
+    import re
+    source = open(E.__file__).read()
+    assert "importlib" not in source
+    assert not re.search(r"^\s*(import|from) (dora|leopart|timetuning|sinkhorn|secat)\b", source, re.M)
+
+
+def test_load_backbone_official_dino_files(tmp_path):
     torch.manual_seed(0)
     vit = vit_demo(patch_size=8).eval()
     x = torch.randn(1, 3, 32, 32)
@@ -420,21 +455,6 @@ def test_viz_writes_grid_and_gif(tmp_path, grids):
     assert grids[4]["sizes"] == [[(40, 32)] * 3] * 2 and grids[4]["row_names"][0] == "frame"
 
 
-def test_tracking_picture_rows_and_overlap(tmp_path, grids):
-    import dora
-    torch.manual_seed(0)
-    vit = dora.VisionTransformer(patch_size=8, embed_dim=48, depth=2, num_heads=4).eval()
-    clip = torch.randn(3, 3, 32, 40)
-    overlaps = E.tracking_picture(dora.track, vit, clip, str(tmp_path / "t.png"), heads=[0, 2, 3])
-    (grid,) = grids
-    assert grid["sizes"] == [[(192, 192)] * 3] * 5  # frames, heads, objects without / with SK, masks; enlarged
-    assert grid["col_names"] == ["frame 0", "frame 1", "frame 2"] and "Sinkhorn" in grid["row_names"][2]
-    assert "B = head 3" in grid["title"] and all(0 <= o <= 1 for o in overlaps)
-    masks = torch.zeros(1, 2, 1, 2, 2)
-    masks[0, 0, 0, 0] = masks[0, 1, 0, :, 0] = 1  # a row and a column of a 2 x 2 grid: IoU 1/3
-    assert E.mask_overlap(masks) == pytest.approx(1 / 3)
-
-
 def test_save_cluster_maps_columns(tmp_path, grids):
     torch.manual_seed(0)
     images, masks = torch.randn(3, 3, 32, 32), torch.randint(0, 4, (3, 32, 32))
@@ -463,7 +483,7 @@ def test_run_suite_on_a_small_synthetic_world(small_world, capsys):
     assert "davis/J&F" in capsys.readouterr().out
 
 
-def test_cli_prints_a_table_then_one_json_line(small_world, tmp_path, capsys, reference_vits):
+def test_cli_prints_a_table_then_one_json_line(small_world, tmp_path, capsys):
     common = ["--patch-size", "8", "--num-workers", "0", "--output-dir", str(tmp_path)]
     E.main(E.get_args(["knn", "--data", os.path.join(small_world, "objects"), "--arch", "pixels",
                        "--image-size", "32", *common]))
@@ -481,7 +501,7 @@ def test_cli_prints_a_table_then_one_json_line(small_world, tmp_path, capsys, re
     assert os.path.exists(tmp_path / "video0.gif")
 
 
-def test_cli_video_kmeans_names_timets_protocol(small_world, tmp_path, capsys, reference_vits):
+def test_cli_video_kmeans_names_timets_protocol(small_world, tmp_path, capsys):
     davis = os.path.join(small_world, "davis")
     args = ["video-kmeans", "--data", davis, "--arch", "vit_demo", "--random-init", "--patch-size", "8",
             "--image-size", "32", "--output-dir", str(tmp_path)]
@@ -505,7 +525,7 @@ def test_cluster_miou_is_timets_predsmiou():
     assert E.cluster_miou(torch.tensor([1, 1, 2, 2]), torch.tensor([3, 3, 4, 4])) == 100.0  # no background
 
 
-def test_video_kmeans_frame_clip_dataset_on_youtube_vos(tmp_path, capsys, reference_vits):
+def test_video_kmeans_frame_clip_dataset_on_youtube_vos(tmp_path, capsys):
     """TimeT's modes on a YouTube-VOS root whose frames show the instances: raw pixels recover them; the split
     is written beside the results and is data.YouTubeVOS's; category maps score dataset-wise."""
     from conftest import write_ytvos
@@ -618,7 +638,7 @@ def test_a_root_of_another_layout_names_its_kind_and_what_the_benchmark_reads(tm
 
 
 # ------------------------------------------------------------------ released weights as the papers' code reads them
-def test_released_vit_layouts_load_like_dinos_file(tmp_path, reference_vits):
+def test_released_vit_layouts_load_like_dinos_file(tmp_path):
     """Key layouts of each official saving/loading code: Leopart's README strips 1 level (model.* after
     teacher.*), TimeT's 2 (teacher.backbone.* after the student's); DoRA's main.py saves DINO's dict."""
     import argparse
@@ -647,9 +667,8 @@ def test_sela_releases_load_into_sinkhorns_backbones(tmp_path):
     """SeLa's AlexNet (models/alexnet.py: features.*, classifier.*, top_layer{i}) and torchvision ResNets
     ({'state_dict', 'labels'}: *_pp.pth; DINO's ResNet-50 without fc) give the official network's features."""
     import torchvision
-    import sinkhorn
     torch.manual_seed(0)
-    ours = sinkhorn.alexnet_bn()
+    ours = E.alexnet_bn()
     ours.train()(torch.randn(4, 3, 64, 64))  # non-trivial BN statistics
     official = {k.replace("trunk.", "features.").replace("mlp.", "classifier."): v
                 for k, v in ours.state_dict().items()}
@@ -716,9 +735,8 @@ def test_sela_knn_cifar_and_cluster_heads(tmp_path, capsys):
 def test_linear_probes_and_augmented_linear_run_as_specified(tmp_path):
     """SeLa's AlexNet probes: 5 probes of conv1-conv5 pooled to 9600/9216/9600/9600/9216 dims; DINO's augmented probe
     on a ViT: per-epoch cosine from lr x batch / 256, best of the per-epoch val scores."""
-    import sinkhorn
     torch.manual_seed(0)
-    net = sinkhorn.alexnet_bn().eval()
+    net = E.alexnet_bn().eval()
     images = torch.randint(0, 255, (4, 3, 40, 40), dtype=torch.uint8)
 
     class Set(torch.utils.data.Dataset):
