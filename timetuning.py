@@ -274,7 +274,7 @@ ARCHS = {"vit_demo": vit_demo, "vit_tiny": vit_tiny, "vit_small": vit_small, "vi
 
 
 def build_backbone(args) -> VisionTransformer:
-    """Fresh ViT from (stored) args; evaluate.py calls this with a checkpoint's args dict."""
+    """Fresh ViT from args (a Namespace, or a checkpoint's stored args dict)."""
     args = args if isinstance(args, dict) else vars(args)
     return ARCHS[args["arch"]](patch_size=args.get("patch_size", 16))
 
