@@ -544,6 +544,45 @@ def param_groups(model: LeopartNet, args):
     return groups
 
 
+def gather_queue(queue, world_size):
+    """Every rank's queue (G, n, E), newest first, interleaved -> (G, world_size * n, E), newest first."""
+    queues = [torch.empty_like(queue) for _ in range(world_size)]
+    if world_size > 1:
+        dist.all_gather(queues, queue)
+    else:
+        queues[0].copy_(queue)
+    return rearrange(torch.stack(queues), "w g n e -> g (n w) e")
+
+
+def queue_share(saved, rank, world_size, n):
+    """This rank's (G, n, E) of a gather_queue (an older checkpoint's: (W, G, n, E)): every world_size-th entry,
+    so the same world size gets its queue back exactly, another one a share of the newest (zero-padded)."""
+    saved = rearrange(saved, "w g n e -> g (n w) e") if saved.dim() == 4 else saved
+    share = saved[:, rank::world_size][:, :n]
+    return torch.cat([share, share.new_zeros(share.shape[0], n - share.shape[1], share.shape[2])], dim=1)
+
+
+# What a training step uses besides the batch: the student (maybe DDP-wrapped), its EMA teacher, the loss (its queue)
+TrainState = collections.namedtuple("TrainState", "student teacher criterion optimizer scaler autocast device")
+
+
+def train_step(state: TrainState, crops, boxes, momentum: float) -> dict:
+    """One Leopart step on a batch (crops: list of (B, 3, H_i, W_i), boxes: dict of (B, G, C, 4)) -> its stats
+    as floats. The training loop's step and --bench's."""
+    student, teacher, criterion, optimizer, scaler, autocast, device = state
+    crops = [c.to(device, non_blocking=True) for c in crops]
+    boxes = {k: v.to(device) for k, v in boxes.items()}
+    loss, stats = leopart_loss(student, teacher, criterion, crops, boxes, autocast)
+    # ------ update (the same block in every method file)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    stats = data.host_stats(stats)  # the step's one host sync; raises on a non-finite loss
+    scaler.step(optimizer)
+    scaler.update()
+    data.ema_update(teacher, student, momentum)
+    return stats
+
+
 def train(args):
     d = data.init_distributed()
     args.amp = data.resolve_amp(args.amp, d.device)
@@ -619,45 +658,6 @@ def train(args):
             print(f"epoch {epoch}: loss {stats['loss']:.3f}, {ips:.0f} img/s, saved {ckpt_path}")
     data.finish_distributed()
     return model, teacher
-
-
-def gather_queue(queue, world_size):
-    """Every rank's queue (G, n, E), newest first, interleaved -> (G, world_size * n, E), newest first."""
-    queues = [torch.empty_like(queue) for _ in range(world_size)]
-    if world_size > 1:
-        dist.all_gather(queues, queue)
-    else:
-        queues[0].copy_(queue)
-    return rearrange(torch.stack(queues), "w g n e -> g (n w) e")
-
-
-def queue_share(saved, rank, world_size, n):
-    """This rank's (G, n, E) of a gather_queue (an older checkpoint's: (W, G, n, E)): every world_size-th entry,
-    so the same world size gets its queue back exactly, another one a share of the newest (zero-padded)."""
-    saved = rearrange(saved, "w g n e -> g (n w) e") if saved.dim() == 4 else saved
-    share = saved[:, rank::world_size][:, :n]
-    return torch.cat([share, share.new_zeros(share.shape[0], n - share.shape[1], share.shape[2])], dim=1)
-
-
-# What a training step uses besides the batch: the student (maybe DDP-wrapped), its EMA teacher, the loss (its queue)
-TrainState = collections.namedtuple("TrainState", "student teacher criterion optimizer scaler autocast device")
-
-
-def train_step(state: TrainState, crops, boxes, momentum: float) -> dict:
-    """One Leopart step on a batch (crops: list of (B, 3, H_i, W_i), boxes: dict of (B, G, C, 4)) -> its stats
-    as floats. The training loop's step and --bench's."""
-    student, teacher, criterion, optimizer, scaler, autocast, device = state
-    crops = [c.to(device, non_blocking=True) for c in crops]
-    boxes = {k: v.to(device) for k, v in boxes.items()}
-    loss, stats = leopart_loss(student, teacher, criterion, crops, boxes, autocast)
-    # ------ update (the same block in every method file)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    stats = data.host_stats(stats)  # the step's one host sync; raises on a non-finite loss
-    scaler.step(optimizer)
-    scaler.update()
-    data.ema_update(teacher, student, momentum)
-    return stats
 
 
 # ====== Evaluation, and its pictures, through evaluate.py
