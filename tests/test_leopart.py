@@ -283,6 +283,17 @@ def test_bf16_autocast_step():
     assert not torch.equal(s16.backbone.blocks[0].attn.qkv.weight, initial)
 
 
+def test_step_stops_on_a_non_finite_loss_before_the_update():
+    args = tiny_args("--loss-mask", "all")
+    crops, boxes = make_batch(args, 4)
+    crops[1][0] = float("nan")  # one broken crop
+    student, teacher = tiny_model(args)
+    before = copy.deepcopy(student.backbone.state_dict())
+    with pytest.raises(FloatingPointError, match="loss is nan"):
+        one_step(args, crops, boxes, student, teacher)
+    assert all(torch.equal(v, before[k]) for k, v in student.backbone.state_dict().items())  # no update taken
+
+
 # --------------------------------------------------------------------------- the demo on one's own video
 def test_demo_trains_on_ones_own_video_and_evaluates_on_the_synthetic_world(tmp_path):
     # `leopart.py --demo --data my_walk.mp4`: its frames are the images (once: "1 images is fewer than one batch")
