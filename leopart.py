@@ -3,17 +3,15 @@
 Paper: Ziegler & Asano, "Self-Supervised Learning of Object Parts for Semantic Segmentation",
 CVPR 2022, https://arxiv.org/abs/2204.13101 (official code: github.com/MkuuWaUjinga/leopart).
 
-The idea. Start from a DINO ViT and fine-tune it so that its *patch tokens* cluster into
-object parts. Every token goes through a projection head and is scored against 300
-L2-normalised prototypes. For each image we take 2 global and 4 local crops that overlap and
-keep their boxes. An EMA teacher scores the tokens of each global crop; an online Sinkhorn-Knopp
-(eps 0.05, 3 iterations, a queue of past tokens for small batches) turns the scores into
-balanced soft cluster assignments. Those assignments are RoI-aligned (7x7) onto the region
-each other crop shares with the global crop, and the student must predict them from that
-other crop: a swapped-prediction cross-entropy between *aligned* token maps. The loss only
-counts foreground tokens, taken from the teacher's [CLS] attention (blurred, 60 % of its mass).
-After training, the paper segments without labels: k-means on tokens, cluster-based
-foreground extraction, then community detection merges clusters into K classes.
+The idea. Start from a DINO ViT and fine-tune it so that its *patch tokens* cluster into object parts. Every
+token goes through a projection head and is scored against 300 L2-normalised prototypes. For each image we take
+2 global and 4 local crops that overlap and keep their boxes. An EMA teacher scores the tokens of each global
+crop; an online Sinkhorn-Knopp (eps 0.05, 3 iterations, a queue of past tokens for small batches) turns the
+scores into balanced soft cluster assignments. Those assignments are RoI-aligned (7x7) onto the region each
+other crop shares with the global crop, and the student must predict them from that other crop: a
+swapped-prediction cross-entropy between *aligned* token maps. The loss only counts foreground tokens, taken
+from the teacher's [CLS] attention (blurred, 60 % of its mass). After training, the paper segments without
+labels: k-means on tokens, cluster-based foreground extraction, then community detection merges clusters.
 
 Commands:
   python leopart.py --demo                          # vit_demo on the synthetic world, ~5 min CPU
@@ -21,11 +19,12 @@ Commands:
   python leopart.py --data /data/coco/train2017 --pretrained dino_deitsmall16_pretrain.pth
   torchrun --nproc_per_node=2 leopart.py --data /data/coco/train2017 --pretrained dino.pth
 
-Contents: args, the ViT (a copy of DINO's, as in every method file), head and wrapper,
-multi-crop with boxes, Sinkhorn-Knopp, foreground mask, loss, train(), evaluation (the paper's
-fully unsupervised segmentation and its picture are evaluate.unsupervised_segmentation_voc's).
+Contents: args, the ViT (a copy of DINO's, as in every method file), head and wrapper, multi-crop with boxes,
+Sinkhorn-Knopp, foreground mask, loss, train(), evaluation (evaluate.py's unsupervised segmentation).
 """
 import argparse
+import collections
+import itertools
 import math
 import os
 import time
@@ -38,6 +37,7 @@ from einops import rearrange
 from torchvision.ops import roi_align
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
 
 import data
 
@@ -61,8 +61,7 @@ def get_args(argv=None):
     p.add_argument("--output-dir", default="runs/leopart")
     p.add_argument("--arch", default="vit_small", choices=["vit_demo", "vit_tiny", "vit_small", "vit_base"])
     p.add_argument("--patch-size", type=int, default=16)
-    p.add_argument("--pretrained", default=None,
-                   help="DINO weights (plain or full checkpoint) or a checkpoint of another method file")
+    p.add_argument("--pretrained", help="DINO weights (plain or full checkpoint) or another method file's checkpoint")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--batch-size-per-gpu", type=int, default=32)
     p.add_argument("--lr-backbone", type=float, default=1e-5, help="small: the DINO features are already good")
@@ -109,13 +108,10 @@ def get_args(argv=None):
     return args
 
 
-# ====== Model: a DINO-compatible Vision Transformer. Each method file carries its own copy so that it
-# reads alone (house style); parameter names follow the official DINO checkpoints, so
-#   model.load_state_dict(torch.load("dino_deitsmall16_pretrain.pth"), strict=True)
-# works and gives the same outputs as DINO's vision_transformer.py.
-class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch of a sample with probability p."""
-
+# ====== Model: DINO's Vision Transformer
+# Each method file carries its own copy, so that it reads alone; DINO's parameter names, so that DINO's checkpoints
+# load (strict) and give DINO's outputs.
+class DropPath(nn.Module):  # stochastic depth: drop the whole residual branch of a sample with probability p
     def __init__(self, p: float = 0.0):
         super().__init__()
         self.p = p
@@ -135,26 +131,19 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, return_attention: bool = False):
-        """x: (B, N, D) -> (B, N, D), and the attention (B, heads, N, N) if asked."""
-        B, N, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        # the explicit path where the weights are needed (fg mask, viz), else the fused kernel (flash / mem-efficient)
-        attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1) if return_attention else None
-        out = attn @ v if return_attention else F.scaled_dot_product_attention(q, k, v)
-        out = self.proj(out.transpose(1, 2).reshape(B, N, D))
-        return (out, attn) if return_attention else out
+    def heads(self, x):  # (B, N, D) -> q, k, v, each (B, heads, N, D / heads)
+        return rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
 
+    def weights(self, x):  # (B, N, D) -> softmax attention (B, heads, N, N)
+        q, k, _ = self.heads(x)
+        return (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
 
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x, weights=None):
+        """x (B, N, D) -> (B, N, D): the fused kernel (flash / mem-efficient), or, given this x's `weights`,
+        the explicit mix through them (the teacher's tokens and its foreground mask then come from one pass)."""
+        q, k, v = self.heads(x)
+        out = F.scaled_dot_product_attention(q, k, v) if weights is None else weights @ v
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
 
 class Block(nn.Module):
@@ -164,16 +153,13 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        hidden = int(dim * mlp_ratio)  # DINO's Mlp: fc1, GELU, fc2
+        self.mlp = nn.Sequential(collections.OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(),
+                                                         fc2=nn.Linear(hidden, dim)))
 
-    def forward(self, x, return_attention: bool = False):
-        if return_attention:
-            y, attn = self.attn(self.norm1(x), return_attention=True)
-        else:
-            y, attn = self.attn(self.norm1(x)), None
-        x = x + self.drop_path(y)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return (x, attn) if return_attention else x
+    def forward(self, x, weights=None):  # weights: this block's attention (Attention.weights), to mix through
+        x = x + self.drop_path(self.attn(self.norm1(x), weights))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class PatchEmbed(nn.Module):
@@ -187,18 +173,17 @@ class PatchEmbed(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT with a [CLS] token; DINO's interface: forward -> [CLS] (B, D) after the final norm,
-    get_last_selfattention -> (B, heads, 1+N, 1+N), get_intermediate_layers(x, n) -> n x (B, 1+N, D)."""
+    """ViT with a [CLS] token; DINO's interface (forward -> [CLS] (B, D) after the final norm, get_last_selfattention,
+    get_intermediate_layers(x, n) -> n x (B, 1+N, D)), and tokens_and_attention for Leopart's teacher."""
 
-    def __init__(self, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0,
-                 drop_path_rate=0.0, img_size=224):
+    def __init__(self, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, drop_path_rate=0.0,
+                 img_size=224):
         super().__init__()
         self.embed_dim = self.num_features = embed_dim
         self.num_heads = num_heads
         self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
-        num_patches = (img_size // patch_size) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, (img_size // patch_size) ** 2 + 1, embed_dim))
         rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, r) for r in rates])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
@@ -208,14 +193,11 @@ class VisionTransformer(nn.Module):
         self.apply(self._init_weights)
 
     @staticmethod
-    def _init_weights(m):
+    def _init_weights(m):  # DINO's; its LayerNorm init (1, 0) is PyTorch's default
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
     def interpolate_pos_encoding(self, num_patches: int, h: int, w: int) -> torch.Tensor:
         """Bicubic resize of the patch part of the positional embedding to an (h/p, w/p) grid,
@@ -223,8 +205,7 @@ class VisionTransformer(nn.Module):
         n = self.pos_embed.shape[1] - 1
         if num_patches == n and h == w:
             return self.pos_embed
-        p = self.patch_embed.patch_size
-        side = int(math.sqrt(n))
+        p, side = self.patch_embed.patch_size, int(math.sqrt(n))
         h0, w0 = h // p + 0.1, w // p + 0.1
         grid = self.pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
         grid = F.interpolate(grid, scale_factor=(h0 / side, w0 / side), mode="bicubic")
@@ -237,30 +218,23 @@ class VisionTransformer(nn.Module):
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
         return x + self.interpolate_pos_encoding(x.shape[1] - 1, H, W)
 
-    def forward(self, x):  # (B, 3, H, W) -> (B, D)
-        x = self.prepare_tokens(x)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)[:, 0]
+    def forward(self, x):  # (B, 3, H, W) -> [CLS] (B, D)
+        return self.get_intermediate_layers(x)[0][:, 0]
 
-    def forward_tokens(self, x, return_attention: bool = False):
-        """Leopart's need: all normed tokens (B, 1+N, D) and, if asked, the last block's
-        attention (B, heads, 1+N, 1+N), in one pass."""
+    def tokens_and_attention(self, x):
+        """(B, 3, H, W) -> the normed tokens (B, 1+N, D) and the last block's attention (B, heads, 1+N, 1+N),
+        in one pass (Leopart's teacher: its assignments and its foreground mask)."""
         x = self.prepare_tokens(x)
         for blk in self.blocks[:-1]:
             x = blk(x)
-        x, attn = self.blocks[-1](x, return_attention=True) if return_attention else (self.blocks[-1](x), None)
-        return self.norm(x), attn
+        attn = self.blocks[-1].attn.weights(self.blocks[-1].norm1(x))
+        return self.norm(self.blocks[-1](x, attn)), attn
 
     def get_last_selfattention(self, x):  # -> (B, heads, 1+N, 1+N)
-        x = self.prepare_tokens(x)
-        for blk in self.blocks[:-1]:
-            x = blk(x)
-        return self.blocks[-1](x, return_attention=True)[1]
+        return self.tokens_and_attention(x)[1]
 
     def get_intermediate_layers(self, x, n: int = 1):  # -> list of n tensors (B, 1+N, D), normed
-        x = self.prepare_tokens(x)
-        out = []
+        x, out = self.prepare_tokens(x), []
         for i, blk in enumerate(self.blocks):
             x = blk(x)
             if i >= len(self.blocks) - n:
@@ -301,10 +275,8 @@ class LeopartHead(nn.Module):
     def __init__(self, in_dim, hidden_dim=2048, out_dim=256, num_layers=3, num_prototypes=300):
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
-        layers = []
-        for i in range(num_layers):
-            layers += [nn.Linear(dims[i], dims[i + 1])] + ([nn.GELU()] if i < num_layers - 1 else [])
-        self.mlp = nn.Sequential(*layers)
+        layers = [m for i in range(num_layers) for m in (nn.Linear(dims[i], dims[i + 1]), nn.GELU())][:-1]
+        self.mlp = nn.Sequential(*layers)  # Linear, GELU, ..., Linear
         self.prototypes = nn.Linear(out_dim, num_prototypes, bias=False)
         self.apply(VisionTransformer._init_weights)
 
@@ -318,31 +290,29 @@ class LeopartHead(nn.Module):
 
 
 class LeopartNet(nn.Module):
-    """ViT at `backbone`, head at `head` (DINO's MultiCropWrapper layout, so DINO's eval scripts
-    load it). forward(crops) runs every resolution group once and returns per-crop maps."""
+    """ViT at `backbone`, head at `head`: DINO's MultiCropWrapper layout, so that DINO's eval scripts load it."""
 
     def __init__(self, backbone, head):
         super().__init__()
         self.backbone, self.head = backbone, head
 
     def forward(self, crops, with_attention: bool = False):
-        """crops: list of (B, 3, H_i, W_i) -> per crop: embeddings (B, h*w, E), scores (B, K, h, w)
-        and the [CLS]->patch attention of the last block averaged over heads (B, h, w) or None."""
-        embs, scores, attns, start = [], [], [], 0
-        while start < len(crops):  # consecutive crops of one size share a forward pass
-            end = start
-            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
-                end += 1
-            x = torch.cat(crops[start:end])
-            h, w = x.shape[-2] // self.backbone.patch_embed.patch_size, x.shape[-1] // self.backbone.patch_embed.patch_size
-            tokens, attn = self.backbone.forward_tokens(x, return_attention=with_attention)
-            emb, score = self.head(tokens[:, 1:])
-            embs += emb.chunk(end - start)
-            scores += rearrange(score, "b (h w) k -> b k h w", h=h, w=w).chunk(end - start)
+        """crops: list of (B, 3, H_i, W_i) -> per crop: embeddings (B, h*w, E), scores (B, K, h, w), and with
+        attention the [CLS]->patch attention of the last block averaged over heads (B, h, w) (else an empty list)."""
+        embs, scores, attns = [], [], []
+        for _, group in itertools.groupby(crops, key=lambda c: c.shape[-2:]):  # crops of one size: one pass
+            group = list(group)
+            x, p = torch.cat(group), self.backbone.patch_embed.patch_size
+            h, w = x.shape[-2] // p, x.shape[-1] // p
             if with_attention:
-                attns += rearrange(attn[:, :, 0, 1:].mean(1), "b (h w) -> b h w", h=h, w=w).chunk(end - start)
-            start = end
-        return embs, scores, (attns if with_attention else None)
+                tokens, attn = self.backbone.tokens_and_attention(x)
+                attns += rearrange(attn[:, :, 0, 1:].mean(1), "b (h w) -> b h w", h=h, w=w).chunk(len(group))
+            else:
+                tokens = self.backbone.get_intermediate_layers(x)[0]
+            emb, score = self.head(tokens[:, 1:])
+            embs += emb.chunk(len(group))
+            scores += rearrange(score, "b (h w) k -> b k h w", h=h, w=w).chunk(len(group))
+        return embs, scores, attns
 
 
 # ====== Data: multi-crop with kept boxes (paper Sec. 3.2): every crop overlaps the global crops, and for each
@@ -412,12 +382,11 @@ def align(maps: torch.Tensor, boxes: torch.Tensor, patch_size: int, out_size: in
     return roi_align(maps, rois, out_size, spatial_scale=1.0, aligned=True)
 
 
-# ====== Online Sinkhorn-Knopp (SwAV's, as Leopart runs it): balanced soft assignments of the batch
-# tokens (+ queue) to the prototypes; under DDP only sums cross devices.
+# ====== Dense clustering: online Sinkhorn-Knopp assignments (SwAV's, as Leopart runs it), foreground (Sec. 3.3)
 @torch.no_grad()
 def sinkhorn_online(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
-    """scores (N, K) cosines of this rank's tokens -> Q (N, K), rows sum to 1, every prototype
-    getting an equal share of the tokens of all ranks. Q = exp(scores / eps) rescaled (eq. 3)."""
+    """scores (N, K) cosines of this rank's tokens (+ queue) -> Q (N, K), rows sum to 1, every prototype getting an
+    equal share of the tokens of all ranks (DDP: only sums cross devices). Q = exp(scores / eps) rescaled (eq. 3)."""
     distributed = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if distributed else 1
 
@@ -437,13 +406,11 @@ def sinkhorn_online(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> 
     return (Q / Q.sum(dim=0, keepdim=True)).t()
 
 
-# ====== Foreground from the teacher's [CLS] attention (paper Sec. 3.3)
 @torch.no_grad()
 def foreground_mask(attn: torch.Tensor, mass: float = 0.6, sigma: float = 0.6, min_size: int = 3):
-    """attn (B, h, w) head-averaged [CLS] attention -> bool (B, h, w): blur (7x7 Gaussian), keep the
-    most-attended tokens that together hold `mass` of the blurred attention, then drop connected
-    components (8-neighbourhood) smaller than `min_size` (<= 3) tokens, by neighbour counts on the device
-    (no host sync): a token is in a component of 3 or more if it has 2 neighbours, or 1 neighbour that has 2."""
+    """attn (B, h, w) head-averaged [CLS] attention -> bool (B, h, w): blur (7x7 Gaussian), keep the most-attended
+    tokens that together hold `mass` of the blurred attention, then drop connected components (8-neighbourhood)
+    smaller than `min_size` (<= 3) tokens: a token is in one of 3 or more if it has 2 neighbours, or 1 that has 2."""
     B, h, w = attn.shape
     a = TF.gaussian_blur(attn.float()[:, None], kernel_size=[7, 7], sigma=[sigma, sigma]).flatten(1)
     a = a / a.sum(dim=1, keepdim=True)
@@ -459,40 +426,38 @@ def foreground_mask(attn: torch.Tensor, mass: float = 0.6, sigma: float = 0.6, m
 
 
 def foreground_bins(fg: torch.Tensor, boxes: torch.Tensor, patch_size: int, out_size: int = 7):
-    """fg bool (B, h, w), boxes (B, 4) -> float (B, out, out): 1 where a RoI-align bin lies entirely on
-    foreground, `>= 1.0` exactly as official spatial_loss; its float error drops ~2 % of such bins there too."""
+    """fg bool (B, h, w), boxes (B, 4) -> float (B, out, out): 1 where a RoI-align bin lies entirely on foreground
+    (`>= 1.0`, float error included, as official spatial_loss)."""
     return (align(fg[:, None].float(), boxes, patch_size, out_size)[:, 0] >= 1.0).float()
 
 
-# ====== Loss (paper eq. 4): cross-entropy between the teacher's aligned Sinkhorn assignments of
-# each global crop and the student's aligned predictions from every other crop, on foreground.
+# ====== Loss (paper eq. 4): teacher's aligned assignments vs the student's aligned predictions, on foreground
 class LeopartLoss(nn.Module):
-    """Holds the queue of past teacher embeddings (one per global crop, this rank's share). After
-    each call, `target_entropy` (a detached scalar, read when logging: no GPU sync per step) is the
-    entropy of the aligned targets averaged as the loss is: the loss can fall no lower, and
-    loss - target_entropy is the KL the student has yet to close."""
+    """Cross-entropy between the aligned Sinkhorn assignments of each global crop (the teacher's) and the aligned
+    predictions from every other crop (the student's). Holds the queue of past teacher embeddings (this rank's)."""
 
     def __init__(self, args, world_size=1):
         super().__init__()
         self.args = args
         n = args.queue_length // world_size if args.queue_length > 0 else 0
         self.register_buffer("queue", torch.zeros(args.global_crops_number, n, args.proj_dim))
-        self.target_entropy, self.full = float("nan"), [False] * args.global_crops_number
+        self.full = [False] * args.global_crops_number
 
     def forward(self, student_scores, teacher_embs, teacher_scores, teacher_attns, boxes, prototypes):
-        """student_scores: per crop (B, K, h, w); teacher_*: per global crop (B, h*w, E), (B, K, h, w),
-        (B, h, w) or None; boxes: dict of (B, G, C, 4); prototypes: (K, E) for the queue."""
+        """student_scores: per crop (B, K, h, w); teacher_*: per global crop (B, h*w, E), (B, K, h, w), (B, h, w)
+        (no attentions, []: every token counts); boxes: dict of (B, G, C, 4); prototypes (K, E), for the queue -> the
+        loss and the entropy of the aligned targets averaged as the loss is (0-d each): the loss's floor, so that
+        loss - entropy is the KL the student has yet to close."""
         a, G, C = self.args, self.args.global_crops_number, len(student_scores)
         p, r = a.patch_size, a.roi_align_size
-        distributed = dist.is_available() and dist.is_initialized()
-        world = dist.get_world_size() if distributed else 1
-        fgs = [None if m is None else foreground_mask(m, a.fg_mass, a.blur_sigma) for m in teacher_attns or [None] * G]
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        fgs = [foreground_mask(m, a.fg_mass, a.blur_sigma) for m in teacher_attns] or [None] * G
         fgs = [~fg if a.loss_mask == "bg" else fg for fg in fgs]
         pairs = [(g, v) for g in range(G) for v in range(C) if v != g]
         weights = [foreground_bins(fgs[g], boxes["in_global"][:, g, v], p, r) if fgs[g] is not None else
                    teacher_scores[g].new_ones(len(teacher_scores[g]), r, r, dtype=torch.float32) for g, v in pairs]
         counts = torch.stack([weight.sum() for weight in weights]).detach()
-        if distributed:  # normalise by the global counts (one all-reduce): DDP then equals one big batch
+        if world > 1:  # normalise by the global counts (one all-reduce): DDP then equals one big batch
             dist.all_reduce(counts)
         if self.queue.shape[1] > 0 and not all(self.full):  # one host sync a step, only until the queues are full
             self.full = (self.queue[:, -1] != 0).any(dim=1).tolist()
@@ -520,8 +485,7 @@ class LeopartLoss(nn.Module):
                 sub_entropy = sub_entropy + torch.where(has, (bin_entropy * weight).sum() * per_bin, 0.0)
             loss = loss + sub / (C - 1)
             entropy = entropy + sub_entropy / (C - 1)
-        self.target_entropy = entropy / G
-        return loss / G
+        return loss / G, entropy / G
 
     @torch.no_grad()
     def push(self, g, emb, fg):
@@ -536,7 +500,39 @@ class LeopartLoss(nn.Module):
         self.queue[g] = torch.where((rows < n)[:, None], pick[rows.clamp(max=most - 1)], old)
 
 
+def leopart_loss(student, teacher, criterion: LeopartLoss, crops, boxes, autocast):
+    """crops: list of (B, 3, H_i, W_i) on the device, the global crops first; boxes: dict of (B, G, C, 4)
+    -> the loss (0-d) and stats {name: 0-d tensor}. `student` may be DDP-wrapped; the teacher sees the global crops."""
+    model = student.module if hasattr(student, "module") else student
+    model.head.normalize_prototypes()  # scores are cosines
+    teacher.head.normalize_prototypes()
+    with autocast:
+        with torch.no_grad():
+            t_embs, t_scores, t_attns = teacher(crops[:criterion.args.global_crops_number],
+                                                with_attention=criterion.args.loss_mask != "all")
+        _, s_scores, _ = student(crops)
+        loss, target_entropy = criterion(s_scores, t_embs, t_scores, t_attns, boxes,
+                                         model.head.prototypes.weight.detach())
+    return loss, {"loss": loss, "target_entropy": target_entropy}
+
+
 # ====== Training
+def init_backbone(args, drop_path=None):
+    """The network training starts from: --pretrained, else random (seeded by the caller); drop_path: --drop-path."""
+    backbone = ARCHS[args.arch](args.patch_size, drop_path_rate=args.drop_path if drop_path is None else drop_path)
+    if args.pretrained:
+        data.load_pretrained(backbone, args.pretrained)
+    return backbone
+
+
+def init_teacher(args, device="cpu"):
+    """As official src/leopart.py `init_model`: its own random draw, no drop-path, --pretrained loaded; rank 0's."""
+    backbone = init_backbone(args, drop_path=0.0)
+    head = LeopartHead(backbone.embed_dim, args.proj_hidden_dim, args.proj_dim, args.proj_layers, args.num_prototypes)
+    teacher = LeopartNet(backbone, head).to(device).requires_grad_(False).eval()
+    return data.broadcast_module(teacher)
+
+
 def param_groups(model: LeopartNet, args):
     """Backbone and head groups, each split into decayed weights and (no-decay) norms and biases."""
     groups = []
@@ -546,85 +542,6 @@ def param_groups(model: LeopartNet, args):
         groups += [dict(params=decay, lr=lr, base=base, decay=True),
                    dict(params=no_decay, lr=lr, weight_decay=0.0, base=base, decay=False)]
     return groups
-
-
-def train(args):
-    from tqdm import tqdm
-
-    d = data.init_distributed()
-    args.amp = data.resolve_amp(args.amp, d.device)
-    autocast = data.autocast(d.device, args.amp)
-    data.seed_everything(args.seed)  # not per rank: the same initial networks everywhere (per rank: each epoch)
-    log, ckpt_path, ckpt = data.prepare_output_dir(args.output_dir, args.resume, args.overwrite, d.is_main, METHOD,
-                                                   d.world_size)
-
-    backbone = init_backbone(args)  # first, right after seeding: main() rebuilds the same for "before"
-    crops = LeopartCrops(args.global_crops_size, args.local_crops_size, args.global_crops_number,
-                         args.local_crops_number, args.global_crops_scale, args.local_crops_scale, args.min_intersection)
-    dataset = data.ImagesOrFrames(args.data, crops, args.video_frame_step)
-    sampler = torch.utils.data.DistributedSampler(dataset, d.world_size, d.rank, seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_per_gpu, sampler=sampler,
-                                         num_workers=args.num_workers, drop_last=True, pin_memory=d.device.type == "cuda")
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise SystemExit(f"--data {args.data}: {len(dataset)} images is fewer than one batch of {args.batch_size_per_gpu}")
-
-    # Student and EMA teacher; the teacher sees only the global crops.
-    head = LeopartHead(backbone.embed_dim, args.proj_hidden_dim, args.proj_dim, args.proj_layers, args.num_prototypes)
-    model = LeopartNet(backbone, head).to(d.device)
-    teacher = init_teacher(args, d.device)
-    criterion = LeopartLoss(args, d.world_size).to(d.device)
-
-    optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr_backbone, weight_decay=args.weight_decay)
-    scaler = data.make_scaler(args.amp, d.device)
-    total = args.epochs * steps_per_epoch
-    lr_sched = {"backbone": data.cosine_schedule(args.lr_backbone, args.final_lr, args.epochs, steps_per_epoch),
-                "head": data.cosine_schedule(args.lr_heads, args.final_lr, args.epochs, steps_per_epoch)}
-    wd_sched = data.cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, steps_per_epoch)
-    momentum_sched = data.cosine_schedule(args.momentum_teacher, 1.0, args.epochs, steps_per_epoch)
-
-    start_epoch, step = data.resume_step(ckpt, steps_per_epoch)
-    if ckpt is not None:  # --resume
-        model.load_state_dict(ckpt["model"])
-        teacher.load_state_dict(ckpt["teacher"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        criterion.queue.copy_(queue_share(ckpt["queue"], d.rank, d.world_size, criterion.queue.shape[1]))
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[d.device] if d.device.type == "cuda" else None) \
-        if d.world_size > 1 else model
-    if args.bench:  # loader and step rates (data.bench_train)
-        return data.bench_train(loader, lambda b: train_step(ddp, teacher, criterion, optimizer, scaler, autocast, *b,
-                                                             float(momentum_sched[0]), d.device), args.bench, d.device)
-
-    for epoch in range(start_epoch, min(args.epochs, start_epoch + (args.stop_after or args.epochs))):
-        data.seed_everything(args.seed + epoch, d.rank)  # a resumed run replays the same randomness
-        sampler.set_epoch(epoch)
-        ddp.train()
-        bar = tqdm(loader, disable=not d.is_main, desc=f"epoch {epoch}", leave=False)
-        t0 = time.time()
-        for batch_crops, boxes in bar:
-            for group in optimizer.param_groups:  # per-step schedules, precomputed (DINO's way)
-                group["lr"] = float(lr_sched[group["base"]][step])
-                if group["decay"]:
-                    group["weight_decay"] = float(wd_sched[step])
-            loss = train_step(ddp, teacher, criterion, optimizer, scaler, autocast, batch_crops, boxes,
-                              float(momentum_sched[step]), d.device)
-            step += 1
-            ips = len(batch_crops[0]) * d.world_size * (bar.n + 1) / (time.time() - t0)
-            bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{ips:.0f}")
-            if step % args.log_every == 0 or step == total:
-                log.log({"epoch": epoch, "step": step, "loss": loss, "target_entropy": float(criterion.target_entropy),
-                         "lr_backbone": float(lr_sched["backbone"][step - 1]), "lr_heads": float(lr_sched["head"][step - 1]),
-                         "wd": float(wd_sched[step - 1]), "momentum": float(momentum_sched[step - 1]), "img_s": ips})
-        queue = gather_queue(criterion.queue, d.world_size)
-        if d.is_main:
-            data.save_checkpoint({"method": METHOD, "args": vars(args), "epoch": epoch + 1, "step": step,
-                                  "model": model.state_dict(), "teacher": teacher.state_dict(),
-                                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                                  "queue": queue.cpu(), "world_size": d.world_size}, ckpt_path)
-            print(f"epoch {epoch}: loss {loss:.3f}, {ips:.0f} img/s, saved {ckpt_path}")
-    data.finish_distributed()
-    return model, teacher
 
 
 def gather_queue(queue, world_size):
@@ -645,36 +562,108 @@ def queue_share(saved, rank, world_size, n):
     return torch.cat([share, share.new_zeros(share.shape[0], n - share.shape[1], share.shape[2])], dim=1)
 
 
-def train_step(student, teacher, criterion, optimizer, scaler, autocast, crops, boxes, momentum, device):
-    """One Leopart step on a batch: crops list of (B, 3, H, W), boxes dict of (B, G, C, 4).
-    Returns the loss (float). `student` may be DDP-wrapped; the teacher follows by EMA."""
-    raw = student.module if hasattr(student, "module") else student
+# What a training step uses besides the batch: the student (maybe DDP-wrapped), its EMA teacher, the loss (its queue)
+TrainState = collections.namedtuple("TrainState", "student teacher criterion optimizer scaler autocast device")
+
+
+def train_step(state: TrainState, crops, boxes, momentum: float) -> dict:
+    """One Leopart step on a batch (crops: list of (B, 3, H_i, W_i), boxes: dict of (B, G, C, 4)) -> its stats
+    as floats. The training loop's step and --bench's."""
+    student, teacher, criterion, optimizer, scaler, autocast, device = state
     crops = [c.to(device, non_blocking=True) for c in crops]
     boxes = {k: v.to(device) for k, v in boxes.items()}
-    G = criterion.args.global_crops_number
-    raw.head.normalize_prototypes()
-    teacher.head.normalize_prototypes()
-    with autocast:
-        with torch.no_grad():
-            t_embs, t_scores, t_attns = teacher(crops[:G], with_attention=criterion.args.loss_mask != "all")
-        _, s_scores, _ = student(crops)
-        loss = criterion(s_scores, t_embs, t_scores, t_attns, boxes, raw.head.prototypes.weight.detach())
+    loss, stats = leopart_loss(student, teacher, criterion, crops, boxes, autocast)
+    # ------ update (the same block in every method file)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    stats = data.host_stats(stats)  # the step's one host sync; raises on a non-finite loss
     scaler.step(optimizer)
     scaler.update()
-    with torch.no_grad():  # EMA teacher (momentum cosine 0.9995 -> 1), fused over the tensors that train
-        pairs = [(pt, ps.detach()) for ps, pt in zip(raw.parameters(), teacher.parameters()) if ps.requires_grad]
-        torch._foreach_mul_([pt for pt, _ in pairs], momentum)
-        torch._foreach_add_([pt for pt, _ in pairs], [ps for _, ps in pairs], alpha=1 - momentum)
-    return loss.item()
+    data.ema_update(teacher, student, momentum)
+    return stats
+
+
+def train(args):
+    d = data.init_distributed()
+    args.amp = data.resolve_amp(args.amp, d.device)
+    autocast = data.autocast(d.device, args.amp)
+    data.seed_everything(args.seed)  # not per rank: the same initial networks everywhere (per rank: each epoch)
+    log, ckpt_path, ckpt = data.prepare_output_dir(args.output_dir, args.resume, args.overwrite, d.is_main, METHOD,
+                                                   d.world_size)
+
+    backbone = init_backbone(args)  # first, right after seeding: main() rebuilds the same for "before"
+    crops = LeopartCrops(args.global_crops_size, args.local_crops_size, args.global_crops_number,
+                         args.local_crops_number, args.global_crops_scale, args.local_crops_scale,
+                         args.min_intersection)
+    dataset = data.ImagesOrFrames(args.data, crops, args.video_frame_step)
+    sampler = torch.utils.data.DistributedSampler(dataset, d.world_size, d.rank, seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_per_gpu, sampler=sampler,
+                                         num_workers=args.num_workers, drop_last=True,
+                                         pin_memory=d.device.type == "cuda")
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise SystemExit(f"--data {args.data}: {len(dataset)} images is fewer than one batch of "
+                         f"{args.batch_size_per_gpu}")
+
+    # Student and EMA teacher; the teacher sees only the global crops.
+    head = LeopartHead(backbone.embed_dim, args.proj_hidden_dim, args.proj_dim, args.proj_layers, args.num_prototypes)
+    model = LeopartNet(backbone, head).to(d.device)
+    teacher = init_teacher(args, d.device)
+    criterion = LeopartLoss(args, d.world_size).to(d.device)
+
+    optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr_backbone, weight_decay=args.weight_decay)
+    scaler = data.make_scaler(args.amp, d.device)
+    total = args.epochs * steps_per_epoch
+    lr_sched = {"backbone": data.cosine_schedule(args.lr_backbone, args.final_lr, args.epochs, steps_per_epoch),
+                "head": data.cosine_schedule(args.lr_heads, args.final_lr, args.epochs, steps_per_epoch)}
+    wd_sched = data.cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, steps_per_epoch)
+    momentum_sched = data.cosine_schedule(args.momentum_teacher, 1.0, args.epochs, steps_per_epoch)
+
+    start_epoch, step = data.resume_step(ckpt, steps_per_epoch)
+    if ckpt is not None:  # --resume
+        for part, key in ((model, "model"), (teacher, "teacher"), (optimizer, "optimizer"), (scaler, "scaler")):
+            part.load_state_dict(ckpt[key])
+        criterion.queue.copy_(queue_share(ckpt["queue"], d.rank, d.world_size, criterion.queue.shape[1]))
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[d.device] if d.device.type == "cuda" else None) \
+        if d.world_size > 1 else model
+    state = TrainState(ddp, teacher, criterion, optimizer, scaler, autocast, d.device)
+    if args.bench:  # loader and step rates (data.bench_train) of the training step
+        return data.bench_train(loader, lambda b: train_step(state, *b, float(momentum_sched[0])), args.bench, d.device)
+
+    for epoch in range(start_epoch, min(args.epochs, start_epoch + (args.stop_after or args.epochs))):
+        data.seed_everything(args.seed + epoch, d.rank)  # a resumed run replays the same randomness
+        sampler.set_epoch(epoch)
+        ddp.train()
+        bar = tqdm(loader, disable=not d.is_main, desc=f"epoch {epoch}", leave=False)
+        t0 = time.time()
+        for batch_crops, boxes in bar:
+            for group in optimizer.param_groups:  # per-step schedules, precomputed (DINO's way)
+                group["lr"] = float(lr_sched[group["base"]][step])
+                if group["decay"]:
+                    group["weight_decay"] = float(wd_sched[step])
+            stats = train_step(state, batch_crops, boxes, float(momentum_sched[step]))
+            step += 1
+            ips = len(batch_crops[0]) * d.world_size * (bar.n + 1) / (time.time() - t0)
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", img_s=f"{ips:.0f}")
+            if step % args.log_every == 0 or step == total:
+                log.log({"epoch": epoch, "step": step, **stats, "lr_backbone": float(lr_sched["backbone"][step - 1]),
+                         "lr_heads": float(lr_sched["head"][step - 1]), "wd": float(wd_sched[step - 1]),
+                         "momentum": float(momentum_sched[step - 1]), "img_s": ips})
+        queue = gather_queue(criterion.queue, d.world_size)
+        if d.is_main:
+            data.save_checkpoint({"method": METHOD, "args": vars(args), "epoch": epoch + 1, "step": step,
+                                  "model": model.state_dict(), "teacher": teacher.state_dict(),
+                                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                                  "queue": queue.cpu(), "world_size": d.world_size}, ckpt_path)
+            print(f"epoch {epoch}: loss {stats['loss']:.3f}, {ips:.0f} img/s, saved {ckpt_path}")
+    data.finish_distributed()
+    return model, teacher
 
 
 # ====== Evaluation, and its pictures, through evaluate.py
 def evaluate_backbone(backbone, args, tag, pictures=False):
-    """Demo/after-training evaluation: evaluate.run_suite's dense benchmarks (seg-cluster, seg-linear) on
-    the synthetic world, and the paper's fully unsupervised segmentation (evaluate.py's, with this
-    file's foreground mask) on its VOC-layout split."""
+    """evaluate.run_suite's seg-cluster and seg-linear on the synthetic world, and the paper's fully unsupervised
+    segmentation (evaluate.py's, with this file's foreground mask) on a VOC-layout split."""
     import evaluate
     backbone.eval()
     device = next(backbone.parameters()).device
@@ -685,28 +674,11 @@ def evaluate_backbone(backbone, args, tag, pictures=False):
     if args.eval_data:
         noisy_fg = lambda attn: foreground_mask(attn, 0.65, 0.6)  # noqa: E731  (the official CBFE's mass)
         picture = os.path.join(args.output_dir, f"cluster_maps_{tag}.png") if pictures else None
-        scores = evaluate.unsupervised_segmentation_voc(backbone, args.eval_data, args.eval_size, noisy_fg, args.k_fg,
-                                                        args.k_community, args.seed, picture, f"Leopart, {tag} training")
+        scores = evaluate.unsupervised_segmentation_voc(backbone, args.eval_data, args.eval_size, noisy_fg,
+                                                        args.k_fg, args.k_community, args.seed, picture,
+                                                        f"Leopart, {tag} training")
         results.update({f"unsup/{k}": v for k, v in scores.items()})
     return results
-
-
-def init_backbone(args, drop_path=None):
-    """The network training starts from: --pretrained if given, else random (seeded by the caller);
-    drop_path: the student's --drop-path unless given (the teacher has none)."""
-    backbone = ARCHS[args.arch](args.patch_size, drop_path_rate=args.drop_path if drop_path is None else drop_path)
-    if args.pretrained:
-        data.load_pretrained(backbone, args.pretrained)
-    return backbone
-
-
-def init_teacher(args, device="cpu"):
-    """The teacher as official src/leopart.py `init_model` builds it: its own random draw, no drop-path;
-    --pretrained loads into its backbone too (finetune_with_leopart.py); rank 0's on every rank."""
-    backbone = init_backbone(args, drop_path=0.0)
-    head = LeopartHead(backbone.embed_dim, args.proj_hidden_dim, args.proj_dim, args.proj_layers, args.num_prototypes)
-    teacher = LeopartNet(backbone, head).to(device).requires_grad_(False).eval()
-    return data.broadcast_module(teacher)
 
 
 def main(args):

@@ -85,6 +85,20 @@ def test_dino_weights_load_strict(tmp_path):
         data.load_pretrained(L.vit_small(16), str(plain))
 
 
+def test_one_pass_tokens_and_attention_equal_dino_s_calls():
+    """tokens_and_attention (the teacher's one pass: the last block mixes through the explicit weights it returns)
+    against DINO's calls (the fused kernel): the same attention, the same tokens up to float error."""
+    torch.manual_seed(0)
+    vit = L.vit_demo(8).eval()
+    x = torch.randn(2, 3, 32, 24)  # 4 x 3 patches
+    with torch.no_grad():
+        tokens, attn = vit.tokens_and_attention(x)
+        assert attn.shape == (2, 3, 13, 13) and torch.allclose(attn.sum(-1), torch.ones(2, 3, 13))
+        assert torch.equal(attn, vit.get_last_selfattention(x))
+        assert torch.allclose(tokens, vit.get_intermediate_layers(x)[0], atol=1e-5)
+        assert torch.equal(vit(x), vit.get_intermediate_layers(x)[0][:, 0])
+
+
 def test_teacher_initialised_independently(tmp_path):
     # official src/leopart.py init_model: the teacher is a second network with its own random draw and
     # no drop-path; --pretrained weights go into both backbones, the heads stay independent
@@ -204,21 +218,21 @@ def test_target_entropy_is_the_loss_floor(mask):
     with torch.no_grad():
         t_embs, t_scores, t_attns = teacher(crops[:args.global_crops_number], with_attention=mask != "all")
         _, s_scores, _ = student(crops)
-    loss = criterion(s_scores, t_embs, t_scores, t_attns, boxes, student.head.prototypes.weight)
-    assert 0 < criterion.target_entropy <= loss.item() + 1e-5
+    loss, target_entropy = criterion(s_scores, t_embs, t_scores, t_attns, boxes, student.head.prototypes.weight)
+    assert 0 < target_entropy <= loss.item() + 1e-5
     uniform = [torch.zeros_like(s) for s in s_scores]  # a student that predicts nothing: loss = ln K exactly
-    loss = criterion(uniform, t_embs, t_scores, t_attns, boxes, student.head.prototypes.weight)
+    loss, target_entropy = criterion(uniform, t_embs, t_scores, t_attns, boxes, student.head.prototypes.weight)
     assert abs(loss.item() - math.log(args.num_prototypes)) < 1e-4
-    assert criterion.target_entropy < loss.item() - 0.01  # Sinkhorn's targets are not uniform
+    assert target_entropy < loss.item() - 0.01  # Sinkhorn's targets are not uniform
 
 
 # --------------------------------------------------------------------------- steps: DDP, bf16
 def one_step(args, crops, boxes, student, teacher, autocast=contextlib.nullcontext()):
     criterion = L.LeopartLoss(args, torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.5)  # plain SGD: the update is the gradient
-    loss = L.train_step(student, teacher, criterion, optimizer, torch.amp.GradScaler("cpu", enabled=False), autocast,
-                        crops, boxes, momentum=0.9, device=torch.device("cpu"))
-    return loss
+    state = L.TrainState(student, teacher, criterion, optimizer, torch.amp.GradScaler("cpu", enabled=False), autocast,
+                         torch.device("cpu"))
+    return L.train_step(state, crops, boxes, momentum=0.9)["loss"]
 
 
 def _ddp_worker(rank, world, init_file, out_dir):
@@ -265,7 +279,19 @@ def test_bf16_autocast_step():
     loss16 = one_step(args, crops, boxes, s16, t16, torch.autocast("cpu", dtype=torch.bfloat16))
     assert np.isfinite(loss16) and abs(loss16 - loss32) < 0.05 * loss32
     assert all(torch.isfinite(p).all() for p in s16.parameters())
-    assert not torch.equal(s16.backbone.blocks[0].attn.qkv.weight, tiny_model(args)[0].backbone.blocks[0].attn.qkv.weight)
+    initial = tiny_model(args)[0].backbone.blocks[0].attn.qkv.weight
+    assert not torch.equal(s16.backbone.blocks[0].attn.qkv.weight, initial)
+
+
+def test_step_stops_on_a_non_finite_loss_before_the_update():
+    args = tiny_args("--loss-mask", "all")
+    crops, boxes = make_batch(args, 4)
+    crops[1][0] = float("nan")  # one broken crop
+    student, teacher = tiny_model(args)
+    before = copy.deepcopy(student.backbone.state_dict())
+    with pytest.raises(FloatingPointError, match="loss is nan"):
+        one_step(args, crops, boxes, student, teacher)
+    assert all(torch.equal(v, before[k]) for k, v in student.backbone.state_dict().items())  # no update taken
 
 
 # --------------------------------------------------------------------------- the demo on one's own video
@@ -362,9 +388,9 @@ def test_demo_on_ones_own_photos_in_two_pieces_equals_one_run(tmp_path, monkeypa
     monkeypatch.setattr(data, "demo_eval_root", lambda *a, **k: str(tmp_path))  # the evaluation is stubbed below
     monkeypatch.setattr(L, "evaluate_backbone", draw_from_every_stream)
     straight, pieces = one_run_and_two_pieces(
-        L, tmp_path, "--data", own_photos(tmp_path / "photos", n=8), "--global-crops-size", "32", "--local-crops-size", "16",
-        "--local-crops-number", "1", "--batch-size-per-gpu", "4", "--proj-hidden-dim", "32", "--proj-dim", "16",
-        "--num-prototypes", "10", "--queue-length", "16")
+        L, tmp_path, "--data", own_photos(tmp_path / "photos", n=8), "--global-crops-size", "32",
+        "--local-crops-size", "16", "--local-crops-number", "1", "--batch-size-per-gpu", "4", "--proj-hidden-dim", "32",
+        "--proj-dim", "16", "--num-prototypes", "10", "--queue-length", "16")
     assert straight["step"] == pieces["step"] == 4
     for part in ("model", "teacher"):
         for k, v in straight[part].items():
