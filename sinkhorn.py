@@ -451,6 +451,19 @@ def sela_loss(model, images, labels, autocast):
 
 
 # ====== Training
+def train_step(model, optimizer, scaler, images, labels, autocast) -> dict:
+    """One update on the current labels (num_heads, B) of these images -> stats {name: float}."""
+    loss, stats = sela_loss(model, images, labels, autocast)
+
+    # ------ update (the same block in every method file)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    stats = data.host_stats(stats)  # the step's one host sync; raises on a non-finite loss
+    scaler.step(optimizer)
+    scaler.update()
+    return stats
+
+
 def lr_at(epoch, args):  # step schedule of the paper: x0.1 at each milestone
     return args.lr * 0.1 ** sum(epoch >= m for m in args.lr_milestones)
 
@@ -501,13 +514,8 @@ def train(args):
     if args.bench:  # loader and step rates (data.bench_train)
         def bench_step(batch):  # the step of the loop below
             images, _, index = batch
-            loss, stats = sela_loss(ddp, images.to(d.device, non_blocking=True), labels[:, index.to(d.device)],
-                                    autocast)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            data.host_stats(stats)
-            scaler.step(optimizer)
-            scaler.update()
+            images, index = images.to(d.device, non_blocking=True), index.to(d.device)
+            return train_step(ddp, optimizer, scaler, images, labels[:, index], autocast)
         return data.bench_train(loader, bench_step, args.bench, d.device)
 
     # epochs + 1 passes, as official main.py's loop (fewer with --stop-after)
@@ -525,15 +533,7 @@ def train(args):
                     updates.pop(0)
                 labels = update_labels(ddp, dataset, args, d, autocast)
             images, index = images.to(d.device, non_blocking=True), index.to(d.device)
-            loss, stats = sela_loss(ddp, images, labels[:, index], autocast)
-
-            # ------ update (the same block in every method file)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            stats = data.host_stats(stats)  # the step's one host sync; raises on a non-finite loss
-            scaler.step(optimizer)
-            scaler.update()
-
+            stats = train_step(ddp, optimizer, scaler, images, labels[:, index], autocast)
             step += 1
             ips = len(images) * d.world_size * (bar.n + 1) / (time.time() - t0)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", img_s=f"{ips:.0f}")
