@@ -156,15 +156,18 @@ def own_photos(folder, n=16, h=48, w=64):
     rng, y, x = np.random.default_rng(1), *np.mgrid[0:h, 0:w]
     for i in range(n):
         base = np.stack([x * (i + 1) % 256, (3 * y + 7 * i) % 256, 2 * (x + y) % 256], -1)
-        Image.fromarray(np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)).save(f"{folder}/{i}.png")
+        noisy = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(f"{folder}/{i}.png")
     return str(folder)
 
 
 def own_noisy_video(path, num_frames=32, h=48, w=64):
     """An mp4 unlike the synthetic world: a drifting colour gradient under noise (data.write_video)."""
     rng, y, x = np.random.default_rng(2), *np.mgrid[0:h, 0:w]
-    frames = [np.stack([(x + 3 * t) % 256, (2 * y + t) % 256, (2 * (x - y) + 5 * t) % 256], -1) for t in range(num_frames)]
-    data.write_video(path, np.clip(np.stack(frames) + rng.normal(0, 20, (num_frames, h, w, 3)), 0, 255).astype(np.uint8))
+    frames = [np.stack([(x + 3 * t) % 256, (2 * y + t) % 256, (2 * (x - y) + 5 * t) % 256], -1)
+              for t in range(num_frames)]
+    noise = rng.normal(0, 20, (num_frames, h, w, 3))
+    data.write_video(path, np.clip(np.stack(frames) + noise, 0, 255).astype(np.uint8))
     return str(path)
 
 
@@ -182,6 +185,6 @@ def one_run_and_two_pieces(module, tmp_path, *argv):
     once in two pieces (--stop-after 1, then --resume) -> the two final checkpoints."""
     for out, pieces in (("straight", [[]]), ("pieces", [["--stop-after", "1"], ["--resume"]])):
         for extra in pieces:
-            data.cli(module.main, module.get_args, ["--demo", *argv, "--epochs", "2", "--output-dir", str(tmp_path / out),
-                                                    *extra])
+            data.cli(module.main, module.get_args, ["--demo", *argv, "--epochs", "2",
+                                                    "--output-dir", str(tmp_path / out), *extra])
     return [data.load_checkpoint(tmp_path / out / "checkpoint.pth") for out in ("straight", "pieces")]

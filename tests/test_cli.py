@@ -182,7 +182,8 @@ def test_a_zero_byte_pretrained_file_is_refused_before_any_work(method, tmp_path
 def test_pretrained_says_what_a_file_holds(tmp_path, capsys):
     import sinkhorn
     conv = {"method": "sinkhorn", "args": {"arch": "convnet_demo", "patch_size": 16}, "epoch": 3,
-            "model": {f"backbone.{k}": v for k, v in sinkhorn.build_backbone({"arch": "convnet_demo"}).state_dict().items()}}
+            "model": {f"backbone.{k}": v
+                      for k, v in sinkhorn.build_backbone({"arch": "convnet_demo"}).state_dict().items()}}
     torch.save(conv, tmp_path / "conv.pth")
     torch.save({"method": "secat", "args": {"encoder_arch": "vit_demo", "patch_size": 8}, "epoch": 6,
                 "model": {"backbone.cls_token": torch.zeros(1, 1, 8)}}, tmp_path / "secat.pth")

@@ -3,6 +3,7 @@ masked loss, GPT-2 loading, greedy copying, DDP, bf16, resume."""
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import types
@@ -23,7 +24,8 @@ from conftest import (draw_from_every_stream, one_run_and_two_pieces, own_photos
 # ---------------------------------------------------------------- tokenizers
 def test_byte_tokenizer_round_trips_any_unicode_name():
     tok = secat.load_tokenizer(None)  # an LM from scratch reads bytes
-    names = ["striped ring", "Ærøskøbing", "狐狸", "crème brûlée", "🦊 fox", "e\u0301", "naïve-Ω", "", " \n\t"]
+    names = ["striped ring", "Ærøskøbing", "狐狸", "crème brûlée", "🦊 fox", "e\u0301", "naïve-Ω", "",
+             " \n\t"]
     rng = np.random.default_rng(0)
     for _ in range(200):  # random code points from the whole range, surrogates excluded
         cps = rng.integers(1, 0x10FFFF, rng.integers(1, 12))
@@ -42,7 +44,8 @@ def _bpe_folder(folder, fmt):
     os.makedirs(folder, exist_ok=True)
     if fmt == "vocab+merges":
         (folder / "vocab.json").write_text(json.dumps(vocab))
-        (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(" ".join(m) + "\n" for m in merges), encoding="utf-8")
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(" ".join(m) + "\n" for m in merges),
+                                           encoding="utf-8")
     else:  # as Hugging Face writes a GPT-2 tokenizer.json
         from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
         tok = Tokenizer(models.BPE(vocab, [tuple(m) for m in merges]))
@@ -55,12 +58,13 @@ def _bpe_folder(folder, fmt):
 @pytest.mark.parametrize("fmt", ["vocab+merges", "tokenizer.json"])
 def test_bpe_tokenizer_gives_gpt2s_ids_on_a_small_vocabulary(tmp_path, fmt):
     tok = secat.load_tokenizer(str(_bpe_folder(tmp_path / "lm", fmt)))
-    # by hand: pieces "a" " dax" "," " a" " dax" "'s" " 123"; " dax" = Ġ d a x -> Ġd a x -> Ġd ax -> Ġdax (ranks 0, 1, 2);
-    # " a" and "'s" have no merge; " 123" = Ġ 1 2 3 -> Ġ 12 3
+    # by hand: pieces "a" " dax" "," " a" " dax" "'s" " 123"; " dax" = Ġ d a x -> Ġd a x -> Ġd ax -> Ġdax
+    # (ranks 0, 1, 2); " a" and "'s" have no merge; " 123" = Ġ 1 2 3 -> Ġ 12 3
     ids = tok.encode("a dax, a dax's 123")
     assert ids == [0, 12, 6, 5, 0, 12, 4, 3, 5, 13, 9]
     assert tok.decode(ids + [tok.eos]) == "a dax, a dax's 123" and tok.eos == 14 and tok.vocab_size == 15
-    # \p{L} / \p{N} as GPT-2's pattern has them ("½" is a number, "ï" a letter; stdlib [^\W\d_] would call "½" a letter)
+    # \p{L} / \p{N} as GPT-2's pattern has them ("½" is a number, "ï" a letter; stdlib [^\W\d_] would call "½"
+    # a letter)
     from tokenizers import decoders
     pre = tok.tokenizer.pre_tokenizer.pre_tokenize_str("x½ 3.5 naïve don't  \n")
     pieces = [decoders.ByteLevel().decode([p]) for p, _ in pre]
@@ -71,7 +75,8 @@ def test_a_pretrained_lm_without_its_tokenizer_files_is_refused(tmp_path):
     (tmp_path / "lm").mkdir()
     _write_safetensors(_hf_gpt2_state(vocab=300), tmp_path / "lm" / "model.safetensors")
     args = secat.get_args(["--data", "unused", "--lm", str(tmp_path / "lm"), "--encoder", "unused"])
-    with pytest.raises(secat.data.DataError, match="no tokenizer files"):  # never the byte tokenizer with a pretrained LM
+    # never the byte tokenizer with a pretrained LM
+    with pytest.raises(secat.data.DataError, match="no tokenizer files"):
         secat.build_model(args, secat.convnet_demo(16))
     _bpe_folder(tmp_path / "lm", "vocab+merges")
     model, tok = secat.build_model(args, secat.convnet_demo(16))
@@ -127,7 +132,8 @@ def test_training_wording_is_not_the_evaluations_with_a_pretrained_lm(tmp_path):
     e = secat.make_batch(0, _members(), pretrained, 1)[0]
     assert e["texts"][0].startswith("Here is a ") and e["texts"][-1] == secat.PROMPT
     seen = []
-    evaluate.icl(lambda im, t: seen.append(t) or "", _coded_folder(tmp_path), ways=2, shots=1, episodes=1, task_induction=False)
+    evaluate.icl(lambda im, t: seen.append(t) or "", _coded_folder(tmp_path), ways=2, shots=1, episodes=1,
+                 task_induction=False)
     assert seen[0][0].startswith("This is a ") and seen[0][-1] == secat.EVAL_PROMPT  # evaluate.icl: Frozen's wording
 
 
@@ -204,7 +210,7 @@ def test_alibi_bias_is_minus_slope_times_distance_and_hides_the_future():
     x = torch.randn(1, 5, 8)
     q, k, v = attn.c_attn(x)[0].split(8, dim=1)
     q, k, v = (t.reshape(5, 2, 4).transpose(0, 1) for t in (q, k, v))  # (heads, L, 4)
-    att = (q @ k.transpose(1, 2) / 2 + secat.alibi_bias(5, 2, "cpu")).softmax(-1)  # written out: softmax(qk/sqrt(d) + bias)
+    att = (q @ k.transpose(1, 2) / 2 + secat.alibi_bias(5, 2, "cpu")).softmax(-1)  # softmax(qk/sqrt(d) + bias)
     assert torch.allclose(attn(x)[0], attn.c_proj((att @ v).transpose(0, 1).reshape(5, 8)), atol=1e-6)
     lm, y = secat.GPT(258, 16, 8, layers=2, heads=2, positions="alibi").eval(), x.clone()
     y[0, 3:] = torch.randn(2, 8)  # later positions changed: earlier outputs are not
@@ -220,12 +226,14 @@ def _hf_gpt2_state(vocab=300, context=32, dim=64, layers=2, seed=0):
           "transformer.ln_f.weight": 1 + r(dim), "transformer.ln_f.bias": r(dim)}
     for i in range(layers):
         p = f"transformer.h.{i}."
-        sd.update({p + "ln_1.weight": 1 + r(dim), p + "ln_1.bias": r(dim), p + "ln_2.weight": 1 + r(dim), p + "ln_2.bias": r(dim),
+        sd.update({p + "ln_1.weight": 1 + r(dim), p + "ln_1.bias": r(dim),
+                   p + "ln_2.weight": 1 + r(dim), p + "ln_2.bias": r(dim),
                    p + "attn.c_attn.weight": r(dim, 3 * dim), p + "attn.c_attn.bias": r(3 * dim),
                    p + "attn.c_proj.weight": r(dim, dim), p + "attn.c_proj.bias": r(dim),
                    p + "mlp.c_fc.weight": r(dim, 4 * dim), p + "mlp.c_fc.bias": r(4 * dim),
                    p + "mlp.c_proj.weight": r(4 * dim, dim), p + "mlp.c_proj.bias": r(dim),
-                   p + "attn.bias": torch.tril(torch.ones(1, 1, context, context)), p + "attn.masked_bias": torch.tensor(-1e4)})
+                   p + "attn.bias": torch.tril(torch.ones(1, 1, context, context)),
+                   p + "attn.masked_bias": torch.tensor(-1e4)})
     sd["lm_head.weight"] = sd["transformer.wte.weight"]
     return sd
 
@@ -264,7 +272,8 @@ def _write_safetensors(sd, path):
 def test_gpt2_hf_folder_loads_and_matches_a_reference_forward(tmp_path, fmt):
     sd = _hf_gpt2_state()
     if fmt == "bin":
-        torch.save({k.removeprefix("transformer."): v for k, v in sd.items()}, tmp_path / "pytorch_model.bin")  # un-prefixed too
+        # un-prefixed too
+        torch.save({k.removeprefix("transformer."): v for k, v in sd.items()}, tmp_path / "pytorch_model.bin")
     else:
         _write_safetensors({k: v for k, v in sd.items() if k != "lm_head.weight"}, tmp_path / "model.safetensors")
         if fmt == "config":
@@ -342,7 +351,8 @@ def _frozen_folder(root):
     root.mkdir()
     questions = []
     for q, (names, answer) in enumerate([(["dax", "blicket"], "blicket"), (["blicket", "dax"], "blicket")]):
-        entry = {"question_id": q, "question": "What is this?", "answer": answer, "question_image": f"q{q}_question.png"}
+        entry = {"question_id": q, "question": "What is this?", "answer": answer,
+                 "question_image": f"q{q}_question.png"}
         value = {"dax": 50, "blicket": 200}
         for i, name in enumerate(names, 1):
             entry[f"image_{i}"], entry[f"caption_{i}"] = f"q{q}_image_{i}.png", f"This is a {name}."
@@ -385,7 +395,8 @@ def test_wnid_folders_get_names_from_the_users_file_and_open_ended_uses_frozens_
     _coded_folder(tmp_path / "words", ("striped_star", "dotted_ring"))  # folder names are written as words
     seen = []
     res = evaluate.run_icl(_copier(seen), str(tmp_path / "words"), (2,), (1,), 2, task_induction=False)
-    assert sorted(seen[0][:-1]) == ["This is a dotted ring.", "This is a striped star."] and res["real/icl/2way_1shot"] == 100
+    assert sorted(seen[0][:-1]) == ["This is a dotted ring.", "This is a striped star."]
+    assert res["real/icl/2way_1shot"] == 100
     with pytest.raises(secat.data.DataError, match="no name for the folders"):
         (tmp_path / "short.txt").write_text("n01 house finch\n")
         evaluate.run_icl(_copier([]), str(tmp_path / "val"), (2,), (1,), 1, class_names=str(tmp_path / "short.txt"))
@@ -410,7 +421,7 @@ def _steps(model, tok, feats, batches, args, rank=0, world=1, amp=contextlib.nul
     for episodes in batches:
         n = sum(len(tok.encode(" " + e["answer"] + ".")) + 1 for e in episodes)
         batch = secat.collate(episodes[rank::world], feats, tok, args.prefix_tokens, "cpu")
-        losses.append(secat.train_step(ddp, optimizer, scaler, batch, n, world, amp, clip_grad=0))
+        losses.append(secat.train_step(ddp, optimizer, scaler, batch, n, world, amp, clip_grad=0)["loss"])
     return losses
 
 
@@ -419,7 +430,7 @@ def _ddp_worker(rank, world, init_file, out):
     torch.distributed.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world)
     model, tok, feats, batches, args = _setup()
     losses = _steps(model, tok, feats, batches, args, rank, world)
-    summed = torch.stack(losses)
+    summed = torch.tensor(losses)
     torch.distributed.all_reduce(summed)
     if rank == 0:
         torch.save({"model": model.state_dict(), "losses": summed}, out)
@@ -433,7 +444,7 @@ def test_two_process_gloo_ddp_step_equals_one_process_step(tmp_path):
     out = str(tmp_path / "two.pt")
     torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "rdv"), out), nprocs=2)
     two = torch.load(out, weights_only=True)
-    assert torch.allclose(torch.stack(losses), two["losses"], atol=1e-5)
+    assert torch.allclose(torch.tensor(losses), two["losses"], atol=1e-5)
     changed = 0
     for k, v in model.state_dict().items():
         assert torch.allclose(v, two["model"][k], atol=1e-5), k
@@ -447,7 +458,7 @@ def test_bf16_autocast_step_on_cpu():
     fp32 = _steps(model, tok, feats, batches[:1], args)[0]
     model, tok, feats, batches, args = _setup()
     bf16 = _steps(model, tok, feats, batches[:1], args, amp=torch.autocast("cpu", dtype=torch.bfloat16))[0]
-    assert torch.isfinite(bf16) and abs(bf16.item() - fp32.item()) < 0.05 * fp32.item()
+    assert math.isfinite(bf16) and abs(bf16 - fp32) < 0.05 * fp32
 
 
 # ---------------------------------------------------------------- the demo on one's own video
@@ -478,7 +489,8 @@ def _tiny_folder(root, classes=3, per_class=6, size=16):
 def _train_args(out, root, *extra):
     return secat.get_args(["--data", root, "--output-dir", str(out), "--encoder-arch", "vit_demo", "--patch-size", "8",
                            "--image-size", "16", "--lm-dim", "32", "--lm-layers", "1", "--lm-heads", "2",
-                           "--context", "256", "--clusters", "3", "--max-ways", "2", "--max-shots", "1", "--epochs", "3",
+                           "--context", "256", "--clusters", "3", "--max-ways", "2", "--max-shots", "1",
+                           "--epochs", "3",
                            "--steps-per-epoch", "2", "--batch-size-per-gpu", "3", "--num-workers", "0",
                            "--warmup-epochs", "1", "--lr", "1e-3", "--amp", "none", "--log-every", "1", *extra])
 
@@ -529,6 +541,47 @@ def test_demo_on_ones_own_photos_in_two_pieces_equals_one_run(tmp_path, monkeypa
     assert straight["step"] == pieces["step"] == 4
     for k, v in straight["model"].items():
         assert torch.equal(v, pieces["model"][k]), k
+
+
+def test_bench_prints_the_episode_batches_and_step_rates_and_their_ratio(tmp_path, capsys, monkeypatch):
+    """--bench N (data.bench_train): one JSON line on the self-context batches (after the text warm-up) and one
+    training step; ratio = loader rate x workers over the step's rate; no checkpoint, no training."""
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)  # bench_train sets it; restored after the test
+    root = _tiny_folder(str(tmp_path / "imgs"))
+    secat.train(_train_args(tmp_path / "out", root, "--text-warmup-steps", "2", "--bench", "2"))
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    keys = {"loader_items_per_s_per_worker", "workers", "step_s", "images_per_s", "peak_memory_gib", "ratio"}
+    assert keys <= set(result)
+    assert result["step_s"] > 0 and result["loader_items_per_s_per_worker"] > 0
+    episodes_per_s = 3 / result["step_s"]  # --batch-size-per-gpu 3
+    assert math.isclose(result["images_per_s"] / episodes_per_s, 3)  # 2-way 1-shot: 2 supports and a query each
+    assert math.isclose(result["ratio"], result["loader_items_per_s_per_worker"] * result["workers"] / episodes_per_s,
+                        rel_tol=1e-6)
+    assert not (tmp_path / "out" / "checkpoint.pth").exists()
+
+
+def test_eval_only_scores_a_checkpoint_as_the_end_of_training_does(tmp_path, capsys):
+    """--eval-only CKPT --eval-data DIR (what `evaluate.py icl --ckpt` pointed to): the icl evaluation that ends
+    training, on DIR/val when DIR has one, nothing trained; another method's checkpoint is refused in one line."""
+    root = _tiny_folder(str(tmp_path / "bench" / "val"))
+    model = secat.train(_train_args(tmp_path / "run", root, "--epochs", "1"))[0]
+    flags = ["--eval-ways", "2", "--eval-shots", "1", "--eval-episodes", "3"]
+    ckpt = str(tmp_path / "run" / "checkpoint.pth")
+    before = open(ckpt, "rb").read()
+    capsys.readouterr()
+    secat.main(secat.get_args(["--eval-only", ckpt, "--eval-data", str(tmp_path / "bench"), *flags]))
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out[-1])
+    args = secat.get_args(["--data", root, *flags])
+    generate = secat.make_generate(model, secat.load_tokenizer(), args, "cpu")
+    expected = evaluate.run_icl(generate, root, args.eval_ways, args.eval_shots, args.eval_episodes, args.seed,
+                                None, (False, True), args.eval_repeats, [])
+    assert result == {**expected, "ckpt": ckpt, "eval_data": root} and "real/icl/2way_1shot" in expected
+    assert any(line.startswith(f"icl on {root} (3 episodes each") for line in out)
+    assert open(ckpt, "rb").read() == before and set(os.listdir(tmp_path / "run")) == {"checkpoint.pth", "log.jsonl"}
+    torch.save({"method": "sinkhorn", "args": {"arch": "convnet_demo"}, "model": {}}, tmp_path / "sela.pth")
+    with pytest.raises(secat.data.CheckpointError, match="not a secat.py checkpoint"):
+        secat.main(secat.get_args(["--eval-only", str(tmp_path / "sela.pth"), "--eval-data", root]))
 
 
 def test_a_checkpoint_of_other_lm_positions_is_refused_in_one_line_and_kept(tmp_path):

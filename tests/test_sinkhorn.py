@@ -67,7 +67,8 @@ def test_offline_sk_matches_brute_force_optimal_transport():
         log_probs = F.log_softmax(torch.randn(6, 3, generator=g) * 2, dim=1)
         best = max(set(itertools.permutations([0, 0, 1, 1, 2, 2])),
                    key=lambda y: sum(log_probs[i, y[i]].item() for i in range(6)))
-        Q = sinkhorn.sinkhorn_knopp(log_probs, lam=25, tol=1e-3)  # near-hard optima converge slowly: 1e-5 takes 300k steps
+        # near-hard optima converge slowly: 1e-5 takes 300k steps
+        Q = sinkhorn.sinkhorn_knopp(log_probs, lam=25, tol=1e-3)
         assert tuple(Q.argmax(1).tolist()) == best
 
 
@@ -118,7 +119,8 @@ def test_defaults_as_official():
     a = sinkhorn.get_args(["--data", "unused"])
     assert (a.arch, a.optimizer, a.lr, a.momentum, a.weight_decay) == ("alexnet", "sgd", 0.08, 0.9, 1e-5)
     assert a.lr_milestones == [150, 300, 350]
-    assert (a.batch_size_per_gpu, a.epochs, a.num_label_updates, a.lam, a.num_heads, a.num_clusters) == (256, 400, 100, 25, 10, 3000)
+    assert (a.batch_size_per_gpu, a.epochs, a.num_label_updates) == (256, 400, 100)
+    assert (a.lam, a.num_heads, a.num_clusters) == (25, 10, 3000)
     assert sinkhorn.get_args(["--demo", "--data", "unused"]).lr == 0.05
 
 
@@ -237,7 +239,8 @@ def test_resume_refuses_a_damaged_checkpoint(tmp_path):
 def test_demo_trains_on_ones_own_video_and_evaluates_on_the_synthetic_world(tmp_path):
     # a newcomer's `sinkhorn.py --demo --data my_walk.mp4`: its frames are the images (once: NotADirectoryError)
     video = own_video_and_tiny_world(tmp_path)
-    result = run_demo("sinkhorn", tmp_path, "--data", video, "--output-dir", "out", "--image-size", "32", "--epochs", "1",
+    result = run_demo("sinkhorn", tmp_path, "--data", video, "--output-dir", "out", "--image-size", "32",
+                      "--epochs", "1",
                       "--batch-size-per-gpu", "8", "--num-label-updates", "1", "--num-heads", "1",
                       "--num-clusters", "4")
     assert (tmp_path / "out" / "checkpoint.pth").exists() and (tmp_path / "out" / "clusters.png").exists()
@@ -278,7 +281,8 @@ def test_demo_clusters_beat_random_init_on_nmi(tmp_path, monkeypatch):
             Image.fromarray(world.crop(label, i, "train", 64)).save(root / name / f"{i:03d}.png")
     monkeypatch.chdir(tmp_path)  # --demo also sets up its evaluation world, runs/synth: a tiny one here
     data.synth_world("runs/synth", 0, num_videos=1, num_frames=8, num_images=(2, 1), crops_per_class=(1, 1))
-    args = sinkhorn.get_args(["--demo", "--data", str(root), "--output-dir", str(tmp_path / "out"), "--image-size", "32",
+    args = sinkhorn.get_args(["--demo", "--data", str(root), "--output-dir", str(tmp_path / "out"),
+                              "--image-size", "32",
                               "--epochs", "40", "--lr-milestones", "32", "--seed", "0", "--amp", "none"])
     model, _, _ = sinkhorn.train(args)
     assert args.num_clusters == 18
