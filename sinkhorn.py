@@ -261,7 +261,7 @@ VIT_SIZES = {"vit_demo": (192, 4, 3), "vit_small": (384, 12, 6), "vit_base": (76
 
 
 def build_backbone(args: dict) -> nn.Module:
-    """Fresh backbone from a checkpoint's stored args (evaluate.py calls this)."""
+    """Fresh backbone from args (a dict: a checkpoint's stored args)."""
     arch = args["arch"]
     if arch == "alexnet":
         return alexnet_bn()
