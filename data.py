@@ -1171,17 +1171,68 @@ def random_grayscale(x, p):
 
 
 def gaussian_blur(x, sigma, kernel_size, p=1.0, max_kernel=None):
-    """Blur image b with probability p by sigma[b] (B,) and its own odd kernel_size[b] (B,) ints (or one int),
-    reflect-padded as torchvision: kernels zero-padded to max_kernel (fixed, so no host sync). -> (B, 3, H, W)"""
+    """Blur image b with probability p by sigma[b] (B,) or (B, 2) (rows, columns) and its odd kernel_size[b] (of the
+    same shape, or one int), reflect-padded as torchvision; kernels zero-padded to max_kernel (no host sync)."""
     (B, C, H, W), R = x.shape, (max_kernel or int(kernel_size)) // 2
-    sizes = torch.as_tensor(kernel_size, device=x.device).expand(B)
+    sizes = torch.as_tensor(kernel_size, device=x.device).reshape(B if torch.is_tensor(kernel_size) else 1, -1)
     taps = torch.arange(-R, R + 1, device=x.device, dtype=x.dtype)
-    kernel = torch.exp(-0.5 * (taps / sigma.view(B, 1).to(x)) ** 2) * (taps.abs() <= (sizes.view(B, 1) - 1) / 2)
-    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B*C, 2R+1)
+    kernel = torch.exp(-0.5 * (taps / sigma.reshape(B, -1, 1).to(x)) ** 2) * (taps.abs() <= (sizes[..., None] - 1) / 2)
+    kernel = (kernel / kernel.sum(-1, keepdim=True)).expand(B, 2, -1).repeat_interleave(C, 0)  # (B*C, 2, 2R+1)
     y = torch.nn.functional.pad(x.reshape(1, B * C, H, W), (R, R, R, R), mode="reflect")
-    y = torch.nn.functional.conv2d(y, kernel.view(B * C, 1, -1, 1), groups=B * C)
-    y = torch.nn.functional.conv2d(y, kernel.view(B * C, 1, 1, -1), groups=B * C).view(B, C, H, W)
+    y = torch.nn.functional.conv2d(y, kernel[:, 0].reshape(B * C, 1, -1, 1), groups=B * C)
+    y = torch.nn.functional.conv2d(y, kernel[:, 1].reshape(B * C, 1, 1, -1), groups=B * C).view(B, C, H, W)
     return torch.where((torch.rand(B, device=x.device) < p).view(B, 1, 1, 1), y, x)
+
+
+def random_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), device=None):
+    """n draws of torchvision's RandomResizedCrop.get_params at once (10 tries each, then its fallback), on the
+    device. -> (n, 4) float: top, left, height, width"""
+    area, logr = height * width, torch.log(torch.tensor(ratio, dtype=torch.float64))
+    aspect = torch.exp(torch.empty(n, 10, dtype=torch.float64, device=device).uniform_(*logr.tolist()))
+    target = area * torch.empty(n, 10, dtype=torch.float64, device=device).uniform_(*scale)
+    w, h = torch.sqrt(target * aspect).round(), torch.sqrt(target / aspect).round()
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = torch.where(ok.any(1), ok.float().argmax(1), 10)  # the first try that fits, 10: none did
+    in_ratio = width / height  # torchvision's fallback: the whole image, clamped to the ratio range
+    fw = width if in_ratio <= max(ratio) else round(height * max(ratio))
+    fh = height if in_ratio >= min(ratio) else round(width / min(ratio))
+    w = torch.cat([w, w.new_full((n, 1), fw)], 1).gather(1, first[:, None])[:, 0]
+    h = torch.cat([h, h.new_full((n, 1), fh)], 1).gather(1, first[:, None])[:, 0]
+    u = torch.rand(n, 2, dtype=torch.float64, device=device)
+    top = torch.where(first < 10, (u[:, 0] * (height - h + 1)).floor(), (height - h) // 2)
+    left = torch.where(first < 10, (u[:, 1] * (width - w + 1)).floor(), (width - w) // 2)
+    return torch.stack([top, left, h, w], 1).float()
+
+
+def _resize_weights(start, length, size, in_size, mode, antialias):
+    """(n, size, in_size): rows of F.interpolate's weights (align_corners=False) for output pixels over the input
+    window [start, start + length) of each of n crops; PIL's bicubic (a = -0.5) when antialiased, as torch."""
+    start, length = start[:, None, None], length[:, None, None]
+    scale = length / size
+    pos = torch.arange(in_size, device=start.device, dtype=torch.float64) - start  # input pixel in crop coordinates
+    centre = scale * (torch.arange(size, device=start.device, dtype=torch.float64)[:, None] + 0.5)
+    if not antialias:  # bilinear: the two neighbours of the source position, clamped at the crop's edges
+        src = (centre - 0.5).clamp(min=0)
+        i0 = src.floor()
+        i1 = torch.minimum(i0 + 1, length - 1)
+        return ((1 - src + i0) * (pos == i0) + (src - i0) * (pos == i1)).float()
+    support, stretch = (2.0 if mode == "bicubic" else 1.0) * scale.clamp(min=1), scale.clamp(min=1)
+    lo, hi = (centre - support + 0.5).floor().clamp(min=0), torch.minimum((centre + support + 0.5).floor(), length)
+    t = ((pos - centre + 0.5) / stretch).abs()
+    if mode == "bicubic":
+        w = torch.where(t < 1, (1.5 * t - 2.5) * t * t + 1, torch.where(t < 2, ((-0.5 * t + 2.5) * t - 4) * t + 2, 0))
+    else:
+        w = (1 - t).clamp(min=0)
+    w = w * ((pos >= lo) & (pos < hi))
+    return (w / w.sum(-1, keepdim=True)).float()
+
+
+def resized_crops(x, boxes, size, mode="bilinear", antialias=False):
+    """Crop box b (top, left, height, width) of image b and resize it to size x size, as TF.resized_crop (F.interpolate
+    with align_corners=False) does one by one, as two batched matrix products. x (n, C, H, W) -> (n, C, size, size)"""
+    rows = _resize_weights(boxes[:, 0].double(), boxes[:, 2].double(), size, x.shape[-2], mode, antialias)
+    cols = _resize_weights(boxes[:, 1].double(), boxes[:, 3].double(), size, x.shape[-1], mode, antialias)
+    return rows[:, None] @ x.float() @ cols[:, None].transpose(-1, -2)
 
 
 # ============================================================================ language-model files
