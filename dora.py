@@ -399,7 +399,7 @@ class ClipAugmentation:
         glob = torch.where(torch.rand(B, 1, 1, 1, 1, device=device) < 0.5, glob.flip(-1), glob)
         out = [self.photometric_batch(glob.flatten(0, 1), 0.1).view_as(glob)]
         boxes = data.random_boxes(L * B * T_, P, P, a.local_crops_scale, device=device).view(L, B * T_, 4)
-        local = torch.cat([data.resized_crops(clips.flatten(0, 1), b, S // 2, "bicubic", True) for b in boxes])
+        local = torch.cat([data.resized_crops(clips.flatten(0, 1), b, S // 2, antialias=True) for b in boxes])
         local = local.clamp(0, 1)  # (L*B*T, 3, S/2, S/2): a box per frame and crop
         return out + list(self.photometric_batch(local, 0.5).view(L, B, T_, C, S // 2, S // 2).unbind(0))
 
