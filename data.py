@@ -93,8 +93,7 @@ def init_distributed() -> Dist:
 
 
 def broadcast_module(module: torch.nn.Module) -> torch.nn.Module:
-    """Every parameter and buffer of `module` set to rank 0's, in place (a no-op without a process group):
-    what DDP does for the student at construction, for the modules DDP does not wrap (teachers)."""
+    """Every parameter and buffer set to rank 0's in place, as DDP does for the student: for teachers."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         for tensor in module.state_dict().values():
             torch.distributed.broadcast(tensor, 0)
@@ -102,8 +101,7 @@ def broadcast_module(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def finish_distributed() -> None:
-    """The end of train(): every rank waits for the others, then the process group is closed, so that
-    rank 0's evaluation afterwards keeps no other rank waiting in a collective."""
+    """End of train(): the ranks meet, the group closes; rank 0's evaluation then keeps no rank waiting."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -499,8 +497,7 @@ def _list_images(folder, recursive=True, exts=IMAGE_EXTS) -> list[str]:
 
 
 def _skip_bad(paths, load, single) -> tuple[list, list[str]]:
-    """-> ([(path, load(path)) where load raises no DataError], [the others' errors, each warned about]);
-    with `single` (one path given) its DataError is raised as is."""
+    """-> ([(path, load(path)) that loaded], [the others' errors, warned]); `single`: its DataError is raised."""
     good, problems = [], []
     for path in paths:
         try:
@@ -685,10 +682,9 @@ VOC_CLASSES = ("background aeroplane bicycle bird boat bottle bus car cat chair 
 
 
 class VOCSegmentation(_SkipUnreadable, Dataset):
-    """Pascal VOC layout: JPEGImages/<id>.jpg, SegmentationClass/<id>.png, ImageSets/Segmentation/<split>.txt;
-    split "trainaug" (10,582 ids) reads SegmentationClassAug/ in root or beside it.
-    item = transform(img uint8 (3,H,W), mask int64 (H,W)); 255 in the mask = ignore. Classes come from
-    root/classes.txt (one per line, line index = id) when present, else VOC's 21."""
+    """Pascal VOC layout: JPEGImages/<id>.jpg, SegmentationClass/<id>.png, ImageSets/Segmentation/<split>.txt
+    ("trainaug": SegmentationClassAug/ in root or beside it); item = transform(uint8 (3,H,W), mask (H,W), 255 = ignore);
+    classes: root/classes.txt (line index = id) if present, else VOC's 21."""
 
     def __init__(self, root, split="train", transform=None):
         self.root, self.transform, self._bad = _need(root, "folder"), transform, set()
@@ -719,8 +715,7 @@ class VOCSegmentation(_SkipUnreadable, Dataset):
 
 class DAVIS(Dataset):
     """DAVIS-2017 layout: JPEGImages/<res>/<seq>/*.jpg, Annotations/<res>/<seq>/*.png, ImageSets/2017/<split>.txt.
-    item = dict(name, frames uint8 (T,3,H,W), masks int64 (T,H,W) instance ids (0 = background, frames without
-    an annotation file are all 255), palette list or None)."""
+    item = dict(name, frames uint8 (T,3,H,W), masks int64 (T,H,W) (0 = background, 255: no annotation), palette)."""
 
     def __init__(self, root, split="val", resolution="480p"):
         self.root = _need(root, "folder")
@@ -784,9 +779,8 @@ class COCOSegmentation(VOCSegmentation):
 
 
 class YouTubeVOS(DAVIS):
-    """YouTube-VOS train/ layout (JPEGImages/<video>/*.jpg, Annotations/<video>/*.png, meta.json), split 80/20
-    into TimeT's train1/val1 (data_loader.split_directory_to_train_val, unseeded there): here the sorted
-    names shuffled by random.Random(seed). Items as DAVIS's plus `objects` (meta.json: id -> category)."""
+    """YouTube-VOS train/ layout (JPEGImages/, Annotations/, meta.json) split 80/20 as TimeT's train1/val1 (unseeded
+    there; here random.Random(seed)). Items as DAVIS's plus `objects` (meta.json: id -> category)."""
 
     def __init__(self, root, split="val", seed=0, train_fraction=0.8):
         self.root = _need(root, "folder")
@@ -984,8 +978,7 @@ def _extract_part(path, out, first, stop, short_side, quality) -> int:
 
 
 def extract(path, out, short_side=640, workers=None, quality=95) -> int:
-    """Decode a video once into a frame folder out/000000.jpg ... (what VideoClips reads), resized at decode time,
-    split at keyframes over `workers` processes; -> frames written."""
+    """A video, decoded once (split at keyframes over `workers` processes) -> frame folder out/000000.jpg ...; count"""
     info = probe_video(path)
     with av.open(info.path) as container:
         stream = container.streams.video[0]
@@ -1025,8 +1018,7 @@ VIDEO_FRAMES_MAX = 10000  # per video, about 250 MB of JPEGs in memory; longer v
 
 @functools.lru_cache(maxsize=8)  # a method builds its image set more than once (training, evaluation, pictures)
 def video_frames_as_jpeg(path, step=1, short_side=VIDEO_FRAME_SHORT_SIDE) -> tuple[tuple[int, bytes], ...]:
-    """Every step-th frame of a video file (at most VIDEO_FRAMES_MAX) as (frame index, JPEG bytes),
-    decoded once front to back and resized at decode time (never enlarged); cached by path."""
+    """Every step-th frame (at most VIDEO_FRAMES_MAX) as (index, JPEG bytes), decoded once, resized; cached."""
     info = probe_video(path)  # names a corrupt file or one with no video stream
     height, width = _resized_size(info.height, info.width, min(short_side, info.height, info.width))
     if info.num_frames > VIDEO_FRAMES_MAX * step:
@@ -1106,8 +1098,7 @@ class VideoClips(_SkipUnreadable, Dataset):
 
 
 class ImagesOrFrames(Dataset):
-    """Training images -> transform(uint8 (3, H, W)): a VOC-layout root's train split (masks unused), or
-    UnlabelledImages: images (recursive) and the frames of videos (one every `frame_step`)."""
+    """Training images -> transform(uint8 (3, H, W)): a VOC root's train split, else UnlabelledImages(root)."""
 
     def __init__(self, root, transform, frame_step=30):
         self.transform, self.kind = transform, "images"
@@ -1144,8 +1135,7 @@ def _gray(x):  # (B, 1, H, W): ITU-R 601-2 luma, as torchvision
 
 
 def color_jitter(x, brightness, contrast, saturation, hue, p=1.0):
-    """ColorJitter with probability p per image: factors uniform in [1-f, 1+f] (hue [-h, h]) applied in a random
-    order per image. -> (B, 3, H, W)"""
+    """ColorJitter with probability p per image: factors uniform in [1-f, 1+f] (hue [-h, h]), random order."""
     from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
     B, dev = len(x), x.device
     u = lambda f, *shape: torch.empty(B, *shape, device=dev).uniform_(max(0, 1 - f), 1 + f)  # noqa: E731
@@ -1181,8 +1171,7 @@ def gaussian_blur(x, sigma, kernel_size, p=1.0, max_kernel=None):
 
 
 def random_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), device=None):
-    """n draws of RandomResizedCrop.get_params at once, on the device: 10 tries each, then its fallback (the whole
-    image, clamped to the ratios) -> (n, 4) float: top, left, height, width"""
+    """RandomResizedCrop.get_params n times at once (10 tries, then its fallback) -> (n, 4) float: top, left, h, w"""
     opts = dict(dtype=torch.float64, device=device)
     aspect = torch.exp(torch.empty(n, 10, **opts).uniform_(math.log(ratio[0]), math.log(ratio[1])))
     target = height * width * torch.empty(n, 10, **opts).uniform_(*scale)
@@ -1197,8 +1186,7 @@ def random_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), device=None):
 
 
 def _resize_weights(start, length, size, in_size, antialias):
-    """(n, size, in_size): F.interpolate's weights (align_corners=False) for resizing the window [start, start + length)
-    of each of n crops to size: bilinear, or antialiased bicubic (PIL's, a = -0.5, as torch)."""
+    """(n, size, in_size): F.interpolate's weights resizing each window [start, start + length) of n crops to size"""
     start, length = start[:, None, None], length[:, None, None]
     pos = torch.arange(in_size, device=start.device, dtype=torch.float64) - start  # input pixel in crop coordinates
     centre = length / size * (torch.arange(size, device=start.device, dtype=torch.float64)[:, None] + 0.5)
@@ -1216,8 +1204,7 @@ def _resize_weights(start, length, size, in_size, antialias):
 
 
 def resized_crops(x, boxes, size, antialias=False):
-    """TF.resized_crop of box b (top, left, height, width) of image b to size x size, bilinear (antialias: bicubic
-    antialiased), as two batched matrix products. x (n, C, H, W) -> (n, C, size, size)"""
+    """TF.resized_crop of box b (top, left, h, w) of x[b] (n, C, H, W) to size, bilinear or antialiased bicubic"""
     rows = _resize_weights(boxes[:, 0].double(), boxes[:, 2].double(), size, x.shape[-2], antialias)
     cols = _resize_weights(boxes[:, 1].double(), boxes[:, 3].double(), size, x.shape[-1], antialias)
     return rows[:, None] @ x.float() @ cols[:, None].transpose(-1, -2)
@@ -1799,10 +1786,9 @@ PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "40
 
 
 def bench_train(loader, step, steps, device, images_per_item=1) -> dict:
-    """A method's --bench N: the loader's items/s in one process on one core (N batches; a DataLoader runs without
-    workers, one decoder thread), step(batch)'s time on the device alone (N steps on one batch, after one counted
-    by torch.utils.flop_counter), images/s, peak memory, on CUDA the MFU against the device's dense bf16 peak.
-    Prints them and one JSON line; ratio = loader rate x workers / step rate (below 1: input-bound)."""
+    """A method's --bench N: the loader's items/s on one core (N batches, no workers, one decoder thread), the step's
+    time on the device alone (N steps on one batch, after one FLOP-counted), images/s, peak memory, on CUDA the MFU
+    (dense bf16 peak); prints them and one JSON line, ratio = loader rate x workers / step rate (< 1: input-bound)."""
     from torch.utils.flop_counter import FlopCounterMode
     workers, threads = max(1, getattr(loader, "num_workers", 1)), torch.get_num_threads()
     if isinstance(loader, torch.utils.data.DataLoader):
