@@ -938,6 +938,14 @@ def _decode_file(path, indices, short_side):
     return np.stack(frames)
 
 
+def _read_jpeg(path) -> torch.Tensor:  # libjpeg-turbo straight to (3, H, W): PIL's pixels without PIL's copies
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+    try:
+        return decode_jpeg(read_file(path), mode=ImageReadMode.RGB)
+    except RuntimeError as e:
+        raise Unreadable(f"{path}: unreadable image ({e})") from None
+
+
 def read_frames(path, indices, short_side=None) -> torch.Tensor:
     """-> uint8 (T, 3, H', W') for the given frame indices (video file or frame folder). short_side resizes at
     decode time (PyAV's swscale, PIL's JPEG draft mode): a 4K frame is never held at full size."""
@@ -946,6 +954,8 @@ def read_frames(path, indices, short_side=None) -> torch.Tensor:
         files = _frame_files(path)
         if not files or max(indices) >= len(files) or min(indices) < 0:
             raise DataError(f"{path}: asked for frames {min(indices)}..{max(indices)} of {len(files)}")
+        if not short_side and all(files[i].lower().endswith((".jpg", ".jpeg")) for i in indices):
+            return torch.stack([_read_jpeg(files[i]) for i in indices])
         array = np.stack([np.asarray(_open_image(files[i], short_side)) for i in indices])
     else:
         try:
