@@ -406,7 +406,7 @@ class LeopartCrops:
         return torch.tensor([x, y, x + w, y + h], dtype=torch.float32)
 
     def __call__(self, img):
-        img = img[None].contiguous(memory_format=torch.channels_last)[0]  # channels last: torch's fast uint8 resize, same pixels
+        img = img[None].contiguous(memory_format=torch.channels_last)[0]  # torch's fast uint8 resize, same pixels
         boxes = torch.zeros(len(self.sizes), 4)
         crops = []
         for i, size in enumerate(self.sizes):
