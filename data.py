@@ -940,6 +940,7 @@ def _decode_file(path, indices, short_side):
 
 def _read_jpeg(path) -> torch.Tensor:  # libjpeg-turbo straight to (3, H, W): PIL's pixels without PIL's copies
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
+    warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)  # torchvision 0.29: per call
     try:
         return decode_jpeg(read_file(path), mode=ImageReadMode.RGB)
     except RuntimeError as e:
