@@ -265,7 +265,8 @@ def test_bf16_autocast_step():
     loss16 = one_step(args, crops, boxes, s16, t16, torch.autocast("cpu", dtype=torch.bfloat16))
     assert np.isfinite(loss16) and abs(loss16 - loss32) < 0.05 * loss32
     assert all(torch.isfinite(p).all() for p in s16.parameters())
-    assert not torch.equal(s16.backbone.blocks[0].attn.qkv.weight, tiny_model(args)[0].backbone.blocks[0].attn.qkv.weight)
+    other = tiny_model(args)[0].backbone.blocks[0].attn.qkv.weight
+    assert not torch.equal(s16.backbone.blocks[0].attn.qkv.weight, other)
 
 
 # --------------------------------------------------------------------------- the demo on one's own video
@@ -362,8 +363,9 @@ def test_demo_on_ones_own_photos_in_two_pieces_equals_one_run(tmp_path, monkeypa
     monkeypatch.setattr(data, "demo_eval_root", lambda *a, **k: str(tmp_path))  # the evaluation is stubbed below
     monkeypatch.setattr(L, "evaluate_backbone", draw_from_every_stream)
     straight, pieces = one_run_and_two_pieces(
-        L, tmp_path, "--data", own_photos(tmp_path / "photos", n=8), "--global-crops-size", "32", "--local-crops-size", "16",
-        "--local-crops-number", "1", "--batch-size-per-gpu", "4", "--proj-hidden-dim", "32", "--proj-dim", "16",
+        L, tmp_path, "--data", own_photos(tmp_path / "photos", n=8), "--global-crops-size", "32",
+        "--local-crops-size", "16", "--local-crops-number", "1", "--batch-size-per-gpu", "4", "--proj-hidden-dim", "32",
+        "--proj-dim", "16",
         "--num-prototypes", "10", "--queue-length", "16")
     assert straight["step"] == pieces["step"] == 4
     for part in ("model", "teacher"):

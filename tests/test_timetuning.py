@@ -75,8 +75,8 @@ def test_clip_crop_identical_across_frames():
         assert all(torch.equal(out[0], out[t]) for t in range(1, 4))
     colours = torch.tensor([[200, 100, 50], [10, 220, 90], [90, 30, 240], [250, 250, 0]], dtype=torch.uint8)
     grey = tt.ClipAugmentation(8, jitter_p=0, gray_p=0.5, blur_p=0)
-    counts = {int(_pixels(grey(colours[:, :, None, None].expand(4, 3, 8, 8))).std(dim=1).amax(dim=(1, 2)).lt(1e-3).sum())
-              for _ in range(20)}
+    clip = colours[:, :, None, None].expand(4, 3, 8, 8)
+    counts = {int(_pixels(grey(clip)).std(dim=1).amax(dim=(1, 2)).lt(1e-3).sum()) for _ in range(20)}
     assert counts == {0, 4}  # official RandomGrayscale(per_frame=False): all frames grey or none
 
 
@@ -115,9 +115,11 @@ def test_clip_jitter_applies_only_the_last_shuffled_adjustment(monkeypatch):
     for name, (shuffle, rgb) in expected.items():
         monkeypatch.setattr(tt, "random", _Draws(shuffle))
         out = _pixels(tt.ClipAugmentation(8, jitter_p=0.8, gray_p=0, blur_p=0)(clip))
-        assert torch.allclose(out, torch.tensor(rgb, dtype=torch.float32)[None, :, None, None].expand_as(out), atol=1.0), name
+        want = torch.tensor(rgb, dtype=torch.float32)[None, :, None, None].expand_as(out)
+        assert torch.allclose(out, want, atol=1.0), name
     black = tt.ClipAugmentation(8, jitter_p=0, gray_p=0, blur_p=0)(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
-    assert torch.allclose(black[0, :, 0, 0], torch.tensor([-0.485 / 0.228, -0.456 / 0.224, -0.406 / 0.225]))  # official std
+    official_std = torch.tensor([-0.485 / 0.228, -0.456 / 0.224, -0.406 / 0.225])  # 0.228 (sic)
+    assert torch.allclose(black[0, :, 0, 0], official_std)
 
 
 def test_clip_jitter_acts_at_source_resolution_before_the_resize(monkeypatch):
@@ -204,7 +206,8 @@ def test_dino_weights_load_strict(tmp_path):
     torch.save({"teacher": {**{"backbone." + k: v for k, v in state.items()}, "head.mlp.0.weight": torch.randn(4, 4)},
                 "student": {"module.backbone." + k: v for k, v in state.items()}, "epoch": 100}, full)
     torch.save({"method": "dora", "args": {"arch": "vit_small", "patch_size": 16},
-                "model": {"backbone." + k: v for k, v in state.items()}, "head.last_layer.weight": torch.randn(2)}, repo)
+                "model": {"backbone." + k: v for k, v in state.items()}, "head.last_layer.weight": torch.randn(2)},
+               repo)
     for path in (plain, full, repo):
         vit = tt.vit_small()
         tt.load_pretrained(vit, str(path))  # strict
@@ -217,7 +220,8 @@ def test_dino_weights_load_strict(tmp_path):
 def test_teacher_update_is_the_official_one():
     """time_tuning.py, update_momentum_teacher: teacher <- (1 - m) teacher + m student."""
     teacher, student = torch.nn.Module(), torch.nn.Module()
-    teacher.head, student.head = tt.TimeTHead(2, dims=(2,), num_prototypes=2), tt.TimeTHead(2, dims=(2,), num_prototypes=2)
+    teacher.head = tt.TimeTHead(2, dims=(2,), num_prototypes=2)
+    student.head = tt.TimeTHead(2, dims=(2,), num_prototypes=2)
     with torch.no_grad():
         for net, w, protos in ((teacher, 1.0, [[1.0, 0.0], [0.0, 1.0]]), (student, 3.0, [[0.0, 1.0], [1.0, 0.0]])):
             net.head.mlp[0].weight.fill_(w)
@@ -336,8 +340,9 @@ def test_bf16_autocast_step():
 def test_demo_trains_on_ones_own_video_and_evaluates_on_the_synthetic_world(tmp_path):
     # `timetuning.py --demo --data my_walk.mp4` once trained and then skipped its evaluation silently
     video = own_video_and_tiny_world(tmp_path)
-    result = run_demo("timetuning", tmp_path, "--data", video, "--output-dir", "out", "--image-size", "32", "--epochs", "1",
-                      "--batch-size-per-gpu", "2", "--clips-per-video", "2", "--num-frames", "2", "--num-workers", "0",
+    result = run_demo("timetuning", tmp_path, "--data", video, "--output-dir", "out", "--image-size", "32",
+                      "--epochs", "1", "--batch-size-per-gpu", "2", "--clips-per-video", "2", "--num-frames", "2",
+                      "--num-workers", "0",
                       "--proj-dims", "32", "16", "--num-prototypes", "10", "--eval-benches", "propagate")
     assert (tmp_path / "out" / "checkpoint.pth").exists()
     assert result["train_data"] == video and result["eval_data"] == os.path.join("runs", "synth")
@@ -413,8 +418,9 @@ def test_demo_on_ones_own_video_in_two_pieces_equals_one_run(tmp_path, monkeypat
     monkeypatch.setattr(data, "demo_eval_root", lambda *a, **k: str(tmp_path))  # the evaluation is stubbed below
     monkeypatch.setattr(tt, "evaluate_backbone", draw_from_every_stream)
     straight, pieces = one_run_and_two_pieces(tt, tmp_path, "--data", own_noisy_video(tmp_path / "walk.mp4"),
-                                              "--image-size", "32", "--batch-size-per-gpu", "2", "--clips-per-video", "4",
-                                              "--proj-dims", "32", "16", "--num-prototypes", "10")
+                                              "--image-size", "32", "--batch-size-per-gpu", "2",
+                                              "--clips-per-video", "4", "--proj-dims", "32", "16",
+                                              "--num-prototypes", "10")
     assert straight["step"] == pieces["step"] == 4
     for part in ("model", "teacher"):
         for k, v in straight[part].items():
