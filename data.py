@@ -1,20 +1,19 @@
 """Data for every method and benchmark in this repo, plus the run plumbing they share.
 
-Everything a method file reads comes through here, and so does the built-in synthetic world that lets the
-demos and tests run on a laptop with no downloads.
+Everything a method file reads comes through here, and the synthetic world the demos and tests run on.
 
 Sections:
-  run plumbing    distributed set-up, AMP, seeding, cosine schedules, atomic checkpoints (one loader
-                  for every checkpoint read), the output folder, JSONL logs, the CLI entry point
+  run plumbing    distributed set-up, AMP, seeding, cosine schedules, atomic checkpoints (one loader for every
+                  checkpoint read), the output folder, JSONL logs, the CLI entry point
   images          load_image / load_mask, ImageFolder, UnlabelledImages (also video frames), VOCSegmentation, DAVIS,
                   COCOSegmentation (COCO-Stuff / -Thing), YouTubeVOS
   videos          probe_video, read_frames (PyAV: decodes only what the frames need, seeking at keyframes;
                   decode-time resize; decoder threads shared by a node's ranks and workers), extract (a video
                   to a frame folder), find_videos, VideoClips (one item per clip start; DDP/worker safe), ImagesOrFrames
-  augmentation    batched on the training device: color_jitter, random_grayscale, gaussian_blur
+  augmentation    batched on the training device: color_jitter, random_grayscale, gaussian_blur, random_boxes,
+                  resized_crops (RandomResizedCrop's boxes; F.interpolate's crops as matrix products)
   LM files        ByteTokenizer, BPETokenizer (GPT-2's byte-level BPE, `tokenizers`), read_hf_folder
-  synthetic world SyntheticWorld (in memory), synth_world / ensure_synth (writes the layouts),
-                  demo_eval_root (where a --demo evaluates: the world, or a folder laid out like it)
+  synthetic world SyntheticWorld (in memory), synth_world / ensure_synth (writes the layouts), demo_eval_root
   pictures        labelled_grid: every picture of the repo, with a title strip and row/column names
   inspect         dataset_kind, what the loaders see at a path (printed, and a contact sheet), --bench;
                   bench_train: a method's --bench N (loader and step rates, memory, MFU, one JSON line)
@@ -22,8 +21,8 @@ Sections:
                   python data.py inspect PATH [--bench] [--sheet sheet.png]
                   python data.py extract VIDEO --out DIR [--short-side 640] [--workers N]
 
-Bad input raises DataError with one line "<path>: <what is wrong>"; inside a dataset an unreadable file is
-skipped with a warning and counted in `.num_skipped`. `cli(main, get_args)` prints them as one line `error: ...`.
+Bad input raises DataError("<path>: <what is wrong>"), printed by cli() as one line `error: ...`; inside a dataset
+an unreadable file is skipped with a warning and counted in `.num_skipped`.
 """
 from __future__ import annotations
 
@@ -94,8 +93,7 @@ def init_distributed() -> Dist:
 
 
 def broadcast_module(module: torch.nn.Module) -> torch.nn.Module:
-    """Every parameter and buffer of `module` set to rank 0's, in place (a no-op without a process group):
-    what DDP does for the student at construction, for the modules DDP does not wrap (teachers)."""
+    """Every parameter and buffer set to rank 0's in place, as DDP does for the student: for teachers."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         for tensor in module.state_dict().values():
             torch.distributed.broadcast(tensor, 0)
@@ -103,17 +101,15 @@ def broadcast_module(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def finish_distributed() -> None:
-    """The end of train(): every rank waits for the others, then the process group is closed, so that
-    rank 0's evaluation afterwards keeps no other rank waiting in a collective."""
+    """End of train(): the ranks meet, the group closes; rank 0's evaluation then keeps no rank waiting."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
 def resume_step(ckpt: dict | None, steps_per_epoch: int) -> tuple[int, int]:
-    """(epoch, step) a run starts from: (0, 0), or after the checkpoint's epochs. Checkpoints are saved at
-    epoch ends, so the step is recounted with this run's steps per epoch: a run saved on W processes
-    continues on any other number, with the per-step schedules of the new world size."""
+    """(epoch, step) a run starts from: (0, 0), or after the checkpoint's (epoch-end) epochs, the step recounted
+    with this run's steps per epoch, so a run continues on any other number of processes."""
     epoch = ckpt["epoch"] if ckpt is not None else 0
     return epoch, epoch * steps_per_epoch
 
@@ -224,7 +220,8 @@ def describe_checkpoint(state: dict) -> str:
     if "method" in state:
         args = state.get("args") or {}
         arch = args.get("arch") or "encoder " + str(args.get("encoder_arch", "?"))  # secat.py: a frozen encoder
-        return f"a {state['method']}.py checkpoint ({arch}/{args.get('patch_size', '?')}, epoch {state.get('epoch', '?')})"
+        return (f"a {state['method']}.py checkpoint ({arch}/{args.get('patch_size', '?')}, "
+                f"epoch {state.get('epoch', '?')})")
     what, weights = backbone_weights(state)
     return (f"{what} (ViT {vit_shape(weights)})" if "cls_token" in weights else what if "ResNet" in what or
             "AlexNet" in what else f"a dict of {len(state)} entries")
@@ -314,10 +311,8 @@ def check_output_dir(path, resume=False, overwrite=False, method=None) -> dict |
 
 
 def prepare_output_dir(path, resume=False, overwrite=False, is_main=True, method=None, world_size=1):
-    """check_output_dir, then make it and check it can be written (main process only); -> (JsonlLogger of
-    log.jsonl, checkpoint path, the checkpoint to continue from or None). A checkpoint there needs --resume
-    or --overwrite (a relaunch that forgot --resume would replace it); --overwrite starts log.jsonl afresh,
-    --resume drops its records of the epochs that the resumed run replays."""
+    """check_output_dir, make it, check it is writable (main process) -> (JsonlLogger of log.jsonl, checkpoint path,
+    checkpoint to continue or None). --overwrite starts log.jsonl afresh, --resume drops the replayed epochs'."""
     ckpt = check_output_dir(path, resume, overwrite, method)
     ckpt_path, log_path = os.path.join(str(path), "checkpoint.pth"), os.path.join(str(path), "log.jsonl")
     if is_main:
@@ -326,7 +321,8 @@ def prepare_output_dir(path, resume=False, overwrite=False, is_main=True, method
             with tempfile.TemporaryFile(dir=path), open(log_path, "w" if overwrite else "a"):
                 pass
         except OSError as e:
-            raise DataError(f"--output-dir {path}: cannot be written ({e.strerror}); pick another --output-dir") from None
+            raise DataError(f"--output-dir {path}: cannot be written ({e.strerror}); "
+                            "pick another --output-dir") from None
         if ckpt is not None:
             _drop_replayed(log_path, ckpt["epoch"])
             saved = ckpt.get("world_size", "?")  # checkpoints before the world size was saved say "?"
@@ -368,9 +364,8 @@ def parse_args(p: argparse.ArgumentParser, argv, demo, workers=8, log_every=10) 
 
 
 def cli(main, get_args, argv=None) -> None:
-    """The entry point of every command line here. The user's mistakes (DataError, CheckpointError, OSError
-    on a path, a bad flag, SystemExit with a message) become one line `error: <file or flag>: <what is
-    wrong>` on stderr, exit 1 (2 for a flag, 130 for Ctrl-C); any other exception keeps its traceback."""
+    """Every command line's entry point: DataError, CheckpointError, OSError, a bad flag, SystemExit(message) become
+    one line `error: <file or flag>: <what>` on stderr, exit 1 (flag 2, Ctrl-C 130); others keep their traceback."""
     def fail(message, code=1):
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(code)
@@ -481,7 +476,7 @@ def load_mask(path) -> torch.Tensor:
 def voc_palette() -> list[int]:
     """The 256-colour palette of Pascal VOC and DAVIS masks, flat [r0, g0, b0, r1, ...]."""
     # bit 3 * level + channel of an index is bit 7 - level of that channel: R, G, B, most significant first
-    return [sum(((i >> (3 * level + c)) & 1) << (7 - level) for level in range(8)) for i in range(256) for c in range(3)]
+    return [sum(((i >> (3 * lv + c)) & 1) << (7 - lv) for lv in range(8)) for i in range(256) for c in range(3)]
 
 
 def save_mask(path, mask) -> None:
@@ -502,8 +497,7 @@ def _list_images(folder, recursive=True, exts=IMAGE_EXTS) -> list[str]:
 
 
 def _skip_bad(paths, load, single) -> tuple[list, list[str]]:
-    """-> ([(path, load(path)) where load raises no DataError], [the others' errors, each warned about]);
-    with `single` (one path given) its DataError is raised as is."""
+    """-> ([(path, load(path)) that loaded], [the others' errors, warned]); `single`: its DataError is raised."""
     good, problems = [], []
     for path in paths:
         try:
@@ -565,9 +559,8 @@ class _SkipUnreadable:
 
 
 class UnlabelledImages(_SkipUnreadable, Dataset):
-    """Every image under root (recursive), then every `frame_step`-th frame of every video there (or
-    root itself: an image or a video file), so that a phone video serves as a folder of images.
-    item = (transform(uint8 (3,H,W)), -1). Unreadable videos among several are skipped with a warning."""
+    """Every image under root (recursive), then every `frame_step`-th frame of every video there (or root: an image
+    or a video), item = (transform(uint8 (3,H,W)), -1). Unreadable videos among several are skipped (a warning)."""
 
     def __init__(self, root, transform=None, frame_step=1):
         root = self.root = _need(root, "image folder or video")
@@ -577,7 +570,8 @@ class UnlabelledImages(_SkipUnreadable, Dataset):
             raise DataError(f"{root}: is a file but neither an image nor a video (by its extension)")
         videos = [p for p in listed if p.lower().endswith(VIDEO_EXTS)]
         self.samples = [(p, -1) for p in listed if p.lower().endswith(IMAGE_EXTS)]
-        decoded, self.skipped_videos = _skip_bad(videos, lambda v: video_frames_as_jpeg(v, frame_step), videos == [root])
+        decoded, self.skipped_videos = _skip_bad(videos, lambda v: video_frames_as_jpeg(v, frame_step),
+                                                 videos == [root])
         for video, frames in decoded:
             for t, jpeg in frames:
                 self._jpegs[len(self.samples)] = jpeg
@@ -688,10 +682,9 @@ VOC_CLASSES = ("background aeroplane bicycle bird boat bottle bus car cat chair 
 
 
 class VOCSegmentation(_SkipUnreadable, Dataset):
-    """Pascal VOC layout: JPEGImages/<id>.jpg, SegmentationClass/<id>.png, ImageSets/Segmentation/<split>.txt;
-    split "trainaug" (10,582 ids) reads SegmentationClassAug/ in root or beside it.
-    item = transform(img uint8 (3,H,W), mask int64 (H,W)); 255 in the mask = ignore. Classes come from
-    root/classes.txt (one per line, line index = id) when present, else VOC's 21."""
+    """Pascal VOC layout: JPEGImages/<id>.jpg, SegmentationClass/<id>.png, ImageSets/Segmentation/<split>.txt
+    ("trainaug": SegmentationClassAug/ in root or beside it); item = transform(uint8 (3,H,W), mask (H,W), 255 = ignore);
+    classes: root/classes.txt (line index = id) if present, else VOC's 21."""
 
     def __init__(self, root, split="train", transform=None):
         self.root, self.transform, self._bad = _need(root, "folder"), transform, set()
@@ -722,8 +715,7 @@ class VOCSegmentation(_SkipUnreadable, Dataset):
 
 class DAVIS(Dataset):
     """DAVIS-2017 layout: JPEGImages/<res>/<seq>/*.jpg, Annotations/<res>/<seq>/*.png, ImageSets/2017/<split>.txt.
-    item = dict(name, frames uint8 (T,3,H,W), masks int64 (T,H,W) instance ids (0 = background, frames without
-    an annotation file are all 255), palette list or None)."""
+    item = dict(name, frames uint8 (T,3,H,W), masks int64 (T,H,W) (0 = background, 255: no annotation), palette)."""
 
     def __init__(self, root, split="val", resolution="480p"):
         self.root = _need(root, "folder")
@@ -787,9 +779,8 @@ class COCOSegmentation(VOCSegmentation):
 
 
 class YouTubeVOS(DAVIS):
-    """YouTube-VOS train/ layout (JPEGImages/<video>/*.jpg, Annotations/<video>/*.png, meta.json), split 80/20
-    into TimeT's train1/val1 (data_loader.split_directory_to_train_val, unseeded there): here the sorted
-    names shuffled by random.Random(seed). Items as DAVIS's plus `objects` (meta.json: id -> category)."""
+    """YouTube-VOS train/ layout (JPEGImages/, Annotations/, meta.json) split 80/20 as TimeT's train1/val1 (unseeded
+    there; here random.Random(seed)). Items as DAVIS's plus `objects` (meta.json: id -> category)."""
 
     def __init__(self, root, split="val", seed=0, train_fraction=0.8):
         self.root = _need(root, "folder")
@@ -947,6 +938,15 @@ def _decode_file(path, indices, short_side):
     return np.stack(frames)
 
 
+def _read_jpeg(path) -> torch.Tensor:  # libjpeg-turbo straight to (3, H, W): PIL's pixels without PIL's copies
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+    warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)  # torchvision 0.29: per call
+    try:
+        return decode_jpeg(read_file(path), mode=ImageReadMode.RGB)
+    except RuntimeError as e:
+        raise Unreadable(f"{path}: unreadable image ({e})") from None
+
+
 def read_frames(path, indices, short_side=None) -> torch.Tensor:
     """-> uint8 (T, 3, H', W') for the given frame indices (video file or frame folder). short_side resizes at
     decode time (PyAV's swscale, PIL's JPEG draft mode): a 4K frame is never held at full size."""
@@ -955,6 +955,8 @@ def read_frames(path, indices, short_side=None) -> torch.Tensor:
         files = _frame_files(path)
         if not files or max(indices) >= len(files) or min(indices) < 0:
             raise DataError(f"{path}: asked for frames {min(indices)}..{max(indices)} of {len(files)}")
+        if not short_side and all(files[i].lower().endswith((".jpg", ".jpeg")) for i in indices):
+            return torch.stack([_read_jpeg(files[i]) for i in indices])
         array = np.stack([np.asarray(_open_image(files[i], short_side)) for i in indices])
     else:
         try:
@@ -987,8 +989,7 @@ def _extract_part(path, out, first, stop, short_side, quality) -> int:
 
 
 def extract(path, out, short_side=640, workers=None, quality=95) -> int:
-    """Decode a video once into a frame folder out/000000.jpg ... (what VideoClips reads), resized at decode time,
-    split at keyframes over `workers` processes; -> frames written."""
+    """A video, decoded once (split at keyframes over `workers` processes) -> frame folder out/000000.jpg ...; count"""
     info = probe_video(path)
     with av.open(info.path) as container:
         stream = container.streams.video[0]
@@ -1028,13 +1029,13 @@ VIDEO_FRAMES_MAX = 10000  # per video, about 250 MB of JPEGs in memory; longer v
 
 @functools.lru_cache(maxsize=8)  # a method builds its image set more than once (training, evaluation, pictures)
 def video_frames_as_jpeg(path, step=1, short_side=VIDEO_FRAME_SHORT_SIDE) -> tuple[tuple[int, bytes], ...]:
-    """Every step-th frame of a video file (at most VIDEO_FRAMES_MAX) as (frame index, JPEG bytes),
-    decoded once front to back and resized at decode time (never enlarged); cached by path."""
+    """Every step-th frame (at most VIDEO_FRAMES_MAX) as (index, JPEG bytes), decoded once, resized; cached."""
     info = probe_video(path)  # names a corrupt file or one with no video stream
     height, width = _resized_size(info.height, info.width, min(short_side, info.height, info.width))
     if info.num_frames > VIDEO_FRAMES_MAX * step:
         step = math.ceil(info.num_frames / VIDEO_FRAMES_MAX)
-        warnings.warn(f"{path}: {info.num_frames} frames; one every {step} used as an image (at most {VIDEO_FRAMES_MAX})")
+        warnings.warn(f"{path}: {info.num_frames} frames; one every {step} used as an image "
+                      f"(at most {VIDEO_FRAMES_MAX})")
     frames, t = [], -1
     try:
         with av.open(path) as container:
@@ -1056,11 +1057,9 @@ def video_frames_as_jpeg(path, step=1, short_side=VIDEO_FRAME_SHORT_SIDE) -> tup
 
 
 class VideoClips(_SkipUnreadable, Dataset):
-    """Map-style dataset with one item per clip start: frames 0, s, 2s, ... of every video (s = clip_start_every;
-    None: one item per video, at frame 0). A clip is num_frames frames `frame_gap` apart; item i = transform(uint8
-    (T,3,H,W)). Random start times come from shuffling (RandomSampler / DistributedSampler), so DataLoader workers
-    and DDP ranks split the clips without duplicates. `read(v, indices)` reads any frames of video v.
-    Unreadable or too-short videos among several are skipped with a warning; a single bad video is an error."""
+    """One item per clip start: frames 0, s, 2s, ... of every video (s = clip_start_every; None: one per video), a
+    clip num_frames frames `frame_gap` apart, item = transform(uint8 (T,3,H,W)); samplers shuffle the starts.
+    `read(v, indices)` reads any frames of video v. Bad or short videos among several are skipped (a warning)."""
 
     def __init__(self, root_or_paths, num_frames=8, frame_gap=1, clip_start_every=1, short_side=None,
                  transform=None):
@@ -1110,8 +1109,7 @@ class VideoClips(_SkipUnreadable, Dataset):
 
 
 class ImagesOrFrames(Dataset):
-    """Training images -> transform(uint8 (3, H, W)): a VOC-layout root's train split (masks unused), or
-    UnlabelledImages: images (recursive) and the frames of videos (one every `frame_step`)."""
+    """Training images -> transform(uint8 (3, H, W)): a VOC root's train split, else UnlabelledImages(root)."""
 
     def __init__(self, root, transform, frame_step=30):
         self.transform, self.kind = transform, "images"
@@ -1148,8 +1146,7 @@ def _gray(x):  # (B, 1, H, W): ITU-R 601-2 luma, as torchvision
 
 
 def color_jitter(x, brightness, contrast, saturation, hue, p=1.0):
-    """ColorJitter with probability p per image: factors uniform in [1-f, 1+f] (hue [-h, h]) applied in a random
-    order per image. -> (B, 3, H, W)"""
+    """ColorJitter with probability p per image: factors uniform in [1-f, 1+f] (hue [-h, h]), random order."""
     from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
     B, dev = len(x), x.device
     u = lambda f, *shape: torch.empty(B, *shape, device=dev).uniform_(max(0, 1 - f), 1 + f)  # noqa: E731
@@ -1171,24 +1168,62 @@ def random_grayscale(x, p):
 
 
 def gaussian_blur(x, sigma, kernel_size, p=1.0, max_kernel=None):
-    """Blur image b with probability p by sigma[b] (B,) and its own odd kernel_size[b] (B,) ints (or one int),
-    reflect-padded as torchvision: kernels zero-padded to max_kernel (fixed, so no host sync). -> (B, 3, H, W)"""
+    """Blur image b with probability p by sigma[b] (B,) or (B, 2) (rows, columns) and its odd kernel_size[b] (of the
+    same shape, or one int), reflect-padded as torchvision; kernels zero-padded to max_kernel (no host sync)."""
     (B, C, H, W), R = x.shape, (max_kernel or int(kernel_size)) // 2
-    sizes = torch.as_tensor(kernel_size, device=x.device).expand(B)
+    sizes = torch.as_tensor(kernel_size, device=x.device).reshape(B if torch.is_tensor(kernel_size) else 1, -1)
     taps = torch.arange(-R, R + 1, device=x.device, dtype=x.dtype)
-    kernel = torch.exp(-0.5 * (taps / sigma.view(B, 1).to(x)) ** 2) * (taps.abs() <= (sizes.view(B, 1) - 1) / 2)
-    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B*C, 2R+1)
+    kernel = torch.exp(-0.5 * (taps / sigma.reshape(B, -1, 1).to(x)) ** 2) * (taps.abs() <= (sizes[..., None] - 1) / 2)
+    kernel = (kernel / kernel.sum(-1, keepdim=True)).expand(B, 2, -1).repeat_interleave(C, 0)  # (B*C, 2, 2R+1)
     y = torch.nn.functional.pad(x.reshape(1, B * C, H, W), (R, R, R, R), mode="reflect")
-    y = torch.nn.functional.conv2d(y, kernel.view(B * C, 1, -1, 1), groups=B * C)
-    y = torch.nn.functional.conv2d(y, kernel.view(B * C, 1, 1, -1), groups=B * C).view(B, C, H, W)
+    y = torch.nn.functional.conv2d(y, kernel[:, 0].reshape(B * C, 1, -1, 1), groups=B * C)
+    y = torch.nn.functional.conv2d(y, kernel[:, 1].reshape(B * C, 1, 1, -1), groups=B * C).view(B, C, H, W)
     return torch.where((torch.rand(B, device=x.device) < p).view(B, 1, 1, 1), y, x)
 
 
+def random_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), device=None):
+    """RandomResizedCrop.get_params n times at once (10 tries, then its fallback) -> (n, 4) float: top, left, h, w"""
+    opts = dict(dtype=torch.float64, device=device)
+    aspect = torch.exp(torch.empty(n, 10, **opts).uniform_(math.log(ratio[0]), math.log(ratio[1])))
+    target = height * width * torch.empty(n, 10, **opts).uniform_(*scale)
+    w, h = torch.sqrt(target * aspect).round(), torch.sqrt(target / aspect).round()
+    fallback = min(width, round(height * max(ratio))), min(height, round(width / min(ratio)))
+    w, h = torch.cat([w, w.new_full((n, 1), fallback[0])], 1), torch.cat([h, h.new_full((n, 1), fallback[1])], 1)
+    first = ((w > 0) & (w <= width) & (h > 0) & (h <= height)).float().argmax(1, keepdim=True)  # the first that fits
+    w, h, fell, u = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], first[:, 0] == 10, torch.rand(n, 2, **opts)
+    top = torch.where(fell, (height - h) // 2, (u[:, 0] * (height - h + 1)).floor())
+    left = torch.where(fell, (width - w) // 2, (u[:, 1] * (width - w + 1)).floor())
+    return torch.stack([top, left, h, w], 1).float()
+
+
+def _resize_weights(start, length, size, in_size, antialias):
+    """(n, size, in_size): F.interpolate's weights resizing each window [start, start + length) of n crops to size"""
+    start, length = start[:, None, None], length[:, None, None]
+    pos = torch.arange(in_size, device=start.device, dtype=torch.float64) - start  # input pixel in crop coordinates
+    centre = length / size * (torch.arange(size, device=start.device, dtype=torch.float64)[:, None] + 0.5)
+    if not antialias:  # the two neighbours of the source position, clamped at the crop's edges
+        src = (centre - 0.5).clamp(min=0)
+        i0, i1 = src.floor(), torch.minimum(src.floor() + 1, length - 1)
+        return ((1 - src + i0) * (pos == i0) + (src - i0) * (pos == i1)).float()
+    stretch = (length / size).clamp(min=1)  # the kernel's support (2 px) grows when downscaling
+    lo, hi = (centre - 2 * stretch + 0.5).floor().clamp(min=0), torch.minimum((centre + 2 * stretch + 0.5).floor(),
+                                                                              length)
+    t = ((pos - centre + 0.5) / stretch).abs()
+    w = torch.where(t < 1, (1.5 * t - 2.5) * t * t + 1, torch.where(t < 2, ((-0.5 * t + 2.5) * t - 4) * t + 2, 0))
+    w = w * ((pos >= lo) & (pos < hi))
+    return (w / w.sum(-1, keepdim=True)).float()
+
+
+def resized_crops(x, boxes, size, antialias=False):
+    """TF.resized_crop of box b (top, left, h, w) of x[b] (n, C, H, W) to size, bilinear or antialiased bicubic"""
+    rows = _resize_weights(boxes[:, 0].double(), boxes[:, 2].double(), size, x.shape[-2], antialias)
+    cols = _resize_weights(boxes[:, 1].double(), boxes[:, 3].double(), size, x.shape[-1], antialias)
+    return rows[:, None] @ x.float() @ cols[:, None].transpose(-1, -2)
+
+
 # ============================================================================ language-model files
-# What secat.py's language side reads: a byte tokenizer for an LM trained from scratch; a pretrained
-# GPT-2-family LM's own byte-level BPE (vocab.json + merges.txt, or tokenizer.json) through the
-# `tokenizers` library; and the weights and config of a Hugging Face model folder (config.json,
-# model.safetensors through `safetensors`, or pytorch_model.bin).
+# What secat.py's language side reads: a byte tokenizer (an LM from scratch); a pretrained GPT-2-family LM's
+# byte-level BPE (`tokenizers`); a Hugging Face model folder (config.json, model.safetensors or pytorch_model.bin).
 class ByteTokenizer:
     """Text <-> ids, one id per UTF-8 byte (0-255), <eos> 256, <pad> 257: only for an LM trained from
     scratch (a pretrained LM reads its own BPE ids), which can then spell any name ("Ærø", "狐")."""
@@ -1202,9 +1237,8 @@ class ByteTokenizer:
 
 
 class BPETokenizer:
-    """A GPT-2-family LM's byte-level BPE through `tokenizers`: GPT-2's vocab.json + merges.txt, else a
-    tokenizer.json; the same ids as GPT-2's encoder.py. <|endoftext|> is <eos> and <pad>, and the same
-    token where the text spells it out; decode drops special tokens."""
+    """A GPT-2-family byte-level BPE (`tokenizers`; vocab.json + merges.txt, else tokenizer.json), GPT-2's ids.
+    <|endoftext|> is <eos> and <pad>, also where the text spells it out; decode drops special tokens."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -1226,10 +1260,11 @@ class BPETokenizer:
             except Exception as e:  # the library's own message names what it could not read
                 raise DataError(f"{path}: not a tokenizer file that `tokenizers` reads ({str(e)[:120]})") from None
             if type(tok.model).__name__ != "BPE" or "ByteLevel" not in str(tok.pre_tokenizer):
-                raise DataError(f"{path}: not a byte-level BPE tokenizer (GPT-2 family); other tokenizers are not supported")
+                raise DataError(f"{path}: not a byte-level BPE tokenizer (GPT-2 family); "
+                                "other tokenizers are not supported")
         else:
-            raise DataError(f"{folder}: no tokenizer files (vocab.json + merges.txt, or tokenizer.json); "
-                            "a pretrained LM must read its own tokens, the byte tokenizer is only for an LM from scratch")
+            raise DataError(f"{folder}: no tokenizer files (vocab.json + merges.txt, or tokenizer.json); a pretrained "
+                            "LM must read its own tokens, the byte tokenizer is only for an LM from scratch")
         if tok.token_to_id("<|endoftext|>") is None:
             raise DataError(f"{folder}: its vocabulary has no <|endoftext|> (GPT-2's end of text)")
         tok.add_special_tokens([AddedToken("<|endoftext|>", special=True)])  # spelled out, it is that one token
@@ -1243,12 +1278,12 @@ class BPETokenizer:
 
 
 def read_hf_folder(folder, flag="") -> tuple[dict, dict]:
-    """A Hugging Face model folder -> (state dict, config.json as a dict, {} if absent). Weights:
-    model.safetensors or pytorch_model.bin (GPT-2's releases are single files, not shards). Errors name
-    the folder after `flag`, the option that gave it."""
+    """A Hugging Face model folder -> (state dict of model.safetensors or pytorch_model.bin (no shards), config.json
+    as a dict, {} if absent). Errors name the folder after `flag`, the option that gave it."""
     where = f"{flag} {folder}".strip()
     if not os.path.isdir(folder):
-        raise DataError(f"{where}: not a folder; give the model's folder (config.json, model.safetensors, tokenizer files)")
+        raise DataError(f"{where}: not a folder; give the model's folder "
+                        "(config.json, model.safetensors, tokenizer files)")
     config = os.path.join(folder, "config.json")
     config = json.load(open(config)) if os.path.exists(config) else {}
     path = os.path.join(folder, "model.safetensors")
@@ -1269,8 +1304,7 @@ def read_hf_folder(folder, flag="") -> tuple[dict, dict]:
 # clouds, brick wall, tiled ground) while objects move, scale, spin and occlude each other; pixels are rendered
 # analytically from world coordinates (exact instance masks, vectorised numpy). Classes differ in shape and
 # texture only: every colour comes from one palette shared by all classes and the stuff, so a colour histogram
-# cannot tell them apart. The stuff is hazy (contrast STUFF_CONTRAST around its mean) so that objects stand out:
-# a small conv net trained *with labels* on the crops reached 53 % at full contrast, 83 % at 0.3 (32 px, 40 epochs).
+# cannot tell them apart. The stuff is hazy (contrast STUFF_CONTRAST around its mean) so that objects stand out.
 SYNTH_VERSION = 3  # bump whenever the generator's output changes: ensure_synth then rewrites old worlds
 # sorted, so that ImageFolder's label k (folders sorted by name) is VOC/DAVIS class k + 1
 CLASS_NAMES = ("checkered_box", "dotted_ring", "gridded_cross", "hatched_crescent", "striped_star", "wavy_triangle")
@@ -1312,11 +1346,9 @@ TEXTURES = {
 
 class SyntheticWorld:
     """In-memory generator; every item depends only on (seed, item key), not on call order.
-
     video(i) -> dict(frames uint8 (T,H,W,3), instances int64 (T,H,W) 0 = none, labels int64 (N,) class per instance)
     image(i, split) -> (uint8 (H,W,3), semantic int64 (H,W): 0 stuff, 1..C classes, 255 object borders)
-    crop(label, i, split) -> uint8 (H,W,3) centred on one object of class `label`
-    """
+    crop(label, i, split) -> uint8 (H,W,3) centred on one object of class `label`"""
 
     def __init__(self, seed=0, classes=CLASS_NAMES):
         self.seed, self.classes = int(seed), tuple(classes)
@@ -1334,8 +1366,8 @@ class SyntheticWorld:
                     horizon=rng.uniform(-45, -20), ground_line=rng.uniform(15, 40))
 
     def render(self, height, width, camera, stuff, objects):
-        """Draw one frame. camera = (x, y, zoom in world units per pixel); objects, back to front, are
-        (label, x, y, radius, angle, colours (2,3)) -> (uint8 (H,W,3), instances int64 (H,W): k+1 where objects[k] shows)."""
+        """Draw one frame. camera = (x, y, zoom in world units per pixel); objects, back to front, are (label, x, y,
+        radius, angle, colours (2,3)) -> (uint8 (H,W,3), instances int64 (H,W): k+1 where objects[k] shows)."""
         cx, cy, zoom = camera
         X = cx + (np.arange(width)[None, :] - width / 2 + 0.5) * zoom + np.zeros((height, 1))
         Y = cy + (np.arange(height)[:, None] - height / 2 + 0.5) * zoom + np.zeros((1, width))
@@ -1441,9 +1473,8 @@ class SyntheticWorld:
 
 def synth_world(out_dir, seed=0, num_videos=4, num_frames=96, size=128, num_images=(160, 60),
                 crops_per_class=(60, 20), crop_size=64) -> str:
-    """Write the synthetic world under out_dir and return it: videos/tour_XX.mp4; davis/ (same frames, instance
-    masks, ImageSets/2017/{train,val}.txt); voc/ (semantic masks, classes.txt); objects/{train,val}/<class>/;
-    world.json (written last)."""
+    """Write the synthetic world under out_dir and return it: videos/tour_XX.mp4; davis/ (same frames, masks, splits);
+    voc/ (semantic masks, classes.txt); objects/{train,val}/<class>/; world.json (written last)."""
     started, world = time.time(), SyntheticWorld(seed)
     _claim_for_synth(out_dir)
     davis = os.path.join(out_dir, "davis")
@@ -1518,9 +1549,8 @@ def _current_world(root, seed) -> bool:
 
 
 def ensure_synth(root="runs/synth", seed=0) -> str:
-    """Write the synthetic world to root unless a current one is there; under torchrun local rank 0 writes, the rest
-    wait. Written aside and renamed into place, so demos side by side never read a half-written world; an older or
-    unfinished world is replaced, anything else there is the user's (_refuse_foreign)."""
+    """Write the synthetic world to root unless a current one is there (local rank 0 writes aside and renames, the
+    rest wait); an older or unfinished world is replaced, anything else there is the user's (_refuse_foreign)."""
     root = os.path.normpath(str(root))
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     # one writer per machine: torchrun sets LOCAL_RANK, also before the process group exists
@@ -1548,9 +1578,8 @@ BENCH_PART = {"knn": "objects", "linear": "objects", "seg-linear": "voc", "seg-c
 
 
 def demo_eval_root(eval_data=None, needs=("objects", "voc", "davis"), seed=0) -> str:
-    """Where a method's --demo evaluates: the built-in synthetic world (runs/synth, written on first
-    use), or eval_data after checking that it holds the parts `needs` names (objects, voc, davis, or
-    benchmarks of evaluate.run_suite) as the synthetic world lays them out. Never the training data's parent."""
+    """Where a --demo evaluates: the synthetic world (runs/synth, written on first use), or eval_data once it holds
+    the parts `needs` names (objects, voc, davis, or run_suite benchmarks) laid out as the world lays them out."""
     if eval_data is None:
         return ensure_synth("runs/synth", seed=seed)
     root = _need(eval_data, "folder")
@@ -1577,9 +1606,8 @@ def _as_pil(tile) -> Image.Image:
 
 
 def labelled_grid(rows, path=None, title="", row_names=None, col_names=None, pad=2):
-    """The repo's pictures: rows of tiles (see _as_pil) on white, `pad` px apart, under a title strip,
-    with `col_names` over the columns and `row_names` left of the rows; labels wrap at spaces to their
-    column, "\n" breaks them. Saves a PNG at path when given; returns the PIL image."""
+    """The repo's pictures: rows of tiles (_as_pil) on white, `pad` px apart, a title strip, `col_names` over the
+    columns, `row_names` left of rows (wrapped at spaces, "\n" breaks); saved as PNG at path if given -> PIL image"""
     from PIL import ImageDraw, ImageFont
     font = ImageFont.load_default(size=13)  # Pillow's own font: no file to ship
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -1653,18 +1681,6 @@ def _overlay(img, mask):
     colours = torch.tensor(voc_palette(), dtype=torch.float32).view(256, 3)[mask.clamp(0, 255)].permute(2, 0, 1)
     labelled = ((mask > 0) & (mask != 255)).unsqueeze(0)
     return torch.where(labelled, 0.45 * img + 0.55 * colours, img.float()).to(torch.uint8)
-
-
-def contact_sheet(groups, path, title="", height=96, columns=6) -> None:
-    """Save (name, uint8 (3,H,W) images) groups as a labelled PNG grid, `columns` images a row, each
-    scaled to the given height; a group starts a row named after it."""
-    rows, names = [], []
-    for name, images in groups:
-        thumbs = [_as_pil(img) for img in images]
-        thumbs = [t.resize((max(1, round(t.width * height / t.height)), height), Image.BILINEAR) for t in thumbs]
-        rows += [thumbs[k:k + columns] for k in range(0, len(thumbs), columns)]
-        names += [name] + [""] * ((len(thumbs) - 1) // columns)
-    labelled_grid(rows, path, title, names)
 
 
 def _describe(path, kind, num_frames, stride):
@@ -1773,19 +1789,17 @@ def bench(path, num_frames=8, stride=1, short_side=None, max_clips=64, rounds=3)
         for job in jobs:
             _plain_decode(*job)
         best["plain"] = min(best["plain"], time.perf_counter() - started)
-    result = dict(clips=len(order), loader_clips_per_s=len(order) / best["loader"],
-                  plain_clips_per_s=len(order) / best["plain"], ratio=best["plain"] / best["loader"])
-    return result
+    return dict(clips=len(order), loader_clips_per_s=len(order) / best["loader"],
+                plain_clips_per_s=len(order) / best["plain"], ratio=best["plain"] / best["loader"])
 
 
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12, "A10": 125e12}
 
 
 def bench_train(loader, step, steps, device, images_per_item=1) -> dict:
-    """A method's --bench N: the loader's items/s in one process on one core (N batches; a DataLoader runs without
-    workers, one decoder thread), step(batch)'s time on the device alone (N steps on one batch, after one counted
-    by torch.utils.flop_counter), images/s, peak memory, on CUDA the MFU against the device's dense bf16 peak.
-    Prints them and one JSON line; ratio = loader rate x workers / step rate (below 1: input-bound)."""
+    """A method's --bench N: the loader's items/s on one core (N batches, no workers, one decoder thread), the step's
+    time on the device alone (N steps on one batch, after one FLOP-counted), images/s, peak memory, on CUDA the MFU
+    (dense bf16 peak); prints them and one JSON line, ratio = loader rate x workers / step rate (< 1: input-bound)."""
     from torch.utils.flop_counter import FlopCounterMode
     workers, threads = max(1, getattr(loader, "num_workers", 1)), torch.get_num_threads()
     if isinstance(loader, torch.utils.data.DataLoader):
@@ -1812,14 +1826,16 @@ def bench_train(loader, step, steps, device, images_per_item=1) -> dict:
         if device.type == "cuda" else 0
     memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
         __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss * 1024
+    flops = counter.get_total_flops()
     result = dict(loader_items_per_s_per_worker=loader_rate, workers=workers, step_s=step_s,
                   images_per_s=items * images_per_item / step_s, peak_memory_gib=memory / 2 ** 30,
-                  flops_per_step=counter.get_total_flops(), mfu=counter.get_total_flops() / step_s / peak if peak else None)
+                  flops_per_step=flops, mfu=flops / step_s / peak if peak else None)
     result["ratio"] = loader_rate * workers / (items / step_s)
     print(f"loader {loader_rate:.2f} items/s per worker ({items} a batch, x{images_per_item} images); step "
           f"{step_s * 1e3:.0f} ms on {device} ({result['images_per_s']:.1f} images/s), peak memory "
           f"{result['peak_memory_gib']:.2f} GiB, {result['flops_per_step'] / 1e12:.2f} TFLOP/step"
-          + (f", MFU {result['mfu']:.1%}" if peak else "") + f"; loader x {workers} workers / step = {result['ratio']:.2f}")
+          + (f", MFU {result['mfu']:.1%}" if peak else "") + f"; loader x {workers} workers / step = "
+          f"{result['ratio']:.2f}")
     print(json.dumps(result))
     return result
 
@@ -1836,12 +1852,19 @@ def inspect(path, sheet=None, do_bench=False, num_frames=8, stride=1, short_side
     shown = []
     for part, part_kind in parts:
         how = {"voc": "train, then val;\nmasks overlaid", "davis": "first, middle, last\nframe a sequence;\nmasks "
-               "overlaid", "image folder": "one image a class", "image": "", "images": ""}.get(part_kind, "6 frames a video")
+               "overlaid", "image folder": "one image a class", "image": "", "images": ""}.get(part_kind,
+                                                                                            "6 frames a video")
         name = os.path.basename(os.path.normpath(part))
         name += "" if name == part_kind else f" ({part_kind})"
         shown.append((f"{name}\n{how}", _describe(part, part_kind, num_frames, stride)))
     sheet = sheet or os.path.join("runs", "inspect", os.path.basename(os.path.normpath(path)) + ".png")
-    contact_sheet(shown, sheet, f"data.py inspect {path}: what the loaders read from each part")
+    rows, names = [], []  # the contact sheet: 6 images a row, 96 px high; a group starts a row named after it
+    for name, images in shown:
+        thumbs = [(t := _as_pil(img)).resize((max(1, round(t.width * 96 / t.height)), 96), Image.BILINEAR)
+                  for img in images]
+        rows += [thumbs[k:k + 6] for k in range(0, len(thumbs), 6)]
+        names += [name] + [""] * ((len(thumbs) - 1) // 6)
+    labelled_grid(rows, sheet, f"data.py inspect {path}: what the loaders read from each part", names)
     print(f"contact sheet: {sheet}")
     if do_bench:
         target = parts[0][0]
@@ -1849,7 +1872,8 @@ def inspect(path, sheet=None, do_bench=False, num_frames=8, stride=1, short_side
         print(f"bench {target} ({result['clips']} random clips of {num_frames} frames, stride {stride}, "
               f"short side {short_side or 'native'}, PyAV threads auto on {os.cpu_count()} cores):")
         for name, key in (("VideoClips", "loader"), ("plain PyAV", "plain")):
-            print(f"  {name}  {result[key + '_clips_per_s']:8.1f} clips/s {result[key + '_clips_per_s'] * num_frames:8.1f} frames/s")
+            rate = result[key + "_clips_per_s"]
+            print(f"  {name}  {rate:8.1f} clips/s {rate * num_frames:8.1f} frames/s")
         print(f"  ratio loader / plain = {result['ratio']:.2f} (target >= 0.8)")
 
 
@@ -1867,7 +1891,8 @@ def get_args(argv=None):
     look.add_argument("--num-frames", type=int, default=8)
     look.add_argument("--stride", type=int, default=1)
     look.add_argument("--short-side", type=int, default=None)
-    ex = commands.add_parser("extract", help="decode a video once into a frame folder (in parallel, split at keyframes)")
+    ex = commands.add_parser("extract", help="decode a video once into a frame folder (in parallel, split at "
+                                             "keyframes)")
     ex.add_argument("video")
     ex.add_argument("--out", required=True, help="frame folder to write (000000.jpg ...); VideoClips reads it")
     ex.add_argument("--short-side", type=int, default=640, help="resize at decode time (never enlarged)")

@@ -333,11 +333,13 @@ class MultiCropWrapper(nn.Module):
 # clip (300 px, scale 0.2-1), then a shared 224 global crop (scale 0.4-1) and flip, both resized as
 # torchvision's RandomResizedCropVideo (F.interpolate: bilinear, no antialiasing). Local crops (112 px,
 # scale 0.05-0.4, PIL bicubic: antialiased) per frame from the 300-px crop; colour, gray, blur per frame.
+# on_device (a GPU run): the loader makes only the uint8 300-px crop; finish() does the rest, batched.
 class ClipAugmentation:
-    """uint8 (T, 3, H, W) -> [global clip (T, 3, S, S), local clip 1 (T, 3, S/2, S/2), ...]."""
+    """uint8 (T, 3, H, W) -> [global clip (T, 3, S, S), local clip 1 (T, 3, S/2, S/2), ...]; on_device: [uint8
+    (T, 3, 300, 300)], and finish() makes the crops on the device."""
 
     def __init__(self, args, on_device=False):
-        self.a, self.on_device = args, on_device  # on_device: the loader leaves colour, gray, blur to finish()
+        self.a, self.on_device = args, on_device or bool(getattr(args, "bench", 0))  # --bench: a GPU run's loader
         self.jitter = T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8)
         self.gray = T.RandomGrayscale(p=0.2)
 
@@ -347,29 +349,38 @@ class ClipAugmentation:
         return TF.resized_crop(x, i, j, h, w, [size, size], interpolation=interpolation, antialias=antialias).clamp(0, 1)
 
     def photometric(self, frame, blur_p):  # (3, H, W) in [0, 1] -> normalised
-        if self.on_device:
-            return frame
         frame = self.gray(self.jitter(frame))
         if torch.rand(()) < blur_p:  # official utils.GaussianBlur: PIL's radius (= σ) 0.1-2 px at any crop size
             sigma = float(torch.empty(()).uniform_(0.1, 2.0))
             frame = TF.gaussian_blur(frame, 2 * math.ceil(3 * sigma) + 1, sigma)
         return TF.normalize(frame, MEAN, STD)
 
-    def finish(self, crops, device):  # on the device: photometric() batched, the same draws per frame
+    @staticmethod
+    def photometric_batch(x, blur_p):  # photometric() of every image of x (N, 3, H, W), batched
+        x = data.random_grayscale(data.color_jitter(x, 0.4, 0.4, 0.2, 0.1, p=0.8), 0.2)
+        sigma = torch.empty(len(x), device=x.device).uniform_(0.1, 2.0)  # kernel 2 ceil(3 sigma) + 1: 13 at most
+        return TF.normalize(data.gaussian_blur(x, sigma, 2 * torch.ceil(3 * sigma).long() + 1, blur_p, 13), MEAN, STD)
+
+    def finish(self, crops, device):  # on the device: the crops of __call__'s CPU path, batched
         crops = [c.to(device, non_blocking=True) for c in crops]
         if not self.on_device:
             return crops
-        out = []
-        for c, blur_p in zip(crops, [0.1] + [0.5] * (len(crops) - 1)):
-            x = data.random_grayscale(data.color_jitter(c.flatten(0, 1), 0.4, 0.4, 0.2, 0.1, p=0.8), 0.2)
-            sigma = torch.empty(len(x), device=device).uniform_(0.1, 2.0)  # kernel 2 ceil(3 sigma) + 1: 13 at most
-            x = data.gaussian_blur(x, sigma, 2 * torch.ceil(3 * sigma).long() + 1, blur_p, max_kernel=13)
-            out.append(TF.normalize(x, MEAN, STD).view_as(c))
-        return out
+        a, clips = self.a, crops[0].float() / 255  # (B, T, 3, P, P)
+        (B, T_, C, P, _), S, L = clips.shape, a.image_size, a.local_crops_number
+        boxes = data.random_boxes(B, P, P, a.global_crops_scale, device=device)  # one box and flip per clip
+        glob = data.resized_crops(clips.flatten(1, 2), boxes, S).clamp(0, 1).view(B, T_, C, S, S)
+        glob = torch.where(torch.rand(B, 1, 1, 1, 1, device=device) < 0.5, glob.flip(-1), glob)
+        out = [self.photometric_batch(glob.flatten(0, 1), 0.1).view_as(glob)]
+        boxes = data.random_boxes(L * B * T_, P, P, a.local_crops_scale, device=device).view(L, B * T_, 4)
+        local = torch.cat([data.resized_crops(clips.flatten(0, 1), b, S // 2, antialias=True) for b in boxes])
+        local = local.clamp(0, 1)  # (L*B*T, 3, S/2, S/2): a box per frame and crop
+        return out + list(self.photometric_batch(local, 0.5).view(L, B, T_, C, S // 2, S // 2).unbind(0))
 
     def __call__(self, frames):
         a = self.a
         i, j, h, w = T.RandomResizedCrop.get_params(frames, a.precrop_scale, (3 / 4, 4 / 3))  # uint8 crop, then float
+        if self.on_device:
+            return [TF.resized_crop(frames, i, j, h, w, [a.precrop_size] * 2, antialias=False)]
         clip = TF.resized_crop(frames[..., i:i + h, j:j + w].float() / 255, 0, 0, h, w, [a.precrop_size] * 2,
                                interpolation=T.InterpolationMode.BILINEAR, antialias=False).clamp(0, 1)
         glob = self.crop(clip, a.image_size, a.global_crops_scale)

@@ -336,15 +336,29 @@ def pair_boxes(abs_boxes: torch.Tensor, sizes: list, num_global: int):
 class LeopartCrops:
     """Image uint8 (3, H, W) -> (list of normalised crops, dict(in_global, in_crop) boxes).
     Random resized crops that must intersect the earlier global crops; colour jitter (0.8, 0.8,
-    0.8, 0.2; p 0.8), grayscale p 0.2, blur p 0.5. No flips: they would break the boxes."""
+    0.8, 0.2; p 0.8), grayscale p 0.2, blur p 0.5. No flips: they would break the boxes.
+    on_device (a GPU run): the loader hands over uint8 crops, finish() adds the colours on the device, batched."""
 
     def __init__(self, global_size=224, local_size=96, num_global=2, num_local=4,
-                 global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), min_intersection=0.01):
-        self.num_global, self.min_intersection = num_global, min_intersection
+                 global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), min_intersection=0.01, on_device=False):
+        self.num_global, self.min_intersection, self.on_device = num_global, min_intersection, on_device
         self.sizes = [global_size] * num_global + [local_size] * num_local
         self.scales = [tuple(global_scale)] * num_global + [tuple(local_scale)] * num_local
+        self.blur_kernel = 2 * (global_size // 20) + 1  # official: the global crops' kernel for every crop
         self.colour = T.Compose([T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8), T.RandomGrayscale(p=0.2),
-                                 T.RandomApply([T.GaussianBlur(2 * (global_size // 20) + 1, sigma=(0.1, 2.0))], p=0.5)])
+                                 T.RandomApply([T.GaussianBlur(self.blur_kernel, sigma=(0.1, 2.0))], p=0.5)])
+
+    def finish(self, batch, device):  # (crops, boxes) of a batch -> on the device, the colours of __call__ batched
+        crops = [c.to(device, non_blocking=True) for c in batch[0]]
+        boxes = {k: v.to(device) for k, v in batch[1].items()}
+        if not self.on_device:
+            return crops, boxes
+        out = []
+        for c in crops:
+            x = data.random_grayscale(data.color_jitter(c.float() / 255, 0.8, 0.8, 0.8, 0.2, p=0.8), 0.2)
+            sigma = torch.empty(len(x), device=device).uniform_(0.1, 2.0)
+            out.append(TF.normalize(data.gaussian_blur(x, sigma, self.blur_kernel, p=0.5), MEAN, STD))
+        return out, boxes
 
     def sample_box(self, img, i, boxes):
         H, W = img.shape[-2:]
@@ -362,14 +376,14 @@ class LeopartCrops:
         return torch.tensor([x, y, x + w, y + h], dtype=torch.float32)
 
     def __call__(self, img):
+        img = img[None].contiguous(memory_format=torch.channels_last)[0]  # torch's fast uint8 resize, same pixels
         boxes = torch.zeros(len(self.sizes), 4)
         crops = []
         for i, size in enumerate(self.sizes):
             boxes[i] = self.sample_box(img, i, boxes)
             x1, y1, x2, y2 = boxes[i].tolist()
             crop = TF.resized_crop(img, int(y1), int(x1), int(y2 - y1), int(x2 - x1), [size, size], antialias=True)
-            crop = self.colour(crop).float() / 255
-            crops.append(TF.normalize(crop, MEAN, STD))
+            crops.append(crop if self.on_device else TF.normalize(self.colour(crop).float() / 255, MEAN, STD))
         in_global, in_crop = pair_boxes(boxes, self.sizes, self.num_global)
         return crops, {"in_global": in_global, "in_crop": in_crop}
 
@@ -567,11 +581,9 @@ TrainState = collections.namedtuple("TrainState", "student teacher criterion opt
 
 
 def train_step(state: TrainState, crops, boxes, momentum: float) -> dict:
-    """One Leopart step on a batch (crops: list of (B, 3, H_i, W_i), boxes: dict of (B, G, C, 4)) -> its stats
-    as floats. The training loop's step and --bench's."""
-    student, teacher, criterion, optimizer, scaler, autocast, device = state
-    crops = [c.to(device, non_blocking=True) for c in crops]
-    boxes = {k: v.to(device) for k, v in boxes.items()}
+    """One Leopart step on a batch on the device (crops: list of (B, 3, H_i, W_i), boxes: dict of (B, G, C, 4), from
+    LeopartCrops.finish) -> its stats as floats. The training loop's step and --bench's."""
+    student, teacher, criterion, optimizer, scaler, autocast, _ = state
     loss, stats = leopart_loss(student, teacher, criterion, crops, boxes, autocast)
     # ------ update (the same block in every method file)
     optimizer.zero_grad(set_to_none=True)
@@ -594,7 +606,7 @@ def train(args):
     backbone = init_backbone(args)  # first, right after seeding: main() rebuilds the same for "before"
     crops = LeopartCrops(args.global_crops_size, args.local_crops_size, args.global_crops_number,
                          args.local_crops_number, args.global_crops_scale, args.local_crops_scale,
-                         args.min_intersection)
+                         args.min_intersection, on_device=d.device.type == "cuda" or bool(args.bench))  # GPU: uint8
     dataset = data.ImagesOrFrames(args.data, crops, args.video_frame_step)
     sampler = torch.utils.data.DistributedSampler(dataset, d.world_size, d.rank, seed=args.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_per_gpu, sampler=sampler,
@@ -628,7 +640,8 @@ def train(args):
         if d.world_size > 1 else model
     state = TrainState(ddp, teacher, criterion, optimizer, scaler, autocast, d.device)
     if args.bench:  # loader and step rates (data.bench_train) of the training step
-        return data.bench_train(loader, lambda b: train_step(state, *b, float(momentum_sched[0])), args.bench, d.device)
+        step_on = lambda b: train_step(state, *crops.finish(b, d.device), float(momentum_sched[0]))  # noqa: E731
+        return data.bench_train(loader, step_on, args.bench, d.device)
 
     for epoch in range(start_epoch, min(args.epochs, start_epoch + (args.stop_after or args.epochs))):
         data.seed_everything(args.seed + epoch, d.rank)  # a resumed run replays the same randomness
@@ -641,6 +654,7 @@ def train(args):
                 group["lr"] = float(lr_sched[group["base"]][step])
                 if group["decay"]:
                     group["weight_decay"] = float(wd_sched[step])
+            batch_crops, boxes = crops.finish((batch_crops, boxes), d.device)
             stats = train_step(state, batch_crops, boxes, float(momentum_sched[step]))
             step += 1
             ips = len(batch_crops[0]) * d.world_size * (bar.n + 1) / (time.time() - t0)

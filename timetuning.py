@@ -350,14 +350,28 @@ def freeze_backbone(backbone: VisionTransformer, train_blocks: int):
 # (jitter (0.8, 0.8, 0.8, 0.2) p 0.8, grayscale p 0.2, blur p 0.5 with σ in [0.1, 2] px per
 # frame), then Resize(short side 224), one crop and flip for all frames (so patches correspond
 # across time up to the motion), normalised with the official std 0.228 (sic, not 0.229).
+# on_device (a GPU run): the loader only decodes; finish() runs the same steps on the device, clip by clip (the
+# official noise acts at source resolution, before the resize, and videos differ in size).
 class ClipAugmentation:
-    """uint8 clip (T, 3, H, W) at source resolution -> normalised float clip (T, 3, size, size)."""
+    """uint8 clip (T, 3, H, W) at source resolution -> normalised float clip (T, 3, size, size); on_device: the clip
+    as it is, and finish() augments a batch (a list of clips) on the device."""
 
-    def __init__(self, size=224, scale=(0.4, 1.0), jitter_p=0.8, gray_p=0.2, blur_p=0.5):
-        self.size, self.scale = size, tuple(scale)
+    def __init__(self, size=224, scale=(0.4, 1.0), jitter_p=0.8, gray_p=0.2, blur_p=0.5, on_device=False):
+        self.size, self.scale, self.on_device = size, tuple(scale), on_device
         self.jitter_p, self.gray_p, self.blur_p = jitter_p, gray_p, blur_p
 
     def __call__(self, clip):
+        return clip if self.on_device else self.augment(clip)
+
+    def collate(self, clips):  # on_device: a list, the clips' sizes may differ
+        return list(clips) if self.on_device else torch.utils.data.default_collate(clips)
+
+    def finish(self, batch, device):  # -> (B, T, 3, size, size) on the device
+        if not self.on_device:
+            return batch.to(device, non_blocking=True)
+        return torch.stack([self.augment(clip.to(device, non_blocking=True)) for clip in batch])
+
+    def augment(self, clip):  # draws on the host (python's and torch's CPU generators): no device sync
         if random.random() < self.jitter_p:  # official video_transformations.ColorJitter(per_frame=False)
             b, c, s = (random.uniform(0.2, 1.8) for _ in range(3))  # official draw order: b, c, s, hue
             h = random.uniform(-0.2, 0.2)
@@ -541,12 +555,14 @@ def train(args):
 
     videos = data.VideoClips(args.data, num_frames=1, clip_start_every=None,  # one item per video
                              short_side=None,  # official: noise at source resolution, then Resize(224)
-                             transform=ClipAugmentation(args.image_size, args.crop_scale))
+                             transform=ClipAugmentation(args.image_size, args.crop_scale,
+                                                        on_device=d.device.type == "cuda" or bool(args.bench)))
     dataset = RandomClipPerVideo(videos, args.num_frames, args.frame_step, args.clips_per_video)
     sampler = torch.utils.data.DistributedSampler(dataset, d.world_size, d.rank, shuffle=True, seed=args.seed,
                                                   drop_last=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_per_gpu, sampler=sampler, drop_last=True,
-                                         num_workers=args.num_workers, pin_memory=d.device.type == "cuda")
+                                         num_workers=args.num_workers, collate_fn=videos.transform.collate,
+                                         pin_memory=d.device.type == "cuda")
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise SystemExit(f"--data {args.data}: {len(dataset)} clips per epoch is fewer than one batch of "
@@ -569,7 +585,7 @@ def train(args):
         if d.world_size > 1 else student
     if args.bench:  # loader and step rates (data.bench_train)
         def bench_step(batch):
-            return train_step(ddp, teacher, batch.to(d.device, non_blocking=True), optimizer, scaler,
+            return train_step(ddp, teacher, videos.transform.finish(batch, d.device), optimizer, scaler,
                               float(momentum_schedule[0]), args, autocast)
         return data.bench_train(loader, bench_step, args.bench, d.device, args.num_frames)
 
@@ -583,7 +599,7 @@ def train(args):
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * float(lr_factor[step])  # python floats: weights_only checkpoints
                 g["weight_decay"] = float(wd_schedule[step]) if g["decay"] else 0.0
-            stats = train_step(ddp, teacher, batch.to(d.device, non_blocking=True), optimizer, scaler,
+            stats = train_step(ddp, teacher, videos.transform.finish(batch, d.device), optimizer, scaler,
                                float(momentum_schedule[step]), args, autocast)
             step += 1
             clips_s = len(batch) * d.world_size * (bar.n + 1) / (time.time() - t0)

@@ -1,6 +1,7 @@
 """Tests for data.py: video decoding and clip sampling, every layout, bad inputs, run plumbing."""
 import io
 import json
+import math
 import os
 import sys
 import threading
@@ -582,7 +583,43 @@ def test_batched_colour_ops_draw_torchvisions_distributions():
     gray = data.random_grayscale(x, 0.2)
     is_gray = (gray.std(1).amax((1, 2)) < 1e-6).float()
     assert abs(is_gray.mean() - 0.2) < 0.03
-    assert torch.allclose(gray[is_gray.bool()][:, 0], (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[is_gray.bool()])
+    luma = 0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+    assert torch.allclose(gray[is_gray.bool()][:, 0], luma[is_gray.bool()])
+
+
+def test_batched_resized_crops_are_torchvisions_one_by_one():
+    """resized_crops: F.interpolate's weights as matrices: bilinear (DoRA's clip crops) and antialiased bicubic (PIL's
+    kernel: DoRA's local crops), up and down; a per-axis blur is torchvision's with two sigmas."""
+    import torchvision.transforms.v2 as T
+    import torchvision.transforms.v2.functional as TF
+    torch.manual_seed(0)
+    x, boxes = torch.rand(40, 3, 40, 30), data.random_boxes(40, 40, 30, (0.05, 1.0))
+    for antialias, mode in ((False, T.InterpolationMode.BILINEAR), (True, T.InterpolationMode.BICUBIC)):
+        for size in (12, 64):
+            ours = data.resized_crops(x, boxes, size, antialias)
+            for b in range(40):
+                box = [int(v) for v in boxes[b]]
+                assert torch.allclose(ours[b], TF.resized_crop(x[b], *box, [size, size], mode, antialias=antialias),
+                                      atol=1e-5)
+    sigma = torch.tensor([[0.3, 1.5], [2.0, 0.1]])
+    out = data.gaussian_blur(x[:2], sigma, 2 * torch.ceil(3 * sigma).long() + 1, max_kernel=13)
+    for b in range(2):
+        assert torch.allclose(out[b], TF.gaussian_blur(x[b], [int(2 * math.ceil(3 * s) + 1) for s in sigma[b].flip(0)],
+                                                       sigma[b].flip(0).tolist()), atol=1e-6)
+
+
+def test_random_boxes_draw_what_random_resized_crop_draws():
+    """random_boxes: RandomResizedCrop.get_params, batched: the same box statistics, the same fallback."""
+    import torchvision.transforms.v2 as T
+    torch.manual_seed(0)
+    for (H, W), scale in (((300, 300), (0.05, 0.4)), ((60, 80), (0.2, 1.0)), ((100, 300), (0.5, 1.0))):
+        ours = data.random_boxes(3000, H, W, scale)
+        ref = torch.tensor([T.RandomResizedCrop.get_params(torch.empty(1, H, W), scale, (3 / 4, 4 / 3))
+                            for _ in range(3000)]).float()
+        assert ((ours.mean(0) - ref.mean(0)).abs() < 0.05 * H).all(), (ours.mean(0), ref.mean(0))
+        assert ((ours.std(0) - ref.std(0)).abs() < 0.05 * H).all()
+        assert (ours[:, :2] + ours[:, 2:] <= torch.tensor([H, W])).all()
+    assert data.random_boxes(5, 100, 300, (0.5, 1.0)).tolist() == [[0, 83, 100, 133]] * 5  # no try fits: the centre
 
 
 def test_youtube_vos_meta_json_mistakes_are_one_line_errors_naming_it(tmp_path):

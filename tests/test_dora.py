@@ -413,8 +413,7 @@ def test_device_photometric_draws_what_the_cpu_path_draws():
     torch.manual_seed(0)
     images = torch.nn.functional.interpolate(torch.rand(400, 3, 3, 3), size=(12, 12), mode="bilinear")
     cpu = torch.stack([dora.ClipAugmentation(args).photometric(x, 0.5) for x in images])
-    device = dora.ClipAugmentation(args, on_device=True).finish([images[None, :1], images[None]],
-                                                                torch.device("cpu"))[1][0]
+    device = dora.ClipAugmentation.photometric_batch(images, 0.5)
     for x in (cpu, device):
         assert x.shape == (400, 3, 12, 12)
     stats = [(x.std(1).amax((1, 2)) < 1e-4, x[:, :, 1:] - x[:, :, :-1]) for x in (cpu, device)]
@@ -457,3 +456,39 @@ def test_bench_prints_the_loader_and_step_rates_and_their_ratio(tmp_path, capsys
     assert math.isclose(result["ratio"], result["loader_items_per_s_per_worker"] * result["workers"] / items_per_s,
                         rel_tol=1e-6)
     assert not (tmp_path / "out" / "checkpoint.pth").exists()
+
+
+def ramp_crop_stats(crops):
+    """(N, 3, h, w) crops of a frame whose channels 0 and 1 ramp left-right and top-bottom: per crop the box's width,
+    height and centre as fractions of the frame, and whether it is flipped (N, 5)."""
+    x, y = crops[:, 0], crops[:, 1]
+    w, h = x.amax((1, 2)) - x.amin((1, 2)), y.amax((1, 2)) - y.amin((1, 2))
+    return torch.stack([w, h, x.mean((1, 2)), y.mean((1, 2)), (x[:, :, -1] < x[:, :, 0]).float().mean(1)], 1)
+
+
+def test_device_crops_draw_what_the_cpu_path_draws(monkeypatch):
+    """The GPU run's split: the loader hands over the uint8 300-px crop, finish() makes the global clip (one box and
+    flip per clip, bilinear) and the local crops (a box per frame and crop, bicubic antialiased, no flip) on the
+    device. Colours off (the test above pins them), the first crop the whole frame: over 300 clips, the crops' widths,
+    heights, centres and flips have the CPU path's means and spreads; the clip's frames share the global box."""
+    monkeypatch.setattr(dora.ClipAugmentation, "photometric", lambda self, x, p: x)
+    monkeypatch.setattr(dora.ClipAugmentation, "photometric_batch", staticmethod(lambda x, p: x))
+    args = tiny_args("--local-crops-number", "4", "--precrop-scale", "1", "1", "--precrop-size", "64")
+    ramp = torch.linspace(0, 255, 64).round().to(torch.uint8)
+    frame = torch.stack([ramp.expand(64, 64), ramp[:, None].expand(64, 64), torch.zeros(64, 64, dtype=torch.uint8)])
+    clip = frame.expand(2, 3, 64, 64)
+    cpu_aug, device_aug = dora.ClipAugmentation(args), dora.ClipAugmentation(args, on_device=True)
+    torch.manual_seed(0)
+    cpu = [torch.stack(c) for c in zip(*[cpu_aug(clip) for _ in range(300)])]
+    loaded = torch.stack([device_aug(clip)[0] for _ in range(300)])
+    assert loaded.dtype == torch.uint8 and loaded.shape == (300, 2, 3, 64, 64)
+    device = device_aug.finish([loaded], torch.device("cpu"))
+    assert [c.shape for c in device] == [c.shape for c in cpu]
+    cpu = [ramp_crop_stats(cpu[0].flatten(0, 1)), ramp_crop_stats(torch.cat(cpu[1:]).flatten(0, 1))]
+    device = [ramp_crop_stats(device[0].flatten(0, 1)), ramp_crop_stats(torch.cat(device[1:]).flatten(0, 1))]
+    for c, d in zip(cpu, device):
+        assert ((c.mean(0) - d.mean(0))[:4].abs() < 0.02).all() and ((c.std(0) - d.std(0))[:4].abs() < 0.02).all()
+        area = [(x[0::2, 0] * x[0::2, 1]) for x in (c, d)]  # one frame a clip: its 2 frames share the global box
+        assert abs(area[0].mean() - area[1].mean()) < 3 * ((area[0].var() + area[1].var()) / len(area[0])).sqrt()
+    assert 0.4 < device[0][:, 4].mean() < 0.6 and device[1][:, 4].max() == cpu[1][:, 4].max() == 0  # flips: global
+    assert torch.equal(device[0][0::2], device[0][1::2])  # one box for a clip's frames

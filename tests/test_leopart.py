@@ -396,3 +396,37 @@ def test_demo_on_ones_own_photos_in_two_pieces_equals_one_run(tmp_path, monkeypa
         for k, v in straight[part].items():
             assert torch.equal(v, pieces[part][k]), (part, k)
     assert torch.equal(straight["queue"], pieces["queue"])
+
+
+def colour_stats(crops):
+    """(N, 3, h, w) normalised crops -> (N, 4): mean, spread, gray (channels equal), sharpness (mean |dx|)."""
+    x = crops * torch.tensor(L.STD).view(3, 1, 1) + torch.tensor(L.MEAN).view(3, 1, 1)
+    gray = (x.std(1).amax((1, 2)) < 2e-3).float()
+    return torch.stack([x.mean((1, 2, 3)), x.std((1, 2, 3)), gray, (x[..., 1:] - x[..., :-1]).abs().mean((1, 2, 3))], 1)
+
+
+def test_device_colours_draw_what_the_cpu_path_draws():
+    """A GPU run: the loader hands over the uint8 crops (the same boxes, cut the same way) and finish() adds colour
+    jitter (0.8, 0.8, 0.8, 0.2; p 0.8), grayscale p 0.2 and blur p 0.5 (σ 0.1-2, the global crops' kernel) on the
+    device, batched. Over 200 images each crop's mean, spread, gray and sharpness match the CPU path's (3 sigma)."""
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, 24, 32), generator=g, dtype=torch.uint8).repeat_interleave(2, 1)
+    image = image.repeat_interleave(2, 2)  # texture at 2 px: the blur shows
+    cpu_tf, device_tf = (L.LeopartCrops(40, 16, 2, 2, on_device=on) for on in (False, True))
+    for tf in (cpu_tf, device_tf):  # colours off, the same seed: the same uint8 crops and boxes
+        colour, tf.colour = tf.colour, torch.nn.Identity()
+        torch.manual_seed(0)
+        crops, boxes = tf(image)
+        tf.colour = colour
+        if tf is cpu_tf:
+            cpu_crops, cpu_boxes = crops, boxes
+    assert all(torch.equal(boxes[k], cpu_boxes[k]) for k in boxes) and crops[0].dtype == torch.uint8
+    assert all(torch.equal(L.TF.normalize(c.float() / 255, L.MEAN, L.STD), d) for c, d in zip(crops, cpu_crops))
+    torch.manual_seed(0)
+    cpu = [torch.stack(c) for c in zip(*[cpu_tf(image)[0] for _ in range(200)])]
+    loaded = [torch.stack(c) for c in zip(*[device_tf(image)[0] for _ in range(200)])]
+    device, _ = device_tf.finish((loaded, boxes), torch.device("cpu"))
+    for group in (slice(0, 2), slice(2, 4)):  # global crops, local crops
+        c, d = colour_stats(torch.cat(cpu[group])), colour_stats(torch.cat(device[group]))
+        sigma = ((c.var(0) + d.var(0)) / len(c)).sqrt()
+        assert ((c.mean(0) - d.mean(0)).abs() < 3 * sigma + 1e-3).all(), (c.mean(0), d.mean(0))

@@ -461,3 +461,24 @@ def test_demo_on_ones_own_video_in_two_pieces_equals_one_run(tmp_path, monkeypat
     for part in ("model", "teacher"):
         for k, v in straight[part].items():
             assert torch.equal(v, pieces[part][k]), (part, k)
+
+
+def test_device_path_draws_what_the_cpu_path_draws():
+    """A GPU run: the loader only decodes and hands over the uint8 clips (a list: videos differ in size); finish()
+    runs the same steps on the device (the official noise acts at source resolution, before the resize), drawing on
+    the host. Seeded alike, the two paths give the same clips; the batch's clips of two sizes each get their own."""
+    clips = [torch.randint(0, 256, (4, 3, 40, 56), dtype=torch.uint8), torch.randint(0, 256, (4, 3, 48, 48),
+                                                                                      dtype=torch.uint8)]
+    cpu_aug, device_aug = tt.ClipAugmentation(16), tt.ClipAugmentation(16, on_device=True)
+    assert device_aug(clips[0]) is clips[0] and device_aug.collate(clips) == clips
+    outs = []
+    for seed in range(20):
+        random.seed(seed)
+        torch.manual_seed(seed)
+        cpu = cpu_aug.finish(cpu_aug.collate([cpu_aug(c) for c in clips]), torch.device("cpu"))
+        random.seed(seed)
+        torch.manual_seed(seed)
+        device = device_aug.finish(device_aug.collate([device_aug(c) for c in clips]), torch.device("cpu"))
+        assert device.shape == cpu.shape == (2, 4, 3, 16, 16) and torch.equal(device, cpu)
+        outs.append(device)
+    assert not torch.equal(outs[0], outs[1])
