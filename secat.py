@@ -46,6 +46,7 @@ from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
 import data
+import evaluate
 
 METHOD = "secat"
 
@@ -253,26 +254,10 @@ def build_model(args, encoder, lm=None):
 
 
 # ====== Data: the frozen image encoder and its features of the unlabelled pool
-def convnet_demo(width=32) -> nn.Module:
-    """The demo's frozen encoder: 4 conv stages with BN (stride 8), average pool; (B, 3, H, W) -> (B, 4 width)."""
-    layers, c = [], 3
-    for i, w in enumerate((width, 2 * width, 4 * width, 4 * width)):
-        layers += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU()] + ([nn.MaxPool2d(2)] if i < 3 else [])
-        c = w
-    net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    net.out_dim = c
-    return net
-
-
 def build_backbone(args: dict) -> nn.Module:
-    """The frozen encoder with fresh weights from stored args: the demo's, another method file's, or a DINO ViT."""
-    if args.get("encoder_method"):
-        import importlib
-        return importlib.import_module(args["encoder_method"]).build_backbone(args["encoder_args"])
-    if args["encoder_arch"] == "convnet_demo":
-        return convnet_demo()
-    import evaluate
-    return evaluate.build_arch(args["encoder_arch"], args["patch_size"])
+    """A fresh frozen encoder from stored args (evaluate.stored_backbone): the demo's conv net (average-pooled),
+    another repo checkpoint's backbone, or a DINO ViT."""
+    return evaluate.stored_backbone(METHOD, args)
 
 
 def load_encoder(args) -> nn.Module:
@@ -281,7 +266,6 @@ def load_encoder(args) -> nn.Module:
     args.encoder_method = args.encoder_args = None
     if args.encoder is None:
         return build_backbone(vars(args))
-    import evaluate
     state = data.load_checkpoint(args.encoder, flag="--encoder")  # weights_only=True; a damaged file names itself
     if "method" in state:
         args.encoder_method, args.encoder_args = state["method"], state["args"]
@@ -292,12 +276,9 @@ def feature_dim(encoder) -> int:  # the width of encoder(images): a ViT's [CLS],
     return getattr(encoder, "out_dim", None) or encoder.embed_dim
 
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
 def eval_transform(size):  # uint8 (3, H, W) -> float (3, size, size); the encoder is frozen: no augmentation
     return T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size),
-                      T.ToDtype(torch.float32, scale=True), T.Normalize(MEAN, STD)])
+                      T.ToDtype(torch.float32, scale=True), T.Normalize(evaluate.MEAN, evaluate.STD)])
 
 
 def train_demo_encoder(encoder, args, per_class=100, epochs=15, first_index=1000):
@@ -342,7 +323,6 @@ def extract_features(encoder, dataset, d, autocast, batch_size=64, num_workers=0
 @torch.no_grad()
 def cluster_features(feats, k, seed=0):
     """(N, F) -> (N,) int64: plain k-means (evaluate.kmeans) of the L2-normalised features, on their device."""
-    import evaluate
     return evaluate.kmeans(F.normalize(feats.float(), dim=1), k, seed=seed)[0].cpu()
 
 
@@ -370,7 +350,6 @@ def name_vocabulary(kind: str, eval_folder=None, class_names=None):
         return None
     classes = os.listdir(eval_folder) if eval_folder and os.path.isdir(eval_folder) else []
     if class_names:
-        import evaluate
         classes = list(evaluate.read_class_names(class_names).values())
     taken = {w for d in classes for w in d.lower().replace("_", " ").split()}
     return [w for w in NOUNS if w not in taken]
@@ -699,7 +678,6 @@ ICL_LEGEND = ("real/open = evaluate.icl with real names / Frozen's nonsense word
 def eval_only(args):
     """--eval-only CKPT: the icl evaluation that ends training (evaluate.run_icl with the --eval-* flags), of a saved
     checkpoint, on --eval-data (its val/, if it has one) and --frozen-episodes; nothing is trained."""
-    import evaluate
     ckpt = data.load_checkpoint(args.eval_only, METHOD, flag="--eval-only")
     has_val = args.eval_data and os.path.isdir(os.path.join(args.eval_data, "val"))
     folder = os.path.join(args.eval_data, "val") if has_val else args.eval_data
@@ -723,7 +701,6 @@ def main(args):
                              "model.safetensors, tokenizer>")
     if args.bench:
         return train(args)
-    import evaluate
     untrained = []  # a CPU copy of the model just before self-context training, scored after it: no rank waits
     keep = lambda model, tok: untrained.append(copy.deepcopy(model).cpu())  # noqa: E731
     model, tok, feats, members = train(args, before=keep if args.eval_data else None)
