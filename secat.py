@@ -174,20 +174,15 @@ class GPT(nn.Module):
 
 
 # --- Pretrained LMs: a Hugging Face GPT-2-family folder (gpt2 ... gpt2-xl) maps onto GPT by name
-GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def gpt2_to_ours(hf_state: dict) -> dict:
-    """HF names -> ours: no "transformer.", mask buffers or lm_head (tied to wte); Conv1D (in, out) transposed."""
-    state = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
-    return {k: v.t().contiguous() if k.endswith(GPT2_CONV1D) else v for k, v in state.items()
-            if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
+GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # (in, out)
 
 
 def load_lm(folder) -> GPT:
     """A GPT-2-family LM from a Hugging Face folder: shapes from the weights, heads from config.json's n_head."""
     hf, config = data.read_hf_folder(folder, flag="--lm")
-    state = {k: v.float() for k, v in gpt2_to_ours(hf).items()}
+    hf = {k.removeprefix("transformer."): v for k, v in hf.items()}  # HF names -> ours; Conv1D weights transposed
+    state = {k: (v.t().contiguous() if k.endswith(GPT2_CONV1D) else v).float() for k, v in hf.items()
+             if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}  # no masks; tied head
     if "wte.weight" not in state:
         raise data.DataError(f"--lm {folder}: not a GPT-2-family state dict (no wte.weight); see the README")
     vocab, dim = state["wte.weight"].shape
@@ -355,21 +350,15 @@ def name_vocabulary(kind: str, eval_folder=None, class_names=None):
     return [w for w in NOUNS if w not in taken]
 
 
-def pseudo_name(rng, vocabulary=None) -> str:
-    """Half of the names one word, half two: nouns of the vocabulary ("owl harbor"), or else pronounceable nonsense
-    of 1-3 syllables ("blicket", "dax fep") that uses every letter, so that copying is learned for any spelling."""
-    words = []
-    for _ in range(1 if rng.random() < 0.5 else 2):
-        words.append(vocabulary[rng.integers(len(vocabulary))] if vocabulary else "".join(
-            ONSETS[rng.integers(len(ONSETS))] + VOWELS[rng.integers(len(VOWELS))] + CODAS[rng.integers(len(CODAS))]
-            for _ in range(rng.integers(1, 4))))
-    return " ".join(words)
-
-
-def pseudo_names(n, rng, vocabulary=None) -> list:  # n distinct names, in the order drawn
+def pseudo_names(n, rng, vocabulary=None) -> list:
+    """n distinct names in the order drawn, half one word, half two: nouns of the vocabulary ("owl harbor"), else
+    pronounceable nonsense of 1-3 syllables over every letter ("blicket", "dax fep"), so copying learns any spelling."""
     names = {}
     while len(names) < n:
-        names[pseudo_name(rng, vocabulary)] = None
+        words = [vocabulary[rng.integers(len(vocabulary))] if vocabulary else "".join(
+            ONSETS[rng.integers(len(ONSETS))] + VOWELS[rng.integers(len(VOWELS))] + CODAS[rng.integers(len(CODAS))]
+            for _ in range(rng.integers(1, 4))) for _ in range(1 if rng.random() < 0.5 else 2)]
+        names[" ".join(words)] = None
     return list(names)
 
 
