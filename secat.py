@@ -46,12 +46,12 @@ from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
 import data
+import evaluate
 
 METHOD = "secat"
 
 
 # ====== Config: paper-scale defaults (a ~1B pretrained LM, a DINO ViT-S/16); --demo overrides a few (flags given win)
-# --demo: everything small enough for 2 CPU cores in minutes
 DEMO = dict(encoder_arch="convnet_demo", image_size=32, lm_dim=128, lm_layers=4, lm_heads=4, context=512,
             prefix_tokens=8, clusters=12, max_ways=2, max_shots=1, epochs=10, steps_per_epoch=150,
             text_warmup_steps=300, batch_size_per_gpu=32, lr=2e-3, min_lr=1e-4, warmup_epochs=1, eval_episodes=100,
@@ -173,20 +173,15 @@ class GPT(nn.Module):
 
 
 # --- Pretrained LMs: a Hugging Face GPT-2-family folder (gpt2 ... gpt2-xl) maps onto GPT by name
-GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def gpt2_to_ours(hf_state: dict) -> dict:
-    """HF names -> ours: no "transformer.", mask buffers or lm_head (tied to wte); Conv1D (in, out) transposed."""
-    state = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
-    return {k: v.t().contiguous() if k.endswith(GPT2_CONV1D) else v for k, v in state.items()
-            if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
+GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # (in, out)
 
 
 def load_lm(folder) -> GPT:
     """A GPT-2-family LM from a Hugging Face folder: shapes from the weights, heads from config.json's n_head."""
     hf, config = data.read_hf_folder(folder, flag="--lm")
-    state = {k: v.float() for k, v in gpt2_to_ours(hf).items()}
+    hf = {k.removeprefix("transformer."): v for k, v in hf.items()}  # HF names -> ours; Conv1D weights transposed
+    state = {k: (v.t().contiguous() if k.endswith(GPT2_CONV1D) else v).float() for k, v in hf.items()
+             if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}  # no masks; tied head
     if "wte.weight" not in state:
         raise data.DataError(f"--lm {folder}: not a GPT-2-family state dict (no wte.weight); see the README")
     vocab, dim = state["wte.weight"].shape
@@ -253,26 +248,10 @@ def build_model(args, encoder, lm=None):
 
 
 # ====== Data: the frozen image encoder and its features of the unlabelled pool
-def convnet_demo(width=32) -> nn.Module:
-    """The demo's frozen encoder: 4 conv stages with BN (stride 8), average pool; (B, 3, H, W) -> (B, 4 width)."""
-    layers, c = [], 3
-    for i, w in enumerate((width, 2 * width, 4 * width, 4 * width)):
-        layers += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU()] + ([nn.MaxPool2d(2)] if i < 3 else [])
-        c = w
-    net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    net.out_dim = c
-    return net
-
-
 def build_backbone(args: dict) -> nn.Module:
-    """The frozen encoder with fresh weights from stored args: the demo's, another method file's, or a DINO ViT."""
-    if args.get("encoder_method"):
-        import importlib
-        return importlib.import_module(args["encoder_method"]).build_backbone(args["encoder_args"])
-    if args["encoder_arch"] == "convnet_demo":
-        return convnet_demo()
-    import evaluate
-    return evaluate.build_arch(args["encoder_arch"], args["patch_size"])
+    """A fresh frozen encoder from stored args (evaluate.stored_backbone): the demo's conv net (average-pooled),
+    another repo checkpoint's backbone, or a DINO ViT."""
+    return evaluate.stored_backbone(METHOD, args)
 
 
 def load_encoder(args) -> nn.Module:
@@ -281,7 +260,6 @@ def load_encoder(args) -> nn.Module:
     args.encoder_method = args.encoder_args = None
     if args.encoder is None:
         return build_backbone(vars(args))
-    import evaluate
     state = data.load_checkpoint(args.encoder, flag="--encoder")  # weights_only=True; a damaged file names itself
     if "method" in state:
         args.encoder_method, args.encoder_args = state["method"], state["args"]
@@ -292,17 +270,13 @@ def feature_dim(encoder) -> int:  # the width of encoder(images): a ViT's [CLS],
     return getattr(encoder, "out_dim", None) or encoder.embed_dim
 
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
 def eval_transform(size):  # uint8 (3, H, W) -> float (3, size, size); the encoder is frozen: no augmentation
     return T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size),
-                      T.ToDtype(torch.float32, scale=True), T.Normalize(MEAN, STD)])
+                      T.ToDtype(torch.float32, scale=True), T.Normalize(evaluate.MEAN, evaluate.STD)])
 
 
 def train_demo_encoder(encoder, args, per_class=100, epochs=15, first_index=1000):
-    """The demo's stand-in for a pretrained encoder, trained WITH labels on synthetic crops (1000+) that neither the
-    pool (objects/train) nor the evaluation (objects/val) holds."""
+    """The demo's stand-in for a pretrained encoder, trained WITH labels on synthetic crops 1000+, in neither split."""
     world, transform = data.SyntheticWorld(0), eval_transform(args.image_size)
     x = torch.stack([transform(torch.as_tensor(world.crop(c, first_index + i, "train")).permute(2, 0, 1))
                      for c in range(len(world.classes)) for i in range(per_class)])
@@ -326,8 +300,7 @@ def extract_features(encoder, dataset, d, autocast, batch_size=64, num_workers=0
     own = list(range(d.rank, len(dataset), d.world_size))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, own), batch_size=batch_size,
                                          num_workers=num_workers)
-    encoder = encoder.to(d.device).eval()
-    chunks = []
+    encoder, chunks = encoder.to(d.device).eval(), []
     for images, _ in tqdm(loader, disable=not d.is_main, desc="frozen features", leave=False):
         with autocast:
             chunks.append(encoder(images.to(d.device)).float())
@@ -342,7 +315,6 @@ def extract_features(encoder, dataset, d, autocast, batch_size=64, num_workers=0
 @torch.no_grad()
 def cluster_features(feats, k, seed=0):
     """(N, F) -> (N,) int64: plain k-means (evaluate.kmeans) of the L2-normalised features, on their device."""
-    import evaluate
     return evaluate.kmeans(F.normalize(feats.float(), dim=1), k, seed=seed)[0].cpu()
 
 
@@ -368,29 +340,21 @@ def name_vocabulary(kind: str, eval_folder=None, class_names=None):
     their names in --class-names), so that training sees no real name; nonsense: None."""
     if kind == "nonsense":
         return None
-    classes = os.listdir(eval_folder) if eval_folder and os.path.isdir(eval_folder) else []
-    if class_names:
-        import evaluate
-        classes = list(evaluate.read_class_names(class_names).values())
+    classes = (list(evaluate.read_class_names(class_names).values()) if class_names
+               else os.listdir(eval_folder) if eval_folder and os.path.isdir(eval_folder) else [])
     taken = {w for d in classes for w in d.lower().replace("_", " ").split()}
     return [w for w in NOUNS if w not in taken]
 
 
-def pseudo_name(rng, vocabulary=None) -> str:
-    """Half of the names one word, half two: nouns of the vocabulary ("owl harbor"), or else pronounceable nonsense
-    of 1-3 syllables ("blicket", "dax fep") that uses every letter, so that copying is learned for any spelling."""
-    words = []
-    for _ in range(1 if rng.random() < 0.5 else 2):
-        words.append(vocabulary[rng.integers(len(vocabulary))] if vocabulary else "".join(
-            ONSETS[rng.integers(len(ONSETS))] + VOWELS[rng.integers(len(VOWELS))] + CODAS[rng.integers(len(CODAS))]
-            for _ in range(rng.integers(1, 4))))
-    return " ".join(words)
-
-
-def pseudo_names(n, rng, vocabulary=None) -> list:  # n distinct names, in the order drawn
+def pseudo_names(n, rng, vocabulary=None) -> list:
+    """n distinct names in the order drawn, half one word, half two: nouns of the vocabulary ("owl harbor"), else
+    pronounceable nonsense of 1-3 syllables over every letter ("blicket", "dax fep"), so copying learns any spelling."""
     names = {}
     while len(names) < n:
-        names[pseudo_name(rng, vocabulary)] = None
+        words = [vocabulary[rng.integers(len(vocabulary))] if vocabulary else "".join(
+            ONSETS[rng.integers(len(ONSETS))] + VOWELS[rng.integers(len(VOWELS))] + CODAS[rng.integers(len(CODAS))]
+            for _ in range(rng.integers(1, 4))) for _ in range(1 if rng.random() < 0.5 else 2)]
+        names[" ".join(words)] = None
     return list(names)
 
 
@@ -475,8 +439,7 @@ def collate(episodes, feats, tok, prefix_tokens, device):
 
 
 def make_batch(step, members, args, global_batch):
-    """The global batch of a step, a function of (seed, step) only (any world size, resume: the same episodes);
-    N and K are drawn once per step."""
+    """The global batch of a step, a function of (seed, step) only: any world size or a resume, the same episodes."""
     rng = np.random.default_rng([args.seed, step])
     ways, shots = int(rng.integers(2, args.max_ways + 1)), int(rng.integers(1, args.max_shots + 1))
     return [sample_episode(members, ways, shots, rng, args.vocabulary, getattr(args, "cluster_names", None),
@@ -496,10 +459,8 @@ def text_batch(step, args, tok, global_batch):
 
 
 def step_batch(step, members, feats, tok, args, d):
-    """(this rank's share of the step's batch on d.device, the target tokens of the global batch): text lines during
-    --text-warmup-steps, then self-context episodes."""
-    global_batch = args.batch_size_per_gpu * d.world_size
-    text = step < args.text_warmup_steps
+    """(this rank's share of the step's batch, the target tokens of the global batch): warm-up text, then episodes."""
+    global_batch, text = args.batch_size_per_gpu * d.world_size, step < args.text_warmup_steps
     episodes = text_batch(step, args, tok, global_batch) if text else make_batch(step, members, args, global_batch)
     num_targets = sum(len(tok.encode(e["text"] if text else " " + e["answer"] + ".")) + (not text) for e in episodes)
     return collate(episodes[d.rank::d.world_size], feats, tok, args.prefix_tokens, d.device), num_targets
@@ -561,8 +522,7 @@ def train(args, before=None):
                              f"{args.lm_positions}; pass the same --lm-positions, or --overwrite to start over")
     lm = load_lm(args.lm) if args.lm else None  # a wrong --lm fails before the features are extracted
 
-    t0 = time.time()
-    encoder = load_encoder(args)
+    t0, encoder = time.time(), load_encoder(args)
     if args.encoder is None and args.encoder_arch == "convnet_demo":  # the demo's stand-in, trained once
         if ckpt is None:
             train_demo_encoder(encoder, args)
@@ -570,8 +530,7 @@ def train(args, before=None):
             encoder.load_state_dict({k[9:]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")})
         if d.is_main:
             print(f"demo encoder: convnet_demo trained with labels on held-out crops in {time.time() - t0:.0f}s")
-    pool = data.UnlabelledImages(args.data, transform=eval_transform(args.image_size))
-    t0 = time.time()
+    pool, t0 = data.UnlabelledImages(args.data, transform=eval_transform(args.image_size)), time.time()
     feats = extract_features(encoder, pool, d, autocast, num_workers=args.num_workers)
     clusters = ckpt["clusters"] if ckpt is not None else cluster_features(feats, args.clusters, seed=args.seed)
     feats = feats.cpu()
@@ -601,7 +560,6 @@ def train(args, before=None):
         scaler.load_state_dict(ckpt["scaler"])
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[d.device] if d.device.type == "cuda" else None) \
         if d.world_size > 1 else model
-    global_batch = args.batch_size_per_gpu * d.world_size
     if d.is_main:
         print(f"trainable (mapper + LM): {sum(p.numel() for p in trainable) / 1e6:.2f}M; frozen encoder: "
               f"{feats.shape[1]}-dim")
@@ -625,7 +583,7 @@ def train(args, before=None):
             batch, num_targets = step_batch(step, members, feats, tok, args, d)
             stats = train_step(ddp, optimizer, scaler, batch, num_targets, d.world_size, autocast, args.clip_grad)
             step += 1
-            eps = global_batch * (i + 1) / (time.time() - t0)  # episodes/s; each has N*K+1 images
+            eps = args.batch_size_per_gpu * d.world_size * (i + 1) / (time.time() - t0)  # episodes/s, N*K+1 images each
             bar.set_postfix(loss=f"{stats['loss']:.3f}", episodes_s=f"{eps:.0f}")
             if step % args.log_every == 0:
                 log.log({"epoch": epoch, "step": step, **stats, "lr": float(lr_schedule[step - 1]), "episodes_s": eps})
@@ -697,16 +655,13 @@ ICL_LEGEND = ("real/open = evaluate.icl with real names / Frozen's nonsense word
 
 
 def eval_only(args):
-    """--eval-only CKPT: the icl evaluation that ends training (evaluate.run_icl with the --eval-* flags), of a saved
-    checkpoint, on --eval-data (its val/, if it has one) and --frozen-episodes; nothing is trained."""
-    import evaluate
+    """--eval-only CKPT: the icl evaluation that ends training, on --eval-data (or its val/) and --frozen-episodes."""
     ckpt = data.load_checkpoint(args.eval_only, METHOD, flag="--eval-only")
     has_val = args.eval_data and os.path.isdir(os.path.join(args.eval_data, "val"))
     folder = os.path.join(args.eval_data, "val") if has_val else args.eval_data
-    t0, device = time.time(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results = evaluate.run_icl(build_generator(ckpt, device), folder, args.eval_ways, args.eval_shots,
-                               args.eval_episodes, args.seed, args.class_names, (False, True), args.eval_repeats,
-                               args.frozen_episodes)
+    t0, generate = time.time(), build_generator(ckpt, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    results = evaluate.run_icl(generate, folder, args.eval_ways, args.eval_shots, args.eval_episodes, args.seed,
+                               args.class_names, (False, True), args.eval_repeats, args.frozen_episodes)
     print(f"icl on {folder} ({args.eval_episodes} episodes each, {time.time() - t0:.0f}s)")
     results = {**results, "ckpt": args.eval_only, "eval_data": folder}
     evaluate.print_table(results, f"accuracy in % of {args.eval_only}: {ICL_LEGEND}")
@@ -723,21 +678,18 @@ def main(args):
                              "model.safetensors, tokenizer>")
     if args.bench:
         return train(args)
-    import evaluate
     untrained = []  # a CPU copy of the model just before self-context training, scored after it: no rank waits
     keep = lambda model, tok: untrained.append(copy.deepcopy(model).cpu())  # noqa: E731
     model, tok, feats, members = train(args, before=keep if args.eval_data else None)
     if int(os.environ.get("RANK", 0)) != 0 or not (args.eval_data or args.frozen_episodes):
         return
-    device, before = next(model.parameters()).device, {}
+    device, before, features = next(model.parameters()).device, {}, {}
     if untrained:  # the untrained baseline: real names, 2-way 1-shot
         res = evaluate.run_icl(make_generate(untrained.pop().to(device), tok, args, device), args.eval_data, (2,),
                                (1,), min(args.eval_episodes, 100), args.seed, args.class_names, False)
         before = {f"before/{k}": v for k, v in res.items() if k.startswith("real/")}
-    generate = make_generate(model, tok, args, device)
-    t0 = time.time()
+    generate, t0 = make_generate(model, tok, args, device), time.time()
     selfcontext = {"selfcontext/2way_1shot": selfcontext_accuracy(model, tok, feats, members, args)}
-    features = {}
     if args.eval_data:
         ds = data.ImageFolder(args.eval_data, transform=eval_transform(args.image_size))
         x = torch.stack([ds[i][0] for i in range(len(ds))]).to(device)
@@ -750,7 +702,6 @@ def main(args):
         said, truth = evaluate.icl_picture(generate, evaluate.named_folder(args.eval_data, args.class_names),
                                            os.path.join(args.output_dir, "episode.png"), seed=args.seed)
         print(f"picture: {args.output_dir}/episode.png (answer {said!r}, truth {truth!r})")
-    # selfcontext on the pool, the rest on eval_data
     results = {**selfcontext, **features, **before, **icl, "train_data": args.data, "eval_data": args.eval_data}
     evaluate.print_table(results, "accuracy in %: selfcontext = held-out pool episodes; features = the frozen "
                          "encoder's nearest-neighbour ceiling; before = just before self-context training; "

@@ -21,6 +21,14 @@ from conftest import (draw_from_every_stream, one_run_and_two_pieces, own_photos
                       own_video_and_tiny_world, run_demo)
 
 
+def _convnet():
+    """The demo's frozen encoder (evaluate.stored_backbone's conv net) at half its width: (B, 3, H, W) -> (B, 64)."""
+    net = torch.nn.Sequential(*evaluate.conv_stages((16, 32, 64, 64)), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten())
+    net.out_dim = 64
+    return net
+
+
 # ---------------------------------------------------------------- tokenizers
 def test_byte_tokenizer_round_trips_any_unicode_name():
     tok = secat.load_tokenizer(None)  # an LM from scratch reads bytes
@@ -77,9 +85,9 @@ def test_a_pretrained_lm_without_its_tokenizer_files_is_refused(tmp_path):
     args = secat.get_args(["--data", "unused", "--lm", str(tmp_path / "lm"), "--encoder", "unused"])
     # never the byte tokenizer with a pretrained LM
     with pytest.raises(secat.data.DataError, match="no tokenizer files"):
-        secat.build_model(args, secat.convnet_demo(16))
+        secat.build_model(args, _convnet())
     _bpe_folder(tmp_path / "lm", "vocab+merges")
-    model, tok = secat.build_model(args, secat.convnet_demo(16))
+    model, tok = secat.build_model(args, _convnet())
     assert isinstance(tok, secat.data.BPETokenizer) and model.lm.wte.weight.shape[0] == 300
     assert args.pseudo_names == "nouns"  # the paper's names are the default with a pretrained LM
 
@@ -294,7 +302,7 @@ def _copy_model(vocab=258, context=16, copy_from=1):
     the residual stream; the tied output layer then predicts it. Embedding = [one-hot token | one-hot position]."""
     dim = vocab + context
     lm = secat.GPT(vocab, context, dim, layers=1, heads=1)
-    model = secat.SeCAt(secat.convnet_demo(16), secat.VisualMapper(64, dim, 1), lm).eval()
+    model = secat.SeCAt(_convnet(), secat.VisualMapper(64, dim, 1), lm).eval()
     with torch.no_grad():
         for p in lm.parameters():
             p.zero_()
@@ -407,7 +415,7 @@ def _setup(seed=0, global_batch=4):
     args = secat.get_args(["--data", "unused", "--lm-dim", "32", "--lm-layers", "2", "--lm-heads", "2",
                            "--context", "256", "--prefix-tokens", "2", "--max-ways", "3", "--max-shots", "2"])
     torch.manual_seed(seed)
-    model, tok = secat.build_model(args, secat.convnet_demo(16))
+    model, tok = secat.build_model(args, _convnet())
     feats = torch.randn(30, 64)
     batches = [secat.make_batch(step, _members(), args, global_batch) for step in range(2)]
     return model, tok, feats, batches, args
