@@ -106,7 +106,7 @@ def get_args(argv=None):
     if args.eval_only and not (args.eval_data or args.frozen_episodes):
         p.error("--eval-only needs --eval-data (the icl benchmark's folder) or --frozen-episodes")
     args.pseudo_names = args.pseudo_names or ("nouns" if args.lm else "nonsense")
-    args.vocabulary = name_vocabulary(args.pseudo_names, args.eval_data)
+    args.vocabulary = name_vocabulary(args.pseudo_names, args.eval_data, args.class_names)
     return args
 
 

@@ -174,6 +174,15 @@ def test_noun_names_skip_the_evaluation_words(tmp_path):
     assert all(w in vocabulary for n in e["names"].values() for w in n.split())
 
 
+def test_noun_names_skip_the_class_names_of_wnid_folders(tmp_path):
+    """--class-names maps wnid folders to their names: the vocabulary leaves out the names' words, not the wnids'."""
+    (tmp_path / "val" / "n01").mkdir(parents=True)
+    (tmp_path / "names.txt").write_text("n01 copper kettle\n")
+    args = secat.get_args(["--data", str(tmp_path), "--encoder", "dino.pth", "--lm", "gpt2", "--pseudo-names", "nouns",
+                           "--eval-data", str(tmp_path / "val"), "--class-names", str(tmp_path / "names.txt")])
+    assert "kettle" not in args.vocabulary and "copper" not in args.vocabulary and "owl" in args.vocabulary
+
+
 def test_loss_counts_only_the_answer_tokens():
     tok = secat.load_tokenizer()
     episodes = [secat.sample_episode(_members(), 2, 2, np.random.default_rng(s)) for s in range(3)]
