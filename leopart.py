@@ -46,8 +46,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 # ====== Config: the official train_coco_config.yml's values; --demo overrides a few in one place.
-# --demo: ~300 steps, not ~90k: small batches, lr x10, a faster teacher, eval at 96 px (the 64-px crops of 128-px
-# images); from scratch (no --pretrained) the backbone must move further, and attention means nothing yet
+# --demo: ~300 steps, not ~90k, so lr x10, a faster teacher; DEMO_SCRATCH: attention means nothing yet, so all tokens
 DEMO = dict(arch="vit_demo", patch_size=8, epochs=15, batch_size_per_gpu=8, num_workers=1, global_crops_size=64,
             local_crops_size=32, proj_hidden_dim=512, queue_length=2048, lr_backbone=1e-4, lr_heads=1e-3,
             momentum_teacher=0.99, eval_size=96, log_every=5, k_fg=100, k_community=50)
@@ -109,8 +108,7 @@ def get_args(argv=None):
 
 
 # ====== Model: DINO's Vision Transformer
-# Each method file carries its own copy, so that it reads alone; DINO's parameter names, so that DINO's checkpoints
-# load (strict) and give DINO's outputs.
+# A copy in every method file, so that each reads alone; DINO's parameter names, so that DINO's checkpoints load
 class DropPath(nn.Module):  # stochastic depth: drop the whole residual branch of a sample with probability p
     def __init__(self, p: float = 0.0):
         super().__init__()
@@ -275,8 +273,7 @@ class LeopartHead(nn.Module):
     def __init__(self, in_dim, hidden_dim=2048, out_dim=256, num_layers=3, num_prototypes=300):
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
-        layers = [m for i in range(num_layers) for m in (nn.Linear(dims[i], dims[i + 1]), nn.GELU())][:-1]
-        self.mlp = nn.Sequential(*layers)  # Linear, GELU, ..., Linear
+        self.mlp = nn.Sequential(*[m for a, b in zip(dims, dims[1:]) for m in (nn.Linear(a, b), nn.GELU())][:-1])
         self.prototypes = nn.Linear(out_dim, num_prototypes, bias=False)
         self.apply(VisionTransformer._init_weights)
 
@@ -315,8 +312,7 @@ class LeopartNet(nn.Module):
         return embs, scores, attns
 
 
-# ====== Data: multi-crop with kept boxes (paper Sec. 3.2): every crop overlaps the global crops, and for each
-# (global crop g, crop v) pair we keep their shared region in g's pixels and in v's pixels.
+# ====== Data: multi-crop with kept boxes (paper Sec. 3.2), every crop overlapping the global crops
 def pair_boxes(abs_boxes: torch.Tensor, sizes: list, num_global: int):
     """abs_boxes: (C, 4) crop boxes x1 y1 x2 y2 in the image; sizes: output side of each crop.
     -> in_global (G, C, 4): box of g ∩ v in crop g's pixels; in_crop (G, C, 4): in crop v's pixels."""
@@ -377,8 +373,7 @@ class LeopartCrops:
 
     def __call__(self, img):
         img = img[None].contiguous(memory_format=torch.channels_last)[0]  # torch's fast uint8 resize, same pixels
-        boxes = torch.zeros(len(self.sizes), 4)
-        crops = []
+        boxes, crops = torch.zeros(len(self.sizes), 4), []
         for i, size in enumerate(self.sizes):
             boxes[i] = self.sample_box(img, i, boxes)
             x1, y1, x2, y2 = boxes[i].tolist()
@@ -497,8 +492,7 @@ class LeopartLoss(nn.Module):
                 has, per_bin = count > 0, world / count.clamp_min(1)  # official `if count > 0`, without a host sync
                 sub = sub + torch.where(has, (ce * weight).sum() * per_bin, 0.0)
                 sub_entropy = sub_entropy + torch.where(has, (bin_entropy * weight).sum() * per_bin, 0.0)
-            loss = loss + sub / (C - 1)
-            entropy = entropy + sub_entropy / (C - 1)
+            loss, entropy = loss + sub / (C - 1), entropy + sub_entropy / (C - 1)
         return loss / G, entropy / G
 
     @torch.no_grad()
@@ -543,8 +537,7 @@ def init_teacher(args, device="cpu"):
     """As official src/leopart.py `init_model`: its own random draw, no drop-path, --pretrained loaded; rank 0's."""
     backbone = init_backbone(args, drop_path=0.0)
     head = LeopartHead(backbone.embed_dim, args.proj_hidden_dim, args.proj_dim, args.proj_layers, args.num_prototypes)
-    teacher = LeopartNet(backbone, head).to(device).requires_grad_(False).eval()
-    return data.broadcast_module(teacher)
+    return data.broadcast_module(LeopartNet(backbone, head).to(device).requires_grad_(False).eval())
 
 
 def param_groups(model: LeopartNet, args):
@@ -560,11 +553,9 @@ def param_groups(model: LeopartNet, args):
 
 def gather_queue(queue, world_size):
     """Every rank's queue (G, n, E), newest first, interleaved -> (G, world_size * n, E), newest first."""
-    queues = [torch.empty_like(queue) for _ in range(world_size)]
+    queues = [torch.empty_like(queue) for _ in range(world_size)] if world_size > 1 else [queue]
     if world_size > 1:
         dist.all_gather(queues, queue)
-    else:
-        queues[0].copy_(queue)
     return rearrange(torch.stack(queues), "w g n e -> g (n w) e")
 
 
@@ -609,15 +600,13 @@ def train(args):
                          args.min_intersection, on_device=d.device.type == "cuda" or bool(args.bench))  # GPU: uint8
     dataset = data.ImagesOrFrames(args.data, crops, args.video_frame_step)
     sampler = torch.utils.data.DistributedSampler(dataset, d.world_size, d.rank, seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_per_gpu, sampler=sampler,
-                                         num_workers=args.num_workers, drop_last=True,
-                                         pin_memory=d.device.type == "cuda")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_per_gpu, sampler=sampler, drop_last=True,
+                                         num_workers=args.num_workers, pin_memory=d.device.type == "cuda")
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise SystemExit(f"--data {args.data}: {len(dataset)} images is fewer than one batch of "
                          f"{args.batch_size_per_gpu}")
 
-    # Student and EMA teacher; the teacher sees only the global crops.
     head = LeopartHead(backbone.embed_dim, args.proj_hidden_dim, args.proj_dim, args.proj_layers, args.num_prototypes)
     model = LeopartNet(backbone, head).to(d.device)
     teacher = init_teacher(args, d.device)
@@ -625,9 +614,8 @@ def train(args):
 
     optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr_backbone, weight_decay=args.weight_decay)
     scaler = data.make_scaler(args.amp, d.device)
-    total = args.epochs * steps_per_epoch
-    lr_sched = {"backbone": data.cosine_schedule(args.lr_backbone, args.final_lr, args.epochs, steps_per_epoch),
-                "head": data.cosine_schedule(args.lr_heads, args.final_lr, args.epochs, steps_per_epoch)}
+    lr_sched = {base: data.cosine_schedule(lr, args.final_lr, args.epochs, steps_per_epoch)
+                for base, lr in (("backbone", args.lr_backbone), ("head", args.lr_heads))}
     wd_sched = data.cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, steps_per_epoch)
     momentum_sched = data.cosine_schedule(args.momentum_teacher, 1.0, args.epochs, steps_per_epoch)
 
@@ -649,17 +637,16 @@ def train(args):
         ddp.train()
         bar = tqdm(loader, disable=not d.is_main, desc=f"epoch {epoch}", leave=False)
         t0 = time.time()
-        for batch_crops, boxes in bar:
+        for batch in bar:
             for group in optimizer.param_groups:  # per-step schedules, precomputed (DINO's way)
                 group["lr"] = float(lr_sched[group["base"]][step])
                 if group["decay"]:
                     group["weight_decay"] = float(wd_sched[step])
-            batch_crops, boxes = crops.finish((batch_crops, boxes), d.device)
-            stats = train_step(state, batch_crops, boxes, float(momentum_sched[step]))
+            stats = train_step(state, *crops.finish(batch, d.device), float(momentum_sched[step]))
             step += 1
-            ips = len(batch_crops[0]) * d.world_size * (bar.n + 1) / (time.time() - t0)
+            ips = args.batch_size_per_gpu * d.world_size * (bar.n + 1) / (time.time() - t0)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", img_s=f"{ips:.0f}")
-            if step % args.log_every == 0 or step == total:
+            if step % args.log_every == 0 or step == args.epochs * steps_per_epoch:
                 log.log({"epoch": epoch, "step": step, **stats, "lr_backbone": float(lr_sched["backbone"][step - 1]),
                          "lr_heads": float(lr_sched["head"][step - 1]), "wd": float(wd_sched[step - 1]),
                          "momentum": float(momentum_sched[step - 1]), "img_s": ips})
@@ -681,10 +668,8 @@ def evaluate_backbone(backbone, args, tag, pictures=False):
     import evaluate
     backbone.eval()
     device = next(backbone.parameters()).device
-    results = {}
-    if args.synth_root:
-        results.update(evaluate.run_suite(backbone, args.synth_root, ["seg-cluster", "seg-linear"], device,
-                                          image_size=args.eval_size))
+    results = evaluate.run_suite(backbone, args.synth_root, ["seg-cluster", "seg-linear"], device,
+                                 image_size=args.eval_size) if args.synth_root else {}
     if args.eval_data:
         noisy_fg = lambda attn: foreground_mask(attn, 0.65, 0.6)  # noqa: E731  (the official CBFE's mass)
         picture = os.path.join(args.output_dir, f"cluster_maps_{tag}.png") if pictures else None

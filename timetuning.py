@@ -377,7 +377,7 @@ class ClipAugmentation:
             h = random.uniform(-0.2, 0.2)
             ops = [(TF.adjust_brightness, b), (TF.adjust_saturation, s), (TF.adjust_hue, h), (TF.adjust_contrast, c)]
             random.shuffle(ops)
-            op, factor = ops[-1]  # official quirk (`jittered_img = func(img)` on the original frame): only the last acts
+            op, factor = ops[-1]  # official quirk (`jittered_img = func(img)` on the original): only the last acts
             clip = op(clip, factor)
         if torch.rand(()) < self.gray_p:  # official RandomGrayscale(per_frame=False) draws from torch
             clip = TF.rgb_to_grayscale(clip, num_output_channels=3)
