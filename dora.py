@@ -116,8 +116,7 @@ def get_args(argv=None):
     return args
 
 
-# ====== Model: a DINO-compatible ViT, DINO's head and multi-crop wrapper
-# Each method file carries its own copy (house style), with DINO's parameter names: its released weights load strictly.
+# ====== Model: this file's own copy of DINO's ViT, head and multi-crop wrapper (DINO's names: its weights load)
 class DropPath(nn.Module):
     """Stochastic depth: drop the whole residual branch of a sample with probability p."""
 
@@ -204,14 +203,11 @@ class VisionTransformer(nn.Module):
         self.apply(self._init_weights)
 
     @staticmethod
-    def _init_weights(m):
+    def _init_weights(m):  # DINO's; its LayerNorms' ones and zeros are torch's defaults
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
     def interpolate_pos_encoding(self, num_patches: int, h: int, w: int) -> torch.Tensor:
         """Bicubic resize of the patch part of the positional embedding to an (h/p, w/p) grid,
@@ -250,8 +246,7 @@ class VisionTransformer(nn.Module):
         return self.blocks[-1].attn.weights(self.blocks[-1].norm1(x))
 
     def get_intermediate_layers(self, x, n: int = 1):  # -> list of n tensors (B, 1+N, D), normed
-        x = self.prepare_tokens(x)
-        out = []
+        x, out = self.prepare_tokens(x), []
         for i, blk in enumerate(self.blocks):
             x = blk(x)
             if i >= len(self.blocks) - n:
@@ -372,9 +367,7 @@ class ClipAugmentation:
             [torch.stack([local(f) for f in clip]) for _ in range(a.local_crops_number)]
 
 
-
-# ====== Discover and track (paper Sec. 3, official utils.MOT): k objects on the first frame, followed through the clip
-# Everything here runs without gradients; the tracker's arithmetic in float32.
+# ====== Discover and track (paper Sec. 3, official utils.MOT), without gradients, the arithmetic in float32
 @torch.no_grad()
 def sinkhorn_online(scores: torch.Tensor, eps: float = 0.05, iters: int = 30) -> torch.Tensor:
     """(B, N, K) patch-to-prototype similarities -> (B, N, K) soft assignment: each patch's row
@@ -463,15 +456,13 @@ class DoRALoss(nn.Module):
 
     @staticmethod
     def object_weights(k, frames, device=None):
-        """Official DINOLoss: its per-frame sum is never reset between objects, so object j's running
-        sum R_j = R_{j-1} / T + (frame mean of object j), loss = mean_j R_j: object i weighs
-        (1 + 1/T + ... + 1/T^(k-1-i)) / k."""
+        """Official DINOLoss: its per-frame sum is never reset between objects, so object j's running sum is R_j =
+        R_{j-1} / T + F_j (its frame mean), loss = mean_j R_j: object i weighs (1 + 1/T + ... + 1/T^(k-1-i)) / k."""
         return ((float(frames) ** -torch.arange(k, dtype=torch.float64, device=device)).cumsum(0).flip(0) / k).float()
 
     def forward(self, student_masked, student_local, teacher_out, epoch):
-        """student_masked (k, B, T, O), student_local (L, B, T, O), teacher_out (B, T, O) -> scalar
-        loss, its masked half (mean over objects), its local half and the mean entropy of the
-        teacher's targets. The teacher targets are the same for masked and local views."""
+        """student_masked (k, B, T, O), student_local (L, B, T, O), teacher_out (B, T, O): the targets of both -> scalar
+        loss, its masked half (mean over objects), its local half and the mean entropy of the teacher's targets."""
         target = F.softmax((teacher_out.float() - self.center) / self.teacher_temps[epoch], dim=-1)
         ce = lambda s: -(target * F.log_softmax(s.float() / self.student_temp, dim=-1)).sum(-1).flatten(1).mean(1)
         masked = ce(student_masked)  # (k,): each object's mean over clips and frames
@@ -522,8 +513,7 @@ def build_models(args, device, steps_per_epoch, world_size=1):
     student = MultiCropWrapper(backbone, DINOHead(backbone.embed_dim, args.out_dim, bool(args.norm_last_layer)))
     teacher = MultiCropWrapper(build_backbone(vars(args)), DINOHead(backbone.embed_dim, args.out_dim))
     student, teacher = student.to(device), teacher.to(device)
-    teacher.load_state_dict(student.state_dict())
-    teacher.requires_grad_(False)
+    teacher.requires_grad_(False).load_state_dict(student.state_dict())  # the student's weights, no gradients
     ddp = nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None) \
         if world_size > 1 else student
     decay = [p for n, p in student.named_parameters() if p.requires_grad and not (n.endswith(".bias") or p.ndim == 1)]
@@ -550,9 +540,8 @@ def train_step(m, crops, it, epoch, args, autocast):
     student, teacher, optimizer, scaler = m["student"], m["teacher"], m["optimizer"], m["scaler"]
     # python floats: the optimizer state must load with weights_only
     lr, wd, momentum = (float(m["schedules"][name][it]) for name in ("lr", "wd", "momentum"))
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.param_groups[0]["weight_decay"] = wd  # only the first group is regularised
+    for group, decay in zip(optimizer.param_groups, (wd, 0.0)):  # only the first group is regularised
+        group.update(lr=lr, weight_decay=decay)
     with autocast:
         loss, stats = dora_loss(m["ddp"], teacher, m["loss"], crops, choose_heads(args, teacher.backbone.num_heads, it),
                                 epoch, args)
@@ -563,9 +552,8 @@ def train_step(m, crops, it, epoch, args, autocast):
     stats = data.host_stats(stats)  # the step's one host sync; raises on a non-finite loss
     if args.clip_grad:  # DINO: each parameter's gradient clipped on its own
         scaler.unscale_(optimizer)
-        for p in student.parameters():
-            if p.grad is not None:
-                p.grad.mul_((args.clip_grad / (p.grad.norm() + 1e-6)).clamp(max=1.0))
+        for grad in [p.grad for p in student.parameters() if p.grad is not None]:
+            grad.mul_((args.clip_grad / (grad.norm() + 1e-6)).clamp(max=1.0))
     if epoch < args.freeze_last_layer:  # DINO: a fixed output layer in the first epoch helps training start
         for p in student.head.last_layer.parameters():
             p.grad = None
@@ -615,8 +603,7 @@ def train(args):
         data.seed_everything(args.seed + epoch, d.rank)  # per epoch: a resumed run replays the same randomness
         sampler.set_epoch(epoch)
         m["ddp"].train()
-        bar = tqdm(loader, disable=not d.is_main, desc=f"epoch {epoch}", leave=False)
-        t0 = time.time()
+        bar, t0 = tqdm(loader, disable=not d.is_main, desc=f"epoch {epoch}", leave=False), time.time()
         for i, crops in enumerate(bar):
             it = epoch * steps_per_epoch + i
             stats = train_step(m, dataset.transform.finish(crops, d.device), it, epoch, args, autocast)
@@ -686,11 +673,9 @@ def main(args):
                            T.ToDtype(torch.float32, scale=True), T.Normalize(MEAN, STD)])
     clips = data.VideoClips(dataset.videos, num_frames=args.frames_per_clip, frame_gap=args.step_between_clips,
                             clip_start_every=args.clip_start_every, short_side=args.short_side, transform=transform)
-    overlaps = []
-    for n, i in enumerate(np.linspace(0, len(clips) - 1, 4).astype(int).tolist()):  # where the tracker looks
-        heads = choose_heads(args, teacher.num_heads, i)
-        path = os.path.join(args.output_dir, f"tracking_{n}.png")
-        overlaps.append(tracking_picture(teacher, clips[i].to(device), path, heads))
+    where = np.linspace(0, len(clips) - 1, 4).astype(int).tolist()  # where the tracker looks
+    overlaps = [tracking_picture(teacher, clips[i].to(device), os.path.join(args.output_dir, f"tracking_{n}.png"),
+                                 choose_heads(args, teacher.num_heads, i)) for n, i in enumerate(where)]
     print(f"tracking pictures: {args.output_dir}/tracking_*.png; mean pairwise IoU of the object masks without "
           f"Sinkhorn-Knopp {np.mean([o[0] for o in overlaps]):.3f}, with {np.mean([o[1] for o in overlaps]):.3f}")
     if not args.demo:
