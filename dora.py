@@ -4,20 +4,18 @@ Venkataramanan, Rizve, Carreira, Asano, Avrithis. "Is ImageNet worth 1 video? Le
 strong image encoders from 1 long unlabelled video". ICLR 2024.
 https://arxiv.org/abs/2310.08584 (project page https://shashankvkt.github.io/dora)
 
-The idea. DINO learns by making a student match an EMA teacher on two crops of one image.
-In a video the natural "second view" of an object is the same object some seconds later,
-but it moves and the camera moves, so a crop-to-crop correspondence no longer holds. DoRA
-finds the correspondences itself, with the teacher's own attention and no tracker:
-  1. discover: on the first frame of a clip, the [CLS]-to-patch attention of k = 3 random
-     heads of the teacher's last block weighs the patch queries into k object prototypes;
-     Sinkhorn-Knopp then shares the patches out equally between the prototypes, so that
-     the k objects are distinct rather than three copies of the most salient one;
-  2. track: in every frame, each prototype cross-attends to that frame's patch keys;
-     the patches above the mean attention (over the batch) form the object's mask there;
-  3. learn: the student sees each frame masked to one object (k masked clips) and small
-     local crops, and matches the teacher's output for the unmasked frame (DINO loss).
-Trained from scratch on one Walking Tours video (Venice, 4K), a ViT-S/16 comes out on par with
-DINO trained on ImageNet (see the paper's tables for the numbers).
+The idea. DINO learns by making a student match an EMA teacher on two crops of one image. In a video the natural "second
+view" of an object is the same object some seconds later, but it moves and the camera moves, so a crop-to-crop
+correspondence no longer holds. DoRA finds the correspondences itself, with the teacher's own attention and no tracker:
+  1. discover: on the first frame of a clip, the [CLS]-to-patch attention of k = 3 random heads of the teacher's last
+     block weighs the patch queries into k object prototypes; Sinkhorn-Knopp then shares the patches out equally
+     between the prototypes, so that the k objects are distinct rather than three copies of the most salient one;
+  2. track: in every frame, each prototype cross-attends to that frame's patch keys; the patches above the mean
+     attention (over the batch) form the object's mask there;
+  3. learn: the student sees each frame masked to one object (k masked clips) and small local crops, and matches the
+     teacher's output for the unmasked frame (DINO loss).
+Trained from scratch on one Walking Tours video (Venice, 4K), a ViT-S/16 comes out on par with DINO trained on ImageNet
+(see the paper's tables for the numbers).
 
 Commands:
     python dora.py --demo                                    # tiny ViT, synthetic tours, CPU (see README)
@@ -35,7 +33,6 @@ import os
 import random
 import time
 from collections import OrderedDict
-from functools import partial
 
 import numpy as np
 import torch
@@ -119,8 +116,7 @@ def get_args(argv=None):
     return args
 
 
-# ====== Model: a DINO-compatible ViT, DINO's head and multi-crop wrapper
-# Each method file carries its own copy (house style), with DINO's parameter names: its released weights load strictly.
+# ====== Model: this file's own copy of DINO's ViT, head and multi-crop wrapper (DINO's names: its weights load)
 class DropPath(nn.Module):
     """Stochastic depth: drop the whole residual branch of a sample with probability p."""
 
@@ -196,9 +192,8 @@ class VisionTransformer(nn.Module):
         self.embed_dim = self.num_features = embed_dim
         self.num_heads = num_heads
         self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
-        num_patches = (img_size // patch_size) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, (img_size // patch_size) ** 2 + 1, embed_dim))
         rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, r) for r in rates])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
@@ -208,14 +203,11 @@ class VisionTransformer(nn.Module):
         self.apply(self._init_weights)
 
     @staticmethod
-    def _init_weights(m):
+    def _init_weights(m):  # DINO's; its LayerNorms' ones and zeros are torch's defaults
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
     def interpolate_pos_encoding(self, num_patches: int, h: int, w: int) -> torch.Tensor:
         """Bicubic resize of the patch part of the positional embedding to an (h/p, w/p) grid,
@@ -223,8 +215,7 @@ class VisionTransformer(nn.Module):
         n = self.pos_embed.shape[1] - 1
         if num_patches == n and h == w:
             return self.pos_embed
-        p = self.patch_embed.patch_size
-        side = int(math.sqrt(n))
+        p, side = self.patch_embed.patch_size, int(math.sqrt(n))
         h0, w0 = h // p + 0.1, w // p + 0.1
         grid = self.pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
         grid = F.interpolate(grid, scale_factor=(h0 / side, w0 / side), mode="bicubic")
@@ -233,15 +224,11 @@ class VisionTransformer(nn.Module):
 
     def prepare_tokens(self, x):  # (B, 3, H, W) -> (B, 1+N, D)
         B, _, H, W = x.shape
-        x = self.patch_embed(x)
-        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), self.patch_embed(x)], dim=1)
         return x + self.interpolate_pos_encoding(x.shape[1] - 1, H, W)
 
-    def forward(self, x):  # (B, 3, H, W) -> (B, D)
-        x = self.prepare_tokens(x)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)[:, 0]
+    def forward(self, x):  # (B, 3, H, W) -> (B, D): the last layer's [CLS], normed
+        return self.get_intermediate_layers(x, 1)[0][:, 0]
 
     def forward_track(self, x):
         """(B, 3, H, W) -> tokens (B, 1+N, D) after the final norm, and the last block's queries and keys
@@ -259,8 +246,7 @@ class VisionTransformer(nn.Module):
         return self.blocks[-1].attn.weights(self.blocks[-1].norm1(x))
 
     def get_intermediate_layers(self, x, n: int = 1):  # -> list of n tensors (B, 1+N, D), normed
-        x = self.prepare_tokens(x)
-        out = []
+        x, out = self.prepare_tokens(x), []
         for i, blk in enumerate(self.blocks):
             x = blk(x)
             if i >= len(self.blocks) - n:
@@ -268,18 +254,12 @@ class VisionTransformer(nn.Module):
         return out
 
 
-vit_demo = partial(VisionTransformer, patch_size=8, embed_dim=192, depth=4, num_heads=3)  # CPU demos: ViT-Ti, 4 blocks
-vit_tiny = partial(VisionTransformer, patch_size=16, embed_dim=192, depth=12, num_heads=3)
-vit_small = partial(VisionTransformer, patch_size=16, embed_dim=384, depth=12, num_heads=6)  # the paper's model
-vit_base = partial(VisionTransformer, patch_size=16, embed_dim=768, depth=12, num_heads=12)
-
-
-ARCHS = {"vit_demo": vit_demo, "vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}
+ARCHS = {"vit_demo": (192, 4, 3), "vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12)}
 
 
 def build_backbone(args: dict, drop_path: float = 0.0) -> nn.Module:
-    """Fresh backbone from args (a dict: a checkpoint's stored args too)."""
-    return ARCHS[args["arch"]](patch_size=args["patch_size"], drop_path_rate=drop_path)
+    """Fresh backbone from args (a dict: a checkpoint's stored args too); ARCHS: (embed_dim, depth, num_heads)."""
+    return VisionTransformer(args["patch_size"], *ARCHS[args["arch"]], drop_path_rate=drop_path)
 
 
 # DINO's projection head and multi-crop wrapper: DINO's eval scripts read our checkpoints with --checkpoint_key teacher
@@ -305,10 +285,7 @@ class DINOHead(nn.Module):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
                                  nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
-        for m in self.mlp:
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        self.mlp.apply(VisionTransformer._init_weights)  # DINO's: truncated normal, std 0.02, zero biases
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
         self.last_layer.weight_g.requires_grad = not norm_last_layer  # a fixed norm steadies training
 
@@ -329,14 +306,13 @@ class MultiCropWrapper(nn.Module):
         return self.head(torch.cat([self.backbone(c) for c in crops]))
 
 
-# ====== Data: a clip of T frames, `step_between_clips` frames apart. One aggressive crop shared by the
-# clip (300 px, scale 0.2-1), then a shared 224 global crop (scale 0.4-1) and flip, both resized as
-# torchvision's RandomResizedCropVideo (F.interpolate: bilinear, no antialiasing). Local crops (112 px,
-# scale 0.05-0.4, PIL bicubic: antialiased) per frame from the 300-px crop; colour, gray, blur per frame.
-# on_device (a GPU run): the loader makes only the uint8 300-px crop; finish() does the rest, batched.
+# ====== Data: a clip of T frames, `step_between_clips` frames apart, and its crops
 class ClipAugmentation:
-    """uint8 (T, 3, H, W) -> [global clip (T, 3, S, S), local clip 1 (T, 3, S/2, S/2), ...]; on_device: [uint8
-    (T, 3, 300, 300)], and finish() makes the crops on the device."""
+    """uint8 (T, 3, H, W) -> [global clip (T, 3, S, S), local clip 1 (T, 3, S/2, S/2), ...]. One aggressive crop
+    shared by the clip (300 px, scale 0.2-1), then a shared 224 global crop (scale 0.4-1) and flip, both resized as
+    torchvision's RandomResizedCropVideo (F.interpolate: bilinear, no antialiasing); local crops (112 px, scale
+    0.05-0.4, PIL bicubic: antialiased) per frame from the 300-px crop; colour, gray, blur per frame. on_device (a GPU
+    run): the loader makes only the uint8 300-px crop [(T, 3, 300, 300)], and finish() the rest there, batched."""
 
     def __init__(self, args, on_device=False):
         self.a, self.on_device = args, on_device or bool(getattr(args, "bench", 0))  # --bench: a GPU run's loader
@@ -344,9 +320,9 @@ class ClipAugmentation:
         self.gray = T.RandomGrayscale(p=0.2)
 
     @staticmethod
-    def crop(x, size, scale, interpolation=T.InterpolationMode.BILINEAR, antialias=False):  # one box for all frames
+    def crop(x, size, scale, mode=T.InterpolationMode.BILINEAR, antialias=False):  # one box for all frames
         i, j, h, w = T.RandomResizedCrop.get_params(x, scale, (3 / 4, 4 / 3))
-        return TF.resized_crop(x, i, j, h, w, [size, size], interpolation=interpolation, antialias=antialias).clamp(0, 1)
+        return TF.resized_crop(x, i, j, h, w, [size, size], interpolation=mode, antialias=antialias).clamp(0, 1)
 
     def photometric(self, frame, blur_p):  # (3, H, W) in [0, 1] -> normalised
         frame = self.gray(self.jitter(frame))
@@ -384,18 +360,14 @@ class ClipAugmentation:
         clip = TF.resized_crop(frames[..., i:i + h, j:j + w].float() / 255, 0, 0, h, w, [a.precrop_size] * 2,
                                interpolation=T.InterpolationMode.BILINEAR, antialias=False).clamp(0, 1)
         glob = self.crop(clip, a.image_size, a.global_crops_scale)
-        if torch.rand(()) < 0.5:
-            glob = glob.flip(-1)
-        crops = [torch.stack([self.photometric(f, 0.1) for f in glob])]
-        for _ in range(a.local_crops_number):
-            crops.append(torch.stack([self.photometric(self.crop(f, a.image_size // 2, a.local_crops_scale,
-                                                                 T.InterpolationMode.BICUBIC, True), 0.5) for f in clip]))
-        return crops
+        glob = glob.flip(-1) if torch.rand(()) < 0.5 else glob
+        local = lambda f: self.photometric(self.crop(f, a.image_size // 2, a.local_crops_scale,
+                                                     T.InterpolationMode.BICUBIC, antialias=True), 0.5)
+        return [torch.stack([self.photometric(f, 0.1) for f in glob])] + \
+            [torch.stack([local(f) for f in clip]) for _ in range(a.local_crops_number)]
 
 
-
-# ====== Discover and track (paper Sec. 3, official utils.MOT): k objects on the first frame, followed through the clip
-# Everything here runs without gradients; the tracker's arithmetic in float32.
+# ====== Discover and track (paper Sec. 3, official utils.MOT), without gradients, the arithmetic in float32
 @torch.no_grad()
 def sinkhorn_online(scores: torch.Tensor, eps: float = 0.05, iters: int = 30) -> torch.Tensor:
     """(B, N, K) patch-to-prototype similarities -> (B, N, K) soft assignment: each patch's row
@@ -411,9 +383,8 @@ def sinkhorn_online(scores: torch.Tensor, eps: float = 0.05, iters: int = 30) ->
 
 @torch.no_grad()
 def discover_objects(cls_attn, queries, features, use_sinkhorn=True, eps=0.05, iters=30):
-    """First frame -> k object prototypes (B, k, D).
-    cls_attn (B, k, N): [CLS]-to-patch attention of the k chosen heads; queries (B, N, D): patch
-    queries of the last block, heads concatenated; features (B, N, D): teacher patch tokens."""
+    """First frame -> k object prototypes (B, k, D). cls_attn (B, k, N): [CLS]-to-patch attention of the k chosen heads;
+    queries (B, N, D): patch queries of the last block, heads concatenated; features (B, N, D): teacher patch tokens."""
     prototypes = torch.einsum("bkn,bnd->bkd", cls_attn.float(), queries.float())
     if not use_sinkhorn:
         return prototypes
@@ -485,26 +456,21 @@ class DoRALoss(nn.Module):
 
     @staticmethod
     def object_weights(k, frames, device=None):
-        """Official DINOLoss: its per-frame sum is never reset between objects, so object j's running
-        sum R_j = R_{j-1} / T + (frame mean of object j), loss = mean_j R_j: object i weighs
-        (1 + 1/T + ... + 1/T^(k-1-i)) / k."""
+        """Official DINOLoss: its per-frame sum is never reset between objects, so object j's running sum is R_j =
+        R_{j-1} / T + F_j (its frame mean), loss = mean_j R_j: object i weighs (1 + 1/T + ... + 1/T^(k-1-i)) / k."""
         return ((float(frames) ** -torch.arange(k, dtype=torch.float64, device=device)).cumsum(0).flip(0) / k).float()
 
     def forward(self, student_masked, student_local, teacher_out, epoch):
-        """student_masked (k, B, T, O), student_local (L, B, T, O), teacher_out (B, T, O) -> scalar
-        loss, its masked half (mean over objects), its local half and the mean entropy of the
-        teacher's targets. The teacher targets are the same for masked and local views."""
+        """student_masked (k, B, T, O), student_local (L, B, T, O), teacher_out (B, T, O): the targets of both -> scalar
+        loss, its masked half (mean over objects), its local half and the mean entropy of the teacher's targets."""
         target = F.softmax((teacher_out.float() - self.center) / self.teacher_temps[epoch], dim=-1)
         ce = lambda s: -(target * F.log_softmax(s.float() / self.student_temp, dim=-1)).sum(-1).flatten(1).mean(1)
         masked = ce(student_masked)  # (k,): each object's mean over clips and frames
         used = student_local if self.paper_loss else student_local[1:]  # official: DINO's same-view skip; paper: all
         local = ce(used).mean() if len(used) else masked.new_zeros(())  # no local crop left: no local term
         per_object = 0.5 * masked + 0.5 * local
-        if self.paper_loss:  # the paper: a plain mean over objects
-            loss = per_object.mean()
-        else:
-            weights = self.object_weights(masked.shape[0], teacher_out.shape[1], per_object.device)
-            loss = (weights.to(per_object) * per_object).sum()
+        weights = self.object_weights(masked.shape[0], teacher_out.shape[1], per_object.device).to(per_object)
+        loss = per_object.mean() if self.paper_loss else (weights * per_object).sum()  # the paper: a plain mean
         # DINO's collapse diagnostic (its Fig. 7): ln(out_dim) = a uniform teacher, 0 = one-hot
         entropy = -(target * target.clamp_min(1e-30).log()).sum(-1).mean()
         self.update_center(teacher_out)
@@ -530,10 +496,9 @@ def dora_loss(student, teacher, criterion, crops, heads, epoch, args):
         teacher_out = rearrange(teacher.head(cls.flatten(0, 1)), "(b t) o -> b t o", b=B)
     masked = mask_clip(clip, masks)  # (k, B, T, 3, S, S)
     views = [masked.flatten(0, 2)] + ([torch.stack(local).flatten(0, 2)] if local else [])
-    out = student(views)  # one (DDP) forward: masked clips at S, local crops at S/2
-    student_masked = rearrange(out[:masked.shape[0] * B * Tn], "(k b t) o -> k b t o", b=B, t=Tn)
-    student_local = rearrange(out[masked.shape[0] * B * Tn:], "(l b t) o -> l b t o", b=B, t=Tn)
-    loss, loss_masked, loss_local, entropy = criterion(student_masked, student_local, teacher_out, epoch)
+    # one (DDP) forward: the k masked clips at S, then the L local crops at S/2
+    out = rearrange(student(views), "(v b t) o -> v b t o", b=B, t=Tn)
+    loss, loss_masked, loss_local, entropy = criterion(out[:len(masked)], out[len(masked):], teacher_out, epoch)
     return loss, dict(loss=loss, loss_masked=loss_masked, loss_local=loss_local, teacher_entropy=entropy)
 
 
@@ -548,8 +513,7 @@ def build_models(args, device, steps_per_epoch, world_size=1):
     student = MultiCropWrapper(backbone, DINOHead(backbone.embed_dim, args.out_dim, bool(args.norm_last_layer)))
     teacher = MultiCropWrapper(build_backbone(vars(args)), DINOHead(backbone.embed_dim, args.out_dim))
     student, teacher = student.to(device), teacher.to(device)
-    teacher.load_state_dict(student.state_dict())
-    teacher.requires_grad_(False)
+    teacher.requires_grad_(False).load_state_dict(student.state_dict())  # the student's weights, no gradients
     ddp = nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None) \
         if world_size > 1 else student
     decay = [p for n, p in student.named_parameters() if p.requires_grad and not (n.endswith(".bias") or p.ndim == 1)]
@@ -576,10 +540,8 @@ def train_step(m, crops, it, epoch, args, autocast):
     student, teacher, optimizer, scaler = m["student"], m["teacher"], m["optimizer"], m["scaler"]
     # python floats: the optimizer state must load with weights_only
     lr, wd, momentum = (float(m["schedules"][name][it]) for name in ("lr", "wd", "momentum"))
-    for i, group in enumerate(optimizer.param_groups):
-        group["lr"] = lr
-        if i == 0:  # only the first group is regularised
-            group["weight_decay"] = wd
+    for group, decay in zip(optimizer.param_groups, (wd, 0.0)):  # only the first group is regularised
+        group.update(lr=lr, weight_decay=decay)
     with autocast:
         loss, stats = dora_loss(m["ddp"], teacher, m["loss"], crops, choose_heads(args, teacher.backbone.num_heads, it),
                                 epoch, args)
@@ -590,13 +552,11 @@ def train_step(m, crops, it, epoch, args, autocast):
     stats = data.host_stats(stats)  # the step's one host sync; raises on a non-finite loss
     if args.clip_grad:  # DINO: each parameter's gradient clipped on its own
         scaler.unscale_(optimizer)
-        for p in student.parameters():
-            if p.grad is not None:
-                p.grad.mul_((args.clip_grad / (p.grad.norm() + 1e-6)).clamp(max=1.0))
+        for grad in [p.grad for p in student.parameters() if p.grad is not None]:
+            grad.mul_((args.clip_grad / (grad.norm() + 1e-6)).clamp(max=1.0))
     if epoch < args.freeze_last_layer:  # DINO: a fixed output layer in the first epoch helps training start
-        for n, p in student.named_parameters():
-            if "last_layer" in n:
-                p.grad = None
+        for p in student.head.last_layer.parameters():
+            p.grad = None
     scaler.step(optimizer)
     scaler.update()
     data.ema_update(teacher, student, momentum)
@@ -632,9 +592,8 @@ def train(args):
     start_epoch, _ = data.resume_step(ckpt, steps_per_epoch)
     if ckpt is not None:  # --resume
         m["student"].load_state_dict(ckpt["model"])
-        m["teacher"].load_state_dict(ckpt["teacher"])
-        m["optimizer"].load_state_dict(ckpt["optimizer"])
-        m["scaler"].load_state_dict(ckpt["scaler"])
+        for key in ("teacher", "optimizer", "scaler"):
+            m[key].load_state_dict(ckpt[key])
         m["loss"].center.copy_(ckpt["center"])
     if d.is_main:
         print(f"{len(dataset.videos)} video(s), {len(dataset)} clips of {args.frames_per_clip} frames, "
@@ -644,8 +603,7 @@ def train(args):
         data.seed_everything(args.seed + epoch, d.rank)  # per epoch: a resumed run replays the same randomness
         sampler.set_epoch(epoch)
         m["ddp"].train()
-        bar = tqdm(loader, disable=not d.is_main, desc=f"epoch {epoch}", leave=False)
-        t0 = time.time()
+        bar, t0 = tqdm(loader, disable=not d.is_main, desc=f"epoch {epoch}", leave=False), time.time()
         for i, crops in enumerate(bar):
             it = epoch * steps_per_epoch + i
             stats = train_step(m, dataset.transform.finish(crops, d.device), it, epoch, args, autocast)
@@ -666,16 +624,9 @@ def train(args):
 
 
 # ====== Evaluation: the tracker's picture, then (--demo) the benchmarks through evaluate.py, before and after
-def eval_clip_transform(size):
-    """uint8 (T, 3, H, W) -> normalised (T, 3, size, size): resize the short side, centre crop."""
-    return T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size),
-                      T.ToDtype(torch.float32, scale=True), T.Normalize(MEAN, STD)])
-
-
 def mask_overlap(masks) -> float:
     """Mean pairwise IoU between the k objects' masks (B, k, T, h, w): 1 = all the same object."""
-    m = masks.flatten(3).float()
-    k = m.shape[1]
+    m, k = masks.flatten(3).float(), masks.shape[1]
     ious = [((m[:, i] * m[:, j]).sum(-1) / ((m[:, i] + m[:, j]).clamp(max=1).sum(-1)).clamp(min=1)).mean()
             for i in range(k) for j in range(i + 1, k)]
     return float(torch.stack(ious).mean()) if ious else 0.0
@@ -718,24 +669,22 @@ def main(args):
         return
     device = next(m["teacher"].parameters()).device
     teacher = m["teacher"].backbone.eval()
+    transform = T.Compose([T.Resize(args.image_size, antialias=True), T.CenterCrop(args.image_size),  # short side
+                           T.ToDtype(torch.float32, scale=True), T.Normalize(MEAN, STD)])
     clips = data.VideoClips(dataset.videos, num_frames=args.frames_per_clip, frame_gap=args.step_between_clips,
-                            clip_start_every=args.clip_start_every, short_side=args.short_side,
-                            transform=eval_clip_transform(args.image_size))
-    overlaps = []
-    for n, i in enumerate(np.linspace(0, len(clips) - 1, 4).astype(int).tolist()):  # where the tracker looks
-        heads = choose_heads(args, teacher.num_heads, i)
-        path = os.path.join(args.output_dir, f"tracking_{n}.png")
-        overlaps.append(tracking_picture(teacher, clips[i].to(device), path, heads))
+                            clip_start_every=args.clip_start_every, short_side=args.short_side, transform=transform)
+    where = np.linspace(0, len(clips) - 1, 4).astype(int).tolist()  # where the tracker looks
+    overlaps = [tracking_picture(teacher, clips[i].to(device), os.path.join(args.output_dir, f"tracking_{n}.png"),
+                                 choose_heads(args, teacher.num_heads, i)) for n, i in enumerate(where)]
     print(f"tracking pictures: {args.output_dir}/tracking_*.png; mean pairwise IoU of the object masks without "
           f"Sinkhorn-Knopp {np.mean([o[0] for o in overlaps]):.3f}, with {np.mean([o[1] for o in overlaps]):.3f}")
     if not args.demo:
         return
     import evaluate  # k-NN, seg-cluster and label propagation on the synthetic world (or --eval-data)
     torch.manual_seed(args.seed)  # the student's own initialisation, rebuilt
-    init = build_backbone(vars(args))
+    init = build_backbone(vars(args)).to(device).eval()
     if args.pretrained:
         data.load_pretrained(init, args.pretrained)
-    init = init.to(device).eval()
     results = {}
     for name, net in (("init", init), ("dora", teacher)):
         print(f"--- {name} ---")
