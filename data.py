@@ -168,9 +168,8 @@ def cosine_schedule(base, final, epochs, steps_per_epoch, warmup_epochs=0, start
 
 def save_checkpoint(state: dict, path) -> None:
     """Write to path.tmp, flush to disk, then rename: a crash never leaves a half-written path."""
-    path = str(path)
+    path, tmp = str(path), f"{path}.tmp"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -189,8 +188,7 @@ def save_checkpoint(state: dict, path) -> None:
 def load_checkpoint(path, method: str | None = None, flag: str = "") -> dict:
     """torch.load on CPU, weights_only; anything wrong is a one-line CheckpointError naming `flag` and
     the file. method: refuse a checkpoint of another method file, saying what the file holds."""
-    path = str(path)
-    where = f"{flag} {path}".strip()
+    path, where = str(path), f"{flag} {path}".strip()
     if os.path.isdir(path):
         raise CheckpointError(f"{where}: is a folder, not a checkpoint file")
     if not os.path.isfile(path):
@@ -291,8 +289,7 @@ def load_pretrained(backbone: torch.nn.Module, path, flag: str = "--pretrained")
 def check_output_dir(path, resume=False, overwrite=False, method=None) -> dict | None:
     """prepare_output_dir's checks of the checkpoint there, writing nothing (for work before train());
     -> the checkpoint to continue from (--resume, checked to be of `method`) or None."""
-    path = str(path)
-    ckpt_path = os.path.join(path, "checkpoint.pth")
+    ckpt_path = os.path.join(str(path), "checkpoint.pth")
     if resume and overwrite:
         raise DataError("--resume and --overwrite: pick one (continue the run there, or start it over)")
     if os.path.exists(path) and not os.path.isdir(path):
@@ -592,8 +589,7 @@ class ImageFolder(_SkipUnreadable, Dataset):
     def __init__(self, root, transform=None):
         self.root, self.transform, self._bad = _need(root, "folder"), transform, set()
         folders = sorted(d.name for d in os.scandir(root) if d.is_dir())
-        per_class = [(f, _list_images(os.path.join(root, f))) for f in folders]
-        per_class = [(f, files) for f, files in per_class if files]
+        per_class = [(f, files) for f in folders if (files := _list_images(os.path.join(root, f)))]
         if not per_class:
             raise DataError(f"{root}: no class folders with images (expected root/<class>/<image>)")
         self.classes = [f.replace("_", " ") for f, _ in per_class]
@@ -887,8 +883,7 @@ def _keyframes(path, stream, fps, start) -> list[int]:
 def _decode_file(path, indices, short_side):
     """Decode only what the wanted frames need: keep decoding forward to the next wanted frame unless a keyframe lies
     between, then seek to that keyframe (decord seeks for every frame, the old loader decoded the whole span)."""
-    wanted, got = sorted(set(indices)), {}
-    need = set(wanted)
+    wanted, need, got = sorted(set(indices)), set(indices), {}
     with av.open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type, stream.codec_context.thread_count = "AUTO", decoder_threads()
@@ -1121,8 +1116,7 @@ def write_video(path, frames, fps=24, crf=18, gop=12) -> None:
     frames = np.asarray(frames)
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps, options={"crf": str(crf), "g": str(gop)})
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
+        stream.height, stream.width, stream.pix_fmt = *frames.shape[1:3], "yuv420p"
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
         container.mux(stream.encode())
@@ -1273,8 +1267,7 @@ def read_hf_folder(folder, flag="") -> tuple[dict, dict]:
                         "(config.json, model.safetensors, tokenizer files)")
     config = os.path.join(folder, "config.json")
     config = json.load(open(config)) if os.path.exists(config) else {}
-    path = os.path.join(folder, "model.safetensors")
-    if os.path.exists(path):
+    if os.path.exists(path := os.path.join(folder, "model.safetensors")):
         import safetensors.torch
         try:
             return safetensors.torch.load_file(path), config
@@ -1528,8 +1521,7 @@ def ensure_synth(root="runs/synth", seed=0) -> str:
     """Write the synthetic world to root unless a current one is there (local rank 0 writes aside and renames, the
     rest wait); an older or unfinished world is replaced, anything else there is the user's (_refuse_foreign)."""
     root = os.path.normpath(str(root))
-    # one writer per machine: torchrun sets LOCAL_RANK, also before the process group exists
-    writer = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    writer = int(os.environ.get("LOCAL_RANK", 0)) == 0  # one per machine: LOCAL_RANK is set before the group exists
     if not _current_world(root, seed) and writer:
         _refuse_foreign(root, "so --demo leaves it alone; move it away, or run from another folder")
         print(f"writing the synthetic world to {root} (seed {seed}) ...", flush=True)
