@@ -1736,13 +1736,13 @@ def bench(path, num_frames=8, stride=1, short_side=None, max_clips=64, rounds=3)
     jobs = [(clips.videos[v], list(range(t, t + num_frames * stride, stride)),
              *_resized_size(clips.infos[v].height, clips.infos[v].width, short_side))
             for v, t in map(clips.clip_index, order)]
-    best = {}
+    best = dict(loader=math.inf, plain=math.inf)
     for _ in range(rounds):  # interleaved rounds, best of each: the machine is shared
         for key, run, items in (("loader", clips.__getitem__, order), ("plain", lambda job: _plain_decode(*job), jobs)):
             started = time.perf_counter()
             for item in items:
                 run(item)
-            best[key] = min(best.get(key, math.inf), time.perf_counter() - started)
+            best[key] = min(best[key], time.perf_counter() - started)
     return dict(clips=len(order), loader_clips_per_s=len(order) / best["loader"],
                 plain_clips_per_s=len(order) / best["plain"], ratio=best["plain"] / best["loader"])
 
