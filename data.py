@@ -82,11 +82,9 @@ def init_distributed() -> Dist:
     """Read torchrun's environment; one process (no process group) when WORLD_SIZE is unset or 1."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
         torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
     if world_size > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(rank, world_size, local_rank, device, rank == 0)
@@ -170,9 +168,8 @@ def cosine_schedule(base, final, epochs, steps_per_epoch, warmup_epochs=0, start
 
 def save_checkpoint(state: dict, path) -> None:
     """Write to path.tmp, flush to disk, then rename: a crash never leaves a half-written path."""
-    path = str(path)
+    path, tmp = str(path), f"{path}.tmp"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -191,8 +188,7 @@ def save_checkpoint(state: dict, path) -> None:
 def load_checkpoint(path, method: str | None = None, flag: str = "") -> dict:
     """torch.load on CPU, weights_only; anything wrong is a one-line CheckpointError naming `flag` and
     the file. method: refuse a checkpoint of another method file, saying what the file holds."""
-    path = str(path)
-    where = f"{flag} {path}".strip()
+    path, where = str(path), f"{flag} {path}".strip()
     if os.path.isdir(path):
         raise CheckpointError(f"{where}: is a folder, not a checkpoint file")
     if not os.path.isfile(path):
@@ -293,21 +289,17 @@ def load_pretrained(backbone: torch.nn.Module, path, flag: str = "--pretrained")
 def check_output_dir(path, resume=False, overwrite=False, method=None) -> dict | None:
     """prepare_output_dir's checks of the checkpoint there, writing nothing (for work before train());
     -> the checkpoint to continue from (--resume, checked to be of `method`) or None."""
-    path = str(path)
-    ckpt_path = os.path.join(path, "checkpoint.pth")
+    ckpt_path = os.path.join(str(path), "checkpoint.pth")
     if resume and overwrite:
         raise DataError("--resume and --overwrite: pick one (continue the run there, or start it over)")
     if os.path.exists(path) and not os.path.isdir(path):
         raise DataError(f"--output-dir {path}: is a file, not a folder; pick another --output-dir")
-    ckpt = None
-    if resume:
-        if not os.path.exists(ckpt_path):
-            raise CheckpointError(f"--resume: no checkpoint at {ckpt_path}; drop --resume to start a run there")
-        ckpt = load_checkpoint(ckpt_path, method, "--resume")
-    elif os.path.exists(ckpt_path) and not overwrite:
+    if resume and not os.path.exists(ckpt_path):
+        raise CheckpointError(f"--resume: no checkpoint at {ckpt_path}; drop --resume to start a run there")
+    if not resume and os.path.exists(ckpt_path) and not overwrite:
         raise DataError(f"{ckpt_path}: an earlier run's checkpoint is there; continue it with --resume, or pick "
                         "another --output-dir (--overwrite starts over and replaces it)")
-    return ckpt
+    return load_checkpoint(ckpt_path, method, "--resume") if resume else None
 
 
 def prepare_output_dir(path, resume=False, overwrite=False, is_main=True, method=None, world_size=1):
@@ -428,8 +420,7 @@ def _need(path, what="path") -> str:
     return path
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB. 16/32-bit grey is rescaled (PIL's own convert would clip it at 255)."""
+def _to_rgb(img: Image.Image) -> Image.Image:  # 16/32-bit grey is rescaled (PIL's own convert would clip it at 255)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img).astype(np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
@@ -442,7 +433,6 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _open_image(path, short_side=None) -> Image.Image:
-    """Open and decode an image as RGB, optionally shrinking so that its short side = short_side."""
     path = _need(path, "image")
     try:
         with Image.open(path) as img:
@@ -529,8 +519,7 @@ def read_json(path, key):  # path's JSON object's `key` entry, or a DataError na
             raise DataError(f"{path}: not a JSON file with {key!r} ({type(e).__name__}: {str(e)[:100]})") from None
 
 
-def _first(root, *names, what="folder") -> str:
-    """The first root/<name> that exists (names may hold '*'), else a DataError naming them all."""
+def _first(root, *names, what="folder") -> str:  # the first root/<name> that exists (names may hold '*')
     for name in names:
         found = sorted(glob.glob(os.path.join(glob.escape(root), name)))
         if found:
@@ -600,8 +589,7 @@ class ImageFolder(_SkipUnreadable, Dataset):
     def __init__(self, root, transform=None):
         self.root, self.transform, self._bad = _need(root, "folder"), transform, set()
         folders = sorted(d.name for d in os.scandir(root) if d.is_dir())
-        per_class = [(f, _list_images(os.path.join(root, f))) for f in folders]
-        per_class = [(f, files) for f, files in per_class if files]
+        per_class = [(f, files) for f in folders if (files := _list_images(os.path.join(root, f)))]
         if not per_class:
             raise DataError(f"{root}: no class folders with images (expected root/<class>/<image>)")
         self.classes = [f.replace("_", " ") for f, _ in per_class]
@@ -822,8 +810,7 @@ class VideoInfo:
     width: int
 
 
-def _resized_size(height, width, short_side) -> tuple[int, int]:
-    """(H', W') with min(H', W') = short_side and the aspect ratio kept."""
+def _resized_size(height, width, short_side) -> tuple[int, int]:  # min(H', W') = short_side, the aspect ratio kept
     if not short_side:
         return height, width
     if height <= width:
@@ -896,8 +883,7 @@ def _keyframes(path, stream, fps, start) -> list[int]:
 def _decode_file(path, indices, short_side):
     """Decode only what the wanted frames need: keep decoding forward to the next wanted frame unless a keyframe lies
     between, then seek to that keyframe (decord seeks for every frame, the old loader decoded the whole span)."""
-    wanted, got = sorted(set(indices)), {}
-    need = set(wanted)
+    wanted, need, got = sorted(set(indices)), set(indices), {}
     with av.open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type, stream.codec_context.thread_count = "AUTO", decoder_threads()
@@ -1061,8 +1047,7 @@ class VideoClips(_SkipUnreadable, Dataset):
     clip num_frames frames `frame_gap` apart, item = transform(uint8 (T,3,H,W)); samplers shuffle the starts.
     `read(v, indices)` reads any frames of video v. Bad or short videos among several are skipped (a warning)."""
 
-    def __init__(self, root_or_paths, num_frames=8, frame_gap=1, clip_start_every=1, short_side=None,
-                 transform=None):
+    def __init__(self, root_or_paths, num_frames=8, frame_gap=1, clip_start_every=1, short_side=None, transform=None):
         given = [root_or_paths] if isinstance(root_or_paths, (str, os.PathLike)) else list(root_or_paths)
         paths = [video for path in given for video in find_videos(path)]  # entries may be folders of videos
         self.root = str(given[0]) if len(given) == 1 else f"<{len(given)} video paths>"
@@ -1131,8 +1116,7 @@ def write_video(path, frames, fps=24, crf=18, gop=12) -> None:
     frames = np.asarray(frames)
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps, options={"crf": str(crf), "g": str(gop)})
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
+        stream.height, stream.width, stream.pix_fmt = *frames.shape[1:3], "yuv420p"
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
         container.mux(stream.encode())
@@ -1222,11 +1206,9 @@ def resized_crops(x, boxes, size, antialias=False):
 
 
 # ============================================================================ language-model files
-# What secat.py's language side reads: a byte tokenizer (an LM from scratch); a pretrained GPT-2-family LM's
-# byte-level BPE (`tokenizers`); a Hugging Face model folder (config.json, model.safetensors or pytorch_model.bin).
+# What secat.py's language side reads.
 class ByteTokenizer:
-    """Text <-> ids, one id per UTF-8 byte (0-255), <eos> 256, <pad> 257: only for an LM trained from
-    scratch (a pretrained LM reads its own BPE ids), which can then spell any name ("Ærø", "狐")."""
+    """One id per UTF-8 byte (0-255), <eos> 256, <pad> 257: an LM from scratch spells any name ("Ærø", "狐")."""
     eos, pad, vocab_size = 256, 257, 258
 
     def encode(self, text: str) -> list[int]:
@@ -1248,8 +1230,7 @@ class BPETokenizer:
     @classmethod
     def from_folder(cls, folder) -> BPETokenizer:
         from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-        vocab, merges = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
-        path = os.path.join(folder, "tokenizer.json")
+        vocab, merges, path = (os.path.join(folder, f) for f in ("vocab.json", "merges.txt", "tokenizer.json"))
         if os.path.exists(vocab) and os.path.exists(merges):  # GPT-2's own files: its tokenizer, built
             tok = Tokenizer(models.BPE.from_file(vocab, merges))
             tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -1286,13 +1267,11 @@ def read_hf_folder(folder, flag="") -> tuple[dict, dict]:
                         "(config.json, model.safetensors, tokenizer files)")
     config = os.path.join(folder, "config.json")
     config = json.load(open(config)) if os.path.exists(config) else {}
-    path = os.path.join(folder, "model.safetensors")
-    if os.path.exists(path):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+    if os.path.exists(path := os.path.join(folder, "model.safetensors")):
+        import safetensors.torch
         try:
-            return load_file(path), config
-        except (OSError, ValueError, KeyError, SafetensorError) as e:  # an empty, truncated or foreign file
+            return safetensors.torch.load_file(path), config
+        except (OSError, ValueError, KeyError, safetensors.SafetensorError) as e:  # an empty, truncated or foreign file
             raise CheckpointError(f"{where}: model.safetensors is not readable ({type(e).__name__}: {e})") from None
     if os.path.exists(os.path.join(folder, "pytorch_model.bin")):
         return load_checkpoint(os.path.join(folder, "pytorch_model.bin"), flag=flag), config
@@ -1313,15 +1292,12 @@ PALETTE_RGB = np.array([[200, 60, 50], [60, 150, 70], [50, 90, 200], [220, 190, 
                         [60, 180, 190], [230, 130, 50], [120, 120, 120], [235, 235, 230], [90, 60, 40]], float)
 
 
-def _hash(a, b):
-    """Deterministic pseudo-random value in [0, 1) per integer cell (a, b)."""
+def _hash(a, b):  # deterministic pseudo-random value in [0, 1) per integer cell (a, b)
     return np.modf(np.abs(np.sin(a * 12.9898 + b * 78.233) * 43758.5453))[0]
 
 
-def _triangle(u, v):
-    """Three half-planes: an equilateral triangle with inradius 0.5 and circumradius 1."""
-    angles = -np.pi / 2 + 2 * np.pi * np.arange(3) / 3
-    return np.all([u * np.cos(a) + v * np.sin(a) < 0.5 for a in angles], axis=0)
+def _triangle(u, v):  # three half-planes: an equilateral triangle with inradius 0.5 and circumradius 1
+    return np.all([u * np.cos(a) + v * np.sin(a) < 0.5 for a in -np.pi / 2 + 2 * np.pi * np.arange(3) / 3], axis=0)
 
 
 # inside-masks of unit shapes in object coordinates (u, v): radius about 1
@@ -1476,7 +1452,9 @@ def synth_world(out_dir, seed=0, num_videos=4, num_frames=96, size=128, num_imag
     """Write the synthetic world under out_dir and return it: videos/tour_XX.mp4; davis/ (same frames, masks, splits);
     voc/ (semantic masks, classes.txt); objects/{train,val}/<class>/; world.json (written last)."""
     started, world = time.time(), SyntheticWorld(seed)
-    _claim_for_synth(out_dir)
+    _refuse_foreign(out_dir, "so it is left alone; move it away or pick another --out")
+    os.makedirs(out_dir, exist_ok=True)
+    open(os.path.join(out_dir, SYNTH_MARKER), "w").close()
     davis = os.path.join(out_dir, "davis")
     names = [f"tour_{i:02d}" for i in range(num_videos)]
     for i, name in enumerate(names):
@@ -1531,16 +1509,7 @@ def _refuse_foreign(root, hint) -> None:
         raise DataError(f"{root}: exists and is not a synthetic world (no world.json), {hint}")
 
 
-def _claim_for_synth(out_dir) -> None:
-    """Refuse what _refuse_foreign refuses; else create out_dir and mark it ours."""
-    out_dir = str(out_dir)
-    _refuse_foreign(out_dir, "so it is left alone; move it away or pick another --out")
-    os.makedirs(out_dir, exist_ok=True)
-    open(os.path.join(out_dir, SYNTH_MARKER), "w").close()
-
-
 def _current_world(root, seed) -> bool:
-    """root holds a complete world written by this generator version with this seed."""
     try:
         meta = json.load(open(os.path.join(root, "world.json")))
     except (OSError, ValueError):
@@ -1552,9 +1521,7 @@ def ensure_synth(root="runs/synth", seed=0) -> str:
     """Write the synthetic world to root unless a current one is there (local rank 0 writes aside and renames, the
     rest wait); an older or unfinished world is replaced, anything else there is the user's (_refuse_foreign)."""
     root = os.path.normpath(str(root))
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    # one writer per machine: torchrun sets LOCAL_RANK, also before the process group exists
-    writer = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    writer = int(os.environ.get("LOCAL_RANK", 0)) == 0  # one per machine: LOCAL_RANK is set before the group exists
     if not _current_world(root, seed) and writer:
         _refuse_foreign(root, "so --demo leaves it alone; move it away, or run from another folder")
         print(f"writing the synthetic world to {root} (seed {seed}) ...", flush=True)
@@ -1567,7 +1534,7 @@ def ensure_synth(root="runs/synth", seed=0) -> str:
         except OSError:  # another process got there first with the same bytes
             shutil.rmtree(partial)
         shutil.rmtree(old, ignore_errors=True)
-    if distributed:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     while not writer and not _current_world(root, seed):  # torchrun, process group not yet up
         time.sleep(0.5)
@@ -1596,8 +1563,7 @@ def demo_eval_root(eval_data=None, needs=("objects", "voc", "davis"), seed=0) ->
 
 
 # =================================================================================== pictures
-def _as_pil(tile) -> Image.Image:
-    """uint8 or [0, 1] float (3, H, W) tensor, (H, W, 3) uint8 array or PIL image -> RGB PIL image."""
+def _as_pil(tile) -> Image.Image:  # uint8 or [0, 1] float (3, H, W) tensor, (H, W, 3) uint8 array, PIL image -> RGB
     if isinstance(tile, torch.Tensor):
         if tile.is_floating_point():  # as torchvision's save_image rounds
             tile = (tile * 255 + 0.5).clamp(0, 255)
@@ -1663,11 +1629,9 @@ def dataset_kind(path) -> str:
             return kind
     if _frame_files(path):
         return "frame folder" if _numbered(_frame_files(path)) else "images"
-    subfolders = sorted(d.path for d in os.scandir(path) if d.is_dir())
-    with_images = [d for d in subfolders if _frame_files(d)]
-    if with_images and _numbered(_frame_files(with_images[0])):
-        return "videos"
-    if any(f.lower().endswith(VIDEO_EXTS) for _, _, files in os.walk(path) for f in files):
+    with_images = [d for d in sorted(e.path for e in os.scandir(path) if e.is_dir()) if _frame_files(d)]
+    if (with_images and _numbered(_frame_files(with_images[0]))
+            or any(f.lower().endswith(VIDEO_EXTS) for _, _, files in os.walk(path) for f in files)):
         return "videos"
     if with_images:
         return "image folder"
@@ -1676,8 +1640,7 @@ def dataset_kind(path) -> str:
     raise DataError(f"{path}: empty folder (no videos, frame folders or images found)")
 
 
-def _overlay(img, mask):
-    """uint8 (3,H,W) image with its (H,W) mask's palette colours blended over labelled pixels."""
+def _overlay(img, mask):  # uint8 (3,H,W) image with its (H,W) mask's palette colours blended over labelled pixels
     colours = torch.tensor(voc_palette(), dtype=torch.float32).view(256, 3)[mask.clamp(0, 255)].permute(2, 0, 1)
     labelled = ((mask > 0) & (mask != 255)).unsqueeze(0)
     return torch.where(labelled, 0.45 * img + 0.55 * colours, img.float()).to(torch.uint8)
@@ -1693,9 +1656,8 @@ def _describe(path, kind, num_frames, stride):
         for info in clips.infos[:8]:
             seconds = f"{info.num_frames / info.fps:.1f} s at {info.fps:.2f} fps" if info.fps else "no fps (frames)"
             print(f"  {os.path.basename(info.path)}: {info.num_frames} frames, {info.width}x{info.height}, {seconds}")
-        picks = [(v, round(t)) for v, info in enumerate(clips.infos[:4])
-                 for t in np.linspace(0, info.num_frames - 1, 6)]
-        return [read_frames(clips.videos[v], [t], short_side=128)[0] for v, t in picks]
+        return [read_frames(clips.videos[v], [round(t)], short_side=128)[0] for v, info in enumerate(clips.infos[:4])
+                for t in np.linspace(0, info.num_frames - 1, 6)]
     if kind == "image":
         with Image.open(path) as pil:
             print(f"{path}: image, {pil.width}x{pil.height}, mode {pil.mode}")
@@ -1707,9 +1669,8 @@ def _describe(path, kind, num_frames, stride):
     if kind == "image folder":
         ds = ImageFolder(path)
         counts = np.bincount(ds.targets)
-        print(f"{path}: image folder, {len(ds.classes)} classes, {len(ds)} images "
-              f"({counts.min()}-{counts.max()} per class), first {tuple(ds[0][0].shape)}: "
-              f"{', '.join(ds.classes[:8])}")
+        print(f"{path}: image folder, {len(ds.classes)} classes, {len(ds)} images ({counts.min()}-{counts.max()} "
+              f"per class), first {tuple(ds[0][0].shape)}: {', '.join(ds.classes[:8])}")
         return [ds[ds.targets.index(c)][0] for c in range(min(12, len(ds.classes)))]
     if kind == "voc":
         shown = []
@@ -1751,8 +1712,7 @@ def _describe(path, kind, num_frames, stride):
     raise DataError(f"{path}: cannot describe kind {kind}")
 
 
-def _plain_decode(path, indices, height, width):
-    """The baseline for --bench: PyAV as one would write it by hand (open, seek, decode, convert)."""
+def _plain_decode(path, indices, height, width):  # --bench's baseline: PyAV by hand (open, seek, decode, convert)
     with av.open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -1773,22 +1733,16 @@ def bench(path, num_frames=8, stride=1, short_side=None, max_clips=64, rounds=3)
     if any(os.path.isdir(v) for v in clips.videos):
         raise DataError(f"{path}: --bench compares against PyAV, so it needs video files, not frame folders")
     order = np.random.default_rng(0).permutation(len(clips))[:max_clips]
-    jobs = []
-    for i in order:
-        video, start = clips.clip_index(i)
-        info = clips.infos[video]
-        jobs.append((clips.videos[video], list(range(start, start + num_frames * stride, stride)),
-                     *_resized_size(info.height, info.width, short_side)))
-    best = dict(loader=float("inf"), plain=float("inf"))
+    jobs = [(clips.videos[v], list(range(t, t + num_frames * stride, stride)),
+             *_resized_size(clips.infos[v].height, clips.infos[v].width, short_side))
+            for v, t in map(clips.clip_index, order)]
+    best = dict(loader=math.inf, plain=math.inf)
     for _ in range(rounds):  # interleaved rounds, best of each: the machine is shared
-        started = time.perf_counter()
-        for i in order:
-            clips[i]
-        best["loader"] = min(best["loader"], time.perf_counter() - started)
-        started = time.perf_counter()
-        for job in jobs:
-            _plain_decode(*job)
-        best["plain"] = min(best["plain"], time.perf_counter() - started)
+        for key, run, items in (("loader", clips.__getitem__, order), ("plain", lambda job: _plain_decode(*job), jobs)):
+            started = time.perf_counter()
+            for item in items:
+                run(item)
+            best[key] = min(best[key], time.perf_counter() - started)
     return dict(clips=len(order), loader_clips_per_s=len(order) / best["loader"],
                 plain_clips_per_s=len(order) / best["plain"], ratio=best["plain"] / best["loader"])
 
@@ -1829,8 +1783,8 @@ def bench_train(loader, step, steps, device, images_per_item=1) -> dict:
     flops = counter.get_total_flops()
     result = dict(loader_items_per_s_per_worker=loader_rate, workers=workers, step_s=step_s,
                   images_per_s=items * images_per_item / step_s, peak_memory_gib=memory / 2 ** 30,
-                  flops_per_step=flops, mfu=flops / step_s / peak if peak else None)
-    result["ratio"] = loader_rate * workers / (items / step_s)
+                  flops_per_step=flops, mfu=flops / step_s / peak if peak else None,
+                  ratio=loader_rate * workers / (items / step_s))
     print(f"loader {loader_rate:.2f} items/s per worker ({items} a batch, x{images_per_item} images); step "
           f"{step_s * 1e3:.0f} ms on {device} ({result['images_per_s']:.1f} images/s), peak memory "
           f"{result['peak_memory_gib']:.2f} GiB, {result['flops_per_step'] / 1e12:.2f} TFLOP/step"
@@ -1867,12 +1821,10 @@ def inspect(path, sheet=None, do_bench=False, num_frames=8, stride=1, short_side
     labelled_grid(rows, sheet, f"data.py inspect {path}: what the loaders read from each part", names)
     print(f"contact sheet: {sheet}")
     if do_bench:
-        target = parts[0][0]
-        result = bench(target, num_frames, stride, short_side)
-        print(f"bench {target} ({result['clips']} random clips of {num_frames} frames, stride {stride}, "
+        result = bench(parts[0][0], num_frames, stride, short_side)
+        print(f"bench {parts[0][0]} ({result['clips']} random clips of {num_frames} frames, stride {stride}, "
               f"short side {short_side or 'native'}, PyAV threads auto on {os.cpu_count()} cores):")
-        for name, key in (("VideoClips", "loader"), ("plain PyAV", "plain")):
-            rate = result[key + "_clips_per_s"]
+        for name, rate in (("VideoClips", result["loader_clips_per_s"]), ("plain PyAV", result["plain_clips_per_s"])):
             print(f"  {name}  {rate:8.1f} clips/s {rate * num_frames:8.1f} frames/s")
         print(f"  ratio loader / plain = {result['ratio']:.2f} (target >= 0.8)")
 
@@ -1901,14 +1853,13 @@ def get_args(argv=None):
 
 
 def main(args):
+    started = time.time()
     if args.command == "synth":
-        started = time.time()
         synth_world(args.out, args.seed)
         print(f"wrote the synthetic world (seed {args.seed}) to {args.out} in {time.time() - started:.1f} s")
     elif args.command == "extract":
         if args.short_side < 1 or os.path.isdir(args.video):
             raise DataError(f"{args.video}: extract needs a video file and --short-side >= 1")
-        started = time.time()
         count = extract(args.video, args.out, args.short_side, args.workers)
         print(f"wrote {count} frames of {args.video} to {args.out} in {time.time() - started:.1f} s")
     else:
