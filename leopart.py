@@ -629,7 +629,8 @@ def train(args):
     state = TrainState(ddp, teacher, criterion, optimizer, scaler, autocast, d.device)
     if args.bench:  # loader and step rates (data.bench_train) of the training step
         step_on = lambda b: train_step(state, *crops.finish(b, d.device), float(momentum_sched[0]))  # noqa: E731
-        return data.bench_train(loader, step_on, args.bench, d.device)
+        data.bench_train(loader, step_on, args.bench, d.device)
+        return model, teacher
 
     for epoch in range(start_epoch, min(args.epochs, start_epoch + (args.stop_after or args.epochs))):
         data.seed_everything(args.seed + epoch, d.rank)  # a resumed run replays the same randomness

@@ -566,8 +566,9 @@ def train(args, before=None):
     if args.bench:  # the rate of the episode batches and of one training step (data.bench_train)
         batches = StepBatches(max(step, args.text_warmup_steps), members, feats, tok, args, d)
         (ids, _, _, images), _ = next(iter(batches))  # images per episode: N*K+1
-        return data.bench_train(batches, lambda b: train_step(ddp, optimizer, scaler, *b, d.world_size, autocast,
-                                args.clip_grad), args.bench, d.device, len(images) / len(ids))
+        data.bench_train(batches, lambda b: train_step(ddp, optimizer, scaler, *b, d.world_size, autocast,
+                         args.clip_grad), args.bench, d.device, len(images) / len(ids))
+        return model, tok, feats, members
 
     for epoch in range(start_epoch, min(args.epochs, start_epoch + (args.stop_after or args.epochs))):
         data.seed_everything(args.seed + epoch, d.rank)

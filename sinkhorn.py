@@ -516,7 +516,8 @@ def train(args):
             images, _, index = batch
             images, index = images.to(d.device, non_blocking=True), index.to(d.device)
             return train_step(ddp, optimizer, scaler, images, labels[:, index], autocast)
-        return data.bench_train(loader, bench_step, args.bench, d.device)
+        data.bench_train(loader, bench_step, args.bench, d.device)
+        return model, labels, dataset
 
     # epochs + 1 passes, as official main.py's loop (fewer with --stop-after)
     for epoch in range(start_epoch, min(args.epochs + 1, start_epoch + (args.stop_after or args.epochs + 1))):

@@ -587,7 +587,8 @@ def train(args):
         def bench_step(batch):
             return train_step(ddp, teacher, videos.transform.finish(batch, d.device), optimizer, scaler,
                               float(momentum_schedule[0]), args, autocast)
-        return data.bench_train(loader, bench_step, args.bench, d.device, args.num_frames)
+        data.bench_train(loader, bench_step, args.bench, d.device, args.num_frames)
+        return student, teacher, d
 
     for epoch in range(start_epoch, min(args.epochs, start_epoch + (args.stop_after or args.epochs))):
         data.seed_everything(args.seed + epoch, d.rank)  # a resumed run replays the same randomness
