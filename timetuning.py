@@ -345,11 +345,10 @@ def freeze_backbone(backbone: VisionTransformer, train_blocks: int):
         param.requires_grad = name.startswith("blocks.") and int(name.split(".")[1]) >= first
 
 
-# ====== Data: clips as the official training pipeline (time_tuning.py, `frame_transform` then
-# `video_transform`): photometric noise on the source-resolution frames, drawn once per clip
-# (jitter (0.8, 0.8, 0.8, 0.2) p 0.8, grayscale p 0.2, blur p 0.5 with σ in [0.1, 2] px per
-# frame), then Resize(short side 224), one crop and flip for all frames (so patches correspond
-# across time up to the motion), normalised with the official std 0.228 (sic, not 0.229).
+# ====== Data: clips as the official training pipeline (time_tuning.py, `frame_transform` then `video_transform`)
+# Photometric noise on the source-resolution frames, drawn once per clip (jitter (0.8, 0.8, 0.8, 0.2) p 0.8, grayscale
+# p 0.2, blur p 0.5 with σ in [0.1, 2] px per frame), then Resize(short side 224), one crop and flip for all frames (so
+# patches correspond across time up to the motion), normalised with the official std 0.228 (sic, not 0.229).
 # on_device (a GPU run): the loader only decodes; finish() runs the same steps on the device, clip by clip (the
 # official noise acts at source resolution, before the resize, and videos differ in size).
 class ClipAugmentation:
