@@ -427,6 +427,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:  # 16/32-bit grey is rescaled (PIL
         return Image.fromarray(np.round(arr / top * 255).clip(0, 255).astype(np.uint8)).convert("RGB")
     if img.mode == "F":
         return Image.fromarray(np.asarray(img).clip(0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode == "RGB":
+        img.load()  # (convert would copy it)
+        return img
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # avoids PIL's warning about palette transparency
     return img.convert("RGB")
@@ -446,8 +449,9 @@ def _open_image(path, short_side=None) -> Image.Image:
 
 
 def load_image(path) -> torch.Tensor:
-    """-> uint8 (3, H, W) RGB, whatever the file's mode (grey, RGBA, palette, 16-bit)."""
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(_open_image(path)).transpose(2, 0, 1)))
+    """-> uint8 (3, H, W) RGB, whatever the file's mode (grey, RGBA, palette, 16-bit); channels-last in memory (PIL's
+    (H, W, 3) array, as read_frames)."""
+    return torch.from_numpy(np.array(_open_image(path))).permute(2, 0, 1)
 
 
 def load_mask(path) -> torch.Tensor:
@@ -575,7 +579,7 @@ class UnlabelledImages(_SkipUnreadable, Dataset):
     def _load(self, j):
         if j in self._jpegs:
             with Image.open(io.BytesIO(self._jpegs[j])) as img:
-                return torch.from_numpy(np.ascontiguousarray(np.asarray(img.convert("RGB")).transpose(2, 0, 1)))
+                return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)  # as load_image
         return load_image(self.samples[j][0])
 
     def __getitem__(self, i):
@@ -934,23 +938,24 @@ def _read_jpeg(path) -> torch.Tensor:  # libjpeg-turbo straight to (3, H, W): PI
 
 
 def read_frames(path, indices, short_side=None) -> torch.Tensor:
-    """-> uint8 (T, 3, H', W') for the given frame indices (video file or frame folder). short_side resizes at
-    decode time (PyAV's swscale, PIL's JPEG draft mode): a 4K frame is never held at full size."""
+    """-> uint8 (T, 3, H', W') for the given frame indices (video file or frame folder), channels-last in memory (the
+    decoders' (T, H', W', 3) arrays, no transposing copy: `.contiguous()` where a copy-paster needs one). short_side
+    resizes at decode time (PyAV's swscale, PIL's JPEG draft mode): a 4K frame is never held at full size."""
     path, indices = _need(path, "video"), [int(i) for i in indices]
     if os.path.isdir(path):
         files = _frame_files(path)
         if not files or max(indices) >= len(files) or min(indices) < 0:
             raise DataError(f"{path}: asked for frames {min(indices)}..{max(indices)} of {len(files)}")
         if not short_side and all(files[i].lower().endswith((".jpg", ".jpeg")) for i in indices):
-            return torch.stack([_read_jpeg(files[i]) for i in indices])
-        array = np.stack([np.asarray(_open_image(files[i], short_side)) for i in indices])
+            array = np.stack([_read_jpeg(files[i]).permute(1, 2, 0).numpy() for i in indices])
+        else:
+            array = np.stack([np.asarray(_open_image(files[i], short_side)) for i in indices])
     else:
         try:
             array = _decode_file(path, indices, short_side)
         except av.FFmpegError as e:
             raise Unreadable(f"{path}: corrupt video ({e})") from None
-    # numpy's single-threaded copy: torch's threaded one loses to thread contention on small clips
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(0, 3, 1, 2)))
+    return torch.from_numpy(array).permute(0, 3, 1, 2)
 
 
 def _extract_part(path, out, first, stop, short_side, quality) -> int:

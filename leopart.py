@@ -356,29 +356,28 @@ class LeopartCrops:
             out.append(TF.normalize(data.gaussian_blur(x, sigma, self.blur_kernel, p=0.5), MEAN, STD))
         return out, boxes
 
-    def sample_box(self, img, i, boxes):
-        H, W = img.shape[-2:]
-        min_area = H * W * self.min_intersection * (2 if i < self.num_global else 1)
-        for _ in range(100):
+    def sample_box(self, img, i, boxes):  # boxes: the earlier crops' [x1, y1, x2, y2] -> this crop's
+        H, W = img.shape[-2:]  # official leopart_transforms.py: an int 1 % of the area, twice that for global crops
+        min_area = int(H * W * self.min_intersection) * (2 if i < self.num_global else 1)
+        for _ in range(100):  # the official resamples until the crop meets every global crop (forever if it never can)
             y, x, h, w = T.RandomResizedCrop.get_params(img, self.scales[i], (3 / 4, 4 / 3))
-            box = torch.tensor([x, y, x + w, y + h], dtype=torch.float32)
-            prev = boxes[:min(i, self.num_global)]
-            wh = (torch.minimum(prev[:, 2:], box[2:]) - torch.maximum(prev[:, :2], box[:2])).clamp(min=0)
-            if bool((wh.prod(1) > min_area).all()):
-                return box
-        cx, cy = (boxes[0, :2] + boxes[0, 2:]) / 2  # rare: centre it on the first global crop
+            if all(max(min(x2, x + w) - max(x1, x), 0) * max(min(y2, y + h) - max(y1, y), 0) > min_area
+                   for x1, y1, x2, y2 in boxes[:min(i, self.num_global)]):
+                return [x, y, x + w, y + h]
+        x1, y1, x2, y2 = boxes[0]  # rare: centre it on the first global crop
         w, h = min(w, W), min(h, H)
-        x, y = float(cx.clamp(w / 2, W - w / 2)) - w / 2, float(cy.clamp(h / 2, H - h / 2)) - h / 2
-        return torch.tensor([x, y, x + w, y + h], dtype=torch.float32)
+        x, y = min(max((x1 + x2) / 2, w / 2), W - w / 2) - w / 2, min(max((y1 + y2) / 2, h / 2), H - h / 2) - h / 2
+        return [x, y, x + w, y + h]
 
     def __call__(self, img):
-        img = img[None].contiguous(memory_format=torch.channels_last)[0]  # torch's fast uint8 resize, same pixels
-        boxes, crops = torch.zeros(len(self.sizes), 4), []
+        img = img[None].contiguous(memory_format=torch.channels_last)[0]  # torch's fast uint8 resize (load_image's)
+        boxes, crops = [], []
         for i, size in enumerate(self.sizes):
-            boxes[i] = self.sample_box(img, i, boxes)
-            x1, y1, x2, y2 = boxes[i].tolist()
+            boxes.append(self.sample_box(img, i, boxes))
+            x1, y1, x2, y2 = boxes[i]
             crop = TF.resized_crop(img, int(y1), int(x1), int(y2 - y1), int(x2 - x1), [size, size], antialias=True)
             crops.append(crop if self.on_device else TF.normalize(self.colour(crop).float() / 255, MEAN, STD))
+        boxes = torch.tensor(boxes, dtype=torch.float32)
         in_global, in_crop = pair_boxes(boxes, self.sizes, self.num_global)
         return crops, {"in_global": in_global, "in_crop": in_crop}
 

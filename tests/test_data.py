@@ -159,6 +159,22 @@ def test_extract_writes_a_frame_folder_that_reads_like_the_video(tmp_path):
     assert (from_folder - from_video).abs().mean() < 3  # JPEG quality 95
 
 
+def test_frames_and_images_keep_the_decoders_layout_and_pils_pixels(tmp_path):
+    """read_frames and load_image hand over the decoders' (H, W, 3) memory as (3, H, W) views, channels-last: no
+    transposing copy in the loader (TimeT's 720p clips spent half their loader time in it); the pixels are PIL's."""
+    os.makedirs(tmp_path / "f")
+    frames = gliding_blob_frames(4)
+    for t, frame in enumerate(frames):
+        Image.fromarray(frame).save(tmp_path / "f" / f"{t:06d}.jpg", quality=90)
+    pil = np.stack([np.asarray(Image.open(tmp_path / "f" / f"{t:06d}.jpg").convert("RGB")) for t in (0, 2, 3)])
+    data.write_video(tmp_path / "v.mp4", frames, gop=2)
+    for x in (data.read_frames(tmp_path / "f", [0, 2, 3]), data.read_frames(tmp_path / "f", [0, 2], short_side=24),
+              data.read_frames(tmp_path / "v.mp4", [1, 3]), data.load_image(tmp_path / "f" / "000002.jpg")[None]):
+        assert x.dtype == torch.uint8 and x.is_contiguous(memory_format=torch.channels_last), x.stride()
+    assert torch.equal(data.read_frames(tmp_path / "f", [0, 2, 3]), torch.from_numpy(pil).permute(0, 3, 1, 2))
+    assert torch.equal(data.load_image(tmp_path / "f" / "000002.jpg"), torch.from_numpy(pil[1]).permute(2, 0, 1))
+
+
 def test_decoder_threads_are_shared_by_the_ranks_of_a_node(monkeypatch):
     monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")

@@ -162,6 +162,18 @@ def test_crop_boxes_match_image_content():
                 assert (a - b).abs().max() < 0.15, (gi, v)  # ~3 grey levels after normalisation
 
 
+def test_crops_must_beat_the_officials_whole_number_intersection(monkeypatch):
+    """Official leopart_transforms.py: intersection > int(1 % of the area), doubled between global crops. Image 25 x 30:
+    int(7.5) * 2 = 14, so a second global crop meeting the first in 15 pixels is kept (15 > 2 * 7.5 would reject it),
+    one meeting it in 14 is drawn again."""
+    tf = L.LeopartCrops(8, 4, 2, 1, min_intersection=0.01, on_device=True)
+    img, first = torch.zeros(3, 25, 30, dtype=torch.uint8), [0, 0, 10, 10]
+    draws = iter([(7, 5, 3, 10), (8, 0, 2, 7), (0, 2, 9, 9)])  # (top, left, h, w): 5 x 3 = 15 px, 7 x 2 = 14 px
+    monkeypatch.setattr(L.T.RandomResizedCrop, "get_params", lambda *a: next(draws))
+    assert tf.sample_box(img, 1, [first]) == [5, 7, 15, 10]
+    assert tf.sample_box(img, 1, [first]) == [2, 0, 11, 9]
+
+
 # --------------------------------------------------------------------------- Sinkhorn, fg mask
 def test_sinkhorn_balances_prototypes():
     scores = torch.nn.functional.normalize(torch.randn(512, 16), dim=1) @ \
