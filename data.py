@@ -1756,9 +1756,10 @@ PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "40
 
 
 def bench_train(loader, step, steps, device, images_per_item=1) -> dict:
-    """A method's --bench N: the loader's items/s on one core (N batches, no workers, one decoder thread), the step's
-    time on the device alone (N steps on one batch, after one FLOP-counted), images/s, peak memory, on CUDA the MFU
-    (dense bf16 peak); prints them and one JSON line, ratio = loader rate x workers / step rate (< 1: input-bound)."""
+    """A method's --bench N: the loader's items/s on one core (max(N, 8) batches after a first one, no workers, one
+    decoder thread), the step's time on the device alone (N steps on one batch, after one FLOP-counted), images/s, peak
+    memory, on CUDA the MFU (dense bf16 peak); prints them and one JSON line, ratio = loader rate x workers / step rate
+    (< 1: input-bound)."""
     from torch.utils.flop_counter import FlopCounterMode
     workers, threads = max(1, getattr(loader, "num_workers", 1)), torch.get_num_threads()
     if isinstance(loader, torch.utils.data.DataLoader):
@@ -1767,10 +1768,11 @@ def bench_train(loader, step, steps, device, images_per_item=1) -> dict:
     torch.set_num_threads(1)
     os.environ["LOCAL_WORLD_SIZE"] = str(os.cpu_count())  # one decoder thread: the rate of one core
     batches, started = iter(loader), time.perf_counter()
-    batch = next(batches)
+    batch = next(batches)  # the first opens files and warms caches: timed only when it is the only one
+    first, started = time.perf_counter() - started, time.perf_counter()
     items = getattr(loader, "batch_size", None) or len(batch)
-    loaded = 1 + sum(1 for _, _ in zip(range(steps - 1), batches))
-    loader_rate = loaded * items / (time.perf_counter() - started)
+    loaded = sum(1 for _, _ in zip(range(max(steps, 8)), batches))
+    loader_rate = items * max(loaded, 1) / ((time.perf_counter() - started) if loaded else first)
     torch.set_num_threads(threads)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with FlopCounterMode(display=False) as counter:
