@@ -389,7 +389,7 @@ class ClipAugmentation:
         if random.random() < 0.5:
             clip = TF.horizontal_flip(clip)
         clip = TF.to_dtype(clip, torch.float32, scale=True)
-        return TF.normalize(clip, MEAN, STD)
+        return TF.normalize(clip, MEAN, STD).contiguous()  # the decoder's channels-last frames: NCHW for the ViT
 
 
 def sample_frame_indices(video_frames: int, num_frames: int = 4, step=None, rng=random) -> list:
