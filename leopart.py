@@ -359,15 +359,11 @@ class LeopartCrops:
     def sample_box(self, img, i, boxes):  # boxes: the earlier crops' [x1, y1, x2, y2] -> this crop's
         H, W = img.shape[-2:]  # official leopart_transforms.py: an int 1 % of the area, twice that for global crops
         min_area = int(H * W * self.min_intersection) * (2 if i < self.num_global else 1)
-        for _ in range(100):  # the official resamples until the crop meets every global crop (forever if it never can)
+        while True:  # the official redraws until the crop meets every global crop (some draw always can)
             y, x, h, w = T.RandomResizedCrop.get_params(img, self.scales[i], (3 / 4, 4 / 3))
             if all(max(min(x2, x + w) - max(x1, x), 0) * max(min(y2, y + h) - max(y1, y), 0) > min_area
                    for x1, y1, x2, y2 in boxes[:min(i, self.num_global)]):
                 return [x, y, x + w, y + h]
-        x1, y1, x2, y2 = boxes[0]  # rare: centre it on the first global crop
-        w, h = min(w, W), min(h, H)
-        x, y = min(max((x1 + x2) / 2, w / 2), W - w / 2) - w / 2, min(max((y1 + y2) / 2, h / 2), H - h / 2) - h / 2
-        return [x, y, x + w, y + h]
 
     def __call__(self, img):
         img = img[None].contiguous(memory_format=torch.channels_last)[0]  # torch's fast uint8 resize (load_image's)
