@@ -1,6 +1,7 @@
 """Helpers shared by the test files: `from conftest import ...` (pytest puts tests/ on sys.path)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -74,8 +75,11 @@ def train_on_ranks(jobs, world, out) -> dict:
         port = s.getsockname()[1]
     os.makedirs(out, exist_ok=True)
     torch.multiprocessing.spawn(_train_rank, args=(world, port, list(jobs), str(out)), nprocs=world)
-    return {m: [torch.load(os.path.join(out, f"{m}_rank{r}.pt"), weights_only=True) for r in range(world)]
-            for m, _ in jobs}
+    ranks = {m: [torch.load(os.path.join(out, f"{m}_rank{r}.pt"), weights_only=True) for r in range(world)]
+             for m, _ in jobs}
+    shutil.rmtree(out)  # the ranks' hand-over only (~100 MB a rank): CI's /tmp keeps three runs of the suite
+    return ranks
+
 
 def assert_ranks_equal(ranks) -> None:
     """Every rank holds exactly rank 0's tensors (students, teachers, centres, prototypes, labels, clusters)."""
